@@ -1,0 +1,32 @@
+# The two commands of the README: `make up` (install + run) and `make test` (install + tests).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install sysdeps test lint up eval bench
+
+$(BIN)/oclust: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0   # CPU wheel; a plain `torch` requirement would pull CUDA
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/oclust
+
+# System tools the tests drive for real: promtool (Debian's prometheus package).
+sysdeps:
+	command -v promtool >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: install sysdeps
+	$(BIN)/ruff check .
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q
+
+eval: install
+	$(BIN)/oclust eval --dataset digits
+
+up: install
+	$(BIN)/oclust up
+
+bench: install
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

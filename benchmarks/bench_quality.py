@@ -1,0 +1,160 @@
+"""Benchmark: clustering quality of every regulariser, paper-style (mean (std) over seeds).
+
+Runs :func:`model.evaluation.evaluate` (the paper's protocol: standardise, stream shuffled
+batches of 256 for E epochs, score every point by nearest centroid, final epoch reported) for
+each regulariser on digits, ImageSegments and BasicMotions, balanced and subsampled by the
+paper's ``imb3`` profile (1, .9, ..., .1 of each class), with the clusterer's defaults
+(sigma, latent normalisation, encoder) and KMeans / MiniBatchKMeans reference rows. Prints one
+markdown table per dataset and setting (ACC, NMI, ARI, KL* hard and soft), then an overview of
+ACC and NMI.
+
+Settings are ``balanced`` or ``PROFILE:PRIOR`` with PROFILE in imb1/imb2/imb3 and PRIOR in
+uniform/true/online (``true`` = the subsample's class frequencies, ``online`` = estimated from
+the stream).
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_quality.py`` (full: 5 seeds, 40
+epochs; slow on 2 cores). Reduced: ``--seeds 3 --epochs 20``; ``--json out.json`` also writes
+every per-seed score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import clusterer
+from model.evaluation import DEFAULT_EPOCHS, METRICS, evaluate, summarise
+from model.regularisers import REGULARISERS
+
+DATASETS = ("digits", "segments", "basic_motions")
+METHODS = ("ca", "sk", "ent", "ss", "varm", "cm", "aecm", "ckm", "drc", "tcc", "none")
+SETTINGS = ("balanced", "imb3:true", "imb3:online")
+HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
+           "kl_star_soft": "KL* soft"}
+Task = tuple[str, str, str]  # dataset, setting, method ("" = reference rows)
+
+
+def parse_setting(setting: str) -> tuple[str | None, str]:
+    """``balanced`` -> (None, "uniform"); ``imb3:online`` -> ("imb3", "online")."""
+    if setting == "balanced":
+        return None, "uniform"
+    profile, _, prior = setting.partition(":")
+    return profile, prior or "uniform"
+
+
+def run_task(task: Task, seeds: int, epochs: int) -> tuple[Task, dict[str, list[dict]], float]:
+    """One dataset × setting × method (or the reference rows), timed."""
+    dataset, setting, method = task
+    imbalance, prior = parse_setting(setting)
+    start = time.perf_counter()
+    res = evaluate(
+        dataset, [method] if method else [], seeds=seeds, epochs=epochs,
+        reference=not method, imbalance=imbalance, prior=prior,
+    )
+    return task, res, time.perf_counter() - start
+
+
+def cell(mean: float, std: float) -> str:
+    """``mean (std)`` with three decimals, a dash for NaN."""
+    return "—" if math.isnan(mean) else f"{mean:.3f} ({std:.3f})"
+
+
+def table(rows: dict[str, dict[str, list[dict]]]) -> str:
+    """A markdown table: one row per method, mean (std) of every metric."""
+    lines = ["| method | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
+             "| --- |" + " ---: |" * len(METRICS)]
+    for name, runs in rows.items():
+        s = summarise(runs)
+        lines.append(f"| {name} | " + " | ".join(cell(*s[m]) for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def overview(results: dict[tuple[str, str], dict[str, list[dict]]], metric: str) -> str:
+    """Methods × (dataset, setting) for one metric."""
+    cols = list(results)
+    names: list[str] = []
+    for rows in results.values():
+        names += [n for n in rows if n not in names]
+    lines = ["| method | " + " | ".join(f"{d} {s}" for d, s in cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
+    for name in names:
+        cells = []
+        for col in cols:
+            runs = results[col].get(name)
+            cells.append(cell(*summarise(runs)[metric]) if runs else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--json", type=Path, default=None, help="write per-seed scores here")
+    args = parser.parse_args(argv)
+    datasets = [d for d in args.datasets.split(",") if d]
+    methods = [m for m in args.methods.split(",") if m]
+    settings = [s for s in args.settings.split(",") if s]
+    unknown = [m for m in methods if m not in REGULARISERS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(sorted(REGULARISERS))}")
+
+    tasks: list[Task] = [(d, s, m) for d in datasets for s in settings for m in [*methods, ""]]
+    reduced = args.seeds < 5 or args.epochs < DEFAULT_EPOCHS
+    print(f"# Quality benchmark: {args.seeds} seed(s), {args.epochs} epoch(s), batch 256"
+          + (" — REDUCED SCALE (paper protocol: 5 seeds, 40 epochs)" if reduced else ""))
+    print(f"clusterer defaults: sigma={clusterer.DEFAULT_SIGMA}, "
+          f"latent_dim={clusterer.DEFAULT_LATENT_DIM}; settings: {', '.join(settings)}\n")
+    sys.stdout.flush()
+
+    results: dict[tuple[str, str], dict[str, list[dict]]] = {
+        (d, s): {} for d in datasets for s in settings
+    }
+    timing: dict[Task, float] = {}
+    start = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            done = list(pool.map(run_task, tasks, [args.seeds] * len(tasks),
+                                 [args.epochs] * len(tasks)))
+    else:
+        done = []
+        for t in tasks:
+            done.append(run_task(t, args.seeds, args.epochs))
+            print(f"  done {t[0]} {t[1]} {t[2] or 'reference'} in {done[-1][2]:.1f}s",
+                  file=sys.stderr, flush=True)
+    for (d, s, m), res, secs in done:
+        results[(d, s)].update(res)
+        timing[(d, s, m)] = secs
+    for (d, s), rows in results.items():
+        order = [m for m in methods if m in rows] + [n for n in rows if n not in methods]
+        print(f"## {d}, {s}\n")
+        print(table({n: rows[n] for n in order}) + "\n")
+    for metric in ("acc", "nmi", "kl_star_hard"):
+        print(f"## Overview: {HEADERS[metric]}\n")
+        print(overview(results, metric) + "\n")
+    slowest = sorted(timing.items(), key=lambda kv: -kv[1])[:5]
+    print(f"total {time.perf_counter() - start:.0f}s; slowest: "
+          + ", ".join(f"{d}/{s}/{m or 'reference'} {t:.0f}s" for (d, s, m), t in slowest))
+    if args.json is not None:
+        payload: dict[str, Any] = {
+            "seeds": args.seeds, "epochs": args.epochs,
+            "results": {f"{d}|{s}": rows for (d, s), rows in results.items()},
+        }
+        args.json.write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""Benchmark: the training worker's Kafka path against bare baselines, on one Tansu broker.
+
+In one run, on the same broker and the same topics (digits replayed as sample messages, once
+as JSON and once as float32 with headers):
+
+1. **consume-and-decode** — messages/s of
+   - a bare aiokafka consumer that only touches each message's bytes,
+   - a bare consumer that also decodes naively (``json.loads`` + ``np.asarray`` per message,
+     or ``np.frombuffer`` for float32),
+   - the worker's own path (``TrainingWorker._ingest``: validation, dead-letter checks, offset
+     tracking, queueing), with the queue drained and nothing trained.
+   Target: worker ≥ 80% of the bare consumer.
+2. **training** — samples/s of ``partial_fit`` on the same batches from memory vs the real
+   worker consuming the topic (decode, queue, batch, step in a thread, metrics), both after
+   one warm-up step. Target: worker ≥ 80% of memory.
+
+Run: ``.venv/bin/python benchmarks/bench_worker.py [--messages 60000] [--train-samples 20000]``
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aiokafka import AIOKafkaConsumer
+
+from model import OnlineClusterer, StepReport, datasets
+from training_worker.batching import Batch
+from training_worker.devbroker import TansuBroker
+from training_worker.kafka import DeadLetters
+from training_worker.producer import replay
+from training_worker.settings import WorkerSettings
+from training_worker.trainer import TrainerHooks
+from training_worker.worker import TrainingWorker
+
+BATCH = 256
+
+
+def _consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=1000,
+        heartbeat_interval_ms=300, max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
+    )
+
+
+async def _timed_consume(
+    bootstrap: str, topic: str, n: int, handle: Callable[[dict], Awaitable[None] | None]
+) -> float:
+    """Messages/s from the first fetched record to the n-th, calling ``handle`` per fetch."""
+    consumer = _consumer(bootstrap, topic)
+    await consumer.start()
+    seen, t0 = 0, None
+    try:
+        while seen < n:
+            records = await consumer.getmany(timeout_ms=1000, max_records=4 * BATCH)
+            if not records:
+                continue
+            if t0 is None:
+                t0 = time.perf_counter()
+            out = handle(records)
+            if out is not None:
+                await out
+            seen += sum(len(v) for v in records.values())
+    finally:
+        await consumer.stop()
+    assert t0 is not None
+    return seen / (time.perf_counter() - t0)
+
+
+def _bare(records: dict) -> None:
+    for msgs in records.values():
+        for m in msgs:
+            _ = m.value
+
+
+def _naive_json(records: dict) -> None:
+    for msgs in records.values():
+        np.asarray([json.loads(m.value)["features"] for m in msgs], dtype=np.float32)
+
+
+def _naive_f32(records: dict) -> None:
+    for msgs in records.values():
+        np.stack([np.frombuffer(m.value, "<f4") for m in msgs])
+
+
+def _ingesting_worker(bootstrap: str, topic: str) -> tuple[TrainingWorker, Callable]:
+    """A worker wired for ``_ingest`` only: a real decoder and queue, a model never trained."""
+    settings = WorkerSettings(bootstrap_servers=bootstrap, topic=topic, metrics_port=-1,
+                              store="file:///tmp/oclust-bench-unused")
+    worker = TrainingWorker(settings)
+    model = OnlineClusterer(n_clusters=10, seed=0)
+    from training_worker.monitor import CollapseGuard
+    from training_worker.trainer import Trainer
+
+    worker._reset_state(Trainer(model, CollapseGuard(0.0, 10), worker.metrics))
+
+    class _NoHighwater:
+        def highwater(self, tp: object) -> None:
+            return None
+
+    worker.consumer = _NoHighwater()  # type: ignore[assignment]
+    worker.dlq = DeadLetters(None, "unused")  # type: ignore[arg-type]  # no bad messages here
+
+    async def ingest(records: dict) -> None:
+        await worker._ingest(records)
+        worker.queue.take(len(worker.queue))  # drained: nothing trained
+
+    return worker, ingest
+
+
+async def consume_rates(bootstrap: str, topic: str, n: int, binary: bool, reps: int) -> dict:
+    naive = _naive_f32 if binary else _naive_json
+    rows: dict[str, list[float]] = {"bare": [], "naive": [], "worker": []}
+    for _ in range(reps):  # interleaved, so drift of the machine hits all three alike
+        rows["bare"].append(await _timed_consume(bootstrap, topic, n, _bare))
+        rows["naive"].append(await _timed_consume(bootstrap, topic, n, naive))
+        _w, ingest = _ingesting_worker(bootstrap, topic)
+        rows["worker"].append(await _timed_consume(bootstrap, topic, n, ingest))
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
+def memory_rate(X: np.ndarray, n: int, threads: int) -> float:
+    """partial_fit samples/s on the batches the worker sees, after one warm-up step."""
+    torch.set_num_threads(threads)  # per thread, as in the worker's training thread
+    clf = OnlineClusterer(n_clusters=10, seed=0, device="cpu")
+    clf.partial_fit(X[:BATCH])
+    t0 = time.perf_counter()
+    done = 0
+    for start in range(BATCH, n, BATCH):
+        done += clf.partial_fit(X[start : start + BATCH]).n
+    return done / (time.perf_counter() - t0)
+
+
+async def worker_rate(bootstrap: str, topic: str, n: int, threads: int) -> float:
+    """Samples/s of the real worker on the topic, timed from the end of its first step."""
+    marks: list[tuple[float, int]] = []
+    worker: TrainingWorker | None = None
+    loop = asyncio.get_running_loop()
+
+    def on_step(report: StepReport, batch: Batch) -> None:
+        marks.append((time.perf_counter(), report.n))
+        if sum(k for _, k in marks) >= n:
+            loop.call_soon_threadsafe(worker.request_stop)  # type: ignore[union-attr]
+
+    store = f"file:///tmp/oclust-bench-{uuid.uuid4().hex[:8]}"
+    settings = WorkerSettings(
+        bootstrap_servers=bootstrap, topic=topic, store=store, namespace="bench",
+        n_clusters=10, batch_size=BATCH, batch_timeout=5, snapshot_interval=3600,
+        metrics_port=-1, session_timeout_ms=1000, seed=0, device="cpu", torch_threads=threads,
+        group_id=f"bench-{uuid.uuid4().hex[:8]}",
+    )
+    worker = TrainingWorker(settings, hooks=TrainerHooks(on_step=on_step))
+    await worker.run()
+    t_first = marks[0][0]
+    counted = marks[1:]
+    return sum(k for _, k in counted) / (counted[-1][0] - t_first)
+
+
+def _row(name: str, value: float, base: float | None = None) -> str:
+    share = f"{100 * value / base:.0f}%" if base else ""
+    return f"| {name} | {value:,.0f} | {share} |"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    X, _ = datasets.load("digits")
+    with TansuBroker() as broker:
+        bs = broker.bootstrap_servers
+        topics = {False: f"bench-json-{uuid.uuid4().hex[:6]}",
+                  True: f"bench-f32-{uuid.uuid4().hex[:6]}"}
+        for binary, topic in topics.items():
+            await replay(bs, topic, "digits", loop=True, limit=args.messages, binary=binary,
+                         progress=False)
+        print(f"Tansu broker, {args.messages:,} digits messages per topic, median of "
+              f"{args.reps} interleaved runs\n")
+        print("| consume-and-decode | messages/s | of bare |")
+        print("| --- | ---: | ---: |")
+        for binary, topic in topics.items():
+            enc = "f32" if binary else "JSON"
+            rates = await consume_rates(bs, topic, args.messages, binary, args.reps)
+            print(_row(f"bare aiokafka ({enc})", rates["bare"]))
+            print(_row(f"bare + naive decode ({enc})", rates["naive"], rates["bare"]))
+            print(_row(f"worker path ({enc})", rates["worker"], rates["bare"]))
+            print(f"| worker vs bare + naive decode ({enc}) | | "
+                  f"{100 * rates['worker'] / rates['naive']:.0f}% |")
+        n = min(args.train_samples, args.messages) // BATCH * BATCH  # whole batches only
+        Xn = np.resize(X, (n, X.shape[1])).astype(np.float32)  # digits looped, as produced
+        train: dict[str, list[float]] = {"memory": [], "JSON": [], "f32": []}
+        for _ in range(args.reps):
+            # in a thread, like the worker's steps (torch behaves differently on the main one)
+            train["memory"].append(await asyncio.to_thread(memory_rate, Xn, n, args.torch_threads))
+            for binary, topic in topics.items():
+                rate = await worker_rate(bs, topic, n, args.torch_threads)
+                train["f32" if binary else "JSON"].append(rate)
+        mem = statistics.median(train["memory"])
+        print(f"\n| training (batch 256, default model, torch threads "
+              f"{args.torch_threads}) | samples/s | of memory |")
+        print("| --- | ---: | ---: |")
+        print(_row("partial_fit from memory", mem))
+        for enc in ("JSON", "f32"):
+            print(_row(f"worker from Kafka ({enc})", statistics.median(train[enc]), mem))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=60_000)
+    parser.add_argument("--train-samples", type=int, default=20_000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="intra-op threads (1: the broker and the loop need the other core)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

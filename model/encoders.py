@@ -1,0 +1,147 @@
+"""Encoders: the network f that maps a sample to a latent vector.
+
+Three families, chosen from the per-sample input shape unless configured:
+``mlp`` for feature vectors (D,), ``conv1d`` for multichannel windows (C, T), ``cnn`` for
+single-channel images (H, W) or (1, H, W).
+
+Example:
+    >>> import torch
+    >>> from model.encoders import EncoderConfig, build_encoder
+    >>> cfg = EncoderConfig.for_shape((64,), latent_dim=16)
+    >>> build_encoder(cfg)(torch.zeros(3, 64)).shape
+    torch.Size([3, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ENCODERS", "EncoderConfig", "build_encoder"]
+
+ENCODERS = ("mlp", "conv1d", "cnn")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything needed to rebuild an encoder (stored in the snapshot manifest)."""
+
+    kind: str
+    input_shape: tuple[int, ...]
+    latent_dim: int = 128
+    hidden: tuple[int, ...] = field(default=(512,))
+    latent_norm: str = "layer"  # "layer" | "batch" | "none": keeps latents from shrinking
+
+    @classmethod
+    def for_shape(
+        cls,
+        input_shape: tuple[int, ...],
+        latent_dim: int = 128,
+        kind: str = "auto",
+        hidden: tuple[int, ...] | None = None,
+        latent_norm: str = "layer",
+    ) -> EncoderConfig:
+        """Pick the encoder family from the per-sample shape (``kind="auto"``)."""
+        shape = tuple(int(s) for s in input_shape)
+        if kind == "auto":
+            if len(shape) == 1:
+                kind = "mlp"
+            elif len(shape) == 2 and shape[0] <= 32 and shape[1] > shape[0]:
+                kind = "conv1d"  # channels × time
+            elif len(shape) in (2, 3):
+                kind = "cnn"
+            else:
+                raise ValueError(f"no encoder for per-sample shape {shape}")
+        if kind not in ENCODERS:
+            raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
+        default_hidden = {"mlp": (512,), "conv1d": (32, 64), "cnn": (32, 64)}[kind]
+        return cls(
+            kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form for the manifest."""
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> EncoderConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            str(d["kind"]),
+            tuple(int(s) for s in d["input_shape"]),  # type: ignore[union-attr]
+            int(d["latent_dim"]),  # type: ignore[arg-type]
+            tuple(int(h) for h in d["hidden"]),  # type: ignore[union-attr]
+            str(d.get("latent_norm", "none")),
+        )
+
+
+class MLPEncoder(nn.Module):
+    """Fully connected encoder for feature vectors."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = cfg.input_shape[0]
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, cfg.latent_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class Conv1dEncoder(nn.Module):
+    """Temporal convolutions over multichannel windows (C × T), global average pooled."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        channels = cfg.input_shape[0]
+        layers: list[nn.Module] = []
+        for h in cfg.hidden:
+            layers += [nn.Conv1d(channels, h, 5, padding=2), nn.BatchNorm1d(h), nn.ReLU()]
+            channels = h
+        self.conv = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=2))
+
+
+class CNNEncoder(nn.Module):
+    """Small 2-D CNN for images (H × W or C × H × W)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        shape = cfg.input_shape
+        channels = 1 if len(shape) == 2 else shape[0]
+        layers: list[nn.Module] = []
+        for h in cfg.hidden:
+            layers += [nn.Conv2d(channels, h, 3, padding=1), nn.ReLU()]
+            channels = h
+        self.conv = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, cfg.latent_dim)
+        self._add_channel = len(shape) == 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._add_channel:
+            x = x.unsqueeze(1)
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def build_encoder(cfg: EncoderConfig) -> nn.Module:
+    """Instantiate the encoder a config describes, with its latent normalisation."""
+    body = {"mlp": MLPEncoder, "conv1d": Conv1dEncoder, "cnn": CNNEncoder}[cfg.kind](cfg)
+    if cfg.latent_norm == "batch":
+        return nn.Sequential(body, nn.BatchNorm1d(cfg.latent_dim, affine=False))
+    if cfg.latent_norm == "layer":
+        return nn.Sequential(body, nn.LayerNorm(cfg.latent_dim, elementwise_affine=False))
+    if cfg.latent_norm == "none":
+        return body
+    raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}; choose batch, layer or none")

@@ -1,0 +1,258 @@
+"""Partition-support regularisers behind one interface (DESIGN.md §1.2).
+
+A regulariser receives a :class:`Batch` (inputs, latents, centroids, the N×K squared distances,
+sigma, the log prior and the encoder) and returns the batch's hard labels and the loss to
+back-propagate. It is an ``nn.Module`` so methods with their own parameters (a decoder, a
+linear head) are trained by the same optimiser and saved in the same snapshot.
+
+New regularisers register by name with :func:`register`; :func:`make_regulariser` builds one
+from a string.
+
+Example:
+    >>> import torch
+    >>> from model.regularisers import Batch, make_regulariser
+    >>> z = torch.randn(8, 4); mu = torch.randn(3, 4, requires_grad=True)
+    >>> batch = Batch.build(z, z, mu, sigma=1.0, log_prior=torch.full((3,), -1.0986))
+    >>> out = make_regulariser("ca")(batch)
+    >>> out.labels.shape, out.loss.requires_grad
+    (torch.Size([8]), True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from model.assign import combination_assignment
+
+__all__ = [
+    "REGULARISERS",
+    "Batch",
+    "Output",
+    "Regulariser",
+    "make_regulariser",
+    "register",
+    "soft_assignment",
+]
+
+REGULARISERS: dict[str, type[Regulariser]] = {}
+
+
+def register(cls: type[Regulariser]) -> type[Regulariser]:
+    """Class decorator: make a regulariser selectable by its ``name``."""
+    REGULARISERS[cls.name] = cls
+    return cls
+
+
+def soft_assignment(distances: torch.Tensor, sigma: float) -> torch.Tensor:
+    """q_ik = softmax_k(-D_ik / (2 sigma)), the isotropic Gaussian responsibilities."""
+    return torch.softmax(-distances / (2.0 * sigma), dim=1)
+
+
+@dataclass
+class Batch:
+    """What every regulariser sees for one training step."""
+
+    x: torch.Tensor  # inputs, already standardised, on the training device
+    z: torch.Tensor  # latents f(x), N×m
+    centroids: torch.Tensor  # K×m, trainable
+    distances: torch.Tensor  # N×K squared Euclidean distances (with gradient)
+    sigma: float
+    log_prior: torch.Tensor  # K
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None  # f, for methods with views
+
+    @classmethod
+    def build(
+        cls,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        centroids: torch.Tensor,
+        sigma: float,
+        log_prior: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Batch:
+        """Compute the distance matrix and bundle everything."""
+        return cls(x, z, centroids, sq_distances(z, centroids), sigma, log_prior, encode)
+
+
+@dataclass
+class Output:
+    """Hard labels (int64, N) and the scalar loss to back-propagate."""
+
+    labels: torch.Tensor
+    loss: torch.Tensor
+
+
+def sq_distances(z: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances, N×K, non-negative."""
+    d = (z * z).sum(1, keepdim=True) - 2.0 * z @ mu.T + (mu * mu).sum(1)[None, :]
+    return d.clamp_min(0.0)
+
+
+def _pull(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean distance of each point to its assigned centroid: the loss all hard methods share."""
+    return distances.gather(1, labels[:, None]).mean()
+
+
+class Regulariser(nn.Module):
+    """Base class: subclasses set ``name`` and implement :meth:`forward`."""
+
+    name: ClassVar[str] = ""
+    uses_views: ClassVar[bool] = False  # True for methods that need augmented views
+
+    def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:
+        """Create parameters that depend on the data (a decoder, a head); default: none.
+
+        Called once by the clusterer when the first batch fixes the input shape.
+        """
+
+    def forward(self, batch: Batch) -> Output:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def serving_centroids(self, centroids: torch.Tensor) -> torch.Tensor:
+        """Centroids inference should use (e.g. a moving average); default: the trained ones."""
+        return centroids
+
+    def after_step(self, centroids: torch.Tensor) -> None:
+        """Hook run after each optimiser step (e.g. to update a moving average); default: none."""
+
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        """Non-parameter tensors to snapshot (parameters are saved automatically)."""
+        return {}
+
+
+@register
+class NoRegulariser(Regulariser):
+    """Plain nearest-centroid assignment; collapses. Kept as the control."""
+
+    name = "none"
+
+    def forward(self, batch: Batch) -> Output:
+        labels = batch.distances.detach().argmin(dim=1)
+        return Output(labels, _pull(batch.distances, labels))
+
+
+@register
+class CombinationAssignment(Regulariser):
+    """Combination assignment (Mahon & Lukasiewicz 2024), the default.
+
+    Greedy hard assignment of the batch with cost D_ik + 2 sigma (log(n_k + 1) - log p_k);
+    the loss is the mean distance to the assigned centroid (counts carry no gradient).
+    """
+
+    name = "ca"
+
+    def forward(self, batch: Batch) -> Output:
+        # The greedy loop runs on the host in compiled code (one N×K copy per batch).
+        labels = combination_assignment(
+            batch.distances.detach(), 2.0 * batch.sigma, batch.log_prior.detach().cpu().numpy()
+        )
+        labels_t = torch.from_numpy(labels).to(batch.distances.device)
+        return Output(labels_t, _pull(batch.distances, labels_t))
+
+
+def sinkhorn(logits: torch.Tensor, log_prior: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """Log-domain Sinkhorn-Knopp: rows sum to 1/N, columns to the prior (SwAV, Caron et al.)."""
+    n = logits.shape[0]
+    log_q = logits - logits.logsumexp(dim=(0, 1))
+    for _ in range(n_iter):
+        log_q = log_q - log_q.logsumexp(dim=0, keepdim=True) + log_prior[None, :]  # columns
+        log_q = log_q - log_q.logsumexp(dim=1, keepdim=True) - math.log(n)  # rows
+    return log_q.exp() * n
+
+
+@register
+class SinkhornKnopp(Regulariser):
+    """Balanced soft assignment by Sinkhorn-Knopp; its argmax is the hard target (SwAV)."""
+
+    name = "sk"
+
+    def __init__(self, epsilon: float = 1.0, n_iter: int = 3) -> None:
+        super().__init__()
+        self.epsilon = epsilon
+        self.n_iter = n_iter
+
+    def forward(self, batch: Batch) -> Output:
+        d = batch.distances.detach()
+        logits = -d / (2.0 * batch.sigma * self.epsilon)
+        q = sinkhorn(logits, batch.log_prior.to(d), self.n_iter)
+        labels = q.argmax(dim=1)
+        return Output(labels, _pull(batch.distances, labels))
+
+
+@register
+class EntropyRegulariser(Regulariser):
+    """Nearest-centroid loss minus lambda times the entropy of the mean soft assignment (Li 2020).
+
+    lambda is in units of 2 sigma so it does not depend on the latent scale.
+    """
+
+    name = "ent"
+
+    def __init__(self, lam: float = 1.0) -> None:
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, batch: Batch) -> Output:
+        q = soft_assignment(batch.distances, batch.sigma)
+        labels = batch.distances.detach().argmin(dim=1)
+        q_bar = q.mean(0)
+        h = -(q_bar * (q_bar + 1e-12).log()).sum()
+        loss = _pull(batch.distances, labels) - self.lam * 2.0 * batch.sigma * h
+        return Output(labels, loss)
+
+
+@register
+class SumOfSquares(Regulariser):
+    """Nearest-centroid loss plus lambda * sum_k (sum_i q_ik)^2 / N (DRC's cluster regulariser)."""
+
+    name = "ss"
+
+    def __init__(self, lam: float = 1.0) -> None:
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, batch: Batch) -> Output:
+        q = soft_assignment(batch.distances, batch.sigma)
+        labels = batch.distances.detach().argmin(dim=1)
+        # Normalised by N so the term equals N * sum_k qbar_k^2, minimal when qbar is uniform.
+        ss = (q.sum(0) ** 2).sum() / q.shape[0] ** 2
+        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * ss
+        return Output(labels, loss)
+
+
+@register
+class MarginalVariance(Regulariser):
+    """Nearest-centroid loss plus lambda * variance of the marginal soft assignment.
+
+    From seed 000, appendix C.
+    """
+
+    name = "varm"
+
+    def __init__(self, lam: float = 1.0) -> None:
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, batch: Batch) -> Output:
+        q = soft_assignment(batch.distances, batch.sigma)
+        labels = batch.distances.detach().argmin(dim=1)
+        var = q.mean(0).var(unbiased=False) * q.shape[1] ** 2  # scale-free in K
+        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * var
+        return Output(labels, loss)
+
+
+def make_regulariser(name: str, **params: float) -> Regulariser:
+    """Build a registered regulariser by name, e.g. ``make_regulariser("sk", n_iter=3)``."""
+    try:
+        cls = REGULARISERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown regulariser {name!r}; choose from {', '.join(sorted(REGULARISERS))}"
+        ) from None
+    return cls(**params)

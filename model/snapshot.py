@@ -1,0 +1,93 @@
+"""Snapshot format: safetensors weights plus a JSON manifest (DESIGN.md §3). Never pickle.
+
+Example:
+    >>> from model.snapshot import Snapshot, pack_tensors, unpack_tensors
+    >>> import torch
+    >>> snap = Snapshot.create(pack_tensors({"centroids": torch.zeros(2, 3)}), {"n_clusters": 2})
+    >>> snap.verify(); unpack_tensors(snap.weights)["centroids"].shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = ["FORMAT", "Snapshot", "SnapshotError", "pack_tensors", "unpack_tensors"]
+
+FORMAT = "oclust-snapshot/1"
+
+
+class SnapshotError(ValueError):
+    """A snapshot that is corrupt, of an unknown format, or does not fit the model."""
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Serialise named tensors to safetensors bytes (copied to contiguous CPU memory)."""
+    return st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
+
+
+def unpack_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes; raises :class:`SnapshotError` on garbage."""
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise SnapshotError(f"weights are not valid safetensors: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Weights (safetensors bytes) and a JSON-able manifest."""
+
+    weights: bytes
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, weights: bytes, manifest: dict[str, Any]) -> Snapshot:
+        """Stamp format, creation time, sha256 and version 0 onto a manifest."""
+        m = {"format": FORMAT, "version": 0, "created_at": time.time(), **manifest}
+        m["sha256"] = hashlib.sha256(weights).hexdigest()
+        return cls(weights, m)
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the weights."""
+        return hashlib.sha256(self.weights).hexdigest()
+
+    @property
+    def version(self) -> int:
+        """Version assigned by the store (0 before publishing)."""
+        return int(self.manifest.get("version", 0))
+
+    def verify(self) -> None:
+        """Raise :class:`SnapshotError` unless format and checksum are right."""
+        if self.manifest.get("format") != FORMAT:
+            raise SnapshotError(f"unknown snapshot format {self.manifest.get('format')!r}")
+        if self.manifest.get("sha256") != self.sha256:
+            raise SnapshotError("snapshot weights do not match the manifest's sha256")
+
+    def with_version(self, version: int) -> Snapshot:
+        """Copy with ``manifest["version"] = version``."""
+        return Snapshot(self.weights, {**self.manifest, "version": int(version)})
+
+    def manifest_json(self) -> str:
+        """The manifest as JSON text."""
+        return json.dumps(self.manifest, sort_keys=True)
+
+    @classmethod
+    def from_parts(cls, weights: bytes, manifest_json: str | bytes) -> Snapshot:
+        """Rebuild from stored bytes; raises :class:`SnapshotError` if the manifest is not JSON."""
+        try:
+            manifest = json.loads(manifest_json)
+        except (ValueError, TypeError) as exc:
+            raise SnapshotError(f"manifest is not JSON: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise SnapshotError("manifest must be a JSON object")
+        return cls(bytes(weights), manifest)

@@ -1,0 +1,227 @@
+"""``oclust serve`` (the assignment service) and ``oclust snapshots list|show|rollback``.
+
+Example:
+    $ oclust serve --store redis://127.0.0.1:6379/0 --namespace oclust --port 8000
+    $ oclust snapshots list --store redis://127.0.0.1:6379/0 --namespace oclust
+    $ oclust snapshots rollback 12 --store redis://127.0.0.1:6379/0 --namespace oclust
+
+The API key is read from the environment only (``OCLUST_API_KEY``), never from the command line
+where other users of the machine could see it in the process list.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from service.settings import ServiceSettings
+
+__all__ = ["register", "run_server", "serve_command", "snapshots_app"]
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", help="redis://HOST:PORT/DB or file://DIR (env OCLUST_STORE)"),
+]
+NamespaceOpt = Annotated[
+    str | None, typer.Option("--namespace", help="snapshot namespace (env OCLUST_NAMESPACE)")
+]
+
+
+def _settings(**overrides: Any) -> ServiceSettings:
+    try:
+        return ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from None
+
+
+def run_server(settings: ServiceSettings) -> None:
+    """Serve until interrupted: the app, plus a watcher keeping it on the store's snapshot."""
+    import torch
+    import uvicorn
+
+    from service.app import create_app
+    from service.loader import ModelHolder, SnapshotWatcher
+    from training_worker.store import StoreError, open_store
+
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        store = open_store(settings.store, settings.namespace, poll_interval=settings.poll_interval)
+    except StoreError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from None
+    holder = ModelHolder()
+    watcher = SnapshotWatcher(
+        store, holder, device=settings.device, poll_interval=settings.poll_interval,
+        retry_interval=settings.retry_interval,
+    )
+    app = create_app(settings, holder, background=[watcher])
+    try:
+        uvicorn.run(
+            app, host=settings.host, port=settings.port, log_level=settings.log_level,
+            access_log=settings.access_log,
+        )
+    finally:
+        store.close()
+
+
+def serve_command(
+    store: StoreOpt = None,
+    namespace: NamespaceOpt = None,
+    host: Annotated[str | None, typer.Option(help="bind address (env OCLUST_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (env OCLUST_PORT)")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="most items per /assign/batch (env OCLUST_MAX_BATCH)")
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="request body limit in bytes (env OCLUST_MAX_BODY_BYTES)")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="monitor window of recent assignments (env OCLUST_WINDOW)")
+    ] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (env OCLUST_TORCH_THREADS)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level")] = None,
+) -> None:
+    """Serve POST /assign from the store's current snapshot, hot-reloading new versions.
+
+    Set OCLUST_API_KEY to require an X-API-Key header on /assign*.
+    """
+    settings = _settings(
+        store=store, namespace=namespace, host=host, port=port, max_batch=max_batch,
+        max_body_bytes=max_body_bytes, window=window, torch_threads=torch_threads,
+        log_level=log_level,
+    )
+    run_server(settings)
+
+
+# --------------------------------------------------------------------------- snapshots
+snapshots_app = typer.Typer(
+    help="List, inspect and roll back the model snapshots in a store.", no_args_is_help=True
+)
+
+
+def _open(store: str | None, namespace: str | None) -> Any:
+    from training_worker.store import StoreError, open_store
+
+    s = _settings(store=store, namespace=namespace)
+    try:
+        return open_store(s.store, s.namespace, keep=None)
+    except StoreError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from None
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "—"
+    stamp = dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+    age = max(0.0, time.time() - ts)
+    ago = f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h"
+    return f"{stamp} ({ago} ago)"
+
+
+def _metric(m: dict[str, Any], key: str) -> str:
+    value = (m.get("metrics") or {}).get(key)
+    return f"{value:.3f}" if isinstance(value, int | float) else "—"
+
+
+@snapshots_app.command("list")
+def list_command(store: StoreOpt = None, namespace: NamespaceOpt = None) -> None:
+    """Table of stored versions (the current one marked)."""
+    from model.snapshot import SnapshotError
+    from training_worker.store import StoreError
+
+    st = _open(store, namespace)
+    try:
+        current, versions = st.current_version(), st.versions()
+        table = Table(title=f"snapshots in {st.url} namespace {st.namespace!r}")
+        for col in ("version", "current", "created", "regulariser", "K", "input", "samples",
+                    "steps", "loss", "sha256"):
+            table.add_column(col, justify="right" if col in ("version", "K", "samples",
+                                                                   "steps", "loss") else "left")
+        for v in versions:
+            try:
+                m = st.load(v).manifest
+                sha = str(m.get("sha256", ""))[:12]
+            except SnapshotError as exc:
+                table.add_row(str(v), "*" if v == current else "", f"[red]corrupt: {exc}[/red]")
+                continue
+            table.add_row(
+                str(v), "*" if v == current else "", _when(m.get("created_at")),
+                str(m.get("regulariser", "—")), str(m.get("n_clusters", "—")),
+                "×".join(map(str, m.get("input_shape", []))) or "—",
+                str(m.get("samples_seen", "—")), str(m.get("steps", "—")),
+                _metric(m, "loss"), sha,
+            )
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        st.close()
+    console = Console()
+    console.width = max(console.width, 120)
+    if not versions:
+        console.print(f"no snapshots in {st.url} namespace {st.namespace!r}")
+        return
+    console.print(table)
+
+
+@snapshots_app.command("show")
+def show_command(
+    version: Annotated[
+        int | None, typer.Argument(help="version (default: the current one)")
+    ] = None,
+    store: StoreOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Print one snapshot's manifest (JSON), after verifying its checksum."""
+    from model.snapshot import SnapshotError
+    from training_worker.store import StoreError
+
+    st = _open(store, namespace)
+    try:
+        snap = st.load(version)
+    except (StoreError, SnapshotError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        st.close()
+    Console().print_json(json.dumps(snap.manifest, sort_keys=True))
+
+
+@snapshots_app.command("rollback")
+def rollback_command(
+    version: Annotated[int, typer.Argument(help="stored version to make current")],
+    store: StoreOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Make a stored version current and announce it (replicas hot-reload it)."""
+    from model.snapshot import SnapshotError
+    from training_worker.store import StoreError
+
+    st = _open(store, namespace)
+    try:
+        before = st.current_version()
+        st.load(version)  # refuse to roll back to a corrupt snapshot
+        st.rollback(version)
+    except (StoreError, SnapshotError) as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        st.close()
+    Console().print(f"current version: {version} (was {before})", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and ``snapshots`` to the CLI."""
+    app.command("serve")(serve_command)
+    app.add_typer(snapshots_app, name="snapshots")

@@ -1,0 +1,52 @@
+"""Service configuration: pydantic-settings, environment prefix ``OCLUST_``; CLI options override.
+
+Example:
+    >>> s = ServiceSettings(api_key="s3cret", max_batch=128)
+    >>> s.api_key.get_secret_value(), s.max_batch, s.window
+    ('s3cret', 128, 1000)
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServiceSettings"]
+
+
+class ServiceSettings(BaseSettings):
+    """Everything ``oclust serve`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
+
+    model_config = SettingsConfigDict(env_prefix="OCLUST_", extra="ignore")
+
+    # where the snapshots come from
+    store: str = Field("file://.oclust/store", description="redis://HOST:PORT/DB or file://DIR")
+    namespace: str = Field("oclust", description="snapshot namespace (Redis key prefix)")
+    poll_interval: float = Field(
+        1.0, gt=0, description="seconds between polls of the current version (pub/sub fallback)"
+    )
+    retry_interval: float = Field(
+        2.0, gt=0, description="seconds between attempts while the store is unreachable"
+    )
+    device: str = Field("cpu", description="torch device the served model runs on")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(
+        None, description="when set, /assign* require it in the X-API-Key header"
+    )
+    max_batch: int = Field(4096, ge=1, description="most items in one /assign/batch request")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=64, description="largest accepted request body in bytes (else 413)"
+    )
+    access_log: bool = Field(False, description="log every request (costs throughput)")
+    log_level: str = "info"
+
+    # inference and monitoring
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the server")
+    inline_body_bytes: int = Field(
+        64 * 1024, ge=0, description="batch bodies up to this size run on the event loop, "
+        "larger ones in a worker thread (keeps the loop responsive)"
+    )
+    window: int = Field(1000, ge=1, description="sliding window of recent assignments (monitor)")

@@ -1,0 +1,212 @@
+"""The fast combination assignment must return exactly the labels of the naive greedy loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.assign import combination_assignment
+
+
+def reference_assignment(
+    distances: np.ndarray, sigma: float, log_prior: np.ndarray | None = None
+) -> np.ndarray:
+    """The plain O(N^2 K) greedy loop of DESIGN.md §1.1: the definition CA must reproduce.
+
+    Each step scans every unassigned row i (ascending) and every cluster k (ascending) and keeps
+    the first strict minimum of ``d + sigma * (log(n_k + 1) - lp[k])``, so ties go to the lowest
+    i, then the lowest k.
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    n, n_clusters = d.shape
+    lp = [0.0] * n_clusters if log_prior is None else [float(v) for v in log_prior]
+    rows = d.tolist()
+    counts = [0] * n_clusters
+    labels = [-1] * n
+    for _ in range(n):
+        best_c, best_i, best_k = math.inf, -1, -1
+        for i in range(n):
+            if labels[i] >= 0:
+                continue
+            row = rows[i]
+            for k in range(n_clusters):
+                c = row[k] + sigma * (math.log(counts[k] + 1) - lp[k])
+                if best_i < 0 or c < best_c:
+                    best_c, best_i, best_k = c, i, k
+        labels[best_i] = best_k
+        counts[best_k] += 1
+    return np.array(labels, dtype=np.int64)
+
+
+@st.composite
+def ca_problems(draw: st.DrawFn) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Random (distances, sigma, log_prior) covering scales, ties, equal columns and priors."""
+    n = draw(st.integers(0, 60))
+    k = draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["scaled", "small_ints", "equal_columns", "signed", "near_ulp"]))
+    if kind == "scaled":  # continuous values from tiny to huge
+        scale = 10.0 ** draw(st.integers(-12, 250))
+        d = rng.random((n, k)) * scale
+    elif kind == "small_ints":  # many exact ties in D and in costs
+        d = rng.integers(0, draw(st.integers(1, 4)), size=(n, k)).astype(np.float64)
+    elif kind == "equal_columns":  # clusters indistinguishable by distance
+        col = rng.integers(0, 3, size=(n, 1)).astype(np.float64)
+        d = np.repeat(col, k, axis=1)
+        d[:, : draw(st.integers(0, k))] += rng.integers(0, 2, size=(n, 1))
+    elif kind == "signed":  # arbitrary finite costs, not only squared distances
+        d = rng.normal(size=(n, k)) * 10.0 ** draw(st.integers(-3, 6))
+    else:  # distinct distances that round to equal costs once the penalty is large
+        d = 1.0 + rng.integers(0, 6, size=(n, k)) * np.finfo(np.float64).eps
+    sigma = draw(
+        st.one_of(
+            st.just(0.0),
+            st.sampled_from([1e-12, 1.0, 100.0, 1e4]),
+            st.floats(0.0, 1e4, allow_nan=False, allow_infinity=False),
+        )
+    )
+    prior_kind = draw(st.sampled_from(["none", "random", "uniform", "peaked"]))
+    if prior_kind == "none":
+        log_prior = None
+    elif prior_kind == "uniform":
+        log_prior = np.full(k, -math.log(k))
+    else:
+        p = rng.random(k) + 1e-3
+        if prior_kind == "peaked":
+            p = p**8
+        log_prior = np.log(p / p.sum())
+    return d, sigma, log_prior
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ca_problems())
+def test_matches_reference_loop(problem: tuple[np.ndarray, float, np.ndarray | None]) -> None:
+    d, sigma, log_prior = problem
+    got = combination_assignment(d, sigma, log_prior)
+    assert got.dtype == np.int64
+    assert got.shape == (d.shape[0],)
+    np.testing.assert_array_equal(got, reference_assignment(d, sigma, log_prior))
+
+
+def test_tie_after_rounding_goes_to_lowest_row() -> None:
+    # in cluster 0 row 1 has the smaller distance, but both costs round to 101.0 once the
+    # penalty (100) is added: the naive loop takes the lowest row, 0, and the raised penalty
+    # then sends row 1 to cluster 1 (cost 101.5 < 101 + log 2)
+    eps = np.finfo(np.float64).eps
+    d = np.array([[1.0 + eps, 1.5], [1.0, 1.5]])
+    log_prior = np.array([-100.0, -100.0])
+    assert 1.0 + eps + 100.0 == 1.0 + 100.0
+    expected = reference_assignment(d, 1.0, log_prior)
+    assert expected.tolist() == [0, 1]
+    np.testing.assert_array_equal(combination_assignment(d, 1.0, log_prior), expected)
+
+
+def test_tie_across_clusters_goes_to_lowest_row_then_cluster() -> None:
+    # cluster 1's best row (0) ties with cluster 0's best row (2): row 0 must win, in cluster 1;
+    # then row 1 costs 1 in both clusters: the lowest cluster wins
+    d = np.array([[9.0, 1.0], [1.0, 1.0], [1.0, 9.0]])
+    got = combination_assignment(d, 0.0)
+    np.testing.assert_array_equal(got, reference_assignment(d, 0.0))
+    assert got.tolist() == [1, 0, 0]
+
+
+def test_collapsed_batch_matches_reference() -> None:
+    # a collapsed encoder maps every sample to the same latent: every column is one tied block
+    row = np.array([3.0, 1.0, 2.0, 1.0, 5.0, 1.0])
+    d = np.repeat(row[None, :], 150, axis=0)
+    got = combination_assignment(d, 0.5)
+    np.testing.assert_array_equal(got, reference_assignment(d, 0.5))
+    assert len(set(got.tolist())) > 1  # the penalty spreads the collapsed batch
+
+
+def test_empty_batch_and_single_cluster() -> None:
+    assert combination_assignment(np.zeros((0, 3)), 1.0).shape == (0,)
+    assert combination_assignment(np.zeros((0, 3)), 1.0).dtype == np.int64
+    np.testing.assert_array_equal(
+        combination_assignment(np.arange(5.0)[:, None], 3.0), np.zeros(5, dtype=np.int64)
+    )
+
+
+def test_sigma_zero_is_rowwise_argmin() -> None:
+    rng = np.random.default_rng(0)
+    d = rng.integers(0, 5, size=(200, 7)).astype(np.float64)  # ties: argmin takes lowest k
+    np.testing.assert_array_equal(combination_assignment(d, 0.0), np.argmin(d, axis=1))
+
+
+def test_huge_sigma_balances_counts() -> None:
+    rng = np.random.default_rng(1)
+    d = rng.random((203, 10))
+    d[:, 0] -= 1.0  # every point prefers cluster 0
+    counts = np.bincount(combination_assignment(d, 1e6), minlength=10)
+    assert counts.max() - counts.min() <= 1
+    assert np.bincount(combination_assignment(d, 0.0), minlength=10)[0] == 203  # collapse
+
+
+def test_prior_keeps_imbalance() -> None:
+    rng = np.random.default_rng(2)
+    d = rng.random((300, 3))
+    prior = np.array([0.6, 0.3, 0.1])
+    counts = np.bincount(combination_assignment(d, 1e6, np.log(prior)), minlength=3)
+    np.testing.assert_allclose(counts / 300, prior, atol=0.01)
+
+
+def test_torch_tensor_input_matches_numpy() -> None:
+    gen = torch.Generator().manual_seed(3)
+    t = torch.rand(50, 6, generator=gen, requires_grad=True) * 4.0  # float32, in a graph
+    lp_t = torch.log_softmax(torch.rand(6, generator=gen), dim=0)
+    d = t.detach().double().numpy()
+    lp = lp_t.double().numpy()
+    expected = combination_assignment(d, 2.0, lp)
+    np.testing.assert_array_equal(combination_assignment(t, 2.0, lp_t), expected)
+    np.testing.assert_array_equal(expected, reference_assignment(d, 2.0, lp))
+
+
+def test_list_and_integer_input() -> None:
+    d = [[3, 1], [2, 2], [0, 5]]
+    np.testing.assert_array_equal(
+        combination_assignment(d, 1.0), reference_assignment(np.array(d, float), 1.0)
+    )
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_distances_rejected(bad: float) -> None:
+    d = np.ones((4, 3))
+    d[2, 1] = bad
+    with pytest.raises(ValueError, match=r"finite.*row 2, column 1"):
+        combination_assignment(d, 1.0)
+
+
+@pytest.mark.parametrize("sigma", [-1e-9, -1.0, math.nan, math.inf, "abc"])
+def test_bad_sigma_rejected(sigma: object) -> None:
+    with pytest.raises(ValueError, match="sigma"):
+        combination_assignment(np.ones((3, 2)), sigma)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "log_prior", [np.zeros(2), np.zeros(4), np.zeros((3, 1)), np.array([0.0, -np.inf, 0.0])]
+)
+def test_bad_log_prior_rejected(log_prior: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="log_prior"):
+        combination_assignment(np.ones((5, 3)), 1.0, log_prior)
+
+
+@pytest.mark.parametrize(
+    "distances", [np.ones(4), np.ones((2, 3, 4)), np.float64(1.0), np.ones((4, 0))]
+)
+def test_bad_shape_rejected(distances: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="distances"):
+        combination_assignment(distances, 1.0)
+
+
+@pytest.mark.parametrize(
+    "distances",
+    [np.array([["a", "b"]]), np.ones((2, 2)) * 1j, torch.ones(2, 2, dtype=torch.complex64)],
+)
+def test_non_real_distances_rejected(distances: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="distances must be real"):
+        combination_assignment(distances, 1.0)

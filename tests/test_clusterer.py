@@ -1,0 +1,142 @@
+"""OnlineClusterer: bad input, determinism, snapshots, shapes of every encoder."""
+
+import json
+
+import numpy as np
+import pytest
+
+from model import OnlineClusterer, Snapshot, SnapshotError
+from model.snapshot import FORMAT
+
+
+def _data(n: int = 300, d: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def _small(**kw) -> OnlineClusterer:
+    return OnlineClusterer(n_clusters=3, latent_dim=8, hidden=(16,), seed=0, **kw)
+
+
+def test_nothing_is_built_in_the_constructor():
+    clf = _small()
+    assert not clf.is_fitted
+    with pytest.raises(ValueError, match="not seen any data"):
+        clf.predict(_data(2))
+
+
+@pytest.mark.parametrize(
+    ("prior", "match"),
+    [([0.5, 0.5], "length"), ([0.5, 0.6, -0.1], "positive"), ([0.2, 0.2, 0.2], "sum to 1")],
+)
+def test_bad_prior_rejected_at_construction(prior, match):
+    with pytest.raises(ValueError, match=match):
+        OnlineClusterer(n_clusters=3, prior=prior)
+
+
+def test_bad_parameters_rejected():
+    with pytest.raises(ValueError, match="unknown regulariser"):
+        OnlineClusterer(regulariser="kmeans")
+    with pytest.raises(ValueError, match="sigma"):
+        OnlineClusterer(sigma=0)
+    with pytest.raises(ValueError, match="n_clusters"):
+        OnlineClusterer(n_clusters=0)
+
+
+def test_bad_batches_raise_clear_value_errors():
+    clf = _small()
+    with pytest.raises(ValueError, match="empty"):
+        clf.partial_fit(np.zeros((0, 8)))
+    with pytest.raises(ValueError, match="batch"):
+        clf.partial_fit(np.zeros(8))
+    with pytest.raises(ValueError, match="numbers"):
+        clf.partial_fit([["a", "b"]])
+    bad = _data(10)
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        clf.partial_fit(bad)
+    clf.partial_fit(_data(10))
+    with pytest.raises(ValueError, match="shape"):
+        clf.partial_fit(np.zeros((4, 7)))
+    inf = _data(2)
+    inf[0, 0] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        clf.predict(inf)
+
+
+def test_partial_fit_report_and_single_point_predict():
+    clf = _small()
+    rep = clf.partial_fit(_data(64))
+    assert rep.labels.shape == (64,) and rep.n == 64
+    assert 0 <= rep.hard_entropy <= np.log(3) + 1e-9
+    assert rep.kl_star >= 0 and np.isfinite(rep.loss)
+    assert clf.predict(_data(1)[0]).shape == (1,)
+    labels, dist = clf.assign(_data(5))
+    assert labels.dtype == np.int64 and (dist >= 0).all()
+    soft = clf.soft_assign(_data(5))
+    np.testing.assert_allclose(soft.sum(1), 1.0)
+    assert clf.transform(_data(5)).shape == (5, 8)
+    assert clf.samples_seen_ == 64 and clf.steps_ == 1
+
+
+def test_deterministic_for_a_seed_on_cpu():
+    X = _data()
+    a = _small(device="cpu").fit(X, epochs=2, batch_size=64)
+    b = _small(device="cpu").fit(X, epochs=2, batch_size=64)
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+
+
+@pytest.mark.parametrize(
+    ("shape", "kind"), [((8,), "mlp"), ((3, 40), "conv1d"), ((8, 8), "cnn")]
+)
+def test_snapshot_round_trip_gives_identical_predictions(shape, kind):
+    X = np.random.default_rng(1).normal(size=(96, *shape)).astype(np.float32)
+    clf = _small()
+    clf.fit(X, epochs=2, batch_size=32)
+    assert clf.encoder_config_.kind == kind
+    snap = clf.to_snapshot(offsets={"samples:0": 96}, metrics={"loss": 1.0})
+    assert snap.manifest["format"] == FORMAT and snap.manifest["input_shape"] == list(shape)
+    assert snap.manifest["samples_seen"] == 192 and snap.manifest["offsets"] == {"samples:0": 96}
+    json.dumps(snap.manifest)  # JSON-able
+    back = OnlineClusterer.from_snapshot(Snapshot.from_parts(snap.weights, snap.manifest_json()))
+    np.testing.assert_array_equal(back.predict(X), clf.predict(X))
+    np.testing.assert_allclose(back.transform(X), clf.transform(X))
+    # training continues identically, optimiser state included
+    ra, rb = clf.partial_fit(X[:32]), back.partial_fit(X[:32])
+    assert ra.loss == pytest.approx(rb.loss)
+    np.testing.assert_allclose(back.transform(X), clf.transform(X), atol=1e-5)
+
+
+def test_corrupt_snapshots_are_rejected():
+    clf = _small()
+    clf.partial_fit(_data(32))
+    snap = clf.to_snapshot()
+    with pytest.raises(SnapshotError, match="sha256"):
+        OnlineClusterer.from_snapshot(Snapshot(snap.weights[:-1] + b"x", snap.manifest))
+    with pytest.raises(SnapshotError, match="format"):
+        OnlineClusterer.from_snapshot(Snapshot(snap.weights, {**snap.manifest, "format": "x"}))
+    with pytest.raises(SnapshotError, match="JSON"):
+        Snapshot.from_parts(snap.weights, b"{not json")
+    junk = Snapshot.create(b"garbage", snap.manifest)
+    with pytest.raises(SnapshotError, match="safetensors"):
+        OnlineClusterer.from_snapshot(junk)
+
+
+def test_snapshot_contains_no_pickle():
+    clf = _small()
+    clf.partial_fit(_data(32))
+    weights = clf.to_snapshot().weights
+    header_len = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + header_len])  # safetensors: JSON header, raw tensors
+    assert "centroids" in header
+    assert b"\x80\x04" not in weights[:2]  # not a pickle stream
+
+
+def test_non_uniform_prior_keeps_imbalance():
+    rng = np.random.default_rng(0)
+    y = rng.choice(2, size=2000, p=[0.8, 0.2])
+    X = (np.array([[0.0] * 4, [3.0] * 4])[y] + rng.normal(size=(2000, 4))).astype(np.float32)
+    clf = OnlineClusterer(2, prior=[0.8, 0.2], latent_dim=8, hidden=(16,), seed=0)
+    clf.fit(X, epochs=3, batch_size=200)
+    share = np.bincount(clf.predict(X), minlength=2) / len(X)
+    assert share.max() > 0.65

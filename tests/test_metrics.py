@@ -1,0 +1,54 @@
+"""Metrics: the paper's appendix D example and the properties the monitor relies on."""
+
+import math
+
+import numpy as np
+import pytest
+
+from model import metrics
+
+D1 = np.array([[0.98, 0.01, 0.01], [0.98, 0.01, 0.01], [0.49, 0.50, 0.01], [0.49, 0.01, 0.50]])
+D2 = np.array([[0.34, 0.33, 0.33]] * 4)
+
+
+def test_appendix_d_hard_histogram():
+    hist = metrics.cluster_distribution(D1.argmax(1), 3)
+    np.testing.assert_allclose(hist, [0.5, 0.25, 0.25])
+    assert metrics.hard_entropy(D1.argmax(1), 3) == pytest.approx(1.5 * math.log(2))
+
+
+def test_appendix_d_soft_marginal_hides_collapse():
+    assert metrics.soft_entropy(D2) == pytest.approx(math.log(3), abs=1e-3)
+    np.testing.assert_allclose(metrics.cluster_distribution(D2.argmax(1), 3), [1, 0, 0])
+    assert metrics.hard_entropy(D2.argmax(1), 3) == 0.0
+    uniform = np.full(3, 1 / 3)
+    assert metrics.kl_star_hard(D2.argmax(1), 3, prior=uniform) == pytest.approx(math.log(3))
+    assert metrics.kl_star_soft(D2, prior=uniform) < 1e-3
+
+
+def test_kl_star_is_finite_with_empty_reference_bins_and_zero_for_equal():
+    assert math.isfinite(metrics.kl_star(np.array([0.5, 0.5]), np.array([1.0, 0.0])))
+    p = np.array([0.2, 0.3, 0.5])
+    assert metrics.kl_star(p, p) == pytest.approx(0.0)
+
+
+def test_js_divergence_bounded_and_symmetric():
+    p, q = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    assert metrics.js_divergence(p, q) == pytest.approx(math.log(2))
+    a, b = np.array([0.7, 0.2, 0.1]), np.array([0.1, 0.3, 0.6])
+    assert metrics.js_divergence(a, b) == pytest.approx(metrics.js_divergence(b, a))
+
+
+def test_acc_uses_hungarian_matching():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert metrics.cluster_acc(y, np.array([2, 2, 0, 0, 1, 1])) == 1.0
+    assert metrics.cluster_acc(y, np.array([0, 0, 0, 0, 0, 0])) == pytest.approx(1 / 3)
+    assert metrics.nmi(y, np.array([1, 1, 2, 2, 0, 0])) == pytest.approx(1.0)
+    assert metrics.ari(y, np.array([1, 1, 2, 2, 0, 0])) == pytest.approx(1.0)
+
+
+def test_kl_star_hard_aligns_clusters_to_imbalanced_classes():
+    y = np.array([0] * 6 + [1] * 3 + [2])
+    perfect_but_permuted = (y + 1) % 3
+    assert metrics.kl_star_hard(perfect_but_permuted, 3, y) == pytest.approx(0.0)
+    assert metrics.kl_star_hard(np.zeros_like(y), 3, y) > 0.5

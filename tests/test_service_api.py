@@ -1,0 +1,400 @@
+"""The HTTP API through httpx's ASGI transport: every endpoint and every bad-input case."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from model import OnlineClusterer, Snapshot
+from service.app import create_app
+from service.loader import LoadedModel, ModelHolder
+from service.settings import ServiceSettings
+
+K = 3
+
+
+def _fit(shape: tuple[int, ...], seed: int = 0) -> OnlineClusterer:
+    rng = np.random.default_rng(seed)
+    clf = OnlineClusterer(n_clusters=K, latent_dim=8, hidden=(16,), seed=seed, device="cpu")
+    for _ in range(2):
+        clf.partial_fit(rng.normal(size=(64, *shape)).astype("float32"))
+    return clf
+
+
+@pytest.fixture(scope="module")
+def vector_snapshot() -> Snapshot:
+    return _fit((5,)).to_snapshot().with_version(7)
+
+
+@pytest.fixture(scope="module")
+def window_snapshot() -> Snapshot:
+    return _fit((2, 12)).to_snapshot().with_version(3)
+
+
+def _holder(snapshot: Snapshot | None) -> ModelHolder:
+    holder = ModelHolder()
+    if snapshot is not None:
+        holder.swap(LoadedModel.from_snapshot(snapshot))
+    return holder
+
+
+class Client:
+    """Synchronous calls into the app over httpx.ASGITransport (app exceptions propagate)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+                return await client.request(method, path, **kwargs)
+
+        return asyncio.run(go())
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, **kwargs)
+
+
+def _client(snapshot: Snapshot | None, **overrides: Any) -> Client:
+    return Client(create_app(ServiceSettings(**overrides), _holder(snapshot)))
+
+
+@pytest.fixture
+def api(vector_snapshot: Snapshot) -> Client:
+    return _client(vector_snapshot, max_batch=8, max_body_bytes=4096)
+
+
+@pytest.fixture
+def window_api(window_snapshot: Snapshot) -> Client:
+    return _client(window_snapshot)
+
+
+# --------------------------------------------------------------------------- happy paths
+def test_assign_matches_the_clusterer(api: Client, vector_snapshot: Snapshot) -> None:
+    clf = OnlineClusterer.from_snapshot(vector_snapshot, device="cpu")
+    x = np.random.default_rng(5).normal(size=(6, 5)).astype("float32")
+    labels, dists = clf.assign(x)
+    for i in range(6):
+        r = api.post("/assign", json={"features": x[i].tolist()})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["cluster"] == labels[i] and body["version"] == 7
+        assert body["distance"] == pytest.approx(dists[i], rel=1e-4, abs=1e-5)
+
+
+def test_batch_matches_the_clusterer_in_order(api: Client, vector_snapshot: Snapshot) -> None:
+    clf = OnlineClusterer.from_snapshot(vector_snapshot, device="cpu")
+    x = np.random.default_rng(6).normal(size=(8, 5)).astype("float32")
+    labels, dists = clf.assign(x)
+    r = api.post("/assign/batch", json={"items": x.tolist()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["clusters"] == labels.tolist() and body["version"] == 7
+    assert body["distances"] == pytest.approx(dists.tolist(), rel=1e-4, abs=1e-5)
+
+
+def test_integer_features_and_extra_fields_are_fine(api: Client) -> None:
+    r = api.post("/assign", json={"features": [1, 2, 3, 4, 5], "id": "dev-1", "label": 2})
+    assert r.status_code == 200 and 0 <= r.json()["cluster"] < K
+
+
+def test_window_model_takes_nested_or_flat_samples(
+    window_api: Client, window_snapshot: Snapshot
+) -> None:
+    clf = OnlineClusterer.from_snapshot(window_snapshot, device="cpu")
+    x = np.random.default_rng(7).normal(size=(4, 2, 12)).astype("float32")
+    labels, _ = clf.assign(x)
+    nested = window_api.post("/assign", json={"features": x[0].tolist()})
+    flat = window_api.post("/assign", json={"features": x[0].ravel().tolist()})
+    assert nested.status_code == flat.status_code == 200
+    assert nested.json() == flat.json() and nested.json()["cluster"] == labels[0]
+    batch = window_api.post("/assign/batch", json={"items": x.tolist()})
+    assert batch.status_code == 200 and batch.json()["clusters"] == labels.tolist()
+    wrong = window_api.post("/assign", json={"features": x[0].T.tolist()})
+    assert wrong.status_code == 422 and "shape [2, 12]" in wrong.json()["detail"]
+
+
+def test_model_healthz_readyz(api: Client, vector_snapshot: Snapshot) -> None:
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["version"] == 7
+    manifest = api.get("/model")
+    assert manifest.status_code == 200 and manifest.json() == vector_snapshot.manifest
+
+
+# --------------------------------------------------------------------------- bad input
+BAD_SINGLE = [
+    (b'{"features": [1, 2, 3, 4, NaN]}', "features[4]: NaN or infinite"),
+    (b'{"features": [Infinity, 2, 3, 4, 5]}', "features[0]: NaN or infinite"),
+    (b'{"features": [1, 2, 3, -Infinity, 5]}', "features[3]: NaN or infinite"),
+    (b'{"features": [1, 2, 3, 4, 1e39]}', "outside the float32 range"),
+    (b'{"features": [1, 2, 3, 4, 1e400]}', "features[4]: NaN or infinite"),
+    (b'{"features": [1, 2, 3, 4, "5"]}', "features[4]: Input should be a valid number"),
+    (b'{"features": [1, 2, true, 4, 5]}', "features[2]: Input should be a valid number"),
+    (b'{"features": [1, 2, 3, 4, null]}', "features[4]: Input should be a valid number"),
+    (b'{"features": [1, 2, 3, 4]}', "must have shape [5] (or be a flat list of 5 numbers)"),
+    (b'{"features": [1, 2, 3, 4, 5, 6]}', "got shape [6]"),
+    (b'{"features": [[1, 2, 3, 4, 5]]}', "got shape [1, 5]"),
+    (b'{"features": [[1, 2], [3]]}', "rows of a C×T sample must all have the same length"),
+    (b'{"features": [[1, 2], 3]}', "features[1]: Input should be a valid array"),
+    (b'{"features": []}', "features: empty"),
+    (b'{"features": 5}', "features: Input should be a valid array"),
+    (b'{"features": {"a": 1}}', "features: Input should be a valid array"),
+    (b'{"features": "1,2,3,4,5"}', "features: Input should be a valid array"),
+    (b"{}", "features: required field is missing"),
+    (b'{"feature": [1, 2, 3, 4, 5]}', "features: required field is missing"),
+    (b"[1, 2, 3, 4, 5]", "Input should be an object"),
+    (b"", "Invalid JSON"),
+    (b"not json", "Invalid JSON"),
+    (b'{"features": [1, 2, 3, 4, 5]', "Invalid JSON"),
+    (b"\xff\xfe\x00", "Invalid JSON"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_SINGLE)
+def test_bad_single_input_is_422_with_a_message(api: Client, body: bytes, message: str) -> None:
+    r = api.post("/assign", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+
+
+BAD_BATCH = [
+    (b'{"items": []}', "items: empty"),
+    (b'{"items": [[]]}', "items: empty items"),
+    (b'{"items": [[1, 2, 3, 4, 5], [1, 2, 3, 4]]}', "items[1] has [4]"),
+    (b'{"items": [[1, 2, 3, 4, 5], [1, 2, 3, 4, NaN]]}', "items[1][4]: NaN or infinite"),
+    (b'{"items": [[1, 2, 3, 4, 5], [1, 2, 3, 4, "x"]]}', "items[1][4]: Input should be a valid"),
+    (b'{"items": [[1, 2, 3, 4, 5], [1, false, 3, 4, 5]]}', "items[1][1]: Input should be a valid"),
+    (b'{"items": [1, 2, 3, 4, 5]}', "items[0]: Input should be a valid array"),
+    (b'{"items": [[1, 2, 3]]}', "each item must have shape [5]"),
+    (b'{"items": "a"}', "items: Input should be a valid array"),
+    (b'{"features": [1, 2, 3, 4, 5]}', "items: required field is missing"),
+    (json.dumps({"items": [[0.0] * 5] * 9}).encode(), "9 items exceed the batch limit of 8"),
+    (json.dumps({"items": [[0.0] * 5] * 8 + [[True] * 5]}).encode(), "exceed the batch limit"),
+    (b'{"items": [[1e38, 1e38, 1e38, 1e38, 1e38]]}', "values too large for the model"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_BATCH)
+def test_bad_batch_input_is_422_with_a_message(api: Client, body: bytes, message: str) -> None:
+    r = api.post("/assign/batch", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+
+
+def test_values_too_large_for_the_model_are_422_not_500(api: Client) -> None:
+    r = api.post("/assign", json={"features": [1e38] * 5})
+    assert r.status_code == 422 and "values too large" in r.json()["detail"]
+
+
+def test_body_over_the_limit_is_413_by_header(api: Client) -> None:
+    body = json.dumps({"features": [1.0] * 5, "pad": "x" * 5000}).encode()
+    r = api.post("/assign", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit is 4096 bytes" in r.json()["detail"]
+
+
+def test_body_over_the_limit_is_413_while_streaming(api: Client) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"features": [1, 2, 3, 4, 5], "pad": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = api.post("/assign", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "sent" in r.json()["detail"]
+
+
+def test_streamed_body_under_the_limit_is_fine(api: Client) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"features": [1, 2, '
+        yield b"3, 4, 5]}"
+
+    assert api.post("/assign", content=chunks()).status_code == 200
+
+
+def test_bad_content_length_is_400(api: Client) -> None:
+    scope_app = api.app
+    sent: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        scope = {
+            "type": "http", "method": "POST", "path": "/assign", "headers": [
+                (b"content-length", b"abc")], "query_string": b"", "root_path": "",
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await scope_app(scope, receive, send)
+
+    asyncio.run(go())
+    assert sent[0]["status"] == 400
+
+
+def test_no_snapshot_is_503_with_a_reason() -> None:
+    api = _client(None)
+    for path in ("/assign", "/assign/batch"):
+        r = api.post(path, json={"features": [1.0]})
+        assert r.status_code == 503 and r.json()["reason"] == "no snapshot loaded yet"
+    assert api.get("/model").status_code == 503
+    ready = api.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "not ready"
+    assert api.get("/healthz").status_code == 200
+    stats = api.get("/stats").json()
+    assert stats["version"] is None and stats["n_clusters"] == 0
+
+
+def test_wrong_method_and_unknown_path_are_4xx(api: Client) -> None:
+    assert api.get("/assign").status_code == 405
+    assert api.post("/nowhere", json={}).status_code == 404
+
+
+# --------------------------------------------------------------------------- API key
+def test_api_key_guards_assign_only(vector_snapshot: Snapshot) -> None:
+    api = _client(vector_snapshot, api_key="s3cret")
+    payload = {"features": [1, 2, 3, 4, 5]}
+    assert api.post("/assign", json=payload).status_code == 401
+    assert api.post("/assign", json=payload, headers={"X-API-Key": "nope"}).status_code == 401
+    r = api.post("/assign/batch", json={"items": [payload["features"]]})
+    assert r.status_code == 401 and "X-API-Key" in r.json()["detail"]
+    assert api.post("/assign", json=payload, headers={"X-API-Key": "s3cret"}).status_code == 200
+    ok = api.post("/assign/batch", json={"items": [payload["features"]]},
+                  headers={"x-api-key": "s3cret"})
+    assert ok.status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics", "/stats", "/model"):
+        assert api.get(path).status_code == 200
+    doc = api.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
+    assert doc["paths"]["/assign"]["post"]["security"] == [{"APIKeyHeader": []}]
+
+
+# --------------------------------------------------------------------------- metrics, stats
+SERVICE_METRICS = {
+    "oclust_assignments", "oclust_cluster_share", "oclust_hard_entropy_nats",
+    "oclust_hard_entropy_ratio", "oclust_kl_star_nats", "oclust_soft_entropy_nats",
+    "oclust_drift_js", "oclust_assign_latency_seconds", "oclust_http_requests",
+    "oclust_snapshot_version", "oclust_snapshot_age_seconds",
+}
+
+
+def test_metrics_expose_every_documented_series(vector_snapshot: Snapshot) -> None:
+    api = _client(vector_snapshot, window=4)
+    x = np.random.default_rng(1).normal(size=(10, 5))
+    for row in x[:6]:
+        assert api.post("/assign", json={"features": row.tolist()}).status_code == 200
+    assert api.post("/assign/batch", json={"items": x[6:].tolist()}).status_code == 200
+    assert api.post("/assign", json={"features": []}).status_code == 422
+    text = api.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) >= SERVICE_METRICS
+    assert "oclust_store_up" not in families  # no store attached to this app
+    clusters = {s.labels["cluster"] for s in families["oclust_assignments"].samples}
+    assert clusters == {str(k) for k in range(K)}
+    total = sum(s.value for s in families["oclust_assignments"].samples
+                if s.name == "oclust_assignments_total")
+    assert total == 10
+    shares = [s.value for s in families["oclust_cluster_share"].samples]
+    assert sum(shares) == pytest.approx(1.0)
+    requests = {(s.labels["endpoint"], s.labels["status"]): s.value
+                for s in families["oclust_http_requests"].samples if s.name.endswith("_total")}
+    assert requests[("/assign", "2xx")] == 6 and requests[("/assign", "4xx")] == 1
+    assert requests[("/assign/batch", "2xx")] == 1
+    latency = families["oclust_assign_latency_seconds"].samples
+    counts = {s.labels["endpoint"]: s.value for s in latency if s.name.endswith("_count")}
+    assert counts == {"assign": 6, "assign_batch": 1}
+    version = families["oclust_snapshot_version"].samples[0].value
+    assert version == 7
+    assert 0 <= families["oclust_snapshot_age_seconds"].samples[0].value < 600
+    drift = families["oclust_drift_js"].samples[0].value
+    assert 0 <= drift <= math.log(2)  # 10 assignments = more than two windows of 4
+
+
+def test_stats_agree_with_metrics(vector_snapshot: Snapshot) -> None:
+    api = _client(vector_snapshot, window=50)
+    x = np.random.default_rng(2).normal(size=(20, 5))
+    assert api.post("/assign/batch", json={"items": x.tolist()}).status_code == 200
+    s = api.get("/stats").json()
+    assert s["version"] == 7 and s["n_clusters"] == K and s["window"] == 50
+    assert s["filled"] == s["samples_seen"] == 20 and sum(s["counts"]) == 20
+    assert s["drift_js"] is None and s["drift_reference"] == "previous_window"
+    assert s["hard_entropy_ratio"] == pytest.approx(s["hard_entropy"] / math.log(K))
+    assert 0 <= s["snapshot_age_seconds"] < 600 and s["store_up"] is None
+    families = {f.name: f for f in text_string_to_metric_families(api.get("/metrics").text)}
+    assert families["oclust_kl_star_nats"].samples[0].value == pytest.approx(s["kl_star"])
+
+
+# --------------------------------------------------------------------------- OpenAPI
+def _undescribed(schema: dict[str, Any]) -> Iterator[str]:
+    """Names of a schema's properties that lack a description."""
+    for name, prop in schema.get("properties", {}).items():
+        if "description" not in prop:
+            yield name
+
+
+def test_openapi_describes_every_field(api: Client) -> None:
+    doc = api.get("/openapi.json").json()
+    paths = doc["paths"]
+    assert {"/assign", "/assign/batch", "/model", "/healthz", "/readyz", "/metrics",
+            "/stats"} <= set(paths)
+    components = doc["components"]["schemas"]
+    body = paths["/assign"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/AssignRequest"}
+    assert set(paths["/assign"]["post"]["responses"]) == {"200", "401", "413", "422", "503"}
+    for name in ("AssignRequest", "AssignBatchRequest", "AssignResponse", "AssignBatchResponse",
+                 "ErrorResponse", "NotReadyResponse", "StatsResponse"):
+        assert name in components, name
+        assert not list(_undescribed(components[name])), name
+    assert components["AssignRequest"]["examples"]
+    assert "C×T" in components["AssignRequest"]["properties"]["features"]["description"]
+    assert api.get("/docs").status_code == 200
+
+
+# --------------------------------------------------------------------------- fuzzing
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=6)
+    | st.dictionaries(st.sampled_from(["features", "items", "x"]) | st.text(max_size=3), inner,
+                      max_size=3),
+    max_leaves=40,
+)
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**40), 2**40))
+near_misses = st.one_of(
+    st.builds(lambda v: {"features": v}, st.lists(numbers, min_size=0, max_size=7)),
+    st.builds(lambda v: {"items": v}, st.lists(st.lists(numbers, max_size=6), max_size=10)),
+    st.builds(lambda v: {"features": v}, st.lists(st.lists(numbers, max_size=3), max_size=3)),
+)
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    near_misses.map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies, path=st.sampled_from(["/assign", "/assign/batch"]))
+def test_malformed_bodies_never_cause_a_server_error(
+    api: Client, body: bytes, path: str
+) -> None:
+    r = api.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 413, 422), (r.status_code, r.text)
+    payload = r.json()
+    if r.status_code != 200:
+        assert payload["detail"]

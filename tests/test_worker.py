@@ -1,0 +1,342 @@
+"""The training worker in-process against a real Tansu broker and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from model import OnlineClusterer, Snapshot, StepReport, datasets
+from training_worker.batching import Batch
+from training_worker.codec import encode_sample
+from training_worker.kafka import committed_offsets, ensure_topic
+from training_worker.producer import replay
+from training_worker.settings import WorkerSettings
+from training_worker.store import open_store
+from training_worker.trainer import TrainerHooks
+from training_worker.worker import TrainingWorker
+
+N_DIGITS = 1797
+
+
+def _settings(bootstrap: str, topic: str, store: str, **kw: Any) -> WorkerSettings:
+    base: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap, topic=topic, store=store, namespace="t", n_clusters=10,
+        latent_dim=16, batch_size=64, batch_timeout=60, snapshot_interval=3600,
+        metrics_port=-1, session_timeout_ms=1000, lease_ttl=5, seed=0, device="cpu", keep=100,
+    )
+    return WorkerSettings(**(base | kw))
+
+
+async def _run_until(
+    worker: TrainingWorker, done: Callable[[], bool], timeout: float = 60
+) -> int:
+    """Run ``worker`` and stop it once ``done()`` holds after a step (checked in the hook)."""
+    loop = asyncio.get_running_loop()
+    previous = worker.hooks.on_step
+
+    def on_step(report: StepReport, batch: Batch) -> None:
+        if previous is not None:
+            previous(report, batch)
+        if done():
+            loop.call_soon_threadsafe(worker.request_stop)
+
+    worker.hooks.on_step = on_step
+    return await asyncio.wait_for(worker.run(), timeout)
+
+
+class Counter:
+    """Samples trained, counted in the training thread."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.batches: list[Batch] = []
+
+    def __call__(self, report: StepReport, batch: Batch) -> None:
+        self.samples += report.n
+        self.batches.append(batch)
+
+
+def test_digits_stream_to_redis_snapshot(kafka_bootstrap, redis_url, unique_topic):
+    X, _y = datasets.load("digits")
+
+    async def main() -> TrainingWorker:
+        await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
+        count = Counter()
+        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url),
+                                hooks=TrainerHooks(on_step=count))
+        # everything but the last partial batch (5 samples) trains by size; the rest on stop
+        assert await _run_until(worker, lambda: count.samples >= N_DIGITS - N_DIGITS % 64) == 0
+        return worker
+
+    worker = asyncio.run(main())
+    snap = open_store(redis_url, "t").load()
+    m = snap.manifest
+    assert m["version"] == 1
+    assert m["samples_seen"] == N_DIGITS
+    assert m["steps"] == math.ceil(N_DIGITS / 64)
+    assert m["offsets"] == {f"{unique_topic}:0": N_DIGITS}
+    assert m["metrics"]["messages"] == N_DIGITS and m["metrics"]["dead_letters"] == 0
+    assert 0 < m["metrics"]["acc"] <= 1 and 0 < m["metrics"]["nmi"] <= 1
+    committed = asyncio.run(committed_offsets(kafka_bootstrap, "oclust-t", unique_topic))
+    assert committed == {0: N_DIGITS}
+
+    # the same batches in the same order, trained in-process, predict exactly the same
+    local = OnlineClusterer(n_clusters=10, latent_dim=16, seed=0, device="cpu")
+    for start in range(0, N_DIGITS, 64):
+        local.partial_fit(X[start : start + 64])
+    served = OnlineClusterer.from_snapshot(snap, device="cpu")
+    np.testing.assert_array_equal(served.predict(X), local.predict(X))
+    assert worker.trainer is not None
+    np.testing.assert_array_equal(worker.trainer.model.predict(X), local.predict(X))
+    reg = worker.metrics.registry
+    assert reg.get_sample_value("oclust_worker_samples_total") == N_DIGITS
+    assert reg.get_sample_value("oclust_worker_batches_total") == m["steps"]
+    assert reg.get_sample_value("oclust_worker_consumer_lag", {"partition": "0"}) == 0
+    assert reg.get_sample_value("oclust_worker_snapshots_published_total") == 1
+    assert reg.get_sample_value("oclust_worker_snapshot_version") == 1
+
+
+POISON: list[tuple[bytes, list[tuple[str, bytes]], str]] = [
+    (b'{"features": [1, NaN, 3]}', [], "non_finite"),
+    (b'{"features": [1, 2, 3]}', [], "wrong_length"),
+    (b"\x00\x01 not json", [], "not_json"),
+    (json.dumps({"features": ["a"] * 64}).encode(), [], "not_numbers"),
+    (json.dumps({"features": [0.5] * 64, "pad": "x" * 5000}).encode(), [], "too_large"),
+    (b"\x00\x00\x80", [("content-type", b"application/x-oclust-f32")], "bad_binary"),
+    (b'{"id": "no features"}', [], "bad_schema"),
+]
+
+
+def test_poison_messages_go_to_dlq_while_training_continues(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    X, y = datasets.load("digits")
+    n_good = 320
+
+    async def main() -> tuple[TrainingWorker, list[Any]]:
+        await ensure_topic(kafka_bootstrap, unique_topic)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        expected = []
+        for i in range(n_good):
+            value, headers = encode_sample(X[i], label=int(y[i]), binary=i % 2 == 1)
+            await producer.send(unique_topic, value, headers=headers)
+            if i % 40 == 7:  # a poison message every 40 good ones
+                bad, bad_headers, reason = POISON[(i // 40) % len(POISON)]
+                md = await producer.send_and_wait(unique_topic, bad, key=b"k%d" % i,
+                                                  headers=bad_headers)
+                expected.append((md.offset, bad, reason))
+        await producer.flush()
+        await producer.stop()
+        count = Counter()
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, batch_size=40,
+                      max_message_bytes=4096, snapshot_interval=0),
+            hooks=TrainerHooks(on_step=count),
+        )
+        assert await _run_until(worker, lambda: count.samples >= n_good) == 0
+        dlq = AIOKafkaConsumer(f"{unique_topic}.dlq", bootstrap_servers=kafka_bootstrap,
+                               auto_offset_reset="earliest", enable_auto_commit=False)
+        await dlq.start()
+        got: list[Any] = []
+        while len(got) < len(expected):
+            batch = await dlq.getmany(timeout_ms=5000)
+            assert batch, f"dead letters missing: got {len(got)} of {len(expected)}"
+            got += [m for msgs in batch.values() for m in msgs]
+        await dlq.stop()
+        return worker, [(expected, got)]
+
+    worker, [(expected, got)] = asyncio.run(main())
+    assert len(got) == len(expected) == 8
+    by_offset = {int(dict(m.headers)["source_offset"]): m for m in got}
+    for offset, raw, reason in expected:
+        msg = by_offset[offset]
+        headers = dict(msg.headers)
+        assert msg.value == raw  # original bytes
+        assert headers["reason"].decode() == reason
+        assert headers["reason_detail"]
+        assert headers["source_topic"].decode() == unique_topic
+    total = n_good + len(expected)
+    snap = open_store(redis_url, "t").load()
+    assert snap.manifest["samples_seen"] == n_good
+    assert snap.manifest["offsets"] == {f"{unique_topic}:0": total}
+    assert snap.manifest["metrics"]["dead_letters"] == len(expected)
+    reg = worker.metrics.registry
+    for _, _, reason in expected:
+        n = sum(1 for e in expected if e[2] == reason)
+        assert reg.get_sample_value("oclust_worker_dlq_messages_total", {"reason": reason}) == n
+    assert reg.get_sample_value("oclust_worker_samples_total") == n_good
+
+
+def test_collapse_guard_fires_and_restores_healthy_weights(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    X, _y = datasets.load("digits")
+    events: list[tuple[Snapshot | None, bool, int | None]] = []
+    workers: list[TrainingWorker] = []
+
+    def on_collapse(model: OnlineClusterer, restored: Snapshot | None) -> None:
+        same = restored is not None and np.array_equal(
+            model.predict(X[:300]),
+            OnlineClusterer.from_snapshot(restored, device="cpu").predict(X[:300]),
+        )
+        events.append((restored, same, workers[0].last_version))
+
+    async def main() -> None:
+        await replay(kafka_bootstrap, unique_topic, "digits", loop=True, limit=3 * N_DIGITS,
+                     progress=False)
+        workers.append(TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, regulariser="none",
+                      snapshot_interval=0, collapse_patience=3),
+            hooks=TrainerHooks(on_collapse=on_collapse),
+        ))
+        await _run_until(workers[0], lambda: bool(events))
+
+    asyncio.run(main())
+    assert events, "the guard never fired on the collapsing 'none' stream"
+    restored, same, last_published = events[0]
+    assert restored is not None and same, "the model was not put back to the healthy snapshot"
+    assert restored.version == last_published, "restored something else than the last publish"
+    store = open_store(redis_url, "t")
+    threshold = 0.5 * math.log(10)
+    published = [store.load(v) for v in store.versions()]
+    assert len(published) >= 2
+    # nothing collapsed was ever published: every manifest's last batch was above threshold
+    assert all(s.manifest["metrics"]["hard_entropy"] >= threshold for s in published)
+    assert restored.manifest["metrics"]["hard_entropy"] >= threshold
+    reg = workers[0].metrics.registry
+    assert reg.get_sample_value("oclust_worker_collapse_events_total") >= 1
+
+
+def test_readings_become_per_device_windows_end_to_end(kafka_bootstrap, redis_url, unique_topic):
+    readings, _labels = datasets.load_daphnet()
+    size, hop, devices, per_device = 32, 16, 2, 400
+    length = len(readings) // devices
+    streams = [readings[d * length : d * length + per_device] for d in range(devices)]
+    expected = {
+        np.ascontiguousarray(w).tobytes(): (d, i)
+        for d, s in enumerate(streams)
+        for i, w in enumerate(np.lib.stride_tricks.sliding_window_view(s, size, axis=0)[::hop])
+    }
+    n_windows = len(expected)
+    count = Counter()
+
+    async def main() -> TrainingWorker:
+        await replay(kafka_bootstrap, unique_topic, "daphnet", devices=devices,
+                     limit=devices * per_device, progress=False)
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, mode="readings",
+                      window_size=size, window_hop=hop, batch_size=8, n_clusters=2),
+            hooks=TrainerHooks(on_step=count),
+        )
+        await _run_until(worker, lambda: count.samples >= n_windows)
+        return worker
+
+    asyncio.run(main())
+    seen: dict[int, list[int]] = {d: [] for d in range(devices)}
+    for batch in count.batches:
+        assert batch.x.shape[1:] == (9, size)
+        for w in batch.x:
+            d, i = expected[np.ascontiguousarray(w).tobytes()]
+            seen[d].append(i)
+    n_per_device = n_windows // devices
+    assert all(seen[d] == list(range(n_per_device)) for d in seen), "windows out of order"
+    # the snapshot covers readings up to the first one still waiting for its window
+    first_waiting_t = n_per_device * hop  # each device's buffer starts here
+    snap = open_store(redis_url, "t").load()
+    assert snap.manifest["offsets"] == {f"{unique_topic}:0": devices * first_waiting_t}
+    assert snap.manifest["input_shape"] == [9, size]
+    assert snap.manifest["samples_seen"] == n_windows
+
+
+def test_second_worker_is_a_standby_until_the_lease_is_free(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    async def main() -> tuple[TrainingWorker, TrainingWorker, list[int]]:
+        await replay(kafka_bootstrap, unique_topic, "digits", limit=640, progress=False)
+        first_count, second_count = Counter(), Counter()
+        first = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url, lease_ttl=1),
+                               hooks=TrainerHooks(on_step=first_count))
+        second = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url, lease_ttl=1),
+                                hooks=TrainerHooks(on_step=second_count))
+        second_started = threading.Event()
+        versions: list[int] = []
+
+        async def run_second() -> int:
+            await asyncio.to_thread(second_started.wait)
+            return await _run_until(second, lambda: second_count.samples >= 320, timeout=25)
+
+        task = asyncio.create_task(run_second())
+
+        def first_done() -> bool:
+            if first_count.samples >= 640:
+                second_started.set()  # the standby starts while the first still holds the lease
+                return True
+            return False
+
+        await _run_until(first, first_done)
+        versions.append(open_store(redis_url, "t").current_version() or 0)
+        # after the first stopped, the standby takes over from its snapshot; feed it more
+        await replay(kafka_bootstrap, unique_topic, "digits", limit=320, progress=False)
+        await asyncio.wait_for(task, 60)
+        return first, second, versions
+
+    _first, second, versions = asyncio.run(main())
+    assert versions == [1]
+    assert second.trainer is not None
+    snap = open_store(redis_url, "t").load()
+    assert snap.version == 2
+    assert snap.manifest["samples_seen"] == 960  # resumed from version 1's 640 samples
+    assert snap.manifest["offsets"] == {f"{unique_topic}:0": 960}
+
+
+def test_restart_skips_what_the_snapshot_covers_beyond_the_commit(
+    kafka_bootstrap, unique_topic, tmp_path
+):
+    """A crash between publishing a snapshot and committing its offsets: the next worker starts
+    at the (older) committed offset and must not train the snapshot's messages twice."""
+    store = f"file://{tmp_path}"
+
+    async def main() -> None:
+        await replay(kafka_bootstrap, unique_topic, "digits", limit=640, progress=False)
+        count = Counter()
+        first = TrainingWorker(_settings(kafka_bootstrap, unique_topic, store),
+                               hooks=TrainerHooks(on_step=count))
+        await _run_until(first, lambda: count.samples >= 640)
+        rewind = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id="oclust-t",
+                                  enable_auto_commit=False)
+        await rewind.start()
+        tp = TopicPartition(unique_topic, 0)
+        rewind.assign([tp])
+        await rewind.commit({tp: 320})  # as if the worker died before committing 640
+        await rewind.stop()
+        assert (await committed_offsets(kafka_bootstrap, "oclust-t", unique_topic)) == {0: 320}
+        await replay(kafka_bootstrap, unique_topic, "digits", limit=320, progress=False)
+        count2 = Counter()
+        second = TrainingWorker(_settings(kafka_bootstrap, unique_topic, store),
+                                hooks=TrainerHooks(on_step=count2))
+        await _run_until(second, lambda: count2.samples >= 320)
+        assert count2.samples == 320
+
+    asyncio.run(main())
+    snap = open_store(store, "t").load()
+    assert snap.manifest["samples_seen"] == 960
+    assert snap.manifest["offsets"] == {f"{unique_topic}:0": 960}
+
+
+@pytest.mark.parametrize("kind", ["redis", "file"])
+def test_worker_settings_from_environment(monkeypatch, kind, tmp_path):
+    monkeypatch.setenv("OCLUST_TOPIC", "from-env")
+    monkeypatch.setenv("OCLUST_BATCH_SIZE", "32")
+    monkeypatch.setenv("OCLUST_STORE", "redis://h:1/0" if kind == "redis" else "file:///x")
+    s = WorkerSettings(batch_size=16)  # the CLI passes given options like this: they win
+    assert (s.topic, s.batch_size) == ("from-env", 16)
+    assert s.store.startswith(kind)

@@ -1,0 +1,147 @@
+"""``oclust train``, ``oclust produce`` and ``oclust worker`` command lines (real broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer
+from typer.testing import CliRunner
+
+from model import OnlineClusterer, datasets
+from service.cli import app
+from training_worker.store import open_store
+
+runner = CliRunner()
+
+
+def _text(output: str) -> str:
+    """CLI output with rich's box borders and line wrapping removed."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def _consume(bootstrap: str, topic: str, n: int) -> list:
+    async def main() -> list:
+        c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False)
+        await c.start()
+        got: list = []
+        try:
+            while len(got) < n:
+                batch = await c.getmany(timeout_ms=5000)
+                assert batch, f"only {len(got)} of {n} messages arrived"
+                got += [m for msgs in batch.values() for m in msgs]
+        finally:
+            await c.stop()
+        return got
+
+    return asyncio.run(main())
+
+
+def test_train_dataset_publishes_a_servable_snapshot(tmp_path):
+    store = f"file://{tmp_path}"
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--store", store,
+                                 "--namespace", "d", "--n-clusters", "10", "--epochs", "2",
+                                 "--latent-dim", "16", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "published version 1" in result.output
+    snap = open_store(store, "d").load()
+    assert snap.manifest["offsets"] == {}
+    assert snap.manifest["samples_seen"] == 2 * 1797
+    assert snap.manifest["metrics"]["acc"] > 0.3  # far better than chance (0.1)
+    X, _ = datasets.load("digits")
+    assert OnlineClusterer.from_snapshot(snap, device="cpu").predict(X).shape == (1797,)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_train_from_file(tmp_path, suffix):
+    X = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".npy":
+        np.save(path, X)
+    else:
+        path.write_text("a,b,c,d,e\n" + "\n".join(",".join(map(str, r)) for r in X))
+    result = runner.invoke(app, ["train", "--input", str(path), "--store", f"file://{tmp_path}",
+                                 "--n-clusters", "3", "--epochs", "1", "--latent-dim", "8"])
+    assert result.exit_code == 0, result.output
+    snap = open_store(f"file://{tmp_path}", "oclust").load()
+    assert snap.manifest["input_shape"] == [5] and snap.manifest["samples_seen"] == 300
+
+
+def test_train_daphnet_windows(tmp_path):
+    result = runner.invoke(app, ["train", "--dataset", "daphnet", "--window-size", "64",
+                                 "--window-hop", "32", "--store", f"file://{tmp_path}",
+                                 "--n-clusters", "2", "--epochs", "1", "--latent-dim", "8"])
+    assert result.exit_code == 0, result.output
+    assert open_store(f"file://{tmp_path}", "oclust").load().manifest["input_shape"] == [9, 64]
+
+
+def test_train_rejects_bad_input(tmp_path):
+    bad = tmp_path / "obj.npy"
+    bad.write_bytes(pickle.dumps({"not": "an array"}))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [
+        (["--input", str(tmp_path / "missing.npy")], "does not exist"),
+        (["--input", str(tmp_path / "objects.npy")], "not a plain numeric"),
+        (["--dataset", "digits", "--input", str(bad)], "exactly one"),
+        ([], "exactly one"),
+        (["--dataset", "nope"], "unknown dataset"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["train", *args, "--n-clusters", "3",
+                                     "--store", f"file://{tmp_path}"])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in _text(result.output), (args, result.output)
+
+
+def test_produce_streams_a_dataset_with_labels(kafka_bootstrap, unique_topic):
+    result = runner.invoke(app, ["produce", "--dataset", "digits", "--topic", unique_topic,
+                                 "--bootstrap-servers", kafka_bootstrap, "--limit", "50"])
+    assert result.exit_code == 0, result.output
+    msgs = _consume(kafka_bootstrap, unique_topic, 50)
+    X, y = datasets.load("digits")
+    first = json.loads(msgs[0].value)
+    assert first["features"] == X[0].tolist() and first["label"] == int(y[0])
+    assert [json.loads(m.value)["id"] for m in msgs] == [f"digits-{i}" for i in range(50)]
+
+
+def test_produce_binary_and_loop(kafka_bootstrap, unique_topic):
+    result = runner.invoke(app, ["produce", "--dataset", "segments", "--topic", unique_topic,
+                                 "--bootstrap-servers", kafka_bootstrap, "--limit", "2400",
+                                 "--loop", "--binary", "--quiet"])
+    assert result.exit_code == 0, result.output
+    msgs = _consume(kafka_bootstrap, unique_topic, 2400)
+    X, y = datasets.load("segments")
+    assert len(msgs) == 2400  # 2310 rows, then around again
+    last = msgs[-1]
+    np.testing.assert_array_equal(np.frombuffer(last.value, "<f4"), X[2399 - 2310])
+    assert dict(last.headers)["label"] == str(int(y[2399 - 2310])).encode()
+
+
+def test_produce_unknown_dataset_is_a_clear_error(kafka_bootstrap):
+    result = runner.invoke(app, ["produce", "--dataset", "mnist", "--topic", "x",
+                                 "--bootstrap-servers", kafka_bootstrap])
+    assert result.exit_code == 2
+    assert "unknown dataset" in _text(result.output)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--batch-size", "0"], "batch_size"), (["--mode", "images"], "mode"),
+     (["--store", "ftp://x"], "unknown store URL scheme")],
+)
+def test_worker_rejects_bad_settings(args, message, tmp_path):
+    result = runner.invoke(app, ["worker", "--metrics-port", "-1", "--bootstrap-servers",
+                                 "127.0.0.1:1", *args])
+    assert result.exit_code == 1
+    assert message in _text(result.output)
+
+
+def test_worker_without_kafka_fails_clearly(tmp_path):
+    result = runner.invoke(app, ["worker", "--metrics-port", "-1", "--bootstrap-servers",
+                                 "127.0.0.1:1", "--store", f"file://{tmp_path}"])
+    assert result.exit_code == 1
+    assert "Kafka at 127.0.0.1:1" in _text(result.output)

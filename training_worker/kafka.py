@@ -1,0 +1,130 @@
+"""Kafka plumbing of the worker: topics, offsets, the dead-letter producer.
+
+Dead letters go to ``<topic>.dlq`` with the original key, value and headers, plus headers
+``reason`` (a code from :data:`training_worker.codec.REASONS` or ``late_reading``),
+``reason_detail`` (a sentence), ``source_topic``, ``source_partition`` and ``source_offset``.
+
+Example:
+    >>> dead_letter_headers([("id", b"7")], "non_finite", "NaN in features", "t", 0, 42)[1:3]
+    [('reason', b'non_finite'), ('reason_detail', b'NaN in features')]
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+__all__ = [
+    "DeadLetters",
+    "committed_offsets",
+    "dead_letter_headers",
+    "end_offsets",
+    "ensure_topic",
+]
+
+TOPIC_EXISTS = 36
+
+
+async def ensure_topic(bootstrap_servers: str, topic: str, partitions: int = 1) -> bool:
+    """Create ``topic`` with ``partitions`` unless it exists; True when it was created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        if topic in await admin.list_topics():
+            return False
+        resp = await admin.create_topics([NewTopic(topic, partitions, replication_factor=1)])
+        for entry in getattr(resp, "topic_errors", []):
+            code = entry[1]
+            if code not in (0, TOPIC_EXISTS):
+                raise KafkaError(f"cannot create topic {topic!r}: error code {code} {entry}")
+        return True
+    finally:
+        await admin.close()
+
+
+async def committed_offsets(
+    bootstrap_servers: str, group_id: str, topic: str
+) -> dict[int, int | None]:
+    """The consumer group's committed offset of each partition of ``topic``."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(parts)}
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
+    """The next offset to be written in each partition of ``topic``."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+        return {tp.partition: off for tp, off in sorted(ends.items())}
+    finally:
+        await consumer.stop()
+
+
+def dead_letter_headers(
+    headers: Sequence[tuple[str, bytes]] | None,
+    reason: str,
+    detail: str,
+    topic: str,
+    partition: int,
+    offset: int,
+) -> list[tuple[str, bytes]]:
+    """Original headers (minus any old reason) followed by the dead-letter headers."""
+    ours = ("reason", "reason_detail", "source_topic", "source_partition", "source_offset")
+    kept = [(k, v) for k, v in (headers or ()) if k not in ours]
+    return [
+        *kept,
+        ("reason", reason.encode()),
+        ("reason_detail", detail.encode(errors="replace")[:1000]),
+        ("source_topic", topic.encode()),
+        ("source_partition", str(partition).encode()),
+        ("source_offset", str(offset).encode()),
+    ]
+
+
+class DeadLetters:
+    """Send rejected messages, bytes unchanged, to the dead-letter topic.
+
+    ``send`` queues a message; ``flush`` waits until every queued one is acknowledged (the
+    worker flushes before a snapshot, so committed offsets never skip an unsent dead letter).
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self._pending: list[asyncio.Future[object]] = []
+
+    async def send(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """Queue one dead letter."""
+        fut = await self.producer.send(self.topic, value=value, key=key, headers=headers)
+        self._pending.append(fut)
+
+    async def flush(self) -> int:
+        """Wait for all queued dead letters; return how many were acknowledged."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+        return len(pending)

@@ -1,0 +1,175 @@
+"""The synchronous half of the worker: one model, trained batch by batch, watched, snapshotted.
+
+Everything here runs in one worker thread at a time (the asyncio loop awaits each call), so
+the model is never touched concurrently.
+
+Example:
+    >>> import numpy as np
+    >>> from training_worker.batching import Batch
+    >>> from training_worker.monitor import CollapseGuard, WorkerMetrics
+    >>> from model import OnlineClusterer
+    >>> t = Trainer(OnlineClusterer(n_clusters=2, latent_dim=4, seed=0),
+    ...             CollapseGuard(0.0, 5), WorkerMetrics())
+    >>> X = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+    >>> t.step(Batch(X, np.full(32, -1))).n
+    32
+    >>> t.snapshot({"topic:0": 32}).manifest["offsets"]
+    {'topic:0': 32}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from model import OnlineClusterer, Snapshot, StepReport
+from training_worker.batching import Batch
+from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+
+__all__ = ["Trainer", "TrainerHooks"]
+
+log = logging.getLogger("oclust.worker")
+
+QUALITY_EVERY_S = 1.0  # live ACC/NMI gauges refresh at most this often
+
+
+@dataclass
+class TrainerHooks:
+    """Optional callbacks, called in the training thread (for embedding and tests).
+
+    ``on_step(report, batch)`` after each step; ``on_collapse(model, restored)`` after the
+    guard fired (``restored`` is the snapshot whose weights were put back, or ``None``).
+    """
+
+    on_step: Callable[[StepReport, Batch], None] | None = None
+    on_collapse: Callable[[OnlineClusterer, Snapshot | None], None] | None = None
+
+
+class Trainer:
+    """Holds the model, its guard, live quality and the last healthy snapshot.
+
+    Args:
+        model: the clusterer (fresh or restored from a snapshot).
+        guard: the collapse guard.
+        metrics: Prometheus metrics to update.
+        quality: window for live ACC/NMI (created if omitted).
+        restore: put the last healthy snapshot back when the guard fires.
+        healthy: the last healthy snapshot (e.g. the one the worker resumed from).
+        hooks: callbacks for tests and embedding.
+    """
+
+    def __init__(
+        self,
+        model: OnlineClusterer,
+        guard: CollapseGuard,
+        metrics: WorkerMetrics,
+        quality: QualityWindow | None = None,
+        restore: bool = True,
+        healthy: Snapshot | None = None,
+        hooks: TrainerHooks | None = None,
+    ) -> None:
+        self.model = model
+        self.guard = guard
+        self.metrics = metrics
+        self.quality = quality if quality is not None else QualityWindow()
+        self.restore = restore
+        self.healthy = healthy
+        self.hooks = hooks or TrainerHooks()
+        self.last: StepReport | None = None
+        self.steps_since_snapshot = 0
+        self.failed_steps = 0
+        self._quality_at = -math.inf
+
+    def step(self, batch: Batch) -> StepReport | None:
+        """One ``partial_fit`` on ``batch``; ``None`` if the model refused it (logged)."""
+        t0 = time.perf_counter()
+        try:
+            report = self.model.partial_fit(batch.x)
+        except ValueError as exc:
+            self.failed_steps += 1
+            log.error("training step on %d samples failed, batch skipped: %s", len(batch), exc)
+            return None
+        m = self.metrics
+        m.step_seconds.observe(time.perf_counter() - t0)
+        m.samples.inc(report.n)
+        m.batches.inc()
+        m.loss.set(report.loss)
+        m.hard_entropy.set(report.hard_entropy)
+        m.kl_star.set(report.kl_star)
+        self.last = report
+        self.steps_since_snapshot += 1
+        self.quality.add(batch.labels, report.labels)
+        now = time.monotonic()
+        if now - self._quality_at >= QUALITY_EVERY_S:  # Hungarian + NMI: not on every step
+            self._quality_at = now
+            scores = self.quality.scores()
+            if scores:
+                m.acc.set(scores["acc"])
+                m.nmi.set(scores["nmi"])
+        if self.hooks.on_step is not None:
+            self.hooks.on_step(report, batch)
+        if self.guard.observe(report.hard_entropy):
+            self._collapsed(report)
+        m.collapsed.set(1 if self.guard.collapsed else 0)
+        return report
+
+    def _collapsed(self, report: StepReport) -> None:
+        g = self.guard
+        self.metrics.collapse_events.inc()
+        log.error(
+            "COLLAPSE: batch hard entropy below %.3f nats for %d batches in a row (last %.3f, "
+            "max log K = %.3f); publishing stopped",
+            g.threshold, g.patience, report.hard_entropy, self.model_max_entropy(),
+        )
+        restored = None
+        if self.restore and self.healthy is not None:
+            self.model = OnlineClusterer.from_snapshot(self.healthy, device=self.model.device)
+            restored = self.healthy
+            g.reset()
+            self.steps_since_snapshot = 0
+            log.warning(
+                "collapse guard restored the weights of healthy snapshot version %d "
+                "(samples_seen %d); training continues from them",
+                self.healthy.version, self.model.samples_seen_,
+            )
+        elif self.restore:
+            log.warning("collapse guard: no healthy snapshot to restore yet")
+        if self.hooks.on_collapse is not None:
+            self.hooks.on_collapse(self.model, restored)
+
+    def model_max_entropy(self) -> float:
+        """log K."""
+        return math.log(self.model.n_clusters)
+
+    def snapshot_metrics(self, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Metrics recorded in a snapshot's manifest."""
+        out: dict[str, float] = {}
+        if self.last is not None:
+            out |= {"loss": self.last.loss, "hard_entropy": self.last.hard_entropy,
+                    "kl_star": self.last.kl_star}
+        out |= self.quality.scores()
+        out["collapse_events"] = float(self.guard.events)
+        return out | (extra or {})
+
+    def snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None = None) -> Snapshot:
+        """The model as a snapshot covering ``offsets`` (``{"topic:partition": next}``)."""
+        return self.model.to_snapshot(offsets=offsets, metrics=self.snapshot_metrics(extra))
+
+    def published(self, snapshot: Snapshot) -> None:
+        """Remember a published (healthy) snapshot as the one to restore."""
+        self.healthy = snapshot
+        self.steps_since_snapshot = 0
+
+    @property
+    def can_snapshot(self) -> bool:
+        """The model has trained at least once."""
+        return self.model.is_fitted
+
+    def describe(self) -> dict[str, Any]:
+        """A few facts for logs."""
+        return {"samples_seen": self.model.samples_seen_, "steps": self.model.steps_,
+                "collapse_events": self.guard.events}

@@ -1,0 +1,175 @@
+"""Per-device sliding windows: raw sensor readings (C values each) → C×T samples.
+
+Each device (the reading's ``device``, else the message key) has its own buffer, kept in time
+order (``ts``; arrival order for equal or missing times). When a buffer holds ``size`` readings
+the window ``(C, size)`` of the oldest ones is emitted and the buffer advances by ``hop``.
+A reading older than the start of its device's buffer once a window has been emitted is
+*late*: its window is gone, so it is rejected (``DecodeError("late_reading")``).
+
+Every reading may carry a ``source`` (Kafka partition, offset). :meth:`WindowAssembler.pending`
+tells, per partition, the smallest offset still needed by a buffered reading, so the worker
+never commits past readings that have not yet made it into a trained window (at-least-once).
+
+Example:
+    >>> import numpy as np
+    >>> from training_worker.codec import Reading
+    >>> asm = WindowAssembler(size=3, hop=2)
+    >>> out = [w for t in range(7)
+    ...        for w in asm.push(Reading("a", float(t), np.array([t, -t], np.float32)))]
+    >>> [w.data.shape for w in out], out[1].data[0].tolist()
+    ([(2, 3), (2, 3), (2, 3)], [2.0, 3.0, 4.0])
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from training_worker.codec import DecodeError, Reading
+
+__all__ = ["Window", "WindowAssembler"]
+
+Source = tuple[int, int]  # (partition, offset)
+
+
+@dataclass(frozen=True)
+class Window:
+    """``data`` (C, T) float32 from ``device`` covering ``start_ts``..``end_ts``.
+
+    ``label`` is the majority label of the readings (-1 if none had one); ``sources`` maps each
+    Kafka partition the readings came from to the smallest offset among them.
+    """
+
+    device: str
+    data: np.ndarray
+    start_ts: float | None
+    end_ts: float | None
+    label: int = -1
+    sources: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Entry:
+    key: float
+    seq: int
+    reading: Reading
+    source: Source | None
+
+    def __lt__(self, other: _Entry) -> bool:
+        return (self.key, self.seq) < (other.key, other.seq)
+
+
+@dataclass
+class _Device:
+    buffer: list[_Entry] = field(default_factory=list)
+    emitted: bool = False
+    skip: int = 0  # readings still to drop when hop > size
+    last_push: int = 0
+
+
+class WindowAssembler:
+    """Assemble per-device sliding windows of ``size`` readings, advancing by ``hop``.
+
+    Args:
+        size: T, readings per window.
+        hop: readings between window starts (default ``size``: no overlap).
+        idle_after: drop a device's partial buffer when it has received nothing during this
+            many pushes to the assembler (``None``: never), so a silent device does not hold
+            the committed offsets back forever.
+    """
+
+    def __init__(self, size: int, hop: int | None = None, idle_after: int | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"window size must be at least 1, got {size}")
+        hop = size if hop is None else hop
+        if hop < 1:
+            raise ValueError(f"window hop must be at least 1, got {hop}")
+        if idle_after is not None and idle_after < 1:
+            raise ValueError(f"idle_after must be positive, got {idle_after}")
+        self.size = size
+        self.hop = hop
+        self.idle_after = idle_after
+        self._devices: dict[str, _Device] = {}
+        self._pushes = 0
+        self._seq = 0
+        self.dropped_idle = 0
+
+    @property
+    def devices(self) -> int:
+        """Devices with state."""
+        return len(self._devices)
+
+    def buffered(self, device: str) -> int:
+        """Readings waiting in ``device``'s buffer."""
+        state = self._devices.get(device)
+        return len(state.buffer) if state else 0
+
+    def push(self, reading: Reading, source: Source | None = None) -> list[Window]:
+        """Add one reading; return the windows it completes (oldest first)."""
+        state = self._devices.setdefault(reading.device, _Device())
+        self._pushes += 1
+        self._seq += 1
+        state.last_push = self._pushes
+        key = float("inf") if reading.ts is None else reading.ts
+        entry = _Entry(key, self._seq, reading, source)
+        buf = state.buffer
+        if state.emitted and buf and entry < buf[0]:
+            raise DecodeError(
+                "late_reading",
+                f"reading at ts={reading.ts} for device {reading.device!r} is older than its "
+                f"open window (starting at ts={buf[0].reading.ts})",
+            )
+        if state.skip:
+            state.skip -= 1
+            return []
+        bisect.insort(buf, entry)
+        out = []
+        while len(buf) >= self.size:
+            out.append(self._window(reading.device, buf[: self.size]))
+            state.emitted = True
+            drop = min(self.hop, len(buf))
+            del buf[:drop]
+            state.skip = self.hop - drop
+        if self.idle_after is not None and self._pushes % self.idle_after == 0:
+            self._drop_idle()
+        return out
+
+    def _window(self, device: str, entries: list[_Entry]) -> Window:
+        data = np.stack([e.reading.values for e in entries], axis=1).astype(np.float32)
+        labels = [e.reading.label for e in entries if e.reading.label >= 0]
+        label = Counter(labels).most_common(1)[0][0] if labels else -1
+        sources: dict[int, int] = {}
+        for e in entries:
+            if e.source is not None:
+                p, o = e.source
+                sources[p] = min(o, sources.get(p, o))
+        return Window(device, data, entries[0].reading.ts, entries[-1].reading.ts, label, sources)
+
+    def _drop_idle(self) -> None:
+        limit = self.idle_after or 0
+        idle = [d for d, s in self._devices.items() if self._pushes - s.last_push >= limit]
+        for d in idle:
+            self.dropped_idle += len(self._devices.pop(d).buffer)
+
+    def pending(self) -> dict[int, int]:
+        """Per partition, the smallest offset of a reading still waiting in some buffer."""
+        out: dict[int, int] = {}
+        for state in self._devices.values():
+            for e in state.buffer:
+                if e.source is not None:
+                    p, o = e.source
+                    out[p] = min(o, out.get(p, o))
+        return out
+
+    def forget_partitions(self, partitions: set[int]) -> None:
+        """Drop buffered readings that came from ``partitions`` (after they were revoked)."""
+        for d in list(self._devices):
+            state = self._devices[d]
+            state.buffer = [
+                e for e in state.buffer if e.source is None or e.source[0] not in partitions
+            ]
+            if not state.buffer:
+                del self._devices[d]
