@@ -13,10 +13,12 @@ $(BIN)/oclust: pyproject.toml
 
 install: $(BIN)/oclust
 
-# System tools the tests drive for real: promtool (Debian's prometheus package).
+# System tools the tests drive for real: prometheus and promtool (Debian's prometheus package),
+# a headless browser for the live page (Debian's chromium package).
+SYSPKGS = $(if $(shell command -v promtool),,prometheus) $(if $(shell command -v chromium),,chromium)
 sysdeps:
-	command -v promtool >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	$(if $(strip $(SYSPKGS)),apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $(SYSPKGS),@true)
 
 test: install sysdeps
 	$(BIN)/ruff check .

@@ -380,7 +380,7 @@ class OnlineClusterer:
     def to_snapshot(
         self,
         offsets: dict[str, int] | None = None,
-        metrics: dict[str, float] | None = None,
+        metrics: dict[str, float | list[float]] | None = None,
     ) -> Snapshot:
         """Weights, centroids, optimiser state and a manifest, ready for a store."""
         self._check_fitted()

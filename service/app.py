@@ -32,10 +32,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from importlib import resources
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,7 +45,7 @@ import pydantic_core
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -88,7 +90,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ENDPOINTS = frozenset(
-    ["/assign", "/assign/batch", "/model", "/healthz", "/readyz", "/metrics", "/stats",
+    ["/", "/assign", "/assign/batch", "/model", "/healthz", "/readyz", "/metrics", "/stats",
      "/docs", "/openapi.json"]
 )
 LATENCY_BUCKETS = (
@@ -590,7 +592,18 @@ def create_app(
     async def stats() -> Response:
         return Response(pydantic_core.to_json(_stats(holder, monitor)), media_type=JSON)
 
+    @app.get("/", summary="The live page: cluster shares, collapse metrics, a form for /assign",
+             response_class=HTMLResponse)
+    async def live_page() -> HTMLResponse:
+        return HTMLResponse(_live_page())
+
     return app
+
+
+@functools.cache
+def _live_page() -> bytes:
+    """The self-contained live page (no CDN: it polls /stats and /model)."""
+    return resources.files("service").joinpath("static", "index.html").read_bytes()
 
 
 def _stats(holder: ModelHolder, monitor: AssignmentMonitor) -> dict[str, Any]:

@@ -35,3 +35,7 @@ cmd_worker.register(app)
 from service import cmd_serve  # noqa: E402
 
 cmd_serve.register(app)
+
+from service import cmd_up  # noqa: E402
+
+cmd_up.register(app)

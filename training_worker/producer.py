@@ -28,6 +28,7 @@ from tqdm import tqdm
 from model import datasets
 from training_worker.codec import encode_reading, encode_sample
 from training_worker.kafka import ensure_topic
+from training_worker.stream import LocalProducer, LocalStream
 
 __all__ = ["Message", "dataset_messages", "dataset_size", "replay"]
 
@@ -105,18 +106,24 @@ async def replay(
     devices: int = 1,
     partitions: int = 1,
     progress: bool = True,
+    stream: LocalStream | None = None,
 ) -> int:
     """Send dataset messages to ``topic`` (created with ``partitions`` if missing).
 
-    ``rate`` caps messages per second. Returns how many messages were acknowledged.
+    ``rate`` caps messages per second. Returns how many messages were acknowledged. With
+    ``stream`` (the embedded mode) the messages go to that in-process stream, not to Kafka.
     """
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
     messages = dataset_messages(dataset, loop=loop, limit=limit, binary=binary, devices=devices)
     total = limit if limit is not None else (None if loop else dataset_size(dataset, devices))
-    await ensure_topic(bootstrap_servers, topic, partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=5,
-                                max_batch_size=1 << 20)
+    producer: AIOKafkaProducer | LocalProducer
+    if stream is not None:
+        producer = stream.producer()
+    else:
+        await ensure_topic(bootstrap_servers, topic, partitions)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=5,
+                                    max_batch_size=1 << 20)
     await producer.start()
     sent = 0
     bar = tqdm(total=total, desc=f"produce {dataset} → {topic}", unit="msg", file=sys.stderr,

@@ -22,9 +22,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from model import OnlineClusterer, Snapshot, StepReport
 from training_worker.batching import Batch
@@ -35,6 +38,7 @@ __all__ = ["Trainer", "TrainerHooks"]
 log = logging.getLogger("oclust.worker")
 
 QUALITY_EVERY_S = 1.0  # live ACC/NMI gauges refresh at most this often
+SHARE_WINDOW = 2000  # recent training assignments behind the cluster shares of a snapshot
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Trainer:
         self.last: StepReport | None = None
         self.steps_since_snapshot = 0
         self.failed_steps = 0
+        self.recent: deque[int] = deque(maxlen=SHARE_WINDOW)
         self._quality_at = -math.inf
 
     def step(self, batch: Batch) -> StepReport | None:
@@ -102,6 +107,7 @@ class Trainer:
         m.kl_star.set(report.kl_star)
         self.last = report
         self.steps_since_snapshot += 1
+        self.recent.extend(report.labels.tolist())
         self.quality.add(batch.labels, report.labels)
         now = time.monotonic()
         if now - self._quality_at >= QUALITY_EVERY_S:  # Hungarian + NMI: not on every step
@@ -145,15 +151,26 @@ class Trainer:
         """log K."""
         return math.log(self.model.n_clusters)
 
-    def snapshot_metrics(self, extra: dict[str, float] | None = None) -> dict[str, float]:
-        """Metrics recorded in a snapshot's manifest."""
-        out: dict[str, float] = {}
+    def snapshot_metrics(
+        self, extra: dict[str, float] | None = None
+    ) -> dict[str, float | list[float]]:
+        """Metrics recorded in a snapshot's manifest (``shares``: recent cluster shares)."""
+        out: dict[str, float | list[float]] = {}
         if self.last is not None:
             out |= {"loss": self.last.loss, "hard_entropy": self.last.hard_entropy,
                     "kl_star": self.last.kl_star}
         out |= self.quality.scores()
         out["collapse_events"] = float(self.guard.events)
+        out["shares"] = self.cluster_shares()
         return out | (extra or {})
+
+    def cluster_shares(self) -> list[float]:
+        """Share of each cluster among the last ``SHARE_WINDOW`` training assignments."""
+        k = self.model.n_clusters
+        if not self.recent:
+            return [0.0] * k
+        counts = np.bincount(np.fromiter(self.recent, np.int64, len(self.recent)), minlength=k)
+        return (counts[:k] / counts.sum()).round(6).tolist()
 
     def snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None = None) -> Snapshot:
         """The model as a snapshot covering ``offsets`` (``{"topic:partition": next}``)."""

@@ -51,6 +51,7 @@ from training_worker.lease import Lease, make_lease
 from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 from training_worker.settings import WorkerSettings
 from training_worker.store import SnapshotStore, StoreError, VersionNotFound, open_store
+from training_worker.stream import LocalConsumer, LocalProducer, LocalStream
 from training_worker.trainer import Trainer, TrainerHooks
 from training_worker.windows import WindowAssembler
 
@@ -69,7 +70,9 @@ def _init_training_thread(torch_threads: int | None) -> None:
         torch.set_num_threads(torch_threads)
 
 
-async def _started(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+async def _started(
+    client: AIOKafkaConsumer | AIOKafkaProducer | LocalConsumer | LocalProducer,
+) -> None:
     """Start a Kafka client; on failure close it (no 'unclosed client' noise) and re-raise."""
     try:
         await client.start()
@@ -99,6 +102,8 @@ class TrainingWorker:
         store: an open snapshot store (default: ``open_store(settings.store, ...)``).
         metrics: Prometheus metrics (default: a fresh registry).
         hooks: callbacks in the training thread (tests, embedding).
+        stream: an in-process :class:`~training_worker.stream.LocalStream` to read instead of
+            Kafka (the embedded mode); ``settings.bootstrap_servers`` is then unused.
     """
 
     def __init__(
@@ -107,8 +112,10 @@ class TrainingWorker:
         store: SnapshotStore | None = None,
         metrics: WorkerMetrics | None = None,
         hooks: TrainerHooks | None = None,
+        stream: LocalStream | None = None,
     ) -> None:
         self.settings = settings
+        self.stream = stream
         self._store = store
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.hooks = hooks or TrainerHooks()
@@ -316,18 +323,26 @@ class TrainingWorker:
         s = self.settings
         self._reset_state(await self._in_training_thread(self._load_trainer))
         self.lease = lease
-        with contextlib.suppress(KafkaError):
-            await ensure_topic(s.bootstrap_servers, s.dlq_topic_name)
-        producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=5)
+        producer: AIOKafkaProducer | LocalProducer
+        consumer: AIOKafkaConsumer | LocalConsumer
+        if self.stream is not None:
+            producer = self.stream.producer()
+        else:
+            with contextlib.suppress(KafkaError):
+                await ensure_topic(s.bootstrap_servers, s.dlq_topic_name)
+            producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=5)
         await _started(producer)
         try:
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=s.bootstrap_servers, group_id=s.consumer_group,
-                enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
-                session_timeout_ms=s.session_timeout_ms,
-                heartbeat_interval_ms=max(100, min(3000, s.session_timeout_ms // 3)),
-                max_partition_fetch_bytes=max(1 << 20, 2 * s.max_message_bytes),
-            )
+            if self.stream is not None:
+                consumer = self.stream.consumer(s.consumer_group, s.auto_offset_reset)
+            else:
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=s.bootstrap_servers, group_id=s.consumer_group,
+                    enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
+                    session_timeout_ms=s.session_timeout_ms,
+                    heartbeat_interval_ms=max(100, min(3000, s.session_timeout_ms // 3)),
+                    max_partition_fetch_bytes=max(1 << 20, 2 * s.max_message_bytes),
+                )
             self.consumer = consumer
             self.dlq = DeadLetters(producer, s.dlq_topic_name)
             consumer.subscribe([s.topic], listener=_Rebalance(self))
@@ -339,7 +354,7 @@ class TrainingWorker:
         finally:
             await producer.stop()
 
-    async def _loop(self, consumer: AIOKafkaConsumer) -> None:
+    async def _loop(self, consumer: AIOKafkaConsumer | LocalConsumer) -> None:
         s = self.settings
         assert self._stop is not None and self._lease_lost is not None
         max_records = max(s.batch_size * 4, 1000)

@@ -1,0 +1,290 @@
+"""``oclust up``: the whole service in one process — replay, training worker, store, service.
+
+With no options it needs neither Kafka nor Redis: an in-process stream
+(:class:`~training_worker.stream.LocalStream`) carries the replayed dataset to the training
+worker, snapshots go to a directory store (``./.oclust/store``), and the service answers on
+``http://127.0.0.1:8000`` (the live page at ``/``). Only the stream and the store differ from a
+deployment: ``--bootstrap-servers HOST:PORT --store redis://...`` runs the very same worker,
+producer and service on real components. Ctrl-C (or SIGTERM) stops the replay, trains what is
+queued, publishes a final snapshot and exits 0. Started again on the same store, training goes
+on from the last snapshot.
+
+Example:
+    $ oclust up                                   # digits, K=10, http://127.0.0.1:8000
+    $ oclust up --dataset daphnet --port 8001     # the reading stream, cut into windows
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+import uvicorn
+from rich.console import Console, Group
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.table import Table
+
+__all__ = ["LiveStats", "register", "run_up", "up_command"]
+
+Opt = typer.Option
+log = logging.getLogger("oclust.up")
+
+IN_PROCESS = "in-process"
+DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2}
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """What the terminal shows, replaced as a whole after each step (no torn reads)."""
+
+    samples: int = 0
+    steps: int = 0
+    loss: float = math.nan
+    hard_entropy: float = math.nan
+    kl_star: float = math.nan
+    counts: tuple[int, ...] = ()
+    at: float = field(default_factory=time.monotonic)
+
+
+class LiveStats:
+    """Collects the training worker's steps (``on_step`` runs in its training thread).
+
+    Example:
+        >>> from model import StepReport
+        >>> stats = LiveStats(n_clusters=3)
+        >>> stats.view.samples
+        0
+    """
+
+    def __init__(self, n_clusters: int, recent_batches: int = 8) -> None:
+        self.n_clusters = n_clusters
+        self.view = LiveView(counts=(0,) * n_clusters)
+        self._recent: deque[np.ndarray] = deque(maxlen=recent_batches)
+
+    def on_step(self, report: Any, _batch: Any) -> None:
+        """Trainer hook: fold one step's report into a new view."""
+        self._recent.append(np.bincount(report.labels, minlength=self.n_clusters))
+        counts = np.sum(self._recent, axis=0)
+        old = self.view
+        self.view = LiveView(
+            old.samples + report.n, old.steps + 1, report.loss, report.hard_entropy,
+            report.kl_star, tuple(int(c) for c in counts),
+        )
+
+
+def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Group:
+    v = stats.view
+    k = stats.n_clusters
+    elapsed = max(time.monotonic() - started, 1e-9)
+    ratio = v.hard_entropy / math.log(k) if k > 1 and math.isfinite(v.hard_entropy) else math.nan
+    head = Table.grid(padding=(0, 2))
+    head.add_row("[bold]oclust up[/]", url, "Ctrl-C: final snapshot and exit")
+    facts = Table(show_header=True, header_style="bold", box=None)
+    for name in ("samples trained", "steps", "samples/s", "loss", "entropy ratio", "KL*",
+                 "snapshot"):
+        facts.add_column(name, justify="right")
+    style = "red" if ratio < 0.5 else "yellow" if ratio < 0.8 else "green"
+    facts.add_row(
+        f"{v.samples:,}", f"{v.steps:,}", f"{v.samples / elapsed:,.0f}", f"{v.loss:.4f}",
+        f"[{style}]{ratio:.3f}[/]", f"{v.kl_star:.4f}", str(worker.last_version or "—"),
+    )
+    sizes = Table(title="cluster sizes (last batches)", show_header=True, box=None)
+    sizes.add_column("cluster", justify="right")
+    sizes.add_column("size", justify="right")
+    sizes.add_column("share")
+    total = max(sum(v.counts), 1)
+    for cluster, count in enumerate(v.counts):
+        share = count / total
+        sizes.add_row(str(cluster), str(count), f"{'█' * round(40 * share):<40} {share:6.1%}")
+    return Group(head, facts, sizes)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling (``oclust up`` owns the signals)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so that a taken port is a clear error, not a crash."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}; "
+                                 "pick another with --port", param_hint="--port") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.contextmanager
+def _signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_up(
+    worker_settings: Any, service_settings: Any, dataset: str, rate: float | None,
+    devices: int, display: bool,
+) -> int:
+    """Run replay, worker and service until SIGINT/SIGTERM; returns the exit code.
+
+    ``worker_settings.bootstrap_servers == IN_PROCESS`` selects the in-process stream.
+    """
+    from service.app import create_app
+    from service.loader import ModelHolder, SnapshotWatcher
+    from training_worker.producer import replay
+    from training_worker.store import VersionNotFound, open_store
+    from training_worker.stream import LocalStream
+    from training_worker.trainer import TrainerHooks
+    from training_worker.worker import TrainingWorker
+
+    ws, ss = worker_settings, service_settings
+    sock = _bind(ss.host, ss.port)
+    url = f"http://{ss.host}:{sock.getsockname()[1]}"
+    store = open_store(ws.store, ws.namespace, keep=ws.keep)
+    stream = None
+    if ws.bootstrap_servers == IN_PROCESS:
+        stream = LocalStream()
+        with contextlib.suppress(VersionNotFound):  # go on where the last snapshot ended
+            offsets = store.load().manifest.get("offsets") or {}
+            stream.start_at(ws.topic, int(offsets.get(f"{ws.topic}:0", 0)), ws.consumer_group)
+        stream.bound(ws.topic, max(20 * ws.batch_size, 5000))
+    stats = LiveStats(ws.n_clusters)
+    worker = TrainingWorker(ws, store=store, hooks=TrainerHooks(on_step=stats.on_step),
+                            stream=stream)
+    holder = ModelHolder()
+    watcher = SnapshotWatcher(open_store(ss.store, ss.namespace, poll_interval=ss.poll_interval),
+                              holder, poll_interval=ss.poll_interval)
+    server = _Server(uvicorn.Config(create_app(ss, holder, background=[watcher]),
+                                    log_level=ss.log_level, access_log=False, lifespan="on"))
+    stop = asyncio.Event()
+    started = time.monotonic()
+    console = Console(stderr=True)
+    source = "in-process stream" if stream else f"Kafka {ws.bootstrap_servers} topic {ws.topic}"
+    console.print(f"[bold]oclust up[/]: {dataset} → {source} → worker ({ws.regulariser}, "
+                  f"K={ws.n_clusters}) → {ws.store} → {url}  (live page {url}/, API docs "
+                  f"{url}/docs)", highlight=False)
+    with _signals(stop):
+        server_task = asyncio.create_task(server.serve(sockets=[sock]))
+        worker_task = asyncio.create_task(worker.run())
+        replay_task = asyncio.create_task(replay(
+            ws.bootstrap_servers, ws.topic, dataset, rate=rate, loop=True,
+            devices=devices, progress=False, stream=stream,
+        ))
+        stopped = asyncio.create_task(stop.wait())
+        tasks = {server_task, worker_task, replay_task, stopped}
+        with Live(_render(stats, worker, url, started), console=console,
+                  refresh_per_second=2, transient=False) if display \
+                else contextlib.nullcontext() as live:
+            while not stopped.done():
+                done, _ = await asyncio.wait(tasks, timeout=0.5,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if live is not None:
+                    live.update(_render(stats, worker, url, started))
+                if done - {stopped}:
+                    break  # something ended on its own: shut the rest down
+        console.print("stopping: final snapshot…")
+        replay_task.cancel()
+        worker.request_stop()
+        code = 0
+        for name, task in (("replay", replay_task), ("worker", worker_task)):
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await task
+                except Exception as exc:  # reported, and the exit code says so
+                    log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+                    code = 1
+        server.should_exit = True
+        await server_task
+        stopped.cancel()
+    console.print(f"stopped; last snapshot version {worker.last_version or '—'} in {ws.store}")
+    return code
+
+
+def up_command(
+    dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows) or "
+                                     "daphnet (a reading stream cut into windows)")] = "digits",
+    host: Annotated[str, Opt(help="bind address of the service")] = "127.0.0.1",
+    port: Annotated[int, Opt(min=0, max=65535, help="port of the service")] = 8000,
+    store: Annotated[str, Opt(help="file://DIR (default) or redis://HOST:PORT/DB")] = (
+        "file://.oclust/store"
+    ),
+    namespace: Annotated[str | None, Opt(help="snapshot namespace (default up-DATASET)")] = None,
+    bootstrap_servers: Annotated[
+        str | None, Opt(help="Kafka HOST:PORT (default: an in-process stream)")
+    ] = None,
+    topic: Annotated[str | None, Opt(help="topic (default oclust-up-DATASET)")] = None,
+    n_clusters: Annotated[int | None, Opt(min=2, help="K (default: the dataset's classes)")] = (
+        None
+    ),
+    regulariser: Annotated[str, Opt(help="ca, sk, ent, ss, varm, none, ...")] = "ca",
+    batch_size: Annotated[int, Opt(min=2, help="samples per training step")] = 256,
+    snapshot_interval: Annotated[float, Opt(min=0, help="seconds between snapshots")] = 5.0,
+    rate: Annotated[float | None, Opt(min=0.001, help="replayed messages per second "
+                                                      "(default: as fast as training)")] = None,
+    window_size: Annotated[int, Opt(min=2, help="daphnet: readings per window")] = 64,
+    devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 2,
+    seed: Annotated[int, Opt(help="seed of a fresh model")] = 0,
+    quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
+    log_level: Annotated[str, Opt(help="log level")] = "warning",
+) -> None:
+    """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
+    from pydantic import ValidationError
+
+    from service.settings import ServiceSettings
+    from training_worker.settings import WorkerSettings
+
+    key = dataset.lower()
+    if key not in DEFAULT_K:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
+                                 f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
+    namespace = namespace or f"up-{key}"
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
+                        format="%(name)s: %(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    try:
+        ws = WorkerSettings(
+            bootstrap_servers=bootstrap_servers or IN_PROCESS,
+            topic=topic or f"oclust-up-{key}", store=store, namespace=namespace,
+            n_clusters=n_clusters or DEFAULT_K[key],
+            regulariser=regulariser, batch_size=batch_size, batch_timeout=1.0,
+            snapshot_interval=snapshot_interval, seed=seed, metrics_port=-1, torch_threads=1,
+            mode="readings" if key == "daphnet" else "samples", window_size=window_size,
+            window_hop=max(1, window_size // 2),
+        )
+        ss = ServiceSettings(store=store, namespace=namespace, host=host, port=port,
+                             poll_interval=0.5, log_level=log_level)
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(e["msg"] for e in exc.errors())) from None
+    code = asyncio.run(run_up(ws, ss, key, rate, devices, display=not quiet))
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``up`` to the CLI."""
+    app.command("up")(up_command)

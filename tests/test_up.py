@@ -1,0 +1,147 @@
+"""``oclust up`` as a newcomer runs it: a subprocess on a free port, its API, its live page.
+
+The live page is checked in a real headless Chromium (Debian's ``chromium`` package; ``make
+sysdeps`` installs it): the DOM after the page's scripts ran holds one bar per cluster, and the
+numbers it shows move on as training proceeds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from training_worker.devbroker import free_port
+from training_worker.store import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 60.0  # the target is 20 s; a loaded CI machine gets slack, not a pass
+
+
+@dataclass
+class Up:
+    """A running ``oclust up``."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    cwd: Path
+
+
+def _wait_ready(up: Up, timeout: float) -> dict[str, object]:
+    """Poll /readyz until it answers 200 (the first snapshot is served)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if up.proc.poll() is not None:
+            out = up.proc.stdout.read() if up.proc.stdout else ""
+            pytest.fail(f"oclust up exited with {up.proc.returncode} before ready:\n{out}")
+        try:
+            r = httpx.get(f"{up.url}/readyz", timeout=2)
+            if r.status_code == 200:
+                return r.json()
+            last = r.text
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        time.sleep(0.1)  # polling the real endpoint: readiness has no push notification
+    pytest.fail(f"oclust up not ready within {timeout:.0f} s; last /readyz: {last}")
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    cwd = tmp_path_factory.mktemp("up")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "up", "--port", str(port), "--quiet",
+         "--snapshot-interval", "1"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    running = Up(proc, f"http://127.0.0.1:{port}", cwd)
+    try:
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_serves_assign_and_metrics_from_its_own_stream(up: Up) -> None:
+    ready = _wait_ready(up, READY_TIMEOUT_S)
+    assert isinstance(ready["version"], int) and ready["version"] >= 1
+    r = httpx.post(f"{up.url}/assign", json={"features": [3.0] * 64}, timeout=5)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert 0 <= answer["cluster"] < 10 and answer["distance"] >= 0
+    bad = httpx.post(f"{up.url}/assign", json={"features": [1.0] * 3}, timeout=5)
+    assert bad.status_code == 422 and "shape" in bad.json()["detail"]
+    metrics = httpx.get(f"{up.url}/metrics", timeout=5).text
+    assert re.search(rf'oclust_assignments_total\{{cluster="{answer["cluster"]}"\}} 1\.0', metrics)
+    assert re.search(r"^oclust_snapshot_version [1-9]", metrics, re.M)
+    manifest = httpx.get(f"{up.url}/model", timeout=5).json()
+    assert manifest["n_clusters"] == 10 and manifest["samples_seen"] > 0
+    assert len(manifest["metrics"]["shares"]) == 10
+
+
+def _dom(url: str, chromium: str, profile: Path) -> str:
+    """The page's DOM after its scripts ran for a few (virtual) seconds."""
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-quic", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync",
+         f"--user-data-dir={profile}", "--virtual-time-budget=4000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _text(dom: str, element_id: str) -> str:
+    m = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
+    assert m, f"no element #{element_id} in the page"
+    return m.group(1)
+
+
+def test_live_page_renders_bars_and_follows_training(up: Up, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("chromium not found: install Debian's chromium package (make sysdeps)")
+    _wait_ready(up, READY_TIMEOUT_S)
+    first = _dom(f"{up.url}/", chromium, tmp_path / "p1")
+    bars = re.findall(r'class="bar" data-cluster="(\d+)"[^>]*data-share="([0-9.]+)"', first)
+    assert [int(k) for k, _ in bars] == list(range(10)), first[:3000]
+    assert abs(sum(float(s) for _, s in bars) - 1.0) < 0.01
+    assert float(_text(first, "ratio")) > 0
+    trained_before = int(_text(first, "trained"))
+    version_before = int(_text(first, "version"))
+    deadline = time.monotonic() + 60
+    while True:  # each load is a new look at a model that keeps training
+        later = _dom(f"{up.url}/", chromium, tmp_path / "p2")
+        if int(_text(later, "version")) > version_before:
+            break
+        assert time.monotonic() < deadline, "the page's snapshot version never moved"
+    assert int(_text(later, "trained")) > trained_before
+
+
+def test_ctrl_c_publishes_a_final_snapshot_and_exits_0(up: Up) -> None:
+    ready = _wait_ready(up, READY_TIMEOUT_S)
+    up.proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = up.proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        up.proc.kill()
+        pytest.fail("oclust up did not stop within 60 s of SIGINT")
+    assert up.proc.returncode == 0, out
+    store = open_store(f"file://{up.cwd / '.oclust' / 'store'}", namespace="up-digits")
+    final = store.load()
+    assert final.version > ready["version"]  # type: ignore[operator]
+    assert f"last snapshot version {final.version}" in out
