@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PRIOR_MODES", "OnlinePrior", "resolve_prior"]
+__all__ = ["PRIOR_MODES", "OnlinePrior", "parse_prior", "resolve_prior"]
 
 PRIOR_MODES = ("uniform", "online", "fixed")
 
@@ -136,3 +136,22 @@ def resolve_prior(prior: Any, n_clusters: int) -> tuple[str, np.ndarray | None]:
     if not np.all(np.isfinite(p)) or np.any(p <= 0) or abs(p.sum() - 1.0) > 1e-6:
         raise ValueError("prior must be positive and sum to 1")
     return "fixed", p
+
+
+def parse_prior(text: str | None) -> str | list[float] | None:
+    """A prior as written on a command line or in ``OCLUST_PRIOR``.
+
+    ``uniform`` and ``online`` stay names; ``0.5,0.3,0.2`` becomes a vector (checked later by
+    :func:`resolve_prior` against K).
+
+    >>> parse_prior("online"), parse_prior("0.5, 0.5"), parse_prior(None)
+    ('online', [0.5, 0.5], None)
+    """
+    if text is None or text.strip() in ("", "uniform", "online"):
+        return text.strip() or None if text is not None else None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"prior must be 'uniform', 'online' or comma-separated probabilities, got {text!r}"
+        ) from None

@@ -241,7 +241,12 @@ def up_command(
     n_clusters: Annotated[int | None, Opt(min=2, help="K (default: the dataset's classes)")] = (
         None
     ),
-    regulariser: Annotated[str, Opt(help="ca, sk, ent, ss, varm, none, ...")] = "ca",
+    regulariser: Annotated[
+        str, Opt(help="ca, sk, ent, ss, varm, cm, aecm, ckm, drc, tcc or none")
+    ] = "ca",
+    prior: Annotated[
+        str | None, Opt(help="uniform, online, or K comma-separated probabilities")
+    ] = None,
     batch_size: Annotated[int, Opt(min=2, help="samples per training step")] = 256,
     snapshot_interval: Annotated[float, Opt(min=0, help="seconds between snapshots")] = 5.0,
     rate: Annotated[float | None, Opt(min=0.001, help="replayed messages per second "
@@ -255,6 +260,8 @@ def up_command(
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
     from pydantic import ValidationError
 
+    from model.priors import parse_prior, resolve_prior
+    from model.regularisers import make_regulariser
     from service.settings import ServiceSettings
     from training_worker.settings import WorkerSettings
 
@@ -263,6 +270,15 @@ def up_command(
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
     namespace = namespace or f"up-{key}"
+    k = n_clusters or DEFAULT_K[key]
+    try:  # fail now, with the option's name, rather than inside the running worker
+        make_regulariser(regulariser)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--regulariser") from None
+    try:
+        resolve_prior(parse_prior(prior), k)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--prior") from None
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(name)s: %(message)s",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
@@ -271,8 +287,8 @@ def up_command(
         ws = WorkerSettings(
             bootstrap_servers=bootstrap_servers or IN_PROCESS,
             topic=topic or f"oclust-up-{key}", store=store, namespace=namespace,
-            n_clusters=n_clusters or DEFAULT_K[key],
-            regulariser=regulariser, batch_size=batch_size, batch_timeout=1.0,
+            n_clusters=k,
+            regulariser=regulariser, prior=prior, batch_size=batch_size, batch_timeout=1.0,
             snapshot_interval=snapshot_interval, seed=seed, metrics_port=-1, torch_threads=1,
             mode="readings" if key == "daphnet" else "samples", window_size=window_size,
             window_hop=max(1, window_size // 2),

@@ -47,7 +47,12 @@ def worker_command(
     store: Annotated[str | None, Opt(help="redis://HOST:PORT/DB or file://DIR")] = None,
     namespace: Annotated[str | None, Opt(help="snapshot namespace (Redis key prefix)")] = None,
     n_clusters: Annotated[int | None, Opt(help="K")] = None,
-    regulariser: Annotated[str | None, Opt(help="ca, sk, ent, ss, varm, none, ...")] = None,
+    regulariser: Annotated[
+        str | None, Opt(help="ca, sk, ent, ss, varm, cm, aecm, ckm, drc, tcc or none")
+    ] = None,
+    prior: Annotated[
+        str | None, Opt(help="uniform, online, or K comma-separated probabilities")
+    ] = None,
     batch_size: Annotated[int | None, Opt(help="samples per training step")] = None,
     batch_timeout: Annotated[
         float | None, Opt(help="seconds before a partial batch trains anyway")
@@ -149,7 +154,12 @@ def train_command(
         "oclust"
     ),
     epochs: Annotated[int, Opt(min=1, help="passes over the shuffled data")] = 10,
-    regulariser: Annotated[str, Opt(help="ca, sk, ent, ss, varm, none, ...")] = "ca",
+    regulariser: Annotated[
+        str, Opt(help="ca, sk, ent, ss, varm, cm, aecm, ckm, drc, tcc or none")
+    ] = "ca",
+    prior: Annotated[
+        str | None, Opt(help="uniform, online, or K comma-separated probabilities")
+    ] = None,
     batch_size: Annotated[int, Opt(min=2)] = 256,
     seed: Annotated[int, Opt()] = 0,
     latent_dim: Annotated[int | None, Opt()] = None,
@@ -162,6 +172,7 @@ def train_command(
     keep: Annotated[int, Opt(min=1, help="snapshot versions kept in the store")] = 5,
 ) -> None:
     """Train offline on a dataset or file and publish the model as a snapshot."""
+    from model.priors import parse_prior
     from training_worker.offline import (
         evaluate,
         load_input,
@@ -177,8 +188,13 @@ def train_command(
             X, y = make_windows(X, y, window_size, window_hop)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset/--input") from None
+    try:
+        parsed_prior = parse_prior(prior)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--prior") from None
     params: dict[str, Any] = {
-        k: v for k, v in {"latent_dim": latent_dim, "sigma": sigma}.items() if v is not None
+        k: v for k, v in {"latent_dim": latent_dim, "sigma": sigma, "prior": parsed_prior}.items()
+        if v is not None
     }
     steps = epochs * -(-len(X) // batch_size)
     try:

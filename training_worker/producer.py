@@ -51,15 +51,17 @@ def _samples(name: str, binary: bool) -> Iterator[Message]:
         yield Message(None, value, headers)
 
 
-def _readings(devices: int, binary: bool) -> Iterator[Message]:
+def _readings(devices: int, binary: bool, repeat: int = 0) -> Iterator[Message]:
+    """Reading messages; pass number ``repeat`` of a loop goes on in time after the last."""
     readings, labels = datasets.load_daphnet()
     length = len(readings) // devices
     names = [f"daphnet-{d}" for d in range(devices)]
     for t in range(length):
         for d, name in enumerate(names):
             i = d * length + t
+            ts = (repeat * length + t) / DAPHNET_HZ
             value, headers = encode_reading(
-                name, readings[i], ts=t / DAPHNET_HZ, label=int(labels[i]), binary=binary
+                name, readings[i], ts=ts, label=int(labels[i]), binary=binary
             )
             yield Message(name.encode(), value, headers)
 
@@ -76,15 +78,15 @@ def dataset_messages(
         raise ValueError(f"devices must be at least 1, got {devices}")
     key = name.lower()
 
-    def one_pass() -> Iterator[Message]:
+    def one_pass(repeat: int) -> Iterator[Message]:
         if key == "daphnet":
-            return _readings(devices, binary)
+            return _readings(devices, binary, repeat)
         return _samples(name, binary)
 
     if key != "daphnet":
         datasets.load(name)  # fail early with the loader's clear message for unknown names
-    stream = itertools.chain.from_iterable(one_pass() for _ in itertools.count()) if loop \
-        else one_pass()
+    stream = itertools.chain.from_iterable(one_pass(r) for r in itertools.count()) if loop \
+        else one_pass(0)
     return itertools.islice(stream, limit) if limit is not None else stream
 
 

@@ -44,6 +44,7 @@ class WorkerSettings(BaseSettings):
     # model
     n_clusters: int = Field(10, ge=1)
     regulariser: str = "ca"
+    prior: str | None = None  # uniform (default), online, or K comma-separated probabilities
     sigma: float | None = Field(None, gt=0)
     latent_dim: int | None = Field(None, ge=1)
     encoder: str = "auto"

@@ -44,6 +44,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import start_http_server
 
 from model import OnlineClusterer, Snapshot, SnapshotError
+from model.priors import parse_prior
 from training_worker.batching import SampleQueue
 from training_worker.codec import DecodeError, ReadingDecoder, SampleDecoder
 from training_worker.kafka import DeadLetters, dead_letter_headers, ensure_topic
@@ -235,7 +236,7 @@ class TrainingWorker:
             }
             model = OnlineClusterer(
                 n_clusters=s.n_clusters, regulariser=s.regulariser, lr=s.lr, device=s.device,
-                seed=s.seed, encoder=s.encoder, **params,
+                seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), **params,
             )
             log.info("no snapshot in %s namespace %r: starting a fresh %r model, K=%d",
                      self.store.url, s.namespace, s.regulariser, s.n_clusters)
