@@ -275,8 +275,9 @@ def cli_flags(argv: list[str]) -> tuple[str, set[str]]:
     """The subcommand and the long options of an ``oclust`` command line.
 
     Example:
-        >>> cli_flags(["serve", "--port", "8000", "--host=0.0.0.0"])
-        ('serve', {'--host', '--port'})
+        >>> command, flags = cli_flags(["serve", "--port", "8000", "--host=0.0.0.0"])
+        >>> command, sorted(flags)
+        ('serve', ['--host', '--port'])
     """
     return argv[0], {arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--")}
 
