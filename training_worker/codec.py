@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 __all__ = [
     "CONTENT_TYPE_F32",
@@ -309,7 +310,7 @@ class SampleDecoder:
 
     def _fast_json(self, values: Sequence[bytes]) -> DecodedBatch | None:
         try:
-            objs = [json.loads(v) for v in values]
+            objs = [orjson.loads(v) for v in values]  # strict: NaN literals go the slow way
             raw = [o["features"] for o in objs]
             raw_labels = [o.get("label") for o in objs]
         except (ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError):
