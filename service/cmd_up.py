@@ -36,6 +36,8 @@ from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
 
+from service.cmd_worker import PriorOpt, RegulariserOpt
+
 __all__ = ["LiveStats", "register", "run_up", "up_command"]
 
 Opt = typer.Option
@@ -241,12 +243,8 @@ def up_command(
     n_clusters: Annotated[int | None, Opt(min=2, help="K (default: the dataset's classes)")] = (
         None
     ),
-    regulariser: Annotated[
-        str, Opt(help="ca, sk, ent, ss, varm, cm, aecm, ckm, drc, tcc or none")
-    ] = "ca",
-    prior: Annotated[
-        str | None, Opt(help="uniform, online, or K comma-separated probabilities")
-    ] = None,
+    regulariser: RegulariserOpt = "ca",
+    prior: PriorOpt = None,
     batch_size: Annotated[int, Opt(min=2, help="samples per training step")] = 256,
     snapshot_interval: Annotated[float, Opt(min=0, help="seconds between snapshots")] = 5.0,
     rate: Annotated[float | None, Opt(min=0.001, help="replayed messages per second "

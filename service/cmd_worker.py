@@ -25,6 +25,10 @@ from tqdm import tqdm
 __all__ = ["produce_command", "register", "train_command", "worker_command"]
 
 Opt = typer.Option
+REGULARISER_HELP = "ca, sk, ent, ss, varm, cm, aecm, ckm, drc, tcc or none"
+PRIOR_HELP = "uniform, online, or K comma-separated probabilities"
+RegulariserOpt = Annotated[str, Opt(help=REGULARISER_HELP)]
+PriorOpt = Annotated[str | None, Opt(help=PRIOR_HELP)]
 
 
 def _setup_logging(level: str) -> None:
@@ -47,12 +51,8 @@ def worker_command(
     store: Annotated[str | None, Opt(help="redis://HOST:PORT/DB or file://DIR")] = None,
     namespace: Annotated[str | None, Opt(help="snapshot namespace (Redis key prefix)")] = None,
     n_clusters: Annotated[int | None, Opt(help="K")] = None,
-    regulariser: Annotated[
-        str | None, Opt(help="ca, sk, ent, ss, varm, cm, aecm, ckm, drc, tcc or none")
-    ] = None,
-    prior: Annotated[
-        str | None, Opt(help="uniform, online, or K comma-separated probabilities")
-    ] = None,
+    regulariser: Annotated[str | None, Opt(help=REGULARISER_HELP)] = None,
+    prior: PriorOpt = None,
     batch_size: Annotated[int | None, Opt(help="samples per training step")] = None,
     batch_timeout: Annotated[
         float | None, Opt(help="seconds before a partial batch trains anyway")
@@ -154,12 +154,8 @@ def train_command(
         "oclust"
     ),
     epochs: Annotated[int, Opt(min=1, help="passes over the shuffled data")] = 10,
-    regulariser: Annotated[
-        str, Opt(help="ca, sk, ent, ss, varm, cm, aecm, ckm, drc, tcc or none")
-    ] = "ca",
-    prior: Annotated[
-        str | None, Opt(help="uniform, online, or K comma-separated probabilities")
-    ] = None,
+    regulariser: RegulariserOpt = "ca",
+    prior: PriorOpt = None,
     batch_size: Annotated[int, Opt(min=2)] = 256,
     seed: Annotated[int, Opt()] = 0,
     latent_dim: Annotated[int | None, Opt()] = None,

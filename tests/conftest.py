@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -63,3 +64,12 @@ def redis_url(redis_server: object) -> Iterator[str]:
 def redis_store_url(redis_server: object) -> Iterator[str]:
     """``redis://127.0.0.1:PORT/1`` on a freshly flushed database."""
     yield from _flushed_url(redis_server, 1)
+
+
+def system_binary(name: str, package: str) -> str:
+    """Path of a system program the tests drive; fails (never skips) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found on PATH: install Debian's {package} package "
+                    f"(apt-get install -y --no-install-recommends {package}; make sysdeps)")
+    return path

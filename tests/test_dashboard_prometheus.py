@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +43,7 @@ import pytest
 import yaml
 from prometheus_client import start_http_server
 
+from tests.conftest import system_binary
 from tests.test_deploy import (
     GRAFANA_VARIABLE_DEFAULTS,
     PROMETHEUS_DIR,
@@ -254,13 +254,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def prometheus_binary() -> str:
     """Path of the prometheus server; fails (never skips) when it is not installed."""
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.fail(
-            "prometheus not found on PATH: install Debian's prometheus package "
-            "(apt-get install -y --no-install-recommends prometheus)"
-        )
-    return path
+    return system_binary("prometheus", "prometheus")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import system_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -289,13 +290,7 @@ def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def promtool() -> str:
     """Path of promtool; fails (never skips) when it is not installed."""
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool not found on PATH: install Debian's prometheus package "
-            "(apt-get install -y --no-install-recommends prometheus)"
-        )
-    return path
+    return system_binary("promtool", "prometheus")
 
 
 # --------------------------------------------------------------------------------------------

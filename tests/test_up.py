@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import system_binary
 from training_worker.devbroker import free_port
 from training_worker.store import open_store
 
@@ -112,9 +112,7 @@ def _text(dom: str, element_id: str) -> str:
 
 
 def test_live_page_renders_bars_and_follows_training(up: Up, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("chromium not found: install Debian's chromium package (make sysdeps)")
+    chromium = system_binary("chromium", "chromium")
     _wait_ready(up, READY_TIMEOUT_S)
     first = _dom(f"{up.url}/", chromium, tmp_path / "p1")
     bars = re.findall(r'class="bar" data-cluster="(\d+)"[^>]*data-share="([0-9.]+)"', first)
