@@ -29,7 +29,7 @@ import math
 from typing import Annotated, Any
 
 import numpy as np
-import pydantic_core
+import orjson
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError
 
 __all__ = [
@@ -205,9 +205,9 @@ def _parse(body: bytes, key: str) -> tuple[Any, bool]:
     ``numeric_ok`` is False when the body has a ``true``/``false`` token: NumPy would quietly
     turn booleans into numbers, so the strict path must decide.
     """
-    try:
-        obj = pydantic_core.from_json(body, allow_inf_nan=True)
-    except ValueError:
+    try:  # orjson: strict JSON (NaN, huge integers...) fails here and the strict path explains
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
         return None, False
     if not isinstance(obj, dict):
         return None, False
