@@ -209,6 +209,8 @@ async def run_up(
                     live.update(_render(stats, worker, url, started))
                 if done - {stopped}:
                     break  # something ended on its own: shut the rest down
+        if display and not console.is_terminal:
+            console.line()  # the last render of the table ends without a newline
         console.print("stopping: final snapshot…")
         replay_task.cancel()
         worker.request_stop()
