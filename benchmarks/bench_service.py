@@ -190,8 +190,10 @@ def _load(port: int, path: str, body: Path, **opts: float) -> dict:
     cmd = [PY, __file__, "load", "--port", str(port), "--path", path, "--body", str(body)]
     for k, v in opts.items():
         cmd += [f"--{k}", str(v)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"load run {opts} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
 
 
 def _publish_model(store_dir: Path) -> tuple[int, object]:

@@ -1,23 +1,23 @@
-"""A NumPy path for single-sample inference of MLP encoders (the latency-critical case).
+"""A compiled path for single-sample inference of MLP encoders (the latency-critical case).
 
 For one sample, torch spends most of its time in per-operator overhead (dispatch, allocation,
-autograd bookkeeping), not in arithmetic; the same computation as a handful of NumPy calls is
-several times faster, especially in a busy server process. :func:`compile_numpy` lowers a
-serving pipeline (affine input scaler -> encoder -> squared distances -> softmax) to NumPy when
-the encoder is built only from layers it knows (``Linear``, ``ReLU``, ``LayerNorm``,
-``BatchNorm1d`` in eval mode, ``Identity``, ``Flatten``, ``Sequential`` and the model's
-``MLPEncoder``), folds the scaler into the first linear layer, and then **checks the result
-against the torch pipeline on random probes**; any mismatch or unknown layer returns ``None``
-and the caller keeps using torch.
+autograd bookkeeping), not in arithmetic, and so does NumPy once the network is split into a
+few dozen small array calls. :func:`compile_single` lowers a serving pipeline (affine input
+scaler -> encoder -> squared distances -> argmin -> softmax) to a small program that one numba
+kernel, :func:`_forward`, interprets row by row in float32, when the encoder is built only from
+layers it knows (``Linear``, ``ReLU``, ``LayerNorm``, ``BatchNorm1d`` in eval mode,
+``Identity``, ``Flatten``, ``Sequential`` and the model's ``MLPEncoder``). The scaler is folded
+into the first linear layer, and the result is **checked against the torch pipeline on random
+probes**; any mismatch or unknown layer returns ``None`` and the caller keeps using torch.
 
 Example:
     >>> import numpy as np, torch
     >>> from torch import nn
     >>> enc = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 4))
-    >>> fn = compile_numpy(nn.Identity(), enc, torch.randn(2, 4), sigma=1.0, input_shape=(3,))
+    >>> fn = compile_single(nn.Identity(), enc, torch.randn(2, 4), sigma=1.0, input_shape=(3,))
     >>> labels, dist, soft = fn(np.zeros((1, 3), np.float32))
-    >>> labels.shape, soft.shape
-    ((1,), (1, 2))
+    >>> labels.shape, soft.shape, round(float(soft.sum()), 5)
+    ((1,), (1, 2), 1.0)
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ import logging
 import math
 from collections.abc import Callable
 
+import numba
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["NumpyAssign", "compile_numpy"]
+__all__ = ["SingleAssign", "compile_single"]
 
 log = logging.getLogger("oclust.service")
 
-NumpyAssign = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
-Op = Callable[[np.ndarray], np.ndarray]
+SingleAssign = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 class Unsupported(Exception):
@@ -92,42 +92,131 @@ def _affine_of(scaler: nn.Module, input_shape: tuple[int, ...]) -> tuple[np.ndar
     return a[0].reshape(-1).numpy(), b[0].reshape(-1).numpy()
 
 
-def _op(name: str, params: tuple[np.ndarray, ...]) -> Op:
-    if name == "linear":
-        weight, bias = params
+# opcodes of the program _forward interprets; one row per op:
+# (opcode, in_dim, out_dim, offset_a, offset_b, offset_c) into the flat parameter array
+LINEAR, RELU, LAYERNORM, AFFINE = 0, 1, 2, 3
 
-        def linear(x: np.ndarray) -> np.ndarray:
-            out = x @ weight
-            out += bias
-            return out
 
-        return linear
-    if name == "relu":
-        return lambda x: np.maximum(x, 0, out=x)
-    if name == "flatten":
-        return lambda x: x.reshape(len(x), -1)
-    if name == "affine":
-        scale, shift = params
-        return lambda x: x * scale + shift
-    if name == "layernorm":
-        eps, weight, bias = params
+@numba.njit(cache=True, nogil=True)
+def _forward(
+    x: np.ndarray, program: np.ndarray, params: np.ndarray, width: int,
+    mu: np.ndarray, neg_half_inv_sigma: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the lowered encoder and the nearest-centroid tail on each row of ``x`` (N, D).
 
-        def layernorm(x: np.ndarray) -> np.ndarray:  # called under errstate(ignore) below
-            inv_n = np.float32(1.0 / x.shape[1])  # sum * 1/n: cheaper than .mean() per call
-            x = x - x.sum(axis=1, keepdims=True) * inv_n
-            var = (x * x).sum(axis=1, keepdims=True) * inv_n
-            var[~np.isfinite(var)] = np.nan  # overflow must surface as NaN, as in torch
-            x /= np.sqrt(var + eps)
-            return x * weight + bias
+    All arithmetic is float32, as in torch; a non-finite latent gives a NaN distance.
+    """
+    n, n_clusters = x.shape[0], mu.shape[0]
+    labels = np.empty(n, np.int64)
+    dist = np.empty(n, np.float32)
+    soft = np.empty((n, n_clusters), np.float32)
+    d = np.empty(n_clusters, np.float32)
+    a = np.empty(width, np.float32)
+    b = np.empty(width, np.float32)
+    for r in range(n):
+        dim = x.shape[1]
+        for j in range(dim):
+            a[j] = x[r, j]
+        for p in range(program.shape[0]):
+            op, din, dout = program[p, 0], program[p, 1], program[p, 2]
+            o1, o2, o3 = program[p, 3], program[p, 4], program[p, 5]
+            if op == LINEAR:  # b = a @ W + bias, W stored (din, dout) row-major at o1
+                b[:dout] = np.dot(a[:din], params[o1 : o1 + din * dout].reshape(din, dout))
+                for j in range(dout):  # BLAS above: a plain loop here is not vectorised
+                    b[j] += params[o2 + j]
+                a, b = b, a
+                dim = dout
+            elif op == RELU:  # NaN stays NaN, as np.maximum and torch.relu
+                for j in range(dim):
+                    if a[j] < 0:
+                        a[j] = 0
+            elif op == LAYERNORM:  # eps at o1, weight at o2, bias at o3
+                inv_n = np.float32(1.0) / np.float32(dim)
+                mean = np.float32(0.0)
+                for j in range(dim):
+                    mean += a[j]
+                mean *= inv_n
+                var = np.float32(0.0)
+                for j in range(dim):
+                    a[j] -= mean
+                    var += a[j] * a[j]
+                var *= inv_n
+                if not np.isfinite(var):
+                    var = np.float32(np.nan)  # overflow must surface as NaN, as in torch
+                inv = np.float32(1.0) / np.sqrt(var + params[o1])
+                for j in range(dim):
+                    a[j] = a[j] * inv * params[o2 + j] + params[o3 + j]
+            else:  # AFFINE: scale at o1, shift at o2
+                for j in range(dim):
+                    a[j] = a[j] * params[o1 + j] + params[o2 + j]
+        # squared distances to every centroid; the first smallest wins
+        best = 0
+        finite = True
+        for k in range(n_clusters):
+            acc = np.float32(0.0)
+            for j in range(dim):
+                diff = a[j] - mu[k, j]
+                acc += diff * diff
+            d[k] = acc
+            finite = finite and np.isfinite(acc)
+            if acc < d[best]:
+                best = k
+        labels[r] = best
+        dist[r] = d[best] if finite else np.float32(np.nan)
+        # soft assignment: softmax(-d / (2 sigma)), shifted by its maximum
+        top = d[best] * neg_half_inv_sigma
+        total = np.float32(0.0)
+        for k in range(n_clusters):
+            e = np.float32(np.exp(d[k] * neg_half_inv_sigma - top))
+            soft[r, k] = e
+            total += e
+        for k in range(n_clusters):
+            soft[r, k] /= total
+    return labels, dist, soft
 
-        return layernorm
-    raise Unsupported(name)
+
+def _program(
+    ops: list[tuple[str, tuple[np.ndarray, ...]]], in_dim: int
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(program, flat float32 parameters, widest layer, latent size) for :func:`_forward`."""
+    rows: list[list[int]] = []
+    chunks: list[np.ndarray] = []
+    size = 0
+
+    def put(arr: np.ndarray) -> int:
+        nonlocal size
+        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+        chunks.append(flat)
+        size += flat.size
+        return size - flat.size
+
+    dim = width = in_dim
+    for name, params in ops:
+        if name == "linear":
+            weight, bias = params  # (din, dout)
+            if weight.shape[0] != dim:
+                raise Unsupported(f"linear layer expects {weight.shape[0]} inputs, gets {dim}")
+            rows.append([LINEAR, dim, weight.shape[1], put(weight), put(bias), 0])
+            dim = weight.shape[1]
+        elif name == "relu":
+            rows.append([RELU, dim, dim, 0, 0, 0])
+        elif name == "layernorm":
+            eps, weight, bias = params
+            rows.append([LAYERNORM, dim, dim, put(np.array([eps])), put(weight), put(bias)])
+        elif name == "affine":
+            scale, shift = params
+            rows.append([AFFINE, dim, dim, put(scale), put(shift), 0])
+        elif name != "flatten":  # rows are flat already: flatten is a no-op
+            raise Unsupported(name)
+        width = max(width, dim)
+    program = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    return program, np.concatenate(chunks) if chunks else np.zeros(0, np.float32), width, dim
 
 
 def _build(
     scaler: nn.Module, encoder: nn.Module, centroids: torch.Tensor, sigma: float,
     input_shape: tuple[int, ...],
-) -> NumpyAssign:
+) -> SingleAssign:
     ops = _lower(encoder)
     a, b = _affine_of(scaler, input_shape)
     if ops and ops[0][0] == "flatten":
@@ -138,40 +227,28 @@ def _build(
     w64 = weight.astype(np.float64)  # fold the scaler: (x a + b) W + c = x (a W) + (b W + c)
     ops[0] = ("linear", ((a[:, None] * w64).astype(np.float32),
                          (b @ w64 + bias).astype(np.float32)))
-    layers = [_op(name, params) for name, params in ops]
-    mu = centroids.detach().to("cpu", torch.float32).numpy()
-    mu_t2 = (-2.0 * mu).T.copy()
-    mu_sq = (mu.astype(np.float64) ** 2).sum(axis=1).astype(np.float32)
-    neg_half_inv_sigma = np.float32(-0.5 / sigma)
+    in_dim = math.prod(input_shape)
+    program, params, width, latent = _program(ops, in_dim)
+    mu = np.ascontiguousarray(centroids.detach().to("cpu", torch.float32).numpy())
+    if mu.ndim != 2 or mu.shape[1] != latent:
+        raise Unsupported(f"centroids of shape {tuple(mu.shape)} for latents of size {latent}")
+    neg_half_inv_sigma = float(np.float32(-0.5 / sigma))
 
     def assign(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = batch.reshape(len(batch), -1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            for layer in layers:
-                x = layer(x)
-        d = x @ mu_t2
-        d += mu_sq
-        d += (x * x).sum(axis=1, keepdims=True)
-        np.maximum(d, 0, out=d)
-        labels = d.argmin(axis=1)
-        dist = d[np.arange(len(d)), labels]
-        s = d * neg_half_inv_sigma
-        s -= s.max(axis=1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=1, keepdims=True)
-        return labels.astype(np.int64), dist, s
+        x = np.ascontiguousarray(batch, dtype=np.float32).reshape(len(batch), in_dim)
+        return _forward(x, program, params, width, mu, neg_half_inv_sigma)
 
     return assign
 
 
-def compile_numpy(
+def compile_single(
     scaler: nn.Module,
     encoder: nn.Module,
     centroids: torch.Tensor,
     sigma: float,
     input_shape: tuple[int, ...],
     reference: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
-) -> NumpyAssign | None:
+) -> SingleAssign | None:
     """NumPy (labels, distances, soft) for a batch, or ``None`` when it cannot be trusted.
 
     ``reference`` (default: the same computation in torch) is what the NumPy version must
@@ -180,7 +257,7 @@ def compile_numpy(
     try:
         fn = _build(scaler, encoder, centroids, sigma, tuple(input_shape))
     except Unsupported as exc:
-        log.info("no NumPy fast path (%s); single samples use torch", exc)
+        log.info("no compiled single-sample path (%s); single samples use torch", exc)
         return None
     if reference is None:
         def reference(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -201,6 +278,6 @@ def compile_numpy(
                         and np.allclose(want[1], got[1], rtol=1e-4, atol=1e-4)
                         and np.allclose(want[2], got[2], rtol=1e-4, atol=1e-5)
                         and all(math.isfinite(float(v)) for v in got[1])):
-                    log.warning("NumPy fast path disagrees with torch; single samples use torch")
+                    log.warning("compiled single-sample path disagrees with torch; using torch")
                     return None
     return fn

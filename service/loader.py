@@ -43,7 +43,7 @@ from torch import nn
 from model import OnlineClusterer, Snapshot
 from model.regularisers import sq_distances
 from model.snapshot import SnapshotError
-from service.fastpath import NumpyAssign, compile_numpy
+from service.fastpath import SingleAssign, compile_single
 
 if TYPE_CHECKING:
     from training_worker.store import SnapshotStore
@@ -88,9 +88,9 @@ class NearestCentroid:
     re-validating input the service has already validated).
 
     Single samples, the latency-critical case, take the fastest path that reproduces the torch
-    pipeline on random probes (``single_path``): ``"numpy"`` (MLP encoders lowered to NumPy,
-    see :mod:`service.fastpath`), else ``"traced"`` (TorchScript-traced and frozen), else
-    ``"eager"``. Batches always run in torch.
+    pipeline on random probes (``single_path``): ``"compiled"`` (MLP encoders lowered to one
+    numba kernel, see :mod:`service.fastpath`), else ``"traced"`` (TorchScript-traced and
+    frozen), else ``"eager"``. Batches always run in torch.
 
     Example:
         >>> import numpy as np
@@ -99,14 +99,14 @@ class NearestCentroid:
         >>> _ = clf.partial_fit(np.random.default_rng(0).normal(size=(64, 3)).astype("float32"))
         >>> nc = NearestCentroid.from_clusterer(clf)
         >>> nc(np.zeros((2, 3), "float32")).soft.shape, nc.single_path
-        ((2, 2), 'numpy')
+        ((2, 2), 'compiled')
     """
 
     def __init__(
         self,
         pipeline: nn.Module,
         device: torch.device,
-        single: NumpyAssign | None = None,
+        single: SingleAssign | None = None,
         single_path: str = "eager",
     ) -> None:
         self.pipeline = pipeline
@@ -127,11 +127,11 @@ class NearestCentroid:
         if not fast:
             return cls(pipeline, clf.device_)
         shape = tuple(clf.input_shape_)
-        single = compile_numpy(
+        single = compile_single(
             pipeline.scaler, pipeline.encoder, centroids, float(clf.sigma), shape, pipeline
         )
         if single is not None:
-            return cls(pipeline, clf.device_, single, "numpy")
+            return cls(pipeline, clf.device_, single, "compiled")
         traced = _trace(pipeline, shape, clf.device_)
         return cls(pipeline, clf.device_, traced, "traced")
 
@@ -152,7 +152,7 @@ class NearestCentroid:
 
 def _trace(
     pipeline: nn.Module, input_shape: tuple[int, ...], device: torch.device
-) -> NumpyAssign | None:
+) -> SingleAssign | None:
     """Traced + frozen single-sample pipeline, or ``None`` if it does not match eager mode."""
     gen = torch.Generator().manual_seed(0)
     probes = [torch.randn((1, *input_shape), generator=gen).to(device) * s for s in (0.5, 2, 8)]

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model import OnlineClusterer, Snapshot
 from model.snapshot import SnapshotError, pack_tensors
@@ -25,10 +27,10 @@ def _fit(shape: tuple[int, ...], seed: int = 0, k: int = 3, **kw: object) -> Onl
 @pytest.mark.parametrize(
     ("shape", "kw", "path"),
     [
-        ((5,), {}, "numpy"),
-        ((5,), {"standardize": False}, "numpy"),
-        ((5,), {"latent_norm": "batch"}, "numpy"),
-        ((5,), {"latent_norm": "none"}, "numpy"),
+        ((5,), {}, "compiled"),
+        ((5,), {"standardize": False}, "compiled"),
+        ((5,), {"latent_norm": "batch"}, "compiled"),
+        ((5,), {"latent_norm": "none"}, "compiled"),
         ((2, 12), {}, "traced"),
         ((6, 6), {"encoder": "cnn"}, "traced"),
     ],
@@ -155,3 +157,58 @@ def test_watcher_thread_starts_and_stops(tmp_path: Path) -> None:
     finally:
         watcher.stop()
     assert watcher._thread is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    layers=st.lists(st.sampled_from(["linear", "relu", "layernorm", "batchnorm"]), max_size=5),
+    width=st.integers(1, 9),
+    k=st.integers(1, 5),
+    scale=st.sampled_from([0.01, 1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_single_path_equals_torch(
+    layers: list[str], width: int, k: int, scale: float, seed: int
+) -> None:
+    from torch import nn
+
+    from service.fastpath import compile_single
+
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = [nn.Linear(4, width)]
+    for name in layers:
+        if name == "linear":
+            mods.append(nn.Linear(width, width))
+        elif name == "relu":
+            mods.append(nn.ReLU())
+        elif name == "layernorm":
+            mods.append(nn.LayerNorm(width))
+        else:
+            bn = nn.BatchNorm1d(width).eval()
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            mods.append(bn)
+    enc = nn.Sequential(*mods).eval()
+    centroids = torch.randn(k, width)
+    fn = compile_single(nn.Identity(), enc, centroids, sigma=1.0, input_shape=(4,))
+    assert fn is not None
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)) * scale
+    with torch.no_grad():
+        d = torch.cdist(enc(x), centroids) ** 2
+    labels, dist, soft = fn(x.numpy())
+    np.testing.assert_allclose(dist, d.min(dim=1).values.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(soft, torch.softmax(-0.5 * d, dim=1).numpy(), rtol=1e-3, atol=1e-5)
+    close = d.numpy()[np.arange(3), labels] <= d.min(dim=1).values.numpy() + 1e-4
+    assert close.all()  # the chosen centroid is a nearest one (ties within rounding)
+
+
+def test_compiled_single_path_turns_overflow_into_nan() -> None:
+    from torch import nn
+
+    from service.fastpath import compile_single
+
+    enc = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    fn = compile_single(nn.Identity(), enc, torch.randn(2, 4), sigma=1.0, input_shape=(3,))
+    assert fn is not None
+    labels, dist, _ = fn(np.full((1, 3), 3e38, np.float32))
+    assert labels.tolist() in ([0], [1]) and np.isnan(dist).all()
