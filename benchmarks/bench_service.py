@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -94,14 +95,22 @@ async def _closed_loop(port: int, request: bytes, connections: int, duration: fl
 async def _open_loop(port: int, request: bytes, rate: float, duration: float) -> dict:
     latencies: list[float] = []
     errors = 0
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    # FIFO, so every pooled connection stays busy: uvicorn closes keep-alive connections
+    # idle for 5 s, and a stale one is replaced (once) like any HTTP client would
+    idle: collections.deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        collections.deque())
     for _ in range(8):
         idle.append(await _open(port))
 
     async def one(scheduled: float) -> None:
         nonlocal errors
-        conn = idle.pop() if idle else await _open(port)
-        status = await _roundtrip(*conn, request)
+        conn = idle.popleft() if idle else await _open(port)
+        try:
+            status = await _roundtrip(*conn, request)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            conn[1].close()
+            conn = await _open(port)
+            status = await _roundtrip(*conn, request)
         latencies.append(time.perf_counter() - scheduled)  # includes any wait to be sent
         errors += status != 200
         idle.append(conn)
