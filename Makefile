@@ -9,6 +9,7 @@ $(BIN)/oclust: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0   # CPU wheel; a plain `torch` requirement would pull CUDA
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c 'from service.fastpath import warm_up; warm_up()'  # numba compiles once, here
 	touch $@
 
 install: $(BIN)/oclust

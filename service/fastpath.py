@@ -281,3 +281,21 @@ def compile_single(
                     log.warning("compiled single-sample path disagrees with torch; using torch")
                     return None
     return fn
+
+
+def warm_up() -> None:
+    """Compile the numba kernels (this module's and CA's) now, or load them from numba's cache.
+
+    A fresh install otherwise pays several seconds of compilation when the first snapshot is
+    loaded; ``make install`` calls this once so that ``oclust up`` is ready sooner.
+
+    Example:
+        >>> warm_up()
+    """
+    from model.assign import combination_assignment
+
+    x = np.zeros((1, 2), np.float32)
+    program, params, width, _ = _program([("linear", (np.ones((2, 2), np.float32),
+                                                      np.zeros(2, np.float32)))], 2)
+    _forward(x, program, params, width, np.zeros((1, 2), np.float32), -0.5)
+    combination_assignment(np.zeros((2, 2)), 1.0)
