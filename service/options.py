@@ -136,7 +136,9 @@ def settings_command(
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
         taken = {p.name for p in own}
-        names = [n for n in cls.model_fields if n not in exclude and n not in taken]
+        own_fields = cls.__annotations__  # the class's own fields first, then inherited ones
+        names = sorted((n for n in cls.model_fields if n not in exclude and n not in taken),
+                       key=lambda n: n not in own_fields)
         generated = [
             inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None,
                               annotation=field_option(cls, n, **overrides.get(n, {})))
