@@ -1,4 +1,4 @@
-"""Real datasets that install offline with a package (DESIGN.md §5). Nothing is downloaded.
+"""Real datasets that install offline with a package (ARCHITECTURE.md §4). Nothing is downloaded.
 
 | name | source | shape | classes |
 | --- | --- | --- | --- |

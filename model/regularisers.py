@@ -1,4 +1,4 @@
-"""Partition-support regularisers behind one interface (DESIGN.md §1.2).
+"""Partition-support regularisers behind one interface (ARCHITECTURE.md §1.2).
 
 A regulariser receives a :class:`Batch` (inputs, latents, centroids, the N×K squared distances,
 sigma, the log prior and the encoder) and returns the batch's hard labels and the loss to

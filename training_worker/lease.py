@@ -1,4 +1,4 @@
-"""One active trainer per namespace (DESIGN.md §3): a lease, renewed while training.
+"""One active trainer per namespace (ARCHITECTURE.md §3): a lease, renewed while training.
 
 * Redis: ``SET NS:lease <owner> NX PX ttl``; the holder renews it (a script extends it only
   if the value is still its own) and deletes it on exit (same check). A standby retries until
