@@ -121,10 +121,6 @@ class Regulariser(nn.Module):
     def after_step(self, centroids: torch.Tensor) -> None:
         """Hook run after each optimiser step (e.g. to update a moving average); default: none."""
 
-    def extra_state_dict(self) -> dict[str, torch.Tensor]:
-        """Non-parameter tensors to snapshot (parameters are saved automatically)."""
-        return {}
-
 
 @register
 class NoRegulariser(Regulariser):
