@@ -50,6 +50,8 @@ _RegulariserOpt = field_option(WorkerSettings, "regulariser")
 _PriorOpt = field_option(WorkerSettings, "prior")
 _BatchSizeOpt = field_option(WorkerSettings, "batch_size")
 _SeedOpt = field_option(WorkerSettings, "seed")
+_HostOpt = field_option(ServiceSettings, "host")
+_PortOpt = field_option(ServiceSettings, "port")
 
 IN_PROCESS = "in-process"
 DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2}
@@ -253,8 +255,8 @@ async def run_up(
 def up_command(
     dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows) or "
                                      "daphnet (a reading stream cut into windows)")] = "digits",
-    host: Annotated[str, Opt(help="bind address of the service")] = "127.0.0.1",
-    port: Annotated[int, Opt(min=0, max=65535, help="port of the service")] = 8000,
+    host: _HostOpt = None,
+    port: _PortOpt = None,
     store: _StoreOpt = None,
     namespace: Annotated[str | None, Opt(help="snapshot namespace (default up-DATASET)")] = None,
     bootstrap_servers: Annotated[

@@ -20,13 +20,22 @@ from typing import Annotated
 
 import typer
 
-from service.options import LogLevelOpt, SettingsCommand, fail, settings_command, setup_logging
-from training_worker.settings import TrainSettings, WorkerSettings
+from service.options import (
+    LogLevelOpt,
+    SettingsCommand,
+    build_settings,
+    fail,
+    field_option,
+    settings_command,
+    setup_logging,
+)
+from training_worker.settings import KafkaSettings, TrainSettings, WorkerSettings
 
 __all__ = ["produce_command", "register", "train_command", "worker_command"]
 
 Opt = typer.Option
 DATASET_HELP = "digits, segments, basic_motions or daphnet"
+_BootstrapOpt = field_option(KafkaSettings, "bootstrap_servers")
 
 
 @settings_command(WorkerSettings)
@@ -54,9 +63,7 @@ def worker_command(settings: WorkerSettings, log_level: LogLevelOpt = "info") ->
 def produce_command(
     dataset: Annotated[str, Opt(help=DATASET_HELP)],
     topic: Annotated[str, Opt(help="topic to write to (created if missing)")],
-    bootstrap_servers: Annotated[
-        str, Opt(envvar="OCLUST_BOOTSTRAP_SERVERS", help="Kafka HOST:PORT")
-    ] = "127.0.0.1:9092",
+    bootstrap_servers: _BootstrapOpt = None,
     rate: Annotated[float | None, Opt(min=0.001, help="messages per second (default: max)")] = (
         None
     ),
@@ -72,6 +79,9 @@ def produce_command(
 
     from training_worker.producer import replay
 
+    bootstrap_servers = build_settings(
+        KafkaSettings, {"bootstrap_servers": bootstrap_servers}
+    ).bootstrap_servers
     try:
         sent = asyncio.run(replay(
             bootstrap_servers, topic, dataset, rate=rate, limit=limit, loop=loop, binary=binary,

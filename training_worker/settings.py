@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_STORE",
+    "KafkaSettings",
     "ModelSettings",
     "StoreLocation",
     "StoreSettings",
@@ -130,11 +131,16 @@ class ModelSettings(_Env):
         return value if k is None else check_prior(value, k)
 
 
-class WorkerSettings(StoreSettings, ModelSettings):
+class KafkaSettings(_Env):
+    """Where Kafka is (``oclust worker`` and ``oclust produce``)."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka HOST:PORT[,HOST:PORT]")
+
+
+class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     """Everything ``oclust worker`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
 
-    # where from
-    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka HOST:PORT[,HOST:PORT]")
+    # where from (bootstrap_servers: KafkaSettings)
     topic: str = Field("oclust-samples", description="topic to learn from")
     group_id: str | None = Field(None, description="consumer group (default oclust-NAMESPACE)")
     auto_offset_reset: Literal["earliest", "latest"] = Field(
