@@ -44,13 +44,23 @@ from model.priors import OnlinePrior, resolve_prior
 from model.regularisers import REGULARISERS, Batch, make_regulariser, sq_distances
 from model.snapshot import Snapshot, SnapshotError, pack_tensors, unpack_tensors
 
-__all__ = ["OnlineClusterer", "StepReport"]
+__all__ = ["EXPECTED_FAILED_CHECKS", "OnlineClusterer", "StepReport"]
 
 DEFAULT_SIGMA = 10.0
 DEFAULT_LATENT_DIM = 128
 INFERENCE_ROWS = 4096  # most samples pushed through the encoder at once by predict & co.
 INFERENCE_BYTES = 32 * 2**20  # and a bound on one chunk's widest activation, in bytes
 _F32_MAX = float(np.finfo(np.float32).max)
+
+#: The scikit-learn estimator checks OnlineClusterer is known to fail, with the reason; pass it
+#: as ``check_estimator(..., expected_failed_checks=EXPECTED_FAILED_CHECKS)``.
+EXPECTED_FAILED_CHECKS = {
+    "check_methods_subset_invariance": (
+        "transform runs the encoder in float32: BLAS computes one row and a batch of rows in a "
+        "different order, so latents differ in the last float32 bits (about 5e-7, over the "
+        "check's atol of 1e-7); predict and soft_assign agree"
+    ),
+}
 _GENERATORS = (np.random.RandomState, np.random.Generator)
 
 
