@@ -120,8 +120,8 @@ def _check_finite(arr: np.ndarray) -> None:
     """
     if arr.dtype.kind != "f":
         return
-    lo, hi = arr.min(), arr.max()
-    if np.isfinite(lo) and np.isfinite(hi) and lo >= -_F32_MAX and hi <= _F32_MAX:
+    lo, hi = float(arr.min()), float(arr.max())  # NaN propagates; float: no float16 overflow
+    if lo >= -_F32_MAX and hi <= _F32_MAX:
         return
     bad: list[int] = []
     for start in range(0, len(arr), INFERENCE_ROWS):
@@ -427,8 +427,8 @@ class OnlineClusterer(
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
         """``arr`` as a contiguous float32 tensor on the model's device (no copy when it is one)."""
         chunk = np.ascontiguousarray(arr, dtype=np.float32)
-        if not chunk.flags.writeable:  # torch wants writable memory (a read-only input)
-            chunk = chunk.copy()
+        if not chunk.flags.writeable or min(chunk.strides) < 0:  # read-only; or a reversed
+            chunk = chunk.copy()  # axis of length 1, "contiguous" to numpy but not to torch
         return torch.from_numpy(chunk).to(self.device_)
 
     def partial_fit(self, X: Any, y: Any = None) -> OnlineClusterer:
