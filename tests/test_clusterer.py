@@ -14,7 +14,7 @@ def _data(n: int = 300, d: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def _small(**kw) -> OnlineClusterer:
-    return OnlineClusterer(n_clusters=3, latent_dim=8, hidden=(16,), seed=0, **kw)
+    return OnlineClusterer(n_clusters=3, latent_dim=8, hidden=(16,), random_state=0, **kw)
 
 
 def test_nothing_is_built_in_the_constructor():
@@ -28,48 +28,67 @@ def test_nothing_is_built_in_the_constructor():
     ("prior", "match"),
     [([0.5, 0.5], "length"), ([0.5, 0.6, -0.1], "positive"), ([0.2, 0.2, 0.2], "sum to 1")],
 )
-def test_bad_prior_rejected_at_construction(prior, match):
+def test_bad_prior_rejected_before_any_training(prior, match):
+    clf = OnlineClusterer(n_clusters=3, prior=prior)  # scikit-learn: __init__ only stores
+    assert clf.prior is prior
     with pytest.raises(ValueError, match=match):
-        OnlineClusterer(n_clusters=3, prior=prior)
+        clf.validate_params()
+    with pytest.raises(ValueError, match=match):
+        clf.partial_fit(_data(8))
+    assert not clf.is_fitted
 
 
-def test_bad_parameters_rejected():
-    with pytest.raises(ValueError, match="unknown regulariser"):
-        OnlineClusterer(regulariser="kmeans")
-    with pytest.raises(ValueError, match="sigma"):
-        OnlineClusterer(sigma=0)
-    with pytest.raises(ValueError, match="n_clusters"):
-        OnlineClusterer(n_clusters=0)
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"regulariser": "kmeans"}, "unknown regulariser"),
+        ({"sigma": 0}, "sigma"),
+        ({"n_clusters": 0}, "n_clusters"),
+        ({"random_state": "x"}, "random_state"),
+        ({"init": "zeros"}, "init"),
+    ],
+)
+def test_bad_parameters_rejected_by_fit(params, match):
+    with pytest.raises(ValueError, match=match):
+        OnlineClusterer(**params).fit(_data(8))
+    with pytest.raises(ValueError, match=match):
+        OnlineClusterer(**params).validate_params()
 
 
 def test_bad_batches_raise_clear_value_errors():
     clf = _small()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="0 sample"):
         clf.partial_fit(np.zeros((0, 8)))
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="Reshape your data"):
         clf.partial_fit(np.zeros(8))
-    with pytest.raises(ValueError, match="numbers"):
+    with pytest.raises(ValueError, match="numeric"):
         clf.partial_fit([["a", "b"]])
     bad = _data(10)
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         clf.partial_fit(bad)
     clf.partial_fit(_data(10))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="X has 7 features, but OnlineClusterer is expecting 8"):
         clf.partial_fit(np.zeros((4, 7)))
-    inf = _data(2)
-    inf[0, 0] = np.inf
-    with pytest.raises(ValueError, match="infinite"):
+    inf = _data(3)
+    inf[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"infinite .*\(samples \[2\]\)"):
         clf.predict(inf)
+    with pytest.raises(ValueError, match="float32"):  # finite in float64, inf in float32
+        clf.predict(np.full((2, 8), 1e300))
+    with pytest.raises(ValueError, match="Reshape your data"):  # one sample needs its batch axis
+        clf.predict(_data(1)[0])
 
 
-def test_partial_fit_report_and_single_point_predict():
+def test_partial_fit_returns_self_with_its_report_and_single_point_predict():
     clf = _small()
-    rep = clf.partial_fit(_data(64))
+    assert clf.partial_fit(_data(64)) is clf
+    rep = clf.last_step_
     assert rep.labels.shape == (64,) and rep.n == 64
+    np.testing.assert_array_equal(clf.labels_, rep.labels)
     assert 0 <= rep.hard_entropy <= np.log(3) + 1e-9
     assert rep.kl_star >= 0 and np.isfinite(rep.loss)
-    assert clf.predict(_data(1)[0]).shape == (1,)
+    assert clf.predict(_data(1)).shape == (1,)
     labels, dist = clf.assign(_data(5))
     assert labels.dtype == np.int64 and (dist >= 0).all()
     soft = clf.soft_assign(_data(5))
@@ -102,7 +121,7 @@ def test_snapshot_round_trip_gives_identical_predictions(shape, kind):
     np.testing.assert_array_equal(back.predict(X), clf.predict(X))
     np.testing.assert_allclose(back.transform(X), clf.transform(X))
     # training continues identically, optimiser state included
-    ra, rb = clf.partial_fit(X[:32]), back.partial_fit(X[:32])
+    ra, rb = clf.partial_fit(X[:32]).last_step_, back.partial_fit(X[:32]).last_step_
     assert ra.loss == pytest.approx(rb.loss)
     np.testing.assert_allclose(back.transform(X), clf.transform(X), atol=1e-5)
 
@@ -136,7 +155,7 @@ def test_non_uniform_prior_keeps_imbalance():
     rng = np.random.default_rng(0)
     y = rng.choice(2, size=2000, p=[0.8, 0.2])
     X = (np.array([[0.0] * 4, [3.0] * 4])[y] + rng.normal(size=(2000, 4))).astype(np.float32)
-    clf = OnlineClusterer(2, prior=[0.8, 0.2], latent_dim=8, hidden=(16,), seed=0)
+    clf = OnlineClusterer(2, prior=[0.8, 0.2], latent_dim=8, hidden=(16,), random_state=0)
     clf.fit(X, epochs=3, batch_size=200)
     share = np.bincount(clf.predict(X), minlength=2) / len(X)
     assert share.max() > 0.65

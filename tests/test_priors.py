@@ -63,7 +63,7 @@ def test_bad_prior_options_are_clear_errors(prior, match):
     with pytest.raises(ValueError, match=match):
         resolve_prior(prior, 2)
     with pytest.raises(ValueError, match=match):
-        OnlineClusterer(n_clusters=2, prior=prior)
+        OnlineClusterer(n_clusters=2, prior=prior).validate_params()
 
 
 def test_online_prior_converges_to_the_true_frequencies_on_an_imbalanced_stream():
@@ -88,7 +88,7 @@ def test_online_prior_is_in_the_manifest_and_restored():
     np.testing.assert_allclose(snap.manifest["prior"], clf.prior_)
     clone = OnlineClusterer.from_snapshot(snap)
     np.testing.assert_allclose(clone.prior_, clf.prior_)
-    a, b = clf.partial_fit(X[:150]), clone.partial_fit(X[:150])
+    a, b = clf.partial_fit(X[:150]).last_step_, clone.partial_fit(X[:150]).last_step_
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_allclose(clone.prior_, clf.prior_)
 

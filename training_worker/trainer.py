@@ -93,7 +93,7 @@ class Trainer:
         """One ``partial_fit`` on ``batch``; ``None`` if the model refused it (logged)."""
         t0 = time.perf_counter()
         try:
-            report = self.model.partial_fit(batch.x)
+            report = self.model.partial_fit(batch.x).last_step_
         except ValueError as exc:
             self.failed_steps += 1
             log.error("training step on %d samples failed, batch skipped: %s", len(batch), exc)

@@ -237,7 +237,7 @@ class TrainingWorker:
             model = OnlineClusterer(
                 n_clusters=s.n_clusters, regulariser=s.regulariser, lr=s.lr, device=s.device,
                 seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), **params,
-            )
+            ).validate_params()
             log.info("no snapshot in %s namespace %r: starting a fresh %r model, K=%d",
                      self.store.url, s.namespace, s.regulariser, s.n_clusters)
         else:
