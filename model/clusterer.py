@@ -24,7 +24,7 @@ from torch import nn
 from model import metrics
 from model.encoders import EncoderConfig, build_encoder
 from model.priors import OnlinePrior, resolve_prior
-from model.regularisers import REGULARISERS, Batch, make_regulariser, sq_distances
+from model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
 from model.snapshot import Snapshot, SnapshotError, pack_tensors, unpack_tensors
 
 __all__ = ["OnlineClusterer", "StepReport"]
@@ -361,20 +361,27 @@ class OnlineClusterer:
         """Latents f(x), shape (N, latent_dim)."""
         return self._distances(X)[0].cpu().numpy()
 
+    @torch.inference_mode()
+    def _serve(self, X: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The served rule (:func:`model.regularisers.serve`): labels, distances, logits."""
+        z, d = self._distances(X)
+        return serve(z, d.double(), self.sigma, self.reg_.serving_head())
+
     def assign(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest centroid and its squared distance for each sample (no regulariser)."""
-        d = self._distances(X)[1]
-        dist, labels = d.min(dim=1)
+        """Served cluster and its squared distance to that serving centroid for each sample:
+        the nearest centroid, or the method's own rule (CM/AE-CM: argmax gamma)."""
+        labels, dist, _ = self._serve(X)
         return labels.cpu().numpy().astype(np.int64), dist.double().cpu().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        """Nearest-centroid cluster of each sample; a single sample is accepted."""
+        """Served cluster of each sample (see :meth:`assign`); a single sample is accepted."""
         return self.assign(X)[0]
 
     def soft_assign(self, X: Any) -> np.ndarray:
-        """Responsibilities softmax(-D / (2 sigma)), shape (N, K)."""
-        d = self._distances(X)[1]
-        return torch.softmax(-d.double() / (2.0 * self.sigma), dim=1).cpu().numpy()
+        """Soft assignments, shape (N, K): softmax(-D / (2 sigma)), or the method's own
+        (CM/AE-CM: gamma)."""
+        logits = self._serve(X)[2]
+        return torch.softmax(logits.double(), dim=1).cpu().numpy()
 
     # ----------------------------------------------------------------- snapshots
     def to_snapshot(
