@@ -96,8 +96,9 @@ class NearestCentroid:
 
     Single samples, the latency-critical case, take the fastest path that reproduces the torch
     pipeline on random probes (``single_path``): ``"compiled"`` (MLP encoders lowered to one
-    numba kernel, see :mod:`service.fastpath`), else ``"traced"`` (TorchScript-traced and
-    frozen), else ``"eager"``. Batches always run in torch.
+    numba kernel, see :mod:`service.fastpath`; nearest-centroid methods only), else ``"traced"``
+    (TorchScript-traced and frozen; also CM/AE-CM, whose argmax-gamma head it applies), else
+    ``"eager"``. Batches always run in torch.
 
     Example:
         >>> import numpy as np
