@@ -10,7 +10,7 @@ import torch
 
 from model import OnlineClusterer, datasets
 from model.regularisers import Batch, make_regulariser
-from model.seeds import drc_contrast, nt_xent
+from model.seeds import drc_contrast, gumbel_softmax, nt_xent
 from service.app import create_app
 from service.loader import LoadedModel, ModelHolder
 from service.settings import ServiceSettings
@@ -118,3 +118,25 @@ def test_drc_contrasts_the_k_dimensional_assignment_features(monkeypatch, contra
 def test_drc_rejects_an_unknown_contrast() -> None:
     with pytest.raises(ValueError, match="contrast must be"):
         make_regulariser("drc", contrast="simclr")
+
+
+# --------------------------------------------------------------------------- TCC
+def test_tcc_loss_is_the_documented_sum(monkeypatch) -> None:
+    batch, z1, z2 = _drc_batch()
+    reg = make_regulariser("tcc", lam=0.5)
+    reg.build((4,), 4, 3)
+    monkeypatch.setattr(reg, "_views", lambda _b: (z1, z2, torch.Generator().manual_seed(7)))
+    loss = reg(batch).loss
+    mu, g = batch.centroids, torch.Generator().manual_seed(7)
+    logq1 = torch.log_softmax(-((z1[:, None] - mu[None]) ** 2).sum(-1) / 4.0, 1)
+    logq2 = torch.log_softmax(-((z2[:, None] - mu[None]) ** 2).sum(-1) / 4.0, 1)
+    pi1, pi2 = gumbel_softmax(logq1, 1.0, g), gumbel_softmax(logq2, 1.0, g)
+    h1, h2 = z1 / z1.norm(dim=1, keepdim=True), z2 / z2.norm(dim=1, keepdim=True)
+    r1 = pi1.T @ h1
+    r2 = pi2.T @ h2
+    r1, r2 = r1 / r1.norm(dim=1, keepdim=True), r2 / r2.norm(dim=1, keepdim=True)
+    q_bar = (logq1.exp().mean(0) + logq2.exp().mean(0)) / 2
+    kl = (q_bar * (q_bar.log() - math.log(1 / 3))).sum()  # KL of the batch marginal, uniform p
+    # cluster contrast (tau 1) + unconditioned instance contrast (tau 0.5): the documented form
+    want = nt_xent(r1, r2, 1.0) + nt_xent(h1, h2, 0.5) + 0.5 * kl
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
