@@ -101,7 +101,7 @@ def test_ss_is_drc_eq9_with_its_n_factor():
 
 def test_varm_is_the_variance_of_the_unnormalised_memberships():
     batch = _given([[0.0, 2.0], [2.0, 6.0]], sigma=0.5)  # s = -D: cluster means -1 and -4
-    assert float(membership_variance(batch.distances, 0.5)) == pytest.approx(2.25)
+    assert float(membership_variance(batch.distances.detach(), 0.5)) == pytest.approx(2.25)
     out = make_regulariser("varm", lam=1.0)(batch)
     assert out.labels.tolist() == [0, 0]
     assert float(out.loss.detach()) == pytest.approx((0.0 + 2.0) / 2 + 1.0 * 2.25, rel=1e-6)
