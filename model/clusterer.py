@@ -19,6 +19,7 @@ It is a scikit-learn estimator (``clone``, pipelines, ``fit_predict``, ``fit_tra
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ from torch import nn
 
 from model import metrics
 from model.encoders import EncoderConfig, build_encoder
+from model.inference import SERVING_PREFIX, CompiledInference, Inference
+from model.inference_torch import TorchInference
 from model.priors import OnlinePrior, resolve_prior
 from model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
 from model.snapshot import Snapshot, SnapshotError, pack_tensors, unpack_tensors
@@ -98,12 +101,19 @@ class RunningScaler(nn.Module):
         self.m2 += m2_b + delta**2 * (n_a * n_b / total)
         self.count += n_b
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) in float64 that :meth:`forward` standardises with; ``None``: identity."""
         if self.count.item() < 2:
-            return x
+            return None
         std = (self.m2 / (self.count - 1)).sqrt()
         std = torch.where(std < 1e-6, torch.ones_like(std), std)  # constant features pass through
-        return (x - self._expand(self.mean).to(x)) / self._expand(std).to(x)
+        return self.mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = self.moments()
+        if stats is None:
+            return x
+        return (x - self._expand(stats[0]).to(x)) / self._expand(stats[1]).to(x)
 
     def _expand(self, stat: torch.Tensor) -> torch.Tensor:
         shape = [1] * (len(self.reduce_dims) + stat.dim())
@@ -595,6 +605,7 @@ class OnlineClusterer(
         tensors |= {f"encoder.{k}": v for k, v in self.encoder_.state_dict().items()}
         tensors |= {f"reg.{k}": v for k, v in self.reg_.state_dict().items()}
         tensors |= {f"scaler.{k}": v for k, v in self.scaler_.state_dict().items()}
+        tensors |= {SERVING_PREFIX + k: v for k, v in self._serving_tail().items()}
         for i, p in enumerate(self._parameters()):
             for key, value in self.optimizer_.state.get(p, {}).items():
                 tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
@@ -622,10 +633,65 @@ class OnlineClusterer(
         }
         return Snapshot.create(pack_tensors(tensors), manifest)
 
+    @torch.no_grad()
+    def _serving_tail(self) -> dict[str, torch.Tensor]:
+        """What the compiled kernel needs besides the encoder's weights (the ``serving.*``
+        tensors, see :data:`model.inference.SERVING_PREFIX`); empty when it cannot run the
+        served rule (a head that is not one linear layer), so the model is served by torch."""
+        tail = {"centroids": self.reg_.serving_centroids(self.centroids_).detach().float()}
+        head = self.reg_.serving_head()
+        if head is not None:
+            if not isinstance(head, nn.Linear) or head.bias is None:
+                return {}
+            tail |= {"head.weight": head.weight.float(), "head.bias": head.bias.float()}
+        stats = self.scaler_.moments() if self.standardize else None
+        if stats is not None:  # per feature for an MLP: what the kernel standardises with
+            tail |= {"scaler.mean": stats[0].float(), "scaler.std": stats[1].float()}
+        return {k: v.detach().cpu().contiguous() for k, v in tail.items()}
+
+    def export(self) -> Inference:
+        """The inference-only serving pipeline, frozen now (further training does not change
+        it): scaler -> encoder -> serving centroids -> the served rule, answering as
+        :meth:`assign` and :meth:`soft_assign`. A numba kernel for MLP encoders (no torch at
+        call time), torch for the others; see :mod:`model.inference`.
+
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+        >>> clf = OnlineClusterer(3, latent_dim=4, random_state=0, device="cpu").fit(X)
+        >>> inf = clf.export()
+        >>> inf.backend, bool((inf(X).labels == clf.predict(X)).all())
+        ('compiled', True)
+        """
+        self._check_fitted()
+        tail = self._serving_tail()
+        if self.encoder_config_.kind == "mlp" and tail:
+            arrays = {f"encoder.{k}": v.detach().cpu().numpy()
+                      for k, v in self.encoder_.state_dict().items()}
+            arrays |= {SERVING_PREFIX + k: v.numpy() for k, v in tail.items()}
+            return CompiledInference.from_arrays(self.encoder_config_, float(self.sigma), arrays)
+        with torch.no_grad():
+            centroids = self.reg_.serving_centroids(self.centroids_).detach().clone()
+        head = self.reg_.serving_head()
+        return TorchInference(
+            copy.deepcopy(self.scaler_) if self.standardize else None,
+            copy.deepcopy(self.encoder_).eval(),
+            centroids,
+            float(self.sigma),
+            copy.deepcopy(head).eval() if head is not None else None,
+            self.input_shape_,
+            self.device_,
+        )
+
     @classmethod
-    def from_snapshot(cls, snapshot: Snapshot, device: str = "auto") -> OnlineClusterer:
-        """Rebuild a clusterer that predicts exactly as the one that made the snapshot."""
-        snapshot.verify()
+    def from_snapshot(
+        cls, snapshot: Snapshot, device: str = "auto", verify: bool = True
+    ) -> OnlineClusterer:
+        """Rebuild a clusterer that predicts exactly as the one that made the snapshot.
+
+        ``verify=False`` skips the checksum of a snapshot that was verified already.
+        """
+        if verify:
+            snapshot.verify()
         m = snapshot.manifest
         try:
             enc = EncoderConfig.from_dict(m["encoder"])

@@ -2,7 +2,8 @@
 
 Three families, chosen from the per-sample input shape unless configured:
 ``mlp`` for feature vectors (D,), ``conv1d`` for multichannel windows (C, T), ``cnn`` for
-single-channel images (H, W) or (1, H, W).
+single-channel images (H, W) or (1, H, W). :class:`EncoderConfig` lives in the torch-free
+:mod:`model.encoder_config` (re-exported here), so the manifest can be read without torch.
 
 Example:
     >>> import torch
@@ -14,70 +15,12 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 from torch import nn
 
+from model.encoder_config import ENCODERS, NORM_EPS, EncoderConfig
+
 __all__ = ["ENCODERS", "EncoderConfig", "build_encoder"]
-
-ENCODERS = ("mlp", "conv1d", "cnn")
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Everything needed to rebuild an encoder (stored in the snapshot manifest)."""
-
-    kind: str
-    input_shape: tuple[int, ...]
-    latent_dim: int = 128
-    hidden: tuple[int, ...] = field(default=(512,))
-    latent_norm: str = "layer"  # "layer" | "batch" | "none": keeps latents from shrinking
-
-    @classmethod
-    def for_shape(
-        cls,
-        input_shape: tuple[int, ...],
-        latent_dim: int = 128,
-        kind: str = "auto",
-        hidden: tuple[int, ...] | None = None,
-        latent_norm: str = "layer",
-    ) -> EncoderConfig:
-        """Pick the encoder family from the per-sample shape (``kind="auto"``)."""
-        shape = tuple(int(s) for s in input_shape)
-        if kind == "auto":
-            if len(shape) == 1:
-                kind = "mlp"
-            elif len(shape) == 2 and shape[0] <= 32 and shape[1] > shape[0]:
-                kind = "conv1d"  # channels × time
-            elif len(shape) in (2, 3):
-                kind = "cnn"
-            else:
-                raise ValueError(f"no encoder for per-sample shape {shape}")
-        if kind not in ENCODERS:
-            raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
-        default_hidden = {"mlp": (512,), "conv1d": (32, 64), "cnn": (32, 64)}[kind]
-        return cls(
-            kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-able form for the manifest."""
-        d = asdict(self)
-        d["input_shape"] = list(self.input_shape)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> EncoderConfig:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            str(d["kind"]),
-            tuple(int(s) for s in d["input_shape"]),  # type: ignore[union-attr]
-            int(d["latent_dim"]),  # type: ignore[arg-type]
-            tuple(int(h) for h in d["hidden"]),  # type: ignore[union-attr]
-            str(d.get("latent_norm", "none")),
-        )
 
 
 class MLPEncoder(nn.Module):
@@ -139,9 +82,9 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     """Instantiate the encoder a config describes, with its latent normalisation."""
     body = {"mlp": MLPEncoder, "conv1d": Conv1dEncoder, "cnn": CNNEncoder}[cfg.kind](cfg)
     if cfg.latent_norm == "batch":
-        return nn.Sequential(body, nn.BatchNorm1d(cfg.latent_dim, affine=False))
+        return nn.Sequential(body, nn.BatchNorm1d(cfg.latent_dim, NORM_EPS, affine=False))
     if cfg.latent_norm == "layer":
-        return nn.Sequential(body, nn.LayerNorm(cfg.latent_dim, elementwise_affine=False))
+        return nn.Sequential(body, nn.LayerNorm(cfg.latent_dim, NORM_EPS, elementwise_affine=False))
     if cfg.latent_norm == "none":
         return body
     raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}; choose batch, layer or none")

@@ -1,5 +1,8 @@
 """Snapshot format: safetensors weights plus a JSON manifest (ARCHITECTURE.md §3). Never pickle.
 
+Reading needs no torch: :func:`unpack_arrays` gives NumPy arrays (``safetensors.numpy``);
+:func:`pack_tensors` and :func:`unpack_tensors` import torch when called.
+
 Example:
     >>> from model.snapshot import Snapshot, pack_tensors, unpack_tensors
     >>> import torch
@@ -14,13 +17,14 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+import numpy as np
 
-__all__ = ["FORMAT", "Snapshot", "SnapshotError", "pack_tensors", "unpack_tensors"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FORMAT", "Snapshot", "SnapshotError", "pack_tensors", "unpack_arrays", "unpack_tensors"]
 
 FORMAT = "oclust-snapshot/1"
 
@@ -31,11 +35,31 @@ class SnapshotError(ValueError):
 
 def pack_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     """Serialise named tensors to safetensors bytes (copied to contiguous CPU memory)."""
+    from safetensors.torch import save as st_save
+
     return st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
 
 
 def unpack_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes; raises :class:`SnapshotError` on garbage."""
+    """Parse safetensors bytes into torch tensors; raises :class:`SnapshotError` on garbage."""
+    from safetensors.torch import load as st_load
+
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise SnapshotError(f"weights are not valid safetensors: {exc}") from exc
+
+
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes into NumPy arrays, without torch; :class:`SnapshotError` on garbage.
+
+    >>> import numpy as np
+    >>> from safetensors.numpy import save
+    >>> unpack_arrays(save({"w": np.ones((2, 2), np.float32)}))["w"].dtype
+    dtype('float32')
+    """
+    from safetensors.numpy import load as st_load
+
     try:
         return st_load(data)
     except Exception as exc:  # safetensors raises its own error types
