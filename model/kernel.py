@@ -196,15 +196,15 @@ def compile_program(
         else:
             raise ValueError(f"unknown op {name!r}")
         width = max(width, dim)
-    mu = np.ascontiguousarray(centroids, dtype=np.float32)
+    mu = np.array(centroids, dtype=np.float32, order="C")  # copies: the kernel owns its arrays
     if mu.ndim != 2 or mu.shape[1] != dim:
         raise ValueError(f"centroids of shape {mu.shape} for latents of size {dim}")
     head_w, head_b = np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
     if head is not None:
         if head[0].shape != (mu.shape[0], dim) or head[1].shape != (mu.shape[0],):
             raise ValueError(f"head of shape {head[0].shape} for {mu.shape[0]} clusters")
-        head_w = np.ascontiguousarray(head[0].T, dtype=np.float32)
-        head_b = np.ascontiguousarray(head[1], dtype=np.float32)
+        head_w = np.array(head[0].T, dtype=np.float32, order="C")
+        head_b = np.array(head[1], dtype=np.float32)
     program = np.array(rows, dtype=np.int64).reshape(-1, 6)
     params = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return Kernel(program, params, width, int(in_dim), mu, float(np.float32(-0.5 / sigma)),
