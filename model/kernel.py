@@ -3,7 +3,8 @@
 For one sample, torch spends most of its time in per-operator overhead, not in arithmetic. Here
 the whole serving pipeline (standardise -> linear/ReLU/normalisation layers -> squared distances
 to the centroids -> the served rule -> softmax) is a small *program* of rows over one flat
-float32 parameter array, which :func:`_forward` interprets sample by sample in float32.
+float32 parameter array, which :func:`_forward` interprets in float32, on blocks of rows (one
+BLAS matrix product per linear layer and block).
 :func:`compile_program` builds it from plain NumPy arrays; :mod:`model.inference` feeds it.
 
 Example:
@@ -33,12 +34,15 @@ Op = tuple[str, tuple[np.ndarray, ...]]
 LINEAR, RELU, LAYERNORM, AFFINE, STANDARDIZE = 0, 1, 2, 3, 4
 
 
+BLOCK = 128  # rows pushed through each layer together (one matrix product per linear layer)
+
+
 @numba.njit(cache=True, nogil=True)
 def _forward(
-    x: np.ndarray, program: np.ndarray, params: np.ndarray, width: int, mu: np.ndarray,
+    x: np.ndarray, program: np.ndarray, params: np.ndarray, mu: np.ndarray,
     neg_half_inv_sigma: float, head_w: np.ndarray, head_b: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the program and the served rule on each row of ``x`` (N, D).
+    """Run the program and the served rule on the rows of ``x`` (N, D), a block at a time.
 
     Without a head (``head_w`` of shape (0, 0)) the label is the nearest centroid and the
     logits are -d / (2 sigma); with one, the logits are ``z @ head_w + head_b`` and the label
@@ -52,80 +56,85 @@ def _forward(
     soft = np.empty((n, n_clusters), np.float32)
     d = np.empty(n_clusters, np.float32)
     logits = np.empty(n_clusters, np.float32)
-    a = np.empty(width, np.float32)
-    b = np.empty(width, np.float32)
-    for r in range(n):
-        dim = x.shape[1]
-        for j in range(dim):
-            a[j] = x[r, j]
+    for start in range(0, n, BLOCK):
+        rows = min(BLOCK, n - start)
+        a = x[start : start + rows].copy()
+        dim = a.shape[1]
         for p in range(program.shape[0]):
             op, din, dout = program[p, 0], program[p, 1], program[p, 2]
             o1, o2, o3 = program[p, 3], program[p, 4], program[p, 5]
-            if op == LINEAR:  # b = a @ W + bias, W stored (din, dout) row-major at o1
-                b[:dout] = np.dot(a[:din], params[o1 : o1 + din * dout].reshape(din, dout))
-                for j in range(dout):  # BLAS above: a plain loop here is not vectorised
-                    b[j] += params[o2 + j]
-                a, b = b, a
+            if op == LINEAR:  # a @ W + bias, W stored (din, dout) row-major at o1
+                a = np.dot(a, params[o1 : o1 + din * dout].reshape(din, dout))
+                for i in range(rows):
+                    for j in range(dout):
+                        a[i, j] += params[o2 + j]
                 dim = dout
             elif op == RELU:  # NaN stays NaN, as np.maximum and torch.relu
-                for j in range(dim):
-                    if a[j] < 0:
-                        a[j] = 0
+                for i in range(rows):
+                    for j in range(dim):
+                        if a[i, j] < 0:
+                            a[i, j] = 0
             elif op == LAYERNORM:  # eps at o1, weight at o2, bias at o3
                 inv_n = np.float32(1.0) / np.float32(dim)
-                mean = np.float32(0.0)
-                for j in range(dim):
-                    mean += a[j]
-                mean *= inv_n
-                var = np.float32(0.0)
-                for j in range(dim):
-                    a[j] -= mean
-                    var += a[j] * a[j]
-                var *= inv_n
-                if not np.isfinite(var):
-                    var = np.float32(np.nan)  # overflow must surface as NaN, as in torch
-                inv = np.float32(1.0) / np.sqrt(var + params[o1])
-                for j in range(dim):
-                    a[j] = a[j] * inv * params[o2 + j] + params[o3 + j]
+                for i in range(rows):
+                    mean = np.float32(0.0)
+                    for j in range(dim):
+                        mean += a[i, j]
+                    mean *= inv_n
+                    var = np.float32(0.0)
+                    for j in range(dim):
+                        a[i, j] -= mean
+                        var += a[i, j] * a[i, j]
+                    var *= inv_n
+                    if not np.isfinite(var):
+                        var = np.float32(np.nan)  # overflow must surface as NaN, as in torch
+                    inv = np.float32(1.0) / np.sqrt(var + params[o1])
+                    for j in range(dim):
+                        a[i, j] = a[i, j] * inv * params[o2 + j] + params[o3 + j]
             elif op == AFFINE:  # scale at o1, shift at o2
-                for j in range(dim):
-                    a[j] = a[j] * params[o1 + j] + params[o2 + j]
+                for i in range(rows):
+                    for j in range(dim):
+                        a[i, j] = a[i, j] * params[o1 + j] + params[o2 + j]
             else:  # STANDARDIZE: (a - mean) / std, mean at o1, std at o2
-                for j in range(dim):
-                    a[j] = (a[j] - params[o1 + j]) / params[o2 + j]
-        # squared distances to every centroid; the first smallest wins
-        best = 0
-        finite = True
-        for k in range(n_clusters):
-            acc = np.float32(0.0)
-            for j in range(dim):
-                diff = a[j] - mu[k, j]
-                acc += diff * diff
-            d[k] = acc
-            finite = finite and np.isfinite(acc)
-            if acc < d[best]:
-                best = k
-            logits[k] = acc * neg_half_inv_sigma
-        if has_head:  # the method's own rule: argmax of the head's logits (the first largest)
-            logits[:] = np.dot(a[:dim], head_w)
+                for i in range(rows):
+                    for j in range(dim):
+                        a[i, j] = (a[i, j] - params[o1 + j]) / params[o2 + j]
+        if has_head:  # the method's own rule: logits of a linear head
+            head_logits = np.dot(a, head_w)
+        for i in range(rows):
+            r = start + i
+            # squared distances to every centroid; the first smallest wins
             best = 0
+            finite = True
             for k in range(n_clusters):
-                logits[k] += head_b[k]
-                if logits[k] > logits[best]:
+                acc = np.float32(0.0)
+                for j in range(dim):
+                    diff = a[i, j] - mu[k, j]
+                    acc += diff * diff
+                d[k] = acc
+                finite = finite and np.isfinite(acc)
+                if acc < d[best]:
                     best = k
-        labels[r] = best
-        dist[r] = d[best] if finite else np.float32(np.nan)
-        # soft assignment: softmax of the logits, shifted by their maximum
-        top = logits[0]
-        for k in range(n_clusters):
-            top = max(top, logits[k])
-        total = np.float32(0.0)
-        for k in range(n_clusters):
-            e = np.float32(np.exp(logits[k] - top))
-            soft[r, k] = e
-            total += e
-        for k in range(n_clusters):
-            soft[r, k] /= total
+                logits[k] = acc * neg_half_inv_sigma
+            if has_head:  # label: the argmax of the head's logits (the first largest)
+                best = 0
+                for k in range(n_clusters):
+                    logits[k] = head_logits[i, k] + head_b[k]
+                    if logits[k] > logits[best]:
+                        best = k
+            labels[r] = best
+            dist[r] = d[best] if finite else np.float32(np.nan)
+            # soft assignment: softmax of the logits, shifted by their maximum
+            top = logits[0]
+            for k in range(n_clusters):
+                top = max(top, logits[k])
+            total = np.float32(0.0)
+            for k in range(n_clusters):
+                e = np.float32(np.exp(logits[k] - top))
+                soft[r, k] = e
+                total += e
+            for k in range(n_clusters):
+                soft[r, k] /= total
     return labels, dist, soft
 
 
@@ -136,7 +145,6 @@ class Kernel:
 
     program: np.ndarray
     params: np.ndarray
-    width: int
     in_dim: int
     centroids: np.ndarray
     neg_half_inv_sigma: float
@@ -145,8 +153,8 @@ class Kernel:
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(batch, dtype=np.float32).reshape(len(batch), self.in_dim)
-        return _forward(x, self.program, self.params, self.width, self.centroids,
-                        self.neg_half_inv_sigma, self.head_w, self.head_b)
+        return _forward(x, self.program, self.params, self.centroids, self.neg_half_inv_sigma,
+                        self.head_w, self.head_b)
 
 
 def compile_program(
@@ -174,7 +182,7 @@ def compile_program(
         size += flat.size
         return size - flat.size
 
-    dim = width = int(in_dim)
+    dim = int(in_dim)
     for name, p in ops:
         if name == "linear":
             weight, bias = p
@@ -195,7 +203,6 @@ def compile_program(
             rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), 0])
         else:
             raise ValueError(f"unknown op {name!r}")
-        width = max(width, dim)
     mu = np.array(centroids, dtype=np.float32, order="C")  # copies: the kernel owns its arrays
     if mu.ndim != 2 or mu.shape[1] != dim:
         raise ValueError(f"centroids of shape {mu.shape} for latents of size {dim}")
@@ -207,7 +214,7 @@ def compile_program(
         head_b = np.array(head[1], dtype=np.float32)
     program = np.array(rows, dtype=np.int64).reshape(-1, 6)
     params = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return Kernel(program, params, width, int(in_dim), mu, float(np.float32(-0.5 / sigma)),
+    return Kernel(program, params, int(in_dim), mu, float(np.float32(-0.5 / sigma)),
                   head_w, head_b)
 
 
