@@ -298,7 +298,8 @@ class OnlineClusterer(
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True  # windows (C, T) and images (H, W) per sample
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
-        tags.non_deterministic = self.device != "cpu"  # CUDA kernels are not bit-reproducible
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        tags.non_deterministic = not on_cpu  # CUDA kernels are not bit-reproducible
         return tags
 
     @property
@@ -381,7 +382,7 @@ class OnlineClusterer(
         self.centroids_.data = self.centroids_.data.to(self.device_)
         self.scaler_ = _scaler_for(self.encoder_config_).to(self.device_)
         online = resolve_prior(self.prior, self.n_clusters)[0] == "online"
-        self.prior_estimator_ = OnlinePrior(self.n_clusters) if online else None
+        self.prior_estimator_ = OnlinePrior(int(self.n_clusters)) if online else None
         self.log_prior_ = torch.log(torch.as_tensor(self.prior_, dtype=torch.float32)).to(
             self.device_
         )
@@ -593,18 +594,18 @@ class OnlineClusterer(
         manifest = {
             "regulariser": self.regulariser,
             "reg_params": dict(self.reg_params or {}),
-            "n_clusters": self.n_clusters,
+            "n_clusters": int(self.n_clusters),
             "input_shape": list(self.input_shape_),
             "encoder": self.encoder_config_.to_dict(),
-            "latent_dim": self.latent_dim,
-            "sigma": self.sigma,
+            "latent_dim": int(self.latent_dim),
+            "sigma": float(self.sigma),
             "prior": self.prior_.tolist(),
             "prior_mode": resolve_prior(self.prior, self.n_clusters)[0],
             "prior_state": (
                 self.prior_estimator_.state() if self.prior_estimator_ is not None else None
             ),
-            "lr": self.lr,
-            "standardize": self.standardize,
+            "lr": float(self.lr),
+            "standardize": bool(self.standardize),
             "init": self.init,
             "seed": self._seed,
             "samples_seen": self.samples_seen_,

@@ -1,5 +1,6 @@
 """OnlineClusterer as a scikit-learn estimator: check_estimator, clone, pipelines, fit."""
 
+import json
 import pickle
 
 import numpy as np
@@ -110,6 +111,18 @@ def test_snapshot_keeps_the_seed_and_reads_old_manifests():
     old = {k: v for k, v in snap.manifest.items() if k != "seed"}  # a manifest without a seed
     again = OnlineClusterer.from_snapshot(Snapshot.create(snap.weights, old), device="cpu")
     np.testing.assert_array_equal(again.predict(X), clf.predict(X))
+
+
+def test_numpy_scalar_parameters_as_a_grid_search_sets_them():
+    X, _ = _blobs(120)
+    params = {"n_clusters": np.int64(3), "latent_dim": np.int64(8), "sigma": np.float32(5.0),
+              "random_state": np.int32(2), "prior": "online"}
+    clf = _small(**params).fit(X, batch_size=60)
+    manifest = json.loads(clf.to_snapshot().manifest_json())  # JSON-able, plain numbers
+    assert (manifest["n_clusters"], manifest["latent_dim"], manifest["seed"]) == (3, 8, 2)
+    back = OnlineClusterer.from_snapshot(Snapshot.from_parts(clf.to_snapshot().weights,
+                                                             json.dumps(manifest)))
+    np.testing.assert_array_equal(back.predict(X), clf.predict(X))
 
 
 def test_clone_pickle_and_pipeline():
