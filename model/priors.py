@@ -31,9 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PRIOR_MODES", "OnlinePrior", "parse_prior", "resolve_prior"]
-
-PRIOR_MODES = ("uniform", "online", "fixed")
+__all__ = ["OnlinePrior", "parse_prior", "resolve_prior"]
 
 
 class OnlinePrior:

@@ -1,4 +1,4 @@
-"""Partition-support regularisers behind one interface (DESIGN.md §1.2).
+"""Partition-support regularisers behind one interface (ARCHITECTURE.md §1.2).
 
 A regulariser receives a :class:`Batch` (inputs, latents, centroids, the N×K squared distances,
 sigma, the log prior and the encoder) and returns the batch's hard labels and the loss to
@@ -120,10 +120,6 @@ class Regulariser(nn.Module):
 
     def after_step(self, centroids: torch.Tensor) -> None:
         """Hook run after each optimiser step (e.g. to update a moving average); default: none."""
-
-    def extra_state_dict(self) -> dict[str, torch.Tensor]:
-        """Non-parameter tensors to snapshot (parameters are saved automatically)."""
-        return {}
 
 
 @register

@@ -1,4 +1,4 @@
-"""The other seeds' partition-support methods: CM / AE-CM, CKM, DRC and TCC (DESIGN.md §1.2).
+"""The other seeds' partition-support methods: CM / AE-CM, CKM, DRC and TCC (ARCHITECTURE.md §1.2).
 
 All of them implement the one :class:`~model.regularisers.Regulariser` interface: they receive a
 :class:`~model.regularisers.Batch` and return the batch's hard labels (the argmax of their own

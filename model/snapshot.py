@@ -1,4 +1,4 @@
-"""Snapshot format: safetensors weights plus a JSON manifest (DESIGN.md §3). Never pickle.
+"""Snapshot format: safetensors weights plus a JSON manifest (ARCHITECTURE.md §3). Never pickle.
 
 Example:
     >>> from model.snapshot import Snapshot, pack_tensors, unpack_tensors

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Assignment", "LoadedModel", "ModelHolder", "NearestCentroid", "SnapshotWatcher"]
 
-log = logging.getLogger("oclust.service")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,8 @@ def test_redis_lease_is_exclusive_renewable_and_lapses(redis_url):
     assert lapsed.wait(5), "the lease never lapsed"
     t.join()
     assert b.holder() == "b" and not a.renew()
+    a.release()  # a's lapsed lease: releasing it must not free b's
+    assert b.holder() == "b"
     b.release()
     assert a.try_acquire()
 

@@ -22,7 +22,6 @@ __all__ = [
     "DeadLetters",
     "committed_offsets",
     "dead_letter_headers",
-    "end_offsets",
     "ensure_topic",
 ]
 
@@ -60,21 +59,6 @@ async def committed_offsets(
             await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic) or set()
         return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(parts)}
-    finally:
-        await consumer.stop()
-
-
-async def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
-    """The next offset to be written in each partition of ``topic``."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers)
-    await consumer.start()
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
-        return {tp.partition: off for tp, off in sorted(ends.items())}
     finally:
         await consumer.stop()
 

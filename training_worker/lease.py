@@ -1,8 +1,8 @@
-"""One active trainer per namespace (DESIGN.md §3): a lease, renewed while training.
+"""One active trainer per namespace (ARCHITECTURE.md §3): a lease, renewed while training.
 
-* Redis: ``SET NS:lease <owner> NX PX ttl``; the holder renews it (a script extends it only
-  if the value is still its own) and deletes it on exit (same check). A standby retries until
-  the key lapses.
+* Redis: redis-py's :class:`~redis.lock.Lock` on ``NS:lease`` with the owner as its token
+  (``SET NX PX ttl``); the holder extends it (only while the token is still its own) and
+  releases it on exit (same check). A standby retries until the key lapses.
 * Directory store: an exclusive ``flock`` on ``DIR/NS/lease.lock``; the kernel releases it
   when the process dies, so there is nothing to renew.
 
@@ -33,20 +33,6 @@ from training_worker.store import DirectoryStore, RedisStore, SnapshotStore, Sto
 
 __all__ = ["FileLease", "Lease", "RedisLease", "default_owner", "make_lease"]
 
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
 def default_owner() -> str:
     """``host:pid:random``: tells workers apart, even two in one process."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -76,39 +62,35 @@ class Lease(ABC):
 
 
 class RedisLease(Lease):
-    """``NS:lease`` in the store's Redis, set with NX and a PX expiry."""
+    """``NS:lease`` in the store's Redis: a redis-py ``Lock`` whose token is the owner."""
 
     def __init__(self, store: RedisStore, owner: str, ttl: float = 10.0) -> None:
         self.store = store
         self.owner = owner
         self.ttl = ttl
         self.key = store.key("lease")
-        self._renew = store.client.register_script(_RENEW)
-        self._release = store.client.register_script(_RELEASE)
-
-    @property
-    def _ms(self) -> int:
-        return max(1, int(self.ttl * 1000))
+        # not thread-local: the worker takes, renews and releases it from different threads
+        self._lock = store.client.lock(self.key, timeout=ttl, thread_local=False)
 
     def try_acquire(self) -> bool:
         try:
-            if self.store.client.set(self.key, self.owner, nx=True, px=self._ms):
+            if self._lock.acquire(blocking=False, token=self.owner):
                 return True
-            return self.renew()
         except RedisError as exc:
             raise StoreError(
                 f"cannot take the lease {self.key} at {self.store.url}: {exc}"
             ) from exc
+        return self.renew()  # already ours: extended; someone else's: False
 
     def renew(self) -> bool:
         try:
-            return bool(self._renew(keys=[self.key], args=[self.owner, self._ms]))
-        except RedisError:
-            return False  # cannot prove we still hold it
+            return bool(self._lock.extend(self.ttl, replace_ttl=True))
+        except RedisError:  # not ours (LockError), or cannot prove we still hold it
+            return False
 
     def release(self) -> None:
-        with contextlib.suppress(RedisError):
-            self._release(keys=[self.key], args=[self.owner])
+        with contextlib.suppress(RedisError):  # LockError: it was not ours
+            self._lock.release()
 
     def holder(self) -> str | None:
         try:

@@ -35,7 +35,7 @@ from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 
 __all__ = ["Trainer", "TrainerHooks"]
 
-log = logging.getLogger("oclust.worker")
+log = logging.getLogger(__name__)
 
 QUALITY_EVERY_S = 1.0  # live ACC/NMI gauges refresh at most this often
 SHARE_WINDOW = 2000  # recent training assignments behind the cluster shares of a snapshot

@@ -58,7 +58,7 @@ from training_worker.windows import WindowAssembler
 
 __all__ = ["TrainingWorker"]
 
-log = logging.getLogger("oclust.worker")
+log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.2
 MAX_STEPS_IN_FLIGHT = 2  # submitted to the training thread ahead of time
