@@ -520,11 +520,14 @@ class OnlineClusterer(
         """Rows per inference chunk: INFERENCE_ROWS, fewer when one sample's activations are big.
 
         A convolution keeps at most the input's spatial size, so ``numel(sample) * widest
-        layer`` bounds one sample's largest activation.
+        hidden layer`` bounds one sample's largest activation; an MLP's is its widest layer.
         """
         numel = math.prod(self.input_shape_)
-        widest = max((*self.encoder_config_.hidden, self.latent_dim, 1))
-        per_sample = max(numel, widest) if len(self.input_shape_) == 1 else numel * widest
+        widest = max((*self.encoder_config_.hidden, 1))
+        if len(self.input_shape_) == 1:
+            per_sample = max(numel, widest, self.encoder_config_.latent_dim)
+        else:
+            per_sample = numel * widest
         return int(min(INFERENCE_ROWS, max(1, INFERENCE_BYTES // (4 * per_sample))))
 
     @torch.inference_mode()
