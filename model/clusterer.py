@@ -58,7 +58,7 @@ EXPECTED_FAILED_CHECKS = {
     "check_methods_subset_invariance": (
         "transform runs the encoder in float32: BLAS computes one row and a batch of rows in a "
         "different order, so latents differ in the last float32 bits (about 5e-7, over the "
-        "check's atol of 1e-7); predict and soft_assign agree"
+        "check's atol of 1e-7); predict agrees exactly"
     ),
 }
 _GENERATORS = (np.random.RandomState, np.random.Generator)
@@ -344,6 +344,11 @@ class OnlineClusterer(
             and X.shape[1:] == self.input_shape_
             and not hasattr(self, "feature_names_in_")
         )
+        if not reset and tuple(getattr(X, "shape", ())) == self.input_shape_:
+            raise ValueError(
+                f"got one sample of shape {self.input_shape_} without its batch axis. Reshape "
+                "your data: X[None] or X.reshape(1, *X.shape) is a batch of that one sample"
+            )
         arr = X if fast else validate_data(
             self, X, reset=reset, dtype="numeric", allow_nd=True, ensure_all_finite=False
         )

@@ -78,6 +78,9 @@ def test_bad_batches_raise_clear_value_errors():
         clf.predict(np.full((2, 8), 1e300))
     with pytest.raises(ValueError, match="Reshape your data"):  # one sample needs its batch axis
         clf.predict(_data(1)[0])
+    windows = _small().partial_fit(np.zeros((4, 3, 20)))
+    with pytest.raises(ValueError, match=r"one sample of shape \(3, 20\) without its batch"):
+        windows.predict(np.zeros((3, 20)))
 
 
 def test_partial_fit_returns_self_with_its_report_and_single_point_predict():
