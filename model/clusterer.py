@@ -41,7 +41,7 @@ from torch import nn
 from model import metrics
 from model.encoders import EncoderConfig, build_encoder
 from model.priors import OnlinePrior, resolve_prior
-from model.regularisers import REGULARISERS, Batch, make_regulariser, sq_distances
+from model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
 from model.snapshot import Snapshot, SnapshotError, pack_tensors, unpack_tensors
 
 __all__ = ["EXPECTED_FAILED_CHECKS", "OnlineClusterer", "StepReport"]
@@ -552,11 +552,13 @@ class OnlineClusterer(
         self._check_fitted()
         return self._validated(X, reset=False)
 
+    @torch.inference_mode()
     def _assign(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         labels = np.empty(len(arr), dtype=np.int64)
         dists = np.empty(len(arr), dtype=np.float64)
-        for rows, _, d in self._chunks(arr):
-            dist, lab = d.min(dim=1)
+        head = self.reg_.serving_head()
+        for rows, z, d in self._chunks(arr):
+            lab, dist, _ = serve(z, d.double(), self.sigma, head)
             labels[rows], dists[rows] = lab.cpu().numpy(), dist.cpu().numpy()
         return labels, dists
 
@@ -569,19 +571,25 @@ class OnlineClusterer(
         return out
 
     def assign(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest centroid and its squared distance for each sample (no regulariser)."""
+        """Served cluster and its squared distance to that serving centroid for each sample:
+        the nearest centroid, or the method's own rule (CM/AE-CM: argmax gamma,
+        :func:`model.regularisers.serve`)."""
         return self._assign(self._checked(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        """Nearest-centroid cluster of each sample, int64, shape (N,)."""
+        """Served cluster of each sample (see :meth:`assign`), int64, shape (N,)."""
         return self.assign(X)[0]
 
+    @torch.inference_mode()
     def soft_assign(self, X: Any) -> np.ndarray:
-        """Responsibilities softmax(-D / (2 sigma)), float64, shape (N, K)."""
+        """Soft assignments, float64, shape (N, K): softmax(-D / (2 sigma)), or the method's
+        own (CM/AE-CM: gamma)."""
         arr = self._checked(X)
         out = np.empty((len(arr), self.n_clusters), dtype=np.float64)
-        for rows, _, d in self._chunks(arr):
-            out[rows] = torch.softmax(-d.double() / (2.0 * self.sigma), dim=1).cpu().numpy()
+        head = self.reg_.serving_head()
+        for rows, z, d in self._chunks(arr):
+            logits = serve(z, d.double(), self.sigma, head)[2]
+            out[rows] = torch.softmax(logits.double(), dim=1).cpu().numpy()
         return out
 
     # ----------------------------------------------------------------- snapshots

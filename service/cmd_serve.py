@@ -20,7 +20,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.options import build_settings, fail, field_option, settings_command
+from service.options import (
+    build_settings,
+    fail,
+    field_option,
+    settings_command,
+    setup_logging,
+)
 from service.settings import ServiceSettings
 
 __all__ = ["register", "run_server", "serve_command", "snapshots_app"]
@@ -69,6 +75,7 @@ def serve_command(settings: ServiceSettings) -> None:
     Every option is also read from OCLUST_<OPTION>. Set OCLUST_API_KEY to require an X-API-Key
     header on /assign*.
     """
+    setup_logging(settings.log_level)
     run_server(settings)
 
 

@@ -67,6 +67,8 @@ def _error_line(args: list[str]) -> str:
          "'--prior': prior must be a vector of length n_clusters=3"),
         (["train", "--dataset", "digits", "--batch-size", "1"], "'--batch-size'"),
         (["train", "--dataset", "nope"], "unknown dataset 'nope'"),
+        (["train", "--dataset", "digits", "--device", "gpu0"], "'--device': unknown device"),
+        (["worker", "--encoder", "transformer"], "'--encoder': unknown encoder"),
         (["up", "--regulariser", "bogus"], "unknown regulariser 'bogus'"),
         (["up", "--store", "ftp://x"], "unknown store URL scheme"),
         (["up", "--dataset", "mnist"], "unknown dataset 'mnist'"),

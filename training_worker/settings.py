@@ -35,6 +35,8 @@ __all__ = [
     "StoreSettings",
     "TrainSettings",
     "WorkerSettings",
+    "check_device",
+    "check_encoder",
     "check_prior",
     "check_regulariser",
     "check_store_url",
@@ -73,6 +75,27 @@ def check_regulariser(name: str) -> str:
     if name not in names:
         raise ValueError(f"unknown regulariser {name!r}; choose from {', '.join(names)}")
     return name
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is ``auto`` or a device name torch understands (``cpu``, ``cuda:1``)."""
+    if device != "auto":
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:i]") from exc
+    return device
+
+
+def check_encoder(encoder: str) -> str:
+    """``encoder`` if it is ``auto`` or a known encoder kind."""
+    from model.encoders import ENCODERS
+
+    if encoder != "auto" and encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; choose from auto, {', '.join(ENCODERS)}")
+    return encoder
 
 
 def check_prior(text: str | None, n_clusters: int) -> str | None:
@@ -124,6 +147,11 @@ class ModelSettings(_Env):
     def _regulariser_registered(cls, value: str) -> str:
         return check_regulariser(value)
 
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        return check_device(value)
+
     @field_validator("prior")
     @classmethod
     def _prior_fits_k(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -173,6 +201,11 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads of the training step"
     )
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_known(cls, value: str) -> str:
+        return check_encoder(value)
 
     # loop
     batch_timeout: float = Field(
