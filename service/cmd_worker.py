@@ -79,6 +79,9 @@ def worker_command(
     collapse_patience: Annotated[
         int | None, Opt(help="low-entropy batches in a row before the guard fires")
     ] = None,
+    collapse_window: Annotated[
+        int | None, Opt(help="served samples the guard judges (default 20 K, at least a batch)")
+    ] = None,
     collapse_restore: Annotated[
         bool | None, Opt("--collapse-restore/--no-collapse-restore",
                          help="restore the last healthy snapshot when the guard fires")

@@ -66,8 +66,9 @@ def test_metric_names_are_the_documented_ones():
     names = {m.name for m in WorkerMetrics().registry.collect()}
     assert {
         "oclust_worker_samples", "oclust_worker_batches", "oclust_worker_step_seconds",
-        "oclust_worker_loss", "oclust_worker_batch_hard_entropy_nats",
-        "oclust_worker_batch_kl_star_nats", "oclust_worker_consumer_lag",
+        "oclust_worker_loss", "oclust_worker_served_hard_entropy_nats",
+        "oclust_worker_served_kl_star_nats", "oclust_worker_train_hard_entropy_nats",
+        "oclust_worker_train_kl_star_nats", "oclust_worker_consumer_lag",
         "oclust_worker_dlq_messages", "oclust_worker_snapshots_published",
         "oclust_worker_snapshot_version", "oclust_worker_collapse_events",
         "oclust_worker_collapsed",

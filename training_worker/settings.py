@@ -61,7 +61,8 @@ class WorkerSettings(BaseSettings):
 
     # collapse guard
     collapse_threshold: float | None = Field(None, ge=0)  # nats; default 0.5 * log K
-    collapse_patience: int = Field(20, ge=1)  # consecutive low-entropy batches
+    collapse_patience: int = Field(20, ge=1)  # consecutive low-entropy judgements (batches)
+    collapse_window: int | None = Field(None, ge=1)  # served samples judged; default 20 K
     collapse_restore: bool = True
 
     # operations
