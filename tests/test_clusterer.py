@@ -67,8 +67,11 @@ def test_partial_fit_report_and_single_point_predict():
     clf = _small()
     rep = clf.partial_fit(_data(64))
     assert rep.labels.shape == (64,) and rep.n == 64
-    assert 0 <= rep.hard_entropy <= np.log(3) + 1e-9
-    assert rep.kl_star >= 0 and np.isfinite(rep.loss)
+    assert 0 <= rep.train_hard_entropy <= np.log(3) + 1e-9
+    assert rep.train_kl_star >= 0 and np.isfinite(rep.loss)
+    assert rep.served_labels.shape == (64,) and rep.served_labels.dtype == np.int64
+    assert 0 <= rep.served_hard_entropy <= np.log(3) + 1e-9 and rep.served_kl_star >= 0
+    assert (rep.hard_entropy, rep.kl_star) == (rep.train_hard_entropy, rep.train_kl_star)
     assert clf.predict(_data(1)[0]).shape == (1,)
     labels, dist = clf.assign(_data(5))
     assert labels.dtype == np.int64 and (dist >= 0).all()
@@ -140,3 +143,17 @@ def test_non_uniform_prior_keeps_imbalance():
     clf.fit(X, epochs=3, batch_size=200)
     share = np.bincount(clf.predict(X), minlength=2) / len(X)
     assert share.max() > 0.65
+
+
+@pytest.mark.parametrize("regulariser", ["ca", "none", "cm"])
+def test_served_labels_of_a_step_are_what_predict_says(regulariser):
+    """With frozen weights the step's served labels equal predict on the same batch."""
+    clf = OnlineClusterer(n_clusters=3, regulariser=regulariser, latent_dim=8, lr=0.0,
+                          standardize=False, seed=0)
+    clf.partial_fit(_data(64))
+    x = _data(64, seed=5)
+    before = clf.predict(x)  # the serving rule (for cm: its moving-average centroids)
+    rep = clf.partial_fit(x)
+    np.testing.assert_array_equal(rep.served_labels, before)
+    hist = np.bincount(before, minlength=3) / 64
+    assert rep.served_hard_entropy == pytest.approx(-(hist[hist > 0] * np.log(hist[hist > 0])).sum())
