@@ -25,7 +25,7 @@ as discounted counts with the new defaults and counts as warmed up.
 Example:
     >>> import numpy as np
     >>> from model.priors import OnlinePrior
-    >>> est = OnlinePrior(3, decay=0.9, warmup=0)
+    >>> est = OnlinePrior(3, decay=0.9, shrink=0.1, max_kl=0.2, warmup=0)
     >>> rng = np.random.default_rng(0)
     >>> centres = np.array([0.0, 10.0, 20.0])
     >>> for _ in range(200):
@@ -91,11 +91,11 @@ class OnlinePrior:
     def __init__(
         self,
         n_clusters: int,
-        decay: float = 0.99,
+        decay: float = 0.995,
         alpha: float = 1.0,
         shrink: float = 0.5,
         max_kl: float = 0.1,
-        warmup: int = 2048,
+        warmup: int = 8192,
     ) -> None:
         if not isinstance(n_clusters, int) or n_clusters < 1:
             raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
