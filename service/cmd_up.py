@@ -97,8 +97,8 @@ def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Group:
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]oclust up[/]", url, "Ctrl-C: final snapshot and exit")
     facts = Table(show_header=True, header_style="bold", box=None)
-    for name in ("samples trained", "steps", "samples/s", "loss", "entropy ratio", "KL*",
-                 "snapshot"):
+    for name in ("samples trained", "steps", "samples/s", "loss", "served entropy ratio",
+                 "served KL*", "snapshot"):
         facts.add_column(name, justify="right")
     style = "red" if ratio < 0.5 else "yellow" if ratio < 0.8 else "green"
     facts.add_row(
