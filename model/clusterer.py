@@ -66,13 +66,34 @@ _GENERATORS = (np.random.RandomState, np.random.Generator)
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one ``partial_fit`` step did."""
+    """What one ``partial_fit`` step did, by the training labels and by the served labels.
+
+    The *training* labels are the regulariser's assignment of the batch (CA and SK balance them
+    by construction, even for a collapsed encoder). The *served* labels are the nearest
+    (serving) centroid of each sample, the rule ``predict`` and ``/assign`` use, computed from
+    the step's own latents (no second forward pass; for an encoder with batch normalisation
+    these are the training-mode latents): collapse shows there first. Entropies and KL* are
+    in nats.
+    """
 
     labels: np.ndarray  # hard training labels of the batch (from the regulariser)
     loss: float
-    hard_entropy: float  # entropy of the batch's label histogram, nats (max log K)
-    kl_star: float  # KL(batch label histogram || prior), nats
+    train_hard_entropy: float  # entropy of the training-label histogram (max log K)
+    train_kl_star: float  # KL(training-label histogram || prior)
     n: int
+    served_labels: np.ndarray  # nearest serving centroid of each sample (what predict says)
+    served_hard_entropy: float  # entropy of the served-label histogram
+    served_kl_star: float  # KL(served-label histogram || prior)
+
+    @property
+    def hard_entropy(self) -> float:
+        """Alias of :attr:`train_hard_entropy` (kept for older callers)."""
+        return self.train_hard_entropy
+
+    @property
+    def kl_star(self) -> float:
+        """Alias of :attr:`train_kl_star` (kept for older callers)."""
+        return self.train_kl_star
 
 
 class RunningScaler(nn.Module):
@@ -167,8 +188,10 @@ class OnlineClusterer(
         regulariser: name of a registered regulariser (``ca``, ``sk``, ``ent``, ``ss``, ``varm``,
             ``none``, ...).
         prior: ``None`` or ``"uniform"``, a probability vector of length K, or ``"online"``:
-            estimated from the stream (:class:`model.priors.OnlinePrior`, updated every step,
-            fed back as ``log_prior`` and saved in the snapshot manifest).
+            estimated from the stream (:class:`model.priors.OnlinePrior`: EM mixture weights
+            from prior-free soft responsibilities of each step's distances, shrunk toward
+            uniform, KL-capped, uniform until warmed up; fed back as ``log_prior`` and saved
+            in the snapshot manifest).
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
         latent_dim: size of the latent space.
         lr: Adam learning rate (betas (0.9, 0.99), as in the paper).
@@ -190,7 +213,8 @@ class OnlineClusterer(
 
     Attributes:
         labels_: cluster of each sample of the last ``fit`` (nearest centroid, as ``predict``)
-            or, after ``partial_fit``, the training labels of its batch (``last_step_.labels``).
+            or, after ``partial_fit``, the served labels of its batch
+            (``last_step_.served_labels``, the rule ``predict`` applies, from the step's latents).
         last_step_: the :class:`StepReport` of the last training step.
         cluster_centers_: the K centroids the model serves, in the *latent* space (compare
             them with ``transform(X)``, not with X), shape (K, latent_dim).
@@ -438,7 +462,8 @@ class OnlineClusterer(
         return torch.from_numpy(chunk).to(self.device_)
 
     def partial_fit(self, X: Any, y: Any = None) -> OnlineClusterer:
-        """Train one step on one batch; its report (labels, loss, entropy, KL*) is ``last_step_``.
+        """Train one step on one batch; its report (training and served labels, loss, entropy, KL*)
+        is ``last_step_``.
 
         ``y`` is ignored. Returns ``self``.
         """
@@ -454,6 +479,7 @@ class OnlineClusterer(
         if not self._centroids_ready:
             self._init_centroids(z)
         batch = Batch.build(x, z, self.centroids_, self.sigma, self.log_prior_, self._encode)
+        served = self._served_labels(z, batch.distances)  # before the step moves anything
         out = self.reg_(batch)
         self.optimizer_.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -462,19 +488,34 @@ class OnlineClusterer(
         self.samples_seen_ += len(arr)
         self.steps_ += 1
         labels = out.labels.detach().cpu().numpy().astype(np.int64)
+        prior = self.prior_
         hist = metrics.cluster_distribution(labels, self.n_clusters)
+        served_hist = metrics.cluster_distribution(served, self.n_clusters)
         report = StepReport(
             labels=labels,
             loss=float(out.loss.detach()),
-            hard_entropy=metrics.entropy(hist),
-            kl_star=metrics.kl_star(hist, self.prior_),
+            train_hard_entropy=metrics.entropy(hist),
+            train_kl_star=metrics.kl_star(hist, prior),
             n=len(arr),
+            served_labels=served,
+            served_hard_entropy=metrics.entropy(served_hist),
+            served_kl_star=metrics.kl_star(served_hist, prior),
         )
-        if self.prior_estimator_ is not None:  # online prior: fold in this batch's labels
-            self._set_log_prior(self.prior_estimator_.update(labels))
+        if self.prior_estimator_ is not None:  # online prior: prior-free soft responsibilities
+            d = batch.distances.detach().double().cpu().numpy()
+            self._set_log_prior(self.prior_estimator_.update_from_distances(d, self.sigma))
         self.last_step_ = report
-        self.labels_ = report.labels
+        self.labels_ = report.served_labels
         return self
+
+    @torch.no_grad()
+    def _served_labels(self, z: torch.Tensor, distances: torch.Tensor) -> np.ndarray:
+        """The served rule of :meth:`predict` (:func:`model.regularisers.serve`) applied to the
+        step's own latents: no second forward pass."""
+        serving = self.reg_.serving_centroids(self.centroids_)
+        d = distances if serving is self.centroids_ else sq_distances(z.detach(), serving)
+        labels = serve(z.detach(), d.detach(), self.sigma, self.reg_.serving_head())[0]
+        return labels.cpu().numpy().astype(np.int64)
 
     def _set_log_prior(self, prior: np.ndarray) -> None:
         self.log_prior_ = torch.log(torch.as_tensor(prior, dtype=torch.float32)).to(self.device_)

@@ -64,9 +64,7 @@ class LiveView:
     samples: int = 0
     steps: int = 0
     loss: float = math.nan
-    hard_entropy: float = math.nan
-    kl_star: float = math.nan
-    counts: tuple[int, ...] = ()
+    counts: tuple[int, ...] = ()  # served (nearest-centroid) labels of the recent batches
     at: float = field(default_factory=time.monotonic)
 
 
@@ -89,12 +87,11 @@ class LiveStats:
         """Trainer hook: fold one step's report into a new view."""
         import numpy as np
 
-        self._recent.append(np.bincount(report.labels, minlength=self.n_clusters))
+        self._recent.append(np.bincount(report.served_labels, minlength=self.n_clusters))
         counts = np.sum(self._recent, axis=0)
         old = self.view
         self.view = LiveView(
-            old.samples + report.n, old.steps + 1, report.loss, report.hard_entropy,
-            report.kl_star, tuple(int(c) for c in counts),
+            old.samples + report.n, old.steps + 1, report.loss, tuple(int(c) for c in counts),
         )
 
 
@@ -105,19 +102,25 @@ def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Any:
     v = stats.view
     k = stats.n_clusters
     elapsed = max(time.monotonic() - started, 1e-9)
-    ratio = v.hard_entropy / math.log(k) if k > 1 and math.isfinite(v.hard_entropy) else math.nan
+    # The served figures the collapse guard judges (its window), as the worker exports them.
+    gauges = worker.metrics.registry
+    entropy = gauges.get_sample_value("oclust_worker_served_hard_entropy_nats")
+    kl = gauges.get_sample_value("oclust_worker_served_kl_star_nats")
+    entropy = math.nan if entropy is None else entropy
+    kl = math.nan if kl is None else kl
+    ratio = entropy / math.log(k) if k > 1 and math.isfinite(entropy) else math.nan
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]oclust up[/]", url, "Ctrl-C: final snapshot and exit")
     facts = Table(show_header=True, header_style="bold", box=None)
-    for name in ("samples trained", "steps", "samples/s", "loss", "entropy ratio", "KL*",
-                 "snapshot"):
+    for name in ("samples trained", "steps", "samples/s", "loss", "served entropy ratio",
+                 "served KL*", "snapshot"):
         facts.add_column(name, justify="right")
     style = "red" if ratio < 0.5 else "yellow" if ratio < 0.8 else "green"
     facts.add_row(
         f"{v.samples:,}", f"{v.steps:,}", f"{v.samples / elapsed:,.0f}", f"{v.loss:.4f}",
-        f"[{style}]{ratio:.3f}[/]", f"{v.kl_star:.4f}", str(worker.last_version or "—"),
+        f"[{style}]{ratio:.3f}[/]", f"{kl:.4f}", str(worker.last_version or "—"),
     )
-    sizes = Table(title="cluster sizes (last batches)", show_header=True, box=None)
+    sizes = Table(title="served cluster sizes (last batches)", show_header=True, box=None)
     sizes.add_column("cluster", justify="right")
     sizes.add_column("size", justify="right")
     sizes.add_column("share")

@@ -85,7 +85,7 @@ def test_partial_fit_returns_self_with_last_step_and_labels():
     clf = _small(random_state=0)
     assert clf.partial_fit(X[:64]) is clf
     assert isinstance(clf.last_step_, StepReport) and clf.last_step_.n == 64
-    np.testing.assert_array_equal(clf.labels_, clf.last_step_.labels)
+    np.testing.assert_array_equal(clf.labels_, clf.last_step_.served_labels)
     assert clf.n_features_in_ == 5 and clf.input_shape_ == (5,)
     with pytest.raises(ValueError, match="X has 4 features, but OnlineClusterer is expecting 5"):
         clf.partial_fit(X[:, :4])

@@ -223,6 +223,9 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     collapse_patience: int = Field(
         20, ge=1, description="low-entropy batches in a row before the guard fires"
     )
+    collapse_window: int | None = Field(
+        None, ge=1, description="served samples the guard judges (default 20 K, at least a batch)"
+    )
     collapse_restore: bool = Field(
         True, description="restore the last healthy snapshot when the guard fires"
     )

@@ -227,7 +227,8 @@ class TrainingWorker:
     def _load_trainer(self) -> Trainer:
         s = self.settings
         snap = self._current_snapshot()
-        guard = CollapseGuard(s.collapse_threshold_nats, s.collapse_patience)
+        guard = CollapseGuard(s.collapse_threshold_nats, s.collapse_patience,
+                              window=s.collapse_window, min_window=s.batch_size)
         quality = QualityWindow(s.quality_window)
         if snap is None:
             params: dict[str, Any] = {
@@ -498,8 +499,9 @@ class TrainingWorker:
         if trainer.steps_since_snapshot == 0 and offsets == self.checkpoint_offsets:
             return  # nothing new
         if not trainer.guard.healthy:
-            log.warning("collapse guard: %s snapshot withheld (latest batch hard entropy below "
-                        "%.3f nats)", "final" if final else "periodic", trainer.guard.threshold)
+            log.warning("collapse guard: %s snapshot withheld (served hard entropy over the "
+                        "recent window below %.3f nats)", "final" if final else "periodic",
+                        trainer.guard.threshold)
             return
         extra = {"messages": float(self.messages), "dead_letters": float(self.dlq_count)}
         snap = await self._in_training_thread(trainer.snapshot, offsets, extra)
