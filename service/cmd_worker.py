@@ -5,8 +5,9 @@ given on the command line wins.
 
 Example:
     $ oclust produce --dataset digits --topic digits --bootstrap-servers 127.0.0.1:9092
+    $ export OCLUST_STORE=redis://:PASSWORD@127.0.0.1:6379/0   # secrets: env, not argv
     $ oclust worker --bootstrap-servers 127.0.0.1:9092 --topic digits \\
-          --store redis://127.0.0.1:6379/0 --namespace digits --n-clusters 10
+          --namespace digits --n-clusters 10
     $ oclust train --dataset digits --store file://.oclust/store --n-clusters 10 --epochs 20
 """
 
@@ -84,6 +85,25 @@ def worker_command(
                          help="restore the last healthy snapshot when the guard fires")
     ] = None,
     metrics_port: Annotated[int | None, Opt(help="/metrics port (0: any, -1: off)")] = None,
+    metrics_host: Annotated[
+        str | None, Opt(help="/metrics address (default 127.0.0.1; 0.0.0.0 for a scraper)")
+    ] = None,
+    max_abs_feature: Annotated[
+        float | None, Opt(help="features beyond ± this go to the DLQ as out_of_range")
+    ] = None,
+    max_label_classes: Annotated[
+        int | None, Opt(help="labels at or above are ignored by live quality")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, Opt(help="worker deaths on one message before it is dead-lettered")
+    ] = None,
+    offset_regression: Annotated[
+        str | None, Opt(help="snapshot offsets beyond the log: reset (train the new log) or exit")
+    ] = None,
+    allow_fresh: Annotated[
+        bool | None, Opt("--allow-fresh", help="start a fresh model even though the consumer "
+                         "group has committed offsets (the store was emptied)")
+    ] = None,
     lease_ttl: Annotated[float | None, Opt(help="seconds before an unrenewed lease lapses")] = None,
     session_timeout_ms: Annotated[
         int | None, Opt(help="consumer group session timeout in milliseconds")
@@ -93,7 +113,7 @@ def worker_command(
     """Learn clusters from a Kafka topic and publish versioned snapshots to the store."""
     from training_worker.settings import WorkerSettings
     from training_worker.store import StoreError
-    from training_worker.worker import TrainingWorker
+    from training_worker.worker import TrainingWorker, WorkerHalt
 
     cli = {k: v for k, v in locals().items() if v is not None and k in WorkerSettings.model_fields}
     try:
@@ -106,6 +126,8 @@ def worker_command(
         code = asyncio.run(worker.run(handle_signals=True))
     except KafkaError as exc:
         raise _fail(f"Kafka at {settings.bootstrap_servers}: {exc}") from None
+    except WorkerHalt as exc:
+        raise _fail(str(exc)) from None
     except (StoreError, ValueError, OSError) as exc:
         raise _fail(f"{type(exc).__name__}: {exc}") from None
     raise typer.Exit(code)

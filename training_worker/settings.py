@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training_worker.codec import DEFAULT_MAX_ABS_FEATURE
+
 __all__ = ["WorkerSettings"]
 
 
@@ -40,6 +42,8 @@ class WorkerSettings(BaseSettings):
     window_size: int = Field(100, ge=1)
     window_hop: int | None = Field(None, ge=1)
     idle_after: int | None = Field(100_000, ge=1)
+    max_abs_feature: float = Field(DEFAULT_MAX_ABS_FEATURE, gt=0)  # beyond: DLQ out_of_range
+    max_label_classes: int = Field(1024, ge=1)  # live-quality labels at or above: ignored
 
     # model
     n_clusters: int = Field(10, ge=1)
@@ -66,8 +70,14 @@ class WorkerSettings(BaseSettings):
 
     # operations
     metrics_port: int = Field(9100, ge=-1)  # 0: any free port, -1: no metrics server
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 to let a scraper on another host in
     lease_ttl: float = Field(10.0, gt=0)
     owner: str | None = None  # lease owner id; default host:pid
+
+    # faults
+    max_attempts: int = Field(3, ge=1)  # crashes on one message before it is dead-lettered
+    offset_regression: Literal["reset", "exit"] = "reset"  # snapshot offsets beyond the log
+    allow_fresh: bool = False  # start a fresh model although the group has committed offsets
 
     @property
     def dlq_topic_name(self) -> str:
