@@ -101,8 +101,9 @@ def worker_command(
         str | None, Opt(help="snapshot offsets beyond the log: reset (train the new log) or exit")
     ] = None,
     allow_fresh: Annotated[
-        bool | None, Opt("--allow-fresh", help="start a fresh model even though the consumer "
-                         "group has committed offsets (the store was emptied)")
+        bool | None,
+        Opt("--allow-fresh/--no-allow-fresh", help="start a fresh model although the consumer "
+            "group has committed offsets (the store was emptied)"),
     ] = None,
     lease_ttl: Annotated[float | None, Opt(help="seconds before an unrenewed lease lapses")] = None,
     session_timeout_ms: Annotated[

@@ -148,13 +148,15 @@ def _check_leaves(raw: list[Any], field_name: str) -> None:
 
 
 def _numbers(raw: Any, field_name: str) -> np.ndarray:
-    """A (possibly nested) JSON list of numbers as a float32 array, strictly checked."""
+    """A (possibly nested) JSON list of numbers as a float64 array, strictly checked.
+
+    float64 first, so that a finite value beyond float32 (1e40) is ``out_of_range`` when
+    bounded, not an overflow to inf."""
     if not isinstance(raw, list) or not raw:
         raise DecodeError("bad_schema", f"{field_name!r} must be a non-empty list of numbers")
     _check_leaves(raw, field_name)
     try:
-        with np.errstate(over="ignore"):  # overflow gives inf, rejected as non_finite
-            arr = np.array(raw, dtype=np.float32)
+        arr = np.array(raw, dtype=np.float64)
     except ValueError:
         raise DecodeError("wrong_length", f"{field_name!r} is a ragged nested list") from None
     return arr
@@ -164,7 +166,8 @@ def _bounded(arr: np.ndarray, field_name: str, max_abs: float) -> np.ndarray:
     """Reject finite magnitudes beyond ``max_abs`` (call after :func:`_finite`)."""
     if arr.size and float(np.abs(arr).max()) > max_abs:
         raise DecodeError("out_of_range", f"{field_name!r} has a value beyond ±{max_abs:g}")
-    return arr
+    with np.errstate(over="ignore"):  # a bound beyond float32's range gives inf
+        return _finite(arr.astype(np.float32), field_name)
 
 
 def _guarded(fn: Any) -> Any:
@@ -312,7 +315,7 @@ class SampleDecoder:
                 raise DecodeError("bad_schema", "missing required field 'features'")
             arr = _finite(_numbers(obj["features"], "features"), "features")
             label = _label(obj.get("label"))
-        _bounded(arr, "features", self.max_abs)
+        arr = _bounded(arr, "features", self.max_abs)
         if self.shape is None:
             self.shape = arr.shape
         elif arr.shape != self.shape:
@@ -483,7 +486,7 @@ class ReadingDecoder:
             if ts is not None and not math.isfinite(ts):
                 raise DecodeError("non_finite", "'ts' is not finite")
             label = _label(obj.get("label"))
-        _bounded(values, "values", self.max_abs)
+        values = _bounded(values, "values", self.max_abs)
         if device is None:
             if not key:
                 raise DecodeError("bad_schema", "reading has no 'device' and no message key")
