@@ -58,6 +58,7 @@ from training_worker.kafka import (
     committed_offsets,
     dead_letter_headers,
     ensure_topic,
+    offset_exists,
 )
 from training_worker.lease import Lease, ProgressLog, make_lease, make_progress_log
 from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
@@ -810,6 +811,14 @@ class TrainingWorker:
             return None
         return int(start), int(end)
 
+    async def _still_there(self, tp: TopicPartition, offset: int) -> bool:
+        try:
+            return await offset_exists(self.settings.bootstrap_servers, tp, offset)
+        except KafkaError as exc:
+            log.warning("cannot read %s:%d@%d back (%s): trusting the reported log end",
+                        tp.topic, tp.partition, offset, exc)
+            return False
+
     async def _regressed(self, tp: TopicPartition, snap_off: int) -> bool:
         """Check the snapshot's offset against the log; True when it no longer applies.
 
@@ -823,6 +832,8 @@ class TrainingWorker:
             return False
         start, end = bounds
         key = f"{tp.topic}:{tp.partition}"
+        if snap_off > end and snap_off > 0 and await self._still_there(tp, snap_off - 1):
+            end = snap_off  # the reported end lagged: the snapshot's last message is there
         if snap_off > end:
             self.faults.regressions.labels("beyond_end").inc()
             log.error("offset regression on %s: the snapshot covers up to %d but the log ends "
