@@ -525,6 +525,7 @@ class TrainingWorker:
         topic = self.settings.topic
         for key, (lo, hi) in progress.read().items():
             t, _, p = key.rpartition(":")
+            lo = max(lo, int(self.checkpoint_offsets.get(key, lo)))  # the snapshot holds those
             if t != topic or not p.isdigit() or hi <= lo:
                 continue
             part = int(p)
