@@ -17,6 +17,21 @@ Life of a worker:
    back while the model is collapsed (and may restore the last healthy weights).
 5. **Stop** — SIGTERM/SIGINT: finish the batch, train what is queued, snapshot, commit, exit 0.
 
+Faults (RELIABILITY.md states the guarantees and the tests behind them):
+
+* **Hostile messages** — the decoders raise nothing but ``DecodeError``; anything else a
+  message trips is still a dead letter (``decode_failed``), never an exception out of the loop.
+* **Crash loops** — before touching a fetch the worker marks in the store, per partition, the
+  offsets it holds that no snapshot covers (:class:`~training_worker.lease.ProgressLog`). The
+  next holder of the lease reads the mark: one death is replayed as usual; a span that killed
+  two holders is taken one message at a time, each marked alone; a message that killed
+  ``max_attempts`` holders goes to the DLQ as ``poison`` and is skipped.
+* **Offset regressions** — on assignment, a snapshot offset beyond the log's end (confirmed by
+  reading its last message back) is a new incarnation of the topic: logged, counted, and
+  trained from the start (``offset_regression="reset"``), or the worker halts (``"exit"``).
+* **Empty store** — with no snapshot but committed offsets in the group, the worker refuses
+  to start a fresh model unless ``allow_fresh``.
+
 Example:
     >>> from training_worker.settings import WorkerSettings
     >>> w = TrainingWorker(WorkerSettings(topic="digits", store="file:///tmp/oclust-doc"))
