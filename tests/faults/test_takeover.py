@@ -62,14 +62,20 @@ def test_kill_9_of_the_active_worker_the_standby_takes_over_and_loses_nothing(
     asyncio.run(replay(kafka_bootstrap, unique_topic, "digits", limit=FIRST, progress=False))
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     ports = [free_port(), free_port()]
-    a = _worker(kafka_bootstrap, unique_topic, redis_url, logs[0], ports[0], 0.2)
-    b = None
+    # both start together; whichever takes the lease first is the active one
+    procs = [_worker(kafka_bootstrap, unique_topic, redis_url, log, port, 0.2)
+             for log, port in zip(logs, ports, strict=True)]
     producer = None
     try:
-        _wait_for_offset(store, unique_topic, FIRST, a, logs[0])  # a is active and training
-        b = _worker(kafka_bootstrap, unique_topic, redis_url, logs[1], ports[1], 0.2)
-        _wait_for_metric(ports[1], "oclust_worker_messages_total", 0, b, logs[1])  # b is up
-        assert _active(ports[0]) == 1.0 and _active(ports[1]) == 0.0  # b is the standby
+        _wait_for_offset(store, unique_topic, FIRST, procs[0], logs[0])  # training has begun
+        for proc, log, port in zip(procs, logs, ports, strict=True):
+            _wait_for_metric(port, "oclust_worker_messages_total", 0, proc, log)  # up
+        states = [_active(port) for port in ports]
+        assert sorted(states) == [0.0, 1.0], states  # one active, one standby
+        first = states.index(1.0)
+        a, b = procs[first], procs[1 - first]
+        ports = [ports[first], ports[1 - first]]
+        logs = [logs[first], logs[1 - first]]
         producer = _produce_in_background(kafka_bootstrap, unique_topic, N_DIGITS, rate=1000)
         _wait_for_offset(store, unique_topic, FIRST + 300, a, logs[0])
         a.send_signal(signal.SIGKILL)
@@ -86,8 +92,8 @@ def test_kill_9_of_the_active_worker_the_standby_takes_over_and_loses_nothing(
         b.send_signal(signal.SIGTERM)
         assert b.wait(timeout=30) == 0, logs[1].read_text()[-3000:]
     finally:
-        for proc in (a, b):
-            if proc is not None and proc.poll() is None:
+        for proc in procs:
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
         if producer is not None:
