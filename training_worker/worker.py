@@ -370,6 +370,7 @@ class TrainingWorker:
         self.marked: dict[str, tuple[int, int]] = {}
         self.isolate: dict[int, tuple[int, int]] = {}
         self.poison: dict[int, int] = {}
+        self.progress = make_progress_log(self.store)
         shape = trainer.model.input_shape_ if trainer.model.is_fitted else None
         if s.mode == "samples":
             self.decoder: SampleDecoder | ReadingDecoder = SampleDecoder(
@@ -412,7 +413,6 @@ class TrainingWorker:
             await self._refuse_fresh_start()
         self._reset_state(trainer)
         self.lease = lease
-        self.progress = make_progress_log(self.store)
         await asyncio.to_thread(self._read_crash_marks, self.progress)
         producer: AIOKafkaProducer | LocalProducer
         consumer: AIOKafkaConsumer | LocalConsumer
