@@ -215,17 +215,25 @@ class ProgressLog:
 
     # -- helpers over the two backends
     def _get(self, which: str) -> dict[str, Any]:
+        """The mark or the counts; garbage in either reads as empty (it proves nothing)."""
         try:
             if isinstance(self.store, RedisStore):
                 if which == "inflight":
-                    raw = self.store.client.get(self._inflight_key)
-                    return json.loads(raw) if raw else {}
-                return {k.decode(): int(v)
-                        for k, v in self.store.client.hgetall(self._attempts_key).items()}
-            path = self._inflight if which == "inflight" else self._attempts
-            return json.loads(path.read_text()) if path.exists() else {}
-        except (RedisError, OSError, ValueError) as exc:
+                    raw: Any = self.store.client.get(self._inflight_key)
+                else:
+                    raw = self.store.client.hgetall(self._attempts_key)
+                    return {k.decode(errors="replace"): int(v) for k, v in raw.items()
+                            if v.isdigit()}
+            else:
+                path = self._inflight if which == "inflight" else self._attempts
+                raw = path.read_bytes() if path.exists() else None
+        except (RedisError, OSError) as exc:
             raise StoreError(f"cannot read the worker's progress log: {exc}") from exc
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def _put_file(self, path: Path, data: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +278,8 @@ class ProgressLog:
         except RedisError as exc:
             raise StoreError(f"cannot count an attempt: {exc}") from exc
         counts = self._get("attempts")
-        counts[key] = int(counts.get(key, 0)) + 1
+        previous = counts.get(key, 0)
+        counts[key] = (previous if isinstance(previous, int) else 0) + 1
         self._put_file(self._attempts, counts)
         return counts[key]
 
@@ -278,8 +287,8 @@ class ProgressLog:
         """Drop the counts of ``partition_key`` ("topic:partition") below ``offset``."""
         counts = self._get("attempts")
         stale = [k for k in counts
-                 if k.split(":", 1)[1].rpartition(":")[0] == partition_key
-                 and int(k.rpartition(":")[2]) < offset]
+                 if k.partition(":")[2].rpartition(":")[0] == partition_key
+                 and k.rpartition(":")[2].isdigit() and int(k.rpartition(":")[2]) < offset]
         if not stale:
             return
         try:
