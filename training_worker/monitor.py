@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -136,15 +137,25 @@ class CollapseGuard:
 class QualityWindow:
     """ACC and NMI of the training labels against message labels over the last ``size`` samples.
 
+    Labels outside ``0..max_classes-1`` are ignored for quality (a hostile label must not
+    make the Hungarian matching build a huge matrix) and counted in ``ignored`` and, when
+    given, ``on_ignored(n)``.
+
     Example:
-        >>> q = QualityWindow(size=4)
-        >>> q.add(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0]))
-        >>> q.scores()
-        {'acc': 1.0, 'nmi': 1.0}
+        >>> q = QualityWindow(size=4, max_classes=10)
+        >>> q.add(np.array([0, 0, 1, 1, 10**9]), np.array([1, 1, 0, 0, 0]))
+        >>> q.scores(), q.ignored
+        ({'acc': 1.0, 'nmi': 1.0}, 1)
     """
 
-    def __init__(self, size: int = 2000) -> None:
+    def __init__(
+        self, size: int = 2000, max_classes: int = 1024,
+        on_ignored: Callable[[int], object] | None = None,
+    ) -> None:
         self.size = size
+        self.max_classes = max_classes
+        self.on_ignored = on_ignored
+        self.ignored = 0
         self._true: deque[int] = deque(maxlen=size)
         self._pred: deque[int] = deque(maxlen=size)
 
@@ -152,8 +163,16 @@ class QualityWindow:
         return len(self._true)
 
     def add(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
-        """Add the labelled samples of a batch (entries with ``y_true < 0`` are skipped)."""
-        mask = np.asarray(y_true) >= 0
+        """Add the labelled samples of a batch (``y_true < 0``: unlabelled, skipped)."""
+        y_true = np.asarray(y_true)
+        mask = y_true >= 0
+        wild = mask & (y_true >= self.max_classes)
+        if wild.any():
+            n = int(wild.sum())
+            self.ignored += n
+            if self.on_ignored is not None:
+                self.on_ignored(n)
+            mask &= ~wild
         if mask.any():
             self._true.extend(np.asarray(y_true)[mask].tolist())
             self._pred.extend(np.asarray(y_pred)[mask].tolist())
