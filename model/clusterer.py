@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from model import metrics
-from model.encoders import EncoderConfig, build_encoder
+from model.encoders import IMAGE_KINDS, EncoderConfig, build_encoder
 from model.priors import OnlinePrior, resolve_prior
 from model.regularisers import REGULARISERS, Batch, make_regulariser, sq_distances
 from model.snapshot import Snapshot, SnapshotError, pack_tensors, unpack_tensors
@@ -86,7 +86,7 @@ def _scaler_for(cfg: EncoderConfig) -> RunningScaler:
     shape = cfg.input_shape
     if len(shape) == 1:  # per feature
         return RunningScaler(shape, (0,))
-    if cfg.kind == "cnn" and len(shape) == 2:  # single-channel image: one global statistic
+    if cfg.kind in IMAGE_KINDS and len(shape) == 2:  # single-channel image: one global statistic
         return RunningScaler((), (0, 1, 2))
     return RunningScaler((shape[0],), (0, *range(2, len(shape) + 1)))  # per channel
 
@@ -117,7 +117,8 @@ class OnlineClusterer:
             encoder output. Without it the encoder shrinks every latent onto its centroid and
             the distances stop carrying information.
         init: centroid seeding on the first batch's latents: ``"kmeans"`` (default, a full
-            k-means on that batch) or ``"kmeans++"`` (seeding only).
+            k-means on that batch), ``"kmeans++"`` (seeding only) or ``"normal"`` (N(0, 1)
+            draws, as the CA paper's code does).
     """
 
     def __init__(
@@ -165,8 +166,8 @@ class OnlineClusterer:
                 f"unknown regulariser {self.regulariser!r}; "
                 f"choose from {', '.join(sorted(REGULARISERS))}"
             )
-        if self.init not in ("kmeans++", "kmeans"):
-            raise ValueError(f"init must be 'kmeans++' or 'kmeans', got {self.init!r}")
+        if self.init not in ("kmeans++", "kmeans", "normal"):
+            raise ValueError(f"init must be 'kmeans++', 'kmeans' or 'normal', got {self.init!r}")
         if not self.sigma > 0:
             raise ValueError(f"sigma must be positive, got {self.sigma!r}")
         resolve_prior(self.prior, self.n_clusters)  # raises ValueError for a bad prior
@@ -256,6 +257,11 @@ class OnlineClusterer:
         """Seed the centroids from the first batch's latents (k-means++ or full k-means)."""
         from sklearn.cluster import KMeans
 
+        if self.init == "normal":  # the CA paper's code: N(0, 1), independent of the data
+            draw = self._rng.standard_normal((self.n_clusters, self.latent_dim))
+            self.centroids_.data.copy_(torch.as_tensor(draw, dtype=z.dtype))
+            self._centroids_ready = True
+            return
         zs = z.detach().double().cpu().numpy()
         if self.init == "kmeans" and len(np.unique(zs, axis=0)) >= self.n_clusters:
             seed = int(self._rng.integers(2**31))
