@@ -44,7 +44,9 @@ Opt = typer.Option
 log = logging.getLogger("oclust.up")
 
 IN_PROCESS = "in-process"
-DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2}
+DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2, "fashion_mnist": 10,
+             "hapt": 6}
+READING_STREAMS = {"daphnet": 64, "hapt": 128}  # reading streams and their window sizes
 
 
 @dataclass(frozen=True)
@@ -230,8 +232,9 @@ async def run_up(
 
 
 def up_command(
-    dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows) or "
-                                     "daphnet (a reading stream cut into windows)")] = "digits",
+    dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows), "
+                                     "fashion_mnist, or a reading stream cut into windows per "
+                                     "device: daphnet, hapt (30 users)")] = "digits",
     host: Annotated[str, Opt(help="bind address of the service")] = "127.0.0.1",
     port: Annotated[int, Opt(min=0, max=65535, help="port of the service")] = 8000,
     store: Annotated[str, Opt(help="file://DIR (default) or redis://HOST:PORT/DB")] = (
@@ -251,7 +254,8 @@ def up_command(
     snapshot_interval: Annotated[float, Opt(min=0, help="seconds between snapshots")] = 5.0,
     rate: Annotated[float | None, Opt(min=0.001, help="replayed messages per second "
                                                       "(default: as fast as training)")] = None,
-    window_size: Annotated[int, Opt(min=2, help="daphnet: readings per window")] = 64,
+    window_size: Annotated[int | None, Opt(min=2, help="reading streams: readings per window "
+                                                       "(daphnet 64, hapt 128)")] = None,
     devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 2,
     seed: Annotated[int, Opt(help="seed of a fresh model")] = 0,
     quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
@@ -265,7 +269,8 @@ def up_command(
     from service.settings import ServiceSettings
     from training_worker.settings import WorkerSettings
 
-    key = dataset.lower()
+    key = dataset.lower().replace("-", "_")
+    key = {"fashionmnist": "fashion_mnist"}.get(key, key)
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
@@ -279,6 +284,7 @@ def up_command(
         resolve_prior(parse_prior(prior), k)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--prior") from None
+    window = window_size or READING_STREAMS.get(key, 64)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
                         format="%(name)s: %(message)s",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
@@ -290,8 +296,8 @@ def up_command(
             n_clusters=k,
             regulariser=regulariser, prior=prior, batch_size=batch_size, batch_timeout=1.0,
             snapshot_interval=snapshot_interval, seed=seed, metrics_port=-1, torch_threads=1,
-            mode="readings" if key == "daphnet" else "samples", window_size=window_size,
-            window_hop=max(1, window_size // 2),
+            mode="readings" if key in READING_STREAMS else "samples", window_size=window,
+            window_hop=max(1, window // 2),
         )
         ss = ServiceSettings(store=store, namespace=namespace, host=host, port=port,
                              poll_interval=0.5, log_level=log_level)
