@@ -25,12 +25,13 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import os
 import pickle
 import zipfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -224,7 +225,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only numpy's array reconstruction and inert pandas stand-ins; refuses the rest."""
 
-    _py2 = {"copy_reg": "copyreg", "__builtin__": "builtins"}
+    _py2: ClassVar[dict[str, str]] = {"copy_reg": "copyreg", "__builtin__": "builtins"}
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _allowed_globals()
@@ -333,7 +334,7 @@ def hapt_windows(
     # a new run starts wherever the recording or the label changes
     change = np.flatnonzero((np.diff(recordings) != 0) | (np.diff(labels) != 0)) + 1
     bounds = np.concatenate([[0], change, [len(labels)]])
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         if not 0 <= labels[a] <= 5:
             continue
         for s in range(a, b - size + 1, hop):

@@ -39,7 +39,7 @@ def test_standardize_per_channel():
 def test_fashion_mnist_from_the_debian_idx_files():
     X, y = datasets.load("fashion_mnist")
     assert X.shape == (70000, 28, 28) and X.dtype == np.float32
-    assert 0.0 <= X.min() and X.max() <= 1.0 and X.max() > 0.99
+    assert X.min() >= 0.0 and X.max() <= 1.0 and X.max() > 0.99
     assert np.bincount(y).tolist() == [7000] * 10
     Xt, yt = datasets.load_fashion_mnist("test")
     assert Xt.shape == (10000, 28, 28)
@@ -59,7 +59,8 @@ def test_idx_reader_rejects_a_truncated_file(tmp_path):
     src = datasets.FASHION_MNIST_DIR
     for name in ("t10k-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
         shutil.copy(src / name, tmp_path / name)
-    raw = gzip.open(src / "t10k-images-idx3-ubyte.gz").read()
+    with gzip.open(src / "t10k-images-idx3-ubyte.gz") as f:
+        raw = f.read()
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
         f.write(raw[:-100])
     with pytest.raises(ValueError, match="header says"):

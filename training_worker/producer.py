@@ -8,8 +8,8 @@ sensors would send them (key = device, so each device stays in order on one part
 ``hapt`` is the real reading stream of 30 users: always 30 devices ``hapt-user-01`` ..
 ``hapt-user-30``, each user's readings in time order with ``ts`` at 50 Hz, the users interleaved
 as if they recorded at the same time (``devices`` does not apply). Labels: 0-5 the basic
-activities; transitions and unlabelled readings carry no label. Real time is ``rate=1500`` (30 × 50 Hz);
-a higher ``rate`` or none replays faster.
+activities; transitions and unlabelled readings carry no label. Real time is ``rate=1500``
+(30 × 50 Hz); a higher ``rate`` or none replays faster.
 
 Example:
     >>> msgs = list(dataset_messages("daphnet", devices=2, limit=3))
