@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,6 +128,7 @@ def score(y: np.ndarray, pred: np.ndarray, soft: np.ndarray | None, k: int) -> S
 
 def probe_scores(Z: np.ndarray, y: np.ndarray, seed: int) -> Scores:
     """Linear (logistic regression) and KNN (k=10) accuracy of latents Z, 80/20 seeded split."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.preprocessing import StandardScaler
@@ -136,7 +138,9 @@ def probe_scores(Z: np.ndarray, y: np.ndarray, seed: int) -> Scores:
     tr, te = order[:cut], order[cut:]
     scaler = StandardScaler().fit(Z[tr])
     Ztr, Zte = scaler.transform(Z[tr]), scaler.transform(Z[te])
-    linear = LogisticRegression(max_iter=300).fit(Ztr, y[tr])
+    with warnings.catch_warnings():  # a probe capped at 300 lbfgs iterations is still a probe
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        linear = LogisticRegression(max_iter=300).fit(Ztr, y[tr])
     knn = KNeighborsClassifier(n_neighbors=10).fit(Ztr, y[tr])
     return {"linear_probe": float(linear.score(Zte, y[te])),
             "knn_probe": float(knn.score(Zte, y[te]))}
