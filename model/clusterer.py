@@ -109,7 +109,7 @@ class OnlineClusterer:
         lr: Adam learning rate (betas (0.9, 0.99), as in the paper).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
         seed: makes CPU training deterministic.
-        encoder: ``"auto"`` (from the input shape), ``"mlp"``, ``"conv1d"`` or ``"cnn"``.
+        encoder: ``"auto"`` (from the input shape) or a kind of :data:`model.encoders.ENCODERS`.
         hidden: hidden widths (MLP) or channels (convolutional encoders).
         standardize: standardise inputs with running statistics learned from the stream.
         reg_params: keyword arguments of the regulariser (e.g. ``{"lam": 2.0}``).
