@@ -39,7 +39,7 @@ from sklearn.utils.validation import validate_data
 from torch import nn
 
 from model import metrics
-from model.encoders import EncoderConfig, build_encoder
+from model.encoders import IMAGE_KINDS, EncoderConfig, build_encoder
 from model.priors import OnlinePrior, resolve_prior
 from model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
 from model.snapshot import Snapshot, SnapshotError, pack_tensors, unpack_tensors
@@ -166,7 +166,7 @@ def _scaler_for(cfg: EncoderConfig) -> RunningScaler:
     shape = cfg.input_shape
     if len(shape) == 1:  # per feature
         return RunningScaler(shape, (0,))
-    if cfg.kind == "cnn" and len(shape) == 2:  # single-channel image: one global statistic
+    if cfg.kind in IMAGE_KINDS and len(shape) == 2:  # single-channel image: one global statistic
         return RunningScaler((), (0, 1, 2))
     return RunningScaler((shape[0],), (0, *range(2, len(shape) + 1)))  # per channel
 
@@ -199,7 +199,7 @@ class OnlineClusterer(
         random_state: an int (or a ``numpy`` random generator to draw one from) that makes CPU
             training deterministic: network initialisation, centroid seeding and ``fit``'s
             shuffling. Saved in the snapshot manifest as ``seed``.
-        encoder: ``"auto"`` (from the input shape), ``"mlp"``, ``"conv1d"`` or ``"cnn"``.
+        encoder: ``"auto"`` (from the input shape) or a kind of :data:`model.encoders.ENCODERS`.
         hidden: hidden widths (MLP) or channels (convolutional encoders).
         standardize: standardise inputs with running statistics learned from the stream.
         reg_params: keyword arguments of the regulariser (e.g. ``{"lam": 2.0}``).
@@ -207,7 +207,8 @@ class OnlineClusterer(
             encoder output. Without it the encoder shrinks every latent onto its centroid and
             the distances stop carrying information.
         init: centroid seeding on the first batch's latents: ``"kmeans"`` (default, a full
-            k-means on that batch) or ``"kmeans++"`` (seeding only).
+            k-means on that batch), ``"kmeans++"`` (seeding only) or ``"normal"`` (N(0, 1)
+            draws, as the CA paper's code does).
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
             both are given.
 
@@ -284,8 +285,8 @@ class OnlineClusterer(
                 f"unknown regulariser {self.regulariser!r}; "
                 f"choose from {', '.join(sorted(REGULARISERS))}"
             )
-        if self.init not in ("kmeans++", "kmeans"):
-            raise ValueError(f"init must be 'kmeans++' or 'kmeans', got {self.init!r}")
+        if self.init not in ("kmeans++", "kmeans", "normal"):
+            raise ValueError(f"init must be 'kmeans++', 'kmeans' or 'normal', got {self.init!r}")
         if not isinstance(self.sigma, numbers.Real) or not self.sigma > 0:
             raise ValueError(f"sigma must be a positive number, got {self.sigma!r}")
         if not isinstance(self.latent_dim, numbers.Integral) or self.latent_dim < 1:
@@ -429,6 +430,11 @@ class OnlineClusterer(
         """Seed the centroids from the first batch's latents (k-means++ or full k-means)."""
         from sklearn.cluster import KMeans
 
+        if self.init == "normal":  # the CA paper's code: N(0, 1), independent of the data
+            draw = self._rng.standard_normal((self.n_clusters, self.latent_dim))
+            self.centroids_.data.copy_(torch.as_tensor(draw, dtype=z.dtype))
+            self._centroids_ready = True
+            return
         zs = z.detach().double().cpu().numpy()
         if self.init == "kmeans" and len(np.unique(zs, axis=0)) >= self.n_clusters:
             seed = int(self._rng.integers(2**31))

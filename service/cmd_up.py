@@ -54,7 +54,9 @@ _HostOpt = field_option(ServiceSettings, "host")
 _PortOpt = field_option(ServiceSettings, "port")
 
 IN_PROCESS = "in-process"
-DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2}
+DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2, "fashion_mnist": 10,
+             "hapt": 6}
+READING_STREAMS = {"daphnet": 64, "hapt": 128}  # reading streams and their window sizes
 
 
 @dataclass(frozen=True)
@@ -256,8 +258,9 @@ async def run_up(
 
 
 def up_command(
-    dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows) or "
-                                     "daphnet (a reading stream cut into windows)")] = "digits",
+    dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows), "
+                                     "fashion_mnist, or a reading stream cut into windows per "
+                                     "device: daphnet, hapt (30 users)")] = "digits",
     host: _HostOpt = None,
     port: _PortOpt = None,
     store: _StoreOpt = None,
@@ -275,26 +278,29 @@ def up_command(
     snapshot_interval: Annotated[float, Opt(min=0, help="seconds between snapshots")] = 5.0,
     rate: Annotated[float | None, Opt(min=0.001, help="replayed messages per second "
                                                       "(default: as fast as training)")] = None,
-    window_size: Annotated[int, Opt(min=2, help="daphnet: readings per window")] = 64,
+    window_size: Annotated[int | None, Opt(min=2, help="reading streams: readings per window "
+                                                       "(daphnet 64, hapt 128)")] = None,
     devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 2,
     seed: _SeedOpt = None,
     quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
     log_level: LogLevelOpt = "warning",
 ) -> None:
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
-    key = dataset.lower()
+    key = dataset.lower().replace("-", "_")
+    key = {"fashionmnist": "fashion_mnist"}.get(key, key)
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
     namespace = namespace or f"up-{key}"
+    window = window_size or READING_STREAMS.get(key, 64)
     ws = build_settings(WorkerSettings, dict(
         bootstrap_servers=bootstrap_servers or IN_PROCESS,
         topic=topic or f"oclust-up-{key}", store=store, namespace=namespace,
         n_clusters=n_clusters or DEFAULT_K[key],
         regulariser=regulariser, prior=prior, batch_size=batch_size, batch_timeout=1.0,
         snapshot_interval=snapshot_interval, seed=seed, metrics_port=-1, torch_threads=1,
-        mode="readings" if key == "daphnet" else "samples", window_size=window_size,
-        window_hop=max(1, window_size // 2),
+        mode="readings" if key in READING_STREAMS else "samples", window_size=window,
+        window_hop=max(1, window // 2),
     ))
     ss = build_settings(ServiceSettings, dict(
         store=ws.store, namespace=namespace, host=host, port=port, poll_interval=0.5,

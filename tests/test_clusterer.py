@@ -112,7 +112,7 @@ def test_deterministic_for_a_seed_on_cpu():
 
 
 @pytest.mark.parametrize(
-    ("shape", "kind"), [((8,), "mlp"), ((3, 40), "conv1d"), ((8, 8), "cnn")]
+    ("shape", "kind"), [((8,), "mlp"), ((3, 40), "conv1d"), ((8, 8), "convnet")]
 )
 def test_snapshot_round_trip_gives_identical_predictions(shape, kind):
     X = np.random.default_rng(1).normal(size=(96, *shape)).astype(np.float32)
