@@ -21,8 +21,10 @@ $(BIN)/oclust: pyproject.toml
 install: $(BIN)/oclust
 
 # System tools the tests drive for real: prometheus and promtool (Debian's prometheus package),
-# a headless browser for the live page (Debian's chromium package).
-SYSPKGS = $(if $(shell command -v promtool),,prometheus) $(if $(shell command -v chromium),,chromium)
+# a headless browser for the live page (Debian's chromium package), and the FashionMNIST idx
+# files (Debian's dataset-fashion-mnist, installed under /usr/share/datasets/fashion-mnist).
+SYSPKGS = $(if $(shell command -v promtool),,prometheus) $(if $(shell command -v chromium),,chromium) \
+	$(if $(wildcard /usr/share/datasets/fashion-mnist),,dataset-fashion-mnist)
 sysdeps:
 	$(if $(strip $(SYSPKGS)),apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends $(SYSPKGS),@true)

@@ -51,7 +51,7 @@ def kind_for_shape(sample_shape: tuple[int, ...]) -> str:
     from model.encoders import EncoderConfig
 
     encoder = EncoderConfig.for_shape(tuple(sample_shape), kind="auto").kind
-    return {"mlp": "vector", "conv1d": "window", "cnn": "image"}[encoder]
+    return {"mlp": "vector", "conv1d": "window", "lenet1d": "window"}.get(encoder, "image")
 
 
 def _normal(shape: tuple[int, ...], like: torch.Tensor, g: torch.Generator) -> torch.Tensor:

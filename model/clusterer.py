@@ -40,7 +40,7 @@ from sklearn.utils.validation import validate_data
 from torch import nn
 
 from model import metrics
-from model.encoders import EncoderConfig, build_encoder
+from model.encoders import IMAGE_KINDS, EncoderConfig, build_encoder
 from model.inference import SERVING_PREFIX, CompiledInference, Inference
 from model.inference_torch import TorchInference
 from model.priors import OnlinePrior, resolve_prior
@@ -61,7 +61,7 @@ EXPECTED_FAILED_CHECKS = {
     "check_methods_subset_invariance": (
         "transform runs the encoder in float32: BLAS computes one row and a batch of rows in a "
         "different order, so latents differ in the last float32 bits (about 5e-7, over the "
-        "check's atol of 1e-7); predict and soft_assign agree"
+        "check's atol of 1e-7); predict agrees exactly"
     ),
 }
 _GENERATORS = (np.random.RandomState, np.random.Generator)
@@ -69,13 +69,34 @@ _GENERATORS = (np.random.RandomState, np.random.Generator)
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one ``partial_fit`` step did."""
+    """What one ``partial_fit`` step did, by the training labels and by the served labels.
+
+    The *training* labels are the regulariser's assignment of the batch (CA and SK balance them
+    by construction, even for a collapsed encoder). The *served* labels are the nearest
+    (serving) centroid of each sample, the rule ``predict`` and ``/assign`` use, computed from
+    the step's own latents (no second forward pass; for an encoder with batch normalisation
+    these are the training-mode latents): collapse shows there first. Entropies and KL* are
+    in nats.
+    """
 
     labels: np.ndarray  # hard training labels of the batch (from the regulariser)
     loss: float
-    hard_entropy: float  # entropy of the batch's label histogram, nats (max log K)
-    kl_star: float  # KL(batch label histogram || prior), nats
+    train_hard_entropy: float  # entropy of the training-label histogram (max log K)
+    train_kl_star: float  # KL(training-label histogram || prior)
     n: int
+    served_labels: np.ndarray  # nearest serving centroid of each sample (what predict says)
+    served_hard_entropy: float  # entropy of the served-label histogram
+    served_kl_star: float  # KL(served-label histogram || prior)
+
+    @property
+    def hard_entropy(self) -> float:
+        """Alias of :attr:`train_hard_entropy` (kept for older callers)."""
+        return self.train_hard_entropy
+
+    @property
+    def kl_star(self) -> float:
+        """Alias of :attr:`train_kl_star` (kept for older callers)."""
+        return self.train_kl_star
 
 
 class RunningScaler(nn.Module):
@@ -155,7 +176,7 @@ def _scaler_for(cfg: EncoderConfig) -> RunningScaler:
     shape = cfg.input_shape
     if len(shape) == 1:  # per feature
         return RunningScaler(shape, (0,))
-    if cfg.kind == "cnn" and len(shape) == 2:  # single-channel image: one global statistic
+    if cfg.kind in IMAGE_KINDS and len(shape) == 2:  # single-channel image: one global statistic
         return RunningScaler((), (0, 1, 2))
     return RunningScaler((shape[0],), (0, *range(2, len(shape) + 1)))  # per channel
 
@@ -177,8 +198,10 @@ class OnlineClusterer(
         regulariser: name of a registered regulariser (``ca``, ``sk``, ``ent``, ``ss``, ``varm``,
             ``none``, ...).
         prior: ``None`` or ``"uniform"``, a probability vector of length K, or ``"online"``:
-            estimated from the stream (:class:`model.priors.OnlinePrior`, updated every step,
-            fed back as ``log_prior`` and saved in the snapshot manifest).
+            estimated from the stream (:class:`model.priors.OnlinePrior`: EM mixture weights
+            from prior-free soft responsibilities of each step's distances, shrunk toward
+            uniform, KL-capped, uniform until warmed up; fed back as ``log_prior`` and saved
+            in the snapshot manifest).
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
         latent_dim: size of the latent space.
         lr: Adam learning rate (betas (0.9, 0.99), as in the paper).
@@ -186,7 +209,7 @@ class OnlineClusterer(
         random_state: an int (or a ``numpy`` random generator to draw one from) that makes CPU
             training deterministic: network initialisation, centroid seeding and ``fit``'s
             shuffling. Saved in the snapshot manifest as ``seed``.
-        encoder: ``"auto"`` (from the input shape), ``"mlp"``, ``"conv1d"`` or ``"cnn"``.
+        encoder: ``"auto"`` (from the input shape) or a kind of :data:`model.encoders.ENCODERS`.
         hidden: hidden widths (MLP) or channels (convolutional encoders).
         standardize: standardise inputs with running statistics learned from the stream.
         reg_params: keyword arguments of the regulariser (e.g. ``{"lam": 2.0}``).
@@ -194,13 +217,15 @@ class OnlineClusterer(
             encoder output. Without it the encoder shrinks every latent onto its centroid and
             the distances stop carrying information.
         init: centroid seeding on the first batch's latents: ``"kmeans"`` (default, a full
-            k-means on that batch) or ``"kmeans++"`` (seeding only).
+            k-means on that batch), ``"kmeans++"`` (seeding only) or ``"normal"`` (N(0, 1)
+            draws, as the CA paper's code does).
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
             both are given.
 
     Attributes:
         labels_: cluster of each sample of the last ``fit`` (nearest centroid, as ``predict``)
-            or, after ``partial_fit``, the training labels of its batch (``last_step_.labels``).
+            or, after ``partial_fit``, the served labels of its batch
+            (``last_step_.served_labels``, the rule ``predict`` applies, from the step's latents).
         last_step_: the :class:`StepReport` of the last training step.
         cluster_centers_: the K centroids the model serves, in the *latent* space (compare
             them with ``transform(X)``, not with X), shape (K, latent_dim).
@@ -270,8 +295,8 @@ class OnlineClusterer(
                 f"unknown regulariser {self.regulariser!r}; "
                 f"choose from {', '.join(sorted(REGULARISERS))}"
             )
-        if self.init not in ("kmeans++", "kmeans"):
-            raise ValueError(f"init must be 'kmeans++' or 'kmeans', got {self.init!r}")
+        if self.init not in ("kmeans++", "kmeans", "normal"):
+            raise ValueError(f"init must be 'kmeans++', 'kmeans' or 'normal', got {self.init!r}")
         if not isinstance(self.sigma, numbers.Real) or not self.sigma > 0:
             raise ValueError(f"sigma must be a positive number, got {self.sigma!r}")
         if not isinstance(self.latent_dim, numbers.Integral) or self.latent_dim < 1:
@@ -308,7 +333,8 @@ class OnlineClusterer(
         tags = super().__sklearn_tags__()
         tags.input_tags.three_d_array = True  # windows (C, T) and images (H, W) per sample
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
-        tags.non_deterministic = self.device != "cpu"  # CUDA kernels are not bit-reproducible
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        tags.non_deterministic = not on_cpu  # CUDA kernels are not bit-reproducible
         return tags
 
     @property
@@ -353,6 +379,11 @@ class OnlineClusterer(
             and X.shape[1:] == self.input_shape_
             and not hasattr(self, "feature_names_in_")
         )
+        if not reset and tuple(getattr(X, "shape", ())) == self.input_shape_:
+            raise ValueError(
+                f"got one sample of shape {self.input_shape_} without its batch axis. Reshape "
+                "your data: X[None] or X.reshape(1, *X.shape) is a batch of that one sample"
+            )
         arr = X if fast else validate_data(
             self, X, reset=reset, dtype="numeric", allow_nd=True, ensure_all_finite=False
         )
@@ -391,7 +422,7 @@ class OnlineClusterer(
         self.centroids_.data = self.centroids_.data.to(self.device_)
         self.scaler_ = _scaler_for(self.encoder_config_).to(self.device_)
         online = resolve_prior(self.prior, self.n_clusters)[0] == "online"
-        self.prior_estimator_ = OnlinePrior(self.n_clusters) if online else None
+        self.prior_estimator_ = OnlinePrior(int(self.n_clusters)) if online else None
         self.log_prior_ = torch.log(torch.as_tensor(self.prior_, dtype=torch.float32)).to(
             self.device_
         )
@@ -409,6 +440,11 @@ class OnlineClusterer(
         """Seed the centroids from the first batch's latents (k-means++ or full k-means)."""
         from sklearn.cluster import KMeans
 
+        if self.init == "normal":  # the CA paper's code: N(0, 1), independent of the data
+            draw = self._rng.standard_normal((self.n_clusters, self.latent_dim))
+            self.centroids_.data.copy_(torch.as_tensor(draw, dtype=z.dtype))
+            self._centroids_ready = True
+            return
         zs = z.detach().double().cpu().numpy()
         if self.init == "kmeans" and len(np.unique(zs, axis=0)) >= self.n_clusters:
             seed = int(self._rng.integers(2**31))
@@ -442,7 +478,8 @@ class OnlineClusterer(
         return torch.from_numpy(chunk).to(self.device_)
 
     def partial_fit(self, X: Any, y: Any = None) -> OnlineClusterer:
-        """Train one step on one batch; its report (labels, loss, entropy, KL*) is ``last_step_``.
+        """Train one step on one batch; its report (training and served labels, loss, entropy, KL*)
+        is ``last_step_``.
 
         ``y`` is ignored. Returns ``self``.
         """
@@ -458,6 +495,7 @@ class OnlineClusterer(
         if not self._centroids_ready:
             self._init_centroids(z)
         batch = Batch.build(x, z, self.centroids_, self.sigma, self.log_prior_, self._encode)
+        served = self._served_labels(z, batch.distances)  # before the step moves anything
         out = self.reg_(batch)
         self.optimizer_.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -466,19 +504,34 @@ class OnlineClusterer(
         self.samples_seen_ += len(arr)
         self.steps_ += 1
         labels = out.labels.detach().cpu().numpy().astype(np.int64)
+        prior = self.prior_
         hist = metrics.cluster_distribution(labels, self.n_clusters)
+        served_hist = metrics.cluster_distribution(served, self.n_clusters)
         report = StepReport(
             labels=labels,
             loss=float(out.loss.detach()),
-            hard_entropy=metrics.entropy(hist),
-            kl_star=metrics.kl_star(hist, self.prior_),
+            train_hard_entropy=metrics.entropy(hist),
+            train_kl_star=metrics.kl_star(hist, prior),
             n=len(arr),
+            served_labels=served,
+            served_hard_entropy=metrics.entropy(served_hist),
+            served_kl_star=metrics.kl_star(served_hist, prior),
         )
-        if self.prior_estimator_ is not None:  # online prior: fold in this batch's labels
-            self._set_log_prior(self.prior_estimator_.update(labels))
+        if self.prior_estimator_ is not None:  # online prior: prior-free soft responsibilities
+            d = batch.distances.detach().double().cpu().numpy()
+            self._set_log_prior(self.prior_estimator_.update_from_distances(d, self.sigma))
         self.last_step_ = report
-        self.labels_ = report.labels
+        self.labels_ = report.served_labels
         return self
+
+    @torch.no_grad()
+    def _served_labels(self, z: torch.Tensor, distances: torch.Tensor) -> np.ndarray:
+        """The served rule of :meth:`predict` (:func:`model.regularisers.serve`) applied to the
+        step's own latents: no second forward pass."""
+        serving = self.reg_.serving_centroids(self.centroids_)
+        d = distances if serving is self.centroids_ else sq_distances(z.detach(), serving)
+        labels = serve(z.detach(), d.detach(), self.sigma, self.reg_.serving_head())[0]
+        return labels.cpu().numpy().astype(np.int64)
 
     def _set_log_prior(self, prior: np.ndarray) -> None:
         self.log_prior_ = torch.log(torch.as_tensor(prior, dtype=torch.float32)).to(self.device_)
@@ -529,11 +582,14 @@ class OnlineClusterer(
         """Rows per inference chunk: INFERENCE_ROWS, fewer when one sample's activations are big.
 
         A convolution keeps at most the input's spatial size, so ``numel(sample) * widest
-        layer`` bounds one sample's largest activation.
+        hidden layer`` bounds one sample's largest activation; an MLP's is its widest layer.
         """
         numel = math.prod(self.input_shape_)
-        widest = max((*self.encoder_config_.hidden, self.latent_dim, 1))
-        per_sample = max(numel, widest) if len(self.input_shape_) == 1 else numel * widest
+        widest = max((*self.encoder_config_.hidden, 1))
+        if len(self.input_shape_) == 1:
+            per_sample = max(numel, widest, self.encoder_config_.latent_dim)
+        else:
+            per_sample = numel * widest
         return int(min(INFERENCE_ROWS, max(1, INFERENCE_BYTES // (4 * per_sample))))
 
     @torch.inference_mode()
@@ -612,18 +668,18 @@ class OnlineClusterer(
         manifest = {
             "regulariser": self.regulariser,
             "reg_params": dict(self.reg_params or {}),
-            "n_clusters": self.n_clusters,
+            "n_clusters": int(self.n_clusters),
             "input_shape": list(self.input_shape_),
             "encoder": self.encoder_config_.to_dict(),
-            "latent_dim": self.latent_dim,
-            "sigma": self.sigma,
+            "latent_dim": int(self.latent_dim),
+            "sigma": float(self.sigma),
             "prior": self.prior_.tolist(),
             "prior_mode": resolve_prior(self.prior, self.n_clusters)[0],
             "prior_state": (
                 self.prior_estimator_.state() if self.prior_estimator_ is not None else None
             ),
-            "lr": self.lr,
-            "standardize": self.standardize,
+            "lr": float(self.lr),
+            "standardize": bool(self.standardize),
             "init": self.init,
             "seed": self._seed,
             "samples_seen": self.samples_seen_,

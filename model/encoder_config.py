@@ -12,9 +12,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["ENCODERS", "LATENT_NORMS", "NORM_EPS", "EncoderConfig", "mlp_program"]
+__all__ = [
+    "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS", "EncoderConfig",
+    "mlp_program",
+]
 
-ENCODERS = ("mlp", "conv1d", "cnn")
+ENCODERS = ("mlp", "conv1d", "cnn", "convnet", "lenet", "lenet1d")
+IMAGE_KINDS = ("cnn", "convnet", "lenet")  # encoders of (H, W) or (C, H, W) images
+DEFAULT_HIDDEN = {
+    "mlp": (512,), "conv1d": (32, 64), "cnn": (32, 64), "convnet": (16, 32), "lenet": (6, 16),
+    "lenet1d": (32, 64),
+}
 LATENT_NORMS = ("layer", "batch", "none")
 NORM_EPS = 1e-5  # eps of the latent LayerNorm / BatchNorm1d
 
@@ -46,12 +54,12 @@ class EncoderConfig:
             elif len(shape) == 2 and shape[0] <= 32 and shape[1] > shape[0]:
                 kind = "conv1d"  # channels × time
             elif len(shape) in (2, 3):
-                kind = "cnn"
+                kind = "convnet"
             else:
                 raise ValueError(f"no encoder for per-sample shape {shape}")
         if kind not in ENCODERS:
             raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
-        default_hidden = {"mlp": (512,), "conv1d": (32, 64), "cnn": (32, 64)}[kind]
+        default_hidden = DEFAULT_HIDDEN[kind]
         return cls(
             kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm
         )

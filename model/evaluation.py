@@ -6,6 +6,11 @@ against the true class frequencies with clusters aligned to classes). The final 
 never the best one: labels are used only for scoring. KMeans and MiniBatchKMeans rows on the same
 standardised data are the reference.
 
+``protocol="default"`` trains the shipped configuration; ``protocol="paper"`` the CA paper's
+(:func:`model.presets.paper`: LeNet-style encoders, raw latents, N(0, 1) centroids, sigma 50 in
+our parametrisation). ``probes=True`` adds linear and KNN (k=10) probe accuracies of the latents
+(fit on a seeded 80% of the points, scored on the other 20%).
+
 Example:
     >>> from model.evaluation import evaluate
     >>> res = evaluate("digits", ["ca"], seeds=1, epochs=1)
@@ -15,21 +20,26 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from model import datasets, metrics
+from model import datasets, metrics, presets
 from model.clusterer import OnlineClusterer
+from model.encoders import IMAGE_KINDS, EncoderConfig
 
 __all__ = [
     "DEFAULT_EPOCHS",
     "IMBALANCE_PROFILES",
     "METRICS",
     "PRIOR_CHOICES",
+    "PROBES",
     "evaluate",
     "imbalance_profile",
+    "prepare",
+    "probe_scores",
     "score",
     "subsample_imbalanced",
     "summarise",
@@ -37,6 +47,7 @@ __all__ = [
 
 DEFAULT_EPOCHS = 40
 METRICS = ("acc", "nmi", "ari", "kl_star_hard", "kl_star_soft")
+PROBES = ("linear_probe", "knn_probe")
 Scores = dict[str, float]
 
 # Share of each class kept by the paper's imbalanced profiles (class 0 first), for 10 classes.
@@ -115,6 +126,37 @@ def score(y: np.ndarray, pred: np.ndarray, soft: np.ndarray | None, k: int) -> S
     }
 
 
+def probe_scores(Z: np.ndarray, y: np.ndarray, seed: int) -> Scores:
+    """Linear (logistic regression) and KNN (k=10) accuracy of latents Z, 80/20 seeded split."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    order = np.random.default_rng(seed).permutation(len(Z))
+    cut = int(0.8 * len(Z))
+    tr, te = order[:cut], order[cut:]
+    scaler = StandardScaler().fit(Z[tr])
+    Ztr, Zte = scaler.transform(Z[tr]), scaler.transform(Z[te])
+    with warnings.catch_warnings():  # a probe capped at 300 lbfgs iterations is still a probe
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        linear = LogisticRegression(max_iter=300).fit(Ztr, y[tr])
+    knn = KNeighborsClassifier(n_neighbors=10).fit(Ztr, y[tr])
+    return {"linear_probe": float(linear.score(Zte, y[te])),
+            "knn_probe": float(knn.score(Zte, y[te]))}
+
+
+def prepare(X: np.ndarray) -> np.ndarray:
+    """Standardise a dataset for the protocol; single-channel images gain their channel axis.
+
+    >>> prepare(np.ones((4, 28, 28), dtype=np.float32)).shape
+    (4, 1, 28, 28)
+    """
+    if X.ndim == 3 and EncoderConfig.for_shape(X.shape[1:]).kind in IMAGE_KINDS:
+        X = X[:, None]  # (N, H, W) → (N, 1, H, W): one global statistic, not one per row
+    return datasets.standardize(X)
+
+
 def _kmeans(X: np.ndarray, y: np.ndarray, k: int, seed: int) -> Scores:
     from sklearn.cluster import KMeans
 
@@ -149,6 +191,9 @@ def evaluate(
     on_step: Callable[[], None] | None = None,
     imbalance: str | None = None,
     prior: str = "uniform",
+    protocol: str = "default",
+    limit: int | None = None,
+    probes: bool = False,
     **params: Any,
 ) -> dict[str, list[Scores]]:
     """Run the protocol for each regulariser and seed; returns per-seed scores by name.
@@ -168,30 +213,54 @@ def evaluate(
     if prior not in PRIOR_CHOICES:
         raise ValueError(f"unknown prior {prior!r}; choose from {', '.join(PRIOR_CHOICES)}")
     X_all, y_all = datasets.load(dataset)
+    if limit is not None and limit < len(X_all):
+        keep = np.sort(np.random.default_rng(0).choice(len(X_all), size=limit, replace=False))
+        X_all, y_all = X_all[keep], y_all[keep]
     k = int(y_all.max()) + 1
+    config = presets.preset(protocol, prepare(X_all[:2]).shape[1:], k)
+    config = {key: v for key, v in config.items() if key not in ("n_clusters", "regulariser")}
+    config |= params
     data = []
     for seed in range(seeds):
         X, y = (X_all, y_all) if imbalance is None else subsample_imbalanced(
             X_all, y_all, imbalance, seed
         )
-        data.append((datasets.standardize(X), y))
+        data.append((prepare(X), y))
     results: dict[str, list[Scores]] = {}
     for name in regularisers:
         results[name] = []
         for seed, (X, y) in enumerate(data):
             clf = OnlineClusterer(
                 n_clusters=k, regulariser=name, seed=seed, prior=_prior_option(prior, y, k),
-                **params,
+                **config,
             )
             clf.fit(X, epochs=epochs, batch_size=batch_size, callback=lambda _r: _tick(on_step))
-            pred = clf.predict(X)
-            results[name].append(score(y, pred, clf.soft_assign(X), k))
+            pred, soft, Z = _outputs(clf, X)
+            scores = score(y, pred, soft, k)
+            if probes:
+                scores |= probe_scores(Z, y, seed)
+            results[name].append(scores)
     if reference:
-        results["KMeans"] = [_kmeans(X, y, k, s) for s, (X, y) in enumerate(data)]
+        nan_probes = dict.fromkeys(PROBES, float("nan")) if probes else {}
+        results["KMeans"] = [_kmeans(X, y, k, s) | nan_probes for s, (X, y) in enumerate(data)]
         results["MiniBatchKMeans"] = [
-            _minibatch_kmeans(X, y, k, s, epochs, batch_size) for s, (X, y) in enumerate(data)
+            _minibatch_kmeans(X, y, k, s, epochs, batch_size) | nan_probes
+            for s, (X, y) in enumerate(data)
         ]
     return results
+
+
+def _outputs(
+    clf: OnlineClusterer, X: np.ndarray, chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest-centroid labels, responsibilities and latents, in chunks (bounded memory)."""
+    preds, softs, zs = [], [], []
+    for start in range(0, len(X), chunk):
+        part = X[start : start + chunk]
+        preds.append(clf.predict(part))
+        softs.append(clf.soft_assign(part))
+        zs.append(clf.transform(part))
+    return np.concatenate(preds), np.concatenate(softs), np.concatenate(zs)
 
 
 def _tick(on_step: Callable[[], None] | None) -> None:
@@ -200,8 +269,8 @@ def _tick(on_step: Callable[[], None] | None) -> None:
 
 
 def summarise(runs: list[Scores]) -> dict[str, tuple[float, float]]:
-    """Mean and standard deviation of each metric over seeds."""
+    """Mean and standard deviation of each metric over seeds (every metric the runs have)."""
     return {
         m: (float(np.mean([r[m] for r in runs])), float(np.std([r[m] for r in runs])))
-        for m in METRICS
+        for m in runs[0]
     }

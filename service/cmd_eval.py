@@ -2,6 +2,7 @@
 
 Example:
     $ oclust eval --dataset digits --regulariser ca,sk,none --seeds 3
+    $ oclust eval --dataset fashion_mnist --protocol paper -r ca,none --seeds 1 --epochs 2
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import typer
 from service.options import SettingsCommand
 
 HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
-           "kl_star_soft": "KL* soft"}
+           "kl_star_soft": "KL* soft", "linear_probe": "linear probe", "knn_probe": "KNN probe"}
 
 
 def _cell(mean: float, std: float) -> str:
@@ -24,7 +25,9 @@ def _cell(mean: float, std: float) -> str:
 
 
 def eval_command(
-    dataset: Annotated[str, typer.Option(help="digits, segments or basic_motions")] = "digits",
+    dataset: Annotated[
+        str, typer.Option(help="digits, segments, basic_motions, fashion_mnist or hapt")
+    ] = "digits",
     regulariser: Annotated[
         str, typer.Option("--regulariser", "-r", help="comma-separated regularisers")
     ] = "ca",
@@ -42,6 +45,18 @@ def eval_command(
     prior: Annotated[
         str, typer.Option(help="cluster prior: uniform, true (class frequencies) or online")
     ] = "uniform",
+    protocol: Annotated[
+        str, typer.Option(help="default (the shipped config) or paper (the CA paper's setup)")
+    ] = "default",
+    limit: Annotated[
+        int | None, typer.Option(min=10, help="a seeded random subset of this many points")
+    ] = None,
+    probes: Annotated[
+        bool, typer.Option("--probes", help="add linear and KNN (k=10) probes of the latents")
+    ] = False,
+    reference: Annotated[
+        bool, typer.Option(help="add KMeans and MiniBatchKMeans rows on the same data")
+    ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object of means, nothing else")
     ] = False,
@@ -57,10 +72,12 @@ def eval_command(
         IMBALANCE_PROFILES,
         METRICS,
         PRIOR_CHOICES,
+        PROBES,
         evaluate,
         subsample_imbalanced,
         summarise,
     )
+    from model.presets import PRESETS
     from model.regularisers import REGULARISERS
 
     epochs = epochs or DEFAULT_EPOCHS
@@ -81,36 +98,62 @@ def eval_command(
             f"unknown prior {prior!r}; choose from {', '.join(PRIOR_CHOICES)}",
             param_hint="--prior",
         )
+    if protocol not in PRESETS:
+        raise typer.BadParameter(
+            f"unknown protocol {protocol!r}; choose from {', '.join(PRESETS)}",
+            param_hint="--protocol",
+        )
     params = {k: v for k, v in {"sigma": sigma, "latent_dim": latent_dim}.items() if v is not None}
     try:
         X, y = datasets.load(dataset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+    if key_of(dataset) == "daphnet":
+        raise typer.BadParameter(
+            "daphnet is a reading stream: window it with the worker, not eval",
+            param_hint="--dataset",
+        )
+    if limit is not None and limit < len(X):
+        X, y = X[:limit], y[:limit]  # only the size matters here
     n = len(X) if imbalance is None else len(subsample_imbalanced(X, y, imbalance, 0)[1])
     steps = len(names) * seeds * epochs * math.ceil(n / batch_size)
     with tqdm(total=steps, desc=f"eval {dataset}", unit="step", file=sys.stderr) as bar:
         results = evaluate(
             dataset, names, seeds=seeds, epochs=epochs, batch_size=batch_size,
-            reference=not as_json, on_step=lambda: bar.update(1), imbalance=imbalance,
-            prior=prior, **params,
+            reference=reference, on_step=lambda: bar.update(1), imbalance=imbalance,
+            prior=prior, protocol=protocol, limit=limit, probes=probes, **params,
         )
     summary = {name: summarise(runs) for name, runs in results.items()}
-    if as_json:
-        out = {name: {m: s[m][0] for m in METRICS} for name, s in summary.items()}
+    columns = METRICS + (PROBES if probes else ())
+    if as_json:  # NaN (no soft assignment, no latents) becomes null
+        out = {
+            name: {m: None if math.isnan(s[m][0]) else s[m][0] for m in columns}
+            for name, s in summary.items()
+        }
         typer.echo(json.dumps(out))
         return
     setting = "" if imbalance is None else f", {imbalance}, prior {prior}"
     if imbalance is None and prior != "uniform":
         setting = f", prior {prior}"
+    if protocol != "default":
+        setting += f", {protocol} protocol"
     table = Table(title=f"{dataset}{setting}: {seeds} seed(s), {epochs} epoch(s), mean (std)")
     table.add_column("method")
-    for m in METRICS:
+    for m in columns:
         table.add_column(HEADERS[m], justify="right")
     for name, s in summary.items():
-        table.add_row(name, *(_cell(*s[m]) for m in METRICS))
+        table.add_row(name, *(_cell(*s[m]) for m in columns))
     console = Console()
     console.width = max(console.width, 110)  # keep "mean (std)" cells on one line in pipes
     console.print(table)
+
+
+def key_of(dataset: str) -> str:
+    """The canonical name of a dataset (aliases resolved)."""
+    from model import datasets
+
+    name = dataset.lower()
+    return datasets.ALIASES.get(name, name)
 
 
 def register(app: typer.Typer) -> None:

@@ -54,7 +54,9 @@ _HostOpt = field_option(ServiceSettings, "host")
 _PortOpt = field_option(ServiceSettings, "port")
 
 IN_PROCESS = "in-process"
-DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2}
+DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2, "fashion_mnist": 10,
+             "hapt": 6}
+READING_STREAMS = {"daphnet": 64, "hapt": 128}  # reading streams and their window sizes
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,7 @@ class LiveView:
     samples: int = 0
     steps: int = 0
     loss: float = math.nan
-    hard_entropy: float = math.nan
-    kl_star: float = math.nan
-    counts: tuple[int, ...] = ()
+    counts: tuple[int, ...] = ()  # served (nearest-centroid) labels of the recent batches
     at: float = field(default_factory=time.monotonic)
 
 
@@ -89,12 +89,11 @@ class LiveStats:
         """Trainer hook: fold one step's report into a new view."""
         import numpy as np
 
-        self._recent.append(np.bincount(report.labels, minlength=self.n_clusters))
+        self._recent.append(np.bincount(report.served_labels, minlength=self.n_clusters))
         counts = np.sum(self._recent, axis=0)
         old = self.view
         self.view = LiveView(
-            old.samples + report.n, old.steps + 1, report.loss, report.hard_entropy,
-            report.kl_star, tuple(int(c) for c in counts),
+            old.samples + report.n, old.steps + 1, report.loss, tuple(int(c) for c in counts),
         )
 
 
@@ -105,19 +104,25 @@ def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Any:
     v = stats.view
     k = stats.n_clusters
     elapsed = max(time.monotonic() - started, 1e-9)
-    ratio = v.hard_entropy / math.log(k) if k > 1 and math.isfinite(v.hard_entropy) else math.nan
+    # The served figures the collapse guard judges (its window), as the worker exports them.
+    gauges = worker.metrics.registry
+    entropy = gauges.get_sample_value("oclust_worker_served_hard_entropy_nats")
+    kl = gauges.get_sample_value("oclust_worker_served_kl_star_nats")
+    entropy = math.nan if entropy is None else entropy
+    kl = math.nan if kl is None else kl
+    ratio = entropy / math.log(k) if k > 1 and math.isfinite(entropy) else math.nan
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]oclust up[/]", url, "Ctrl-C: final snapshot and exit")
     facts = Table(show_header=True, header_style="bold", box=None)
-    for name in ("samples trained", "steps", "samples/s", "loss", "entropy ratio", "KL*",
-                 "snapshot"):
+    for name in ("samples trained", "steps", "samples/s", "loss", "served entropy ratio",
+                 "served KL*", "snapshot"):
         facts.add_column(name, justify="right")
     style = "red" if ratio < 0.5 else "yellow" if ratio < 0.8 else "green"
     facts.add_row(
         f"{v.samples:,}", f"{v.steps:,}", f"{v.samples / elapsed:,.0f}", f"{v.loss:.4f}",
-        f"[{style}]{ratio:.3f}[/]", f"{v.kl_star:.4f}", str(worker.last_version or "—"),
+        f"[{style}]{ratio:.3f}[/]", f"{kl:.4f}", str(worker.last_version or "—"),
     )
-    sizes = Table(title="cluster sizes (last batches)", show_header=True, box=None)
+    sizes = Table(title="served cluster sizes (last batches)", show_header=True, box=None)
     sizes.add_column("cluster", justify="right")
     sizes.add_column("size", justify="right")
     sizes.add_column("share")
@@ -253,8 +258,9 @@ async def run_up(
 
 
 def up_command(
-    dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows) or "
-                                     "daphnet (a reading stream cut into windows)")] = "digits",
+    dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows), "
+                                     "fashion_mnist, or a reading stream cut into windows per "
+                                     "device: daphnet, hapt (30 users)")] = "digits",
     host: _HostOpt = None,
     port: _PortOpt = None,
     store: _StoreOpt = None,
@@ -272,26 +278,29 @@ def up_command(
     snapshot_interval: Annotated[float, Opt(min=0, help="seconds between snapshots")] = 5.0,
     rate: Annotated[float | None, Opt(min=0.001, help="replayed messages per second "
                                                       "(default: as fast as training)")] = None,
-    window_size: Annotated[int, Opt(min=2, help="daphnet: readings per window")] = 64,
+    window_size: Annotated[int | None, Opt(min=2, help="reading streams: readings per window "
+                                                       "(daphnet 64, hapt 128)")] = None,
     devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 2,
     seed: _SeedOpt = None,
     quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
     log_level: LogLevelOpt = "warning",
 ) -> None:
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
-    key = dataset.lower()
+    key = dataset.lower().replace("-", "_")
+    key = {"fashionmnist": "fashion_mnist"}.get(key, key)
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
     namespace = namespace or f"up-{key}"
+    window = window_size or READING_STREAMS.get(key, 64)
     ws = build_settings(WorkerSettings, dict(
         bootstrap_servers=bootstrap_servers or IN_PROCESS,
         topic=topic or f"oclust-up-{key}", store=store, namespace=namespace,
         n_clusters=n_clusters or DEFAULT_K[key],
         regulariser=regulariser, prior=prior, batch_size=batch_size, batch_timeout=1.0,
         snapshot_interval=snapshot_interval, seed=seed, metrics_port=-1, torch_threads=1,
-        mode="readings" if key == "daphnet" else "samples", window_size=window_size,
-        window_hop=max(1, window_size // 2),
+        mode="readings" if key in READING_STREAMS else "samples", window_size=window,
+        window_hop=max(1, window // 2),
     ))
     ss = build_settings(ServiceSettings, dict(
         store=ws.store, namespace=namespace, host=host, port=port, poll_interval=0.5,

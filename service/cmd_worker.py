@@ -7,8 +7,9 @@ the command line wins.
 
 Example:
     $ oclust produce --dataset digits --topic digits --bootstrap-servers 127.0.0.1:9092
+    $ export OCLUST_STORE=redis://:PASSWORD@127.0.0.1:6379/0   # secrets: env, not argv
     $ oclust worker --bootstrap-servers 127.0.0.1:9092 --topic digits \\
-          --store redis://127.0.0.1:6379/0 --namespace digits --n-clusters 10
+          --namespace digits --n-clusters 10
     $ oclust train --dataset digits --store file://.oclust/store --n-clusters 10 --epochs 20
 """
 
@@ -47,7 +48,7 @@ def worker_command(settings: WorkerSettings, log_level: LogLevelOpt = "info") ->
     from aiokafka.errors import KafkaError
 
     from training_worker.store import StoreError
-    from training_worker.worker import TrainingWorker
+    from training_worker.worker import TrainingWorker, WorkerHalt
 
     setup_logging(log_level)
     worker = TrainingWorker(settings)
@@ -55,6 +56,8 @@ def worker_command(settings: WorkerSettings, log_level: LogLevelOpt = "info") ->
         code = asyncio.run(worker.run(handle_signals=True))
     except KafkaError as exc:
         raise fail(f"Kafka at {settings.bootstrap_servers}: {exc}") from None
+    except WorkerHalt as exc:
+        raise fail(str(exc)) from None
     except (StoreError, ValueError, OSError) as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from None
     raise typer.Exit(code)

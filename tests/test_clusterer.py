@@ -78,6 +78,9 @@ def test_bad_batches_raise_clear_value_errors():
         clf.predict(np.full((2, 8), 1e300))
     with pytest.raises(ValueError, match="Reshape your data"):  # one sample needs its batch axis
         clf.predict(_data(1)[0])
+    windows = _small().partial_fit(np.zeros((4, 3, 20)))
+    with pytest.raises(ValueError, match=r"one sample of shape \(3, 20\) without its batch"):
+        windows.predict(np.zeros((3, 20)))
 
 
 def test_partial_fit_returns_self_with_its_report_and_single_point_predict():
@@ -85,9 +88,12 @@ def test_partial_fit_returns_self_with_its_report_and_single_point_predict():
     assert clf.partial_fit(_data(64)) is clf
     rep = clf.last_step_
     assert rep.labels.shape == (64,) and rep.n == 64
-    np.testing.assert_array_equal(clf.labels_, rep.labels)
-    assert 0 <= rep.hard_entropy <= np.log(3) + 1e-9
-    assert rep.kl_star >= 0 and np.isfinite(rep.loss)
+    np.testing.assert_array_equal(clf.labels_, rep.served_labels)
+    assert 0 <= rep.train_hard_entropy <= np.log(3) + 1e-9
+    assert rep.train_kl_star >= 0 and np.isfinite(rep.loss)
+    assert rep.served_labels.shape == (64,) and rep.served_labels.dtype == np.int64
+    assert 0 <= rep.served_hard_entropy <= np.log(3) + 1e-9 and rep.served_kl_star >= 0
+    assert (rep.hard_entropy, rep.kl_star) == (rep.train_hard_entropy, rep.train_kl_star)
     assert clf.predict(_data(1)).shape == (1,)
     labels, dist = clf.assign(_data(5))
     assert labels.dtype == np.int64 and (dist >= 0).all()
@@ -106,7 +112,7 @@ def test_deterministic_for_a_seed_on_cpu():
 
 
 @pytest.mark.parametrize(
-    ("shape", "kind"), [((8,), "mlp"), ((3, 40), "conv1d"), ((8, 8), "cnn")]
+    ("shape", "kind"), [((8,), "mlp"), ((3, 40), "conv1d"), ((8, 8), "convnet")]
 )
 def test_snapshot_round_trip_gives_identical_predictions(shape, kind):
     X = np.random.default_rng(1).normal(size=(96, *shape)).astype(np.float32)
@@ -159,3 +165,18 @@ def test_non_uniform_prior_keeps_imbalance():
     clf.fit(X, epochs=3, batch_size=200)
     share = np.bincount(clf.predict(X), minlength=2) / len(X)
     assert share.max() > 0.65
+
+
+@pytest.mark.parametrize("regulariser", ["ca", "none", "cm"])
+def test_served_labels_of_a_step_are_what_predict_says(regulariser):
+    """With frozen weights the step's served labels equal predict on the same batch."""
+    clf = OnlineClusterer(n_clusters=3, regulariser=regulariser, latent_dim=8, lr=1e-12,
+                          standardize=False, seed=0)
+    clf.partial_fit(_data(64))
+    x = _data(64, seed=5)
+    before = clf.predict(x)  # the serving rule (for cm: its moving-average centroids)
+    rep = clf.partial_fit(x).last_step_
+    np.testing.assert_array_equal(rep.served_labels, before)
+    hist = np.bincount(before, minlength=3) / 64
+    hist = hist[hist > 0]
+    assert rep.served_hard_entropy == pytest.approx(-(hist * np.log(hist)).sum())

@@ -1,5 +1,6 @@
 """OnlineClusterer as a scikit-learn estimator: check_estimator, clone, pipelines, fit."""
 
+import json
 import pickle
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_partial_fit_returns_self_with_last_step_and_labels():
     clf = _small(random_state=0)
     assert clf.partial_fit(X[:64]) is clf
     assert isinstance(clf.last_step_, StepReport) and clf.last_step_.n == 64
-    np.testing.assert_array_equal(clf.labels_, clf.last_step_.labels)
+    np.testing.assert_array_equal(clf.labels_, clf.last_step_.served_labels)
     assert clf.n_features_in_ == 5 and clf.input_shape_ == (5,)
     with pytest.raises(ValueError, match="X has 4 features, but OnlineClusterer is expecting 5"):
         clf.partial_fit(X[:, :4])
@@ -110,6 +111,18 @@ def test_snapshot_keeps_the_seed_and_reads_old_manifests():
     old = {k: v for k, v in snap.manifest.items() if k != "seed"}  # a manifest without a seed
     again = OnlineClusterer.from_snapshot(Snapshot.create(snap.weights, old), device="cpu")
     np.testing.assert_array_equal(again.predict(X), clf.predict(X))
+
+
+def test_numpy_scalar_parameters_as_a_grid_search_sets_them():
+    X, _ = _blobs(120)
+    params = {"n_clusters": np.int64(3), "latent_dim": np.int64(8), "sigma": np.float32(5.0),
+              "random_state": np.int32(2), "prior": "online"}
+    clf = _small(**params).fit(X, batch_size=60)
+    manifest = json.loads(clf.to_snapshot().manifest_json())  # JSON-able, plain numbers
+    assert (manifest["n_clusters"], manifest["latent_dim"], manifest["seed"]) == (3, 8, 2)
+    back = OnlineClusterer.from_snapshot(Snapshot.from_parts(clf.to_snapshot().weights,
+                                                             json.dumps(manifest)))
+    np.testing.assert_array_equal(back.predict(X), clf.predict(X))
 
 
 def test_clone_pickle_and_pipeline():

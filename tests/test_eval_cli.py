@@ -18,10 +18,12 @@ def test_eval_json_prints_one_object_of_means_and_nothing_else():
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"ca", "none"}
+    assert set(out) == {"ca", "none", "KMeans", "MiniBatchKMeans"}
     for scores in out.values():
         assert set(scores) == {"acc", "nmi", "ari", "kl_star_hard", "kl_star_soft"}
         assert 0.0 <= scores["acc"] <= 1.0 and scores["kl_star_hard"] >= 0.0
+    assert out["KMeans"]["kl_star_soft"] is None  # no soft assignment: null, not NaN
+    assert out["KMeans"]["nmi"] > 0.5
     assert out["ca"]["nmi"] > 0.3  # two epochs already learn something on digits
     assert "eval digits" in proc.stderr  # the progress bar
 
@@ -41,3 +43,44 @@ def test_eval_rejects_unknown_names():
     assert bad_reg.exit_code != 0 and "bogus" in bad_reg.output
     bad_ds = runner.invoke(app, ["eval", "--dataset", "mnist"])
     assert bad_ds.exit_code != 0 and "unknown dataset" in bad_ds.output
+
+
+def test_eval_paper_protocol_on_a_fashion_mnist_slice_with_probes():
+    result = CliRunner().invoke(
+        app, ["eval", "--dataset", "fashion_mnist", "--protocol", "paper", "-r", "ca",
+              "--seeds", "1", "--epochs", "1", "--limit", "600", "--probes", "--no-reference",
+              "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(out) == {"ca"}
+    scores = out["ca"]
+    assert set(scores) >= {"acc", "nmi", "linear_probe", "knn_probe"}
+    assert 0.1 < scores["knn_probe"] <= 1.0 and 0.1 < scores["linear_probe"] <= 1.0
+
+
+def test_paper_preset_builds_the_lenet_encoder_with_raw_latents_and_normal_centroids():
+    import numpy as np
+    import torch
+
+    from model import OnlineClusterer, presets
+
+    X = np.random.default_rng(0).random((64, 1, 28, 28)).astype(np.float32)
+    clf = OnlineClusterer(**presets.paper(X.shape[1:], 10), seed=0)
+    clf.partial_fit(X)
+    convs = [m for m in clf.encoder_.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 6, (5, 5)), (6, 16, (5, 5))]
+    assert clf.encoder_.head.in_features == 256 and clf.encoder_.head.out_features == 128
+    assert clf.encoder_config_.latent_norm == "none"
+    assert clf.sigma == presets.PAPER_SIGMA == 50.0
+    fresh = OnlineClusterer(**presets.paper(X.shape[1:], 10), seed=0)
+    fresh._build(X.shape[1:])
+    fresh._init_centroids(torch.zeros(4, 128))
+    c = fresh.centroids_.detach().numpy()
+    assert abs(c.mean()) < 0.1 and 0.9 < c.std() < 1.1  # N(0, 1), not data-driven
+
+
+def test_eval_rejects_unknown_protocol():
+    bad = CliRunner().invoke(app, ["eval", "--protocol", "authors"])
+    assert bad.exit_code != 0 and "unknown protocol" in bad.output

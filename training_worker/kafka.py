@@ -16,13 +16,14 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 __all__ = [
     "DeadLetters",
     "committed_offsets",
     "dead_letter_headers",
     "ensure_topic",
+    "offset_exists",
 ]
 
 TOPIC_EXISTS = 36
@@ -59,6 +60,29 @@ async def committed_offsets(
             await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic) or set()
         return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(parts)}
+    finally:
+        await consumer.stop()
+
+
+async def offset_exists(
+    bootstrap_servers: str, tp: TopicPartition, offset: int, timeout_ms: int = 2000
+) -> bool:
+    """Whether the log of ``tp`` holds a message at ``offset`` (or later), read directly.
+
+    Confirms a suspected offset regression: a broker's reported log end can lag (Tansu
+    reports the base offset of the last record batch + 1), a message read back cannot.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                                auto_offset_reset="none")
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        try:
+            records = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
+        except OffsetOutOfRangeError:
+            return False
+        return bool(records.get(tp))
     finally:
         await consumer.stop()
 

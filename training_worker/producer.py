@@ -5,6 +5,11 @@ Vector datasets (``digits``, ``segments``, ``basic_motions``) become sample mess
 reading stream: it becomes reading messages ``{"device", "ts", "values", "label"}``; with
 ``devices=N`` the recording is cut into N contiguous parts played at the same time, as N
 sensors would send them (key = device, so each device stays in order on one partition).
+``hapt`` is the real reading stream of 30 users: always 30 devices ``hapt-user-01`` ..
+``hapt-user-30``, each user's readings in time order with ``ts`` at 50 Hz, the users interleaved
+as if they recorded at the same time (``devices`` does not apply). Labels: 0-5 the basic
+activities; transitions and unlabelled readings carry no label. Real time is ``rate=1500``
+(30 × 50 Hz); a higher ``rate`` or none replays faster.
 
 Example:
     >>> msgs = list(dataset_messages("daphnet", devices=2, limit=3))
@@ -22,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
@@ -33,6 +39,7 @@ from training_worker.stream import LocalProducer, LocalStream
 __all__ = ["Message", "dataset_messages", "dataset_size", "replay"]
 
 DAPHNET_HZ = 64.0
+READING_STREAMS = ("daphnet", "hapt")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,23 @@ def _readings(devices: int, binary: bool, repeat: int = 0) -> Iterator[Message]:
             yield Message(name.encode(), value, headers)
 
 
+def _hapt_readings(binary: bool, repeat: int = 0) -> Iterator[Message]:
+    """The 30 HAPT users as 30 devices, one reading per user per 1/50 s tick."""
+    readings, labels, users = datasets.load_hapt_readings()
+    labels = np.where(labels <= 5, labels, -1)  # transitions are not one of the 6 classes
+    streams = [(f"hapt-user-{u:02d}", np.flatnonzero(users == u)) for u in np.unique(users)]
+    length = max(len(idx) for _, idx in streams)
+    for t in range(length):
+        ts = (repeat * length + t) / datasets.HAPT_HZ
+        for name, idx in streams:
+            if t < len(idx):
+                i = idx[t]
+                label = int(labels[i]) if labels[i] >= 0 else None  # unlabelled: no label field
+                value, headers = encode_reading(name, readings[i], ts=ts, label=label,
+                                                binary=binary)
+                yield Message(name.encode(), value, headers)
+
+
 def dataset_messages(
     name: str,
     loop: bool = False,
@@ -81,9 +105,11 @@ def dataset_messages(
     def one_pass(repeat: int) -> Iterator[Message]:
         if key == "daphnet":
             return _readings(devices, binary, repeat)
+        if key == "hapt":
+            return _hapt_readings(binary, repeat)
         return _samples(name, binary)
 
-    if key != "daphnet":
+    if key not in READING_STREAMS:
         datasets.load(name)  # fail early with the loader's clear message for unknown names
     stream = itertools.chain.from_iterable(one_pass(r) for r in itertools.count()) if loop \
         else one_pass(0)
@@ -94,6 +120,8 @@ def dataset_size(name: str, devices: int = 1) -> int:
     """Messages in one pass over ``name``."""
     if name.lower() == "daphnet":
         return (len(datasets.load_daphnet()[0]) // devices) * devices
+    if name.lower() == "hapt":
+        return len(datasets.load_hapt_readings()[0])
     return len(datasets.load(name)[0])
 
 

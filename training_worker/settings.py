@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_STORE",
+    "MAX_ABS_FEATURE",
     "KafkaSettings",
     "ModelSettings",
     "StoreLocation",
@@ -45,6 +46,8 @@ __all__ = [
 
 DEFAULT_STORE = "file://.oclust/store"
 STORE_SCHEMES = ("redis", "rediss", "unix", "file", "")
+
+MAX_ABS_FEATURE = 1e6  # larger finite features are refused (DLQ out_of_range, HTTP 422)
 
 
 def check_store_url(url: str) -> str:
@@ -194,6 +197,12 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     idle_after: int | None = Field(
         100_000, ge=1, description="readings after which a silent device's buffer is dropped"
     )
+    max_abs_feature: float = Field(
+        MAX_ABS_FEATURE, gt=0, description="features beyond ± this go to the DLQ as out_of_range"
+    )
+    max_label_classes: int = Field(
+        1024, ge=1, description="labels at or above are ignored by the live ACC/NMI (counted)"
+    )
 
     # model
     encoder: str = Field("auto", description="encoder of a fresh model (auto: by input shape)")
@@ -223,14 +232,32 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     collapse_patience: int = Field(
         20, ge=1, description="low-entropy batches in a row before the guard fires"
     )
+    collapse_window: int | None = Field(
+        None, ge=1, description="served samples the guard judges (default 20 K, at least a batch)"
+    )
     collapse_restore: bool = Field(
         True, description="restore the last healthy snapshot when the guard fires"
     )
 
     # operations
     metrics_port: int = Field(9100, ge=-1, description="/metrics port (0: any free, -1: off)")
+    metrics_host: str = Field(
+        "127.0.0.1", description="/metrics address (0.0.0.0 to let a scraper on another host in)"
+    )
     lease_ttl: float = Field(10.0, gt=0, description="seconds before an unrenewed lease lapses")
     owner: str | None = Field(None, description="lease owner id (default HOST:PID)")
+
+    # faults
+    max_attempts: int = Field(
+        3, ge=1, description="worker deaths on one message before it is dead-lettered"
+    )
+    offset_regression: Literal["reset", "exit"] = Field(
+        "reset", description="snapshot offsets beyond the log: reset (train the new log) or exit"
+    )
+    allow_fresh: bool = Field(
+        False, description="start a fresh model although the consumer group has committed "
+        "offsets (the store was emptied)"
+    )
 
     @property
     def dlq_topic_name(self) -> str:
