@@ -60,6 +60,7 @@ CASES = [
     ((2, 12), {}, "torch"),
     ((2, 12), {"regulariser": "cm"}, "torch"),
     ((6, 6), {"encoder": "cnn"}, "torch"),
+    ((6, 6), {}, "torch"),  # convnet, the default for images
 ]
 
 
