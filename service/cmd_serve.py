@@ -48,6 +48,7 @@ def run_server(settings: ServiceSettings) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.http import uvicorn_config
     from service.loader import ModelHolder, SnapshotWatcher
     from training_worker.store import StoreError, open_store
 
@@ -59,14 +60,11 @@ def run_server(settings: ServiceSettings) -> None:
     holder = ModelHolder()
     watcher = SnapshotWatcher(
         store, holder, device=settings.device, poll_interval=settings.poll_interval,
-        retry_interval=settings.retry_interval,
+        retry_interval=settings.retry_interval, max_retry_interval=settings.max_retry_interval,
     )
     app = create_app(settings, holder, background=[watcher])
     try:
-        uvicorn.run(
-            app, host=settings.host, port=settings.port, log_level=settings.log_level,
-            access_log=settings.access_log,
-        )
+        uvicorn.Server(uvicorn_config(app, settings)).run()
     finally:
         store.close()
 
