@@ -454,11 +454,11 @@ def test_metrics_expose_every_documented_series(vector_snapshot: Snapshot) -> No
     assert requests[("/assign/batch", "2xx")] == 1
     latency = families["oclust_assign_latency_seconds"].samples
     counts = {s.labels["endpoint"]: s.value for s in latency if s.name.endswith("_count")}
-    assert counts == {"assign": 6, "assign_batch": 1}
+    assert counts == {"/assign": 6, "/assign/batch": 1}  # same labels as the counter
     version = families["oclust_snapshot_version"].samples[0].value
     assert version == 7
     assert 0 <= families["oclust_snapshot_age_seconds"].samples[0].value < 600
-    drift = families["oclust_drift_js"].samples[0].value
+    drift = families["oclust_drift_js_nats"].samples[0].value
     assert 0 <= drift <= math.log(2)  # 10 assignments = more than two windows of 4
 
 
