@@ -77,6 +77,7 @@ from service.schemas import (
     AssignBatchResponse,
     AssignRequest,
     AssignResponse,
+    BodyTooLarge,
     ErrorResponse,
     InputError,
     NotReadyResponse,
@@ -432,7 +433,7 @@ class Assigner:
         try:
             result = await self._run(work, len(body))
         except InputError as exc:
-            return _error(422, str(exc), exc.errors)
+            return _error(413 if isinstance(exc, BodyTooLarge) else 422, str(exc), exc.errors)
         self.monitor.record(result.labels, result.soft)
         return 200, pydantic_core.to_json({
             "cluster": int(result.labels[0]),
@@ -455,7 +456,7 @@ class Assigner:
         try:
             result = await self._run(work, len(body))
         except InputError as exc:
-            return _error(422, str(exc), exc.errors)
+            return _error(413 if isinstance(exc, BodyTooLarge) else 422, str(exc), exc.errors)
         self.monitor.record(result.labels, result.soft)
         if accept_binary:
             payload = (result.labels.astype("<i4").tobytes()

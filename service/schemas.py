@@ -42,6 +42,7 @@ __all__ = [
     "AssignBatchResponse",
     "AssignRequest",
     "AssignResponse",
+    "BodyTooLarge",
     "ErrorResponse",
     "InputError",
     "NotReadyResponse",
@@ -185,6 +186,8 @@ class StatsResponse(BaseModel):
 
 # --------------------------------------------------------------------------- decoding
 MAX_ERRORS = 5  # validation stops here: a hostile body costs the same as a slightly wrong one
+EXPLAIN_BYTES = 64 * 1024  # bodies the fast parser refuses are re-read to name the value, if small
+CHUNK = 256  # batch rows handed to NumPy at a time (each call holds the GIL)
 _NOT_ARRAY, _NOT_NUMBER = "Input should be a valid array", "Input should be a valid number"
 _NAN = "NaN or infinite value (JSON allows only finite numbers)"
 
@@ -264,8 +267,10 @@ def _out_of_range_msg(x: float, max_abs: float) -> str:
 def _parse(body: bytes, key: str) -> tuple[Any, bool]:
     """``(body[key], clean)``; :class:`InputError` for non-JSON, non-objects, no ``key``.
 
-    The fast parser (orjson) reads almost every body; what it refuses (NaN, integers beyond 64
-    bits, ...) goes to the standard library's parser so the checks can name the value.
+    The fast parser (orjson) reads almost every body; what it refuses (NaN, Infinity, ...) goes
+    to the standard library's parser so the checks can name the value, when the body is at most
+    :data:`EXPLAIN_BYTES` (the slower parser holds the GIL for its whole run; a large body gets
+    the fast parser's position instead).
     ``clean`` means the body can hold nothing but lists and numbers under ``key``: no string
     other than the key, no ``true``/``false``/``null`` (NumPy would quietly turn those into
     numbers). Only a clean value goes straight to NumPy; anything else is checked element-wise
@@ -273,7 +278,10 @@ def _parse(body: bytes, key: str) -> tuple[Any, bool]:
     """
     try:
         obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as fast:
+        if len(body) > EXPLAIN_BYTES:
+            raise InputError(f"body: Invalid JSON ({fast}; NaN and Infinity are not JSON "
+                             "numbers)") from None
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError) as exc:
@@ -291,12 +299,19 @@ _NON_NUMBERS = (b"true", b"false", b"null")
 
 
 def _as_array(raw: Any) -> np.ndarray | None:
-    """float64 array of ``raw``, known to hold only lists and numbers; ``None`` if ragged."""
+    """float64 array of ``raw``, known to hold only lists and numbers; ``None`` if ragged.
+
+    Long lists go to NumPy :data:`CHUNK` rows at a time, so that no single call holds the GIL
+    long enough to delay the event loop's other requests.
+    """
     try:
-        arr = np.asarray(raw, dtype=np.float64)
+        if isinstance(raw, list) and len(raw) > CHUNK:
+            parts = [np.asarray(raw[i:i + CHUNK], dtype=np.float64)
+                     for i in range(0, len(raw), CHUNK)]
+            return np.concatenate(parts) if parts[0].ndim else None
+        return np.asarray(raw, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
         return None
-    return arr
 
 
 def _finite32(arr: np.ndarray, what: str, max_abs: float) -> np.ndarray:
@@ -335,10 +350,28 @@ def _fit_shape(arr: np.ndarray, shape: tuple[int, ...], batched: bool, what: str
     )
 
 
+class BodyTooLarge(InputError):
+    """A body larger than any valid request for this model could be (HTTP 413)."""
+
+
+def _check_size(body: bytes, values: int, what: str) -> None:
+    """:class:`BodyTooLarge` when ``body`` is far larger than ``values`` JSON numbers need.
+
+    Generous (128 bytes per number plus 4 KiB, and as many commas), and cheap: it reads the
+    bytes once in C, so a multi-megabyte hostile body is refused before it is parsed.
+    """
+    if len(body) > 4096 + 128 * values or body.count(b",") > values + 64:
+        raise BodyTooLarge(
+            f"{what}: the body ({len(body)} bytes) holds more than {values} numbers' worth; "
+            "split it or send fewer values"
+        )
+
+
 def decode_features(
     body: bytes, shape: tuple[int, ...], max_abs: float = MAX_ABS_FEATURE
 ) -> np.ndarray:
     """The ``features`` of an :class:`AssignRequest` body as a float32 batch (1, *shape)."""
+    _check_size(body, math.prod(shape), "features")
     raw, clean = _parse(body, "features")
     arr = _as_array(raw) if clean else None
     if arr is None or arr.ndim == 0:
@@ -372,6 +405,7 @@ def decode_items(
     body: bytes, shape: tuple[int, ...], max_batch: int, max_abs: float = MAX_ABS_FEATURE
 ) -> np.ndarray:
     """The ``items`` of an :class:`AssignBatchRequest` body as a float32 batch (N, *shape)."""
+    _check_size(body, max_batch * math.prod(shape), f"items (at most {max_batch} samples)")
     raw, clean = _parse(body, "items")
     if not isinstance(raw, list):
         raise InputError(f"items: {_NOT_ARRAY}", [
