@@ -7,8 +7,9 @@
   from start to end: no request ever sees half a model.
 * :class:`SnapshotWatcher` — a background thread that loads the store's current version at start
   and then waits for changes (``NS:events`` pub/sub with polling, via
-  ``SnapshotStore.wait_for_change``), verifies each snapshot's sha256 and swaps it in. While the
-  store is unreachable it keeps the last good model and reports ``store_up = False``.
+  ``SnapshotStore.wait_for_change``), verifies each snapshot's checksums (weights and manifest)
+  and swaps it in. While the store is unreachable or holds garbage it keeps the last good model,
+  backs off exponentially and reports ``store_up = False`` (unreachable) or ``last_error``.
 
 Only the watcher talks to the store; the HTTP app needs just this module's holder and ``model``.
 ``training_worker.store`` is imported lazily, inside the watcher.

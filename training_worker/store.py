@@ -1,6 +1,6 @@
 """Versioned snapshot stores: Redis (deployment) and a local directory (embedded mode).
 
-Both stores have the same semantics (DESIGN.md §3, issue 3 item 4):
+Both stores have the same semantics:
 
 * ``publish(snap)`` gives the snapshot the next version (previous maximum + 1), writes its
   weights and manifest, then moves the *current* pointer to it atomically and announces it;
