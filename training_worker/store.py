@@ -169,24 +169,6 @@ class SnapshotStore(ABC):
             )
         return snap
 
-    def newest_valid(self, below: int | None = None) -> Snapshot:
-        """The newest stored snapshot that loads and verifies (only versions < ``below``).
-
-        Raises :class:`VersionNotFound` when none does; store errors propagate.
-        """
-        problems = []
-        for v in reversed(self.versions()):
-            if below is not None and v >= below:
-                continue
-            try:
-                return self.load(v)
-            except (SnapshotError, VersionNotFound) as exc:
-                problems.append(f"{v}: {exc}")
-        raise VersionNotFound(
-            f"no valid snapshot in namespace {self.namespace!r} at {self.url}"
-            + (f" ({'; '.join(problems)})" if problems else "")
-        )
-
     def _to_prune(self, versions: list[int], current: int | None) -> list[int]:
         if self.keep is None:
             return []
