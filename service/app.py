@@ -582,8 +582,11 @@ def _assign_operation(
     return op
 
 
-def _install_openapi(app: FastAPI, secured: bool) -> None:
-    """OpenAPI for the FastAPI routes plus the two plain ASGI assign endpoints."""
+def _install_openapi(app: FastAPI, secured: bool, protected: frozenset[str]) -> None:
+    """OpenAPI for the FastAPI routes plus the two plain ASGI assign endpoints.
+
+    With an API key, the ``protected`` GET endpoints are marked as secured too.
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -618,6 +621,9 @@ def _install_openapi(app: FastAPI, secured: bool) -> None:
             )},
         }
         schema["paths"] = {**paths, **schema.get("paths", {})}
+        for path in protected if secured else ():
+            for op in schema["paths"].get(path, {}).values():
+                op["security"] = [{"APIKeyHeader": []}]
         app.openapi_schema = schema
         return schema
 
@@ -663,7 +669,7 @@ def create_app(
             protected.add(path)
     app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
                        api_key=key, protected=frozenset(protected))
-    _install_openapi(app, secured=key is not None)
+    _install_openapi(app, secured=key is not None, protected=frozenset(protected))
 
     # The assign endpoints are plain ASGI routes, matched first (documented by the custom
     # OpenAPI above): FastAPI's dependency machinery would cost a sizeable share of a request.

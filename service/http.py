@@ -1,9 +1,10 @@
 """uvicorn settings of ``oclust serve``: read timeouts for headers, idle connections, bodies.
 
 uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but waits for a request's
-headers forever. :class:`HeaderTimeoutProtocol` closes a connection whose next request's headers
-are not complete ``header_timeout`` seconds after its first byte (or after the connection
-opened). The body deadline is the app's (``body_timeout``, answered with 408).
+headers forever. :class:`HeaderTimeoutProtocol` closes a connection whose request headers are
+not complete ``header_timeout`` seconds after the connection opened or the request's first byte
+arrived (idle keep-alive connections stay uvicorn's business). The body deadline is the app's
+(``body_timeout``, answered with 408).
 
 Example:
     >>> from service.settings import ServiceSettings
@@ -41,14 +42,19 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is h11.IDLE:  # between requests, or headers still incomplete
+        if self.conn.their_state is h11.IDLE:  # a request begun, its headers incomplete
             self._arm()
+        else:  # headers complete: the body deadline is the app's
+            self._cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _cancel(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        super().connection_lost(exc)
 
     def _arm(self) -> None:
         if self._header_timer is None:

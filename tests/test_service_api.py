@@ -411,6 +411,8 @@ def test_api_key_guards_assign_model_stats_and_metrics(vector_snapshot: Snapshot
     doc = api.get("/openapi.json").json()
     assert doc["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     assert doc["paths"]["/assign"]["post"]["security"] == [{"APIKeyHeader": []}]
+    assert doc["paths"]["/model"]["get"]["security"] == [{"APIKeyHeader": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
 
 
 def test_protection_of_each_read_endpoint_is_configurable(vector_snapshot: Snapshot) -> None:
