@@ -497,7 +497,8 @@ class AssignEndpoint:
                 "(or application/octet-stream for raw float32 samples)"))
             return
         try:
-            body = await asyncio.wait_for(_read_body(receive), self.body_timeout)
+            async with asyncio.timeout(self.body_timeout):  # a timer, no extra task
+                body = await _read_body(receive)
         except _Disconnected:
             return
         except TimeoutError:
