@@ -321,7 +321,8 @@ def _finite32(arr: np.ndarray, what: str, max_abs: float) -> np.ndarray:
     """
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32)
-    if out.size == 0 or (-max_abs <= out.min() and out.max() <= max_abs):  # NaN fails too
+    # min/max propagate NaN, which compares False: one pass catches NaN, inf and too large
+    if out.size == 0 or (-max_abs <= float(out.min()) and float(out.max()) <= max_abs):
         return out
     bad = np.argwhere(~np.isfinite(out) | (np.abs(out) > max_abs))[0]
     loc = (what, *(int(i) for i in bad))
