@@ -2,12 +2,18 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# PyTorch comes first, from PyTorch's own wheel index: a plain `torch` requirement resolved on
+# PyPI pulls the CUDA build (~2.7 GiB of nvidia-* wheels) on Linux. CPU by default; for CUDA,
+# e.g. `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128` (pytorch.org lists the
+# CUDA versions of each release); for a local wheel mirror only, `make install TORCH_INDEX=`.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install sysdeps test lint up eval bench
 
 $(BIN)/oclust: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0   # CPU wheel; a plain `torch` requirement would pull CUDA
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -c 'from service.fastpath import warm_up; warm_up()'  # numba compiles once, here
 	touch $@

@@ -31,7 +31,7 @@ SIZES = [(256, 10, False), (1024, 100, False), (1024, 100, True)]
 
 
 def python_loop(distances: np.ndarray, sigma: float) -> np.ndarray:
-    """The plain greedy loop of DESIGN.md §1.1 (uniform prior), ties to lowest i then k."""
+    """The plain greedy loop of ARCHITECTURE.md §1.1 (uniform prior), ties to lowest i then k."""
     n, n_clusters = distances.shape
     rows = distances.tolist()
     counts = [0] * n_clusters

@@ -141,7 +141,7 @@ def memory_rate(X: np.ndarray, n: int, threads: int) -> float:
     t0 = time.perf_counter()
     done = 0
     for start in range(BATCH, n, BATCH):
-        done += clf.partial_fit(X[start : start + BATCH]).n
+        done += clf.partial_fit(X[start : start + BATCH]).last_step_.n
     return done / (time.perf_counter() - t0)
 
 

@@ -1,4 +1,4 @@
-"""Combination assignment (CA): the exact greedy batch assignment of DESIGN.md §1.1.
+"""Combination assignment (CA): the exact greedy batch assignment of ARCHITECTURE.md §1.1.
 
 Mahon & Lukasiewicz (AAAI 2024) assign a whole batch with hard labels by repeating N times:
 pick the still-unassigned pair (i, k) with the smallest cost
@@ -13,8 +13,9 @@ changes per step. Costs that tie (equal distances, or distinct distances that ro
 float once the penalty is added) form a run in the sorted column whose lowest row is found
 without rescanning rows already taken, so a collapsed batch (all distances equal) stays fast.
 
-Note on sigma: DESIGN.md writes the penalty as ``2*sigma*(...)``; this function takes the factor
-that multiplies the bracket as ``sigma``, so a caller following DESIGN.md passes ``2 * sigma``.
+Note on sigma: ARCHITECTURE.md writes the penalty as ``2*sigma*(...)``; this function takes
+the factor that multiplies the bracket as ``sigma``, so a caller following it passes
+``2 * sigma``.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _greedy(
 
 
 def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) -> np.ndarray:
-    """Hard labels of a batch by exact greedy combination assignment (DESIGN.md §1.1).
+    """Hard labels of a batch by exact greedy combination assignment (ARCHITECTURE.md §1.1).
 
     Repeats N times: pick the still-unassigned pair (i, k) minimising
     ``distances[i, k] + sigma * (log(n_k + 1) - log_prior[k])`` in float64 (``n_k`` = rows
@@ -161,7 +162,7 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
     Args:
         distances: N x K array of costs (normally squared distances ||z_i - mu_k||^2); a NumPy
             array, a torch tensor on any device (copied to the host once) or a nested sequence.
-        sigma: weight of the count/prior penalty, finite and >= 0 (DESIGN.md's ``2*sigma``).
+        sigma: weight of the count/prior penalty, finite and >= 0 (ARCHITECTURE.md's ``2*sigma``).
             0 gives the row-wise argmin; large values balance the clusters.
         log_prior: length-K log prior probabilities, finite; ``None`` means uniform.
 

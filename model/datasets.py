@@ -1,4 +1,4 @@
-"""Real datasets that install offline with a package (DESIGN.md §5). Nothing is downloaded.
+"""Real datasets that install offline with a package (ARCHITECTURE.md §4). Nothing is downloaded.
 
 | name | source | shape | classes |
 | --- | --- | --- | --- |
@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import io
-import zipfile
 from importlib import resources
 
 import numpy as np
@@ -57,17 +55,12 @@ def _require(package: str, extra: str) -> None:
 
 
 def load_segments() -> tuple[np.ndarray, np.ndarray]:
-    """ImageSegments (UCI), read straight from the file in River's wheel."""
-    outer = resources.files("river.datasets").joinpath("segment.csv.zip").read_bytes()
-    with zipfile.ZipFile(io.BytesIO(outer)) as z:
-        name = z.namelist()[0]
-        data = z.read(name)
-    if data[:4] == b"PK\x03\x04":  # some River versions nest the CSV in a second zip
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            data = z.read(z.namelist()[0])
-    rows = list(csv.reader(io.StringIO(data.decode())))[1:]
-    X = np.array([[float(v) for v in r[:-1]] for r in rows], dtype=np.float32)
-    return X, _encode_labels(np.array([r[-1] for r in rows]))
+    """ImageSegments (UCI), through River's public dataset API (the file ships in its wheel)."""
+    from river.datasets import ImageSegments
+
+    rows = list(ImageSegments())
+    X = np.array([list(x.values()) for x, _ in rows], dtype=np.float32)
+    return X, _encode_labels(np.array([label for _, label in rows]))
 
 
 def load_basic_motions() -> tuple[np.ndarray, np.ndarray]:

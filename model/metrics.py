@@ -1,4 +1,4 @@
-"""Collapse and quality metrics (DESIGN.md §1.3).
+"""Collapse and quality metrics (ARCHITECTURE.md §1.3).
 
 All entropies and divergences are in nats. Distributions are 1-D arrays that sum to one.
 

@@ -3,51 +3,98 @@
 The prior p over the K clusters enters the regularisers as ``log_prior`` (CA trades
 ``2 sigma (log(n_k + 1) - log p_k)`` against distance, so a non-uniform prior lets an imbalanced
 stream keep imbalanced clusters). When the class frequencies are unknown, :class:`OnlinePrior`
-estimates them from the stream: an exponential moving average of the hard label counts of each
-batch, with Dirichlet smoothing,
+estimates them from the stream.
 
-    m_k <- decay * m_k + n_k(batch)            p_k = (m_k + alpha) / (sum_j m_j + K alpha)
+The estimate must not be read off the regulariser's own labels: CA (and SK) turn any prior into
+label shares that follow it, so an average of those labels makes every prior a fixed point and
+a drift towards one cluster feeds itself. :class:`OnlinePrior` instead takes the EM update of
+the mixture weights from *prior-free* soft responsibilities ``r_ik = softmax_k(-D_ik / (2
+sigma))`` of the step's (detached) squared distances, which no prior enters:
 
-which is the posterior mean of the cluster frequencies under a symmetric Dirichlet(alpha) prior
-given the discounted counts (an effective window of about ``batch / (1 - decay)`` samples). The
-estimate is fed back to the regulariser as ``log_prior`` after every step and stored in the
-snapshot manifest. A floor (``min_share / K``) keeps a cluster that momentarily empties from
-being priced out for good (with CA, a tiny p_k makes cluster k ever harder to join).
+    m_k <- decay * m_k + sum_i r_ik                  (discounted soft counts)
+    q_k  = (m_k + alpha) / (sum_j m_j + K alpha)     (Dirichlet(alpha) posterior mean)
+    p    = (1 - shrink) q + shrink / K               (shrunk toward uniform)
+
+and, when ``KL(p || uniform)`` exceeds ``max_kl``, p is mixed with the uniform until the KL
+equals the cap (the KL is convex and decreasing along that segment: a bisection finds the
+point). Until ``warmup`` samples have been folded in, :attr:`OnlinePrior.probs` stays uniform
+(early centroids say little about the cluster sizes). The state is saved in the snapshot
+manifest (``prior_state``, ``version`` 2); a version-1 state (the old EMA of hard labels) loads
+as discounted counts with the new defaults and counts as warmed up.
 
 Example:
     >>> import numpy as np
     >>> from model.priors import OnlinePrior
-    >>> est = OnlinePrior(3, decay=0.9)
+    >>> est = OnlinePrior(3, decay=0.9, shrink=0.1, max_kl=0.2, warmup=0)
     >>> rng = np.random.default_rng(0)
+    >>> centres = np.array([0.0, 10.0, 20.0])
     >>> for _ in range(200):
-    ...     _ = est.update(rng.choice(3, size=256, p=[0.6, 0.3, 0.1]))
-    >>> np.round(est.probs, 1).tolist()
-    [0.6, 0.3, 0.1]
+    ...     x = centres[rng.choice(3, size=256, p=[0.6, 0.3, 0.1])] + rng.normal(size=256)
+    ...     _ = est.update_from_distances((x[:, None] - centres) ** 2, sigma=1.0)
+    >>> np.round(est.probs, 2).tolist()
+    [0.58, 0.3, 0.12]
+    >>> round(est.kl_to_uniform(), 3) <= est.max_kl
+    True
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-__all__ = ["PRIOR_MODES", "OnlinePrior", "parse_prior", "resolve_prior"]
+__all__ = ["OnlinePrior", "cap_kl_to_uniform", "parse_prior", "resolve_prior"]
 
-PRIOR_MODES = ("uniform", "online", "fixed")
+STATE_VERSION = 2
+
+
+def _kl_to_uniform(p: np.ndarray) -> float:
+    """KL(p || uniform) = log K - H(p), nats."""
+    q = p[p > 0]
+    return float(math.log(len(p)) + np.sum(q * np.log(q)))
+
+
+def cap_kl_to_uniform(p: np.ndarray, max_kl: float) -> np.ndarray:
+    """Mix ``p`` with the uniform just enough that KL(p || uniform) <= ``max_kl``.
+
+    >>> p = cap_kl_to_uniform(np.array([0.9, 0.1]), 0.1)
+    >>> round(math.log(2) + float(np.sum(p * np.log(p))), 6)
+    0.1
+    """
+    if _kl_to_uniform(p) <= max_kl:
+        return p
+    u = np.full(len(p), 1.0 / len(p))
+    lo, hi = 0.0, 1.0  # weight of the uniform: KL > cap at lo, <= cap at hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if _kl_to_uniform((1 - mid) * p + mid * u) > max_kl:
+            lo = mid
+        else:
+            hi = mid
+    return (1 - hi) * p + hi * u
 
 
 class OnlinePrior:
-    """Online estimate of the cluster frequencies (EMA of counts, Dirichlet smoothing).
+    """Online estimate of the cluster frequencies from prior-free soft responsibilities.
 
     Args:
         n_clusters: K.
-        decay: per-batch discount of the past counts, in [0, 1).
+        decay: per-batch discount of the past soft counts, in [0, 1).
         alpha: symmetric Dirichlet concentration (pseudo-count per cluster), > 0.
-        min_share: floor on each p_k as a share of the uniform 1/K, in [0, 1).
+        shrink: weight of the uniform mixed into the estimate, in [0, 1].
+        max_kl: cap on KL(prior || uniform), nats, >= 0 (the imb3 profile is 0.15 at K = 10).
+        warmup: samples to fold in before the estimate replaces the uniform, >= 0.
     """
 
     def __init__(
-        self, n_clusters: int, decay: float = 0.95, alpha: float = 1.0, min_share: float = 0.1
+        self,
+        n_clusters: int,
+        decay: float = 0.995,
+        alpha: float = 1.0,
+        shrink: float = 0.5,
+        max_kl: float = 0.1,
+        warmup: int = 8192,
     ) -> None:
         if not isinstance(n_clusters, int) or n_clusters < 1:
             raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
@@ -55,54 +102,120 @@ class OnlinePrior:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
         if not alpha > 0:
             raise ValueError(f"alpha must be positive, got {alpha!r}")
-        if not 0.0 <= min_share < 1.0:
-            raise ValueError(f"min_share must be in [0, 1), got {min_share!r}")
+        if not 0.0 <= shrink <= 1.0:
+            raise ValueError(f"shrink must be in [0, 1], got {shrink!r}")
+        if not max_kl >= 0:
+            raise ValueError(f"max_kl must be non-negative, got {max_kl!r}")
+        if not (isinstance(warmup, int) and warmup >= 0):
+            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
         self.n_clusters = n_clusters
         self.decay = decay
         self.alpha = alpha
-        self.min_share = min_share
+        self.shrink = shrink
+        self.max_kl = max_kl
+        self.warmup = warmup
         self.counts = np.zeros(n_clusters, dtype=np.float64)
+        self.seen = 0
 
-    def update(self, labels: np.ndarray) -> np.ndarray:
-        """Fold one batch of hard labels into the estimate; returns the new :attr:`probs`."""
-        lab = np.asarray(labels).reshape(-1)
-        if lab.size and (lab.min() < 0 or lab.max() >= self.n_clusters):
-            raise ValueError(f"labels must lie in [0, {self.n_clusters}), got {lab.min()}..")
-        hist = np.bincount(lab.astype(np.int64), minlength=self.n_clusters).astype(np.float64)
-        self.counts = self.decay * self.counts + hist
+    @staticmethod
+    def responsibilities(distances: np.ndarray, sigma: float) -> np.ndarray:
+        """Prior-free soft responsibilities softmax(-D / (2 sigma)) of N×K squared distances."""
+        d = np.asarray(distances, dtype=np.float64)
+        logits = -d / (2.0 * sigma)
+        logits -= logits.max(axis=1, keepdims=True)
+        r = np.exp(logits)
+        return r / r.sum(axis=1, keepdims=True)
+
+    def update_from_distances(self, distances: np.ndarray, sigma: float) -> np.ndarray:
+        """Fold one batch's N×K squared distances in; returns the new :attr:`probs`."""
+        d = np.asarray(distances, dtype=np.float64)
+        if d.ndim != 2 or d.shape[1] != self.n_clusters or not np.isfinite(d).all():
+            raise ValueError(
+                f"distances must be a finite N x {self.n_clusters} matrix, got shape {d.shape}"
+            )
+        return self.update(self.responsibilities(d, sigma))
+
+    def update(self, responsibilities: np.ndarray) -> np.ndarray:
+        """Fold one batch of soft responsibilities (N×K, rows sum to 1) into the estimate."""
+        r = np.asarray(responsibilities, dtype=np.float64)
+        if r.ndim != 2 or r.shape[1] != self.n_clusters:
+            raise ValueError(
+                f"responsibilities must be an N x {self.n_clusters} matrix, got shape {r.shape}"
+            )
+        if r.size and (not np.isfinite(r).all() or r.min() < 0
+                       or not np.allclose(r.sum(axis=1), 1.0, atol=1e-4)):
+            raise ValueError("responsibilities must be non-negative rows that sum to 1")
+        self.counts = self.decay * self.counts + r.sum(axis=0)
+        self.seen += len(r)
         return self.probs
 
     @property
-    def probs(self) -> np.ndarray:
-        """The current estimate: positive, sums to one (uniform before any update)."""
+    def warm(self) -> bool:
+        """True once ``warmup`` samples have been folded in."""
+        return self.seen >= self.warmup
+
+    def estimate(self) -> np.ndarray:
+        """The shrunk, capped estimate, whether or not the warm-up is over."""
         k = self.n_clusters
-        p = (self.counts + self.alpha) / (self.counts.sum() + k * self.alpha)
-        floor = self.min_share / k
-        p = np.maximum(p, floor)
+        q = (self.counts + self.alpha) / (self.counts.sum() + k * self.alpha)
+        p = (1.0 - self.shrink) * q + self.shrink / k
+        p = cap_kl_to_uniform(p, self.max_kl)
         return p / p.sum()
 
+    @property
+    def probs(self) -> np.ndarray:
+        """The prior in use: positive, sums to one, uniform until the warm-up is over."""
+        if not self.warm:
+            return np.full(self.n_clusters, 1.0 / self.n_clusters)
+        return self.estimate()
+
+    def kl_to_uniform(self) -> float:
+        """KL(:attr:`probs` || uniform), nats (at most ``max_kl``)."""
+        return _kl_to_uniform(self.probs)
+
     def state(self) -> dict[str, Any]:
-        """JSON-able state for a snapshot manifest."""
+        """JSON-able state for a snapshot manifest (``version`` 2)."""
         return {
+            "version": STATE_VERSION,
+            "method": "soft-em",
             "decay": self.decay,
             "alpha": self.alpha,
-            "min_share": self.min_share,
+            "shrink": self.shrink,
+            "max_kl": self.max_kl,
+            "warmup": self.warmup,
+            "seen": self.seen,
             "counts": self.counts.tolist(),
         }
 
     @classmethod
     def from_state(cls, n_clusters: int, state: dict[str, Any]) -> OnlinePrior:
-        """Inverse of :meth:`state`; raises ``ValueError`` for a state that does not fit K."""
+        """Inverse of :meth:`state`; raises ``ValueError`` for a state that does not fit K.
+
+        A version-1 state (no ``version``: discounted hard-label counts) keeps its counts,
+        takes the defaults for the new settings and counts as warmed up.
+        """
+        version = int(state.get("version", 1))
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"unknown prior state version {version}")
+        defaults = cls(n_clusters)
         est = cls(
             n_clusters,
-            decay=float(state.get("decay", 0.95)),
-            alpha=float(state.get("alpha", 1.0)),
-            min_share=float(state.get("min_share", 0.1)),
+            decay=float(state.get("decay", defaults.decay)),
+            alpha=float(state.get("alpha", defaults.alpha)),
+            shrink=float(state.get("shrink", defaults.shrink)),
+            max_kl=float(state.get("max_kl", defaults.max_kl)),
+            warmup=int(state.get("warmup", defaults.warmup)),
         )
         counts = np.asarray(state.get("counts", np.zeros(n_clusters)), dtype=np.float64)
         if counts.shape != (n_clusters,) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
             raise ValueError(f"prior counts must be {n_clusters} finite non-negative numbers")
         est.counts = counts
+        seen = state.get("seen")
+        if seen is None:  # version 1: warmed up once it has counted anything
+            seen = est.warmup if counts.sum() > 0 else 0
+        if not isinstance(seen, int) or seen < 0:
+            raise ValueError(f"prior state 'seen' must be a non-negative integer, got {seen!r}")
+        est.seen = seen
         return est
 
 

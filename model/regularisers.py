@@ -1,4 +1,4 @@
-"""Partition-support regularisers behind one interface (DESIGN.md §1.2).
+"""Partition-support regularisers behind one interface (ARCHITECTURE.md §1.2).
 
 A regulariser receives a :class:`Batch` (inputs, latents, centroids, the N×K squared distances,
 sigma, the log prior and the encoder) and returns the batch's hard labels and the loss to
@@ -7,6 +7,10 @@ linear head) are trained by the same optimiser and saved in the same snapshot.
 
 New regularisers register by name with :func:`register`; :func:`make_regulariser` builds one
 from a string.
+
+What is *served* (``predict``, ``/assign``) is :func:`serve`: the nearest serving centroid, or,
+for a method with its own assignment rule (the clustering module's gamma), the argmax of the
+module that :meth:`Regulariser.serving_head` returns.
 
 Example:
     >>> import torch
@@ -35,8 +39,11 @@ __all__ = [
     "Batch",
     "Output",
     "Regulariser",
+    "cluster_regularisation",
     "make_regulariser",
+    "membership_variance",
     "register",
+    "serve",
     "soft_assignment",
 ]
 
@@ -94,6 +101,34 @@ def sq_distances(z: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return d.clamp_min(0.0)
 
 
+def serve(
+    z: torch.Tensor, distances: torch.Tensor, sigma: float, head: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The served rule: (labels, squared distance to the label's centroid, assignment logits).
+
+    Without a ``head``: the nearest centroid, logits -D / (2 sigma). With one (a method's own
+    rule, e.g. the clustering module's gamma = softmax(W z + c)): labels = argmax head(z) and the
+    logits are head(z); the distance is still the one to the chosen serving centroid. The soft
+    assignment is softmax(logits). ``predict`` and the service both call this.
+
+    >>> import torch
+    >>> d = torch.tensor([[4.0, 1.0], [0.0, 9.0]])
+    >>> serve(torch.zeros(2, 3), d, 1.0)[0].tolist()
+    [1, 0]
+    >>> head = torch.nn.Linear(3, 2); _ = torch.nn.init.zeros_(head.weight)
+    >>> _ = head.bias.data.copy_(torch.tensor([0.0, 1.0]))
+    >>> labels, dist, _ = serve(torch.zeros(2, 3), d, 1.0, head)
+    >>> labels.tolist(), dist.tolist()
+    ([1, 1], [1.0, 9.0])
+    """
+    if head is None:
+        dist, labels = distances.min(dim=1)
+        return labels, dist, distances * (-0.5 / sigma)
+    logits = head(z)
+    labels = logits.argmax(dim=1)
+    return labels, distances.gather(1, labels[:, None])[:, 0], logits
+
+
 def _pull(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean distance of each point to its assigned centroid: the loss all hard methods share."""
     return distances.gather(1, labels[:, None]).mean()
@@ -118,12 +153,14 @@ class Regulariser(nn.Module):
         """Centroids inference should use (e.g. a moving average); default: the trained ones."""
         return centroids
 
+    def serving_head(self) -> nn.Module | None:
+        """A module mapping latents to K assignment logits when the method has its own rule
+        (argmax = served label, softmax = soft assignment); default ``None``: nearest centroid.
+        """
+        return None
+
     def after_step(self, centroids: torch.Tensor) -> None:
         """Hook run after each optimiser step (e.g. to update a moving average); default: none."""
-
-    def extra_state_dict(self) -> dict[str, torch.Tensor]:
-        """Non-parameter tensors to snapshot (parameters are saved automatically)."""
-        return {}
 
 
 @register
@@ -209,28 +246,60 @@ class EntropyRegulariser(Regulariser):
 
 @register
 class SumOfSquares(Regulariser):
-    """Nearest-centroid loss plus lambda * sum_k (sum_i q_ik)^2 / N (DRC's cluster regulariser)."""
+    """Nearest-centroid loss plus DRC's cluster regularisation (Zhong et al. 2020, eq. 9).
+
+    CR = sum_k (sum_i q_ik)^2 / N with q = softmax(-D / (2 sigma)); it equals N * sum_k qbar_k^2
+    and is smallest (N / K) when the mean soft assignment qbar is uniform. The loss is
+    mean_i D_{i,k_i} + lam * 2 sigma * CR (lam in units of 2 sigma, like the pull term); the
+    default lam is DRC's weight of CR, 0.005.
+
+    >>> import torch
+    >>> q = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    >>> float(cluster_regularisation(q))  # (1.5^2 + 0.5^2) / 2
+    1.25
+    """
 
     name = "ss"
 
-    def __init__(self, lam: float = 1.0) -> None:
+    def __init__(self, lam: float = 0.005) -> None:
         super().__init__()
         self.lam = lam
 
     def forward(self, batch: Batch) -> Output:
         q = soft_assignment(batch.distances, batch.sigma)
         labels = batch.distances.detach().argmin(dim=1)
-        # Normalised by N so the term equals N * sum_k qbar_k^2, minimal when qbar is uniform.
-        ss = (q.sum(0) ** 2).sum() / q.shape[0] ** 2
-        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * ss
+        cr = cluster_regularisation(q)
+        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * cr
         return Output(labels, loss)
+
+
+def cluster_regularisation(q: torch.Tensor) -> torch.Tensor:
+    """DRC eq. 9: sum_k (sum_i q_ik)^2 / N for soft assignments q (N×K)."""
+    return (q.sum(0) ** 2).sum() / q.shape[0]
+
+
+def membership_variance(distances: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Var_k of the batch mean of the un-normalised memberships s_ik = -D_ik / (2 sigma).
+
+    s is the Gaussian log-membership before the softmax normalises it over clusters; unlike the
+    normalised q (whose column sums always total N, so their variance is a rescaled
+    sum_k (sum_i q_ik)^2), its cluster means are free, so this is not a rescaled ``ss``.
+
+    >>> import torch
+    >>> float(membership_variance(torch.tensor([[0.0, 2.0], [2.0, 6.0]]), 0.5))  # means -1, -4
+    2.25
+    """
+    return (distances * (-0.5 / sigma)).mean(0).var(unbiased=False)
 
 
 @register
 class MarginalVariance(Regulariser):
-    """Nearest-centroid loss plus lambda * variance of the marginal soft assignment.
+    """Nearest-centroid loss plus lambda * 2 sigma * :func:`membership_variance`.
 
-    From seed 000, appendix C.
+    The variance baseline of Mahon & Lukasiewicz 2024 (appendix C), in the form of the authors'
+    released code: the variance over clusters of the batch-mean un-normalised membership (the
+    distance term, before any softmax), which pulls every centroid to the same mean distance
+    from the batch so that none is left without points.
     """
 
     name = "varm"
@@ -240,9 +309,8 @@ class MarginalVariance(Regulariser):
         self.lam = lam
 
     def forward(self, batch: Batch) -> Output:
-        q = soft_assignment(batch.distances, batch.sigma)
         labels = batch.distances.detach().argmin(dim=1)
-        var = q.mean(0).var(unbiased=False) * q.shape[1] ** 2  # scale-free in K
+        var = membership_variance(batch.distances, batch.sigma)
         loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * var
         return Output(labels, loss)
 

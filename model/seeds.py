@@ -1,4 +1,4 @@
-"""The other seeds' partition-support methods: CM / AE-CM, CKM, DRC and TCC (DESIGN.md §1.2).
+"""The other seeds' partition-support methods: CM / AE-CM, CKM, DRC and TCC (ARCHITECTURE.md §1.2).
 
 All of them implement the one :class:`~model.regularisers.Regulariser` interface: they receive a
 :class:`~model.regularisers.Batch` and return the batch's hard labels (the argmax of their own
@@ -25,7 +25,8 @@ the paper's s = 1 is for unnormalised latents)::
 With orthonormal centroids E1 + E2 equals the expected distance sum_ik gamma_ik ||z_i - mu_k - b||^2
 / (N m). alpha_k = 1 + (alpha - 1) K p_k spreads the concentration by the prior p (alpha_k = alpha
 under a uniform prior). The paper's final "averaging epoch" becomes an exponential moving average
-of the centroids (updated after each optimiser step); that average (+ b) is what is served.
+of the centroids (updated after each optimiser step). ``predict`` and ``/assign`` serve the
+module's own rule, argmax_k gamma_ik; the reported distance is to that average (+ b).
 
 Example:
     >>> import torch
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.augment import augment, kind_for_shape
-from model.regularisers import Batch, Output, Regulariser, register, soft_assignment, sq_distances
+from model.regularisers import Batch, Output, Regulariser, register, sq_distances
 
 __all__ = [
     "AutoencoderClusteringModule",
@@ -58,6 +59,7 @@ __all__ = [
     "DeepRobustClustering",
     "TwinContrastClustering",
     "cm_terms",
+    "drc_contrast",
     "gumbel_softmax",
     "nt_xent",
 ]
@@ -244,6 +246,10 @@ class ClusteringModule(Regulariser):
         t, gamma = self.terms(batch)
         return Output(gamma.detach().argmax(dim=1), t.total())
 
+    def serving_head(self) -> nn.Module:
+        """The module's own rule is served: argmax gamma = argmax (W z + c)."""
+        return self.head
+
     def after_step(self, centroids: torch.Tensor) -> None:
         c = centroids.detach().to(self.ema_centroids)
         if bool(self.ema_ready):
@@ -253,7 +259,8 @@ class ClusteringModule(Regulariser):
             self.ema_ready.fill_(True)
 
     def serving_centroids(self, centroids: torch.Tensor) -> torch.Tensor:
-        """The moving average of the centroids, shifted by the reconstruction bias."""
+        """The moving average of the centroids, shifted by the reconstruction bias (the served
+        distance is measured to these; the served label is argmax gamma)."""
         base = self.ema_centroids if bool(self.ema_ready) else centroids
         return base + self.bias.detach()
 
@@ -344,32 +351,58 @@ class _Views(_Seeded):
         return z1, z2, g
 
 
+def drc_contrast(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """DRC's contrastive loss (Zhong et al. 2020, eq. 5): row i of ``a`` against every row of
+    ``b``, the positive b_i among the M rows of the other view (no same-view negatives, one
+    direction), cosine similarity over ``tau``:
+
+        L = -1/M sum_i log( exp(s(a_i, b_i) / tau) / sum_j exp(s(a_i, b_j) / tau) )
+
+    >>> import math, torch
+    >>> a = torch.eye(2)  # s = identity: -log(e / (e + 1)) = log(1 + 1/e)
+    >>> round(float(drc_contrast(a, a, 1.0)), 6) == round(math.log(1 + math.exp(-1)), 6)
+    True
+    """
+    sim = F.normalize(a, dim=1, eps=1e-8) @ F.normalize(b, dim=1, eps=1e-8).T / tau
+    return F.cross_entropy(sim, torch.arange(a.shape[0], device=sim.device))
+
+
 @register
 class DeepRobustClustering(_Views):
     """Deep Robust Clustering (Zhong et al. 2020) on two augmented views.
 
-    Assignment probabilities P = softmax(-D / (2 sigma)) of each view (the centroids are the
-    cluster head). AF: InfoNCE of the assignment features (the latents the assignment is computed
-    from) across samples, temperature ``tau_af``; AP: InfoNCE of the columns of P (one N-vector
-    per cluster) across clusters, temperature ``tau_ap``; CR: sum_k (sum_i p_ik)² / N, weighted
-    by 1 / (K p_k) so that a non-uniform prior moves its minimum to the prior (weights are 1
-    under a uniform prior: the paper's term). Labels: nearest centroid of the clean batch.
+    For each view the assignment features (AF) are the K-dimensional logits -D / (2 sigma) and
+    the assignment probabilities P = softmax(AF) (the centroids are the cluster head).
+    AF loss: :func:`drc_contrast` of the AF rows across the views, temperature ``tau_af``
+    (eq. 5); AP loss: the same on the columns of P (one N-vector per cluster), ``tau_ap``;
+    CR: sum_k (sum_i p_ik)^2 / N (eq. 9), weighted by 1 / (K p_k) so that a non-uniform prior
+    moves its minimum to the prior (weights are 1 under a uniform prior: the paper's term).
+    ``contrast="ntxent"`` swaps both contrastive terms for the symmetric NT-Xent (SimCLR) form
+    with 2M - 2 negatives. Labels: nearest centroid of the clean batch.
     """
 
     name = "drc"
 
-    def __init__(self, tau_af: float = 0.5, tau_ap: float = 0.95, lam: float = 0.005) -> None:
+    def __init__(
+        self, tau_af: float = 0.5, tau_ap: float = 0.95, lam: float = 0.005,
+        contrast: str = "paper",
+    ) -> None:
         super().__init__()
+        if contrast not in ("paper", "ntxent"):
+            raise ValueError(f"contrast must be 'paper' or 'ntxent', got {contrast!r}")
         self.tau_af = float(tau_af)
         self.tau_ap = float(tau_ap)
         self.lam = float(lam)
+        self.contrast = contrast
 
     def forward(self, batch: Batch) -> Output:
         z1, z2, _ = self._views(batch)
-        p1 = soft_assignment(sq_distances(z1, batch.centroids), batch.sigma)
-        p2 = soft_assignment(sq_distances(z2, batch.centroids), batch.sigma)
-        af = nt_xent(z1, z2, self.tau_af)
-        ap = nt_xent(p1.T, p2.T, self.tau_ap)
+        af1 = -sq_distances(z1, batch.centroids) / (2.0 * batch.sigma)
+        af2 = -sq_distances(z2, batch.centroids) / (2.0 * batch.sigma)
+        p1, p2 = torch.softmax(af1, dim=1), torch.softmax(af2, dim=1)
+        contrast = drc_contrast if self.contrast == "paper" else nt_xent
+        af = contrast(af1, af2, self.tau_af)
+        ap = contrast(p1.T, p2.T, self.tau_ap)
         prior = batch.log_prior.to(p1).exp()
         weight = 1.0 / (prior * prior.numel())
         cr = sum(((p.sum(0) ** 2) * weight).sum() / p.shape[0] for p in (p1, p2)) / 2.0
@@ -388,6 +421,11 @@ class TwinContrastClustering(_Views):
     KL(q(k|x) || p(k)) taken on the batch marginal (the per-sample form would also penalise
     confident assignments; the marginal form is the part that prevents collapse).
     Labels: nearest centroid of the clean batch.
+
+    Deviation: the paper's instance term is the ELBO's E_{k ~ q(k|x)} of a contrast conditioned
+    on the sampled cluster k; here it is the unconditioned InfoNCE of h across the views. The
+    encoder has no cluster-conditioned projection to contrast, and the cluster term already
+    carries the dependence on the sampled assignments pi.
     """
 
     name = "tcc"

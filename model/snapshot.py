@@ -1,4 +1,4 @@
-"""Snapshot format: safetensors weights plus a JSON manifest. Never pickle.
+"""Snapshot format: safetensors weights plus a JSON manifest (ARCHITECTURE.md §3). Never pickle.
 
 Integrity (format ``oclust-snapshot/2``): ``manifest["sha256"]`` is the sha256 of the weights and
 ``manifest["integrity"]`` the sha256 of the canonical manifest JSON (sorted keys, no spaces,

@@ -12,21 +12,8 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from tqdm import tqdm
 
-from model import datasets
-from model.evaluation import (
-    DEFAULT_EPOCHS,
-    IMBALANCE_PROFILES,
-    METRICS,
-    PRIOR_CHOICES,
-    evaluate,
-    subsample_imbalanced,
-    summarise,
-)
-from model.regularisers import REGULARISERS
+from service.options import SettingsCommand
 
 HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
            "kl_star_soft": "KL* soft"}
@@ -39,12 +26,12 @@ def _cell(mean: float, std: float) -> str:
 def eval_command(
     dataset: Annotated[str, typer.Option(help="digits, segments or basic_motions")] = "digits",
     regulariser: Annotated[
-        str, typer.Option("--regulariser", "-r", help="comma-separated names, e.g. ca,sk,none")
+        str, typer.Option("--regulariser", "-r", help="comma-separated regularisers")
     ] = "ca",
     seeds: Annotated[int, typer.Option(min=1, help="runs per regulariser (seeds 0..N-1)")] = 3,
-    epochs: Annotated[int, typer.Option(min=1, help="passes over the shuffled data")] = (
-        DEFAULT_EPOCHS
-    ),
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="passes over the shuffled data (default: the evaluation protocol's)"
+    )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(help="override the default sigma")] = None,
     latent_dim: Annotated[int | None, typer.Option(help="override the latent size")] = None,
@@ -60,6 +47,23 @@ def eval_command(
     ] = False,
 ) -> None:
     """Stream a dataset through each regulariser and print ACC, NMI, ARI and KL* per method."""
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm import tqdm
+
+    from model import datasets
+    from model.evaluation import (
+        DEFAULT_EPOCHS,
+        IMBALANCE_PROFILES,
+        METRICS,
+        PRIOR_CHOICES,
+        evaluate,
+        subsample_imbalanced,
+        summarise,
+    )
+    from model.regularisers import REGULARISERS
+
+    epochs = epochs or DEFAULT_EPOCHS
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGULARISERS]
     if unknown or not names:
@@ -111,4 +115,4 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` to the CLI."""
-    app.command("eval")(eval_command)
+    app.command("eval", cls=SettingsCommand)(eval_command)

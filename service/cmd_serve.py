@@ -17,29 +17,26 @@ import time
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from service.options import (
+    build_settings,
+    fail,
+    field_option,
+    settings_command,
+    setup_logging,
+)
 from service.settings import ServiceSettings
 
 __all__ = ["register", "run_server", "serve_command", "snapshots_app"]
 
-StoreOpt = Annotated[
-    str | None,
-    typer.Option("--store", help="redis://HOST:PORT/DB or file://DIR (env OCLUST_STORE)"),
-]
-NamespaceOpt = Annotated[
-    str | None, typer.Option("--namespace", help="snapshot namespace (env OCLUST_NAMESPACE)")
-]
+StoreOpt = field_option(ServiceSettings, "store")
+NamespaceOpt = field_option(ServiceSettings, "namespace")
 
 
 def _settings(**overrides: Any) -> ServiceSettings:
-    try:
-        return ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise typer.BadParameter(problems) from None
+    return build_settings(ServiceSettings, overrides)
 
 
 def run_server(settings: ServiceSettings) -> None:
@@ -69,34 +66,14 @@ def run_server(settings: ServiceSettings) -> None:
         store.close()
 
 
-def serve_command(
-    store: StoreOpt = None,
-    namespace: NamespaceOpt = None,
-    host: Annotated[str | None, typer.Option(help="bind address (env OCLUST_HOST)")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port (env OCLUST_PORT)")] = None,
-    max_batch: Annotated[
-        int | None, typer.Option(help="most items per /assign/batch (env OCLUST_MAX_BATCH)")
-    ] = None,
-    max_body_bytes: Annotated[
-        int | None, typer.Option(help="request body limit in bytes (env OCLUST_MAX_BODY_BYTES)")
-    ] = None,
-    window: Annotated[
-        int | None, typer.Option(help="monitor window of recent assignments (env OCLUST_WINDOW)")
-    ] = None,
-    torch_threads: Annotated[
-        int | None, typer.Option(help="torch intra-op threads (env OCLUST_TORCH_THREADS)")
-    ] = None,
-    log_level: Annotated[str | None, typer.Option(help="uvicorn log level")] = None,
-) -> None:
+@settings_command(ServiceSettings, exclude=("api_key",))
+def serve_command(settings: ServiceSettings) -> None:
     """Serve POST /assign from the store's current snapshot, hot-reloading new versions.
 
-    Set OCLUST_API_KEY to require an X-API-Key header on /assign*.
+    Every option is also read from OCLUST_<OPTION>. Set OCLUST_API_KEY to require an X-API-Key
+    header on /assign*.
     """
-    settings = _settings(
-        store=store, namespace=namespace, host=host, port=port, max_batch=max_batch,
-        max_body_bytes=max_body_bytes, window=window, torch_threads=torch_threads,
-        log_level=log_level,
-    )
+    setup_logging(settings.log_level)
     run_server(settings)
 
 
@@ -114,11 +91,6 @@ def _open(store: str | None, namespace: str | None) -> Any:
         return open_store(s.store, s.namespace, keep=None)
     except StoreError as exc:
         raise typer.BadParameter(str(exc), param_hint="--store") from None
-
-
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(1)
 
 
 def _when(ts: Any) -> str:
@@ -180,7 +152,7 @@ def list_command(
     try:
         inv = _inventory(st)
     except StoreError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         st.close()
     if as_json:
@@ -231,10 +203,10 @@ def show_command(
         if version is None:
             version, problem = _pointer(st)
             if problem:
-                raise _fail(f"{problem}; name a version (see `oclust snapshots list`)")
+                raise fail(f"{problem}; name a version (see `oclust snapshots list`)")
         snap = st.load(version)
     except (StoreError, SnapshotError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         st.close()
     if as_json:
@@ -262,7 +234,7 @@ def rollback_command(
         st.load(version)  # refuse to roll back to a corrupt snapshot
         st.rollback(version)
     except (StoreError, SnapshotError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     finally:
         st.close()
     was = "a garbled pointer" if problem else before

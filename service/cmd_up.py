@@ -28,20 +28,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-import numpy as np
 import typer
-import uvicorn
-from rich.console import Console, Group
-from rich.live import Live
-from rich.logging import RichHandler
-from rich.table import Table
 
-from service.cmd_worker import PriorOpt, RegulariserOpt
+from service.options import (
+    LogLevelOpt,
+    SettingsCommand,
+    build_settings,
+    field_option,
+    setup_logging,
+)
+from service.settings import ServiceSettings
+from training_worker.settings import WorkerSettings
 
 __all__ = ["LiveStats", "register", "run_up", "up_command"]
 
 Opt = typer.Option
-log = logging.getLogger("oclust.up")
+log = logging.getLogger(__name__)
+
+_StoreOpt = field_option(WorkerSettings, "store")
+_RegulariserOpt = field_option(WorkerSettings, "regulariser")
+_PriorOpt = field_option(WorkerSettings, "prior")
+_BatchSizeOpt = field_option(WorkerSettings, "batch_size")
+_SeedOpt = field_option(WorkerSettings, "seed")
+_HostOpt = field_option(ServiceSettings, "host")
+_PortOpt = field_option(ServiceSettings, "port")
 
 IN_PROCESS = "in-process"
 DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2}
@@ -54,9 +64,7 @@ class LiveView:
     samples: int = 0
     steps: int = 0
     loss: float = math.nan
-    hard_entropy: float = math.nan
-    kl_star: float = math.nan
-    counts: tuple[int, ...] = ()
+    counts: tuple[int, ...] = ()  # served (nearest-centroid) labels of the recent batches
     at: float = field(default_factory=time.monotonic)
 
 
@@ -73,36 +81,46 @@ class LiveStats:
     def __init__(self, n_clusters: int, recent_batches: int = 8) -> None:
         self.n_clusters = n_clusters
         self.view = LiveView(counts=(0,) * n_clusters)
-        self._recent: deque[np.ndarray] = deque(maxlen=recent_batches)
+        self._recent: deque[Any] = deque(maxlen=recent_batches)
 
     def on_step(self, report: Any, _batch: Any) -> None:
         """Trainer hook: fold one step's report into a new view."""
-        self._recent.append(np.bincount(report.labels, minlength=self.n_clusters))
+        import numpy as np
+
+        self._recent.append(np.bincount(report.served_labels, minlength=self.n_clusters))
         counts = np.sum(self._recent, axis=0)
         old = self.view
         self.view = LiveView(
-            old.samples + report.n, old.steps + 1, report.loss, report.hard_entropy,
-            report.kl_star, tuple(int(c) for c in counts),
+            old.samples + report.n, old.steps + 1, report.loss, tuple(int(c) for c in counts),
         )
 
 
-def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Group:
+def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
     v = stats.view
     k = stats.n_clusters
     elapsed = max(time.monotonic() - started, 1e-9)
-    ratio = v.hard_entropy / math.log(k) if k > 1 and math.isfinite(v.hard_entropy) else math.nan
+    # The served figures the collapse guard judges (its window), as the worker exports them.
+    gauges = worker.metrics.registry
+    entropy = gauges.get_sample_value("oclust_worker_served_hard_entropy_nats")
+    kl = gauges.get_sample_value("oclust_worker_served_kl_star_nats")
+    entropy = math.nan if entropy is None else entropy
+    kl = math.nan if kl is None else kl
+    ratio = entropy / math.log(k) if k > 1 and math.isfinite(entropy) else math.nan
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]oclust up[/]", url, "Ctrl-C: final snapshot and exit")
     facts = Table(show_header=True, header_style="bold", box=None)
-    for name in ("samples trained", "steps", "samples/s", "loss", "entropy ratio", "KL*",
-                 "snapshot"):
+    for name in ("samples trained", "steps", "samples/s", "loss", "served entropy ratio",
+                 "served KL*", "snapshot"):
         facts.add_column(name, justify="right")
     style = "red" if ratio < 0.5 else "yellow" if ratio < 0.8 else "green"
     facts.add_row(
         f"{v.samples:,}", f"{v.steps:,}", f"{v.samples / elapsed:,.0f}", f"{v.loss:.4f}",
-        f"[{style}]{ratio:.3f}[/]", f"{v.kl_star:.4f}", str(worker.last_version or "—"),
+        f"[{style}]{ratio:.3f}[/]", f"{kl:.4f}", str(worker.last_version or "—"),
     )
-    sizes = Table(title="cluster sizes (last batches)", show_header=True, box=None)
+    sizes = Table(title="served cluster sizes (last batches)", show_header=True, box=None)
     sizes.add_column("cluster", justify="right")
     sizes.add_column("size", justify="right")
     sizes.add_column("share")
@@ -113,12 +131,16 @@ def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Group:
     return Group(head, facts, sizes)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server without its own signal handling (``oclust up`` owns the signals)."""
+def _server(config: Any) -> Any:
+    """A uvicorn server without its own signal handling (``oclust up`` owns the signals)."""
+    import uvicorn
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return _Server(config)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -156,6 +178,10 @@ async def run_up(
 
     ``worker_settings.bootstrap_servers == IN_PROCESS`` selects the in-process stream.
     """
+    import uvicorn
+    from rich.console import Console
+    from rich.live import Live
+
     from service.app import create_app
     from service.loader import ModelHolder, SnapshotWatcher
     from training_worker.producer import replay
@@ -181,7 +207,7 @@ async def run_up(
     holder = ModelHolder()
     watcher = SnapshotWatcher(open_store(ss.store, ss.namespace, poll_interval=ss.poll_interval),
                               holder, poll_interval=ss.poll_interval)
-    server = _Server(uvicorn.Config(create_app(ss, holder, background=[watcher]),
+    server = _server(uvicorn.Config(create_app(ss, holder, background=[watcher]),
                                     log_level=ss.log_level, access_log=False, lifespan="on"))
     stop = asyncio.Event()
     started = time.monotonic()
@@ -232,11 +258,9 @@ async def run_up(
 def up_command(
     dataset: Annotated[str, Opt(help="digits, segments, basic_motions (HAR windows) or "
                                      "daphnet (a reading stream cut into windows)")] = "digits",
-    host: Annotated[str, Opt(help="bind address of the service")] = "127.0.0.1",
-    port: Annotated[int, Opt(min=0, max=65535, help="port of the service")] = 8000,
-    store: Annotated[str, Opt(help="file://DIR (default) or redis://HOST:PORT/DB")] = (
-        "file://.oclust/store"
-    ),
+    host: _HostOpt = None,
+    port: _PortOpt = None,
+    store: _StoreOpt = None,
     namespace: Annotated[str | None, Opt(help="snapshot namespace (default up-DATASET)")] = None,
     bootstrap_servers: Annotated[
         str | None, Opt(help="Kafka HOST:PORT (default: an in-process stream)")
@@ -245,62 +269,42 @@ def up_command(
     n_clusters: Annotated[int | None, Opt(min=2, help="K (default: the dataset's classes)")] = (
         None
     ),
-    regulariser: RegulariserOpt = "ca",
-    prior: PriorOpt = None,
-    batch_size: Annotated[int, Opt(min=2, help="samples per training step")] = 256,
+    regulariser: _RegulariserOpt = None,
+    prior: _PriorOpt = None,
+    batch_size: _BatchSizeOpt = None,
     snapshot_interval: Annotated[float, Opt(min=0, help="seconds between snapshots")] = 5.0,
     rate: Annotated[float | None, Opt(min=0.001, help="replayed messages per second "
                                                       "(default: as fast as training)")] = None,
     window_size: Annotated[int, Opt(min=2, help="daphnet: readings per window")] = 64,
     devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 2,
-    seed: Annotated[int, Opt(help="seed of a fresh model")] = 0,
+    seed: _SeedOpt = None,
     quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
-    log_level: Annotated[str, Opt(help="log level")] = "warning",
+    log_level: LogLevelOpt = "warning",
 ) -> None:
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
-    from pydantic import ValidationError
-
-    from model.priors import parse_prior, resolve_prior
-    from model.regularisers import make_regulariser
-    from service.settings import ServiceSettings
-    from training_worker.settings import WorkerSettings
-
     key = dataset.lower()
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
     namespace = namespace or f"up-{key}"
-    k = n_clusters or DEFAULT_K[key]
-    try:  # fail now, with the option's name, rather than inside the running worker
-        make_regulariser(regulariser)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--regulariser") from None
-    try:
-        resolve_prior(parse_prior(prior), k)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--prior") from None
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
-                        format="%(name)s: %(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
-    try:
-        ws = WorkerSettings(
-            bootstrap_servers=bootstrap_servers or IN_PROCESS,
-            topic=topic or f"oclust-up-{key}", store=store, namespace=namespace,
-            n_clusters=k,
-            regulariser=regulariser, prior=prior, batch_size=batch_size, batch_timeout=1.0,
-            snapshot_interval=snapshot_interval, seed=seed, metrics_port=-1, torch_threads=1,
-            mode="readings" if key == "daphnet" else "samples", window_size=window_size,
-            window_hop=max(1, window_size // 2),
-        )
-        ss = ServiceSettings(store=store, namespace=namespace, host=host, port=port,
-                             poll_interval=0.5, log_level=log_level)
-    except ValidationError as exc:
-        raise typer.BadParameter("; ".join(e["msg"] for e in exc.errors())) from None
+    ws = build_settings(WorkerSettings, dict(
+        bootstrap_servers=bootstrap_servers or IN_PROCESS,
+        topic=topic or f"oclust-up-{key}", store=store, namespace=namespace,
+        n_clusters=n_clusters or DEFAULT_K[key],
+        regulariser=regulariser, prior=prior, batch_size=batch_size, batch_timeout=1.0,
+        snapshot_interval=snapshot_interval, seed=seed, metrics_port=-1, torch_threads=1,
+        mode="readings" if key == "daphnet" else "samples", window_size=window_size,
+        window_hop=max(1, window_size // 2),
+    ))
+    ss = build_settings(ServiceSettings, dict(
+        store=ws.store, namespace=namespace, host=host, port=port, poll_interval=0.5,
+        log_level=log_level,
+    ))
+    setup_logging(log_level, rich=True)
     code = asyncio.run(run_up(ws, ss, key, rate, devices, display=not quiet))
     raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``up`` to the CLI."""
-    app.command("up")(up_command)
+    app.command("up", cls=SettingsCommand)(up_command)

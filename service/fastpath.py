@@ -33,7 +33,7 @@ from torch import nn
 
 __all__ = ["SingleAssign", "compile_single"]
 
-log = logging.getLogger("oclust.service")
+log = logging.getLogger(__name__)
 
 SingleAssign = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from model import OnlineClusterer, Snapshot
-from model.regularisers import sq_distances
+from model.regularisers import serve, sq_distances
 from service.fastpath import SingleAssign, compile_single
 
 if TYPE_CHECKING:
@@ -50,34 +50,41 @@ if TYPE_CHECKING:
 
 __all__ = ["Assignment", "LoadedModel", "ModelHolder", "NearestCentroid", "SnapshotWatcher"]
 
-log = logging.getLogger("oclust.service")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """Nearest-centroid answers for a batch."""
+    """Served answers for a batch (nearest centroid, or the method's own rule)."""
 
     labels: np.ndarray  # int64 (N,)
     distances: np.ndarray  # float64 (N,), squared distance to the chosen centroid
-    soft: np.ndarray  # float32 (N, K), softmax(-D / (2 sigma)) for the soft metrics
+    soft: np.ndarray  # float32 (N, K), softmax of the served logits, for the soft metrics
 
 
 class _Pipeline(nn.Module):
-    """scaler -> encoder -> squared distances -> (labels, distances, soft assignments)."""
+    """scaler -> encoder -> squared distances -> the served rule (``model.regularisers.serve``)
+    -> (labels, distances, soft assignments)."""
 
     def __init__(
-        self, scaler: nn.Module | None, encoder: nn.Module, centroids: torch.Tensor, sigma: float
+        self,
+        scaler: nn.Module | None,
+        encoder: nn.Module,
+        centroids: torch.Tensor,
+        sigma: float,
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.scaler = scaler if scaler is not None else nn.Identity()
         self.encoder = encoder
+        self.head = head
         self.register_buffer("centroids", centroids)
-        self.neg_half_inv_sigma = -0.5 / sigma
+        self.sigma = sigma
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = sq_distances(self.encoder(self.scaler(x)), self.centroids)
-        dist, labels = d.min(dim=1)
-        return labels, dist, torch.softmax(d * self.neg_half_inv_sigma, dim=1)
+        z = self.encoder(self.scaler(x))
+        labels, dist, logits = serve(z, sq_distances(z, self.centroids), self.sigma, self.head)
+        return labels, dist, torch.softmax(logits, dim=1)
 
 
 class NearestCentroid:
@@ -89,8 +96,9 @@ class NearestCentroid:
 
     Single samples, the latency-critical case, take the fastest path that reproduces the torch
     pipeline on random probes (``single_path``): ``"compiled"`` (MLP encoders lowered to one
-    numba kernel, see :mod:`service.fastpath`), else ``"traced"`` (TorchScript-traced and
-    frozen), else ``"eager"``. Batches always run in torch.
+    numba kernel, see :mod:`service.fastpath`; nearest-centroid methods only), else ``"traced"``
+    (TorchScript-traced and frozen; also CM/AE-CM, whose argmax-gamma head it applies), else
+    ``"eager"``. Batches always run in torch.
 
     Example:
         >>> import numpy as np
@@ -123,11 +131,14 @@ class NearestCentroid:
         with torch.no_grad():  # a normal tensor, usable inside and outside inference mode
             centroids = clf.reg_.serving_centroids(clf.centroids_).detach().clone()
         scaler = clf.scaler_ if clf.standardize else None
-        pipeline = _Pipeline(scaler, clf.encoder_, centroids, float(clf.sigma)).eval()
+        head = clf.reg_.serving_head()
+        pipeline = _Pipeline(scaler, clf.encoder_, centroids, float(clf.sigma), head).eval()
         if not fast:
             return cls(pipeline, clf.device_)
         shape = tuple(clf.input_shape_)
-        single = compile_single(
+        # the compiled kernel knows only the nearest-centroid rule: a method with its own
+        # (CM/AE-CM's argmax gamma) takes the traced pipeline, which applies it
+        single = None if head is not None else compile_single(
             pipeline.scaler, pipeline.encoder, centroids, float(clf.sigma), shape, pipeline
         )
         if single is not None:
@@ -225,7 +236,7 @@ class LoadedModel:
         return int(np.prod(self.input_shape))
 
     def assign(self, batch: np.ndarray) -> Assignment:
-        """Nearest centroid of each sample of a validated float32 batch (N, *input_shape)."""
+        """Served cluster of each sample of a validated float32 batch (N, *input_shape)."""
         return self.infer(batch)
 
 

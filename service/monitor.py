@@ -2,7 +2,7 @@
 
 The service records every assignment it answers (hard label and soft assignment vector) and,
 when asked (a Prometheus scrape or ``GET /stats``), summarises the most recent ``window``
-assignments:
+assignments (ARCHITECTURE.md §1.3):
 
 * ``shares``: the window's hard-label histogram, normalised (exact, unsmoothed);
 * ``hard_entropy`` (nats) and ``hard_entropy_ratio`` = hard entropy / log K (1.0 when K = 1);

@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag
 
-from model.limits import MAX_ABS_FEATURE
+from training_worker.settings import MAX_ABS_FEATURE
 
 __all__ = [
     "AssignBatchRequest",

@@ -1,5 +1,8 @@
 """Service configuration: pydantic-settings, environment prefix ``OCLUST_``; CLI options override.
 
+Each field is also an ``oclust serve`` option (see :mod:`service.options`), except the API key,
+which is read from the environment only.
+
 Example:
     >>> s = ServiceSettings(api_key="s3cret", max_batch=128)
     >>> s.api_key.get_secret_value(), s.max_batch, s.window
@@ -9,21 +12,16 @@ Example:
 from __future__ import annotations
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.limits import MAX_ABS_FEATURE
+from training_worker.settings import MAX_ABS_FEATURE, StoreLocation
 
 __all__ = ["ServiceSettings"]
 
 
-class ServiceSettings(BaseSettings):
+class ServiceSettings(StoreLocation):
     """Everything ``oclust serve`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
 
-    model_config = SettingsConfigDict(env_prefix="OCLUST_", extra="ignore")
-
-    # where the snapshots come from
-    store: str = Field("file://.oclust/store", description="redis://HOST:PORT/DB or file://DIR")
-    namespace: str = Field("oclust", description="snapshot namespace (Redis key prefix)")
+    # where the snapshots come from (store, namespace: StoreLocation)
     poll_interval: float = Field(
         1.0, gt=0, description="seconds between polls of the current version (pub/sub fallback)"
     )
@@ -36,8 +34,8 @@ class ServiceSettings(BaseSettings):
     device: str = Field("cpu", description="torch device the served model runs on")
 
     # HTTP
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: SecretStr | None = Field(
         None, description="when set, /assign* require it in the X-API-Key header (or as "
         "`Authorization: Bearer KEY`), and so do the endpoints below that are protected"
@@ -59,7 +57,7 @@ class ServiceSettings(BaseSettings):
         16 * 1024 * 1024, ge=64, description="largest accepted request body in bytes (else 413)"
     )
     access_log: bool = Field(False, description="log every request (costs throughput)")
-    log_level: str = "info"
+    log_level: str = Field("info", description="log level: debug, info, warning or error")
 
     # inference and monitoring
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the server")

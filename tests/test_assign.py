@@ -16,7 +16,7 @@ from model.assign import combination_assignment
 def reference_assignment(
     distances: np.ndarray, sigma: float, log_prior: np.ndarray | None = None
 ) -> np.ndarray:
-    """The plain O(N^2 K) greedy loop of DESIGN.md §1.1: the definition CA must reproduce.
+    """The plain O(N^2 K) greedy loop of ARCHITECTURE.md §1.1: the definition CA must reproduce.
 
     Each step scans every unassigned row i (ascending) and every cluster k (ascending) and keeps
     the first strict minimum of ``d + sigma * (log(n_k + 1) - lp[k])``, so ties go to the lowest

@@ -14,7 +14,7 @@ def _data(n: int = 300, d: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def _small(**kw) -> OnlineClusterer:
-    return OnlineClusterer(n_clusters=3, latent_dim=8, hidden=(16,), seed=0, **kw)
+    return OnlineClusterer(n_clusters=3, latent_dim=8, hidden=(16,), random_state=0, **kw)
 
 
 def test_nothing_is_built_in_the_constructor():
@@ -28,48 +28,73 @@ def test_nothing_is_built_in_the_constructor():
     ("prior", "match"),
     [([0.5, 0.5], "length"), ([0.5, 0.6, -0.1], "positive"), ([0.2, 0.2, 0.2], "sum to 1")],
 )
-def test_bad_prior_rejected_at_construction(prior, match):
+def test_bad_prior_rejected_before_any_training(prior, match):
+    clf = OnlineClusterer(n_clusters=3, prior=prior)  # scikit-learn: __init__ only stores
+    assert clf.prior is prior
     with pytest.raises(ValueError, match=match):
-        OnlineClusterer(n_clusters=3, prior=prior)
+        clf.validate_params()
+    with pytest.raises(ValueError, match=match):
+        clf.partial_fit(_data(8))
+    assert not clf.is_fitted
 
 
-def test_bad_parameters_rejected():
-    with pytest.raises(ValueError, match="unknown regulariser"):
-        OnlineClusterer(regulariser="kmeans")
-    with pytest.raises(ValueError, match="sigma"):
-        OnlineClusterer(sigma=0)
-    with pytest.raises(ValueError, match="n_clusters"):
-        OnlineClusterer(n_clusters=0)
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"regulariser": "kmeans"}, "unknown regulariser"),
+        ({"sigma": 0}, "sigma"),
+        ({"n_clusters": 0}, "n_clusters"),
+        ({"random_state": "x"}, "random_state"),
+        ({"init": "zeros"}, "init"),
+    ],
+)
+def test_bad_parameters_rejected_by_fit(params, match):
+    with pytest.raises(ValueError, match=match):
+        OnlineClusterer(**params).fit(_data(8))
+    with pytest.raises(ValueError, match=match):
+        OnlineClusterer(**params).validate_params()
 
 
 def test_bad_batches_raise_clear_value_errors():
     clf = _small()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="0 sample"):
         clf.partial_fit(np.zeros((0, 8)))
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="Reshape your data"):
         clf.partial_fit(np.zeros(8))
-    with pytest.raises(ValueError, match="numbers"):
+    with pytest.raises(ValueError, match="numeric"):
         clf.partial_fit([["a", "b"]])
     bad = _data(10)
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         clf.partial_fit(bad)
     clf.partial_fit(_data(10))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="X has 7 features, but OnlineClusterer is expecting 8"):
         clf.partial_fit(np.zeros((4, 7)))
-    inf = _data(2)
-    inf[0, 0] = np.inf
-    with pytest.raises(ValueError, match="infinite"):
+    inf = _data(3)
+    inf[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"infinite .*\(samples \[2\]\)"):
         clf.predict(inf)
+    with pytest.raises(ValueError, match="float32"):  # finite in float64, inf in float32
+        clf.predict(np.full((2, 8), 1e300))
+    with pytest.raises(ValueError, match="Reshape your data"):  # one sample needs its batch axis
+        clf.predict(_data(1)[0])
+    windows = _small().partial_fit(np.zeros((4, 3, 20)))
+    with pytest.raises(ValueError, match=r"one sample of shape \(3, 20\) without its batch"):
+        windows.predict(np.zeros((3, 20)))
 
 
-def test_partial_fit_report_and_single_point_predict():
+def test_partial_fit_returns_self_with_its_report_and_single_point_predict():
     clf = _small()
-    rep = clf.partial_fit(_data(64))
+    assert clf.partial_fit(_data(64)) is clf
+    rep = clf.last_step_
     assert rep.labels.shape == (64,) and rep.n == 64
-    assert 0 <= rep.hard_entropy <= np.log(3) + 1e-9
-    assert rep.kl_star >= 0 and np.isfinite(rep.loss)
-    assert clf.predict(_data(1)[0]).shape == (1,)
+    np.testing.assert_array_equal(clf.labels_, rep.served_labels)
+    assert 0 <= rep.train_hard_entropy <= np.log(3) + 1e-9
+    assert rep.train_kl_star >= 0 and np.isfinite(rep.loss)
+    assert rep.served_labels.shape == (64,) and rep.served_labels.dtype == np.int64
+    assert 0 <= rep.served_hard_entropy <= np.log(3) + 1e-9 and rep.served_kl_star >= 0
+    assert (rep.hard_entropy, rep.kl_star) == (rep.train_hard_entropy, rep.train_kl_star)
+    assert clf.predict(_data(1)).shape == (1,)
     labels, dist = clf.assign(_data(5))
     assert labels.dtype == np.int64 and (dist >= 0).all()
     soft = clf.soft_assign(_data(5))
@@ -102,7 +127,7 @@ def test_snapshot_round_trip_gives_identical_predictions(shape, kind):
     np.testing.assert_array_equal(back.predict(X), clf.predict(X))
     np.testing.assert_allclose(back.transform(X), clf.transform(X))
     # training continues identically, optimiser state included
-    ra, rb = clf.partial_fit(X[:32]), back.partial_fit(X[:32])
+    ra, rb = clf.partial_fit(X[:32]).last_step_, back.partial_fit(X[:32]).last_step_
     assert ra.loss == pytest.approx(rb.loss)
     np.testing.assert_allclose(back.transform(X), clf.transform(X), atol=1e-5)
 
@@ -136,7 +161,22 @@ def test_non_uniform_prior_keeps_imbalance():
     rng = np.random.default_rng(0)
     y = rng.choice(2, size=2000, p=[0.8, 0.2])
     X = (np.array([[0.0] * 4, [3.0] * 4])[y] + rng.normal(size=(2000, 4))).astype(np.float32)
-    clf = OnlineClusterer(2, prior=[0.8, 0.2], latent_dim=8, hidden=(16,), seed=0)
+    clf = OnlineClusterer(2, prior=[0.8, 0.2], latent_dim=8, hidden=(16,), random_state=0)
     clf.fit(X, epochs=3, batch_size=200)
     share = np.bincount(clf.predict(X), minlength=2) / len(X)
     assert share.max() > 0.65
+
+
+@pytest.mark.parametrize("regulariser", ["ca", "none", "cm"])
+def test_served_labels_of_a_step_are_what_predict_says(regulariser):
+    """With frozen weights the step's served labels equal predict on the same batch."""
+    clf = OnlineClusterer(n_clusters=3, regulariser=regulariser, latent_dim=8, lr=1e-12,
+                          standardize=False, seed=0)
+    clf.partial_fit(_data(64))
+    x = _data(64, seed=5)
+    before = clf.predict(x)  # the serving rule (for cm: its moving-average centroids)
+    rep = clf.partial_fit(x).last_step_
+    np.testing.assert_array_equal(rep.served_labels, before)
+    hist = np.bincount(before, minlength=3) / 64
+    hist = hist[hist > 0]
+    assert rep.served_hard_entropy == pytest.approx(-(hist * np.log(hist)).sum())

@@ -57,7 +57,7 @@ def test_json_sample_with_optional_fields():
         (b'{"features": [1, null, 3]}', "not_numbers"),
         (b'{"features": [1, NaN, 3]}', "non_finite"),
         (b'{"features": [1, Infinity, 3]}', "non_finite"),
-        (b'{"features": [1, 1e39, 3]}', "non_finite"),  # overflows float32
+        (b'{"features": [1, 1e39, 3]}', "out_of_range"),  # finite, beyond --max-abs-feature
         (b'{"features": [1, 2]}', "wrong_length"),
         (b'{"features": [[1, 2], [3]]}', "wrong_length"),  # ragged
     ],
@@ -188,3 +188,31 @@ def test_encoders_produce_what_decoders_read():
     value, headers = encode_sample(np.ones((2, 3)), binary=True)
     arr, _ = SampleDecoder(shape=(2, 3)).decode(value, headers)
     assert arr.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("value", "headers", "reason"),
+    [
+        (b'{"features": ' + b"[" * 332 + b"1" + b"]" * 332 + b"}", None, "too_deep"),
+        (b'{"features": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}", None, "too_deep"),
+        (b'{"features": [1, 2], "label": 9223372036854775808}', None, "out_of_range"),
+        (b'{"features": [3e38, 2]}', None, "out_of_range"),
+        (b'{"features": [1, 100000000000000000000000000000]}', None, "out_of_range"),
+        (np.ones(2, "<f4").tobytes(), [("content-type", CONTENT_TYPE_F32.encode()),
+                                       ("label", b"99999999999999999999999")], "out_of_range"),
+    ],
+)
+def test_hostile_samples_get_a_reason_in_both_paths(value, headers, reason):
+    dec = SampleDecoder(shape=(2,))
+    assert _reason(dec, value, headers) == reason
+    batch = SampleDecoder(shape=(2,)).decode_batch([value, value], [headers, headers])
+    assert [e.reason for _, e in batch.rejects] == [reason, reason]
+
+
+def test_max_abs_bounds_features_and_readings():
+    assert SampleDecoder(max_abs=10.0).decode(b'{"features": [10, -10]}')[0].tolist() == [
+        10.0, -10.0]
+    assert _reason(SampleDecoder(max_abs=10.0), b'{"features": [10.5]}') == "out_of_range"
+    with pytest.raises(DecodeError) as info:
+        ReadingDecoder(max_abs=10.0).decode(b'{"device": "a", "values": [1, -11]}')
+    assert info.value.reason == "out_of_range"

@@ -45,6 +45,7 @@ from prometheus_client import start_http_server
 
 from tests.conftest import system_binary
 from tests.test_deploy import (
+    DASHBOARD,
     GRAFANA_VARIABLE_DEFAULTS,
     PROMETHEUS_DIR,
     alert_rules,
@@ -271,8 +272,10 @@ def stack(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
     worker.messages.inc(64)
     worker.step_seconds.observe(0.02)
     worker.loss.set(1.25)
-    worker.hard_entropy.set(1.0)
-    worker.kl_star.set(0.1)
+    worker.served_hard_entropy.set(1.0)
+    worker.served_kl_star.set(0.1)
+    worker.train_hard_entropy.set(1.5)
+    worker.train_kl_star.set(0.05)
     worker.lag.labels("0").set(10)
     worker.dlq.labels("decode").inc()
     worker.published.inc()
@@ -611,3 +614,35 @@ def test_prometheus_loads_and_evaluates_every_alert_rule(stack: Stack) -> None:
         if rule["health"] != "ok" or rule.get("lastError")
     }
     assert not unhealthy, unhealthy
+
+
+def _label_values(stack: Stack, selector: str, label: str) -> list[str]:
+    """What Grafana's ``label_values(selector, label)`` lists: Prometheus' label values API."""
+    r = httpx.get(f"{stack.prometheus}/api/v1/label/{label}/values",
+                  params={"match[]": selector}, timeout=HTTP_TIMEOUT)
+    answer = r.json()
+    assert answer["status"] == "success", answer
+    return sorted(answer["data"])
+
+
+def test_job_and_instance_variables_list_the_oclust_targets_and_scope_the_panels(
+    stack: Stack,
+) -> None:
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+
+    def options(name: str, values: dict[str, str]) -> list[str]:
+        # "label_values(SELECTOR, LABEL)" with the dashboard's variables filled in
+        definition = substitute_grafana_variables(variables[name]["definition"], values)
+        selector, label = definition.removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
+        return _label_values(stack, selector, label)
+
+    jobs = options("job", {})
+    assert jobs == ["oclust-service", "oclust-worker"]  # Prometheus' own job is not offered
+    (service_instance,) = options("instance", {"job": "oclust-service"})
+    assert service_instance.endswith(stack.service.rsplit(":", 1)[1])
+    shares = next(t["expr"] for p in dashboard_panels() for t in p.get("targets", [])
+                  if "oclust_cluster_share" in t["expr"])
+    scoped = {"__rate_interval": "1m", "job": "oclust-service", "instance": service_instance}
+    assert _values(stack.query(substitute_grafana_variables(shares, scoped))["data"])
+    elsewhere = scoped | {"instance": "nowhere:1"}
+    assert not _values(stack.query(substitute_grafana_variables(shares, elsewhere))["data"])

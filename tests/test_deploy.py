@@ -56,8 +56,10 @@ WORKER_METRICS = frozenset(
         "oclust_worker_batches_total",
         "oclust_worker_step_seconds",
         "oclust_worker_loss",
-        "oclust_worker_batch_hard_entropy_nats",
-        "oclust_worker_batch_kl_star_nats",
+        "oclust_worker_served_hard_entropy_nats",
+        "oclust_worker_served_kl_star_nats",
+        "oclust_worker_train_hard_entropy_nats",
+        "oclust_worker_train_kl_star_nats",
         "oclust_worker_consumer_lag",
         "oclust_worker_dlq_messages_total",
         "oclust_worker_snapshots_published_total",
@@ -73,7 +75,15 @@ CONTRACT_SERIES = CONTRACT_FAMILIES | {
 }
 
 # Concrete values for Grafana's built-in variables.
-GRAFANA_VARIABLE_DEFAULTS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
+def _dashboard_all_values() -> dict[str, str]:
+    """The "All" value of each multi-value template variable of the dashboard (job, instance)."""
+    templating = json.loads(DASHBOARD.read_text(encoding="utf-8"))["templating"]["list"]
+    return {v["name"]: v["allValue"] for v in templating if v.get("includeAll")}
+
+
+GRAFANA_VARIABLE_DEFAULTS = {
+    "__rate_interval": "1m", "__interval": "15s", "__range": "1h", **_dashboard_all_values()
+}
 
 _GRAFANA_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 _PROMQL_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -174,7 +184,8 @@ def dashboard_exprs(
 
     Grafana's variables are replaced by concrete durations: ``$__rate_interval`` by
     ``rate_interval`` (keep it at least 2 scrape intervals of the Prometheus that evaluates
-    them), ``$__interval`` by ``interval``, ``$__range`` by ``range_``.
+    them), ``$__interval`` by ``interval``, ``$__range`` by ``range_``; ``$job`` and
+    ``$instance`` by their "All" value (every series).
 
     Example:
         >>> exprs = dashboard_exprs(rate_interval="30s")
@@ -183,7 +194,8 @@ def dashboard_exprs(
         >>> any("$" in e for e in exprs)
         False
     """
-    values = {"__rate_interval": rate_interval, "__interval": interval, "__range": range_}
+    values = {**GRAFANA_VARIABLE_DEFAULTS, "__rate_interval": rate_interval,
+              "__interval": interval, "__range": range_}
     exprs = []
     for panel in dashboard_panels():
         for target in panel.get("targets", []):
@@ -401,19 +413,42 @@ def test_grafana_variables_are_substituted_and_unknown_ones_refused() -> None:
         substitute_grafana_variables('x{instance="$instance"}', values)
 
 
-def test_dashboard_uses_the_provisioned_datasource() -> None:
+def test_dashboard_picks_its_datasource_through_a_variable() -> None:
     provisioned = load_yaml(GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml")
     (datasource,) = provisioned["datasources"]
-    assert datasource["type"] == "prometheus"
+    assert datasource["type"] == "prometheus" and datasource["isDefault"]
     assert datasource["url"] == "http://prometheus:9090"
     assert "prometheus" in compose_services()
 
+    text = DASHBOARD.read_text(encoding="utf-8")
+    assert datasource["uid"] not in text  # no hard-coded uid: any Prometheus will do
+    variables = {v["name"]: v for v in json.loads(text)["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    chosen = {"type": "prometheus", "uid": "${datasource}"}
     for panel in dashboard_panels():
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": datasource["uid"]}, panel
+        assert panel["datasource"] == chosen, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == datasource["uid"], panel["title"]
+            assert target["datasource"] == chosen, panel["title"]
+
+
+def test_job_and_instance_variables_scope_every_query() -> None:
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    for name in ("job", "instance"):
+        var = variables[name]
+        assert var["type"] == "query" and var["datasource"]["uid"] == "${datasource}", name
+        assert var["multi"] and var["includeAll"] and var["allValue"] == ".*", name
+        assert 'label_values({__name__=~"oclust_.+"' in var["definition"], name
+        assert var["definition"].endswith(f", {name})"), name
+    assert 'job=~"$job"' in variables["instance"]["definition"]  # instances of the chosen jobs
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            for metric in re.finditer(r"\b(oclust_\w+)(\{[^}]*\})?", target["expr"]):
+                assert metric.group(2), f"{panel['title']!r}: {metric.group(1)} is not scoped"
+                assert 'job=~"$job"' in metric.group(2), panel["title"]
+                assert 'instance=~"$instance"' in metric.group(2), panel["title"]
 
 
 def test_every_panel_queries_contract_metrics_only() -> None:

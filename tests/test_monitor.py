@@ -46,7 +46,7 @@ def test_uniform_prior_kl_is_log_k_minus_entropy() -> None:
 
 
 def test_design_worked_example_soft_uniform_but_hard_collapsed() -> None:
-    """DESIGN.md §1.3: four rows of [.34, .33, .33] look uniform softly but are collapsed."""
+    """ARCHITECTURE.md §1.3: four rows of [.34, .33, .33] look uniform softly but are collapsed."""
     mon = AssignmentMonitor(window=4)
     mon.configure(3, [1 / 3] * 3)
     mon.record(np.zeros(4, dtype=np.int64), np.array([[0.34, 0.33, 0.33]] * 4))

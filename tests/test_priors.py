@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from model import OnlineClusterer
 from model.evaluation import evaluate, imbalance_profile, subsample_imbalanced
-from model.priors import OnlinePrior, resolve_prior
+from model.priors import OnlinePrior, cap_kl_to_uniform, resolve_prior
 from service.cli import app
 
 TRUE = np.array([0.55, 0.3, 0.15])
@@ -22,37 +22,96 @@ def _imbalanced_stream(n: int = 1500, seed: int = 0) -> tuple[np.ndarray, np.nda
     return (centres[y] + rng.normal(size=(n, 4))).astype(np.float32), y
 
 
-def test_estimator_converges_to_the_label_frequencies():
-    est = OnlinePrior(3, decay=0.95)
+def _blob_distances(
+    rng: np.random.Generator, shares: np.ndarray, n: int = 256, closer: float = 1.0
+) -> np.ndarray:
+    """Squared distances of a batch of 1-D blobs at 0, 10, 20, ... to those centres.
+
+    The points of cluster 0 lie ``closer`` times as far from their centre as the others do.
+    """
+    k = len(shares)
+    centres = 10.0 * np.arange(k)
+    y = rng.choice(k, size=n, p=shares)
+    x = centres[y] + rng.normal(size=n) * np.where(y == 0, closer, 1.0)
+    return (x[:, None] - centres) ** 2
+
+
+def test_estimator_follows_the_soft_responsibilities_shrunk_toward_uniform():
+    est = OnlinePrior(3, decay=0.95, shrink=0.2, max_kl=1.0, warmup=0)
     rng = np.random.default_rng(1)
     np.testing.assert_allclose(est.probs, np.full(3, 1 / 3))  # uniform before any data
     for _ in range(300):
-        p = est.update(rng.choice(3, size=256, p=TRUE))
-    np.testing.assert_allclose(p, TRUE, atol=0.02)
+        p = est.update_from_distances(_blob_distances(rng, TRUE), sigma=1.0)
+    np.testing.assert_allclose(p, 0.8 * TRUE + 0.2 / 3, atol=0.02)
     assert p.sum() == pytest.approx(1.0)
 
 
-def test_estimator_tracks_a_shift_and_keeps_a_floor():
-    est = OnlinePrior(2, decay=0.9, min_share=0.2)
-    for _ in range(200):
-        est.update(np.zeros(100, dtype=np.int64))  # cluster 1 never seen
-    assert est.probs[1] == pytest.approx(0.1 / (1 + 0.1), rel=0.05)  # floor 0.2 / K, renormalised
-    for _ in range(200):
-        est.update(np.ones(100, dtype=np.int64))
-    assert est.probs[1] > 0.85
+def test_estimator_caps_kl_to_uniform_and_waits_for_the_warmup():
+    est = OnlinePrior(2, decay=0.9, shrink=0.0, max_kl=0.05, warmup=1000)
+    resp = np.tile([1.0, 0.0], (100, 1))  # every sample certain of cluster 0
+    for _ in range(9):
+        est.update(resp)
+    np.testing.assert_array_equal(est.probs, [0.5, 0.5])  # 900 samples: still warming up
+    est.update(resp)
+    assert est.warm and est.probs[0] > 0.6
+    assert est.kl_to_uniform() == pytest.approx(0.05, abs=1e-6)  # projected onto the cap
+    for p in (np.array([0.99, 0.01]), np.array([0.7, 0.2, 0.1]), np.array([0.5, 0.5])):
+        q = cap_kl_to_uniform(p, 0.02)
+        assert math.log(len(p)) + float(np.sum(q * np.log(q))) <= 0.02 + 1e-9
+        assert q.sum() == pytest.approx(1.0) and np.argmax(q) == np.argmax(p)
 
 
-def test_estimator_state_round_trip_and_errors():
-    est = OnlinePrior(3)
-    est.update(np.array([0, 0, 1]))
-    again = OnlinePrior.from_state(3, est.state())
+def test_a_cluster_that_is_closer_does_not_take_over_the_prior():
+    """One cluster's points 8% closer to its centroid: its share stays below twice the truth."""
+    shares = np.full(10, 0.1)
+    est = OnlinePrior(10, warmup=0)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        est.update_from_distances(_blob_distances(rng, shares, closer=0.92), sigma=10.0)
+    assert est.probs[0] < 2 * shares[0]
+    assert est.kl_to_uniform() <= est.max_kl
+
+
+def test_a_closer_cluster_does_not_take_over_a_trained_model():
+    """The same through training (CA shapes the latents): the estimate stays below 2x."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 16))
+    y = rng.integers(10, size=3000)
+    X = centres[y] + rng.normal(size=(3000, 16)) * np.where(y == 0, 0.92, 1.0)[:, None]
+    clf = OnlineClusterer(10, prior="online", latent_dim=16, hidden=(64,), seed=0)
+    clf.fit(X.astype(np.float32), epochs=8, batch_size=256)
+    pred = clf.predict(X.astype(np.float32))
+    closer = np.bincount(pred[y == 0], minlength=10).argmax()  # the cluster of blob 0
+    assert clf.prior_[closer] < 2 * 0.1
+    assert np.mean(pred == closer) < 2 * 0.1
+    assert clf.prior_estimator_.kl_to_uniform() <= clf.prior_estimator_.max_kl
+
+
+def test_estimator_state_round_trip_versions_and_errors():
+    est = OnlinePrior(3, warmup=0)
+    est.update(np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]))
+    state = est.state()
+    assert state["version"] == 2 and state["seen"] == 2
+    again = OnlinePrior.from_state(3, state)
     np.testing.assert_array_equal(again.probs, est.probs)
+    assert (again.max_kl, again.shrink, again.warmup) == (est.max_kl, est.shrink, 0)
+    # A version-1 state (discounted hard-label counts) still loads, and counts as warmed up.
+    old = OnlinePrior.from_state(3, {"decay": 0.95, "alpha": 1.0, "min_share": 0.1,
+                                     "counts": [50.0, 30.0, 20.0]})
+    assert old.warm and old.probs[0] > old.probs[1] > old.probs[2]
     with pytest.raises(ValueError, match="counts"):
-        OnlinePrior.from_state(4, est.state())
-    with pytest.raises(ValueError, match="labels"):
+        OnlinePrior.from_state(4, state)
+    with pytest.raises(ValueError, match="version"):
+        OnlinePrior.from_state(3, state | {"version": 9})
+    with pytest.raises(ValueError, match="responsibilities"):
         est.update(np.array([3]))
-    with pytest.raises(ValueError, match="decay"):
-        OnlinePrior(3, decay=1.0)
+    with pytest.raises(ValueError, match="rows that sum to 1"):
+        est.update(np.array([[0.9, 0.9, 0.0]]))
+    with pytest.raises(ValueError, match="distances"):
+        est.update_from_distances(np.array([[np.nan, 1.0, 2.0]]), sigma=1.0)
+    for bad in ({"decay": 1.0}, {"shrink": 1.5}, {"max_kl": -0.1}, {"warmup": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            OnlinePrior(3, **bad)
 
 
 @pytest.mark.parametrize(
@@ -63,20 +122,19 @@ def test_bad_prior_options_are_clear_errors(prior, match):
     with pytest.raises(ValueError, match=match):
         resolve_prior(prior, 2)
     with pytest.raises(ValueError, match=match):
-        OnlineClusterer(n_clusters=2, prior=prior)
+        OnlineClusterer(n_clusters=2, prior=prior).validate_params()
 
 
-def test_online_prior_converges_to_the_true_frequencies_on_an_imbalanced_stream():
+def test_online_prior_is_bounded_and_fed_back_on_an_imbalanced_stream():
     X, _ = _imbalanced_stream()
     clf = OnlineClusterer(3, prior="online", latent_dim=8, hidden=(16,), seed=0)
     clf.fit(X, epochs=6, batch_size=150)
-    est = np.sort(clf.prior_)[::-1]
-    np.testing.assert_allclose(est, TRUE, atol=0.04)
+    est = clf.prior_estimator_
+    assert est.warm and not np.allclose(clf.prior_, 1 / 3)  # in use after the warm-up
+    assert est.kl_to_uniform() <= est.max_kl + 1e-9
+    assert clf.prior_.min() >= est.shrink / 3  # the shrinkage floor
     # The estimate is what the regulariser sees as its prior.
     np.testing.assert_allclose(clf.log_prior_.cpu().numpy(), np.log(clf.prior_), rtol=1e-5)
-    # And the served clusters keep the imbalance.
-    share = np.sort(np.bincount(clf.predict(X), minlength=3) / len(X))[::-1]
-    np.testing.assert_allclose(share, TRUE, atol=0.04)
 
 
 def test_online_prior_is_in_the_manifest_and_restored():
@@ -88,7 +146,7 @@ def test_online_prior_is_in_the_manifest_and_restored():
     np.testing.assert_allclose(snap.manifest["prior"], clf.prior_)
     clone = OnlineClusterer.from_snapshot(snap)
     np.testing.assert_allclose(clone.prior_, clf.prior_)
-    a, b = clf.partial_fit(X[:150]), clone.partial_fit(X[:150])
+    a, b = clf.partial_fit(X[:150]).last_step_, clone.partial_fit(X[:150]).last_step_
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_allclose(clone.prior_, clf.prior_)
 

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from model import OnlineClusterer, metrics
-from model.regularisers import REGULARISERS, Batch, make_regulariser
+from model.regularisers import (
+    REGULARISERS,
+    Batch,
+    cluster_regularisation,
+    make_regulariser,
+    membership_variance,
+    soft_assignment,
+)
 
 BASIC = ["ca", "sk", "ent", "ss", "varm", "none"]
 
@@ -68,3 +75,57 @@ def test_none_collapses_where_ca_does_not():
 
 def test_registry_lists_the_basic_methods():
     assert set(BASIC) <= set(REGULARISERS)
+
+
+# --------------------------------------------------------------------------- equations pinned
+def _given(distances: list[list[float]], sigma: float) -> Batch:
+    """A batch with the N×K distances given directly (latents unused by ss/varm)."""
+    d = torch.tensor(distances, requires_grad=True)
+    n, k = d.shape
+    z = torch.zeros(n, 2)
+    return Batch(z, z, torch.zeros(k, 2), d, sigma, torch.full((k,), -math.log(k)))
+
+
+def test_ss_is_drc_eq9_with_its_n_factor():
+    # sigma 1/2: q = softmax(-D); rows [.75, .25], [.25, .75], [.5, .5]; column sums 1.5 and 1.5
+    ln3 = math.log(3.0)
+    batch = _given([[0.0, ln3], [ln3, 0.0], [0.0, 0.0]], sigma=0.5)
+    assert float(cluster_regularisation(torch.tensor([[.75, .25], [.25, .75], [.5, .5]]))) == (
+        pytest.approx((1.5**2 + 1.5**2) / 3)
+    )
+    out = make_regulariser("ss", lam=2.0)(batch)
+    assert out.labels.tolist() == [0, 1, 0]
+    # pull: distances of the chosen centroids are 0, 0, 0; CR = 4.5 / 3 = 1.5; 2 sigma = 1
+    assert float(out.loss.detach()) == pytest.approx(2.0 * 1.0 * 1.5, rel=1e-6)
+
+
+def test_varm_is_the_variance_of_the_unnormalised_memberships():
+    batch = _given([[0.0, 2.0], [2.0, 6.0]], sigma=0.5)  # s = -D: cluster means -1 and -4
+    assert float(membership_variance(batch.distances.detach(), 0.5)) == pytest.approx(2.25)
+    out = make_regulariser("varm", lam=1.0)(batch)
+    assert out.labels.tolist() == [0, 0]
+    assert float(out.loss.detach()) == pytest.approx((0.0 + 2.0) / 2 + 1.0 * 2.25, rel=1e-6)
+
+
+def _cosine(f, g, d: torch.Tensor) -> float:
+    ga = torch.autograd.grad(f(d), d)[0].flatten()
+    gb = torch.autograd.grad(g(d), d)[0].flatten()
+    return float(ga @ gb / (ga.norm() * gb.norm()))
+
+
+def test_varm_is_not_a_rescaled_ss_gradient_direction():
+    d = (torch.rand(64, 5, generator=torch.Generator().manual_seed(0)) * 8).requires_grad_()
+    sigma = 1.0
+
+    def ss(t: torch.Tensor) -> torch.Tensor:
+        return cluster_regularisation(soft_assignment(t, sigma))
+
+    def varm(t: torch.Tensor) -> torch.Tensor:
+        return membership_variance(t, sigma)
+
+    def variance_of_normalised(t: torch.Tensor) -> torch.Tensor:  # the old varm
+        return soft_assignment(t, sigma).mean(0).var(unbiased=False)
+
+    # the variance of normalised memberships is ss up to scale: the test can tell them apart
+    assert _cosine(ss, variance_of_normalised, d) == pytest.approx(1.0, abs=1e-5)
+    assert _cosine(ss, varm, d) < 0.9

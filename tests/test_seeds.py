@@ -164,7 +164,7 @@ def test_snapshot_round_trip_predicts_and_trains_identically(name):
     clone = OnlineClusterer.from_snapshot(clf.to_snapshot())
     np.testing.assert_array_equal(clone.predict(X), clf.predict(X))
     # The regulariser's state (moving average, seeded view stream, head) carries over too.
-    a, b = clf.partial_fit(X[:128]), clone.partial_fit(X[:128])
+    a, b = clf.partial_fit(X[:128]).last_step_, clone.partial_fit(X[:128]).last_step_
     np.testing.assert_array_equal(a.labels, b.labels)
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
     np.testing.assert_array_equal(clone.predict(X), clf.predict(X))
@@ -174,7 +174,9 @@ def test_snapshot_round_trip_predicts_and_trains_identically(name):
 def test_random_methods_are_reproducible_from_the_seed(name):
     X, _ = _mixture(n=256)
     runs = [OnlineClusterer(4, name, latent_dim=8, seed=s, hidden=(16,)) for s in (0, 0, 1)]
-    losses = [[c.partial_fit(X[i : i + 64]).loss for i in range(0, 256, 64)] for c in runs]
+    losses = [
+        [c.partial_fit(X[i : i + 64]).last_step_.loss for i in range(0, 256, 64)] for c in runs
+    ]
     assert losses[0] == losses[1]
     assert losses[0] != losses[2]
 

@@ -189,4 +189,4 @@ def test_serve_runs_the_service_from_a_store(tmp_path: Path) -> None:
 
 def test_serve_rejects_bad_settings() -> None:
     code, out = _run("serve", "--max-batch", "0")
-    assert code == 2 and "max_batch" in out
+    assert code == 2 and "'--max-batch'" in out and out.count("\n") == 1

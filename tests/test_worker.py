@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -176,6 +177,39 @@ def test_poison_messages_go_to_dlq_while_training_continues(
     assert reg.get_sample_value("oclust_worker_samples_total") == n_good
 
 
+def test_a_short_final_batch_never_withholds_the_snapshot(
+    kafka_bootstrap, redis_url, unique_topic, caplog
+):
+    """Digits in batches of 256 (7 full, then 5 samples), a snapshot after every batch."""
+    count = Counter()
+    caplog.set_level(logging.WARNING, logger="oclust.worker")
+
+    async def main() -> TrainingWorker:
+        await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, batch_size=256,
+                      snapshot_interval=0),
+            hooks=TrainerHooks(on_step=count),
+        )
+        assert await _run_until(worker, lambda: count.samples >= N_DIGITS - N_DIGITS % 256) == 0
+        return worker
+
+    worker = asyncio.run(main())
+    assert [len(b) for b in count.batches] == [256] * 7 + [N_DIGITS % 256]
+    store = open_store(redis_url, "t")
+    snap = store.load()
+    assert snap.manifest["samples_seen"] == N_DIGITS
+    assert snap.manifest["offsets"] == {f"{unique_topic}:0": N_DIGITS}
+    assert snap.manifest["steps"] == len(count.batches)  # the final one covers the short batch
+    assert not [r for r in caplog.records if "withheld" in r.getMessage()]
+    published = worker.metrics.registry.get_sample_value("oclust_worker_snapshots_published_total")
+    assert published == snap.version >= 2
+    assert snap.manifest["metrics"]["hard_entropy"] >= 0.5 * math.log(10)
+    committed = asyncio.run(committed_offsets(kafka_bootstrap, "oclust-t", unique_topic))
+    assert committed == {0: N_DIGITS}
+    assert worker.metrics.registry.get_sample_value("oclust_worker_collapsed") == 0
+
+
 def test_collapse_guard_fires_and_restores_healthy_weights(
     kafka_bootstrap, redis_url, unique_topic
 ):
@@ -255,6 +289,38 @@ def test_readings_become_per_device_windows_end_to_end(kafka_bootstrap, redis_ur
     assert snap.manifest["offsets"] == {f"{unique_topic}:0": devices * first_waiting_t}
     assert snap.manifest["input_shape"] == [9, size]
     assert snap.manifest["samples_seen"] == n_windows
+
+
+def test_k2_daphnet_windows_publish_every_snapshot(
+    kafka_bootstrap, redis_url, unique_topic, caplog
+):
+    """K = 2 on readings windows, small batches and a snapshot after each: none withheld."""
+    size, hop, devices, per_device = 32, 16, 2, 400
+    n_windows = devices * ((per_device - size) // hop + 1)
+    count = Counter()
+    caplog.set_level(logging.WARNING, logger="oclust.worker")
+
+    async def main() -> TrainingWorker:
+        await replay(kafka_bootstrap, unique_topic, "daphnet", devices=devices,
+                     limit=devices * per_device, progress=False)
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, mode="readings",
+                      window_size=size, window_hop=hop, batch_size=8, n_clusters=2,
+                      snapshot_interval=0),
+            hooks=TrainerHooks(on_step=count),
+        )
+        await _run_until(worker, lambda: count.samples >= n_windows)
+        return worker
+
+    worker = asyncio.run(main())
+    snap = open_store(redis_url, "t").load()
+    assert snap.manifest["samples_seen"] == count.samples == n_windows
+    assert snap.manifest["steps"] == len(count.batches)
+    assert not [r for r in caplog.records if "withheld" in r.getMessage()]
+    reg = worker.metrics.registry
+    assert reg.get_sample_value("oclust_worker_snapshots_published_total") == snap.version
+    assert reg.get_sample_value("oclust_worker_collapse_events_total") == 0
+    assert reg.get_sample_value("oclust_worker_served_hard_entropy_nats") >= 0.5 * math.log(2)
 
 
 def test_second_worker_is_a_standby_until_the_lease_is_free(

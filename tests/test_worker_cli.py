@@ -130,14 +130,19 @@ def test_produce_unknown_dataset_is_a_clear_error(kafka_bootstrap):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--batch-size", "0"], "batch_size"), (["--mode", "images"], "mode"),
-     (["--store", "ftp://x"], "unknown store URL scheme")],
+    [(["--batch-size", "0"], "'--batch-size'"), (["--mode", "images"], "'--mode'"),
+     (["--store", "ftp://x"], "unknown store URL scheme"),
+     (["--regulariser", "bogus"], "unknown regulariser 'bogus'"),
+     (["--prior", "0.5,0.5"], "length n_clusters=10"),
+     (["--log-level", "loud"], "'--log-level'"), (["--no-such-option"], "No such option")],
 )
 def test_worker_rejects_bad_settings(args, message, tmp_path):
+    # Caught before any work: an unreachable broker would otherwise be the error (exit 1).
     result = runner.invoke(app, ["worker", "--metrics-port", "-1", "--bootstrap-servers",
                                  "127.0.0.1:1", *args])
-    assert result.exit_code == 1
-    assert message in _text(result.output)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("oclust worker: error:")
+    assert message in result.output
 
 
 def test_worker_without_kafka_fails_clearly(tmp_path):

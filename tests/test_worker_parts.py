@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from training_worker.batching import SampleQueue
+from model import OnlineClusterer
+from training_worker.batching import Batch, SampleQueue
 from training_worker.lease import FileLease, RedisLease, make_lease
 from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 from training_worker.store import DirectoryStore, RedisStore
+from training_worker.trainer import Trainer
 
 
 def test_queue_cuts_batches_across_chunks_and_tracks_pending_offsets():
@@ -52,6 +57,72 @@ def test_guard_fires_after_patience_and_can_fire_again():
         CollapseGuard(1.0, 0)
 
 
+def test_guard_judges_a_window_of_served_labels_not_the_latest_batch():
+    k = 10
+    g = CollapseGuard(threshold=0.5 * math.log(k), patience=1, min_window=256)
+    assert g.window_size(k) == 256  # max(20 K, a batch)
+    assert CollapseGuard(1.0, 1, window=50, min_window=64).window_size(k) == 64  # >= a batch
+    assert not g.observe_labels(np.zeros(5, np.int64), k)  # too few samples: abstains
+    assert g.healthy and not g.judging
+    balanced = np.arange(256) % k
+    for _ in range(3):
+        assert not g.observe_labels(balanced, k)
+    assert g.judging and g.healthy
+    # A short final batch, all in one cluster, does not withhold the next snapshot: the window
+    # still holds the 251 samples before it.
+    assert not g.observe_labels(np.zeros(5, np.int64), k)
+    assert g.healthy and g.window_entropy() > g.threshold
+    # A collapse of the served labels over a whole window fires.
+    assert g.observe_labels(np.zeros(256, np.int64), k)
+    assert g.events == 1 and not g.healthy and g.window_shares()[0] == 1.0
+    g.reset()  # after a restore: a fresh window, judged again once refilled
+    assert g.healthy and not g.judging
+
+
+class _OnePoint(nn.Module):
+    """An encoder that maps every input to the same latent point."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.point = nn.Parameter(torch.linspace(-1.0, 1.0, latent_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.point.expand(len(x), -1)
+
+
+def test_guard_fires_on_a_collapsed_encoder_that_ca_training_labels_hide():
+    k, n = 5, 64
+    X = np.random.default_rng(0).normal(size=(n * 8, 6)).astype(np.float32)
+    clf = OnlineClusterer(n_clusters=k, regulariser="ca", latent_dim=8, seed=0)
+    clf.partial_fit(X[:n])  # builds the model and spreads the centroids
+    clf.encoder_ = _OnePoint(8)  # now every input has the same latent
+    metrics = WorkerMetrics()
+    guard = CollapseGuard(threshold=0.5 * math.log(k), patience=3, min_window=n)
+    trainer = Trainer(clf, guard, metrics, restore=False)
+    fired_at = None
+    for i in range(1, 8):
+        report = trainer.step(Batch(X[i * n : (i + 1) * n], np.full(n, -1)))
+        assert report is not None
+        # CA keeps the training labels balanced: 64 points over 5 clusters, 12 or 13 each
+        assert report.train_hard_entropy > 0.99 * math.log(k)
+        assert np.bincount(report.labels, minlength=k).min() >= n // k
+        # while every point is served by one centroid
+        assert len(set(report.served_labels.tolist())) == 1 and report.served_hard_entropy == 0
+        if guard.events and fired_at is None:
+            fired_at = i
+    assert fired_at is not None, "the guard never fired on a collapsed encoder"
+    assert guard.collapsed and not guard.healthy
+    reg = metrics.registry
+    assert reg.get_sample_value("oclust_worker_collapse_events_total") >= 1
+    assert reg.get_sample_value("oclust_worker_collapsed") == 1
+    assert reg.get_sample_value("oclust_worker_served_hard_entropy_nats") == 0
+    assert reg.get_sample_value("oclust_worker_served_kl_star_nats") == pytest.approx(math.log(k))
+    assert reg.get_sample_value("oclust_worker_train_hard_entropy_nats") > 0.99 * math.log(k)
+    m = trainer.snapshot_metrics()
+    assert m["hard_entropy"] == 0 and m["train_hard_entropy"] > 0.99 * math.log(k)
+    assert max(m["shares"]) == 1.0  # the snapshot's shares are served shares
+
+
 def test_quality_window_scores_only_labelled_samples():
     q = QualityWindow(size=10)
     assert q.scores() == {}
@@ -66,8 +137,9 @@ def test_metric_names_are_the_documented_ones():
     names = {m.name for m in WorkerMetrics().registry.collect()}
     assert {
         "oclust_worker_samples", "oclust_worker_batches", "oclust_worker_step_seconds",
-        "oclust_worker_loss", "oclust_worker_batch_hard_entropy_nats",
-        "oclust_worker_batch_kl_star_nats", "oclust_worker_consumer_lag",
+        "oclust_worker_loss", "oclust_worker_served_hard_entropy_nats",
+        "oclust_worker_served_kl_star_nats", "oclust_worker_train_hard_entropy_nats",
+        "oclust_worker_train_kl_star_nats", "oclust_worker_consumer_lag",
         "oclust_worker_dlq_messages", "oclust_worker_snapshots_published",
         "oclust_worker_snapshot_version", "oclust_worker_collapse_events",
         "oclust_worker_collapsed",
@@ -97,6 +169,8 @@ def test_redis_lease_is_exclusive_renewable_and_lapses(redis_url):
     assert lapsed.wait(5), "the lease never lapsed"
     t.join()
     assert b.holder() == "b" and not a.renew()
+    a.release()  # a's lapsed lease: releasing it must not free b's
+    assert b.holder() == "b"
     b.release()
     assert a.try_acquire()
 

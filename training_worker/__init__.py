@@ -11,7 +11,7 @@ Modules:
 | ``trainer`` | the model, the collapse guard and live quality, run in the training thread |
 | ``monitor`` | collapse guard, live ACC/NMI window, Prometheus metrics |
 | ``lease`` | one active trainer per namespace (Redis SET NX PX, or a lock file) |
-| ``kafka`` | topics, committed/end offsets, the dead-letter producer |
+| ``kafka`` | topics, committed offsets, the dead-letter producer |
 | ``worker`` | ``TrainingWorker``: the loop behind ``oclust worker`` |
 | ``producer`` | the replay producer behind ``oclust produce`` |
 | ``offline`` | offline training to a snapshot behind ``oclust train`` |

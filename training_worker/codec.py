@@ -17,7 +17,10 @@ whole topic with ``encoding="json"``/``"f32"``):
 A message that fails is rejected with :class:`DecodeError`, whose ``reason`` is one short code
 (used as the DLQ ``reason`` header and as a metric label) and whose message says what is wrong:
 ``empty``, ``too_large``, ``not_json``, ``bad_schema``, ``not_numbers``, ``non_finite``,
-``wrong_length``, ``bad_binary``.
+``wrong_length``, ``bad_binary``, ``too_deep`` (nesting beyond :data:`MAX_DEPTH`),
+``out_of_range`` (a feature beyond ``max_abs``, default :data:`DEFAULT_MAX_ABS_FEATURE`, or a
+label above :data:`MAX_LABEL`) and ``decode_failed`` (anything else the decoder tripped on: the
+decoders never raise anything but :class:`DecodeError` for a message).
 
 Example:
     >>> dec = SampleDecoder()
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -37,10 +41,15 @@ from typing import Any
 import numpy as np
 import orjson
 
+from training_worker.settings import MAX_ABS_FEATURE
+
 __all__ = [
     "CONTENT_TYPE_F32",
     "CONTENT_TYPE_JSON",
+    "DEFAULT_MAX_ABS_FEATURE",
     "ENCODINGS",
+    "MAX_DEPTH",
+    "MAX_LABEL",
     "REASONS",
     "DecodeError",
     "DecodedBatch",
@@ -56,9 +65,14 @@ CONTENT_TYPE_JSON = "application/json"
 ENCODINGS = ("auto", "json", "f32")
 REASONS = (
     "empty", "too_large", "not_json", "bad_schema", "not_numbers", "non_finite",
-    "wrong_length", "bad_binary",
+    "wrong_length", "bad_binary", "too_deep", "out_of_range", "decode_failed",
 )
 DEFAULT_MAX_BYTES = 1 << 20
+# The one default bound on |feature| shared by the worker (DLQ ``out_of_range``) and the
+# service (422): finite values far beyond any sensor's range poison the running scaler.
+DEFAULT_MAX_ABS_FEATURE = MAX_ABS_FEATURE
+MAX_DEPTH = 8  # nesting levels of ``features`` (a C×T window is 2)
+MAX_LABEL = 2**31 - 1  # labels are class ids; larger ones are hostile or broken
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -99,32 +113,79 @@ def _check_size(value: bytes | None, max_bytes: int) -> bytes:
 
 def _parse_json(value: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError("not_json", f"value is not JSON: {exc}") from None
+        obj = orjson.loads(value)  # iterative, depth-limited; NaN/Infinity literals are not JSON
+    except orjson.JSONDecodeError:
+        obj = _parse_json_lenient(value)
     if not isinstance(obj, dict):
         raise DecodeError("bad_schema", f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
-def _all_numbers(x: Any) -> bool:
-    if isinstance(x, list):
-        return all(_all_numbers(v) for v in x)
-    return isinstance(x, int | float) and not isinstance(x, bool)
+def _parse_json_lenient(value: bytes) -> Any:
+    """Python's parser (accepts NaN literals, rejected later as non_finite); depth-guarded."""
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise DecodeError("too_deep", "JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError("not_json", f"value is not JSON: {exc}") from None
+
+
+def _check_leaves(raw: list[Any], field_name: str) -> None:
+    """Walk a nested list without recursion: bounded depth, numbers only, no huge ints."""
+    stack: list[tuple[list[Any], int]] = [(raw, 1)]
+    while stack:
+        items, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise DecodeError("too_deep", f"{field_name!r} is nested deeper than {MAX_DEPTH}")
+        for v in items:
+            if isinstance(v, list):
+                stack.append((v, depth + 1))
+            elif isinstance(v, bool) or not isinstance(v, int | float):
+                raise DecodeError("not_numbers", f"{field_name!r} holds values that are not "
+                                  "numbers")
+            elif isinstance(v, int) and not -(2**63) <= v < 2**63:
+                raise DecodeError("out_of_range", f"{field_name!r} holds an integer beyond "
+                                  "64 bits")
 
 
 def _numbers(raw: Any, field_name: str) -> np.ndarray:
-    """A (possibly nested) JSON list of numbers as a float32 array, strictly checked."""
+    """A (possibly nested) JSON list of numbers as a float64 array, strictly checked.
+
+    float64 first, so that a finite value beyond float32 (1e40) is ``out_of_range`` when
+    bounded, not an overflow to inf."""
     if not isinstance(raw, list) or not raw:
         raise DecodeError("bad_schema", f"{field_name!r} must be a non-empty list of numbers")
-    if not _all_numbers(raw):
-        raise DecodeError("not_numbers", f"{field_name!r} holds values that are not numbers")
+    _check_leaves(raw, field_name)
     try:
-        with np.errstate(over="ignore"):  # overflow gives inf, rejected as non_finite
-            arr = np.array(raw, dtype=np.float32)
+        arr = np.array(raw, dtype=np.float64)
     except ValueError:
         raise DecodeError("wrong_length", f"{field_name!r} is a ragged nested list") from None
     return arr
+
+
+def _bounded(arr: np.ndarray, field_name: str, max_abs: float) -> np.ndarray:
+    """Reject finite magnitudes beyond ``max_abs`` (call after :func:`_finite`)."""
+    if arr.size and float(np.abs(arr).max()) > max_abs:
+        raise DecodeError("out_of_range", f"{field_name!r} has a value beyond ±{max_abs:g}")
+    with np.errstate(over="ignore"):  # a bound beyond float32's range gives inf
+        return _finite(arr.astype(np.float32), field_name)
+
+
+def _guarded(fn: Any) -> Any:
+    """Make a decode method raise only :class:`DecodeError`, whatever the bytes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DecodeError:
+            raise
+        except (RecursionError, MemoryError, OverflowError, ValueError, TypeError,
+                AttributeError, KeyError, IndexError, UnicodeError) as exc:
+            raise DecodeError("decode_failed", f"{type(exc).__name__}: {exc}"[:300]) from None
+
+    return wrapper
 
 
 def _finite(arr: np.ndarray, field_name: str) -> np.ndarray:
@@ -138,6 +199,8 @@ def _label(raw: Any) -> int:
         return -1
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
         raise DecodeError("bad_schema", f"'label' must be a non-negative integer, got {raw!r}")
+    if raw > MAX_LABEL:
+        raise DecodeError("out_of_range", f"'label' {raw} exceeds {MAX_LABEL}")
     return raw
 
 
@@ -145,10 +208,13 @@ def _header_label(headers: Headers | None) -> int:
     raw = _header(headers, "label")
     if raw is None:
         return -1
+    if len(raw) > 20:
+        raise DecodeError("out_of_range", f"'label' header too long: {raw[:24]!r}...")
     try:
-        return _label(int(raw))
+        value = int(raw)
     except ValueError:
         raise DecodeError("bad_schema", f"'label' header must be an integer, got {raw!r}") from None
+    return _label(value)
 
 
 def _f32(value: bytes, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -180,7 +246,7 @@ def _scan_headers(
             if key == "content-type" and encoding == "auto":
                 f32 = value == _F32 or value.split(b";")[0].strip() == _F32
             elif key == "label":
-                if not value.isdigit():
+                if not value.isdigit() or len(value) > 10 or int(value) > MAX_LABEL:
                     return None
                 label = int(value)
         kinds.add(f32)
@@ -215,6 +281,7 @@ class SampleDecoder:
         shape: expected per-sample shape, or ``None`` to learn it from the stream.
         max_bytes: larger messages are rejected as ``too_large``.
         encoding: ``"auto"`` (by header), ``"json"`` or ``"f32"`` for the whole topic.
+        max_abs: larger magnitudes are rejected as ``out_of_range``.
 
     Example:
         >>> try:
@@ -229,13 +296,16 @@ class SampleDecoder:
         shape: tuple[int, ...] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         encoding: str = "auto",
+        max_abs: float = DEFAULT_MAX_ABS_FEATURE,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.shape = tuple(shape) if shape is not None else None
         self.max_bytes = max_bytes
         self.encoding = encoding
+        self.max_abs = max_abs
 
+    @_guarded
     def decode(self, value: bytes | None, headers: Headers | None = None) -> tuple[np.ndarray, int]:
         """One message → (features of ``shape``, label or -1); raises :class:`DecodeError`."""
         value = _check_size(value, self.max_bytes)
@@ -247,6 +317,7 @@ class SampleDecoder:
                 raise DecodeError("bad_schema", "missing required field 'features'")
             arr = _finite(_numbers(obj["features"], "features"), "features")
             label = _label(obj.get("label"))
+        arr = _bounded(arr, "features", self.max_abs)
         if self.shape is None:
             self.shape = arr.shape
         elif arr.shape != self.shape:
@@ -260,7 +331,10 @@ class SampleDecoder:
     ) -> DecodedBatch:
         """Decode many messages; good ones stacked in input order, bad ones in ``rejects``."""
         headers = headers if headers is not None else [None] * len(values)
-        fast = self._fast(values, headers)
+        try:
+            fast = self._fast(values, headers)
+        except Exception:  # hostile bytes: the strict path judges each message
+            fast = None
         if fast is not None:
             return fast
         feats, labels, index, rejects = [], [], [], []
@@ -303,7 +377,7 @@ class SampleDecoder:
         if len(blob) != 4 * size * len(values) or any(len(v) != 4 * size for v in values):
             return None
         arr = np.frombuffer(blob, dtype="<f4").reshape(len(values), *self.shape)
-        if not np.isfinite(arr).all():
+        if not np.isfinite(arr).all() or (arr.size and np.abs(arr).max() > self.max_abs):
             return None
         return DecodedBatch(arr.astype(np.float32), np.array(labels, np.int64),
                             np.arange(len(values)))
@@ -319,7 +393,9 @@ class SampleDecoder:
             arr = np.array(raw)  # dtype inferred: strings, None, ragged lists do not pass
         except (ValueError, OverflowError):
             return None
-        if arr.dtype.kind not in "fi" or arr.ndim < 2 or arr.shape[0] != len(values):
+        if arr.dtype.kind not in "fi" or not 2 <= arr.ndim <= MAX_DEPTH + 1 or (
+            arr.shape[0] != len(values)
+        ):
             return None  # bool-only lists give kind "b"; mixed bools are caught below
         if self.shape is not None and arr.shape[1:] != self.shape:
             return None
@@ -327,9 +403,10 @@ class SampleDecoder:
             return None  # a boolean could hide among numbers: let the strict path judge
         with np.errstate(over="ignore"):
             arr32 = arr.astype(np.float32)
-        if not np.isfinite(arr32).all():
+        if not np.isfinite(arr32).all() or (arr32.size and np.abs(arr32).max() > self.max_abs):
             return None
-        if any(lab is not None and (type(lab) is not int or lab < 0) for lab in raw_labels):
+        if any(lab is not None and (type(lab) is not int or not 0 <= lab <= MAX_LABEL)
+               for lab in raw_labels):
             return None
         labels = np.array([-1 if lab is None else lab for lab in raw_labels], dtype=np.int64)
         if self.shape is None:
@@ -354,6 +431,7 @@ class ReadingDecoder:
         channels: expected C, or ``None`` to learn it from the first valid reading.
         max_bytes: larger messages are rejected as ``too_large``.
         encoding: ``"auto"`` (by header), ``"json"`` or ``"f32"``.
+        max_abs: larger magnitudes are rejected as ``out_of_range``.
 
     Example:
         >>> r = ReadingDecoder().decode(b'{"device": "a", "ts": 1.5, "values": [1, 2, 3]}')
@@ -366,13 +444,16 @@ class ReadingDecoder:
         channels: int | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         encoding: str = "auto",
+        max_abs: float = DEFAULT_MAX_ABS_FEATURE,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.channels = channels
         self.max_bytes = max_bytes
         self.encoding = encoding
+        self.max_abs = max_abs
 
+    @_guarded
     def decode(
         self, value: bytes | None, headers: Headers | None = None, key: bytes | None = None
     ) -> Reading:
@@ -407,6 +488,7 @@ class ReadingDecoder:
             if ts is not None and not math.isfinite(ts):
                 raise DecodeError("non_finite", "'ts' is not finite")
             label = _label(obj.get("label"))
+        values = _bounded(values, "values", self.max_abs)
         if device is None:
             if not key:
                 raise DecodeError("bad_schema", "reading has no 'device' and no message key")

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 __all__ = [
     "DeadLetters",
     "committed_offsets",
     "dead_letter_headers",
-    "end_offsets",
     "ensure_topic",
+    "offset_exists",
 ]
 
 TOPIC_EXISTS = 36
@@ -64,17 +64,25 @@ async def committed_offsets(
         await consumer.stop()
 
 
-async def end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
-    """The next offset to be written in each partition of ``topic``."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers)
+async def offset_exists(
+    bootstrap_servers: str, tp: TopicPartition, offset: int, timeout_ms: int = 2000
+) -> bool:
+    """Whether the log of ``tp`` holds a message at ``offset`` (or later), read directly.
+
+    Confirms a suspected offset regression: a broker's reported log end can lag (Tansu
+    reports the base offset of the last record batch + 1), a message read back cannot.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                                auto_offset_reset="none")
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
-        return {tp.partition: off for tp, off in sorted(ends.items())}
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        try:
+            records = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
+        except OffsetOutOfRangeError:
+            return False
+        return bool(records.get(tp))
     finally:
         await consumer.stop()
 

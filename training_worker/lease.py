@@ -1,8 +1,8 @@
-"""One active trainer per namespace (DESIGN.md §3): a lease, renewed while training.
+"""One active trainer per namespace (ARCHITECTURE.md §3): a lease, renewed while training.
 
-* Redis: ``SET NS:lease <owner> NX PX ttl``; the holder renews it (a script extends it only
-  if the value is still its own) and deletes it on exit (same check). A standby retries until
-  the key lapses.
+* Redis: redis-py's :class:`~redis.lock.Lock` on ``NS:lease`` with the owner as its token
+  (``SET NX PX ttl``); the holder extends it (only while the token is still its own) and
+  releases it on exit (same check). A standby retries until the key lapses.
 * Directory store: an exclusive ``flock`` on ``DIR/NS/lease.lock``; the kernel releases it
   when the process dies, so there is nothing to renew.
 
@@ -21,31 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import uuid
 from abc import ABC, abstractmethod
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 from redis.exceptions import RedisError
 
 from training_worker.store import DirectoryStore, RedisStore, SnapshotStore, StoreError
 
-__all__ = ["FileLease", "Lease", "RedisLease", "default_owner", "make_lease"]
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
+__all__ = [
+    "FileLease", "Lease", "ProgressLog", "RedisLease", "default_owner", "make_lease",
+    "make_progress_log",
+]
 
 def default_owner() -> str:
     """``host:pid:random``: tells workers apart, even two in one process."""
@@ -76,39 +67,35 @@ class Lease(ABC):
 
 
 class RedisLease(Lease):
-    """``NS:lease`` in the store's Redis, set with NX and a PX expiry."""
+    """``NS:lease`` in the store's Redis: a redis-py ``Lock`` whose token is the owner."""
 
     def __init__(self, store: RedisStore, owner: str, ttl: float = 10.0) -> None:
         self.store = store
         self.owner = owner
         self.ttl = ttl
         self.key = store.key("lease")
-        self._renew = store.client.register_script(_RENEW)
-        self._release = store.client.register_script(_RELEASE)
-
-    @property
-    def _ms(self) -> int:
-        return max(1, int(self.ttl * 1000))
+        # not thread-local: the worker takes, renews and releases it from different threads
+        self._lock = store.client.lock(self.key, timeout=ttl, thread_local=False)
 
     def try_acquire(self) -> bool:
         try:
-            if self.store.client.set(self.key, self.owner, nx=True, px=self._ms):
+            if self._lock.acquire(blocking=False, token=self.owner):
                 return True
-            return self.renew()
         except RedisError as exc:
             raise StoreError(
                 f"cannot take the lease {self.key} at {self.store.url}: {exc}"
             ) from exc
+        return self.renew()  # already ours: extended; someone else's: False
 
     def renew(self) -> bool:
         try:
-            return bool(self._renew(keys=[self.key], args=[self.owner, self._ms]))
-        except RedisError:
-            return False  # cannot prove we still hold it
+            return bool(self._lock.extend(self.ttl, replace_ttl=True))
+        except RedisError:  # not ours (LockError), or cannot prove we still hold it
+            return False
 
     def release(self) -> None:
-        with contextlib.suppress(RedisError):
-            self._release(keys=[self.key], args=[self.owner])
+        with contextlib.suppress(RedisError):  # LockError: it was not ours
+            self._lock.release()
 
     def holder(self) -> str | None:
         try:
@@ -172,3 +159,130 @@ def make_lease(store: SnapshotStore, owner: str | None = None, ttl: float = 10.0
     if isinstance(store, DirectoryStore):
         return FileLease(store, owner, ttl)
     raise StoreError(f"no lease implementation for {type(store).__name__}")
+
+
+class ProgressLog:
+    """What the active worker has in hand, and how often each suspect crashed, in the store.
+
+    The active worker marks, per partition, the offsets it holds but no snapshot covers yet
+    (``mark``) and clears the mark on a clean stop. A mark found at start-up means the previous
+    holder of the lease died there; ``bump`` counts such deaths per suspect key and
+    ``forget_below`` drops the counts a published snapshot has moved past. Redis: ``NS:inflight``
+    (JSON) and the hash ``NS:attempts``; directory store: ``inflight.json`` and
+    ``attempts.json`` next to the lease file.
+
+    Example:
+        >>> import tempfile
+        >>> from training_worker.store import DirectoryStore
+        >>> log = make_progress_log(DirectoryStore(tempfile.mkdtemp(), "demo"))
+        >>> log.mark({"t:0": (10, 20)}); log.read()
+        {'t:0': (10, 20)}
+        >>> log.bump("msg:t:0:12"), log.bump("msg:t:0:12")
+        (1, 2)
+        >>> log.forget_below("t:0", 13); log.bump("msg:t:0:12")
+        1
+        >>> log.clear(); log.read()
+        {}
+    """
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self.store = store
+        if isinstance(store, RedisStore):
+            self._inflight_key, self._attempts_key = store.key("inflight"), store.key("attempts")
+        elif isinstance(store, DirectoryStore):
+            self._inflight = store.path / "inflight.json"
+            self._attempts = store.path / "attempts.json"
+        else:
+            raise StoreError(f"no progress log for {type(store).__name__}")
+
+    # -- helpers over the two backends
+    def _get(self, which: str) -> dict[str, Any]:
+        """The mark or the counts; garbage in either reads as empty (it proves nothing)."""
+        try:
+            if isinstance(self.store, RedisStore):
+                if which == "inflight":
+                    raw: Any = self.store.client.get(self._inflight_key)
+                else:
+                    raw = self.store.client.hgetall(self._attempts_key)
+                    return {k.decode(errors="replace"): int(v) for k, v in raw.items()
+                            if v.isdigit()}
+            else:
+                path = self._inflight if which == "inflight" else self._attempts
+                raw = path.read_bytes() if path.exists() else None
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"cannot read the worker's progress log: {exc}") from exc
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _put_file(self, path: Path, data: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    # -- the API
+    def mark(self, ranges: dict[str, tuple[int, int]]) -> None:
+        """Record ``{"topic:partition": (lo, hi)}``: offsets ``lo..hi-1`` are in hand."""
+        data = {k: list(v) for k, v in ranges.items()}
+        try:
+            if isinstance(self.store, RedisStore):
+                self.store.client.set(self._inflight_key, json.dumps(data))
+            else:
+                self._put_file(self._inflight, data)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"cannot write the worker's progress log: {exc}") from exc
+
+    def read(self) -> dict[str, tuple[int, int]]:
+        """The mark left by the last holder (empty after a clean stop)."""
+        try:
+            return {str(k): (int(v[0]), int(v[1])) for k, v in self._get("inflight").items()}
+        except (TypeError, IndexError, ValueError, AttributeError):
+            return {}  # a garbled mark is no evidence of anything
+
+    def clear(self) -> None:
+        """Forget the mark (a clean stop: nothing in hand)."""
+        try:
+            if isinstance(self.store, RedisStore):
+                self.store.client.delete(self._inflight_key)
+            else:
+                self._inflight.unlink(missing_ok=True)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"cannot clear the worker's progress log: {exc}") from exc
+
+    def bump(self, key: str) -> int:
+        """Count one more crash on ``key`` (``range:T:P:LO`` or ``msg:T:P:OFFSET``)."""
+        try:
+            if isinstance(self.store, RedisStore):
+                return int(self.store.client.hincrby(self._attempts_key, key, 1))
+        except RedisError as exc:
+            raise StoreError(f"cannot count an attempt: {exc}") from exc
+        counts = self._get("attempts")
+        previous = counts.get(key, 0)
+        counts[key] = (previous if isinstance(previous, int) else 0) + 1
+        self._put_file(self._attempts, counts)
+        return counts[key]
+
+    def forget_below(self, partition_key: str, offset: int) -> None:
+        """Drop the counts of ``partition_key`` ("topic:partition") below ``offset``."""
+        counts = self._get("attempts")
+        stale = [k for k in counts
+                 if k.partition(":")[2].rpartition(":")[0] == partition_key
+                 and k.rpartition(":")[2].isdigit() and int(k.rpartition(":")[2]) < offset]
+        if not stale:
+            return
+        try:
+            if isinstance(self.store, RedisStore):
+                self.store.client.hdel(self._attempts_key, *stale)
+            else:
+                self._put_file(self._attempts, {k: v for k, v in counts.items()
+                                                if k not in stale})
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"cannot prune the attempt counts: {exc}") from exc
+
+
+def make_progress_log(store: SnapshotStore) -> ProgressLog:
+    """The :class:`ProgressLog` of ``store``'s namespace."""
+    return ProgressLog(store)

@@ -10,7 +10,9 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,31 +21,100 @@ from model import metrics as model_metrics
 
 __all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics"]
 
+PER_CLUSTER = 20  # default guard window: this many samples per cluster (or a batch, if larger)
+MIN_PER_CLUSTER = 10  # the guard abstains until its window holds this many per cluster
+
 
 class CollapseGuard:
-    """Fires when the batch hard entropy stays below ``threshold`` for ``patience`` batches.
+    """Judges the *served* labels over a sliding window of recent samples.
 
-    ``healthy`` is true while the latest batch is at or above the threshold; the worker only
-    publishes healthy snapshots. ``observe`` returns True exactly on the batch that fires;
-    the streak then restarts, so a collapse that persists fires again after ``patience`` more.
+    :meth:`observe_labels` folds in the nearest-centroid (served) labels of the samples just
+    trained and judges the hard entropy of the window of the last :meth:`window_size` samples
+    (``window`` if given, else ``20 K``, and never fewer than ``min_window``, the batch size).
+    It abstains while the window holds fewer than ``min(window, 10 K)`` samples, so a short
+    batch, first or last, never decides anything on its own. ``observe(entropy)`` is the
+    judgement itself: it fires when the entropy stays below ``threshold`` for ``patience``
+    judged batches in a row, returns True exactly on the batch that fires, and the streak then
+    restarts. ``healthy`` is true while the latest judgement was at or above the threshold and
+    no collapse is outstanding; the worker publishes only healthy snapshots.
+
+    Example:
+        >>> g = CollapseGuard(threshold=0.5 * math.log(4), patience=2, min_window=8)
+        >>> g.window_size(4)
+        80
+        >>> g.observe_labels(np.arange(64) % 4, 4), round(g.window_entropy(), 3), g.healthy
+        (False, 1.386, True)
+        >>> [g.observe_labels(np.zeros(40, dtype=int), 4) for _ in range(3)]  # one cluster only
+        [False, False, True]
+        >>> g.events, g.window_shares()[0]
+        (1, 1.0)
     """
 
-    def __init__(self, threshold: float, patience: int) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        patience: int,
+        window: int | None = None,
+        min_window: int = 1,
+    ) -> None:
         if patience < 1:
             raise ValueError(f"patience must be at least 1, got {patience}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be at least 1 sample, got {window}")
         self.threshold = threshold
         self.patience = patience
+        self.window = window
+        self.min_window = max(int(min_window), 1)
         self.streak = 0
         self.events = 0
         self.collapsed = False
+        self._k = 0
+        self._labels: deque[int] = deque(maxlen=1)
 
     @property
     def healthy(self) -> bool:
-        """The latest batch was above the threshold and no collapse is outstanding."""
+        """The latest judgement was at or above the threshold and no collapse is outstanding."""
         return self.streak == 0 and not self.collapsed
 
+    def window_size(self, n_clusters: int) -> int:
+        """Samples judged: ``window`` (default ``20 K``), at least ``min_window``."""
+        return max(self.window or PER_CLUSTER * n_clusters, self.min_window)
+
+    def add(self, labels: np.ndarray, n_clusters: int) -> None:
+        """Fold served labels into the window (a new K starts a new window)."""
+        size = self.window_size(n_clusters)
+        if n_clusters != self._k or self._labels.maxlen != size:
+            self._k = n_clusters
+            self._labels = deque(maxlen=size)
+        self._labels.extend(np.asarray(labels, dtype=np.int64).reshape(-1).tolist())
+
+    def window_shares(self) -> list[float]:
+        """Share of each cluster in the window (zeros while it is empty)."""
+        if not self._labels:
+            return [0.0] * self._k
+        lab = np.fromiter(self._labels, np.int64, len(self._labels))
+        counts = np.bincount(lab, minlength=self._k)[: self._k]
+        return (counts / counts.sum()).tolist()
+
+    def window_entropy(self) -> float:
+        """Hard entropy of the window's served labels, nats (NaN while empty)."""
+        return model_metrics.entropy(self.window_shares()) if self._labels else math.nan
+
+    @property
+    def judging(self) -> bool:
+        """The window holds enough samples to be judged."""
+        k = self._k
+        return bool(k) and len(self._labels) >= min(self.window_size(k), MIN_PER_CLUSTER * k)
+
+    def observe_labels(self, labels: np.ndarray, n_clusters: int) -> bool:
+        """Fold in one batch's served labels and judge the window; True when the guard fires."""
+        self.add(labels, n_clusters)
+        if not self.judging:
+            return False
+        return self.observe(self.window_entropy())
+
     def observe(self, hard_entropy: float) -> bool:
-        """Record one batch; True when this batch completes a collapse streak."""
+        """Record one judgement; True when it completes a collapse streak."""
         if hard_entropy >= self.threshold:
             self.streak = 0
             self.collapsed = False
@@ -57,23 +128,34 @@ class CollapseGuard:
         return False
 
     def reset(self) -> None:
-        """Forget the current streak (after restoring healthy weights)."""
+        """Forget the current streak and the window (after restoring healthy weights)."""
         self.streak = 0
         self.collapsed = False
+        self._labels.clear()
 
 
 class QualityWindow:
     """ACC and NMI of the training labels against message labels over the last ``size`` samples.
 
+    Labels outside ``0..max_classes-1`` are ignored for quality (a hostile label must not
+    make the Hungarian matching build a huge matrix) and counted in ``ignored`` and, when
+    given, ``on_ignored(n)``.
+
     Example:
-        >>> q = QualityWindow(size=4)
-        >>> q.add(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0]))
-        >>> q.scores()
-        {'acc': 1.0, 'nmi': 1.0}
+        >>> q = QualityWindow(size=4, max_classes=10)
+        >>> q.add(np.array([0, 0, 1, 1, 10**9]), np.array([1, 1, 0, 0, 0]))
+        >>> q.scores(), q.ignored
+        ({'acc': 1.0, 'nmi': 1.0}, 1)
     """
 
-    def __init__(self, size: int = 2000) -> None:
+    def __init__(
+        self, size: int = 2000, max_classes: int = 1024,
+        on_ignored: Callable[[int], object] | None = None,
+    ) -> None:
         self.size = size
+        self.max_classes = max_classes
+        self.on_ignored = on_ignored
+        self.ignored = 0
         self._true: deque[int] = deque(maxlen=size)
         self._pred: deque[int] = deque(maxlen=size)
 
@@ -81,8 +163,16 @@ class QualityWindow:
         return len(self._true)
 
     def add(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
-        """Add the labelled samples of a batch (entries with ``y_true < 0`` are skipped)."""
-        mask = np.asarray(y_true) >= 0
+        """Add the labelled samples of a batch (``y_true < 0``: unlabelled, skipped)."""
+        y_true = np.asarray(y_true)
+        mask = y_true >= 0
+        wild = mask & (y_true >= self.max_classes)
+        if wild.any():
+            n = int(wild.sum())
+            self.ignored += n
+            if self.on_ignored is not None:
+                self.on_ignored(n)
+            mask &= ~wild
         if mask.any():
             self._true.extend(np.asarray(y_true)[mask].tolist())
             self._pred.extend(np.asarray(y_pred)[mask].tolist())
@@ -120,12 +210,25 @@ class WorkerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.loss = Gauge("oclust_worker_loss", "Loss of the last step", registry=r)
-        self.hard_entropy = Gauge(
-            "oclust_worker_batch_hard_entropy_nats", "Hard-label entropy of the last batch",
+        self.served_hard_entropy = Gauge(
+            "oclust_worker_served_hard_entropy_nats",
+            "Entropy of the served (nearest-centroid) labels over the guard's window of recent "
+            "samples: what the collapse guard judges",
             registry=r,
         )
-        self.kl_star = Gauge(
-            "oclust_worker_batch_kl_star_nats", "KL(batch label histogram || prior)", registry=r
+        self.served_kl_star = Gauge(
+            "oclust_worker_served_kl_star_nats",
+            "KL(served-label shares over the guard's window || prior)", registry=r,
+        )
+        self.train_hard_entropy = Gauge(
+            "oclust_worker_train_hard_entropy_nats",
+            "Entropy of the regulariser's training labels of the last batch (CA/SK keep it high "
+            "by construction: a gap to the served entropy is a warning sign)",
+            registry=r,
+        )
+        self.train_kl_star = Gauge(
+            "oclust_worker_train_kl_star_nats",
+            "KL(training-label histogram of the last batch || prior)", registry=r,
         )
         self.lag = Gauge(
             "oclust_worker_consumer_lag", "High watermark minus position", ["partition"],

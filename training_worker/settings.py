@@ -1,73 +1,263 @@
-"""Worker configuration: pydantic-settings, environment prefix ``OCLUST_``; CLI options override.
+"""Worker and training configuration: pydantic-settings, environment prefix ``OCLUST_``.
+
+These classes are the single source of the command line's options: every field becomes an
+``oclust`` option of the same name (``batch_size`` -> ``--batch-size``) with the field's default,
+description and checks, and is also read from ``OCLUST_<FIELD>``. Values that would only fail
+later (an unknown regulariser, a prior that does not fit K, a store URL nobody can open) are
+rejected when the settings are built, before any work, lease or progress bar.
 
 Example:
     >>> s = WorkerSettings(topic="digits", n_clusters=10)
     >>> s.dlq_topic_name, s.consumer_group, round(s.collapse_threshold_nats, 3)
     ('digits.dlq', 'oclust-oclust', 1.151)
+    >>> WorkerSettings(store="ftp://x")
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for WorkerSettings
+    store
+      Value error, unknown store URL scheme 'ftp' in 'ftp://x': use redis:// or file:// ...
 """
 
 from __future__ import annotations
 
 import math
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["WorkerSettings"]
+__all__ = [
+    "DEFAULT_STORE",
+    "MAX_ABS_FEATURE",
+    "KafkaSettings",
+    "ModelSettings",
+    "StoreLocation",
+    "StoreSettings",
+    "TrainSettings",
+    "WorkerSettings",
+    "check_device",
+    "check_encoder",
+    "check_prior",
+    "check_regulariser",
+    "check_store_url",
+    "regulariser_names",
+]
+
+DEFAULT_STORE = "file://.oclust/store"
+STORE_SCHEMES = ("redis", "rediss", "unix", "file", "")
+
+MAX_ABS_FEATURE = 1e6  # larger finite features are refused (DLQ out_of_range, HTTP 422)
 
 
-class WorkerSettings(BaseSettings):
-    """Everything ``oclust worker`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
+def check_store_url(url: str) -> str:
+    """``url`` if a store can be opened from it (scheme only: nothing connects).
 
+    >>> check_store_url("redis://127.0.0.1:6379/0")
+    'redis://127.0.0.1:6379/0'
+    """
+    if not url:
+        raise ValueError("no store given: pass redis://HOST:PORT/DB or file://DIR")
+    scheme = urlparse(url).scheme
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}: use redis:// or file://")
+    return url
+
+
+def regulariser_names() -> list[str]:
+    """The registered regulariser names (imports the model library, so torch, on first call)."""
+    import model  # noqa: F401  (registers every built-in regulariser)
+    from model.regularisers import REGULARISERS
+
+    return sorted(REGULARISERS)
+
+
+def check_regulariser(name: str) -> str:
+    """``name`` if it is in the regulariser registry."""
+    names = regulariser_names()
+    if name not in names:
+        raise ValueError(f"unknown regulariser {name!r}; choose from {', '.join(names)}")
+    return name
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is ``auto`` or a device name torch understands (``cpu``, ``cuda:1``)."""
+    if device != "auto":
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:i]") from exc
+    return device
+
+
+def check_encoder(encoder: str) -> str:
+    """``encoder`` if it is ``auto`` or a known encoder kind."""
+    from model.encoders import ENCODERS
+
+    if encoder != "auto" and encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; choose from auto, {', '.join(ENCODERS)}")
+    return encoder
+
+
+def check_prior(text: str | None, n_clusters: int) -> str | None:
+    """``text`` if it is ``uniform``, ``online`` or K comma-separated probabilities."""
+    from model.priors import parse_prior, resolve_prior
+
+    resolve_prior(parse_prior(text), n_clusters)
+    return text
+
+
+class _Env(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCLUST_", extra="ignore")
 
-    # where from, where to
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topic: str = "oclust-samples"
-    group_id: str | None = None  # default: oclust-<namespace>
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    session_timeout_ms: int = Field(10_000, ge=500)  # group membership; heartbeats every 1/3
-    store: str = "file://.oclust/store"
-    namespace: str = "oclust"
-    keep: int = Field(5, ge=1)
-    dlq_topic: str | None = None  # default: <topic>.dlq
+
+class StoreLocation(_Env):
+    """Where the snapshots live."""
+
+    store: str = Field(DEFAULT_STORE, description="redis://HOST:PORT/DB or file://DIR")
+    namespace: str = Field("oclust", description="snapshot namespace (Redis key prefix)")
+
+    @field_validator("store")
+    @classmethod
+    def _store_opens(cls, value: str) -> str:
+        return check_store_url(value)
+
+
+class StoreSettings(StoreLocation):
+    """A store that is written to."""
+
+    keep: int = Field(5, ge=1, description="snapshot versions kept in the store")
+
+
+class ModelSettings(_Env):
+    """A fresh model's hyper-parameters (a stored snapshot's own win when training resumes)."""
+
+    n_clusters: int = Field(10, ge=1, description="K, the number of clusters")
+    regulariser: str = Field("ca", description="collapse regulariser (a registered name)")
+    prior: str | None = Field(
+        None, description="cluster prior: uniform, online, or K comma-separated probabilities"
+    )
+    sigma: float | None = Field(None, gt=0, description="softmax temperature of a fresh model")
+    latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
+    seed: int | None = Field(0, description="seed of a fresh model")
+    device: str = Field("auto", description="auto, cpu or cuda[:i]")
+    batch_size: int = Field(256, ge=1, description="samples per training step")
+
+    @field_validator("regulariser")
+    @classmethod
+    def _regulariser_registered(cls, value: str) -> str:
+        return check_regulariser(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        return check_device(value)
+
+    @field_validator("prior")
+    @classmethod
+    def _prior_fits_k(cls, value: str | None, info: ValidationInfo) -> str | None:
+        k = info.data.get("n_clusters")
+        return value if k is None else check_prior(value, k)
+
+
+class KafkaSettings(_Env):
+    """Where Kafka is (``oclust worker`` and ``oclust produce``)."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka HOST:PORT[,HOST:PORT]")
+
+
+class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
+    """Everything ``oclust worker`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
+
+    # where from (bootstrap_servers: KafkaSettings)
+    topic: str = Field("oclust-samples", description="topic to learn from")
+    group_id: str | None = Field(None, description="consumer group (default oclust-NAMESPACE)")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a new consumer group starts"
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=500, description="consumer group session timeout in milliseconds"
+    )
+    dlq_topic: str | None = Field(None, description="dead-letter topic (default TOPIC.dlq)")
 
     # messages
-    mode: Literal["samples", "readings"] = "samples"
-    encoding: Literal["auto", "json", "f32"] = "auto"
-    max_message_bytes: int = Field(1 << 20, ge=16)
-    window_size: int = Field(100, ge=1)
-    window_hop: int | None = Field(None, ge=1)
-    idle_after: int | None = Field(100_000, ge=1)
+    mode: Literal["samples", "readings"] = Field(
+        "samples", description="samples, or readings cut into per-device windows"
+    )
+    encoding: Literal["auto", "json", "f32"] = Field(
+        "auto", description="message encoding (auto: by header)"
+    )
+    max_message_bytes: int = Field(1 << 20, ge=16, description="larger messages are dead letters")
+    window_size: int = Field(100, ge=1, description="readings per window (readings mode)")
+    window_hop: int | None = Field(
+        None, ge=1, description="readings between windows (default: the window size)"
+    )
+    idle_after: int | None = Field(
+        100_000, ge=1, description="readings after which a silent device's buffer is dropped"
+    )
+    max_abs_feature: float = Field(
+        MAX_ABS_FEATURE, gt=0, description="features beyond ± this go to the DLQ as out_of_range"
+    )
+    max_label_classes: int = Field(
+        1024, ge=1, description="labels at or above are ignored by the live ACC/NMI (counted)"
+    )
 
     # model
-    n_clusters: int = Field(10, ge=1)
-    regulariser: str = "ca"
-    prior: str | None = None  # uniform (default), online, or K comma-separated probabilities
-    sigma: float | None = Field(None, gt=0)
-    latent_dim: int | None = Field(None, ge=1)
-    encoder: str = "auto"
-    lr: float = Field(1e-3, gt=0)
-    seed: int | None = 0
-    device: str = "auto"
-    torch_threads: int | None = Field(None, ge=1)  # intra-op threads of the training thread
+    encoder: str = Field("auto", description="encoder of a fresh model (auto: by input shape)")
+    lr: float = Field(1e-3, gt=0, description="learning rate of a fresh model")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads of the training step"
+    )
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_known(cls, value: str) -> str:
+        return check_encoder(value)
 
     # loop
-    batch_size: int = Field(256, ge=1)
-    batch_timeout: float = Field(2.0, gt=0)  # seconds: a partial batch trains after this long
-    snapshot_interval: float = Field(30.0, ge=0)  # 0: after every batch
-    quality_window: int = Field(2000, ge=10)
+    batch_timeout: float = Field(
+        2.0, gt=0, description="seconds before a partial batch trains anyway"
+    )
+    snapshot_interval: float = Field(
+        30.0, ge=0, description="seconds between snapshots (0: after every batch)"
+    )
+    quality_window: int = Field(2000, ge=10, description="labelled samples in the live ACC/NMI")
 
     # collapse guard
-    collapse_threshold: float | None = Field(None, ge=0)  # nats; default 0.5 * log K
-    collapse_patience: int = Field(20, ge=1)  # consecutive low-entropy batches
-    collapse_restore: bool = True
+    collapse_threshold: float | None = Field(
+        None, ge=0, description="collapse guard threshold in nats (default 0.5 log K)"
+    )
+    collapse_patience: int = Field(
+        20, ge=1, description="low-entropy batches in a row before the guard fires"
+    )
+    collapse_window: int | None = Field(
+        None, ge=1, description="served samples the guard judges (default 20 K, at least a batch)"
+    )
+    collapse_restore: bool = Field(
+        True, description="restore the last healthy snapshot when the guard fires"
+    )
 
     # operations
-    metrics_port: int = Field(9100, ge=-1)  # 0: any free port, -1: no metrics server
-    lease_ttl: float = Field(10.0, gt=0)
-    owner: str | None = None  # lease owner id; default host:pid
+    metrics_port: int = Field(9100, ge=-1, description="/metrics port (0: any free, -1: off)")
+    metrics_host: str = Field(
+        "127.0.0.1", description="/metrics address (0.0.0.0 to let a scraper on another host in)"
+    )
+    lease_ttl: float = Field(10.0, gt=0, description="seconds before an unrenewed lease lapses")
+    owner: str | None = Field(None, description="lease owner id (default HOST:PID)")
+
+    # faults
+    max_attempts: int = Field(
+        3, ge=1, description="worker deaths on one message before it is dead-lettered"
+    )
+    offset_regression: Literal["reset", "exit"] = Field(
+        "reset", description="snapshot offsets beyond the log: reset (train the new log) or exit"
+    )
+    allow_fresh: bool = Field(
+        False, description="start a fresh model although the consumer group has committed "
+        "offsets (the store was emptied)"
+    )
 
     @property
     def dlq_topic_name(self) -> str:
@@ -85,3 +275,25 @@ class WorkerSettings(BaseSettings):
         if self.collapse_threshold is not None:
             return self.collapse_threshold
         return 0.5 * math.log(self.n_clusters) if self.n_clusters > 1 else 0.0
+
+
+class TrainSettings(StoreSettings, ModelSettings):
+    """Everything ``oclust train`` reads: offline training on a dataset or a file.
+
+    Example:
+        >>> TrainSettings(dataset="digits").epochs
+        10
+    """
+
+    dataset: str | None = Field(
+        None, description="digits, segments, basic_motions or daphnet"
+    )
+    input: str | None = Field(None, description="a .npy or .csv file instead of a dataset")
+    epochs: int = Field(10, ge=1, description="passes over the shuffled data")
+    batch_size: int = Field(256, ge=2, description="samples per training step")
+    window_size: int | None = Field(
+        None, ge=2, description="cut a reading stream (T×C) into C×T windows of this size"
+    )
+    window_hop: int | None = Field(
+        None, ge=1, description="readings between windows (default: the window size)"
+    )

@@ -1,6 +1,6 @@
 """Versioned snapshot stores: Redis (deployment) and a local directory (embedded mode).
 
-Both stores have the same semantics:
+Both stores have the same semantics (ARCHITECTURE.md §3):
 
 * ``publish(snap)`` gives the snapshot the next version (previous maximum + 1), writes its
   weights and manifest, then moves the *current* pointer to it atomically and announces it;

@@ -30,15 +30,16 @@ from typing import Any
 import numpy as np
 
 from model import OnlineClusterer, Snapshot, StepReport
+from model import metrics as model_metrics
 from training_worker.batching import Batch
 from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 
 __all__ = ["Trainer", "TrainerHooks"]
 
-log = logging.getLogger("oclust.worker")
+log = logging.getLogger(__name__)
 
 QUALITY_EVERY_S = 1.0  # live ACC/NMI gauges refresh at most this often
-SHARE_WINDOW = 2000  # recent training assignments behind the cluster shares of a snapshot
+SHARE_WINDOW = 2000  # recent served assignments behind the cluster shares of a snapshot
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Trainer:
         """One ``partial_fit`` on ``batch``; ``None`` if the model refused it (logged)."""
         t0 = time.perf_counter()
         try:
-            report = self.model.partial_fit(batch.x)
+            report = self.model.partial_fit(batch.x).last_step_
         except ValueError as exc:
             self.failed_steps += 1
             log.error("training step on %d samples failed, batch skipped: %s", len(batch), exc)
@@ -103,11 +104,14 @@ class Trainer:
         m.samples.inc(report.n)
         m.batches.inc()
         m.loss.set(report.loss)
-        m.hard_entropy.set(report.hard_entropy)
-        m.kl_star.set(report.kl_star)
+        m.train_hard_entropy.set(report.train_hard_entropy)
+        m.train_kl_star.set(report.train_kl_star)
         self.last = report
         self.steps_since_snapshot += 1
-        self.recent.extend(report.labels.tolist())
+        self.recent.extend(report.served_labels.tolist())
+        fired = self.guard.observe_labels(report.served_labels, self.model.n_clusters)
+        m.served_hard_entropy.set(self.guard.window_entropy())
+        m.served_kl_star.set(self.served_kl_star())
         self.quality.add(batch.labels, report.labels)
         now = time.monotonic()
         if now - self._quality_at >= QUALITY_EVERY_S:  # Hungarian + NMI: not on every step
@@ -118,18 +122,27 @@ class Trainer:
                 m.nmi.set(scores["nmi"])
         if self.hooks.on_step is not None:
             self.hooks.on_step(report, batch)
-        if self.guard.observe(report.hard_entropy):
+        if fired:
             self._collapsed(report)
         m.collapsed.set(1 if self.guard.collapsed else 0)
         return report
+
+    def served_kl_star(self) -> float:
+        """KL(served-label shares of the guard's window || the model's prior), nats."""
+        shares = self.guard.window_shares()
+        if not sum(shares):
+            return math.nan
+        return model_metrics.kl_star(shares, self.model.prior_)
 
     def _collapsed(self, report: StepReport) -> None:
         g = self.guard
         self.metrics.collapse_events.inc()
         log.error(
-            "COLLAPSE: batch hard entropy below %.3f nats for %d batches in a row (last %.3f, "
-            "max log K = %.3f); publishing stopped",
-            g.threshold, g.patience, report.hard_entropy, self.model_max_entropy(),
+            "COLLAPSE: served hard entropy over the last %d samples below %.3f nats for %d "
+            "batches in a row (last %.3f, max log K = %.3f; training labels of the last batch "
+            "%.3f); publishing stopped",
+            g.window_size(self.model.n_clusters), g.threshold, g.patience,
+            g.window_entropy(), self.model_max_entropy(), report.train_hard_entropy,
         )
         restored = None
         if self.restore and self.healthy is not None:
@@ -154,18 +167,26 @@ class Trainer:
     def snapshot_metrics(
         self, extra: dict[str, float] | None = None
     ) -> dict[str, float | list[float]]:
-        """Metrics recorded in a snapshot's manifest (``shares``: recent cluster shares)."""
+        """Metrics recorded in a snapshot's manifest.
+
+        ``hard_entropy`` and ``kl_star`` are the served labels' over the guard's window (what
+        the guard judged), ``train_hard_entropy`` and ``train_kl_star`` the regulariser's labels
+        of the last batch, ``shares`` the served cluster shares of the recent samples.
+        """
         out: dict[str, float | list[float]] = {}
         if self.last is not None:
-            out |= {"loss": self.last.loss, "hard_entropy": self.last.hard_entropy,
-                    "kl_star": self.last.kl_star}
+            out |= {"loss": self.last.loss, "train_hard_entropy": self.last.train_hard_entropy,
+                    "train_kl_star": self.last.train_kl_star}
+        entropy, kl = self.guard.window_entropy(), self.served_kl_star()
+        if math.isfinite(entropy) and math.isfinite(kl):
+            out |= {"hard_entropy": entropy, "kl_star": kl}
         out |= self.quality.scores()
         out["collapse_events"] = float(self.guard.events)
         out["shares"] = self.cluster_shares()
         return out | (extra or {})
 
     def cluster_shares(self) -> list[float]:
-        """Share of each cluster among the last ``SHARE_WINDOW`` training assignments."""
+        """Share of each cluster among the last ``SHARE_WINDOW`` served assignments."""
         k = self.model.n_clusters
         if not self.recent:
             return [0.0] * k

@@ -103,7 +103,7 @@ def test_garbled_pointer_backs_off_logs_once_and_keeps_serving(
     store.publish(snapshots[0])
     with serving(store) as (server, holder, watcher):
         assert holder.wait_for_version(1, 10) and watcher is not None
-        with caplog.at_level(logging.ERROR, logger="oclust.service"):
+        with caplog.at_level(logging.ERROR, logger="service.loader"):
             store.client.set("garbled:current", b"abc")
             assert holder.wait_until(
                 lambda h: "not a version number" in (h.last_error or ""), 5)

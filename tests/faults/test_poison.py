@@ -1,0 +1,153 @@
+"""Hostile messages never kill the worker: each goes to the DLQ with its reason.
+
+Real Tansu broker and redis-server; the messages are the ones that crashed the worker before
+(RecursionError, OverflowError, MemoryError) plus a finite 3e38 that poisoned the scaler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from safetensors.numpy import load as load_tensors
+
+from model import datasets
+from training_worker.codec import CONTENT_TYPE_F32, encode_reading, encode_sample
+from training_worker.kafka import ensure_topic
+from training_worker.store import open_store
+from training_worker.trainer import TrainerHooks
+from training_worker.worker import DLQ_REASONS, TrainingWorker
+
+from ..test_worker import Counter, _run_until, _settings
+
+F32 = [("content-type", CONTENT_TYPE_F32.encode())]
+
+
+def _deep(levels: int, field: str = "features") -> bytes:
+    return b'{"%s": ' % field.encode() + b"[" * levels + b"1" + b"]" * levels + b"}"
+
+
+def _hostile(x: np.ndarray) -> list[tuple[bytes, list[tuple[str, bytes]], str]]:
+    feats = [float(v) for v in x]
+    return [
+        (_deep(332), [], "too_deep"),  # 681 bytes; RecursionError before
+        (_deep(5000), [], "too_deep"),
+        (json.dumps({"features": feats, "label": 2**63}).encode(), [], "out_of_range"),
+        (np.asarray(x, "<f4").tobytes(), [*F32, ("label", b"99999999999999999999999")],
+         "out_of_range"),
+        (json.dumps({"features": [3e38, *feats[1:]]}).encode(), [], "out_of_range"),
+        (json.dumps({"features": [10**40, *feats[1:]]}).encode(), [], "out_of_range"),
+        (json.dumps({"features": [2**70, *feats[1:]]}).encode(), [], "out_of_range"),
+    ]
+
+
+async def _dead_letters(bootstrap: str, topic: str, n: int) -> list[Any]:
+    dlq = AIOKafkaConsumer(f"{topic}.dlq", bootstrap_servers=bootstrap,
+                           auto_offset_reset="earliest", enable_auto_commit=False)
+    await dlq.start()
+    got: list[Any] = []
+    try:
+        while len(got) < n:
+            batch = await dlq.getmany(timeout_ms=5000)
+            assert batch, f"dead letters missing: got {len(got)} of {n}"
+            got += [m for msgs in batch.values() for m in msgs]
+    finally:
+        await dlq.stop()
+    return got
+
+
+def test_hostile_samples_are_dead_lettered_and_training_goes_on(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    X, y = datasets.load("digits")
+    n_good = 200
+    hostile = _hostile(X[0])
+
+    async def main() -> tuple[TrainingWorker, list[Any], list[tuple[int, bytes, str]]]:
+        await ensure_topic(kafka_bootstrap, unique_topic)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        expected = []
+        for i in range(n_good):
+            # one good message carries a wild label: trained, but ignored by live quality
+            label = 10**9 if i == 100 else int(y[i])
+            value, headers = encode_sample(X[i], label=label, binary=i % 2 == 1)
+            await producer.send(unique_topic, value, headers=headers)
+            if i % 25 == 3 and i // 25 < len(hostile):
+                bad, bad_headers, reason = hostile[i // 25]
+                md = await producer.send_and_wait(unique_topic, bad, headers=bad_headers)
+                expected.append((md.offset, bad, reason))
+        await producer.stop()
+        count = Counter()
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, batch_size=40,
+                      snapshot_interval=0, quality_window=50),
+            hooks=TrainerHooks(on_step=count),
+        )
+        reg = worker.metrics.registry
+        # every DLQ series exists (at 0) before the first message
+        assert all(reg.get_sample_value("oclust_worker_dlq_messages_total", {"reason": r})
+                   == 0.0 for r in DLQ_REASONS)
+        assert await _run_until(worker, lambda: count.samples >= n_good) == 0
+        return worker, await _dead_letters(kafka_bootstrap, unique_topic, len(expected)), expected
+
+    worker, got, expected = asyncio.run(main())
+    assert len(expected) == len(hostile) == len(got)
+    by_offset = {int(dict(m.headers)["source_offset"]): m for m in got}
+    for offset, raw, reason in expected:
+        assert by_offset[offset].value == raw
+        assert dict(by_offset[offset].headers)["reason"].decode() == reason
+    snap = open_store(redis_url, "t").load()
+    assert snap.manifest["samples_seen"] == n_good
+    assert snap.manifest["offsets"] == {f"{unique_topic}:0": n_good + len(hostile)}
+    mean = load_tensors(snap.weights)["scaler.mean"]
+    assert float(np.abs(mean).max()) <= 16.0  # digits pixels: no 3e38 got into the scaler
+    reg = worker.metrics.registry
+    assert reg.get_sample_value("oclust_worker_dlq_messages_total",
+                                {"reason": "out_of_range"}) == 5
+    assert reg.get_sample_value("oclust_worker_dlq_messages_total", {"reason": "too_deep"}) == 2
+    assert reg.get_sample_value("oclust_worker_quality_labels_ignored_total") == 1
+
+
+def test_hostile_readings_are_dead_lettered_and_windows_go_on(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    size, n = 8, 64
+    rng = np.random.default_rng(0)
+    hostile = [
+        (_deep(400, "values"), "too_deep"),
+        (json.dumps({"device": "a", "values": [1, 2, 3e38]}).encode(), "out_of_range"),
+        (json.dumps({"device": "a", "values": [1, 2, 3], "label": 2**63}).encode(),
+         "out_of_range"),
+        (json.dumps({"device": "a", "values": [1, 2, 2**80]}).encode(), "out_of_range"),
+    ]
+
+    async def main() -> TrainingWorker:
+        await ensure_topic(kafka_bootstrap, unique_topic)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        for t in range(n):
+            value, headers = encode_reading("a", rng.normal(size=3), ts=float(t))
+            await producer.send(unique_topic, value, headers=headers)
+            if t % 10 == 5 and t // 10 < len(hostile):
+                await producer.send(unique_topic, hostile[t // 10][0], key=b"a")
+        await producer.stop()
+        count = Counter()
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, mode="readings",
+                      window_size=size, window_hop=size, batch_size=4, n_clusters=2),
+            hooks=TrainerHooks(on_step=count),
+        )
+        assert await _run_until(worker, lambda: count.samples >= n // size) == 0
+        return worker
+
+    worker = asyncio.run(main())
+    reg = worker.metrics.registry
+    for reason in ("too_deep", "out_of_range"):
+        want = sum(1 for _, r in hostile if r == reason)
+        assert reg.get_sample_value("oclust_worker_dlq_messages_total",
+                                    {"reason": reason}) == want
+    assert reg.get_sample_value("oclust_worker_samples_total") == n // size

@@ -1,0 +1,143 @@
+"""The baselines follow their papers: CM/AE-CM serve their own rule, DRC's contrast is eq. 5."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model import OnlineClusterer, datasets
+from model.regularisers import Batch, make_regulariser, sq_distances
+from model.seeds import drc_contrast, gumbel_softmax, nt_xent
+from service.app import create_app
+from service.loader import LoadedModel, ModelHolder
+from service.settings import ServiceSettings
+from tests.test_service_api import Client
+
+
+# --------------------------------------------------------------------------- CM / AE-CM serving
+@pytest.fixture(scope="module", params=["cm", "aecm"])
+def trained(request: pytest.FixtureRequest) -> tuple[OnlineClusterer, np.ndarray]:
+    X, _ = datasets.load("digits")
+    X = X.reshape(len(X), -1)[:768]
+    clf = OnlineClusterer(10, request.param, latent_dim=16, hidden=(32,), seed=0, device="cpu")
+    clf.fit(X, epochs=3, batch_size=128)
+    return clf, X
+
+
+def _own_rule(clf: OnlineClusterer, X: np.ndarray) -> np.ndarray:
+    """What training computes: the regulariser's labels (argmax gamma) on the latents of X."""
+    z = torch.from_numpy(clf.transform(X))
+    batch = Batch.build(torch.from_numpy(X), z, clf.centroids_.detach(), clf.sigma,
+                        clf.log_prior_)
+    with torch.no_grad():
+        return clf.reg_(batch).labels.numpy()
+
+
+def test_cm_predict_is_the_modules_own_rule(trained) -> None:
+    clf, X = trained
+    pred = clf.predict(X)
+    np.testing.assert_array_equal(pred, _own_rule(clf, X))
+    z = torch.from_numpy(clf.transform(X))
+    with torch.no_grad():
+        gamma = clf.reg_.responsibilities(z).double().numpy()
+    np.testing.assert_allclose(clf.soft_assign(X), gamma, rtol=1e-5, atol=1e-6)
+    # the served rule matters: the nearest (moving-average) centroid disagrees on some points
+    served_mu = clf.reg_.serving_centroids(clf.centroids_).detach()
+    d = sq_distances(z, served_mu).double().numpy()
+    nearest = d.argmin(1)
+    assert (nearest != pred).any()
+    # the served distance is the one to the chosen serving centroid
+    _, dist = clf.assign(X)
+    np.testing.assert_allclose(dist, d[np.arange(len(X)), pred])
+
+
+def test_cm_service_serves_the_training_rule_on_every_point(trained) -> None:
+    clf, X = trained
+    model = LoadedModel.from_snapshot(clf.to_snapshot().with_version(1))
+    assert model.infer.single_path == "traced"  # the compiled kernel only knows nearest centroid
+    want = _own_rule(clf, X)
+    np.testing.assert_array_equal(model.assign(X).labels, want)  # batches: 100%
+    singles = np.array([model.assign(X[i : i + 1]).labels[0] for i in range(len(X))])
+    np.testing.assert_array_equal(singles, want)  # single samples: 100%
+    api = Client(create_app(ServiceSettings(), _holder(model)))
+    r = api.post("/assign/batch", json={"items": X[:256].tolist()})
+    assert r.status_code == 200, r.text
+    assert r.json()["clusters"] == want[:256].tolist()
+    for i in range(0, 40):
+        r = api.post("/assign", json={"features": X[i].tolist()})
+        assert r.status_code == 200 and r.json()["cluster"] == want[i], r.text
+
+
+def _holder(model: LoadedModel) -> ModelHolder:
+    holder = ModelHolder()
+    holder.swap(model)
+    return holder
+
+
+# --------------------------------------------------------------------------- DRC
+def test_drc_contrast_is_eq5_on_a_hand_computed_case() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    # cosine similarities a_i . b_j: [[1/sqrt2, 0], [1/sqrt2, 1]]; tau = 1/2 doubles them;
+    # negatives are the other view's rows only (one direction)
+    s = 2.0 / math.sqrt(2.0)
+    row0 = -math.log(math.exp(s) / (math.exp(s) + math.exp(0.0)))
+    row1 = -math.log(math.exp(2.0) / (math.exp(s) + math.exp(2.0)))
+    assert float(drc_contrast(a, b, 0.5)) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert float(nt_xent(a, b, 0.5)) != pytest.approx((row0 + row1) / 2, rel=1e-3)
+
+
+def _drc_batch() -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    mu = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(6, 4)
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    batch = Batch.build(x, x, mu, 2.0, torch.full((3,), -math.log(3)), lambda t: t)
+    return batch, z1, z2
+
+
+@pytest.mark.parametrize("contrast", ["paper", "ntxent"])
+def test_drc_contrasts_the_k_dimensional_assignment_features(monkeypatch, contrast) -> None:
+    batch, z1, z2 = _drc_batch()
+    reg = make_regulariser("drc", contrast=contrast)
+    reg.build((4,), 4, 3)
+    monkeypatch.setattr(reg, "_views", lambda _b: (z1, z2, None))
+    loss = reg(batch).loss
+    mu = batch.centroids
+    af1 = -((z1[:, None] - mu[None]) ** 2).sum(-1) / 4.0  # -D / (2 sigma), N×K
+    af2 = -((z2[:, None] - mu[None]) ** 2).sum(-1) / 4.0
+    p1, p2 = af1.softmax(1), af2.softmax(1)
+    cr = ((p1.sum(0) ** 2).sum() + (p2.sum(0) ** 2).sum()) / 6 / 2
+    fn = drc_contrast if contrast == "paper" else nt_xent
+    want = fn(af1, af2, 0.5) + fn(p1.T, p2.T, 0.95) + 0.005 * cr
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+def test_drc_rejects_an_unknown_contrast() -> None:
+    with pytest.raises(ValueError, match="contrast must be"):
+        make_regulariser("drc", contrast="simclr")
+
+
+# --------------------------------------------------------------------------- TCC
+def test_tcc_loss_is_the_documented_sum(monkeypatch) -> None:
+    batch, z1, z2 = _drc_batch()
+    reg = make_regulariser("tcc", lam=0.5)
+    reg.build((4,), 4, 3)
+    monkeypatch.setattr(reg, "_views", lambda _b: (z1, z2, torch.Generator().manual_seed(7)))
+    loss = reg(batch).loss
+    mu, g = batch.centroids, torch.Generator().manual_seed(7)
+    logq1 = torch.log_softmax(-((z1[:, None] - mu[None]) ** 2).sum(-1) / 4.0, 1)
+    logq2 = torch.log_softmax(-((z2[:, None] - mu[None]) ** 2).sum(-1) / 4.0, 1)
+    pi1, pi2 = gumbel_softmax(logq1, 1.0, g), gumbel_softmax(logq2, 1.0, g)
+    h1, h2 = z1 / z1.norm(dim=1, keepdim=True), z2 / z2.norm(dim=1, keepdim=True)
+    r1 = pi1.T @ h1
+    r2 = pi2.T @ h2
+    r1, r2 = r1 / r1.norm(dim=1, keepdim=True), r2 / r2.norm(dim=1, keepdim=True)
+    q_bar = (logq1.exp().mean(0) + logq2.exp().mean(0)) / 2
+    kl = (q_bar * (q_bar.log() - math.log(1 / 3))).sum()  # KL of the batch marginal, uniform p
+    # cluster contrast (tau 1) + unconditioned instance contrast (tau 0.5): the documented form
+    want = nt_xent(r1, r2, 1.0) + nt_xent(h1, h2, 0.5) + 0.5 * kl
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)

@@ -1,0 +1,112 @@
+"""The command line as a whole: --version, a light --help, one-line usage errors (exit 2)
+caught before any work, and options made from the settings classes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from service.cli import app, oclust_version
+from service.settings import ServiceSettings
+from training_worker.settings import TrainSettings, WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+HEAVY = ("torch", "numpy", "sklearn", "numba", "scipy", "aiokafka", "fastapi", "uvicorn")
+
+
+def _python(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    return proc.stdout
+
+
+def test_help_imports_nothing_heavy() -> None:
+    out = _python(
+        "import json, sys\n"
+        "from service.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    assert "worker" in out and "snapshots" in out  # the help itself was printed
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"oclust {oclust_version()}\n"
+    assert oclust_version()[0].isdigit()
+
+
+def _error_line(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (args, result.output)
+    lines = result.output.splitlines()
+    assert len(lines) == 1, (args, result.output)
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # refused before the data is loaded or the progress bar starts
+        (["train", "--dataset", "digits", "--regulariser", "bogus"],
+         "'--regulariser': unknown regulariser 'bogus'"),
+        # refused before training every epoch, not when publishing
+        (["train", "--dataset", "digits", "--store", "ftp://x"], "unknown store URL scheme"),
+        (["train", "--dataset", "digits", "--n-clusters", "3", "--prior", "0.5,0.5"],
+         "'--prior': prior must be a vector of length n_clusters=3"),
+        (["train", "--dataset", "digits", "--batch-size", "1"], "'--batch-size'"),
+        (["train", "--dataset", "nope"], "unknown dataset 'nope'"),
+        (["train", "--dataset", "digits", "--device", "gpu0"], "'--device': unknown device"),
+        (["worker", "--encoder", "transformer"], "'--encoder': unknown encoder"),
+        (["up", "--regulariser", "bogus"], "unknown regulariser 'bogus'"),
+        (["up", "--store", "ftp://x"], "unknown store URL scheme"),
+        (["up", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["serve", "--port", "70000"], "'--port'"),
+        (["eval", "-r", "ca,bogus"], "bogus"),
+        (["snapshots", "list", "--store", "ftp://x"], "unknown store URL scheme"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    line = _error_line(args)
+    assert line.startswith("oclust") and ": error: " in line, line
+    assert args[0] in line.split(": error: ")[0] or "No such command" in line, line
+    assert message in line, line
+
+
+def test_worker_refuses_a_bad_regulariser_before_taking_the_lease(tmp_path: Path) -> None:
+    store = f"file://{tmp_path}"
+    _error_line(["worker", "--store", store, "--regulariser", "bogus", "--metrics-port", "-1"])
+    assert list(tmp_path.iterdir()) == []  # no lease file, no namespace directory
+
+
+@pytest.mark.parametrize(
+    ("command", "cls", "left_out"),
+    [("worker", WorkerSettings, set()), ("train", TrainSettings, set()),
+     ("serve", ServiceSettings, {"api_key"})],
+)
+def test_every_setting_is_an_option_with_its_help(command: str, cls: type, left_out: set) -> None:
+    group = typer.main.get_command(app)
+    params = {p.name: p for p in group.commands[command].params}  # type: ignore[attr-defined]
+    assert set(cls.model_fields) - left_out <= set(params)
+    assert not left_out & set(params)  # the API key never appears in the process list
+    for name, field in cls.model_fields.items():
+        if name in params:
+            assert params[name].help.startswith(field.description), name
+
+
+def test_environment_still_sets_what_the_command_line_leaves_out() -> None:
+    result = runner.invoke(app, ["train", "--dataset", "digits"],
+                           env={"OCLUST_REGULARISER": "bogus"})
+    assert result.exit_code == 2 and "unknown regulariser 'bogus'" in result.output
