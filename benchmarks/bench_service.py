@@ -17,9 +17,15 @@ What runs, all as separate processes on this machine:
   and reports the throughput. Baseline and service throughput runs alternate (3 rounds each,
   median reported) so that both see the same machine load.
 
-Bodies are real digits samples. Prints a markdown table.
+Binary batches (issue 12): the same 4096 points sent as raw float32 rows
+(``Content-Type: application/octet-stream``) and answered in binary (``Accept:
+application/octet-stream``), against the JSON path on the same model; target ≥ 3× the points/s.
 
-Run: ``.venv/bin/python benchmarks/bench_service.py`` (``--quick`` for shorter runs).
+Bodies are real digits samples. Prints a markdown table, or with ``--json`` one JSON object
+(``json_points_per_s``, ``binary_points_per_s``, ``binary_over_json``, ...).
+
+Run: ``.venv/bin/python benchmarks/bench_service.py`` (``--quick`` for shorter runs,
+``--batches-only`` to skip the single-point and baseline runs).
 """
 
 from __future__ import annotations
@@ -63,9 +69,11 @@ async def _roundtrip(
     return status
 
 
-def _request(path: str, body: bytes) -> bytes:
+def _request(path: str, body: bytes, binary: bool = False) -> bytes:
+    kind = "application/octet-stream\r\nAccept: application/octet-stream" if binary else (
+        "application/json")
     return (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {kind}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
@@ -141,7 +149,7 @@ def _percentiles(latencies: list[float]) -> dict:
 
 def load_main(args: argparse.Namespace) -> None:
     """``bench_service.py load ...``: run one load test and print its JSON result."""
-    request = _request(args.path, Path(args.body).read_bytes())
+    request = _request(args.path, Path(args.body).read_bytes(), args.binary)
     if args.rate:
         result = asyncio.run(_open_loop(args.port, request, args.rate, args.duration))
     else:
@@ -195,8 +203,9 @@ def _server(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Ite
         proc.wait(10)
 
 
-def _load(port: int, path: str, body: Path, **opts: float) -> dict:
+def _load(port: int, path: str, body: Path, binary: bool = False, **opts: float) -> dict:
     cmd = [PY, __file__, "load", "--port", str(port), "--path", path, "--body", str(body)]
+    cmd += ["--binary"] if binary else []
     for k, v in opts.items():
         cmd += [f"--{k}", str(v)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -225,6 +234,9 @@ def _publish_model(store_dir: Path) -> tuple[int, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--batches-only", action="store_true",
+                        help="only the JSON and binary batch runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     seconds = 4.0 if args.quick else 10.0
     tmp = Path(tempfile.mkdtemp(prefix="oclust-bench-"))
@@ -236,12 +248,20 @@ def main() -> None:
         batches[n] = tmp / f"batch{n}.json"
         items = [X[i % len(X)].tolist() for i in range(n)]
         batches[n].write_text(json.dumps({"items": items}))
+    raw4096 = tmp / "batch4096.f32"
+    raw4096.write_bytes(X[[i % len(X) for i in range(4096)]].astype("<f4").tobytes())
+    figures: dict[str, float] = {}
 
     rows: list[tuple[str, str]] = []
     port_bare, port_svc = _free_port(), _free_port()
     serve = [PY, "-m", "service", "serve", "--store", f"file://{tmp / 'store'}", "--namespace",
              "bench", "--port", str(port_svc), "--log-level", "warning"]
     conns, rounds = 16, 3
+    if args.batches_only:
+        with _server(serve, port_svc):
+            _batch_figures(port_svc, batches[4096], raw4096, seconds, rows, figures)
+        _report(args, seconds, rows, figures)
+        return
     with _server([PY, __file__, "bare", "--port", str(port_bare)], port_bare), \
             _server(serve, port_svc):
         _load(port_svc, "/assign", single, connections=4, duration=1.0)  # warm-up
@@ -260,6 +280,7 @@ def main() -> None:
             rows.append((f"/assign/batch, {n} points per request, 2 connections, torch 1 thread",
                          f"{res['rps'] * n:,.0f} points/s (p50 {res['p50_ms']:.1f} ms, "
                          f"errors {res['errors']})"))
+        _batch_figures(port_svc, batches[4096], raw4096, seconds, rows, figures)
     with _server(serve, port_svc, env={"OCLUST_TORCH_THREADS": "2"}):
         res = _load(port_svc, "/assign/batch", batches[4096], connections=2, duration=seconds)
         rows.append(("/assign/batch, 4096 points per request, 2 connections, torch 2 threads",
@@ -267,6 +288,8 @@ def main() -> None:
                      f"errors {res['errors']})"))
 
     ratio = svc["rps"] / bare["rps"]
+    figures.update(single_rps=svc["rps"], bare_rps=bare["rps"], single_over_bare=ratio,
+                   paced_p99_ms=paced["p99_ms"])
     head = [
         (f"bare FastAPI constant, closed loop {conns} connections (median of {rounds})",
          f"{bare['rps']:,.0f} req/s (p50 {bare['p50_ms']:.2f} ms, p99 {bare['p99_ms']:.2f} ms)"),
@@ -279,10 +302,39 @@ def main() -> None:
          f"max {paced['max_ms']:.1f} ms, achieved {paced['rps']:.0f} req/s, "
          f"errors {paced['errors']}"),
     ]
+    _report(args, seconds, head + rows, figures)
+
+
+def _batch_figures(port: int, json_body: Path, raw_body: Path, seconds: float,
+                   rows: list[tuple[str, str]], figures: dict[str, float]) -> None:
+    """JSON vs binary /assign/batch, 4096 points per request, alternating 3 rounds each."""
+    _load(port, "/assign/batch", raw_body, binary=True, connections=2, duration=1.0)  # warm-up
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(3):
+        for binary in (False, True):
+            runs[binary].append(_load(port, "/assign/batch", raw_body if binary else json_body,
+                                      binary=binary, connections=2, duration=seconds / 3))
+    med = {b: sorted(r, key=lambda x: x["rps"])[1] for b, r in runs.items()}
+    pts = {b: med[b]["rps"] * 4096 for b in med}
+    figures.update(json_points_per_s=pts[False], binary_points_per_s=pts[True],
+                   binary_over_json=pts[True] / pts[False],
+                   errors=float(med[False]["errors"] + med[True]["errors"]))
+    for binary, name in ((False, "JSON"), (True, "binary float32 in and out")):
+        rows.append((f"/assign/batch {name}, 4096 points per request, 2 connections "
+                     "(median of 3)", f"{pts[binary]:,.0f} points/s (p50 "
+                     f"{med[binary]['p50_ms']:.1f} ms, errors {med[binary]['errors']})"))
+    rows.append(("binary / JSON points/s", f"{pts[True] / pts[False]:.1f}x (target ≥ 3x)"))
+
+
+def _report(args: argparse.Namespace, seconds: float, rows: list[tuple[str, str]],
+            figures: dict[str, float]) -> None:
+    if args.json:
+        print(json.dumps({k: round(v, 4) for k, v in figures.items()}))
+        return
     print(f"\nservice benchmark ({seconds:.0f} s per run, {os.cpu_count()} CPUs, "
           f"model: digits MLP 64-512-128, K=10)\n")
     print("| measurement | result |\n| --- | --- |")
-    for name, value in head + rows:
+    for name, value in rows:
         print(f"| {name} | {value} |")
 
 
@@ -296,6 +348,7 @@ if __name__ == "__main__":
         p.add_argument("--rate", type=float, default=0.0)
         p.add_argument("--connections", type=int, default=16)
         p.add_argument("--duration", type=float, default=5.0)
+        p.add_argument("--binary", action="store_true")
         a = p.parse_args()
         load_main(a) if a.mode == "load" else bare_main(a)
     else:

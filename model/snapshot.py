@@ -1,5 +1,12 @@
 """Snapshot format: safetensors weights plus a JSON manifest (ARCHITECTURE.md §3). Never pickle.
 
+Integrity (format ``oclust-snapshot/2``): ``manifest["sha256"]`` is the sha256 of the weights and
+``manifest["integrity"]`` the sha256 of the canonical manifest JSON (sorted keys, no spaces,
+without the ``integrity`` field itself) followed by the weights, so a manifest edited in place is
+refused just like a flipped weight byte. It is a checksum against corruption and stray edits, not
+a signature: whoever can write the store can recompute it. Snapshots of the older format
+``oclust-snapshot/1`` (weights checksum only) are still read; their manifest is unverified.
+
 Reading needs no torch: :func:`unpack_arrays` gives NumPy arrays (``safetensors.numpy``);
 :func:`pack_tensors` and :func:`unpack_tensors` import torch when called.
 
@@ -24,9 +31,13 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FORMAT", "Snapshot", "SnapshotError", "pack_tensors", "unpack_arrays", "unpack_tensors"]
+__all__ = [
+    "FORMAT", "LEGACY_FORMAT", "Snapshot", "SnapshotError", "pack_tensors", "unpack_arrays",
+    "unpack_tensors",
+]
 
-FORMAT = "oclust-snapshot/1"
+FORMAT = "oclust-snapshot/2"
+LEGACY_FORMAT = "oclust-snapshot/1"  # weights checksum only; read, never written
 
 
 class SnapshotError(ValueError):
@@ -75,9 +86,15 @@ class Snapshot:
 
     @classmethod
     def create(cls, weights: bytes, manifest: dict[str, Any]) -> Snapshot:
-        """Stamp format, creation time, sha256 and version 0 onto a manifest."""
-        m = {"format": FORMAT, "version": 0, "created_at": time.time(), **manifest}
+        """Stamp format, creation time, checksums and version 0 onto a manifest."""
+        m = {"version": 0, "created_at": time.time(), **manifest, "format": FORMAT}
         m["sha256"] = hashlib.sha256(weights).hexdigest()
+        return cls._sealed(weights, m)
+
+    @classmethod
+    def _sealed(cls, weights: bytes, manifest: dict[str, Any]) -> Snapshot:
+        m = {k: v for k, v in manifest.items() if k != "integrity"}
+        m["integrity"] = _integrity(m, weights)
         return cls(weights, m)
 
     @property
@@ -90,16 +107,29 @@ class Snapshot:
         """Version assigned by the store (0 before publishing)."""
         return int(self.manifest.get("version", 0))
 
+    @property
+    def legacy(self) -> bool:
+        """True for the older format whose manifest carries no checksum."""
+        return self.manifest.get("format") == LEGACY_FORMAT
+
     def verify(self) -> None:
-        """Raise :class:`SnapshotError` unless format and checksum are right."""
-        if self.manifest.get("format") != FORMAT:
-            raise SnapshotError(f"unknown snapshot format {self.manifest.get('format')!r}")
+        """Raise :class:`SnapshotError` unless the format and both checksums are right."""
+        fmt = self.manifest.get("format")
+        if fmt not in (FORMAT, LEGACY_FORMAT):
+            raise SnapshotError(f"unknown snapshot format {fmt!r} (this build reads {FORMAT})")
         if self.manifest.get("sha256") != self.sha256:
             raise SnapshotError("snapshot weights do not match the manifest's sha256")
+        if fmt == FORMAT and self.manifest.get("integrity") != _integrity(
+            self.manifest, self.weights
+        ):
+            raise SnapshotError(
+                "snapshot manifest does not match its integrity checksum (edited or corrupt)"
+            )
 
     def with_version(self, version: int) -> Snapshot:
-        """Copy with ``manifest["version"] = version``."""
-        return Snapshot(self.weights, {**self.manifest, "version": int(version)})
+        """Copy with ``manifest["version"] = version`` (checksum renewed when it had one)."""
+        m = {**self.manifest, "version": int(version)}
+        return Snapshot(self.weights, m) if self.legacy else Snapshot._sealed(self.weights, m)
 
     def manifest_json(self) -> str:
         """The manifest as JSON text."""
@@ -115,3 +145,10 @@ class Snapshot:
         if not isinstance(manifest, dict):
             raise SnapshotError("manifest must be a JSON object")
         return cls(bytes(weights), manifest)
+
+
+def _integrity(manifest: dict[str, Any], weights: bytes) -> str:
+    """sha256 of the canonical manifest JSON (``integrity`` left out), a NUL, then the weights."""
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical + b"\0" + weights).hexdigest()

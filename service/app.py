@@ -7,15 +7,24 @@ background task and started/stopped with the server.
 Endpoints:
 
 * ``POST /assign`` ``{"features": [...]}`` → ``{"cluster", "distance", "version"}``
-* ``POST /assign/batch`` ``{"items": [[...], ...]}`` → ``{"clusters", "distances", "version"}``
+* ``POST /assign/batch`` ``{"items": [[...], ...]}`` → ``{"clusters", "distances", "version"}``;
+  also a raw little-endian float32 body (``Content-Type: application/octet-stream``, rows back to
+  back, their count inferred from the length) and, with ``Accept: application/octet-stream``, a
+  binary answer: N int32 clusters then N float32 distances (little-endian), the version in the
+  ``X-Oclust-Version`` header and N in ``X-Oclust-Count``.
 * ``GET /model`` the snapshot manifest · ``GET /healthz`` alive · ``GET /readyz`` 200 once a
   snapshot is loaded, 503 with the reason before · ``GET /metrics`` Prometheus ·
   ``GET /stats`` the live collapse/drift numbers as JSON · ``GET /docs`` OpenAPI.
 
 Client mistakes get 4xx with a message, never 5xx: bad JSON, NaN/inf, wrong shapes, non-numbers,
-empty or missing fields and oversized batches → 422; bodies over ``max_body_bytes`` → 413 (by
-Content-Length, or counted while streaming); a wrong or missing API key (when one is set) → 401;
-no snapshot loaded → 503.
+features beyond ``max_abs_feature`` (``out_of_range``), empty or missing fields and oversized
+batches → 422; bodies over ``max_body_bytes`` → 413 (by Content-Length, or counted while
+streaming); a POST whose Content-Type is neither JSON nor octet-stream → 415 (no cross-site form
+posts); a body not received within ``body_timeout`` → 408; a wrong or missing API key (when one
+is set) → 401, on /assign* and on /model, /stats and /metrics unless they are configured open; no
+snapshot loaded → 503. A client that disconnects mid-request is counted as 499. Validation stops
+at the first few errors and large bodies are decoded off the event loop, so one hostile request
+never stalls /healthz.
 
 Example:
     >>> import asyncio, httpx
@@ -31,10 +40,12 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hmac
 import math
+import platform
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from importlib import resources
@@ -50,6 +61,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -65,10 +77,12 @@ from service.schemas import (
     AssignBatchResponse,
     AssignRequest,
     AssignResponse,
+    BodyTooLarge,
     ErrorResponse,
     InputError,
     NotReadyResponse,
     StatsResponse,
+    decode_binary,
     decode_features,
     decode_items,
 )
@@ -97,7 +111,10 @@ LATENCY_BUCKETS = (
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 )
 JSON = "application/json"
+BINARY = "application/octet-stream"
+POST_TYPES = (JSON.encode(), BINARY.encode())
 Answer = tuple[int, bytes]  # HTTP status, JSON body
+Headers = list[tuple[bytes, bytes]]
 NAN = float("nan")
 
 
@@ -143,8 +160,8 @@ class _LiveCollector(Collector):
                     s.kl_star)
         yield gauge("oclust_soft_entropy_nats", "Entropy of the window's mean soft assignment.",
                     s.soft_entropy)
-        yield gauge("oclust_drift_js", "Jensen-Shannon divergence of the window vs the previous "
-                    "window (nats).", s.drift_js)
+        yield gauge("oclust_drift_js_nats", "Jensen-Shannon divergence of the window vs the "
+                    "previous window (nats).", s.drift_js)
         model = self.holder.current
         yield gauge("oclust_snapshot_version", "Snapshot version being served.",
                     None if model is None else model.version)
@@ -153,6 +170,12 @@ class _LiveCollector(Collector):
             age = max(0.0, time.time() - model.created_at)
         yield gauge("oclust_snapshot_age_seconds", "Seconds since the served snapshot was made.",
                     age)
+        yield gauge("oclust_snapshot_created_timestamp_seconds",
+                    "Unix time the served snapshot was made.",
+                    None if model is None else model.created_at)
+        yield gauge("oclust_snapshot_fallback", "1 when the served snapshot is not the version "
+                    "the store points at (that one cannot be loaded; see /readyz).",
+                    1.0 if self.holder.fallback else 0.0)
         if self.holder.store_up is not None:
             yield gauge("oclust_store_up", "1 when the snapshot store answered the last attempt.",
                         1.0 if self.holder.store_up else 0.0)
@@ -178,8 +201,11 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.latency_assign = self.latency.labels("assign")
-        self.latency_batch = self.latency.labels("assign_batch")
+        self.latency_assign = self.latency.labels("/assign")  # same labels as the counter
+        self.latency_batch = self.latency.labels("/assign/batch")
+        Gauge("oclust_build_info", "Always 1; the labels name the build.",
+              ["version", "python"], registry=self.registry).labels(
+            _package_version(), platform.python_version()).set(1)
         self.requests = Counter(
             "oclust_http_requests",
             "HTTP requests by endpoint and status class.",
@@ -189,7 +215,7 @@ class ServiceMetrics:
         self._request_children: dict[tuple[str, str], Any] = {}
 
     def count_request(self, endpoint: str, status: int) -> None:
-        """Count one answered request (status as 2xx/4xx/5xx)."""
+        """Count one answered request (status as 2xx/4xx/5xx; a client disconnect is 499)."""
         key = (endpoint, f"{status // 100}xx")
         child = self._request_children.get(key)
         if child is None:
@@ -207,16 +233,27 @@ class _BodyTooLarge(Exception):
 
 
 class LimitsMiddleware:
-    """Pure ASGI middleware: body-size limit (413) and per-endpoint request counting.
+    """Pure ASGI middleware: API key, body-size limit (413) and per-endpoint request counting.
 
     The limit is checked against Content-Length before the app runs and against the bytes
-    actually received while the body streams in (chunked uploads, lying headers).
+    actually received while the body streams in (chunked uploads, lying headers). Paths in
+    ``protected`` need the API key (when there is one). A request whose client went away before
+    any answer is counted as 499, not as a server error.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        metrics: ServiceMetrics,
+        api_key: bytes | None = None,
+        protected: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.api_key = api_key
+        self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -234,7 +271,12 @@ class LimitsMiddleware:
             await send(message)
 
         length = _content_length(scope)
-        if length is not None and length > self.max_body_bytes:
+        disconnected = False
+        if (self.api_key is not None and path in self.protected
+                and not _authorized(scope, self.api_key)):
+            await _respond(send_wrapper, 401, {
+                "detail": "missing or wrong API key (send it in the X-API-Key header)"})
+        elif length is not None and length > self.max_body_bytes:
             await self._too_large(send_wrapper, f"{length} bytes declared")
         elif length == -1:
             await _respond(send_wrapper, 400, {"detail": "invalid Content-Length header"})
@@ -242,9 +284,11 @@ class LimitsMiddleware:
             received = 0
 
             async def receive_wrapper() -> Message:
-                nonlocal received
+                nonlocal received, disconnected
                 message = await receive()
-                if message["type"] == "http.request":
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                elif message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
                         raise _BodyTooLarge
@@ -257,13 +301,25 @@ class LimitsMiddleware:
                     raise
                 await self._too_large(send_wrapper, f"over {received} bytes sent")
             except Exception:
-                self.metrics.count_request(endpoint, 500)
+                self.metrics.count_request(endpoint, 499 if disconnected else 500)
                 raise
+        if not started and disconnected:
+            status = 499  # nginx's "client closed request": the client's doing, not ours
         self.metrics.count_request(endpoint, status)
 
     async def _too_large(self, send: Send, what: str) -> None:
         detail = f"request body too large ({what}; the limit is {self.max_body_bytes} bytes)"
         await _respond(send, 413, {"detail": detail})
+
+
+def _authorized(scope: Scope, key: bytes) -> bool:
+    """The request carries ``key`` as ``X-API-Key`` or ``Authorization: Bearer``."""
+    given = _header(scope, b"x-api-key")
+    if given is None:
+        auth = _header(scope, b"authorization") or b""
+        scheme, _, token = auth.partition(b" ")
+        given = token.strip() if scheme.lower() == b"bearer" else None
+    return given is not None and hmac.compare_digest(given, key)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -285,6 +341,16 @@ async def _respond(send: Send, status: int, body: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- raw endpoints
 class _Disconnected(Exception):
     pass
+
+
+@functools.cache
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("oclust")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -335,7 +401,8 @@ class Assigner:
     """What ``POST /assign`` and ``POST /assign/batch`` do, from body bytes to an answer.
 
     Reads ``holder.current`` once per request (so one request uses one model), decodes and
-    validates the body, assigns, records the assignments in the monitor.
+    validates the body (bodies over ``inline_body_bytes`` in a worker thread, so the event loop
+    stays free), assigns, records the assignments in the monitor.
     """
 
     def __init__(
@@ -344,17 +411,29 @@ class Assigner:
         self.holder = holder
         self.monitor = monitor
         self.max_batch = settings.max_batch
+        self.max_abs = settings.max_abs_feature
         self.inline_body_bytes = settings.inline_body_bytes
 
-    async def single(self, body: bytes) -> Answer:
-        """Answer an :class:`AssignRequest` body."""
+    async def _run(self, work: Callable[[], Assignment], size: int) -> Assignment:
+        if size <= self.inline_body_bytes:
+            return work()
+        return await run_in_threadpool(work)
+
+    async def single(self, body: bytes, binary: bool, _accept_binary: bool) -> Answer:
+        """Answer an :class:`AssignRequest` body (or one raw float32 sample)."""
         model = self.holder.current
         if model is None:
             return _not_ready(self.holder)
+
+        def work() -> Assignment:
+            if binary:
+                return _infer(model, decode_binary(body, model.input_shape, 1, self.max_abs))
+            return _infer(model, decode_features(body, model.input_shape, self.max_abs))
+
         try:
-            result = _infer(model, decode_features(body, model.input_shape))
+            result = await self._run(work, len(body))
         except InputError as exc:
-            return _error(422, str(exc), exc.errors)
+            return _error(413 if isinstance(exc, BodyTooLarge) else 422, str(exc), exc.errors)
         self.monitor.record(result.labels, result.soft)
         return 200, pydantic_core.to_json({
             "cluster": int(result.labels[0]),
@@ -362,69 +441,126 @@ class Assigner:
             "version": model.version,
         })
 
-    async def batch(self, body: bytes) -> Answer:
-        """Answer an :class:`AssignBatchRequest` body (large ones off the event loop)."""
+    async def batch(
+        self, body: bytes, binary: bool, accept_binary: bool
+    ) -> Answer | tuple[int, bytes, Headers]:
+        """Answer an :class:`AssignBatchRequest` body or a raw float32 batch (JSON or binary)."""
         model = self.holder.current
         if model is None:
             return _not_ready(self.holder)
+        decode = decode_binary if binary else decode_items
+
+        def work() -> Assignment:
+            return _infer(model, decode(body, model.input_shape, self.max_batch, self.max_abs))
+
         try:
-            if len(body) <= self.inline_body_bytes:
-                result = self._batch(model, body)
-            else:
-                result = await run_in_threadpool(self._batch, model, body)
+            result = await self._run(work, len(body))
         except InputError as exc:
-            return _error(422, str(exc), exc.errors)
+            return _error(413 if isinstance(exc, BodyTooLarge) else 422, str(exc), exc.errors)
         self.monitor.record(result.labels, result.soft)
+        if accept_binary:
+            payload = (result.labels.astype("<i4").tobytes()
+                       + result.distances.astype("<f4").tobytes())
+            return 200, payload, [(b"content-type", BINARY.encode()),
+                                  (b"x-oclust-version", str(model.version).encode()),
+                                  (b"x-oclust-count", str(len(result.labels)).encode())]
         return 200, pydantic_core.to_json({
             "clusters": result.labels.tolist(),
             "distances": result.distances.tolist(),
             "version": model.version,
         })
 
-    def _batch(self, model: LoadedModel, body: bytes) -> Assignment:
-        return _infer(model, decode_items(body, model.input_shape, self.max_batch))
+
+Handler = Callable[[bytes, bool, bool], Awaitable["Answer | tuple[int, bytes, Headers]"]]
+
+
+class _BodyDeadlines:
+    """Body reads with a deadline, enforced by one watchdog task per event loop.
+
+    A timer per request (``asyncio.timeout``) costs about a fifth of a single-point request;
+    registering the reading task in a dict costs next to nothing. The watchdog wakes every
+    ``min(1 s, timeout / 2)`` and cancels reads past their deadline, which then raise
+    :class:`TimeoutError`.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.reading: dict[asyncio.Task[Any], float] = {}
+        self.expired: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def read(self, receive: Receive) -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.done() or watchdog.get_loop() is not task.get_loop():
+            self._watchdog = task.get_loop().create_task(self._watch())
+        self.reading[task] = time.monotonic() + self.timeout
+        try:
+            return await _read_body(receive)
+        except asyncio.CancelledError:
+            if task not in self.expired:
+                raise
+            task.uncancel()
+            raise TimeoutError from None
+        finally:
+            self.reading.pop(task, None)
+            self.expired.discard(task)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout / 2))
+            now = time.monotonic()
+            for task, deadline in list(self.reading.items()):
+                if deadline <= now and task not in self.expired:
+                    self.expired.add(task)
+                    task.cancel()
 
 
 class AssignEndpoint:
     """A plain ASGI endpoint (no dependency injection: this is the latency-critical path).
 
-    Checks the API key, reads the body, calls ``handler`` and times the whole request.
+    Checks the Content-Type (415 unless JSON or octet-stream), reads the body within
+    ``body_timeout`` seconds (else 408), calls ``handler(body, binary_in, binary_out)`` and times
+    the whole request. The API key is checked by :class:`LimitsMiddleware`.
     """
 
-    def __init__(
-        self,
-        handler: Callable[[bytes], Awaitable[Answer]],
-        api_key: bytes | None,
-        latency: Any,
-    ) -> None:
+    def __init__(self, handler: Handler, latency: Any, body_timeout: float = 30.0) -> None:
         self.handler = handler
-        self.api_key = api_key
         self.latency = latency
+        self.body_timeout = body_timeout
+        self.deadlines = _BodyDeadlines(body_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        if self.api_key is not None:
-            given = _header(scope, b"x-api-key")
-            if given is None or not hmac.compare_digest(given, self.api_key):
-                status, payload = _error(
-                    401, "missing or wrong API key (send it in the X-API-Key header)"
-                )
-                await _send_json(send, status, payload)
-                return
+        kind = (_header(scope, b"content-type") or b"").partition(b";")[0].strip().lower()
+        if kind not in POST_TYPES:
+            shown = kind.decode(errors="replace") or "none"
+            await _send_json(send, *_error(
+                415, f"unsupported Content-Type {shown!r}: send application/json "
+                "(or application/octet-stream for raw float32 samples)"))
+            return
         try:
-            body = await _read_body(receive)
+            body = await self.deadlines.read(receive)
         except _Disconnected:
             return
-        status, payload = await self.handler(body)
-        await _send_json(send, status, payload)
-        if status == 200:
+        except TimeoutError:
+            await _send_json(send, *_error(
+                408, f"request body not received within {self.body_timeout:g} s"))
+            return
+        accept = _header(scope, b"accept") or b""
+        answer = await self.handler(body, kind == POST_TYPES[1], BINARY.encode() in accept)
+        await _send_json(send, *answer)
+        if answer[0] == 200:
             self.latency.observe(time.perf_counter() - start)
 
 
-async def _send_json(send: Send, status: int, payload: bytes) -> None:
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(payload)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+async def _send_json(
+    send: Send, status: int, payload: bytes, headers: Headers | None = None
+) -> None:
+    head = [*(headers or [(b"content-type", b"application/json")]),
+            (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -433,13 +569,25 @@ DESCRIPTION = """
 Assigns points to the nearest centroid of the latest model snapshot trained online by the
 oclust worker, hot-reloading new snapshots, and exports collapse/drift metrics.
 
-Errors: 401 missing or wrong `X-API-Key` (when the server has one), 413 body too large,
-422 invalid input (the `detail` says what), 503 no snapshot loaded yet.
+Errors: 401 missing or wrong `X-API-Key` (when the server has one), 408 body not sent in time,
+413 body too large, 415 Content-Type neither `application/json` nor `application/octet-stream`,
+422 invalid input (the `detail` says what; features beyond the bound: `out_of_range`),
+503 no snapshot loaded yet.
+
+Binary batches: `POST /assign/batch` with `Content-Type: application/octet-stream` takes the
+samples as raw little-endian float32 values, row after row (each row is the model's
+`input_shape`, see GET /model; the row count is the body length / (4 · prod(input_shape))).
+With `Accept: application/octet-stream` the answer is binary too: N little-endian int32
+clusters, then N little-endian float32 squared distances; the snapshot version is in the
+`X-Oclust-Version` header and N in `X-Oclust-Count`. Either input works with either answer.
 """
 
 _ERRORS: dict[str, tuple[str, type]] = {
     "401": ("missing or wrong X-API-Key (only when the server has an API key)", ErrorResponse),
+    "408": ("request body not received in time (OCLUST_BODY_TIMEOUT)", ErrorResponse),
     "413": ("request body over the size limit (OCLUST_MAX_BODY_BYTES)", ErrorResponse),
+    "415": ("Content-Type is neither application/json nor application/octet-stream",
+            ErrorResponse),
     "422": ("invalid input; `detail` says what is wrong", ErrorResponse),
     "503": ("no snapshot loaded yet; `reason` says why", NotReadyResponse),
 }
@@ -449,17 +597,28 @@ def _ref(model: type) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+_RAW_IN = {"schema": {"type": "string", "format": "binary", "description": (
+    "raw little-endian float32 samples, row after row (rows = length / (4 * prod(input_shape)))")}}
+_RAW_OUT = {"schema": {"type": "string", "format": "binary", "description": (
+    "N little-endian int32 clusters, then N little-endian float32 distances; headers "
+    "X-Oclust-Version (snapshot version) and X-Oclust-Count (N)")}}
+
+
 def _assign_operation(
-    summary: str, description: str, request: type, response: type, secured: bool
+    summary: str, description: str, request: type, response: type, secured: bool, raw: bool
 ) -> dict[str, Any]:
-    responses = {"200": {"description": "assigned", "content": {JSON: {"schema": _ref(response)}}}}
+    ok: dict[str, Any] = {JSON: {"schema": _ref(response)}}
+    body: dict[str, Any] = {JSON: {"schema": _ref(request)}}
+    if raw:
+        ok[BINARY], body[BINARY] = _RAW_OUT, _RAW_IN
+    responses = {"200": {"description": "assigned", "content": ok}}
     for code, (text, model) in _ERRORS.items():
         responses[code] = {"description": text, "content": {JSON: {"schema": _ref(model)}}}
     op: dict[str, Any] = {
         "summary": summary,
         "description": description,
         "operationId": summary.lower().replace(" ", "_"),
-        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "requestBody": {"required": True, "content": body},
         "responses": responses,
     }
     if secured:
@@ -467,8 +626,11 @@ def _assign_operation(
     return op
 
 
-def _install_openapi(app: FastAPI, secured: bool) -> None:
-    """OpenAPI for the FastAPI routes plus the two plain ASGI assign endpoints."""
+def _install_openapi(app: FastAPI, secured: bool, protected: frozenset[str]) -> None:
+    """OpenAPI for the FastAPI routes plus the two plain ASGI assign endpoints.
+
+    With an API key, the ``protected`` GET endpoints are marked as secured too.
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -491,16 +653,21 @@ def _install_openapi(app: FastAPI, secured: bool) -> None:
                 "Assign one sample",
                 "Nearest centroid of one sample, its squared latent distance and the version "
                 "of the snapshot that answered.",
-                AssignRequest, AssignResponse, secured,
+                AssignRequest, AssignResponse, secured, raw=False,
             )},
             "/assign/batch": {"post": _assign_operation(
                 "Assign a batch",
                 "Nearest centroids of several samples of the same shape, in request order, "
-                "all answered by one snapshot version. At most OCLUST_MAX_BATCH items.",
-                AssignBatchRequest, AssignBatchResponse, secured,
+                "all answered by one snapshot version. At most OCLUST_MAX_BATCH items. Also "
+                "takes raw float32 rows (application/octet-stream) and answers in binary with "
+                "`Accept: application/octet-stream` (format in the API description).",
+                AssignBatchRequest, AssignBatchResponse, secured, raw=True,
             )},
         }
         schema["paths"] = {**paths, **schema.get("paths", {})}
+        for path in protected if secured else ():
+            for op in schema["paths"].get(path, {}).values():
+                op["security"] = [{"APIKeyHeader": []}]
         app.openapi_schema = schema
         return schema
 
@@ -539,16 +706,24 @@ def create_app(
     app = FastAPI(title="oclust", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.holder = settings, holder
     app.state.monitor, app.state.metrics = monitor, metrics
-    app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    _install_openapi(app, secured=key is not None)
+    protected = {"/assign", "/assign/batch"}
+    for path, flag in (("/model", settings.protect_model), ("/stats", settings.protect_stats),
+                       ("/metrics", settings.protect_metrics)):
+        if flag:
+            protected.add(path)
+    app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
+                       api_key=key, protected=frozenset(protected))
+    _install_openapi(app, secured=key is not None, protected=frozenset(protected))
 
     # The assign endpoints are plain ASGI routes, matched first (documented by the custom
     # OpenAPI above): FastAPI's dependency machinery would cost a sizeable share of a request.
     assigner = Assigner(holder, monitor, settings)
     app.router.routes[:0] = [
-        Route("/assign", AssignEndpoint(assigner.single, key, metrics.latency_assign),
+        Route("/assign", AssignEndpoint(assigner.single, metrics.latency_assign,
+                                        settings.body_timeout),
               methods=["POST"], include_in_schema=False),
-        Route("/assign/batch", AssignEndpoint(assigner.batch, key, metrics.latency_batch),
+        Route("/assign/batch", AssignEndpoint(assigner.batch, metrics.latency_batch,
+                                              settings.body_timeout),
               methods=["POST"], include_in_schema=False),
     ]
 
@@ -572,7 +747,8 @@ def create_app(
 
     @app.get(
         "/readyz",
-        summary="Readiness: 200 once a snapshot is loaded, 503 with the reason before",
+        summary="Readiness: 200 once a snapshot is loaded (`fallback` says when it is not the "
+        "pointed version, which could not be loaded), 503 with the reason before",
         response_model=NotReadyResponse,
         responses={503: {"model": NotReadyResponse, "description": "no snapshot loaded yet"}},
     )
@@ -580,7 +756,8 @@ def create_app(
         model = holder.current
         if model is None:
             return Response(_not_ready(holder)[1], status_code=503, media_type=JSON)
-        payload = {"status": "ready", "reason": None, "version": model.version}
+        payload = {"status": "ready", "reason": None, "version": model.version,
+                   "fallback": holder.fallback}
         return Response(pydantic_core.to_json(payload), media_type=JSON)
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)",

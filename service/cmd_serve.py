@@ -45,6 +45,7 @@ def run_server(settings: ServiceSettings) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.http import uvicorn_config
     from service.loader import ModelHolder, SnapshotWatcher
     from training_worker.store import StoreError, open_store
 
@@ -56,14 +57,11 @@ def run_server(settings: ServiceSettings) -> None:
     holder = ModelHolder()
     watcher = SnapshotWatcher(
         store, holder, device=settings.device, poll_interval=settings.poll_interval,
-        retry_interval=settings.retry_interval,
+        retry_interval=settings.retry_interval, max_retry_interval=settings.max_retry_interval,
     )
     app = create_app(settings, holder, background=[watcher])
     try:
-        uvicorn.run(
-            app, host=settings.host, port=settings.port, log_level=settings.log_level,
-            access_log=settings.access_log,
-        )
+        uvicorn.Server(uvicorn_config(app, settings)).run()
     finally:
         store.close()
 
@@ -109,43 +107,81 @@ def _metric(m: dict[str, Any], key: str) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) else "—"
 
 
-@snapshots_app.command("list")
-def list_command(store: StoreOpt = None, namespace: NamespaceOpt = None) -> None:
-    """Table of stored versions (the current one marked)."""
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def _pointer(st: Any) -> tuple[int | None, str | None]:
+    """(current version, problem): a garbled pointer is reported, not raised."""
+    from training_worker.store import CorruptPointer
+
+    try:
+        return st.current_version(), None
+    except CorruptPointer as exc:
+        return None, str(exc)
+
+
+def _inventory(st: Any) -> dict[str, Any]:
+    """Everything ``snapshots list`` shows, as JSON-able data (never raises on bad contents)."""
     from model.snapshot import SnapshotError
+    from training_worker.store import VersionNotFound
+
+    current, problem = _pointer(st)
+    rows = []
+    for v in st.versions():
+        try:
+            rows.append({"version": v, "current": v == current, "valid": True, "error": None,
+                         "manifest": st.load(v).manifest})
+        except (SnapshotError, VersionNotFound) as exc:
+            rows.append({"version": v, "current": v == current, "valid": False,
+                         "error": str(exc), "manifest": None})
+    if problem is None and current is not None and current not in st.versions():
+        problem = f"the pointer names version {current}, which is not stored"
+    return {"store": st.url, "namespace": st.namespace, "current": current,
+            "pointer_problem": problem, "versions": rows}
+
+
+@snapshots_app.command("list")
+def list_command(
+    store: StoreOpt = None, namespace: NamespaceOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Table of stored versions (the current one marked; corrupt ones and pointer problems
+    shown, so that `rollback` can repair them)."""
     from training_worker.store import StoreError
 
     st = _open(store, namespace)
     try:
-        current, versions = st.current_version(), st.versions()
-        table = Table(title=f"snapshots in {st.url} namespace {st.namespace!r}")
-        for col in ("version", "current", "created", "regulariser", "K", "input", "samples",
-                    "steps", "loss", "sha256"):
-            table.add_column(col, justify="right" if col in ("version", "K", "samples",
-                                                                   "steps", "loss") else "left")
-        for v in versions:
-            try:
-                m = st.load(v).manifest
-                sha = str(m.get("sha256", ""))[:12]
-            except SnapshotError as exc:
-                table.add_row(str(v), "*" if v == current else "", f"[red]corrupt: {exc}[/red]")
-                continue
-            table.add_row(
-                str(v), "*" if v == current else "", _when(m.get("created_at")),
-                str(m.get("regulariser", "—")), str(m.get("n_clusters", "—")),
-                "×".join(map(str, m.get("input_shape", []))) or "—",
-                str(m.get("samples_seen", "—")), str(m.get("steps", "—")),
-                _metric(m, "loss"), sha,
-            )
+        inv = _inventory(st)
     except StoreError as exc:
         raise fail(str(exc)) from None
     finally:
         st.close()
+    if as_json:
+        typer.echo(json.dumps(inv, sort_keys=True))
+        return
     console = Console()
     console.width = max(console.width, 120)
-    if not versions:
+    if inv["pointer_problem"]:
+        console.print(f"[red]pointer problem:[/red] {inv['pointer_problem']}", highlight=False)
+    if not inv["versions"]:
         console.print(f"no snapshots in {st.url} namespace {st.namespace!r}")
         return
+    table = Table(title=f"snapshots in {st.url} namespace {st.namespace!r}")
+    for col in ("version", "current", "created", "regulariser", "K", "input", "samples",
+                "steps", "loss", "sha256"):
+        table.add_column(col, justify="right" if col in ("version", "K", "samples",
+                                                         "steps", "loss") else "left")
+    for row in inv["versions"]:
+        v, mark, m = row["version"], "*" if row["current"] else "", row["manifest"]
+        if m is None:
+            table.add_row(str(v), mark, f"[red]corrupt: {row['error']}[/red]")
+            continue
+        table.add_row(
+            str(v), mark, _when(m.get("created_at")),
+            str(m.get("regulariser", "—")), str(m.get("n_clusters", "—")),
+            "×".join(map(str, m.get("input_shape", []))) or "—",
+            str(m.get("samples_seen", "—")), str(m.get("steps", "—")),
+            _metric(m, "loss"), str(m.get("sha256", ""))[:12],
+        )
     console.print(table)
 
 
@@ -156,18 +192,26 @@ def show_command(
     ] = None,
     store: StoreOpt = None,
     namespace: NamespaceOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Print one snapshot's manifest (JSON), after verifying its checksum."""
+    """Print one snapshot's manifest (JSON), after verifying its checksums."""
     from model.snapshot import SnapshotError
     from training_worker.store import StoreError
 
     st = _open(store, namespace)
     try:
+        if version is None:
+            version, problem = _pointer(st)
+            if problem:
+                raise fail(f"{problem}; name a version (see `oclust snapshots list`)")
         snap = st.load(version)
     except (StoreError, SnapshotError) as exc:
         raise fail(str(exc)) from None
     finally:
         st.close()
+    if as_json:
+        typer.echo(json.dumps(snap.manifest, sort_keys=True))
+        return
     Console().print_json(json.dumps(snap.manifest, sort_keys=True))
 
 
@@ -177,20 +221,24 @@ def rollback_command(
     store: StoreOpt = None,
     namespace: NamespaceOpt = None,
 ) -> None:
-    """Make a stored version current and announce it (replicas hot-reload it)."""
+    """Make a stored, valid version current and announce it (replicas hot-reload it).
+
+    Works whatever the pointer holds now (a version, nothing, or garbage), so it also repairs it.
+    """
     from model.snapshot import SnapshotError
     from training_worker.store import StoreError
 
     st = _open(store, namespace)
     try:
-        before = st.current_version()
+        before, problem = _pointer(st)
         st.load(version)  # refuse to roll back to a corrupt snapshot
         st.rollback(version)
     except (StoreError, SnapshotError) as exc:
         raise fail(str(exc)) from None
     finally:
         st.close()
-    Console().print(f"current version: {version} (was {before})", highlight=False)
+    was = "a garbled pointer" if problem else before
+    Console().print(f"current version: {version} (was {was})", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

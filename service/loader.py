@@ -7,8 +7,9 @@
   from start to end: no request ever sees half a model.
 * :class:`SnapshotWatcher` — a background thread that loads the store's current version at start
   and then waits for changes (``NS:events`` pub/sub with polling, via
-  ``SnapshotStore.wait_for_change``), verifies each snapshot's sha256 and swaps it in. While the
-  store is unreachable it keeps the last good model and reports ``store_up = False``.
+  ``SnapshotStore.wait_for_change``), verifies each snapshot's checksums (weights and manifest)
+  and swaps it in. While the store is unreachable or holds garbage it keeps the last good model,
+  backs off exponentially and reports ``store_up = False`` (unreachable) or ``last_error``.
 
 Only the watcher talks to the store; the HTTP app needs just this module's holder and ``model``.
 ``training_worker.store`` is imported lazily, inside the watcher.
@@ -42,7 +43,6 @@ from torch import nn
 
 from model import OnlineClusterer, Snapshot
 from model.regularisers import serve, sq_distances
-from model.snapshot import SnapshotError
 from service.fastpath import SingleAssign, compile_single
 
 if TYPE_CHECKING:
@@ -258,6 +258,7 @@ class ModelHolder:
         self._changed = threading.Condition()
         self._store_up: bool | None = None
         self._last_error: str | None = None
+        self._fallback: str | None = None
 
     @property
     def current(self) -> LoadedModel | None:
@@ -288,6 +289,11 @@ class ModelHolder:
                 self._last_error = message
                 self._changed.notify_all()
 
+    @property
+    def fallback(self) -> str | None:
+        """Why the served model is not the pointed version (``None``: it is)."""
+        return self._fallback
+
     def subscribe(self, listener: Callable[[LoadedModel], None]) -> None:
         """Call ``listener(model)`` before each swap (and now, if a model is loaded)."""
         self._listeners.append(listener)
@@ -295,12 +301,16 @@ class ModelHolder:
         if current is not None:
             listener(current)
 
-    def swap(self, model: LoadedModel) -> None:
-        """Make ``model`` the current one (atomically for readers)."""
+    def swap(self, model: LoadedModel, fallback: str | None = None) -> None:
+        """Make ``model`` the current one (atomically for readers).
+
+        ``fallback`` says why it is not the version the store points at, when it is not.
+        """
         for listener in list(self._listeners):
             listener(model)
         with self._changed:
             self._current = model
+            self._fallback = fallback
             self._last_error = None
             self._changed.notify_all()
 
@@ -336,10 +346,16 @@ class SnapshotWatcher:
         device: torch device for the served models.
         poll_interval: longest wait for a change notice before re-reading the pointer (and the
             longest :meth:`stop` waits for the thread).
-        retry_interval: pause after a store error before trying again.
+        retry_interval: first pause after a failed attempt; it doubles with every further
+            failure in a row, up to ``max_retry_interval``.
+        max_retry_interval: the longest pause between failed attempts.
 
-    A snapshot that fails verification is logged, recorded in ``holder.last_error`` and skipped
-    until the pointer moves again; the previous model keeps serving.
+    Nothing the store holds stops the thread or makes it spin: an unreachable store, a garbled
+    pointer or a corrupt snapshot each back off exponentially, are logged once per distinct
+    error, and leave the last good model serving. A snapshot that fails verification is
+    recorded in ``holder.last_error`` and skipped until the pointer moves again. A watcher with
+    nothing to serve yet falls back to the newest stored version that loads, and says so in
+    ``holder.fallback``.
 
     Example:
         >>> import tempfile
@@ -357,59 +373,108 @@ class SnapshotWatcher:
         device: str = "cpu",
         poll_interval: float = 1.0,
         retry_interval: float = 2.0,
+        max_retry_interval: float = 30.0,
     ) -> None:
         self.store = store
         self.holder = holder
         self.device = device
         self.poll_interval = poll_interval
         self.retry_interval = retry_interval
+        self.max_retry_interval = max(max_retry_interval, retry_interval)
+        self.failures = 0  # failed attempts in a row (drives the back-off)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._attempted: int | None = None  # last version tried (loaded or rejected)
+        self._attempted: int | None = None  # last pointed version tried (loaded or rejected)
+        self._logged: str | None = None  # last error logged (each distinct one is logged once)
 
     def check(self, wait: float = 0.0) -> bool:
         """Wait up to ``wait`` seconds for a new version and swap it in; True if swapped.
 
         Never raises: store problems set ``holder.store_up = False`` and ``holder.last_error``.
         """
-        from training_worker.store import StoreError
+        from training_worker.store import CorruptPointer, StoreError, VersionNotFound
 
-        current: int | None = None
         try:
-            current = self.store.wait_for_change(self._attempted, timeout=wait)
+            pointed = self.store.wait_for_change(self._attempted, timeout=wait)
+        except CorruptPointer as exc:  # the store answers, but with garbage
             self.holder.store_up = True
-            if current is None or current == self._attempted:
-                if current is None and self.holder.current is None:
-                    self.holder.last_error = "no snapshot published yet in the store"
-                return False
-            snapshot = self.store.load(current)
-        except StoreError as exc:  # includes a version pruned between the two calls
+            return self._failed(str(exc), None)
+        except StoreError as exc:
             self.holder.store_up = False
-            self.holder.last_error = str(exc)
-            log.warning("snapshot store unavailable: %s", exc)
-            return False
-        except SnapshotError as exc:  # corrupt bytes or a checksum mismatch
-            self._reject(current, f"snapshot {current} rejected: {exc}")
-            return False
-        except Exception as exc:  # e.g. a garbled pointer: report it, keep the thread alive
-            self.holder.last_error = f"reading the store failed: {exc!r}"
-            log.exception("reading the snapshot store failed")
+            return self._failed(f"snapshot store unavailable: {exc}", None, fall_back=False)
+        except Exception as exc:  # never let the thread die or spin on something unforeseen
+            return self._failed(f"reading the store failed: {exc!r}", None)
+        self.holder.store_up = True
+        if pointed is None or pointed == self._attempted:
+            self.failures = 0
+            if pointed is None and self.holder.current is None:
+                self.holder.last_error = "no snapshot published yet in the store"
+                return self._fall_back(None, "the store has no current-version pointer")
             return False
         try:
-            model = LoadedModel.from_snapshot(snapshot, device=self.device)
+            model = self._load(pointed)
+        except StoreError as exc:
+            if not isinstance(exc, VersionNotFound):
+                self.holder.store_up = False
+                return self._failed(f"snapshot store unavailable: {exc}", None, fall_back=False)
+            return self._failed(f"snapshot {pointed} rejected: {exc}", pointed)
         except Exception as exc:  # SnapshotError, or a manifest the model code cannot rebuild
-            self._reject(current, f"snapshot {current} rejected: {exc}")
-            return False
-        self._attempted = model.version
-        self.holder.swap(model)
-        log.info("serving snapshot version %d (sha256 %s)", model.version, model.sha256[:12])
+            return self._failed(f"snapshot {pointed} rejected: {exc}", pointed)
+        self._attempted = pointed
+        self._serve(model, None)
         return True
 
-    def _reject(self, version: int | None, message: str) -> None:
-        self._attempted = version
+    def _load(self, version: int) -> LoadedModel:
+        return LoadedModel.from_snapshot(self.store.load(version), device=self.device)
+
+    def _serve(self, model: LoadedModel, fallback: str | None) -> None:
+        self.holder.swap(model, fallback=fallback)
+        self.failures = 0
+        if fallback is None:
+            self._logged = None
+        note = f" ({fallback})" if fallback else ""
+        log.info("serving snapshot version %d (sha256 %s)%s", model.version, model.sha256[:12],
+                 note)
+
+    def _failed(self, message: str, pointed: int | None, fall_back: bool = True) -> bool:
+        """Record a failed attempt; with nothing served yet, try the newest valid version."""
+        if pointed is not None:
+            self._attempted = pointed  # skipped until the pointer moves again
         self.holder.last_error = message
-        serving = getattr(self.holder.current, "version", None)
-        log.error("%s; still serving version %s", message, serving)
+        self.failures += 1
+        if message != self._logged:
+            self._logged = message
+            serving = getattr(self.holder.current, "version", None)
+            log.error("%s; still serving version %s", message, serving)
+        if not fall_back or self.holder.current is not None:
+            return False
+        return self._fall_back(pointed, message)
+
+    def _fall_back(self, pointed: int | None, why: str) -> bool:
+        """Serve the newest stored version (other than ``pointed``) that loads; True if one did."""
+        try:
+            versions = self.store.versions()
+        except Exception:  # the next attempt (after the back-off) tries again
+            return False
+        for version in reversed(versions):
+            if version == pointed:
+                continue
+            try:
+                model = self._load(version)
+            except Exception:
+                continue
+            target = "the pointer" if pointed is None else f"pointed version {pointed}"
+            self._serve(model, f"fallback: {target} cannot be loaded ({why}); serving the newest "
+                               f"valid version {version}")
+            self.holder.last_error = why
+            return True
+        return False
+
+    def backoff(self) -> float:
+        """Seconds to pause before the next attempt: 0 after a success, else exponential."""
+        if self.failures == 0:
+            return 0.0
+        return min(self.retry_interval * 2 ** (self.failures - 1), self.max_retry_interval)
 
     def start(self) -> None:
         """Start the background thread (idempotent)."""
@@ -431,5 +496,6 @@ class SnapshotWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.check(wait=self.poll_interval)
-            if self.holder.store_up is False:
-                self._stop.wait(self.retry_interval)
+            pause = self.backoff()
+            if pause:
+                self._stop.wait(pause)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from training_worker.settings import StoreLocation
+from training_worker.settings import MAX_ABS_FEATURE, StoreLocation
 
 __all__ = ["ServiceSettings"]
 
@@ -26,7 +26,10 @@ class ServiceSettings(StoreLocation):
         1.0, gt=0, description="seconds between polls of the current version (pub/sub fallback)"
     )
     retry_interval: float = Field(
-        2.0, gt=0, description="seconds between attempts while the store is unreachable"
+        2.0, gt=0, description="first pause after a failed store attempt (doubles, capped)"
+    )
+    max_retry_interval: float = Field(
+        30.0, gt=0, description="longest pause between failed store attempts"
     )
     device: str = Field("cpu", description="torch device the served model runs on")
 
@@ -34,7 +37,20 @@ class ServiceSettings(StoreLocation):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: SecretStr | None = Field(
-        None, description="when set, /assign* require it in the X-API-Key header"
+        None, description="when set, /assign* require it in the X-API-Key header (or as "
+        "`Authorization: Bearer KEY`), and so do the endpoints below that are protected"
+    )
+    protect_model: bool = Field(True, description="with an API key, /model requires it too")
+    protect_stats: bool = Field(True, description="with an API key, /stats requires it too")
+    protect_metrics: bool = Field(True, description="with an API key, /metrics requires it too")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a client may take to send a request's headers"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may take to send a request body (else 408)"
+    )
+    keep_alive_timeout: int = Field(
+        5, ge=1, description="seconds an idle keep-alive connection stays open"
     )
     max_batch: int = Field(4096, ge=1, description="most items in one /assign/batch request")
     max_body_bytes: int = Field(
@@ -50,3 +66,7 @@ class ServiceSettings(StoreLocation):
         "larger ones in a worker thread (keeps the loop responsive)"
     )
     window: int = Field(1000, ge=1, description="sliding window of recent assignments (monitor)")
+    max_abs_feature: float = Field(
+        MAX_ABS_FEATURE, gt=0, description="largest accepted feature magnitude (else 422 "
+        "out_of_range)"
+    )

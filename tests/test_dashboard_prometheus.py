@@ -533,7 +533,7 @@ def test_the_key_panels_show_the_expected_values(stack: Stack) -> None:
     assert ratio is not None and 0.0 <= ratio <= 1.0
     kl = stack.scalar("oclust_kl_star_nats")
     assert kl is not None and kl >= 0.0
-    drift = stack.scalar("oclust_drift_js")
+    drift = stack.scalar("oclust_drift_js_nats")
     assert drift is not None and 0.0 <= drift <= math.log(2) + 1e-9
     assert stack.scalar("max(oclust_snapshot_version)") == 1
     assert stack.scalar("min(oclust_store_up)") == 1
@@ -544,7 +544,7 @@ def test_the_key_panels_show_the_expected_values(stack: Stack) -> None:
         f"(rate(oclust_assign_latency_seconds_bucket[{RATE_INTERVAL}])))"
     )["data"]["result"]
     by_endpoint = {s["metric"]["endpoint"]: float(s["value"][1]) for s in p99}
-    assert set(by_endpoint) == {"assign", "assign_batch"}
+    assert set(by_endpoint) == {"/assign", "/assign/batch"}  # the request counter's labels
     assert all(math.isfinite(v) and v > 0 for v in by_endpoint.values()), by_endpoint
 
     assigned = stack.query(f"sum by (cluster) (rate(oclust_assignments_total[{RATE_INTERVAL}]))")[

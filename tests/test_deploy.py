@@ -42,7 +42,7 @@ SERVICE_METRICS = frozenset(
         "oclust_hard_entropy_ratio",
         "oclust_kl_star_nats",
         "oclust_soft_entropy_nats",
-        "oclust_drift_js",
+        "oclust_drift_js_nats",
         "oclust_assign_latency_seconds",
         "oclust_http_requests_total",
         "oclust_snapshot_version",
@@ -356,7 +356,7 @@ def test_the_required_alerts_exist() -> None:
     assert next(r for r in alert_rules() if r["alert"] == "OclustClusterCollapse")["for"] == "5m"
     needles = {
         "OclustKLStarHigh": "oclust_kl_star_nats",
-        "OclustDriftHigh": "oclust_drift_js",
+        "OclustDriftHigh": "oclust_drift_js_nats",
         "OclustSnapshotStale": "oclust_snapshot_age_seconds",
         "OclustWorkerLagGrowing": "deriv(oclust_worker_consumer_lag",
         "OclustWorkerDeadLetters": "rate(oclust_worker_dlq_messages_total",

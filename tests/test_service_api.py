@@ -141,7 +141,8 @@ BAD_SINGLE = [
     (b'{"features": [1, 2, 3, 4, NaN]}', "features[4]: NaN or infinite"),
     (b'{"features": [Infinity, 2, 3, 4, 5]}', "features[0]: NaN or infinite"),
     (b'{"features": [1, 2, 3, -Infinity, 5]}', "features[3]: NaN or infinite"),
-    (b'{"features": [1, 2, 3, 4, 1e39]}', "outside the float32 range"),
+    (b'{"features": [1, 2, 3, 4, 1e39]}', "out_of_range: 1e+39 exceeds the feature bound"),
+    (b'{"features": [1, 2, 3, 4, 2000000]}', "features[4]: out_of_range"),
     (b'{"features": [1, 2, 3, 4, 1e400]}', "features[4]: NaN or infinite"),
     (b'{"features": [1, 2, 3, 4, "5"]}', "features[4]: Input should be a valid number"),
     (b'{"features": [1, 2, true, 4, 5]}', "features[2]: Input should be a valid number"),
@@ -185,7 +186,7 @@ BAD_BATCH = [
     (b'{"features": [1, 2, 3, 4, 5]}', "items: required field is missing"),
     (json.dumps({"items": [[0.0] * 5] * 9}).encode(), "9 items exceed the batch limit of 8"),
     (json.dumps({"items": [[0.0] * 5] * 8 + [[True] * 5]}).encode(), "exceed the batch limit"),
-    (b'{"items": [[1e38, 1e38, 1e38, 1e38, 1e38]]}', "values too large for the model"),
+    (b'{"items": [[1e38, 1e38, 1e38, 1e38, 1e38]]}', "items[0][0]: out_of_range"),
 ]
 
 
@@ -196,9 +197,80 @@ def test_bad_batch_input_is_422_with_a_message(api: Client, body: bytes, message
     assert message in r.json()["detail"]
 
 
-def test_values_too_large_for_the_model_are_422_not_500(api: Client) -> None:
+def test_values_too_large_for_the_model_are_422_not_500(vector_snapshot: Snapshot) -> None:
+    api = _client(vector_snapshot, max_abs_feature=1e39)  # past the bound, into the model
     r = api.post("/assign", json={"features": [1e38] * 5})
     assert r.status_code == 422 and "values too large" in r.json()["detail"]
+
+
+def test_out_of_range_features_are_422_with_the_error_type(api: Client) -> None:
+    r = api.post("/assign", json={"features": [1, 2, 3, 4, -3e38]})
+    assert r.status_code == 422
+    assert r.json()["errors"] == [{"loc": ["features", 4], "type": "out_of_range",
+                                   "msg": r.json()["errors"][0]["msg"]}]
+    assert api.post("/assign", json={"features": [1, 2, 3, 4, 1e6]}).status_code == 200
+
+
+def test_validation_stops_at_the_first_errors(api: Client) -> None:
+    body = json.dumps({"items": [[""] * 5] * 8}).encode()
+    r = api.post("/assign/batch", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and len(r.json()["errors"]) == 5
+    assert "stopped at the first 5 errors" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("kind", [None, "text/plain", "application/x-www-form-urlencoded",
+                                  "multipart/form-data; boundary=x"])
+def test_posts_need_a_json_or_binary_content_type(api: Client, kind: str | None) -> None:
+    headers = {} if kind is None else {"content-type": kind}
+    for path in ("/assign", "/assign/batch"):
+        r = api.post(path, content=b'{"features": [1, 2, 3, 4, 5]}', headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    ok = {"content-type": "application/json; charset=utf-8"}
+    assert api.post("/assign", content=b'{"features": [1, 2, 3, 4, 5]}',
+                    headers=ok).status_code == 200
+
+
+# --------------------------------------------------------------------------- binary batches
+RAW = {"content-type": "application/octet-stream"}
+
+
+def test_binary_batch_matches_the_json_answer(api: Client) -> None:
+    x = np.random.default_rng(3).normal(size=(6, 5)).astype("<f4")
+    want = api.post("/assign/batch", json={"items": x.tolist()}).json()
+    raw_in = api.post("/assign/batch", content=x.tobytes(), headers=RAW)
+    assert raw_in.status_code == 200 and raw_in.json()["clusters"] == want["clusters"]
+    both = api.post("/assign/batch", content=x.tobytes(),
+                    headers={**RAW, "accept": "application/octet-stream"})
+    assert both.status_code == 200 and both.headers["content-type"] == "application/octet-stream"
+    assert both.headers["x-oclust-version"] == str(want["version"])
+    assert both.headers["x-oclust-count"] == "6" and len(both.content) == 6 * 8
+    clusters = np.frombuffer(both.content[:24], "<i4")
+    distances = np.frombuffer(both.content[24:], "<f4")
+    assert clusters.tolist() == want["clusters"]
+    np.testing.assert_allclose(distances, want["distances"], rtol=1e-6)
+    json_in = api.post("/assign/batch", json={"items": x.tolist()},
+                       headers={"accept": "application/octet-stream"})
+    assert json_in.content == both.content
+
+
+def test_binary_single_sample(api: Client) -> None:
+    x = np.arange(5, dtype="<f4")
+    r = api.post("/assign", content=x.tobytes(), headers=RAW)
+    assert r.status_code == 200
+    assert r.json() == api.post("/assign", json={"features": x.tolist()}).json()
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b"", 422, "empty"),
+    (b"\0" * 21, 422, "not a whole number of samples"),
+    (np.zeros((9, 5), "<f4").tobytes(), 422, "9 items exceed the batch limit of 8"),
+    (np.full((1, 5), np.nan, "<f4").tobytes(), 422, "items[0][0]: NaN"),
+    (np.full((1, 5), 3e38, "<f4").tobytes(), 422, "out_of_range"),
+    (np.zeros((300, 5), "<f4").tobytes(), 413, "limit is 4096 bytes"),
+])
+def test_bad_binary_batches(api: Client, body: bytes, status: int, message: str) -> None:
+    r = api.post("/assign/batch", content=body, headers=RAW)
+    assert r.status_code == status and message in r.json()["detail"], r.text
 
 
 def test_body_over_the_limit_is_413_by_header(api: Client) -> None:
@@ -223,7 +295,58 @@ def test_streamed_body_under_the_limit_is_fine(api: Client) -> None:
         yield b'{"features": [1, 2, '
         yield b"3, 4, 5]}"
 
-    assert api.post("/assign", content=chunks()).status_code == 200
+    headers = {"content-type": "application/json"}
+    assert api.post("/assign", content=chunks(), headers=headers).status_code == 200
+
+
+def _raw_call(app: Any, path: str, messages: list[dict[str, Any]], **headers: str) -> list[Any]:
+    """Drive the ASGI app with the given receive messages; returns what it sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
+                 "root_path": "", "headers": [(k.replace("_", "-").encode(), v.encode())
+                                              for k, v in headers.items()]}
+        queue = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            if queue:
+                return queue.pop(0)
+            await asyncio.sleep(3600)  # a client that never sends the rest
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    asyncio.run(go())
+    return sent
+
+
+def _requests(app: Any) -> dict[tuple[str, str], float]:
+    text = app.state.metrics.render().decode()
+    return {(s.labels["endpoint"], s.labels["status"]): s.value
+            for f in text_string_to_metric_families(text) if f.name == "oclust_http_requests"
+            for s in f.samples if s.name.endswith("_total")}
+
+
+def test_client_disconnect_mid_body_is_499_not_5xx(vector_snapshot: Snapshot) -> None:
+    app = create_app(ServiceSettings(), _holder(vector_snapshot))
+    sent = _raw_call(app, "/assign", [
+        {"type": "http.request", "body": b'{"features": [1,', "more_body": True},
+        {"type": "http.disconnect"}], content_type="application/json")
+    assert sent == []
+    counts = _requests(app)
+    assert counts.get(("/assign", "4xx")) == 1 and ("/assign", "5xx") not in counts
+
+
+def test_a_body_that_never_finishes_is_408(vector_snapshot: Snapshot) -> None:
+    app = create_app(ServiceSettings(body_timeout=0.2), _holder(vector_snapshot))
+    sent = _raw_call(app, "/assign/batch", [
+        {"type": "http.request", "body": b'{"items": [', "more_body": True}],
+        content_type="application/json")
+    assert sent[0]["status"] == 408 and b"0.2 s" in sent[1]["body"]
 
 
 def test_bad_content_length_is_400(api: Client) -> None:
@@ -267,7 +390,7 @@ def test_wrong_method_and_unknown_path_are_4xx(api: Client) -> None:
 
 
 # --------------------------------------------------------------------------- API key
-def test_api_key_guards_assign_only(vector_snapshot: Snapshot) -> None:
+def test_api_key_guards_assign_model_stats_and_metrics(vector_snapshot: Snapshot) -> None:
     api = _client(vector_snapshot, api_key="s3cret")
     payload = {"features": [1, 2, 3, 4, 5]}
     assert api.post("/assign", json=payload).status_code == 401
@@ -278,19 +401,34 @@ def test_api_key_guards_assign_only(vector_snapshot: Snapshot) -> None:
     ok = api.post("/assign/batch", json={"items": [payload["features"]]},
                   headers={"x-api-key": "s3cret"})
     assert ok.status_code == 200
-    for path in ("/healthz", "/readyz", "/metrics", "/stats", "/model"):
+    for path in ("/healthz", "/readyz"):
         assert api.get(path).status_code == 200
+    for path in ("/metrics", "/stats", "/model"):
+        assert api.get(path).status_code == 401
+        assert api.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert api.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert api.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
     doc = api.get("/openapi.json").json()
     assert doc["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     assert doc["paths"]["/assign"]["post"]["security"] == [{"APIKeyHeader": []}]
+    assert doc["paths"]["/model"]["get"]["security"] == [{"APIKeyHeader": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]
+
+
+def test_protection_of_each_read_endpoint_is_configurable(vector_snapshot: Snapshot) -> None:
+    api = _client(vector_snapshot, api_key="s3cret", protect_metrics=False, protect_model=False)
+    assert api.get("/metrics").status_code == 200 and api.get("/model").status_code == 200
+    assert api.get("/stats").status_code == 401
+    assert api.post("/assign", json={"features": [1, 2, 3, 4, 5]}).status_code == 401
 
 
 # --------------------------------------------------------------------------- metrics, stats
 SERVICE_METRICS = {
     "oclust_assignments", "oclust_cluster_share", "oclust_hard_entropy_nats",
     "oclust_hard_entropy_ratio", "oclust_kl_star_nats", "oclust_soft_entropy_nats",
-    "oclust_drift_js", "oclust_assign_latency_seconds", "oclust_http_requests",
+    "oclust_drift_js_nats", "oclust_assign_latency_seconds", "oclust_http_requests",
     "oclust_snapshot_version", "oclust_snapshot_age_seconds",
+    "oclust_snapshot_created_timestamp_seconds", "oclust_snapshot_fallback", "oclust_build_info",
 }
 
 
@@ -318,11 +456,11 @@ def test_metrics_expose_every_documented_series(vector_snapshot: Snapshot) -> No
     assert requests[("/assign/batch", "2xx")] == 1
     latency = families["oclust_assign_latency_seconds"].samples
     counts = {s.labels["endpoint"]: s.value for s in latency if s.name.endswith("_count")}
-    assert counts == {"assign": 6, "assign_batch": 1}
+    assert counts == {"/assign": 6, "/assign/batch": 1}  # same labels as the counter
     version = families["oclust_snapshot_version"].samples[0].value
     assert version == 7
     assert 0 <= families["oclust_snapshot_age_seconds"].samples[0].value < 600
-    drift = families["oclust_drift_js"].samples[0].value
+    drift = families["oclust_drift_js_nats"].samples[0].value
     assert 0 <= drift <= math.log(2)  # 10 assignments = more than two windows of 4
 
 
@@ -356,7 +494,13 @@ def test_openapi_describes_every_field(api: Client) -> None:
     components = doc["components"]["schemas"]
     body = paths["/assign"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/AssignRequest"}
-    assert set(paths["/assign"]["post"]["responses"]) == {"200", "401", "413", "422", "503"}
+    assert set(paths["/assign"]["post"]["responses"]) == {
+        "200", "401", "408", "413", "415", "422", "503"}
+    batch = paths["/assign/batch"]["post"]
+    assert batch["requestBody"]["content"]["application/octet-stream"]["schema"]["format"] == (
+        "binary")
+    assert "application/octet-stream" in batch["responses"]["200"]["content"]
+    assert "X-Oclust-Version" in doc["info"]["description"]
     for name in ("AssignRequest", "AssignBatchRequest", "AssignResponse", "AssignBatchResponse",
                  "ErrorResponse", "NotReadyResponse", "StatsResponse"):
         assert name in components, name

@@ -104,6 +104,56 @@ def test_missing_versions_and_bad_stores_are_clear_errors(store_url: str) -> Non
     assert code == 1 and "failed while" in out
 
 
+def test_list_and_show_json(store_url: str) -> None:
+    code, out = _run("snapshots", "list", "--json", "--store", store_url, "--namespace", "cli")
+    assert code == 0, out
+    inv = json.loads(out)
+    assert inv["current"] == 2 and inv["pointer_problem"] is None
+    assert [(r["version"], r["current"], r["valid"]) for r in inv["versions"]] == [
+        (1, False, True), (2, True, True)]
+    assert inv["versions"][1]["manifest"]["metrics"] == {"loss": 0.25}
+    code, out = _run("snapshots", "show", "1", "--json", "--store", store_url, "--namespace",
+                     "cli")
+    assert code == 0 and json.loads(out)["version"] == 1
+
+
+@pytest.mark.parametrize("pointer", [b"abc", b"", b"-3", None, b"7"])
+def test_any_pointer_state_is_shown_and_repaired(store_url: str, pointer: bytes | None) -> None:
+    store = open_store(store_url, namespace="cli")
+    if pointer is None:
+        store.client.delete("cli:current")
+    else:
+        store.client.set("cli:current", pointer)
+    args = ("--store", store_url, "--namespace", "cli")
+    code, out = _run("snapshots", "list", "--json", *args)
+    assert code == 0, out
+    inv = json.loads(out)
+    assert [r["version"] for r in inv["versions"]] == [1, 2]
+    assert (inv["pointer_problem"] is None) == (pointer is None)
+    code, out = _run("snapshots", "list", *args)
+    assert code == 0 and "│" in out  # the table still lists both versions
+    if pointer is not None and pointer != b"7":
+        code, out = _run("snapshots", "show", *args)
+        assert code == 1 and "rollback" in out
+    code, out = _run("snapshots", "rollback", "1", *args)
+    assert code == 0, out
+    assert store.current_version() == 1
+    assert json.loads(_run("snapshots", "show", "--json", *args)[1])["version"] == 1
+    store.close()
+
+
+def test_corrupt_versions_are_listed_and_refused_as_rollback_targets(store_url: str) -> None:
+    store = open_store(store_url, namespace="cli")
+    manifest = json.loads(store.client.get("cli:manifest:1"))
+    store.client.set("cli:manifest:1", json.dumps({**manifest, "standardize": False}))
+    args = ("--store", store_url, "--namespace", "cli")
+    inv = json.loads(_run("snapshots", "list", "--json", *args)[1])
+    assert inv["versions"][0]["valid"] is False and "integrity" in inv["versions"][0]["error"]
+    code, out = _run("snapshots", "rollback", "1", *args)
+    assert code == 1 and "integrity" in out and store.current_version() == 2
+    store.close()
+
+
 def test_serve_runs_the_service_from_a_store(tmp_path: Path) -> None:
     store = open_store(f"file://{tmp_path}", namespace="srv")
     store.publish(_snapshot(0))

@@ -212,3 +212,33 @@ def test_compiled_single_path_turns_overflow_into_nan() -> None:
     assert fn is not None
     labels, dist, _ = fn(np.full((1, 3), 3e38, np.float32))
     assert labels.tolist() in ([0], [1]) and np.isnan(dist).all()
+
+
+def test_watcher_backs_off_on_a_garbled_pointer_and_falls_back(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}", namespace="g")
+    store.publish(_fit((5,), seed=1).to_snapshot())
+    store.publish(_fit((5,), seed=2).to_snapshot())
+    (store.path / "current").write_text("abc")
+    holder = ModelHolder()
+    watcher = SnapshotWatcher(store, holder, retry_interval=0.5, max_retry_interval=3.0)
+    assert watcher.backoff() == 0.0
+    assert watcher.check() is True  # nothing served yet: the newest valid version instead
+    assert holder.current.version == 2 and "fallback" in holder.fallback
+    assert "not a version number" in holder.last_error and holder.store_up is True
+    pauses = []
+    for _ in range(5):
+        assert watcher.check() is False and holder.current.version == 2
+        pauses.append(watcher.backoff())
+    assert pauses == [0.5, 1.0, 2.0, 3.0, 3.0]  # exponential, capped
+    store.rollback(1)  # the repair
+    assert watcher.check() is True and holder.current.version == 1
+    assert holder.fallback is None and holder.last_error is None and watcher.backoff() == 0.0
+
+
+def test_watcher_without_a_pointer_serves_the_newest_valid_version(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}", namespace="m")
+    store.publish(_fit((5,), seed=1).to_snapshot())
+    (store.path / "current").unlink()
+    holder = ModelHolder()
+    assert SnapshotWatcher(store, holder).check() is True
+    assert holder.current.version == 1 and "no current-version pointer" in holder.fallback

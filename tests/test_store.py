@@ -13,6 +13,7 @@ import torch
 
 from model.snapshot import Snapshot, SnapshotError, pack_tensors
 from training_worker.store import (
+    CorruptPointer,
     DirectoryStore,
     RedisStore,
     SnapshotStore,
@@ -59,8 +60,9 @@ def test_publish_load_round_trip(make_store):
     assert got.weights == snap.weights
     assert got.version == 1
     assert got.manifest["samples_seen"] == 42
-    assert {k: got.manifest[k] for k in snap.manifest if k != "version"} == {
-        k: v for k, v in snap.manifest.items() if k != "version"
+    renewed = ("version", "integrity")  # the checksum covers the stamped version
+    assert {k: got.manifest[k] for k in snap.manifest if k not in renewed} == {
+        k: v for k, v in snap.manifest.items() if k not in renewed
     }
     assert store.load(1) == got
     assert store.ping()
@@ -285,3 +287,48 @@ def test_open_store_rejects_bad_arguments(url, namespace, keep, match):
 def test_redis_url_hides_password():
     store = RedisStore("redis://user:secret@127.0.0.1:6399/2", namespace="ns")
     assert store.url == "redis://127.0.0.1:6399/2"
+
+
+def _set_pointer(store: SnapshotStore, raw: bytes) -> None:
+    if isinstance(store, RedisStore):
+        store.client.set(store.key("current"), raw)
+    else:
+        assert isinstance(store, DirectoryStore)
+        (store.path / "current").write_bytes(raw)
+
+
+@pytest.mark.parametrize("raw", [b"abc", b"", b"-1", b"1.5", b"\xff\x00", b"9" * 40])
+def test_a_garbled_pointer_is_a_clear_store_error_and_rollback_repairs_it(
+    make_store: StoreFactory, raw: bytes
+) -> None:
+    store = make_store()
+    store.publish(_snap(1.0))
+    _set_pointer(store, raw)
+    with pytest.raises(CorruptPointer, match="rollback"):
+        store.current_version()
+    with pytest.raises(StoreError):  # a CorruptPointer is a StoreError: callers handle it
+        store.load()
+    assert store.versions() == [1] and store.load(1).version == 1
+    store.rollback(1)
+    assert store.current_version() == 1
+
+
+def test_a_legacy_format_snapshot_is_still_read(make_store: StoreFactory) -> None:
+    from model.snapshot import LEGACY_FORMAT
+
+    snap = _snap(2.0)
+    legacy = {k: v for k, v in snap.manifest.items() if k != "integrity"}
+    old = Snapshot(snap.weights, {**legacy, "format": LEGACY_FORMAT})
+    store = make_store()
+    version = store.publish(old)
+    loaded = store.load(version)
+    assert loaded.legacy and "integrity" not in loaded.manifest
+
+
+def test_an_edited_manifest_is_refused(make_store: StoreFactory) -> None:
+    store = make_store()
+    version = store.publish(_snap(3.0))
+    snap = store.load(version)
+    edited = Snapshot(snap.weights, {**snap.manifest, "n_clusters": 4})
+    with pytest.raises(SnapshotError, match="integrity"):
+        edited.verify()

@@ -50,6 +50,7 @@ from redis.exceptions import RedisError
 from model.snapshot import Snapshot, SnapshotError
 
 __all__ = [
+    "CorruptPointer",
     "DirectoryStore",
     "RedisStore",
     "SnapshotError",
@@ -69,6 +70,24 @@ class StoreError(RuntimeError):
 
 class VersionNotFound(StoreError, LookupError):
     """The requested snapshot version (or any current version) does not exist."""
+
+
+class CorruptPointer(StoreError):
+    """The current-version pointer holds something other than a version number.
+
+    ``oclust snapshots rollback V`` (or the next publish) overwrites it.
+    """
+
+
+def _pointer(raw: bytes | str, where: str) -> int:
+    """Parse a stored current-version pointer; :class:`CorruptPointer` unless it is a version."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    if text.strip().isdigit() and len(text) < 20:
+        return int(text)
+    raise CorruptPointer(
+        f"the current-version pointer {where} holds {text[:40]!r}, not a version number "
+        "(repair it with `oclust snapshots rollback VERSION`)"
+    )
 
 
 def _check_namespace(namespace: str) -> str:
@@ -278,12 +297,12 @@ class RedisStore(SnapshotStore):
     def current_version(self) -> int | None:
         with self._errors("reading the current version"):
             raw = self.client.get(self.key("current"))
-        return None if raw is None else int(raw)
+        return None if raw is None else _pointer(raw, f"{self.key('current')} at {self.url}")
 
     def versions(self) -> list[int]:
         with self._errors("listing versions"):
             raw = self.client.zrange(self.key("versions"), 0, -1)
-        return sorted(int(v) for v in raw)
+        return sorted(int(v) for v in raw if v.isdigit())  # foreign members are ignored
 
     def _read(self, version: int) -> tuple[bytes, bytes]:
         with self._errors(f"loading version {version}"):
@@ -449,11 +468,12 @@ class DirectoryStore(SnapshotStore):
 
     def current_version(self) -> int | None:
         try:
-            return int((self.path / "current").read_text())
+            raw = (self.path / "current").read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise StoreError(f"cannot read {self.path / 'current'}: {exc}") from exc
+        return _pointer(raw, str(self.path / "current"))
 
     def versions(self) -> list[int]:
         if not self.path.is_dir():
