@@ -123,12 +123,16 @@ class CompiledInference:
         return Assignment(labels, dist.astype(np.float64), soft)
 
 
-def load(snapshot: Snapshot, device: str = "cpu", verify: bool = True) -> Inference:
+def load(
+    snapshot: Snapshot, device: str = "cpu", verify: bool = True,
+    torch_threads: int | None = None,
+) -> Inference:
     """The serving pipeline of a snapshot; :class:`SnapshotError` if it is bad.
 
-    ``verify=False`` skips the checksum for a snapshot already verified (by the store that read
+    ``verify=False`` skips the checksums of a snapshot already verified (by the store that read
     it). An MLP snapshot with a ``serving.*`` section is built without torch (whatever
-    ``device``); anything else rebuilds the clusterer in torch on ``device`` and exports it.
+    ``device``); anything else rebuilds the clusterer in torch on ``device`` and exports it,
+    after setting torch's intra-op threads to ``torch_threads`` when given.
     """
     if verify:
         snapshot.verify()
@@ -141,6 +145,10 @@ def load(snapshot: Snapshot, device: str = "cpu", verify: bool = True) -> Infere
         arrays = unpack_arrays(snapshot.weights)
         if SERVING_PREFIX + "centroids" in arrays:
             return CompiledInference.from_arrays(cfg, sigma, arrays)
-    from model.clusterer import OnlineClusterer  # torch, only for what the kernel cannot run
+    import torch  # only for what the kernel cannot run
 
+    from model.clusterer import OnlineClusterer
+
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     return OnlineClusterer.from_snapshot(snapshot, device=device, verify=False).export()

@@ -41,7 +41,6 @@ def _settings(**overrides: Any) -> ServiceSettings:
 
 def run_server(settings: ServiceSettings) -> None:
     """Serve until interrupted: the app, plus a watcher keeping it on the store's snapshot."""
-    import torch
     import uvicorn
 
     from service.app import create_app
@@ -49,7 +48,6 @@ def run_server(settings: ServiceSettings) -> None:
     from service.loader import ModelHolder, SnapshotWatcher
     from training_worker.store import StoreError, open_store
 
-    torch.set_num_threads(settings.torch_threads)
     try:
         store = open_store(settings.store, settings.namespace, poll_interval=settings.poll_interval)
     except StoreError as exc:
@@ -58,6 +56,7 @@ def run_server(settings: ServiceSettings) -> None:
     watcher = SnapshotWatcher(
         store, holder, device=settings.device, poll_interval=settings.poll_interval,
         retry_interval=settings.retry_interval, max_retry_interval=settings.max_retry_interval,
+        torch_threads=settings.torch_threads,
     )
     app = create_app(settings, holder, background=[watcher])
     try:

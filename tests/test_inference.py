@@ -107,6 +107,18 @@ def test_torch_export_is_frozen() -> None:
     assert not np.array_equal(clf.export()(x).distances, before.distances)
 
 
+def test_traced_path_runs_without_a_grad_context() -> None:
+    inf = _fit((2, 12)).export()
+    assert inf.single_path == "traced"
+    x = np.random.default_rng(0).normal(size=(1, 2, 12)).astype(np.float32)
+    labels, dist, soft = inf.single(x)  # called outside inference mode, as the service does
+    with torch.inference_mode():
+        want = inf.pipeline(torch.from_numpy(x))
+    assert labels.tolist() == want[0].tolist()
+    np.testing.assert_allclose(dist, want[1].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(soft, want[2].numpy(), rtol=1e-5)
+
+
 def test_snapshot_without_serving_section_is_rebuilt_in_torch() -> None:
     clf = _fit((5,), regulariser="cm")
     snap = clf.to_snapshot()
