@@ -17,23 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from bench_service import _free_port, _publish_model, _server  # this folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(port: int, path: str, body: dict) -> int:
@@ -43,23 +36,6 @@ def _post(port: int, path: str, body: dict) -> int:
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return r.status
-
-
-def _publish_digits_mlp(store_dir: Path) -> list[list[float]]:
-    """Train the digits MLP for a few steps, publish it; returns the samples (as lists)."""
-    import numpy as np
-
-    from model import OnlineClusterer
-    from model.datasets import load
-    from training_worker.store import open_store
-
-    X, _ = load("digits")
-    clf = OnlineClusterer(n_clusters=10, random_state=0, device="cpu")
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        clf.partial_fit(X[rng.choice(len(X), 256, replace=False)])
-    open_store(f"file://{store_dir}", namespace="bench").publish(clf.to_snapshot())
-    return X.tolist()
 
 
 def _proc(pid: int) -> dict[str, float | bool]:
@@ -78,24 +54,13 @@ def _proc(pid: int) -> dict[str, float | bool]:
 def measure(root: Path) -> dict[str, object]:
     """Start ``oclust serve`` from ``root`` on a fresh digits MLP snapshot and measure it."""
     tmp = Path(tempfile.mkdtemp(prefix="oclust-replica-"))
-    X = _publish_digits_mlp(tmp / "store")
+    X = _publish_model(tmp / "store")[1].tolist()
     port = _free_port()
     cmd = [PY, "-m", "service", "serve", "--store", f"file://{tmp / 'store'}", "--namespace",
            "bench", "--port", str(port), "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=root, env=env)
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() - start > 120:
-                raise RuntimeError(f"{cmd} did not become ready")
-            time.sleep(0.1)
+    with _server(cmd, port, env, cwd=root) as proc:
         ready_s = time.monotonic() - start
         for i in range(200):
             assert _post(port, "/assign", {"features": X[i]}) == 200
@@ -103,9 +68,6 @@ def measure(root: Path) -> dict[str, object]:
             items = [X[(i * 256 + j) % len(X)] for j in range(256)]
             assert _post(port, "/assign/batch", {"items": items}) == 200
         return {"root": str(root), "ready_s": round(ready_s, 2), **_proc(proc.pid)}
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def main() -> None:
