@@ -1,4 +1,4 @@
-"""Combination assignment (CA): the exact greedy batch assignment of DESIGN.md §1.1.
+"""Combination assignment (CA): the exact greedy batch assignment.
 
 Mahon & Lukasiewicz (AAAI 2024) assign a whole batch with hard labels by repeating N times:
 pick the still-unassigned pair (i, k) with the smallest cost
@@ -7,14 +7,17 @@ pick the still-unassigned pair (i, k) with the smallest cost
 
 (n_k = points already given to cluster k in this batch, starting at 0), assign i -> k and
 increment n_k. Ties go to the lowest i, then the lowest k. This module computes exactly the labels
-of that naive O(N^2 K) loop in O(N K log N): every cluster's column is sorted once and a lazy
-pointer tracks the column's smallest still-unassigned entry; only the chosen cluster's penalty
-changes per step. Costs that tie (equal distances, or distinct distances that round to the same
-float once the penalty is added) form a run in the sorted column whose lowest row is found
-without rescanning rows already taken, so a collapsed batch (all distances equal) stays fast.
+of that naive O(N^2 K) loop without sorting every column: since the penalty is per cluster, a
+cluster's best pair is its smallest unassigned distance, so each column is sorted lazily (by
+distance, then row) only as deep as the loop reads it; the clusters sit in a heap keyed by their
+cached best cost, which only grows, so a cluster is re-examined only when it reaches the top;
+late in the batch, when few rows are left, a cluster's best row is found by scanning those rows
+instead of sorting deeper. Costs that tie (equal distances, or distinct distances that round to
+the same float once the penalty is added) are resolved to the lowest row exactly, and a collapsed
+batch (all distances of a cluster equal) costs O(1) per pick.
 
-Note on sigma: DESIGN.md writes the penalty as ``2*sigma*(...)``; this function takes the factor
-that multiplies the bracket as ``sigma``, so a caller following DESIGN.md passes ``2 * sigma``.
+Note on sigma: the paper's loss writes the penalty as ``2*sigma*(...)``; this function takes the
+factor that multiplies the bracket as ``sigma``, so such a caller passes ``2 * sigma``.
 """
 
 from __future__ import annotations
@@ -345,19 +348,19 @@ def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> 
 
 
 def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) -> np.ndarray:
-    """Hard labels of a batch by exact greedy combination assignment (DESIGN.md §1.1).
+    """Hard labels of a batch by exact greedy combination assignment.
 
     Repeats N times: pick the still-unassigned pair (i, k) minimising
     ``distances[i, k] + sigma * (log(n_k + 1) - log_prior[k])`` in float64 (``n_k`` = rows
     already given to cluster k, starting at 0; ties go to the lowest i, then the lowest k),
     assign i -> k and increment n_k. The result equals that naive O(N^2 K) loop on every input;
-    this implementation runs in O(N K log N) compiled code (numba, compiled on the first call
-    and cached on disk for later processes).
+    this implementation runs in at most O(N K log N) compiled code (numba, compiled on the first
+    call and cached on disk for later processes).
 
     Args:
         distances: N x K array of costs (normally squared distances ||z_i - mu_k||^2); a NumPy
             array, a torch tensor on any device (copied to the host once) or a nested sequence.
-        sigma: weight of the count/prior penalty, finite and >= 0 (DESIGN.md's ``2*sigma``).
+        sigma: weight of the count/prior penalty, finite and >= 0 (the loss's ``2*sigma``).
             0 gives the row-wise argmin; large values balance the clusters.
         log_prior: length-K log prior probabilities, finite; ``None`` means uniform.
 
@@ -406,5 +409,7 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         )
     if n == 0:
         return np.empty(0, dtype=np.int64)
+    if not d.flags.writeable:  # one compiled signature (numba types read-only arrays apart)
+        d = d.copy()
     # first pivots leaving about the depth the loop reads sorted (measured: ~N/7 at K=100)
     return _greedy(d, lp, sigma_f, max(4 * n // n_clusters, n // 8) + 16)
