@@ -237,16 +237,16 @@ def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> 
     """Greedy CA on the N x K costs ``d``; returns the label of every row.
 
     Every column is sorted lazily by (distance, row) with incremental quicksort
-    (:func:`_finalize`), only as deep as the greedy loop reads it: about N/K entries plus those
-    taken by other clusters, not N. The first split of every column is fused with the copy out
-    of ``d`` (one row-major pass), around a pivot sampled so that about ``target`` entries fall
-    before it. Each cluster caches its candidate: the lowest unassigned row among those of
-    minimal cost in its column. Since fl(d + pen) is monotone in d, the tied entries form a
-    run of equal-distance blocks from the column's first unassigned entry (normally a single
-    entry). A candidate goes stale when its cluster's penalty changes or its row is taken;
-    only stale candidates are recomputed. "First unassigned position at or after q" is a
-    path-compressed union-find lookup (``parent``), and block ends are cached (``bend``), so
-    taken rows are not rescanned even when all distances tie (a collapsed batch).
+    (:func:`_finalize`), only as deep as the loop reads it. The first split of every column is
+    fused with the copy out of ``d`` (one row-major pass), around a pivot sampled so that about
+    ``target`` entries fall before it. Each cluster caches its candidate (:func:`_candidate`);
+    the clusters sit in a min-heap keyed by the cached (cost, row, cluster). A cached key never
+    exceeds the cluster's true one (rows only get taken, penalties only grow), so a top whose
+    row is still unassigned is the naive loop's pick; a top whose row was taken is recomputed
+    and re-sifted. When the unassigned rows are several times fewer than the column segment
+    that would have to be split next, the candidate is found by scanning those rows instead
+    (:func:`_scan`). A column of one repeated distance (a collapsed batch) needs no sorting:
+    its candidate is the lowest unassigned row.
     """
     n, n_clusters = d.shape
     vals = np.empty((n_clusters, n), dtype=np.float64)
