@@ -23,6 +23,7 @@ factor that multiplies the bracket as ``sigma``, so such a caller passes ``2 * s
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numba
@@ -146,13 +147,13 @@ def _sift_down(heap: np.ndarray, h: int, cand_c: np.ndarray, cand_i: np.ndarray)
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan(k: int, pen: float, d: np.ndarray, left: np.ndarray, n_left: int) -> tuple[float, int]:
+def _scan(k: int, pen: float, dt: np.ndarray, left: np.ndarray, n_left: int) -> tuple[float, int]:
     """Cluster k's (cost, row) by a scan of the ``n_left`` unassigned rows ``left[:n_left]``."""
     best_c = 0.0
     best_i = -1
     for j in range(n_left):
         i = left[j]
-        c = d[i, k] + pen
+        c = dt[k, i] + pen
         if best_i < 0 or c < best_c or (c == best_c and i < best_i):
             best_c = c
             best_i = i
@@ -163,7 +164,7 @@ def _scan(k: int, pen: float, d: np.ndarray, left: np.ndarray, n_left: int) -> t
 def _candidate(
     k: int, pen: float, vals: np.ndarray, rows: np.ndarray, stack: np.ndarray,
     depth: np.ndarray, fin: np.ndarray, parent: np.ndarray, bend: np.ndarray,
-    first: np.ndarray, assigned: np.ndarray, d: np.ndarray, left: np.ndarray, n_left: int,
+    first: np.ndarray, assigned: np.ndarray, dt: np.ndarray, left: np.ndarray, n_left: int,
     const: np.ndarray, low: np.ndarray,
 ) -> tuple[float, int]:
     """Cluster k's (cost, row): the lowest unassigned row among those of minimal cost.
@@ -179,7 +180,7 @@ def _candidate(
         while assigned[i]:
             i += 1
         low[0] = i
-        return d[i, k] + pen, i
+        return dt[k, i] + pen, i
     n = vals.shape[1]
     best_c = 0.0
     best_i = -1
@@ -193,7 +194,7 @@ def _candidate(
                 break
             if r + 1 < n and fin[k] <= r + 1:  # the column must be sorted further
                 if n_left * _SCAN_FACTOR < stack[k, depth[k] - 1] - fin[k]:
-                    return _scan(k, pen, d, left, n_left)  # cheaper: scan what is left
+                    return _scan(k, pen, dt, left, n_left)  # cheaper: scan what is left
                 while fin[k] <= r + 1:
                     _finalize(vals, rows, stack, depth, fin, parent, bend, k)
             parent[k, r] = r + 1
@@ -218,7 +219,7 @@ def _candidate(
             while True:
                 if e < n and fin[k] <= e:
                     if n_left * _SCAN_FACTOR < stack[k, depth[k] - 1] - fin[k]:
-                        return _scan(k, pen, d, left, n_left)
+                        return _scan(k, pen, dt, left, n_left)
                     while fin[k] <= e:
                         _finalize(vals, rows, stack, depth, fin, parent, bend, k)
                 if e == n or vals[k, e] != vals[k, r]:
@@ -233,12 +234,15 @@ def _candidate(
 
 
 @numba.njit(cache=True, nogil=True)
-def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> np.ndarray:
-    """Greedy CA on the N x K costs ``d``; returns the label of every row.
+def _greedy(
+    dt: np.ndarray, log_prior: np.ndarray, sigma: float, target: int, vals: np.ndarray,
+    rows: np.ndarray, stack: np.ndarray, parent: np.ndarray, bend: np.ndarray,
+) -> np.ndarray:
+    """Greedy CA on the costs ``dt`` (K x N: one row per cluster); returns every row's label.
 
     Every column is sorted lazily by (distance, row) with incremental quicksort
     (:func:`_finalize`), only as deep as the loop reads it. The first split of every column is
-    fused with the copy out of ``d`` (one row-major pass), around a pivot sampled so that about
+    fused with the copy out of ``dt``, around a pivot sampled so that about
     ``target`` entries fall before it. Each cluster caches its candidate (:func:`_candidate`);
     the clusters sit in a min-heap keyed by the cached (cost, row, cluster). A cached key never
     exceeds the cluster's true one (rows only get taken, penalties only grow), so a top whose
@@ -248,14 +252,12 @@ def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> 
     (:func:`_scan`). A column of one repeated distance (a collapsed batch) needs no sorting:
     its candidate is the lowest unassigned row.
     """
-    n, n_clusters = d.shape
-    vals = np.empty((n_clusters, n), dtype=np.float64)
-    rows = np.empty((n_clusters, n), dtype=np.int64)
-    stack = np.empty((n_clusters, n + 2), dtype=np.int64)
+    # work arrays, passed in (reused across calls: fresh pages cost more than this loop):
+    # vals, rows (K x N) the columns' entries; stack (K x N+2) pivot positions; parent
+    # (K x N+1, position n: "none left") the union-find; bend (K x N) block ends, -1: unknown
+    n_clusters, n = dt.shape
     depth = np.empty(n_clusters, dtype=np.int64)
     fin = np.zeros(n_clusters, dtype=np.int64)  # positions < fin[k] are sorted and final
-    parent = np.empty((n_clusters, n + 1), dtype=np.int64)  # position n: "none left"
-    bend = np.empty((n_clusters, n), dtype=np.int64)  # block end of a position, -1: unknown
 
     # each column's first pivot: the sample entry of rank ~ target / n among _SAMPLES rows
     n_samp = min(n, _SAMPLES)
@@ -267,7 +269,7 @@ def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> 
     for k in range(n_clusters):
         for s in range(n_samp):  # insertion sort of the sample
             r = s * n // n_samp
-            v = d[r, k]
+            v = dt[k, r]
             q = s - 1
             while q >= 0 and _before(v, r, sv[q], sr[q]):
                 sv[q + 1] = sv[q]
@@ -277,28 +279,28 @@ def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> 
             sr[q + 1] = r
         piv_v[k] = sv[rank]
         piv_r[k] = sr[rank]
-    # one row-major pass: keys before the pivot to the front of the column, the rest to the back
-    lo = np.zeros(n_clusters, dtype=np.int64)
-    hi = np.full(n_clusters, n, dtype=np.int64)
+    # one pass per (contiguous) column: keys before the pivot to the front, the rest to the back
     const = np.ones(n_clusters, dtype=np.bool_)  # column of one repeated distance
-    for i in range(n):
-        for k in range(n_clusters):
-            v = d[i, k]
-            if v != d[0, k]:
-                const[k] = False
-            if _before(v, i, piv_v[k], piv_r[k]):
-                vals[k, lo[k]] = v
-                rows[k, lo[k]] = i
-                lo[k] += 1
-            elif i != piv_r[k]:
-                hi[k] -= 1
-                vals[k, hi[k]] = v
-                rows[k, hi[k]] = i
     for k in range(n_clusters):
-        vals[k, lo[k]] = piv_v[k]
-        rows[k, lo[k]] = piv_r[k]
+        col, vk, rk = dt[k], vals[k], rows[k]
+        pv, pr, first_v = piv_v[k], piv_r[k], dt[k, 0]
+        lo, hi, same = 0, n, True
+        for i in range(n):
+            v = col[i]
+            same &= v == first_v
+            if v < pv or (v == pv and i < pr):
+                vk[lo] = v
+                rk[lo] = i
+                lo += 1
+            elif i != pr:
+                hi -= 1
+                vk[hi] = v
+                rk[hi] = i
+        const[k] = same
+        vk[lo] = pv
+        rk[lo] = pr
         stack[k, 0] = n
-        stack[k, 1] = lo[k]
+        stack[k, 1] = lo
         depth[k] = 2
         parent[k, n] = n
         _finalize(vals, rows, stack, depth, fin, parent, bend, k)
@@ -315,7 +317,7 @@ def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> 
     for k in range(n_clusters):
         cand_c[k], cand_i[k] = _candidate(
             k, sigma * (0.0 - log_prior[k]), vals, rows, stack, depth, fin, parent, bend, first,
-            assigned, d, left, n, const, low,
+            assigned, dt, left, n, const, low,
         )
     # binary min-heap of the clusters keyed by their cached (cost, row, cluster)
     heap = np.arange(n_clusters, dtype=np.int64)
@@ -340,11 +342,28 @@ def _greedy(d: np.ndarray, log_prior: np.ndarray, sigma: float, target: int) -> 
         # the top's row was taken, or its penalty just grew: recompute it, then re-sift
         pen = sigma * (math.log(counts[k] + 1.0) - log_prior[k])  # the reference formula
         cand_c[k], cand_i[k] = _candidate(
-            k, pen, vals, rows, stack, depth, fin, parent, bend, first, assigned, d, left,
+            k, pen, vals, rows, stack, depth, fin, parent, bend, first, assigned, dt, left,
             n - done, const, low,
         )
         _sift_down(heap, 0, cand_c, cand_i)
     return labels
+
+
+_WORK = threading.local()  # per thread: CA's work arrays, kept for the next call
+_WORK_MAX = 1 << 21  # entries per work array kept between calls (16 MiB each)
+
+
+def _workspace(n_clusters: int, n: int) -> tuple[np.ndarray, ...]:
+    """Work arrays for :func:`_greedy`: dt, vals (float64 K x N), rows, bend (int64 K x N),
+    stack (K x N+2) and parent (K x N+1), views of this thread's buffers when they fit."""
+    size = n_clusters * (n + 2)
+    bufs = getattr(_WORK, "bufs", None)
+    if bufs is None or bufs[0].size < size:
+        bufs = (np.empty(size), np.empty(size), *(np.empty(size, np.int64) for _ in range(4)))
+        if size <= _WORK_MAX:
+            _WORK.bufs = bufs
+    shapes = [(n_clusters, n)] * 3 + [(n_clusters, n + 2), (n_clusters, n + 1), (n_clusters, n)]
+    return tuple(b[: math.prod(shp)].reshape(shp) for b, shp in zip(bufs, shapes, strict=True))
 
 
 def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) -> np.ndarray:
@@ -409,7 +428,8 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         )
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    if not d.flags.writeable:  # one compiled signature (numba types read-only arrays apart)
-        d = d.copy()
     # first pivots leaving about the depth the loop reads sorted (measured: ~N/7 at K=100)
-    return _greedy(d, lp, sigma_f, max(4 * n // n_clusters, n // 8) + 16)
+    dt, vals, rows, stack, parent, bend = _workspace(n_clusters, n)
+    np.copyto(dt, d.T)  # K x N, one row per cluster
+    return _greedy(dt, lp, sigma_f, max(4 * n // n_clusters, n // 8) + 16, vals, rows, stack,
+                   parent, bend)
