@@ -291,3 +291,17 @@ def test_larger_batches_match_reference(
     np.testing.assert_array_equal(
         combination_assignment(d, sigma, log_prior), numpy_reference(d, sigma, log_prior)
     )
+
+
+def test_threads_do_not_share_work_arrays() -> None:
+    # the kernel releases the GIL and reuses per-thread work arrays: concurrent calls on
+    # different batches must each give their own sequential answer
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [_squared_distances(300 + 50 * s, 20 + s, seed=s) for s in range(8)]
+    expected = [combination_assignment(d, 10.0) for d in problems]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda d: combination_assignment(d, 10.0), problems))
+            for g, e in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(g, e)
