@@ -279,9 +279,12 @@ def _header_ints(headers: Headers | None, name: str) -> np.ndarray | None:
 
 def decode_matrix(
     value: bytes | None, headers: Headers | None, shape: tuple[int, ...] | None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int = DEFAULT_MAX_BYTES, max_abs: float = DEFAULT_MAX_ABS_FEATURE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A multi-sample float32 message (``rows`` header) → ((n, *shape) float32, (n,) labels).
+
+    The same bounds as a single sample: finite features within ``±max_abs`` and labels in
+    ``-1..MAX_LABEL`` (else ``non_finite`` / ``out_of_range``).
 
     The matrix is a read-only view of ``value`` (np.frombuffer, no copy); the per-sample shape is
     ``shape`` (the model's) and must agree with a ``shape`` header when both are given.
@@ -322,11 +325,15 @@ def decode_matrix(
     arr = np.frombuffer(value, dtype="<f4").reshape(n, *shape)
     if not np.isfinite(arr).all():
         raise DecodeError("non_finite", "the matrix contains NaN or infinite values")
+    if arr.size and np.abs(arr).max() > max_abs:
+        raise DecodeError("out_of_range", f"a feature's magnitude exceeds {max_abs:g}")
     labels = _header_ints(headers, "labels")
     if labels is None:
         labels = np.full(n, -1, dtype=np.int64)
     elif labels.shape != (n,) or (labels < -1).any():
         raise DecodeError("bad_schema", f"'labels' header must hold {n} integers >= -1")
+    elif (labels > MAX_LABEL).any():
+        raise DecodeError("out_of_range", f"a label exceeds {MAX_LABEL}")
     return arr, labels
 
 
@@ -467,7 +474,7 @@ class SampleDecoder:
                 if _has_rows(h):
                     if not _is_f32(h, self.encoding):
                         raise DecodeError("bad_schema", "a 'rows' header needs float32 content")
-                    arr, lab = decode_matrix(v, h, self.shape, self.max_bytes)
+                    arr, lab = decode_matrix(v, h, self.shape, self.max_bytes, self.max_abs)
                     self.shape = self.shape or arr.shape[1:]
                 else:
                     one, label = self.decode(v, h)
