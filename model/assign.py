@@ -63,7 +63,8 @@ def _before(v: float, r: int, w: float, s: int) -> bool:
 @numba.njit(cache=True, nogil=True, inline="always")
 def _finalize(
     vals: np.ndarray, rows: np.ndarray, stack: np.ndarray, depth: np.ndarray,
-    fin: np.ndarray, parent: np.ndarray, bend: np.ndarray, k: int,
+    fin: np.ndarray, parent: np.ndarray, bend: np.ndarray, k: int, dt: np.ndarray,
+    back: np.ndarray,
 ) -> None:
     """One step of incremental quicksort on column k: put at least position ``fin[k]`` in place.
 
@@ -76,6 +77,15 @@ def _finalize(
     n = vals.shape[1]
     lo = fin[k]
     hi = stack[k, depth[k] - 1]
+    if hi == n and not back[k]:
+        # first read past the first pivot (at lo - 1): copy the keys after it out of dt now
+        pv, pr, j = vals[k, lo - 1], rows[k, lo - 1], lo
+        for i in range(n):
+            if _before(pv, pr, dt[k, i], i):
+                vals[k, j] = dt[k, i]
+                rows[k, j] = i
+                j += 1
+        back[k] = True
     while hi - lo > _INSERTION:
         # median of three (lo, mid, hi - 1) moved to hi - 1, then a Lomuto partition
         mid = (lo + hi - 1) // 2
@@ -165,7 +175,7 @@ def _candidate(
     k: int, pen: float, vals: np.ndarray, rows: np.ndarray, stack: np.ndarray,
     depth: np.ndarray, fin: np.ndarray, parent: np.ndarray, bend: np.ndarray,
     first: np.ndarray, assigned: np.ndarray, dt: np.ndarray, left: np.ndarray, n_left: int,
-    const: np.ndarray, low: np.ndarray,
+    const: np.ndarray, low: np.ndarray, back: np.ndarray,
 ) -> tuple[float, int]:
     """Cluster k's (cost, row): the lowest unassigned row among those of minimal cost.
 
@@ -196,7 +206,7 @@ def _candidate(
                 if n_left * _SCAN_FACTOR < stack[k, depth[k] - 1] - fin[k]:
                     return _scan(k, pen, dt, left, n_left)  # cheaper: scan what is left
                 while fin[k] <= r + 1:
-                    _finalize(vals, rows, stack, depth, fin, parent, bend, k)
+                    _finalize(vals, rows, stack, depth, fin, parent, bend, k, dt, back)
             parent[k, r] = r + 1
         while q != r:  # path compression
             nxt = parent[k, q]
@@ -221,7 +231,7 @@ def _candidate(
                     if n_left * _SCAN_FACTOR < stack[k, depth[k] - 1] - fin[k]:
                         return _scan(k, pen, dt, left, n_left)
                     while fin[k] <= e:
-                        _finalize(vals, rows, stack, depth, fin, parent, bend, k)
+                        _finalize(vals, rows, stack, depth, fin, parent, bend, k, dt, back)
                 if e == n or vals[k, e] != vals[k, r]:
                     break
                 e += 1
@@ -279,23 +289,20 @@ def _greedy(
             sr[q + 1] = r
         piv_v[k] = sv[rank]
         piv_r[k] = sr[rank]
-    # one pass per (contiguous) column: keys before the pivot to the front, the rest to the back
+    # one pass per (contiguous) column: the keys before the pivot to the front
     const = np.ones(n_clusters, dtype=np.bool_)  # column of one repeated distance
+    back = np.zeros(n_clusters, dtype=np.bool_)  # keys after the first pivot copied yet
     for k in range(n_clusters):
         col, vk, rk = dt[k], vals[k], rows[k]
         pv, pr, first_v = piv_v[k], piv_r[k], dt[k, 0]
-        lo, hi, same = 0, n, True
-        for i in range(n):
+        lo, same = 0, True
+        for i in range(n):  # the keys after the pivot are copied only if ever read
             v = col[i]
             same &= v == first_v
             if v < pv or (v == pv and i < pr):
                 vk[lo] = v
                 rk[lo] = i
                 lo += 1
-            elif i != pr:
-                hi -= 1
-                vk[hi] = v
-                rk[hi] = i
         const[k] = same
         vk[lo] = pv
         rk[lo] = pr
@@ -303,7 +310,7 @@ def _greedy(
         stack[k, 1] = lo
         depth[k] = 2
         parent[k, n] = n
-        _finalize(vals, rows, stack, depth, fin, parent, bend, k)
+        _finalize(vals, rows, stack, depth, fin, parent, bend, k, dt, back)
 
     labels = np.full(n, -1, dtype=np.int64)
     assigned = np.zeros(n, dtype=np.bool_)
@@ -317,7 +324,7 @@ def _greedy(
     for k in range(n_clusters):
         cand_c[k], cand_i[k] = _candidate(
             k, sigma * (0.0 - log_prior[k]), vals, rows, stack, depth, fin, parent, bend, first,
-            assigned, dt, left, n, const, low,
+            assigned, dt, left, n, const, low, back,
         )
     # binary min-heap of the clusters keyed by their cached (cost, row, cluster)
     heap = np.arange(n_clusters, dtype=np.int64)
@@ -343,7 +350,7 @@ def _greedy(
         pen = sigma * (math.log(counts[k] + 1.0) - log_prior[k])  # the reference formula
         cand_c[k], cand_i[k] = _candidate(
             k, pen, vals, rows, stack, depth, fin, parent, bend, first, assigned, dt, left,
-            n - done, const, low,
+            n - done, const, low, back,
         )
         _sift_down(heap, 0, cand_c, cand_i)
     return labels
