@@ -252,8 +252,9 @@ def _greedy(
 
     Every column is sorted lazily by (distance, row) with incremental quicksort
     (:func:`_finalize`), only as deep as the loop reads it. The first split of every column is
-    fused with the copy out of ``dt``, around a pivot sampled so that about
-    ``target`` entries fall before it. Each cluster caches its candidate (:func:`_candidate`);
+    fused with the copy out of ``dt``, around a pivot sampled so that about ``target`` entries
+    fall before it; the keys after it are copied only if ever read. Each cluster caches its
+    candidate (:func:`_candidate`);
     the clusters sit in a min-heap keyed by the cached (cost, row, cluster). A cached key never
     exceeds the cluster's true one (rows only get taken, penalties only grow), so a top whose
     row is still unassigned is the naive loop's pick; a top whose row was taken is recomputed
