@@ -10,12 +10,14 @@ torch's default thread count) to show CA's share of a training step. All three a
 checked to return the same labels. Prints a markdown table.
 
 Run: ``.venv/bin/python benchmarks/bench_assign.py`` (``--quick`` skips the slow Python loop at
-the large size).
+the large size; ``--json`` prints only one JSON object with CA's share of the step at batch N,
+``ca_step_ratio_1024x100`` and ``ca_step_ratio_256x10``, skipping the slow loops).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -31,7 +33,7 @@ SIZES = [(256, 10, False), (1024, 100, False), (1024, 100, True)]
 
 
 def python_loop(distances: np.ndarray, sigma: float) -> np.ndarray:
-    """The plain greedy loop of ARCHITECTURE.md §1.1 (uniform prior), ties to lowest i then k."""
+    """The plain greedy loop (uniform prior), ties to lowest i then k."""
     n, n_clusters = distances.shape
     rows = distances.tolist()
     counts = [0] * n_clusters
@@ -116,6 +118,8 @@ def main() -> None:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the Python loop at N=1024")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with CA's share of the step, nothing else")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,6 +129,16 @@ def main() -> None:
     combination_assignment(make_distances(8, 3), SIGMA)
     first_call = time.perf_counter() - t0
     steps = {batch: mlp_step_time(batch) for batch in sorted({256, *(n for n, _, _ in SIZES)})}
+    if args.json:
+        ratios = {}
+        for n, n_clusters in ((1024, 100), (256, 10)):
+            d = make_distances(n, n_clusters)
+            if not np.array_equal(combination_assignment(d, SIGMA), numpy_loop(d, SIGMA)):
+                raise SystemExit(f"MISMATCH numpy loop vs numba CA at N={n}, K={n_clusters}")
+            t_fast = time_call(lambda d=d: combination_assignment(d, SIGMA), 200)
+            ratios[f"ca_step_ratio_{n}x{n_clusters}"] = round(t_fast / steps[n], 4)
+        print(json.dumps(ratios))
+        return
 
     print(f"torch threads: {torch.get_num_threads()}; sigma = {SIGMA}; uniform prior")
     print(f"first CA call in this process (compile or disk-cache load): {first_call * 1e3:.0f} ms")

@@ -14,8 +14,14 @@ as JSON and once as float32 with headers):
    worker consuming the topic (decode, queue, batch, step in a thread, metrics), both after
    one warm-up step. Target: worker ≥ 80% of memory.
 
+3. **multi-sample messages** — the same digits packed 256 per float32 message (``rows``
+   header): the worker's training rate from that topic, and the decode path alone
+   (``SampleDecoder.decode_batch`` on fetched-size lists of such messages, samples/s).
+
 Run: ``.venv/bin/python benchmarks/bench_worker.py [--messages 60000] [--train-samples 20000]``
-Prints a markdown table.
+Prints markdown tables; ``--json`` skips the consume-and-decode table and prints one JSON object:
+``worker_json_of_memory``, ``worker_f32_of_memory``, ``worker_multi_of_memory`` (ratios of the
+training rates) and ``multi_decode_samples_per_s``.
 """
 
 from __future__ import annotations
@@ -39,14 +45,16 @@ from aiokafka import AIOKafkaConsumer
 
 from model import OnlineClusterer, StepReport, datasets
 from training_worker.batching import Batch
+from training_worker.codec import SampleDecoder
 from training_worker.devbroker import TansuBroker
 from training_worker.kafka import DeadLetters
-from training_worker.producer import replay
+from training_worker.producer import dataset_messages, replay
 from training_worker.settings import WorkerSettings
 from training_worker.trainer import TrainerHooks
 from training_worker.worker import TrainingWorker
 
 BATCH = 256
+PER_MESSAGE = 256  # samples per multi-sample message
 
 
 def _consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
@@ -170,6 +178,19 @@ async def worker_rate(bootstrap: str, topic: str, n: int, threads: int) -> float
     return sum(k for _, k in counted) / (counted[-1][0] - t_first)
 
 
+def multi_decode_rate(seconds: float = 2.0) -> float:
+    """Samples/s of ``decode_batch`` on lists of 16 multi-sample messages (a typical fetch)."""
+    msgs = list(dataset_messages("digits", loop=True, limit=16, samples_per_message=PER_MESSAGE))
+    values, headers = [m.value for m in msgs], [m.headers for m in msgs]
+    dec = SampleDecoder(shape=(64,))
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        batch = dec.decode_batch(values, headers)
+        assert not batch.rejects
+        done += len(batch.features)
+    return done / (time.perf_counter() - t0)
+
+
 def _row(name: str, value: float, base: float | None = None) -> str:
     share = f"{100 * value / base:.0f}%" if base else ""
     return f"| {name} | {value:,.0f} | {share} |"
@@ -181,14 +202,19 @@ async def main_async(args: argparse.Namespace) -> None:
         bs = broker.bootstrap_servers
         topics = {False: f"bench-json-{uuid.uuid4().hex[:6]}",
                   True: f"bench-f32-{uuid.uuid4().hex[:6]}"}
+        multi_topic = f"bench-multi-{uuid.uuid4().hex[:6]}"
         for binary, topic in topics.items():
             await replay(bs, topic, "digits", loop=True, limit=args.messages, binary=binary,
                          progress=False)
-        print(f"Tansu broker, {args.messages:,} digits messages per topic, median of "
-              f"{args.reps} interleaved runs\n")
-        print("| consume-and-decode | messages/s | of bare |")
-        print("| --- | ---: | ---: |")
-        for binary, topic in topics.items():
+        # digits packs into 7 full messages and one of 5 samples per pass: enough for n samples
+        await replay(bs, multi_topic, "digits", loop=True, progress=False,
+                     limit=8 * (args.messages // 1797 + 1), samples_per_message=PER_MESSAGE)
+        say = (lambda *a, **k: None) if args.json else print
+        say(f"Tansu broker, {args.messages:,} digits messages per topic, median of "
+            f"{args.reps} interleaved runs\n")
+        say("| consume-and-decode | messages/s | of bare |")
+        say("| --- | ---: | ---: |")
+        for binary, topic in ({} if args.json else topics).items():
             enc = "f32" if binary else "JSON"
             rates = await consume_rates(bs, topic, args.messages, binary, args.reps)
             print(_row(f"bare aiokafka ({enc})", rates["bare"]))
@@ -198,20 +224,34 @@ async def main_async(args: argparse.Namespace) -> None:
                   f"{100 * rates['worker'] / rates['naive']:.0f}% |")
         n = min(args.train_samples, args.messages) // BATCH * BATCH  # whole batches only
         Xn = np.resize(X, (n, X.shape[1])).astype(np.float32)  # digits looped, as produced
-        train: dict[str, list[float]] = {"memory": [], "JSON": [], "f32": []}
+        train: dict[str, list[float]] = {"memory": [], "JSON": [], "f32": [], "multi": []}
         for _ in range(args.reps):
             # in a thread, like the worker's steps (torch behaves differently on the main one)
             train["memory"].append(await asyncio.to_thread(memory_rate, Xn, n, args.torch_threads))
             for binary, topic in topics.items():
                 rate = await worker_rate(bs, topic, n, args.torch_threads)
                 train["f32" if binary else "JSON"].append(rate)
+            train["multi"].append(await worker_rate(bs, multi_topic, n, args.torch_threads))
         mem = statistics.median(train["memory"])
+        rates = {enc: statistics.median(train[enc]) for enc in ("JSON", "f32", "multi")}
+        decode = multi_decode_rate()
+        if args.json:
+            print(json.dumps({
+                "worker_json_of_memory": round(rates["JSON"] / mem, 3),
+                "worker_f32_of_memory": round(rates["f32"] / mem, 3),
+                "worker_multi_of_memory": round(rates["multi"] / mem, 3),
+                "multi_decode_samples_per_s": round(decode),
+            }))
+            return
         print(f"\n| training (batch 256, default model, torch threads "
               f"{args.torch_threads}) | samples/s | of memory |")
         print("| --- | ---: | ---: |")
         print(_row("partial_fit from memory", mem))
         for enc in ("JSON", "f32"):
-            print(_row(f"worker from Kafka ({enc})", statistics.median(train[enc]), mem))
+            print(_row(f"worker from Kafka ({enc})", rates[enc], mem))
+        print(_row(f"worker from Kafka (f32, {PER_MESSAGE} samples per message)",
+                   rates["multi"], mem))
+        print(f"\nmulti-sample decode alone ({PER_MESSAGE} per message): {decode:,.0f} samples/s")
 
 
 def main() -> None:
@@ -221,6 +261,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="intra-op threads (1: the broker and the loop need the other core)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with the training ratios, nothing else")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     import logging

@@ -75,6 +75,8 @@ def produce_command(
     binary: Annotated[bool, Opt("--binary", help="float32 payloads instead of JSON")] = False,
     devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 1,
     partitions: Annotated[int, Opt(min=1, help="partitions of a new topic")] = 1,
+    samples_per_message: Annotated[int, Opt(
+        min=1, help="pack this many samples into one float32 message (rows header)")] = 1,
     quiet: Annotated[bool, Opt("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Stream a bundled dataset into a topic as sample (or reading) messages, labels included."""
@@ -89,6 +91,7 @@ def produce_command(
         sent = asyncio.run(replay(
             bootstrap_servers, topic, dataset, rate=rate, limit=limit, loop=loop, binary=binary,
             devices=devices, partitions=partitions, progress=not quiet,
+            samples_per_message=samples_per_message,
         ))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from None

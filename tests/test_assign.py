@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from model.assign import combination_assignment
@@ -16,7 +16,7 @@ from model.assign import combination_assignment
 def reference_assignment(
     distances: np.ndarray, sigma: float, log_prior: np.ndarray | None = None
 ) -> np.ndarray:
-    """The plain O(N^2 K) greedy loop of ARCHITECTURE.md §1.1: the definition CA must reproduce.
+    """The plain O(N^2 K) greedy loop: the definition CA must reproduce.
 
     Each step scans every unassigned row i (ascending) and every cluster k (ascending) and keeps
     the first strict minimum of ``d + sigma * (log(n_k + 1) - lp[k])``, so ties go to the lowest
@@ -210,3 +210,98 @@ def test_bad_shape_rejected(distances: np.ndarray) -> None:
 def test_non_real_distances_rejected(distances: np.ndarray) -> None:
     with pytest.raises(ValueError, match="distances must be real"):
         combination_assignment(distances, 1.0)
+
+
+def numpy_reference(
+    distances: np.ndarray, sigma: float, log_prior: np.ndarray | None = None
+) -> np.ndarray:
+    """The same greedy loop vectorised per step (one N x K cost matrix, row-major argmin: lowest
+    i, then lowest k), fast enough to check batches of the benchmark's size."""
+    d = np.asarray(distances, dtype=np.float64).copy()
+    n, n_clusters = d.shape
+    lp = np.zeros(n_clusters) if log_prior is None else np.asarray(log_prior, np.float64)
+    counts = np.zeros(n_clusters)
+    labels = np.full(n, -1, dtype=np.int64)
+    for _ in range(n):
+        cost = d + sigma * (np.log(counts + 1.0) - lp)  # the same float64 formula, per column
+        i, k = divmod(int(np.argmin(cost)), n_clusters)
+        labels[i] = k
+        counts[k] += 1
+        d[i] = np.inf
+    return labels
+
+
+def test_numpy_reference_matches_reference_loop() -> None:
+    rng = np.random.default_rng(4)
+    d = rng.integers(0, 3, size=(40, 5)).astype(np.float64)
+    lp = np.log(rng.dirichlet(np.ones(5)))
+    np.testing.assert_array_equal(numpy_reference(d, 1.0, lp), reference_assignment(d, 1.0, lp))
+
+
+def _squared_distances(n: int, n_clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z, mu = rng.normal(size=(n, 128)), rng.normal(size=(n_clusters, 128))
+    return ((z[:, None, :] - mu[None, :, :]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 100.0, 1e4])
+def test_large_random_batch_matches_reference(sigma: float) -> None:
+    # N=1024, K=100: columns are sorted lazily and deep, and late recomputes scan the rows left
+    d = _squared_distances(1024, 100, seed=int(sigma))
+    np.testing.assert_array_equal(combination_assignment(d, sigma), numpy_reference(d, sigma))
+
+
+def test_large_batch_with_many_ties_and_prior_matches_reference() -> None:
+    # three distinct distances over 800 x 60 entries: long equal-distance blocks in every column
+    rng = np.random.default_rng(5)
+    d = rng.integers(0, 3, size=(800, 60)).astype(np.float64)
+    lp = np.log(rng.dirichlet(np.ones(60)))
+    for sigma in (0.5, 3.0):
+        np.testing.assert_array_equal(
+            combination_assignment(d, sigma, lp), numpy_reference(d, sigma, lp)
+        )
+
+
+def test_large_collapsed_batch_and_constant_columns_match_reference() -> None:
+    d = np.repeat(_squared_distances(1, 100, seed=6), 1024, axis=0)  # collapsed encoder
+    np.testing.assert_array_equal(combination_assignment(d, 100.0), numpy_reference(d, 100.0))
+    mixed = _squared_distances(512, 40, seed=7)
+    mixed[:, ::3] = mixed[0, ::3]  # every third column constant, the others random
+    np.testing.assert_array_equal(combination_assignment(mixed, 50.0), numpy_reference(mixed, 50.0))
+
+
+def test_rounding_ties_deep_in_columns_match_reference() -> None:
+    # distinct distances that tie once a large penalty is added, in long columns
+    rng = np.random.default_rng(8)
+    d = 1.0 + rng.integers(0, 6, size=(700, 30)) * np.finfo(np.float64).eps
+    lp = np.full(30, -1e3)
+    np.testing.assert_array_equal(combination_assignment(d, 1.0, lp), numpy_reference(d, 1.0, lp))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ca_problems(), st.integers(100, 700))
+def test_larger_batches_match_reference(
+    problem: tuple[np.ndarray, float, np.ndarray | None], n: int
+) -> None:
+    # the same kinds of inputs, tiled up to n rows so that columns need more than one split
+    d, sigma, log_prior = problem
+    assume(d.shape[0] > 0)
+    rng = np.random.default_rng(n)
+    d = d[rng.integers(0, d.shape[0], size=n)] + 0.0
+    np.testing.assert_array_equal(
+        combination_assignment(d, sigma, log_prior), numpy_reference(d, sigma, log_prior)
+    )
+
+
+def test_threads_do_not_share_work_arrays() -> None:
+    # the kernel releases the GIL and reuses per-thread work arrays: concurrent calls on
+    # different batches must each give their own sequential answer
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [_squared_distances(300 + 50 * s, 20 + s, seed=s) for s in range(8)]
+    expected = [combination_assignment(d, 10.0) for d in problems]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda d: combination_assignment(d, 10.0), problems))
+            for g, e in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(g, e)

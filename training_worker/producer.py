@@ -1,7 +1,8 @@
 """The replay producer: stream a bundled dataset into a Kafka topic as sample messages.
 
 Vector datasets (``digits``, ``segments``, ``basic_motions``) become sample messages
-``{"features", "label", "id"}`` (or float32 with headers when ``binary``). ``daphnet`` is a
+``{"features", "label", "id"}`` (or float32 with headers when ``binary``, or float32 matrices
+of ``samples_per_message`` samples each). ``daphnet`` is a
 reading stream: it becomes reading messages ``{"device", "ts", "values", "label"}``; with
 ``devices=N`` the recording is cut into N contiguous parts played at the same time, as N
 sensors would send them (key = device, so each device stays in order on one partition).
@@ -32,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from model import datasets
-from training_worker.codec import encode_reading, encode_sample
+from training_worker.codec import encode_matrix, encode_reading, encode_sample
 from training_worker.kafka import ensure_topic
 from training_worker.stream import LocalProducer, LocalStream
 
@@ -51,8 +52,14 @@ class Message:
     headers: list[tuple[str, bytes]]
 
 
-def _samples(name: str, binary: bool) -> Iterator[Message]:
+def _samples(name: str, binary: bool, per_message: int = 1) -> Iterator[Message]:
     X, y = datasets.load(name)
+    if per_message > 1:  # float32 matrices of up to per_message samples, labels in a header
+        for start in range(0, len(X), per_message):
+            value, headers = encode_matrix(X[start:start + per_message],
+                                           labels=y[start:start + per_message])
+            yield Message(None, value, headers)
+        return
     for i, (x, label) in enumerate(zip(X, y, strict=True)):
         value, headers = encode_sample(x, label=int(label), id=f"{name}-{i}", binary=binary)
         yield Message(None, value, headers)
@@ -96,18 +103,26 @@ def dataset_messages(
     limit: int | None = None,
     binary: bool = False,
     devices: int = 1,
+    samples_per_message: int = 1,
 ) -> Iterator[Message]:
-    """Messages of dataset ``name``, once or forever (``loop``), at most ``limit``."""
+    """Messages of dataset ``name``, once or forever (``loop``), at most ``limit``.
+
+    ``samples_per_message`` > 1 sends vector datasets as multi-sample float32 messages.
+    """
     if devices < 1:
         raise ValueError(f"devices must be at least 1, got {devices}")
+    if samples_per_message < 1:
+        raise ValueError(f"samples_per_message must be at least 1, got {samples_per_message}")
     key = name.lower()
+    if key == "daphnet" and samples_per_message > 1:
+        raise ValueError("samples_per_message applies to sample datasets, not daphnet readings")
 
     def one_pass(repeat: int) -> Iterator[Message]:
         if key == "daphnet":
             return _readings(devices, binary, repeat)
         if key == "hapt":
             return _hapt_readings(binary, repeat)
-        return _samples(name, binary)
+        return _samples(name, binary, samples_per_message)
 
     if key not in READING_STREAMS:
         datasets.load(name)  # fail early with the loader's clear message for unknown names
@@ -116,7 +131,7 @@ def dataset_messages(
     return itertools.islice(stream, limit) if limit is not None else stream
 
 
-def dataset_size(name: str, devices: int = 1) -> int:
+def dataset_size(name: str, devices: int = 1, samples_per_message: int = 1) -> int:
     """Messages in one pass over ``name``."""
     if name.lower() == "daphnet":
         return (len(datasets.load_daphnet()[0]) // devices) * devices
@@ -137,16 +152,20 @@ async def replay(
     partitions: int = 1,
     progress: bool = True,
     stream: LocalStream | None = None,
+    samples_per_message: int = 1,
 ) -> int:
     """Send dataset messages to ``topic`` (created with ``partitions`` if missing).
 
     ``rate`` caps messages per second. Returns how many messages were acknowledged. With
     ``stream`` (the embedded mode) the messages go to that in-process stream, not to Kafka.
+    ``samples_per_message`` > 1 packs that many samples into one float32 message.
     """
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
-    messages = dataset_messages(dataset, loop=loop, limit=limit, binary=binary, devices=devices)
-    total = limit if limit is not None else (None if loop else dataset_size(dataset, devices))
+    messages = dataset_messages(dataset, loop=loop, limit=limit, binary=binary, devices=devices,
+                                samples_per_message=samples_per_message)
+    total = limit if limit is not None else (
+        None if loop else dataset_size(dataset, devices, samples_per_message))
     producer: AIOKafkaProducer | LocalProducer
     if stream is not None:
         producer = stream.producer()

@@ -642,8 +642,8 @@ class TrainingWorker:
         for i, err in batch.rejects:
             await self._dead_letter(msgs[i], err)
         if len(batch.index):
-            offsets = np.fromiter((msgs[i].offset for i in batch.index), np.int64,
-                                  len(batch.index))
+            # one offset per sample: a multi-sample message's rows share its offset
+            offsets = np.fromiter((m.offset for m in msgs), np.int64, len(msgs))[batch.index]
             self.queue.put(batch.features, batch.labels, tp.partition, offsets)
 
     def _decode_each(self, msgs: list[Any]) -> DecodedBatch:
