@@ -216,7 +216,6 @@ class LoadedModel:
         manifest = json.loads(snapshot.manifest_json())  # a private deep copy
         prior = np.asarray(clf.prior_, dtype=np.float64).copy()
         prior.setflags(write=False)
-        created = manifest.get("created_at")
         return cls(
             version=snapshot.version,
             sha256=snapshot.sha256,
@@ -225,7 +224,7 @@ class LoadedModel:
             n_clusters=int(clf.n_clusters),
             input_shape=tuple(int(s) for s in clf.input_shape_),
             prior=prior,
-            created_at=float(created) if isinstance(created, int | float) else None,
+            created_at=snapshot.meta.created_at,
             loaded_at=time.time(),
             infer=NearestCentroid.from_clusterer(clf),
         )
