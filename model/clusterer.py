@@ -43,7 +43,7 @@ from model.report import StepReport
 from model.scaler import RunningScaler, scaler_for
 from model.seeding import resolve_seed, seed_centroids
 from model.snapshot import Snapshot
-from model.validation import check_input, check_params
+from model.validation import check_input, check_params, out_dtype
 
 __all__ = [
     "EXPECTED_FAILED_CHECKS",
@@ -360,6 +360,16 @@ class OnlineClusterer(
             self._in_fit = False
         self.labels_ = self._assign(arr)[0]
         return self
+
+    # ----------------------------------------------------------------- inference
+    # (the rest in model.predicting; scikit-learn's set_output wraps only the class's own transform)
+    def transform(self, X: Any) -> np.ndarray:
+        """Latents f(x), shape (N, latent_dim); float64 for float64 input, else float32."""
+        arr = self._checked(X)
+        out = np.empty((len(arr), self.latent_dim), dtype=out_dtype(arr))
+        for rows, z, _ in self._chunks(arr):
+            out[rows] = z.cpu().numpy()
+        return out
 
     # ----------------------------------------------------------------- snapshots
     def to_snapshot(

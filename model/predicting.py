@@ -1,8 +1,10 @@
 """Inference of the online clusterer: latents, served clusters, distances and soft assignments.
 
-:class:`~model.clusterer.OnlineClusterer` inherits these methods. Every one runs the encoder in
-chunks of bounded memory (at most ``INFERENCE_ROWS`` samples, fewer when one sample's
-activations are big) and applies the served rule of :func:`model.regularisers.serve`.
+:class:`~model.clusterer.OnlineClusterer` inherits these methods (``transform`` it defines
+itself: scikit-learn's ``set_output`` wraps only methods of the estimator's own class). Every
+one runs the encoder in chunks of bounded memory (at most ``INFERENCE_ROWS`` samples, fewer
+when one sample's activations are big) and applies the served rule of
+:func:`model.regularisers.serve`.
 
 Example:
     >>> import numpy as np
@@ -24,7 +26,6 @@ import torch
 from sklearn.exceptions import NotFittedError
 
 from model.regularisers import serve, sq_distances
-from model.validation import out_dtype
 
 __all__ = ["INFERENCE_BYTES", "INFERENCE_ROWS", "InferenceMixin"]
 
@@ -33,7 +34,8 @@ INFERENCE_BYTES = 32 * 2**20  # and a bound on one chunk's widest activation, in
 
 
 class InferenceMixin:
-    """``transform``, ``assign``, ``predict`` and ``soft_assign`` of a built clusterer.
+    """``assign``, ``predict`` and ``soft_assign`` of a built clusterer, and the chunked
+    forward pass ``transform`` uses.
 
     The host class provides the fitted attributes (``encoder_``, ``encoder_config_``,
     ``centroids_``, ``reg_``, ``scaler_``, ``input_shape_``), ``_tensor``, ``_validated`` and
@@ -96,14 +98,6 @@ class InferenceMixin:
             lab, dist, _ = serve(z, d.double(), self.sigma, head)
             labels[rows], dists[rows] = lab.cpu().numpy(), dist.cpu().numpy()
         return labels, dists
-
-    def transform(self, X: Any) -> np.ndarray:
-        """Latents f(x), shape (N, latent_dim); float64 for float64 input, else float32."""
-        arr = self._checked(X)
-        out = np.empty((len(arr), self.latent_dim), dtype=out_dtype(arr))
-        for rows, z, _ in self._chunks(arr):
-            out[rows] = z.cpu().numpy()
-        return out
 
     def assign(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         """Served cluster and its squared distance to that serving centroid for each sample:
