@@ -14,10 +14,8 @@ cached best cost, which only grows, so a cluster is re-examined only when it rea
 late in the batch, when few rows are left, a cluster's best row is found by scanning those rows
 instead of sorting deeper. Costs that tie (equal distances, or distinct distances that round to
 the same float once the penalty is added) are resolved to the lowest row exactly, and a collapsed
-batch (all distances of a cluster equal) costs O(1) per pick.
-
-Note on sigma: the paper's loss writes the penalty as ``2*sigma*(...)``; this function takes the
-factor that multiplies the bracket as ``sigma``, so such a caller passes ``2 * sigma``.
+batch (all distances of a cluster equal) costs O(1) per pick. The paper's loss writes the
+penalty as ``2*sigma*(...)``: this ``sigma`` is the whole factor, so such a caller passes 2 sigma.
 """
 
 from __future__ import annotations
@@ -380,8 +378,7 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         int64 array of shape (N,): the cluster of every row.
 
     Raises:
-        ValueError: ``distances`` not 2-D, with no column, or with inf/nan; ``sigma`` negative or
-            not finite; ``log_prior`` of the wrong length or not finite.
+        ValueError: bad input, named (:func:`model.validation.check_assignment_inputs`).
 
     Example:
         >>> import numpy as np

@@ -151,9 +151,16 @@ def to_float64_array(x: Any, name: str) -> np.ndarray:
 def check_assignment_inputs(
     distances: Any, sigma: float, log_prior: Any
 ) -> tuple[np.ndarray, float, np.ndarray]:
-    """Distances (float64 N x K), sigma and log prior (float64, length K) for combination
-    assignment, or a ``ValueError`` saying what is wrong (see
-    :func:`model.assign.combination_assignment`)."""
+    """Distances (float64 N x K), sigma and log prior (float64, length K; zeros for ``None``)
+    for :func:`model.assign.combination_assignment`.
+
+    Raises ``ValueError`` naming the problem: ``distances`` not 2-D, with no column, or with
+    inf/nan; ``sigma`` not a number, negative or not finite; ``log_prior`` of the wrong length
+    or not finite.
+
+    >>> check_assignment_inputs([[0.0, 1.0]], 2, None)[1:]
+    (2.0, array([0., 0.]))
+    """
     d = to_float64_array(distances, "distances")
     if d.ndim != 2:
         raise ValueError(f"distances must be a 2-D N x K array, got shape {d.shape}")
