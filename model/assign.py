@@ -14,10 +14,8 @@ cached best cost, which only grows, so a cluster is re-examined only when it rea
 late in the batch, when few rows are left, a cluster's best row is found by scanning those rows
 instead of sorting deeper. Costs that tie (equal distances, or distinct distances that round to
 the same float once the penalty is added) are resolved to the lowest row exactly, and a collapsed
-batch (all distances of a cluster equal) costs O(1) per pick.
-
-Note on sigma: the paper's loss writes the penalty as ``2*sigma*(...)``; this function takes the
-factor that multiplies the bracket as ``sigma``, so such a caller passes ``2 * sigma``.
+batch (all distances of a cluster equal) costs O(1) per pick. The paper's loss writes the
+penalty as ``2*sigma*(...)``: this ``sigma`` is the whole factor, so such a caller passes 2 sigma.
 """
 
 from __future__ import annotations
@@ -29,24 +27,9 @@ from typing import Any
 import numba
 import numpy as np
 
+from model.validation import check_assignment_inputs
+
 __all__ = ["combination_assignment"]
-
-
-def _to_float64_array(x: Any, name: str) -> np.ndarray:
-    """Convert a NumPy array, torch tensor (any device) or nested sequence to float64 NumPy."""
-    if hasattr(x, "detach") and hasattr(x, "to"):  # torch.Tensor, duck-typed: no torch import
-        if x.is_complex():
-            raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
-        try:
-            import torch  # only reached when a tensor was passed, so torch is installed
-
-            x = x.detach().to("cpu", torch.float64).numpy()
-        except (TypeError, RuntimeError) as exc:
-            raise ValueError(f"{name}: cannot convert tensor to float64: {exc}") from exc
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 _INSERTION = 16  # segments this short are insertion-sorted rather than partitioned
@@ -395,8 +378,7 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         int64 array of shape (N,): the cluster of every row.
 
     Raises:
-        ValueError: ``distances`` not 2-D, with no column, or with inf/nan; ``sigma`` negative or
-            not finite; ``log_prior`` of the wrong length or not finite.
+        ValueError: bad input, named (:func:`model.validation.check_assignment_inputs`).
 
     Example:
         >>> import numpy as np
@@ -406,34 +388,8 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         >>> combination_assignment(d, sigma=10.0).tolist()
         [0, 1, 0, 1]
     """
-    d = _to_float64_array(distances, "distances")
-    if d.ndim != 2:
-        raise ValueError(f"distances must be a 2-D N x K array, got shape {d.shape}")
+    d, sigma_f, lp = check_assignment_inputs(distances, sigma, log_prior)
     n, n_clusters = d.shape
-    if n_clusters == 0:
-        raise ValueError("distances must have at least one column (cluster)")
-    try:
-        sigma_f = float(sigma)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"sigma must be a real number, got {sigma!r}") from exc
-    if not math.isfinite(sigma_f) or sigma_f < 0.0:
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
-    if log_prior is None:
-        lp = np.zeros(n_clusters, dtype=np.float64)
-    else:
-        lp = _to_float64_array(log_prior, "log_prior")
-        if lp.shape != (n_clusters,):
-            raise ValueError(
-                f"log_prior must have shape ({n_clusters},) to match distances' K, "
-                f"got {lp.shape}"
-            )
-        if not np.isfinite(lp).all():
-            raise ValueError("log_prior must be finite (a zero prior gives -inf)")
-    if not np.isfinite(d).all():
-        bad = np.argwhere(~np.isfinite(d))[0]
-        raise ValueError(
-            f"distances must be finite; found {d[tuple(bad)]} at row {bad[0]}, column {bad[1]}"
-        )
     if n == 0:
         return np.empty(0, dtype=np.int64)
     # small first fronts: sorting deeper costs more than scanning the rows left (measured)

@@ -81,7 +81,6 @@ class LoadedModel:
         """
         infer = load(snapshot, device=device, verify=verify, torch_threads=torch_threads)
         manifest = json.loads(snapshot.manifest_json())  # a private deep copy
-        created = manifest.get("created_at")
         return cls(
             version=snapshot.version,
             sha256=snapshot.sha256,
@@ -90,7 +89,7 @@ class LoadedModel:
             n_clusters=infer.n_clusters,
             input_shape=infer.input_shape,
             prior=_prior(manifest.get("prior"), infer.n_clusters),
-            created_at=float(created) if isinstance(created, int | float) else None,
+            created_at=snapshot.meta.created_at,
             loaded_at=time.time(),
             infer=infer,
         )
