@@ -272,6 +272,8 @@ class OnlineClusterer(
         chunk = np.ascontiguousarray(arr, dtype=np.float32)
         if not chunk.flags.writeable or min(chunk.strides) < 0:  # read-only; or a reversed
             chunk = chunk.copy()  # axis of length 1, "contiguous" to numpy but not to torch
+        if self.device_.type == "cuda":  # pinned staging buffer, asynchronous host->device copy
+            return torch.from_numpy(chunk).pin_memory().to(self.device_, non_blocking=True)
         return torch.from_numpy(chunk).to(self.device_)
 
     def partial_fit(self, X: Any, y: Any = None) -> OnlineClusterer:
