@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -45,7 +46,12 @@ __all__ = ["DLQ_REASONS", "TrainingLoop"]
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.2
-MAX_STEPS_IN_FLIGHT = 2  # submitted to the training thread ahead of time
+MAX_STEPS_IN_FLIGHT = 4  # submitted to the training thread ahead: a fetch's decode overlaps them
+FETCH_BATCHES = 8  # one fetch takes up to this many batches' worth of records
+# Every torch op of a step drops the GIL and takes it back; while the event loop decodes, the
+# training thread would wait up to CPython's switch interval (5 ms) for it each time. A short
+# interval lets the step's GIL-free compute overlap the decode instead of queueing behind it.
+SWITCH_INTERVAL_S = 0.0005
 DLQ_REASONS = (*REASONS, "late_reading", "poison")
 T = TypeVar("T")
 
@@ -118,8 +124,16 @@ class TrainingLoop:
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
         """Fetch, ingest, train and checkpoint until stopped (final snapshot) or lease lost."""
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
+        try:
+            await self._run()
+        finally:
+            sys.setswitchinterval(previous)
+
+    async def _run(self) -> None:
         s = self.settings
-        max_records = max(s.batch_size * 4, 1000)
+        max_records = max(s.batch_size * FETCH_BATCHES, 2048)
         while not self.stop.is_set() and not self.lease_lost.is_set():
             if self.fatal is not None:
                 raise self.fatal

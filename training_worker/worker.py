@@ -80,6 +80,8 @@ __all__ = ["DLQ_REASONS", "FaultMetrics", "FreshStartRefused", "TrainingWorker",
 
 log = logging.getLogger(__name__)
 
+FETCH_BYTES = 8 << 20  # per partition and fetch: few broker round trips per batch
+
 
 def _init_training_thread(torch_threads: int | None) -> None:
     """Initializer of the training thread: torch's intra-op threads are set per thread."""
@@ -272,7 +274,8 @@ class TrainingWorker:
                     enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
                     session_timeout_ms=s.session_timeout_ms,
                     heartbeat_interval_ms=max(100, min(3000, s.session_timeout_ms // 3)),
-                    max_partition_fetch_bytes=max(1 << 20, 2 * s.max_message_bytes),
+                    max_partition_fetch_bytes=max(FETCH_BYTES, 2 * s.max_message_bytes),
+                    fetch_max_bytes=max(8 * FETCH_BYTES, 2 * s.max_message_bytes),
                 )
             self.active = TrainingLoop(
                 s, trainer, ingest, ledger, consumer, DeadLetters(producer, s.dlq_topic_name),
