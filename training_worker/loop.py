@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.2
 MAX_STEPS_IN_FLIGHT = 4  # submitted to the training thread ahead: a fetch's decode overlaps them
-FETCH_BATCHES = 8  # one fetch takes up to this many batches' worth of records
 # Every torch op of a step drops the GIL and takes it back; while the event loop decodes, the
 # training thread would wait up to CPython's switch interval (5 ms) for it each time. A short
 # interval lets the step's GIL-free compute overlap the decode instead of queueing behind it.
@@ -133,7 +132,7 @@ class TrainingLoop:
 
     async def _run(self) -> None:
         s = self.settings
-        max_records = max(s.batch_size * FETCH_BATCHES, 2048)
+        max_records = max(s.batch_size * 4, 1000)
         while not self.stop.is_set() and not self.lease_lost.is_set():
             if self.fatal is not None:
                 raise self.fatal
