@@ -220,6 +220,8 @@ class TrainingLoop:
     async def train_ready(self, force: bool) -> None:
         """Hand full batches (and, when ``force`` or aged, the rest) to the training thread."""
         s = self.settings
+        while self.inflight and self.inflight[0].done():  # a step that raised raises here
+            await self.inflight.popleft()
         while len(self.queue) >= s.batch_size or (len(self.queue) and (force or self._aged())):
             batch = self.queue.take(s.batch_size)
             while len(self.inflight) >= MAX_STEPS_IN_FLIGHT:
