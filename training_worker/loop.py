@@ -46,7 +46,7 @@ __all__ = ["DLQ_REASONS", "TrainingLoop"]
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.2
-MAX_STEPS_IN_FLIGHT = 4  # submitted to the training thread ahead: a fetch's decode overlaps them
+MAX_STEPS_IN_FLIGHT = 8  # handed to the training thread ahead: it never waits on a decode
 # Every torch op of a step drops the GIL and takes it back; while the event loop decodes, the
 # training thread would wait up to CPython's switch interval (5 ms) for it each time. A short
 # interval lets the step's GIL-free compute overlap the decode instead of queueing behind it.
