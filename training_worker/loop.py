@@ -17,12 +17,13 @@ messages are trained one at a time, poison ones dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -53,6 +54,24 @@ MAX_STEPS_IN_FLIGHT = 8  # handed to the training thread ahead: it never waits o
 SWITCH_INTERVAL_S = 0.0005
 DLQ_REASONS = (*REASONS, "late_reading", "poison")
 T = TypeVar("T")
+
+
+_running = [0, 0.0]  # loops running in this process, the switch interval before the first
+
+
+@contextlib.contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """``SWITCH_INTERVAL_S`` while any loop of the process runs; the old interval after."""
+    if _running[0] == 0:
+        _running[1] = sys.getswitchinterval()
+        sys.setswitchinterval(min(_running[1], SWITCH_INTERVAL_S))
+    _running[0] += 1
+    try:
+        yield
+    finally:
+        _running[0] -= 1
+        if _running[0] == 0:
+            sys.setswitchinterval(_running[1])
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -123,12 +142,8 @@ class TrainingLoop:
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
         """Fetch, ingest, train and checkpoint until stopped (final snapshot) or lease lost."""
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
-        try:
+        with _short_switch_interval():
             await self._run()
-        finally:
-            sys.setswitchinterval(previous)
 
     async def _run(self) -> None:
         s = self.settings
