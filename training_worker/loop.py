@@ -12,6 +12,10 @@ dead-lettered) messages, then commits those offsets; nothing is committed that a
 snapshot does not cover. The collapse guard holds publishing back while the model is
 collapsed. Crash loops: before touching a fetch, the ledger marks it in the store; suspect
 messages are trained one at a time, poison ones dead-lettered.
+
+Example:
+    >>> DLQ_REASONS[-2:]  # the loop's own reasons, after the decoders'
+    ('late_reading', 'poison')
 """
 
 from __future__ import annotations
