@@ -7,7 +7,7 @@ as JSON and once as float32 with headers):
    - a bare aiokafka consumer that only touches each message's bytes,
    - a bare consumer that also decodes naively (``json.loads`` + ``np.asarray`` per message,
      or ``np.frombuffer`` for float32),
-   - the worker's own path (``TrainingWorker._ingest``: validation, dead-letter checks, offset
+   - the worker's own path (``TrainingLoop.ingest_records``: validation, dead-letter checks, offset
      tracking, queueing), with the queue drained and nothing trained.
    Target: worker ≥ 80% of the bare consumer.
 2. **training** — samples/s of ``partial_fit`` on the same batches from memory vs the real
@@ -47,10 +47,17 @@ from model import OnlineClusterer, StepReport, datasets
 from training_worker.batching import Batch
 from training_worker.codec import SampleDecoder
 from training_worker.devbroker import TansuBroker
+from training_worker.ingest import make_ingest
 from training_worker.kafka import DeadLetters
+from training_worker.lease import make_progress_log
+from training_worker.ledger import OffsetLedger
+from training_worker.loop import TrainingLoop
+from training_worker.monitor import CollapseGuard, WorkerMetrics
 from training_worker.producer import dataset_messages, replay
+from training_worker.resume import FaultMetrics
 from training_worker.settings import WorkerSettings
-from training_worker.trainer import TrainerHooks
+from training_worker.store import open_store
+from training_worker.trainer import Trainer, TrainerHooks
 from training_worker.worker import TrainingWorker
 
 BATCH = 256
@@ -105,29 +112,32 @@ def _naive_f32(records: dict) -> None:
         np.stack([np.frombuffer(m.value, "<f4") for m in msgs])
 
 
-def _ingesting_worker(bootstrap: str, topic: str) -> tuple[TrainingWorker, Callable]:
-    """A worker wired for ``_ingest`` only: a real decoder and queue, a model never trained."""
+def _ingesting_loop(bootstrap: str, topic: str) -> Callable[[dict], Awaitable[None]]:
+    """The worker's ingest path only: ledger marks, a real decoder and queue, nothing trained."""
     settings = WorkerSettings(bootstrap_servers=bootstrap, topic=topic, metrics_port=-1,
                               store="file:///tmp/oclust-bench-unused")
-    worker = TrainingWorker(settings)
-    model = OnlineClusterer(n_clusters=10, seed=0)
-    from training_worker.monitor import CollapseGuard
-    from training_worker.trainer import Trainer
-
-    worker._reset_state(Trainer(model, CollapseGuard(0.0, 10), worker.metrics))
+    metrics = WorkerMetrics()
+    trainer = Trainer(OnlineClusterer(n_clusters=10, seed=0), CollapseGuard(0.0, 10), metrics)
+    ingest = make_ingest(settings, None)
+    store = open_store(settings.store, namespace=settings.namespace)
+    ledger = OffsetLedger(topic, progress=make_progress_log(store))
 
     class _NoHighwater:
         def highwater(self, tp: object) -> None:
             return None
 
-    worker.consumer = _NoHighwater()  # type: ignore[assignment]
-    worker.dlq = DeadLetters(None, "unused")  # type: ignore[arg-type]  # no bad messages here
+    loop = TrainingLoop(
+        settings, trainer, ingest, ledger, _NoHighwater(),  # type: ignore[arg-type]
+        DeadLetters(None, "unused"),  # type: ignore[arg-type]  # no bad messages here
+        None, store, None, metrics, FaultMetrics(metrics.registry),  # type: ignore[arg-type]
+        asyncio.Event(), asyncio.Event(),
+    )
 
-    async def ingest(records: dict) -> None:
-        await worker._ingest(records)
-        worker.queue.take(len(worker.queue))  # drained: nothing trained
+    async def ingest_records(records: dict) -> None:
+        await loop.ingest_records(records)
+        ingest.queue.take(len(ingest.queue))  # drained: nothing trained
 
-    return worker, ingest
+    return ingest_records
 
 
 async def consume_rates(bootstrap: str, topic: str, n: int, binary: bool, reps: int) -> dict:
@@ -136,8 +146,8 @@ async def consume_rates(bootstrap: str, topic: str, n: int, binary: bool, reps: 
     for _ in range(reps):  # interleaved, so drift of the machine hits all three alike
         rows["bare"].append(await _timed_consume(bootstrap, topic, n, _bare))
         rows["naive"].append(await _timed_consume(bootstrap, topic, n, naive))
-        _w, ingest = _ingesting_worker(bootstrap, topic)
-        rows["worker"].append(await _timed_consume(bootstrap, topic, n, ingest))
+        rows["worker"].append(await _timed_consume(bootstrap, topic, n,
+                                                   _ingesting_loop(bootstrap, topic)))
     return {k: statistics.median(v) for k, v in rows.items()}
 
 

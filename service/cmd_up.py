@@ -186,6 +186,7 @@ async def run_up(
 
     from service.app import create_app
     from service.loader import ModelHolder, SnapshotWatcher
+    from training_worker.monitor import WorkerMetrics
     from training_worker.producer import replay
     from training_worker.store import VersionNotFound, open_store
     from training_worker.stream import LocalStream
@@ -204,13 +205,15 @@ async def run_up(
             stream.start_at(ws.topic, int(offsets.get(f"{ws.topic}:0", 0)), ws.consumer_group)
         stream.bound(ws.topic, max(20 * ws.batch_size, 5000))
     stats = LiveStats(ws.n_clusters)
-    worker = TrainingWorker(ws, store=store, hooks=TrainerHooks(on_step=stats.on_step),
-                            stream=stream)
     holder = ModelHolder()
     watcher = SnapshotWatcher(open_store(ss.store, ss.namespace, poll_interval=ss.poll_interval),
                               holder, poll_interval=ss.poll_interval)
-    server = _server(uvicorn.Config(create_app(ss, holder, background=[watcher]),
-                                    log_level=ss.log_level, access_log=False, lifespan="on"))
+    app = create_app(ss, holder, background=[watcher])
+    # the worker's metrics join the service's registry: one /metrics shows both
+    worker = TrainingWorker(ws, store=store, metrics=WorkerMetrics(app.state.metrics.registry),
+                            hooks=TrainerHooks(on_step=stats.on_step), stream=stream)
+    server = _server(uvicorn.Config(app, log_level=ss.log_level, access_log=False,
+                                    lifespan="on"))
     stop = asyncio.Event()
     started = time.monotonic()
     console = Console(stderr=True)

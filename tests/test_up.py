@@ -92,6 +92,16 @@ def test_up_serves_assign_and_metrics_from_its_own_stream(up: Up) -> None:
     assert len(manifest["metrics"]["shares"]) == 10
 
 
+def test_up_exports_the_worker_metrics_on_the_service_metrics(up: Up) -> None:
+    _wait_ready(up, READY_TIMEOUT_S)
+    metrics = httpx.get(f"{up.url}/metrics", timeout=5).text
+    trained = re.search(r"^oclust_worker_samples_total ([0-9.e+]+)$", metrics, re.M)
+    assert trained and float(trained.group(1)) > 0, metrics[-3000:]
+    assert re.search(r"^oclust_worker_active 1\.0$", metrics, re.M)
+    assert re.search(r'^oclust_worker_dlq_messages_total\{reason="poison"\} 0\.0$', metrics,
+                     re.M)
+
+
 def _dom(url: str, chromium: str, profile: Path) -> str:
     """The page's DOM after its scripts ran for a few (virtual) seconds."""
     result = subprocess.run(

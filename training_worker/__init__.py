@@ -12,7 +12,12 @@ Modules:
 | ``monitor`` | collapse guard, live ACC/NMI window, Prometheus metrics |
 | ``lease`` | one active trainer per namespace (Redis SET NX PX, or a lock file) |
 | ``kafka`` | topics, committed offsets, the dead-letter producer |
-| ``worker`` | ``TrainingWorker``: the loop behind ``oclust worker`` |
+| ``worker`` | ``TrainingWorker`` behind ``oclust worker``: the lease, standby, signals |
+| ``resume`` | the model a lease holder resumes from, the fresh-start rule, offset checks |
+| ``loop`` | the active phase: fetch, ingest, train, checkpoint, commit, rebalance |
+| ``ledger`` | offsets fetched, covered by a snapshot, committable; crash-loop marks |
+| ``ingest`` | the two decoding strategies (samples, readings) behind one Protocol |
+| ``stream`` | the consumer/producer Protocols and the in-process stream of ``oclust up`` |
 | ``producer`` | the replay producer behind ``oclust produce`` |
 | ``offline`` | offline training to a snapshot behind ``oclust train`` |
 | ``settings`` | ``WorkerSettings`` (pydantic-settings, ``OCLUST_*``) |

@@ -3,7 +3,9 @@
 :class:`LocalStream` keeps one append-only log per topic (one partition, 0) in memory and hands
 out producers and consumers with the small part of the aiokafka API the replay producer and
 the training worker use (``start``/``stop``, ``send``, ``subscribe``, ``getmany``,
-``highwater``, ``assignment``, ``commit``), so the worker runs the same code on it as on Kafka.
+``highwater``, ``assignment``, ``commit``), so the worker runs the same code on it as on Kafka:
+:class:`Consumer` and :class:`Producer` are that API as Protocols, satisfied by aiokafka's
+clients and by this module's alike.
 Consumer groups keep committed offsets; a new consumer of a group starts there (or at the
 beginning). Records every group has committed are dropped, and a topic marked with
 :meth:`LocalStream.bound` makes producers wait while its consumers lag by more than
@@ -28,13 +30,64 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from aiokafka import TopicPartition
 
-__all__ = ["LocalConsumer", "LocalProducer", "LocalRecord", "LocalStream"]
+__all__ = ["Consumer", "LocalConsumer", "LocalProducer", "LocalRecord", "LocalStream", "Producer",
+           "Record"]
+
+
+class Record(Protocol):
+    """One consumed message: aiokafka's ``ConsumerRecord`` or a :class:`LocalRecord`."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    """What the worker asks of a consumer: ``AIOKafkaConsumer`` and :class:`LocalConsumer`.
+
+    Example:
+        >>> isinstance(LocalStream().consumer("g"), Consumer)
+        True
+    """
+
+    def subscribe(self, topics: Iterable[str], *, listener: Any = None) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def highwater(self, tp: TopicPartition) -> int | None: ...
+    async def getmany(self, *, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, list[Any]]: ...
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+    async def beginning_offsets(self, partitions: list[TopicPartition]
+                                ) -> dict[TopicPartition, int]: ...
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    def seek(self, tp: TopicPartition, offset: int) -> None: ...
+
+
+@runtime_checkable
+class Producer(Protocol):
+    """What the worker asks of a producer: ``AIOKafkaProducer`` and :class:`LocalProducer`."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -235,6 +288,20 @@ class LocalConsumer:
             self.stream._positions[id(self)] = (self._topic, self._position)
             cond.notify_all()  # a bounded topic's producers may go on
         return {TopicPartition(self._topic, 0): records}
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]
+                                ) -> dict[TopicPartition, int]:
+        """The first offset each partition still holds."""
+        return {tp: self.stream._log(tp.topic).base for tp in partitions}
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The next offset to be written to each partition."""
+        return {tp: self.stream.end_offset(tp.topic) for tp in partitions}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read ``tp`` from ``offset`` on (the next ``getmany``)."""
+        self._position = offset
+        self.stream._positions[id(self)] = (tp.topic, offset)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Store the group's offsets (the next offset to read, as in Kafka)."""

@@ -1,0 +1,212 @@
+"""How a worker that took the lease resumes: the model, the fresh-start rule, offset checks.
+
+* :func:`load_trainer` — the store's newest usable snapshot (older ones if the newest is
+  broken), or a fresh model from the settings, wrapped in a :class:`Trainer` with its guard.
+* :func:`refuse_fresh_start` — an empty store while the consumer group has committed offsets
+  means the trained model was lost: the worker halts unless ``allow_fresh``.
+* :func:`check_offset` — a snapshot offset beyond the log's end (confirmed by reading its last
+  message back) is a new incarnation of the topic: trained from its start
+  (``offset_regression="reset"``), or the worker halts (``"exit"``).
+
+Example:
+    >>> m = FaultMetrics(CollectorRegistry())
+    >>> m.regressions.labels("beyond_end").inc()
+    >>> m.registry.get_sample_value("oclust_worker_offset_regressions_total",
+    ...                             {"kind": "beyond_end"})
+    1.0
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter
+
+from model import OnlineClusterer, Snapshot, SnapshotError
+from model.priors import parse_prior
+from training_worker.kafka import committed_offsets, offset_exists
+from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from training_worker.settings import WorkerSettings
+from training_worker.store import SnapshotStore, StoreError, VersionNotFound
+from training_worker.stream import Consumer
+from training_worker.trainer import Trainer, TrainerHooks
+
+__all__ = ["FaultMetrics", "FreshStartRefused", "WorkerHalt", "check_offset", "load_trainer",
+           "refuse_fresh_start"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerHalt(RuntimeError):
+    """A condition the worker must not train through; ``oclust worker`` exits 1 with it."""
+
+
+class FreshStartRefused(WorkerHalt):
+    """The store is empty but the consumer group has committed offsets (see ``allow_fresh``)."""
+
+
+class FaultMetrics:
+    """The worker's fault counters, next to :class:`WorkerMetrics` in the same registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.regressions = Counter(
+            "oclust_worker_offset_regressions",
+            "Partitions whose snapshot offset was beyond the log end or before the log start",
+            ["kind"], registry=registry,
+        )
+        for kind in ("beyond_end", "before_start"):
+            self.regressions.labels(kind)
+        self.poison = Counter(
+            "oclust_worker_poison_messages",
+            "Messages dead-lettered after crashing the worker max_attempts times",
+            registry=registry,
+        )
+        self.crash_recoveries = Counter(
+            "oclust_worker_crash_recoveries",
+            "Partitions resumed after the previous lease holder died with messages in hand",
+            registry=registry,
+        )
+        self.labels_ignored = Counter(
+            "oclust_worker_quality_labels_ignored",
+            "Message labels outside 0..max_label_classes-1, ignored by live quality",
+            registry=registry,
+        )
+
+
+def current_snapshot(store: SnapshotStore) -> Snapshot | None:
+    """The newest usable snapshot (``None``: the store is empty)."""
+    try:
+        return store.load()
+    except VersionNotFound:
+        return None
+    except SnapshotError as exc:
+        log.error("current snapshot is unusable (%s); trying older versions", exc)
+    for v in reversed(store.versions()):
+        try:
+            return store.load(v)
+        except (SnapshotError, VersionNotFound):
+            continue
+    raise StoreError(f"no usable snapshot in {store.url} namespace {store.namespace!r}; "
+                     "roll back to a good version or use a new namespace")
+
+
+def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: WorkerMetrics,
+                 faults: FaultMetrics, hooks: TrainerHooks) -> Trainer:
+    """The trainer of the store's current snapshot, or of a fresh model (see the module)."""
+    s = settings
+    snap = current_snapshot(store)
+    guard = CollapseGuard(s.collapse_threshold_nats, s.collapse_patience,
+                          window=s.collapse_window, min_window=s.batch_size)
+    quality = QualityWindow(s.quality_window, s.max_label_classes,
+                            on_ignored=faults.labels_ignored.inc)
+    if snap is None:
+        params: dict[str, Any] = {
+            k: v for k, v in {"sigma": s.sigma, "latent_dim": s.latent_dim}.items()
+            if v is not None
+        }
+        model = OnlineClusterer(
+            n_clusters=s.n_clusters, regulariser=s.regulariser, lr=s.lr, device=s.device,
+            seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), **params,
+        ).validate_params()
+        log.info("no snapshot in %s namespace %r: starting a fresh %r model, K=%d",
+                 store.url, s.namespace, s.regulariser, s.n_clusters)
+    else:
+        model = OnlineClusterer.from_snapshot(snap, device=s.device)
+        m = snap.meta
+        log.info("resuming from snapshot version %d (samples_seen %s, offsets %s)",
+                 snap.version, m.samples_seen, m.offsets)
+        if (m.n_clusters, m.regulariser) != (s.n_clusters, s.regulariser):
+            log.warning("the snapshot's model (K=%s, %s) differs from the settings (K=%d, "
+                        "%s): the snapshot wins", m.n_clusters, m.regulariser,
+                        s.n_clusters, s.regulariser)
+        guard.threshold = (
+            s.collapse_threshold if s.collapse_threshold is not None
+            else 0.5 * np.log(model.n_clusters)
+        )
+    return Trainer(model, guard, metrics, quality, s.collapse_restore, snap, hooks)
+
+
+async def refuse_fresh_start(settings: WorkerSettings, store: SnapshotStore) -> None:
+    """An empty store with committed offsets means the model was lost: do not go back.
+
+    Raises:
+        FreshStartRefused: the group has committed offsets and ``allow_fresh`` is off.
+    """
+    s = settings
+    if s.allow_fresh:
+        return
+    try:
+        committed = await committed_offsets(s.bootstrap_servers, s.consumer_group, s.topic)
+    except KafkaError as exc:
+        log.warning("cannot read the group's committed offsets (%s); starting fresh", exc)
+        return
+    done = {p: o for p, o in committed.items() if o}
+    if done:
+        raise FreshStartRefused(
+            f"the store {store.url} namespace {s.namespace!r} holds no snapshot, but "
+            f"consumer group {s.consumer_group!r} has committed offsets {done} on topic "
+            f"{s.topic!r}: the trained model was lost (an emptied or wrong store?). "
+            "Restore the store, or pass --allow-fresh to start a new model from those "
+            "offsets (snapshot versions restart at 1)")
+
+
+async def _log_bounds(consumer: Consumer, tp: TopicPartition) -> tuple[int, int] | None:
+    """(log start, log end) of ``tp``, or ``None`` when the broker cannot say."""
+    try:
+        start = (await consumer.beginning_offsets([tp]))[tp]
+        end = (await consumer.end_offsets([tp]))[tp]
+    except (KafkaError, KeyError, AssertionError) as exc:
+        log.warning("cannot read the bounds of %s:%d to check for offset regressions: %s",
+                    tp.topic, tp.partition, exc)
+        return None
+    return int(start), int(end)
+
+
+async def _still_there(bootstrap_servers: str, tp: TopicPartition, offset: int) -> bool:
+    try:
+        return await offset_exists(bootstrap_servers, tp, offset)
+    except KafkaError as exc:
+        log.warning("cannot read %s:%d@%d back (%s): trusting the reported log end",
+                    tp.topic, tp.partition, offset, exc)
+        return False
+
+
+async def check_offset(consumer: Consumer, settings: WorkerSettings, faults: FaultMetrics,
+                       tp: TopicPartition, snap_off: int) -> int | None:
+    """Check the snapshot's offset against the log; the log start when it no longer applies.
+
+    Beyond the log end: the topic was recreated (or truncated, or its offsets reset). The
+    policy ``reset`` (default) treats it as a new incarnation: train it from its start
+    (returned), never skip it; ``exit`` raises :class:`WorkerHalt`. Below the log start:
+    retention deleted messages no snapshot holds; they are gone, training goes on from the
+    log start (``None``: the snapshot's offset still applies).
+    """
+    bounds = await _log_bounds(consumer, tp)
+    if bounds is None:
+        return None
+    start, end = bounds
+    key = f"{tp.topic}:{tp.partition}"
+    if snap_off > end and snap_off > 0 and await _still_there(settings.bootstrap_servers, tp,
+                                                              snap_off - 1):
+        end = snap_off  # the reported end lagged: the snapshot's last message is there
+    if snap_off > end:
+        faults.regressions.labels("beyond_end").inc()
+        log.error("offset regression on %s: the snapshot covers up to %d but the log ends "
+                  "at %d (recreated topic, truncated log or reset offsets); policy %r",
+                  key, snap_off, end, settings.offset_regression)
+        if settings.offset_regression == "exit":
+            raise WorkerHalt(
+                f"offset regression on {key}: snapshot offset {snap_off} > log end {end}; "
+                "restart with --offset-regression reset to train the new log")
+        return start
+    if snap_off < start:
+        faults.regressions.labels("before_start").inc()
+        log.error("offset regression on %s: messages %d..%d were deleted from the log "
+                  "before any snapshot held them; going on from %d", key, snap_off,
+                  start - 1, start)
+    return None
