@@ -43,10 +43,16 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
+from service.decoding import (
+    BodyTooLarge,
+    InputError,
+    decode_binary,
+    decode_features,
+    decode_items,
+)
 from service.loader import Assignment, LoadedModel, ModelHolder
 from service.middleware import json_response
 from service.monitor import AssignmentMonitor
-from service.schemas import BodyTooLarge, InputError, decode_binary, decode_features, decode_items
 from service.settings import ServiceSettings
 
 __all__ = ["BINARY", "JSON", "AssignEndpoint", "Assigner", "not_ready"]
