@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from model import OnlineClusterer, datasets
-from tests.test_worker import Counter, _run_until, _settings
+from tests.worker.test_worker import Counter, _run_until, _settings
 from training_worker.batching import SampleQueue
 from training_worker.codec import (
     CONTENT_TYPE_F32,
