@@ -183,10 +183,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+def _server(
+    cmd: list[str], port: int, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Iterator[subprocess.Popen]:
+    """Run ``cmd`` until the block ends, from when ``/readyz`` on ``port`` answers 200."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})})
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
@@ -197,7 +200,7 @@ def _server(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Ite
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server {cmd} did not become ready")
             time.sleep(0.1)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(10)

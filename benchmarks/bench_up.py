@@ -76,7 +76,7 @@ def main() -> None:
                     continue
                 clf = OnlineClusterer.from_snapshot(snap, device="cpu")
                 pred = clf.predict(X)
-                rows.append((t, snap.version, snap.manifest["samples_seen"],
+                rows.append((t, snap.version, snap.meta.samples_seen,
                              M.cluster_acc(y, pred), M.nmi(y, pred),
                              M.kl_star(M.cluster_distribution(pred, 10), ref)))
                 next_at += args.every

@@ -14,10 +14,8 @@ cached best cost, which only grows, so a cluster is re-examined only when it rea
 late in the batch, when few rows are left, a cluster's best row is found by scanning those rows
 instead of sorting deeper. Costs that tie (equal distances, or distinct distances that round to
 the same float once the penalty is added) are resolved to the lowest row exactly, and a collapsed
-batch (all distances of a cluster equal) costs O(1) per pick.
-
-Note on sigma: the paper's loss writes the penalty as ``2*sigma*(...)``; this function takes the
-factor that multiplies the bracket as ``sigma``, so such a caller passes ``2 * sigma``.
+batch (all distances of a cluster equal) costs O(1) per pick. The paper's loss writes the
+penalty as ``2*sigma*(...)``: this ``sigma`` is the whole factor, so such a caller passes 2 sigma.
 """
 
 from __future__ import annotations
@@ -29,28 +27,13 @@ from typing import Any
 import numba
 import numpy as np
 
+from model.validation import check_assignment_inputs
+
 __all__ = ["combination_assignment"]
 
 
-def _to_float64_array(x: Any, name: str) -> np.ndarray:
-    """Convert a NumPy array, torch tensor (any device) or nested sequence to float64 NumPy."""
-    if hasattr(x, "detach") and hasattr(x, "to"):  # torch.Tensor, duck-typed: no torch import
-        if x.is_complex():
-            raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
-        try:
-            import torch  # only reached when a tensor was passed, so torch is installed
-
-            x = x.detach().to("cpu", torch.float64).numpy()
-        except (TypeError, RuntimeError) as exc:
-            raise ValueError(f"{name}: cannot convert tensor to float64: {exc}") from exc
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float64)
-
-
 _INSERTION = 16  # segments this short are insertion-sorted rather than partitioned
-_SCAN_FACTOR = 4  # scan the unassigned rows when 4x fewer than a segment to split
+_SCAN_FACTOR = 1  # scan the unassigned rows when fewer than a segment to split
 _SAMPLES = 32  # rows sampled per column to choose each column's first pivot
 
 
@@ -60,10 +43,11 @@ def _before(v: float, r: int, w: float, s: int) -> bool:
     return v < w or (v == w and r < s)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _finalize(
     vals: np.ndarray, rows: np.ndarray, stack: np.ndarray, depth: np.ndarray,
-    fin: np.ndarray, parent: np.ndarray, bend: np.ndarray, k: int,
+    fin: np.ndarray, parent: np.ndarray, bend: np.ndarray, k: int, dt: np.ndarray,
+    back: np.ndarray,
 ) -> None:
     """One step of incremental quicksort on column k: put at least position ``fin[k]`` in place.
 
@@ -76,6 +60,15 @@ def _finalize(
     n = vals.shape[1]
     lo = fin[k]
     hi = stack[k, depth[k] - 1]
+    if hi == n and not back[k]:
+        # first read past the first pivot (at lo - 1): copy the keys after it out of dt now
+        pv, pr, j = vals[k, lo - 1], rows[k, lo - 1], lo
+        for i in range(n):
+            if _before(pv, pr, dt[k, i], i):
+                vals[k, j] = dt[k, i]
+                rows[k, j] = i
+                j += 1
+        back[k] = True
     while hi - lo > _INSERTION:
         # median of three (lo, mid, hi - 1) moved to hi - 1, then a Lomuto partition
         mid = (lo + hi - 1) // 2
@@ -129,7 +122,7 @@ def _key_less(a: int, b: int, cand_c: np.ndarray, cand_i: np.ndarray) -> bool:
     return a < b
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _sift_down(heap: np.ndarray, h: int, cand_c: np.ndarray, cand_i: np.ndarray) -> None:
     """Restore the min-heap below position ``h`` after its key grew."""
     size = heap.shape[0]
@@ -146,7 +139,7 @@ def _sift_down(heap: np.ndarray, h: int, cand_c: np.ndarray, cand_i: np.ndarray)
         h = m
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _scan(k: int, pen: float, dt: np.ndarray, left: np.ndarray, n_left: int) -> tuple[float, int]:
     """Cluster k's (cost, row) by a scan of the ``n_left`` unassigned rows ``left[:n_left]``."""
     best_c = 0.0
@@ -160,12 +153,12 @@ def _scan(k: int, pen: float, dt: np.ndarray, left: np.ndarray, n_left: int) -> 
     return best_c, best_i
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def _candidate(
     k: int, pen: float, vals: np.ndarray, rows: np.ndarray, stack: np.ndarray,
     depth: np.ndarray, fin: np.ndarray, parent: np.ndarray, bend: np.ndarray,
     first: np.ndarray, assigned: np.ndarray, dt: np.ndarray, left: np.ndarray, n_left: int,
-    const: np.ndarray, low: np.ndarray,
+    const: np.ndarray, low: np.ndarray, back: np.ndarray,
 ) -> tuple[float, int]:
     """Cluster k's (cost, row): the lowest unassigned row among those of minimal cost.
 
@@ -196,7 +189,7 @@ def _candidate(
                 if n_left * _SCAN_FACTOR < stack[k, depth[k] - 1] - fin[k]:
                     return _scan(k, pen, dt, left, n_left)  # cheaper: scan what is left
                 while fin[k] <= r + 1:
-                    _finalize(vals, rows, stack, depth, fin, parent, bend, k)
+                    _finalize(vals, rows, stack, depth, fin, parent, bend, k, dt, back)
             parent[k, r] = r + 1
         while q != r:  # path compression
             nxt = parent[k, q]
@@ -221,7 +214,7 @@ def _candidate(
                     if n_left * _SCAN_FACTOR < stack[k, depth[k] - 1] - fin[k]:
                         return _scan(k, pen, dt, left, n_left)
                     while fin[k] <= e:
-                        _finalize(vals, rows, stack, depth, fin, parent, bend, k)
+                        _finalize(vals, rows, stack, depth, fin, parent, bend, k, dt, back)
                 if e == n or vals[k, e] != vals[k, r]:
                     break
                 e += 1
@@ -242,13 +235,14 @@ def _greedy(
 
     Every column is sorted lazily by (distance, row) with incremental quicksort
     (:func:`_finalize`), only as deep as the loop reads it. The first split of every column is
-    fused with the copy out of ``dt``, around a pivot sampled so that about
-    ``target`` entries fall before it. Each cluster caches its candidate (:func:`_candidate`);
+    fused with the copy out of ``dt``, around a pivot sampled so that about ``target`` entries
+    fall before it; the keys after it are copied only if ever read. Each cluster caches its
+    candidate (:func:`_candidate`);
     the clusters sit in a min-heap keyed by the cached (cost, row, cluster). A cached key never
     exceeds the cluster's true one (rows only get taken, penalties only grow), so a top whose
     row is still unassigned is the naive loop's pick; a top whose row was taken is recomputed
-    and re-sifted. When the unassigned rows are several times fewer than the column segment
-    that would have to be split next, the candidate is found by scanning those rows instead
+    and re-sifted. When the unassigned rows are fewer than the column segment that would
+    have to be split next, the candidate is found by scanning those rows instead
     (:func:`_scan`). A column of one repeated distance (a collapsed batch) needs no sorting:
     its candidate is the lowest unassigned row.
     """
@@ -279,23 +273,20 @@ def _greedy(
             sr[q + 1] = r
         piv_v[k] = sv[rank]
         piv_r[k] = sr[rank]
-    # one pass per (contiguous) column: keys before the pivot to the front, the rest to the back
+    # one pass per (contiguous) column: the keys before the pivot to the front
     const = np.ones(n_clusters, dtype=np.bool_)  # column of one repeated distance
+    back = np.zeros(n_clusters, dtype=np.bool_)  # keys after the first pivot copied yet
     for k in range(n_clusters):
         col, vk, rk = dt[k], vals[k], rows[k]
         pv, pr, first_v = piv_v[k], piv_r[k], dt[k, 0]
-        lo, hi, same = 0, n, True
-        for i in range(n):
+        lo, same = 0, True
+        for i in range(n):  # the keys after the pivot are copied only if ever read
             v = col[i]
             same &= v == first_v
             if v < pv or (v == pv and i < pr):
                 vk[lo] = v
                 rk[lo] = i
                 lo += 1
-            elif i != pr:
-                hi -= 1
-                vk[hi] = v
-                rk[hi] = i
         const[k] = same
         vk[lo] = pv
         rk[lo] = pr
@@ -303,7 +294,7 @@ def _greedy(
         stack[k, 1] = lo
         depth[k] = 2
         parent[k, n] = n
-        _finalize(vals, rows, stack, depth, fin, parent, bend, k)
+        _finalize(vals, rows, stack, depth, fin, parent, bend, k, dt, back)
 
     labels = np.full(n, -1, dtype=np.int64)
     assigned = np.zeros(n, dtype=np.bool_)
@@ -317,7 +308,7 @@ def _greedy(
     for k in range(n_clusters):
         cand_c[k], cand_i[k] = _candidate(
             k, sigma * (0.0 - log_prior[k]), vals, rows, stack, depth, fin, parent, bend, first,
-            assigned, dt, left, n, const, low,
+            assigned, dt, left, n, const, low, back,
         )
     # binary min-heap of the clusters keyed by their cached (cost, row, cluster)
     heap = np.arange(n_clusters, dtype=np.int64)
@@ -343,7 +334,7 @@ def _greedy(
         pen = sigma * (math.log(counts[k] + 1.0) - log_prior[k])  # the reference formula
         cand_c[k], cand_i[k] = _candidate(
             k, pen, vals, rows, stack, depth, fin, parent, bend, first, assigned, dt, left,
-            n - done, const, low,
+            n - done, const, low, back,
         )
         _sift_down(heap, 0, cand_c, cand_i)
     return labels
@@ -387,8 +378,7 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         int64 array of shape (N,): the cluster of every row.
 
     Raises:
-        ValueError: ``distances`` not 2-D, with no column, or with inf/nan; ``sigma`` negative or
-            not finite; ``log_prior`` of the wrong length or not finite.
+        ValueError: bad input, named (:func:`model.validation.check_assignment_inputs`).
 
     Example:
         >>> import numpy as np
@@ -398,38 +388,12 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         >>> combination_assignment(d, sigma=10.0).tolist()
         [0, 1, 0, 1]
     """
-    d = _to_float64_array(distances, "distances")
-    if d.ndim != 2:
-        raise ValueError(f"distances must be a 2-D N x K array, got shape {d.shape}")
+    d, sigma_f, lp = check_assignment_inputs(distances, sigma, log_prior)
     n, n_clusters = d.shape
-    if n_clusters == 0:
-        raise ValueError("distances must have at least one column (cluster)")
-    try:
-        sigma_f = float(sigma)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"sigma must be a real number, got {sigma!r}") from exc
-    if not math.isfinite(sigma_f) or sigma_f < 0.0:
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
-    if log_prior is None:
-        lp = np.zeros(n_clusters, dtype=np.float64)
-    else:
-        lp = _to_float64_array(log_prior, "log_prior")
-        if lp.shape != (n_clusters,):
-            raise ValueError(
-                f"log_prior must have shape ({n_clusters},) to match distances' K, "
-                f"got {lp.shape}"
-            )
-        if not np.isfinite(lp).all():
-            raise ValueError("log_prior must be finite (a zero prior gives -inf)")
-    if not np.isfinite(d).all():
-        bad = np.argwhere(~np.isfinite(d))[0]
-        raise ValueError(
-            f"distances must be finite; found {d[tuple(bad)]} at row {bad[0]}, column {bad[1]}"
-        )
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    # first pivots leaving about the depth the loop reads sorted (measured: ~N/7 at K=100)
+    # small first fronts: sorting deeper costs more than scanning the rows left (measured)
     dt, vals, rows, stack, parent, bend = _workspace(n_clusters, n)
     np.copyto(dt, d.T)  # K x N, one row per cluster
-    return _greedy(dt, lp, sigma_f, max(4 * n // n_clusters, n // 8) + 16, vals, rows, stack,
+    return _greedy(dt, lp, sigma_f, max(2 * n // n_clusters, n // 32) + 8, vals, rows, stack,
                    parent, bend)

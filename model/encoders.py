@@ -7,6 +7,8 @@ flattened maps (28×28 → 14×14 → 7×7, so it trains at a useful rate on a C
 ``cnn`` (the earlier full-resolution CNN, global average pooled), and the CA paper's encoders
 ``lenet`` (Conv2d(1,6,5)+BN+ReLU+MaxPool(2), Conv2d(6,16,5)+BN+ReLU+MaxPool(2),
 Linear(256→128) on 28×28) and its 1-D analogue ``lenet1d`` for (C, T) windows.
+:class:`EncoderConfig` lives in the torch-free :mod:`model.encoder_config` (re-exported here),
+so that a manifest can be read without torch.
 
 Example:
     >>> import torch
@@ -19,75 +21,13 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["ENCODERS", "IMAGE_KINDS", "EncoderConfig", "build_encoder"]
+from model.encoder_config import DEFAULT_HIDDEN, ENCODERS, IMAGE_KINDS, NORM_EPS, EncoderConfig
 
-ENCODERS = ("mlp", "conv1d", "cnn", "convnet", "lenet", "lenet1d")
-IMAGE_KINDS = ("cnn", "convnet", "lenet")  # encoders of (H, W) or (C, H, W) images
-DEFAULT_HIDDEN = {
-    "mlp": (512,), "conv1d": (32, 64), "cnn": (32, 64), "convnet": (16, 32), "lenet": (6, 16),
-    "lenet1d": (32, 64),
-}
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Everything needed to rebuild an encoder (stored in the snapshot manifest)."""
-
-    kind: str
-    input_shape: tuple[int, ...]
-    latent_dim: int = 128
-    hidden: tuple[int, ...] = field(default=(512,))
-    latent_norm: str = "layer"  # "layer" | "batch" | "none": keeps latents from shrinking
-
-    @classmethod
-    def for_shape(
-        cls,
-        input_shape: tuple[int, ...],
-        latent_dim: int = 128,
-        kind: str = "auto",
-        hidden: tuple[int, ...] | None = None,
-        latent_norm: str = "layer",
-    ) -> EncoderConfig:
-        """Pick the encoder family from the per-sample shape (``kind="auto"``)."""
-        shape = tuple(int(s) for s in input_shape)
-        if kind == "auto":
-            if len(shape) == 1:
-                kind = "mlp"
-            elif len(shape) == 2 and shape[0] <= 32 and shape[1] > shape[0]:
-                kind = "conv1d"  # channels × time
-            elif len(shape) in (2, 3):
-                kind = "convnet"
-            else:
-                raise ValueError(f"no encoder for per-sample shape {shape}")
-        if kind not in ENCODERS:
-            raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
-        default_hidden = DEFAULT_HIDDEN[kind]
-        return cls(
-            kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-able form for the manifest."""
-        d = asdict(self)
-        d["input_shape"] = list(self.input_shape)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, object]) -> EncoderConfig:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            str(d["kind"]),
-            tuple(int(s) for s in d["input_shape"]),  # type: ignore[union-attr]
-            int(d["latent_dim"]),  # type: ignore[arg-type]
-            tuple(int(h) for h in d["hidden"]),  # type: ignore[union-attr]
-            str(d.get("latent_norm", "none")),
-        )
+__all__ = ["DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "EncoderConfig", "build_encoder"]
 
 
 class MLPEncoder(nn.Module):
@@ -198,9 +138,9 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     }
     body = builders[cfg.kind](cfg)
     if cfg.latent_norm == "batch":
-        return nn.Sequential(body, nn.BatchNorm1d(cfg.latent_dim, affine=False))
+        return nn.Sequential(body, nn.BatchNorm1d(cfg.latent_dim, NORM_EPS, affine=False))
     if cfg.latent_norm == "layer":
-        return nn.Sequential(body, nn.LayerNorm(cfg.latent_dim, elementwise_affine=False))
+        return nn.Sequential(body, nn.LayerNorm(cfg.latent_dim, NORM_EPS, elementwise_affine=False))
     if cfg.latent_norm == "none":
         return body
     raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}; choose batch, layer or none")

@@ -15,8 +15,6 @@ Example:
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 __all__ = [
     "ari",
@@ -94,6 +92,8 @@ def hungarian_map(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
     n = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1
     w = np.zeros((n, n), dtype=np.int64)
     np.add.at(w, (y_pred, y_true), 1)
+    from scipy.optimize import linear_sum_assignment  # lazy: a serving replica needs no scipy
+
     rows, cols = linear_sum_assignment(-w)
     return {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
 
@@ -110,11 +110,15 @@ def cluster_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def nmi(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Normalised mutual information (scikit-learn, arithmetic mean normalisation)."""
+    from sklearn.metrics import normalized_mutual_info_score  # lazy, as above
+
     return float(normalized_mutual_info_score(y_true, y_pred))
 
 
 def ari(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Adjusted Rand index (scikit-learn)."""
+    from sklearn.metrics import adjusted_rand_score  # lazy, as above
+
     return float(adjusted_rand_score(y_true, y_pred))
 
 

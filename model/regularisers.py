@@ -324,3 +324,8 @@ def make_regulariser(name: str, **params: float) -> Regulariser:
             f"unknown regulariser {name!r}; choose from {', '.join(sorted(REGULARISERS))}"
         ) from None
     return cls(**params)
+
+
+# the methods of model.seeds register themselves; importing them here (last, once every name
+# above exists) makes the registry complete whichever module is imported first
+from model import seeds as _seeds  # noqa: E402, F401

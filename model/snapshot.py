@@ -7,28 +7,50 @@ refused just like a flipped weight byte. It is a checksum against corruption and
 a signature: whoever can write the store can recompute it. Snapshots of the older format
 ``oclust-snapshot/1`` (weights checksum only) are still read; their manifest is unverified.
 
+Reading needs no torch: :func:`unpack_arrays` gives NumPy arrays (``safetensors.numpy``);
+:func:`pack_tensors` and :func:`unpack_tensors` import torch when called.
+
+:attr:`Snapshot.manifest` is the manifest exactly as stored (a JSON object: what is hashed and
+written back); :attr:`Snapshot.meta` reads it as one typed :class:`Manifest`, which is what the
+model, worker, store, service and CLI use. Fields this build does not know are kept, untouched,
+in the stored JSON (so the checksum of a newer writer's manifest still holds) and in
+:attr:`Manifest.extra`; nothing here interprets them.
+
 Example:
     >>> from model.snapshot import Snapshot, pack_tensors, unpack_tensors
     >>> import torch
     >>> snap = Snapshot.create(pack_tensors({"centroids": torch.zeros(2, 3)}), {"n_clusters": 2})
     >>> snap.verify(); unpack_tensors(snap.weights)["centroids"].shape
     torch.Size([2, 3])
+    >>> snap.meta.n_clusters, snap.meta.format, snap.meta.offsets
+    (2, 'oclust-snapshot/2', {})
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "FORMAT", "LEGACY_FORMAT", "Snapshot", "SnapshotError", "pack_tensors", "unpack_tensors"
+    "FORMAT",
+    "LEGACY_FORMAT",
+    "Manifest",
+    "Snapshot",
+    "SnapshotError",
+    "pack_tensors",
+    "unpack_arrays",
+    "unpack_tensors",
 ]
 
 FORMAT = "oclust-snapshot/2"
@@ -41,15 +63,166 @@ class SnapshotError(ValueError):
 
 def pack_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     """Serialise named tensors to safetensors bytes (copied to contiguous CPU memory)."""
+    from safetensors.torch import save as st_save
+
     return st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
 
 
 def unpack_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes; raises :class:`SnapshotError` on garbage."""
+    """Parse safetensors bytes into torch tensors; raises :class:`SnapshotError` on garbage."""
+    from safetensors.torch import load as st_load
+
     try:
         return st_load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise SnapshotError(f"weights are not valid safetensors: {exc}") from exc
+
+
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes into NumPy arrays, without torch; :class:`SnapshotError` on garbage.
+
+    >>> import numpy as np
+    >>> from safetensors.numpy import save
+    >>> unpack_arrays(save({"w": np.ones((2, 2), np.float32)}))["w"].dtype
+    dtype('float32')
+    """
+    from safetensors.numpy import load as st_load
+
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise SnapshotError(f"weights are not valid safetensors: {exc}") from exc
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a JSON object, got {value!r}")
+    return dict(value)
+
+
+def _offsets(value: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in _mapping(value).items()}
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in value)
+
+
+def _floats(value: Any) -> list[float]:
+    return [float(p) for p in value]
+
+
+def _created(value: Any) -> float | None:
+    """A creation time that is not a number reads as unknown (``None``), never as an error."""
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The snapshot manifest as one typed, immutable record (JSON object on disk).
+
+    The *envelope* (``format``, ``version``, ``created_at``, ``sha256``, ``integrity``) is
+    stamped by :class:`Snapshot`; the rest describes the model and the stream position, written
+    by :meth:`model.clusterer.OnlineClusterer.to_snapshot`. Every field may be absent from an
+    older or hand-made manifest: it then reads as its default, and code that needs it asks for
+    it with :meth:`required`. A present field of the wrong type raises :class:`SnapshotError`.
+    Unknown fields are preserved, read-only, in :attr:`extra` (and written back by
+    :meth:`to_dict`); no code here acts on them.
+
+    >>> m = Manifest.from_dict({"n_clusters": 3, "offsets": {"t:0": 7}, "future": [1]})
+    >>> m.n_clusters, m.offsets, m.samples_seen, dict(m.extra)
+    (3, {'t:0': 7}, 0, {'future': [1]})
+    >>> Manifest.from_dict(m.to_dict()) == m
+    True
+    >>> m.required("sigma")
+    Traceback (most recent call last):
+    ...
+    model.snapshot.SnapshotError: manifest is missing 'sigma'
+    """
+
+    # envelope (Snapshot.create / with_version)
+    format: str | None = None
+    version: int = 0
+    created_at: float | None = None  # unix time; None when absent or not a number
+    sha256: str | None = None
+    integrity: str | None = None
+    # the model (always written by to_snapshot)
+    regulariser: str | None = None
+    reg_params: dict[str, Any] = field(default_factory=dict)
+    n_clusters: int | None = None
+    input_shape: tuple[int, ...] = ()
+    encoder: dict[str, Any] | None = None  # model.encoders.EncoderConfig.to_dict()
+    latent_dim: int | None = None
+    sigma: float | None = None
+    prior: list[float] | None = None
+    prior_mode: str | None = None  # "uniform", "fixed" or "online"
+    prior_state: dict[str, Any] | None = None  # model.priors.OnlinePrior.state(), read by it
+    lr: float | None = None
+    standardize: bool | None = None
+    init: str = "kmeans"
+    seed: int | None = None
+    # training progress and the stream position it covers
+    samples_seen: int = 0
+    steps: int = 0
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset
+    metrics: dict[str, Any] = field(default_factory=dict)  # float or list of floats each
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    _ENVELOPE = ("format", "version", "created_at", "sha256", "integrity")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """Read a stored manifest; :class:`SnapshotError` names a field of the wrong type."""
+        if not isinstance(data, Mapping):
+            raise SnapshotError("manifest must be a JSON object")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra" or data.get(f.name) is None:
+                continue
+            convert = _CONVERT.get(f.name, _same)
+            try:
+                values[f.name] = convert(data[f.name])
+            except (TypeError, ValueError) as exc:
+                raise SnapshotError(f"manifest field {f.name!r} is bad: {exc}") from exc
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**values, extra=MappingProxyType(extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: every model field, the envelope fields that are set, the extras."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (f.name in self._ENVELOPE and value is None):
+                continue
+            out[f.name] = list(value) if f.name == "input_shape" else value
+        return out
+
+    def required(self, name: str) -> Any:
+        """The value of field ``name``; :class:`SnapshotError` when the manifest lacks it."""
+        value = getattr(self, name)
+        if value is None:
+            raise SnapshotError(f"manifest is missing {name!r}")
+        return value
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "format": str, "version": _integer, "created_at": _created, "sha256": str, "integrity": str,
+    "regulariser": str, "reg_params": _mapping, "n_clusters": int, "input_shape": _shape,
+    "encoder": _mapping, "latent_dim": int, "sigma": float, "prior": _floats,
+    "prior_mode": str, "lr": float, "standardize": bool, "init": str, "seed": _integer,
+    "samples_seen": int, "steps": int, "offsets": _offsets, "metrics": _mapping,
+}
 
 
 @dataclass(frozen=True)
@@ -57,11 +230,13 @@ class Snapshot:
     """Weights (safetensors bytes) and a JSON-able manifest."""
 
     weights: bytes
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)  # as stored: what is hashed
 
     @classmethod
-    def create(cls, weights: bytes, manifest: dict[str, Any]) -> Snapshot:
+    def create(cls, weights: bytes, manifest: Manifest | dict[str, Any]) -> Snapshot:
         """Stamp format, creation time, checksums and version 0 onto a manifest."""
+        if isinstance(manifest, Manifest):
+            manifest = manifest.to_dict()
         m = {"version": 0, "created_at": time.time(), **manifest, "format": FORMAT}
         m["sha256"] = hashlib.sha256(weights).hexdigest()
         return cls._sealed(weights, m)
@@ -73,6 +248,11 @@ class Snapshot:
         return cls(weights, m)
 
     @property
+    def meta(self) -> Manifest:
+        """The manifest as a typed :class:`Manifest` (read afresh from :attr:`manifest`)."""
+        return Manifest.from_dict(self.manifest)
+
+    @property
     def sha256(self) -> str:
         """Hex sha256 of the weights."""
         return hashlib.sha256(self.weights).hexdigest()
@@ -80,7 +260,7 @@ class Snapshot:
     @property
     def version(self) -> int:
         """Version assigned by the store (0 before publishing)."""
-        return int(self.manifest.get("version", 0))
+        return self.meta.version
 
     @property
     def legacy(self) -> bool:

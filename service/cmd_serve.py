@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +29,9 @@ from service.options import (
 )
 from service.settings import ServiceSettings
 
+if TYPE_CHECKING:
+    from model.snapshot import Manifest
+
 __all__ = ["register", "run_server", "serve_command", "snapshots_app"]
 
 StoreOpt = field_option(ServiceSettings, "store")
@@ -41,7 +44,6 @@ def _settings(**overrides: Any) -> ServiceSettings:
 
 def run_server(settings: ServiceSettings) -> None:
     """Serve until interrupted: the app, plus a watcher keeping it on the store's snapshot."""
-    import torch
     import uvicorn
 
     from service.app import create_app
@@ -49,7 +51,6 @@ def run_server(settings: ServiceSettings) -> None:
     from service.loader import ModelHolder, SnapshotWatcher
     from training_worker.store import StoreError, open_store
 
-    torch.set_num_threads(settings.torch_threads)
     try:
         store = open_store(settings.store, settings.namespace, poll_interval=settings.poll_interval)
     except StoreError as exc:
@@ -58,6 +59,7 @@ def run_server(settings: ServiceSettings) -> None:
     watcher = SnapshotWatcher(
         store, holder, device=settings.device, poll_interval=settings.poll_interval,
         retry_interval=settings.retry_interval, max_retry_interval=settings.max_retry_interval,
+        torch_threads=settings.torch_threads,
     )
     app = create_app(settings, holder, background=[watcher])
     try:
@@ -102,8 +104,8 @@ def _when(ts: Any) -> str:
     return f"{stamp} ({ago} ago)"
 
 
-def _metric(m: dict[str, Any], key: str) -> str:
-    value = (m.get("metrics") or {}).get(key)
+def _metric(m: Manifest, key: str) -> str:
+    value = m.metrics.get(key)
     return f"{value:.3f}" if isinstance(value, int | float) else "—"
 
 
@@ -122,15 +124,17 @@ def _pointer(st: Any) -> tuple[int | None, str | None]:
 
 def _inventory(st: Any) -> dict[str, Any]:
     """Everything ``snapshots list`` shows, as JSON-able data (never raises on bad contents)."""
-    from model.snapshot import SnapshotError
+    from model.snapshot import Manifest, SnapshotError
     from training_worker.store import VersionNotFound
 
     current, problem = _pointer(st)
     rows = []
     for v in st.versions():
         try:
+            snap = st.load(v)
+            Manifest.from_dict(snap.manifest)  # a field of the wrong type: not valid either
             rows.append({"version": v, "current": v == current, "valid": True, "error": None,
-                         "manifest": st.load(v).manifest})
+                         "manifest": snap.manifest})
         except (SnapshotError, VersionNotFound) as exc:
             rows.append({"version": v, "current": v == current, "valid": False,
                          "error": str(exc), "manifest": None})
@@ -146,6 +150,7 @@ def list_command(
 ) -> None:
     """Table of stored versions (the current one marked; corrupt ones and pointer problems
     shown, so that `rollback` can repair them)."""
+    from model.snapshot import Manifest
     from training_worker.store import StoreError
 
     st = _open(store, namespace)
@@ -171,16 +176,17 @@ def list_command(
         table.add_column(col, justify="right" if col in ("version", "K", "samples",
                                                          "steps", "loss") else "left")
     for row in inv["versions"]:
-        v, mark, m = row["version"], "*" if row["current"] else "", row["manifest"]
-        if m is None:
+        v, mark = row["version"], "*" if row["current"] else ""
+        if row["manifest"] is None:
             table.add_row(str(v), mark, f"[red]corrupt: {row['error']}[/red]")
             continue
+        m = Manifest.from_dict(row["manifest"])
         table.add_row(
-            str(v), mark, _when(m.get("created_at")),
-            str(m.get("regulariser", "—")), str(m.get("n_clusters", "—")),
-            "×".join(map(str, m.get("input_shape", []))) or "—",
-            str(m.get("samples_seen", "—")), str(m.get("steps", "—")),
-            _metric(m, "loss"), str(m.get("sha256", ""))[:12],
+            str(v), mark, _when(m.created_at),
+            str(m.regulariser or "—"), str(m.n_clusters or "—"),
+            "×".join(map(str, m.input_shape)) or "—",
+            str(m.samples_seen), str(m.steps),
+            _metric(m, "loss"), (m.sha256 or "")[:12],
         )
     console.print(table)
 

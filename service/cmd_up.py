@@ -200,7 +200,7 @@ async def run_up(
     if ws.bootstrap_servers == IN_PROCESS:
         stream = LocalStream()
         with contextlib.suppress(VersionNotFound):  # go on where the last snapshot ended
-            offsets = store.load().manifest.get("offsets") or {}
+            offsets = store.load().meta.offsets
             stream.start_at(ws.topic, int(offsets.get(f"{ws.topic}:0", 0)), ws.consumer_group)
         stream.bound(ws.topic, max(20 * ws.batch_size, 5000))
     stats = LiveStats(ws.n_clusters)

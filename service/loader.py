@@ -1,15 +1,18 @@
 """Loaded models, the holder the HTTP app reads, and the watcher that hot-reloads snapshots.
 
-* :class:`LoadedModel` — an immutable, ready-to-serve model built from a verified snapshot:
-  the encoder in eval mode, the serving centroids, the manifest (and its JSON, pre-rendered).
+* :class:`LoadedModel` — an immutable, ready-to-serve model built from a verified snapshot: the
+  model's exported serving pipeline (:func:`model.inference.load`: a numba kernel for MLP
+  encoders, built without importing torch; torch for the others), the manifest (and its JSON,
+  pre-rendered).
 * :class:`ModelHolder` — one reference to the current :class:`LoadedModel`. A swap is a single
   attribute assignment, so a request that read ``holder.current`` once uses exactly one model
   from start to end: no request ever sees half a model.
 * :class:`SnapshotWatcher` — a background thread that loads the store's current version at start
   and then waits for changes (``NS:events`` pub/sub with polling, via
   ``SnapshotStore.wait_for_change``), verifies each snapshot's checksums (weights and manifest)
-  and swaps it in. While the store is unreachable or holds garbage it keeps the last good model,
-  backs off exponentially and reports ``store_up = False`` (unreachable) or ``last_error``.
+  once, as the store reads it, and swaps it in. While the store is unreachable or holds garbage
+  it keeps the last good model, backs off exponentially and reports ``store_up = False``
+  (unreachable) or ``last_error``.
 
 Only the watcher talks to the store; the HTTP app needs just this module's holder and ``model``.
 ``training_worker.store`` is imported lazily, inside the watcher.
@@ -31,166 +34,23 @@ import json
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from model import OnlineClusterer, Snapshot
-from model.regularisers import serve, sq_distances
-from service.fastpath import SingleAssign, compile_single
+from model.inference import Assignment, Inference, load
+from model.priors import resolve_prior
+from model.snapshot import Snapshot, SnapshotError
 
 if TYPE_CHECKING:
     from training_worker.store import SnapshotStore
 
-__all__ = ["Assignment", "LoadedModel", "ModelHolder", "NearestCentroid", "SnapshotWatcher"]
+__all__ = ["Assignment", "LoadedModel", "ModelHolder", "SnapshotWatcher"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """Served answers for a batch (nearest centroid, or the method's own rule)."""
-
-    labels: np.ndarray  # int64 (N,)
-    distances: np.ndarray  # float64 (N,), squared distance to the chosen centroid
-    soft: np.ndarray  # float32 (N, K), softmax of the served logits, for the soft metrics
-
-
-class _Pipeline(nn.Module):
-    """scaler -> encoder -> squared distances -> the served rule (``model.regularisers.serve``)
-    -> (labels, distances, soft assignments)."""
-
-    def __init__(
-        self,
-        scaler: nn.Module | None,
-        encoder: nn.Module,
-        centroids: torch.Tensor,
-        sigma: float,
-        head: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.scaler = scaler if scaler is not None else nn.Identity()
-        self.encoder = encoder
-        self.head = head
-        self.register_buffer("centroids", centroids)
-        self.sigma = sigma
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.encoder(self.scaler(x))
-        labels, dist, logits = serve(z, sq_distances(z, self.centroids), self.sigma, self.head)
-        return labels, dist, torch.softmax(logits, dim=1)
-
-
-class NearestCentroid:
-    """The inference path of a fitted :class:`OnlineClusterer`, prepared once for serving.
-
-    One forward pass gives the hard label, its squared distance and the soft assignment row
-    (what ``clf.assign`` and ``clf.soft_assign`` return, without running the encoder twice or
-    re-validating input the service has already validated).
-
-    Single samples, the latency-critical case, take the fastest path that reproduces the torch
-    pipeline on random probes (``single_path``): ``"compiled"`` (MLP encoders lowered to one
-    numba kernel, see :mod:`service.fastpath`; nearest-centroid methods only), else ``"traced"``
-    (TorchScript-traced and frozen; also CM/AE-CM, whose argmax-gamma head it applies), else
-    ``"eager"``. Batches always run in torch.
-
-    Example:
-        >>> import numpy as np
-        >>> from model import OnlineClusterer
-        >>> clf = OnlineClusterer(n_clusters=2, latent_dim=4, seed=0, device="cpu")
-        >>> _ = clf.partial_fit(np.random.default_rng(0).normal(size=(64, 3)).astype("float32"))
-        >>> nc = NearestCentroid.from_clusterer(clf)
-        >>> nc(np.zeros((2, 3), "float32")).soft.shape, nc.single_path
-        ((2, 2), 'compiled')
-    """
-
-    def __init__(
-        self,
-        pipeline: nn.Module,
-        device: torch.device,
-        single: SingleAssign | None = None,
-        single_path: str = "eager",
-    ) -> None:
-        self.pipeline = pipeline
-        self.device = device
-        self.single = single
-        self.single_path = single_path if single is not None else "eager"
-
-    @classmethod
-    def from_clusterer(cls, clf: OnlineClusterer, fast: bool = True) -> NearestCentroid:
-        """Freeze a fitted clusterer's encoder (eval mode) and serving centroids."""
-        if not clf.is_fitted:
-            raise ValueError("the clusterer is not fitted")
-        clf.encoder_.eval()
-        with torch.no_grad():  # a normal tensor, usable inside and outside inference mode
-            centroids = clf.reg_.serving_centroids(clf.centroids_).detach().clone()
-        scaler = clf.scaler_ if clf.standardize else None
-        head = clf.reg_.serving_head()
-        pipeline = _Pipeline(scaler, clf.encoder_, centroids, float(clf.sigma), head).eval()
-        if not fast:
-            return cls(pipeline, clf.device_)
-        shape = tuple(clf.input_shape_)
-        # the compiled kernel knows only the nearest-centroid rule: a method with its own
-        # (CM/AE-CM's argmax gamma) takes the traced pipeline, which applies it
-        single = None if head is not None else compile_single(
-            pipeline.scaler, pipeline.encoder, centroids, float(clf.sigma), shape, pipeline
-        )
-        if single is not None:
-            return cls(pipeline, clf.device_, single, "compiled")
-        traced = _trace(pipeline, shape, clf.device_)
-        return cls(pipeline, clf.device_, traced, "traced")
-
-    def __call__(self, batch: np.ndarray) -> Assignment:
-        """Assign a validated float32 batch of shape (N, *input_shape)."""
-        if self.single is not None and len(batch) == 1:
-            labels, dist, soft = self.single(batch)
-            return Assignment(labels, dist.astype(np.float64), soft)
-        x = torch.from_numpy(batch)
-        if self.device.type != "cpu":
-            x = x.to(self.device)
-        with torch.inference_mode():
-            labels, dist, soft = self.pipeline(x)
-        return Assignment(
-            labels.cpu().numpy(), dist.cpu().numpy().astype(np.float64), soft.cpu().numpy()
-        )
-
-
-def _trace(
-    pipeline: nn.Module, input_shape: tuple[int, ...], device: torch.device
-) -> SingleAssign | None:
-    """Traced + frozen single-sample pipeline, or ``None`` if it does not match eager mode."""
-    gen = torch.Generator().manual_seed(0)
-    probes = [torch.randn((1, *input_shape), generator=gen).to(device) * s for s in (0.5, 2, 8)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarning: branches baked in, as intended
-            with torch.inference_mode():
-                traced = torch.jit.freeze(
-                    torch.jit.trace(pipeline, probes[0], check_trace=False).eval()
-                )
-                for probe in probes * 2:  # also warms the executor up
-                    want, got = pipeline(probe), traced(probe)
-                    if not (
-                        torch.equal(want[0], got[0])
-                        and torch.allclose(want[1], got[1], rtol=1e-4, atol=1e-5)
-                    ):
-                        raise ValueError("traced pipeline disagrees with eager mode")
-    except Exception as exc:  # tracing is an optimisation: fall back to eager mode
-        log.warning("single-sample fast path unavailable, serving eagerly: %s", exc)
-        return None
-
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # frozen graph: weights are constants, nothing requires grad, so no context needed
-        labels, dist, soft = traced(torch.from_numpy(batch).to(device))
-        return labels.cpu().numpy(), dist.cpu().numpy(), soft.cpu().numpy()
-
-    return run
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,28 +66,32 @@ class LoadedModel:
     prior: np.ndarray
     created_at: float | None
     loaded_at: float
-    infer: NearestCentroid
+    infer: Inference
 
     @classmethod
-    def from_snapshot(cls, snapshot: Snapshot, device: str = "cpu") -> LoadedModel:
-        """Verify the sha256 and rebuild the model; :class:`SnapshotError` if it is bad."""
-        snapshot.verify()
-        clf = OnlineClusterer.from_snapshot(snapshot, device=device)
+    def from_snapshot(
+        cls, snapshot: Snapshot, device: str = "cpu", verify: bool = True,
+        torch_threads: int | None = None,
+    ) -> LoadedModel:
+        """Build the snapshot's serving pipeline; :class:`SnapshotError` if it is bad.
+
+        ``verify=False`` for a snapshot whose checksums were verified already (by the store
+        that read it): a snapshot is verified once. ``device`` and ``torch_threads`` matter
+        only for a model served by torch (see :func:`model.inference.load`).
+        """
+        infer = load(snapshot, device=device, verify=verify, torch_threads=torch_threads)
         manifest = json.loads(snapshot.manifest_json())  # a private deep copy
-        prior = np.asarray(clf.prior_, dtype=np.float64).copy()
-        prior.setflags(write=False)
-        created = manifest.get("created_at")
         return cls(
             version=snapshot.version,
             sha256=snapshot.sha256,
             manifest=MappingProxyType(manifest),
             manifest_json=snapshot.manifest_json().encode(),
-            n_clusters=int(clf.n_clusters),
-            input_shape=tuple(int(s) for s in clf.input_shape_),
-            prior=prior,
-            created_at=float(created) if isinstance(created, int | float) else None,
+            n_clusters=infer.n_clusters,
+            input_shape=infer.input_shape,
+            prior=_prior(manifest.get("prior"), infer.n_clusters),
+            created_at=snapshot.meta.created_at,
             loaded_at=time.time(),
-            infer=NearestCentroid.from_clusterer(clf),
+            infer=infer,
         )
 
     @property
@@ -238,6 +102,19 @@ class LoadedModel:
     def assign(self, batch: np.ndarray) -> Assignment:
         """Served cluster of each sample of a validated float32 batch (N, *input_shape)."""
         return self.infer(batch)
+
+
+def _prior(value: Any, n_clusters: int) -> np.ndarray:
+    """The manifest's prior (the estimate at snapshot time for an online prior), read-only."""
+    try:
+        prior = resolve_prior(value, n_clusters)[1]
+    except ValueError as exc:
+        raise SnapshotError(f"manifest has a bad prior: {exc}") from exc
+    if prior is None:
+        raise SnapshotError("manifest has no prior vector")
+    prior = prior.copy()
+    prior.setflags(write=False)
+    return prior
 
 
 class ModelHolder:
@@ -343,7 +220,9 @@ class SnapshotWatcher:
     Args:
         store: a ``training_worker.store.SnapshotStore`` (Redis or directory).
         holder: where loaded models go.
-        device: torch device for the served models.
+        device: torch device for models the compiled kernel does not run (MLPs run on the CPU).
+        torch_threads: torch's intra-op threads, set when such a model is loaded (torch is
+            not imported for MLP snapshots).
         poll_interval: longest wait for a change notice before re-reading the pointer (and the
             longest :meth:`stop` waits for the thread).
         retry_interval: first pause after a failed attempt; it doubles with every further
@@ -374,10 +253,12 @@ class SnapshotWatcher:
         poll_interval: float = 1.0,
         retry_interval: float = 2.0,
         max_retry_interval: float = 30.0,
+        torch_threads: int | None = None,
     ) -> None:
         self.store = store
         self.holder = holder
         self.device = device
+        self.torch_threads = torch_threads
         self.poll_interval = poll_interval
         self.retry_interval = retry_interval
         self.max_retry_interval = max(max_retry_interval, retry_interval)
@@ -425,7 +306,9 @@ class SnapshotWatcher:
         return True
 
     def _load(self, version: int) -> LoadedModel:
-        return LoadedModel.from_snapshot(self.store.load(version), device=self.device)
+        # the store verifies the checksums as it reads; the snapshot is not verified again
+        return LoadedModel.from_snapshot(self.store.load(version), self.device, verify=False,
+                                         torch_threads=self.torch_threads)
 
     def _serve(self, model: LoadedModel, fallback: str | None) -> None:
         self.holder.swap(model, fallback=fallback)

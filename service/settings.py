@@ -31,7 +31,9 @@ class ServiceSettings(StoreLocation):
     max_retry_interval: float = Field(
         30.0, gt=0, description="longest pause between failed store attempts"
     )
-    device: str = Field("cpu", description="torch device the served model runs on")
+    device: str = Field(
+        "cpu", description="torch device of models served by torch (MLPs run in the CPU kernel)"
+    )
 
     # HTTP
     host: str = Field("127.0.0.1", description="bind address")
@@ -60,7 +62,9 @@ class ServiceSettings(StoreLocation):
     log_level: str = Field("info", description="log level: debug, info, warning or error")
 
     # inference and monitoring
-    torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the server")
+    torch_threads: int = Field(
+        1, ge=1, description="torch intra-op threads, set when a model served by torch is loaded"
+    )
     inline_body_bytes: int = Field(
         64 * 1024, ge=0, description="batch bodies up to this size run on the event loop, "
         "larger ones in a worker thread (keeps the loop responsive)"

@@ -48,6 +48,7 @@ SERVICE_METRICS = frozenset(
         "oclust_snapshot_version",
         "oclust_snapshot_age_seconds",
         "oclust_store_up",
+        "oclust_snapshot_fallback",
     }
 )
 WORKER_METRICS = frozenset(

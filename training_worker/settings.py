@@ -94,7 +94,7 @@ def check_device(device: str) -> str:
 
 def check_encoder(encoder: str) -> str:
     """``encoder`` if it is ``auto`` or a known encoder kind."""
-    from model.encoders import ENCODERS
+    from model.encoder_config import ENCODERS
 
     if encoder != "auto" and encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose from auto, {', '.join(ENCODERS)}")

@@ -13,7 +13,7 @@ Example:
     >>> X = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
     >>> t.step(Batch(X, np.full(32, -1))).n
     32
-    >>> t.snapshot({"topic:0": 32}).manifest["offsets"]
+    >>> t.snapshot({"topic:0": 32}).meta.offsets
     {'topic:0': 32}
 """
 

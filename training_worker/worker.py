@@ -323,12 +323,12 @@ class TrainingWorker:
                      self.store.url, s.namespace, s.regulariser, s.n_clusters)
         else:
             model = OnlineClusterer.from_snapshot(snap, device=s.device)
-            m = snap.manifest
+            m = snap.meta
             log.info("resuming from snapshot version %d (samples_seen %s, offsets %s)",
-                     snap.version, m.get("samples_seen"), m.get("offsets"))
-            if (m.get("n_clusters"), m.get("regulariser")) != (s.n_clusters, s.regulariser):
+                     snap.version, m.samples_seen, m.offsets)
+            if (m.n_clusters, m.regulariser) != (s.n_clusters, s.regulariser):
                 log.warning("the snapshot's model (K=%s, %s) differs from the settings (K=%d, "
-                            "%s): the snapshot wins", m.get("n_clusters"), m.get("regulariser"),
+                            "%s): the snapshot wins", m.n_clusters, m.regulariser,
                             s.n_clusters, s.regulariser)
             guard.threshold = (
                 s.collapse_threshold if s.collapse_threshold is not None
@@ -362,7 +362,7 @@ class TrainingWorker:
         self.lock = asyncio.Lock()
         self.last_checkpoint = time.monotonic()
         self.checkpoint_offsets: dict[str, int] = dict(
-            (trainer.healthy.manifest.get("offsets") or {}) if trainer.healthy else {}
+            trainer.healthy.meta.offsets if trainer.healthy else {}
         )
         self.messages = 0
         self.dlq_count = 0

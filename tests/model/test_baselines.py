@@ -57,7 +57,7 @@ def test_cm_predict_is_the_modules_own_rule(trained) -> None:
 def test_cm_service_serves_the_training_rule_on_every_point(trained) -> None:
     clf, X = trained
     model = LoadedModel.from_snapshot(clf.to_snapshot().with_version(1))
-    assert model.infer.single_path == "traced"  # the compiled kernel only knows nearest centroid
+    assert model.infer.backend == "compiled"  # the kernel applies the clustering module's head
     want = _own_rule(clf, X)
     np.testing.assert_array_equal(model.assign(X).labels, want)  # batches: 100%
     singles = np.array([model.assign(X[i : i + 1]).labels[0] for i in range(len(X))])

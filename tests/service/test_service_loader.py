@@ -7,12 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from model import OnlineClusterer, Snapshot
 from model.snapshot import SnapshotError, pack_tensors
-from service.loader import LoadedModel, ModelHolder, NearestCentroid, SnapshotWatcher, _trace
+from service.loader import LoadedModel, ModelHolder, SnapshotWatcher
 from training_worker.store import open_store
 
 
@@ -25,49 +23,32 @@ def _fit(shape: tuple[int, ...], seed: int = 0, k: int = 3, **kw: object) -> Onl
 
 
 @pytest.mark.parametrize(
-    ("shape", "kw", "path"),
+    ("shape", "kw", "backend"),
     [
         ((5,), {}, "compiled"),
-        ((5,), {"standardize": False}, "compiled"),
-        ((5,), {"latent_norm": "batch"}, "compiled"),
-        ((5,), {"latent_norm": "none"}, "compiled"),
-        ((2, 12), {}, "traced"),
-        ((6, 6), {"encoder": "cnn"}, "traced"),
+        ((5,), {"regulariser": "cm"}, "compiled"),
+        ((2, 12), {}, "torch"),
+        ((6, 6), {"encoder": "cnn"}, "torch"),
     ],
 )
-@pytest.mark.parametrize("fast", [True, False])
-def test_nearest_centroid_matches_the_clusterer(
-    shape: tuple[int, ...], kw: dict[str, object], path: str, fast: bool
+def test_loaded_model_answers_as_the_clusterer(
+    shape: tuple[int, ...], kw: dict[str, object], backend: str
 ) -> None:
     clf = _fit(shape, **kw)
-    nc = NearestCentroid.from_clusterer(OnlineClusterer.from_snapshot(clf.to_snapshot()), fast)
-    assert nc.single_path == (path if fast else "eager")
+    model = LoadedModel.from_snapshot(clf.to_snapshot())
+    assert model.infer.backend == backend
     x = np.random.default_rng(9).normal(size=(16, *shape)).astype("float32") * 3
     labels, dists = clf.assign(x)
     soft = clf.soft_assign(x)
-    batch = nc(x)
+    batch = model.assign(x)
     assert batch.labels.tolist() == labels.tolist()
-    np.testing.assert_allclose(batch.distances, dists, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(batch.soft, soft, rtol=1e-4, atol=1e-6)
-    for i in range(len(x)):  # the single-sample path (traced when available)
-        one = nc(x[i : i + 1])
+    np.testing.assert_allclose(batch.distances, dists, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batch.soft, soft, rtol=1e-4, atol=1e-5)
+    for i in range(len(x)):  # single samples (traced for torch)
+        one = model.assign(x[i : i + 1])
         assert one.labels.tolist() == [labels[i]]
-        np.testing.assert_allclose(one.distances, dists[i : i + 1], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(one.soft, soft[i : i + 1], rtol=1e-4, atol=1e-6)
-
-
-def test_traced_path_runs_without_a_grad_context() -> None:
-    clf = _fit((2, 12))
-    pipeline = NearestCentroid.from_clusterer(clf, fast=False).pipeline
-    traced = _trace(pipeline, (2, 12), clf.device_)
-    assert traced is not None
-    x = np.random.default_rng(0).normal(size=(1, 2, 12)).astype(np.float32)
-    labels, dist, soft = traced(x)  # called outside inference mode, as the service does
-    with torch.inference_mode():
-        want = pipeline(torch.from_numpy(x))
-    assert labels.tolist() == want[0].tolist()
-    np.testing.assert_allclose(dist, want[1].numpy(), rtol=1e-5)
-    np.testing.assert_allclose(soft, want[2].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(one.distances, dists[i : i + 1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(one.soft, soft[i : i + 1], rtol=1e-4, atol=1e-5)
 
 
 def test_loaded_model_is_read_only() -> None:
@@ -90,6 +71,10 @@ def test_bad_snapshots_are_refused() -> None:
     unfit = Snapshot.create(pack_tensors({"centroids": torch.zeros(2, 3)}), {"n_clusters": 2})
     with pytest.raises(SnapshotError):
         LoadedModel.from_snapshot(unfit)
+    manifest = {k: v for k, v in good.manifest.items() if k not in ("sha256", "integrity")}
+    bad_prior = Snapshot.create(good.weights, {**manifest, "prior": [1.0, 0.0]})
+    with pytest.raises(SnapshotError, match="prior"):
+        LoadedModel.from_snapshot(bad_prior)
 
 
 def test_holder_tells_listeners_before_swapping() -> None:
@@ -159,61 +144,6 @@ def test_watcher_thread_starts_and_stops(tmp_path: Path) -> None:
     assert watcher._thread is None
 
 
-@settings(max_examples=30, deadline=None)
-@given(
-    layers=st.lists(st.sampled_from(["linear", "relu", "layernorm", "batchnorm"]), max_size=5),
-    width=st.integers(1, 9),
-    k=st.integers(1, 5),
-    scale=st.sampled_from([0.01, 1.0, 30.0]),
-    seed=st.integers(0, 2**16),
-)
-def test_compiled_single_path_equals_torch(
-    layers: list[str], width: int, k: int, scale: float, seed: int
-) -> None:
-    from torch import nn
-
-    from service.fastpath import compile_single
-
-    torch.manual_seed(seed)
-    mods: list[nn.Module] = [nn.Linear(4, width)]
-    for name in layers:
-        if name == "linear":
-            mods.append(nn.Linear(width, width))
-        elif name == "relu":
-            mods.append(nn.ReLU())
-        elif name == "layernorm":
-            mods.append(nn.LayerNorm(width))
-        else:
-            bn = nn.BatchNorm1d(width).eval()
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-            mods.append(bn)
-    enc = nn.Sequential(*mods).eval()
-    centroids = torch.randn(k, width)
-    fn = compile_single(nn.Identity(), enc, centroids, sigma=1.0, input_shape=(4,))
-    assert fn is not None
-    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)) * scale
-    with torch.no_grad():
-        d = torch.cdist(enc(x), centroids) ** 2
-    labels, dist, soft = fn(x.numpy())
-    np.testing.assert_allclose(dist, d.min(dim=1).values.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(soft, torch.softmax(-0.5 * d, dim=1).numpy(), rtol=1e-3, atol=1e-5)
-    close = d.numpy()[np.arange(3), labels] <= d.min(dim=1).values.numpy() + 1e-4
-    assert close.all()  # the chosen centroid is a nearest one (ties within rounding)
-
-
-def test_compiled_single_path_turns_overflow_into_nan() -> None:
-    from torch import nn
-
-    from service.fastpath import compile_single
-
-    enc = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
-    fn = compile_single(nn.Identity(), enc, torch.randn(2, 4), sigma=1.0, input_shape=(3,))
-    assert fn is not None
-    labels, dist, _ = fn(np.full((1, 3), 3e38, np.float32))
-    assert labels.tolist() in ([0], [1]) and np.isnan(dist).all()
-
-
 def test_watcher_backs_off_on_a_garbled_pointer_and_falls_back(tmp_path: Path) -> None:
     store = open_store(f"file://{tmp_path}", namespace="g")
     store.publish(_fit((5,), seed=1).to_snapshot())
@@ -242,3 +172,62 @@ def test_watcher_without_a_pointer_serves_the_newest_valid_version(tmp_path: Pat
     holder = ModelHolder()
     assert SnapshotWatcher(store, holder).check() is True
     assert holder.current.version == 1 and "no current-version pointer" in holder.fallback
+
+
+_SERVE = """
+import atexit, json, sys
+atexit.register(lambda: print(json.dumps({"modules": sorted(
+    m for m in ("torch", "sklearn", "numba") if m in sys.modules)}), flush=True))
+from service.cli import app
+app(sys.argv[1:], prog_name="oclust")
+"""
+
+
+def test_a_replica_serving_an_mlp_snapshot_never_imports_torch(tmp_path: Path) -> None:
+    """The real ``oclust serve`` on a directory store: answers as the clusterer, no torch."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    clf = _fit((5,), regulariser="cm")
+    open_store(f"file://{tmp_path}", namespace="r").publish(clf.to_snapshot())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _SERVE, "serve", "--store", f"file://{tmp_path}",
+           "--namespace", "r", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    x = np.random.default_rng(5).normal(size=(8, 5)).astype("float32")
+
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        for _ in range(600):  # the process is external: poll its readiness endpoint
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None, "oclust serve exited"
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(0.1)
+        want = clf.predict(x).tolist()
+        assert post("/assign/batch", {"items": x.tolist()})["clusters"] == want
+        assert [post("/assign", {"features": row})["cluster"] for row in x.tolist()] == want
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)  # uvicorn shuts down, then re-raises it: atexit runs
+        out, _ = proc.communicate(timeout=20)
+    modules = json.loads(out.strip().splitlines()[-1])["modules"]
+    assert modules == ["numba"]  # neither torch nor scikit-learn

@@ -160,3 +160,24 @@ def test_worker_trains_multi_sample_messages_like_memory(kafka_bootstrap, redis_
         local.partial_fit(X[start : start + 64])
     assert worker.trainer is not None
     np.testing.assert_array_equal(worker.trainer.model.predict(X), local.predict(X))
+
+
+def test_produce_command_sends_matrices(kafka_bootstrap, unique_topic):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from tests.test_worker_cli import _consume
+
+    result = CliRunner().invoke(app, ["produce", "--dataset", "digits", "--topic", unique_topic,
+                                      "--bootstrap-servers", kafka_bootstrap, "--quiet",
+                                      "--samples-per-message", "500"])
+    assert result.exit_code == 0, result.output
+    assert "sent 4 messages" in result.output
+    msgs = _consume(kafka_bootstrap, unique_topic, 4)
+    X, y = datasets.load("digits")
+    batch = SampleDecoder(shape=(64,)).decode_batch([m.value for m in msgs],
+                                                    [m.headers for m in msgs])
+    assert not batch.rejects
+    np.testing.assert_array_equal(batch.features, X.astype(np.float32))
+    assert batch.labels.tolist() == y.tolist()
+    assert batch.index.tolist() == [0] * 500 + [1] * 500 + [2] * 500 + [3] * 297

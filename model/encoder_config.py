@@ -1,0 +1,108 @@
+"""What an encoder is, without torch: :class:`EncoderConfig` (stored in the snapshot manifest)
+and, for the MLP, the layer program its weights make (:func:`mlp_program`), which
+:mod:`model.inference` runs without torch. :mod:`model.encoders` builds the torch modules.
+
+Example:
+    >>> cfg = EncoderConfig.for_shape((64,), latent_dim=16)
+    >>> cfg.kind, [op for op, _ in mlp_program(cfg)]
+    ('mlp', ['linear', 'relu', 'linear', 'layernorm'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = [
+    "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS", "EncoderConfig",
+    "mlp_program",
+]
+
+ENCODERS = ("mlp", "conv1d", "cnn", "convnet", "lenet", "lenet1d")
+IMAGE_KINDS = ("cnn", "convnet", "lenet")  # encoders of (H, W) or (C, H, W) images
+DEFAULT_HIDDEN = {
+    "mlp": (512,), "conv1d": (32, 64), "cnn": (32, 64), "convnet": (16, 32), "lenet": (6, 16),
+    "lenet1d": (32, 64),
+}
+LATENT_NORMS = ("layer", "batch", "none")
+NORM_EPS = 1e-5  # eps of the latent LayerNorm / BatchNorm1d
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything needed to rebuild an encoder (stored in the snapshot manifest)."""
+
+    kind: str
+    input_shape: tuple[int, ...]
+    latent_dim: int = 128
+    hidden: tuple[int, ...] = field(default=(512,))
+    latent_norm: str = "layer"  # "layer" | "batch" | "none": keeps latents from shrinking
+
+    @classmethod
+    def for_shape(
+        cls,
+        input_shape: tuple[int, ...],
+        latent_dim: int = 128,
+        kind: str = "auto",
+        hidden: tuple[int, ...] | None = None,
+        latent_norm: str = "layer",
+    ) -> EncoderConfig:
+        """Pick the encoder family from the per-sample shape (``kind="auto"``)."""
+        shape = tuple(int(s) for s in input_shape)
+        if kind == "auto":
+            if len(shape) == 1:
+                kind = "mlp"
+            elif len(shape) == 2 and shape[0] <= 32 and shape[1] > shape[0]:
+                kind = "conv1d"  # channels × time
+            elif len(shape) in (2, 3):
+                kind = "convnet"
+            else:
+                raise ValueError(f"no encoder for per-sample shape {shape}")
+        if kind not in ENCODERS:
+            raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
+        default_hidden = DEFAULT_HIDDEN[kind]
+        return cls(
+            kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form for the manifest."""
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> EncoderConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            str(d["kind"]),
+            tuple(int(s) for s in d["input_shape"]),  # type: ignore[union-attr]
+            int(d["latent_dim"]),  # type: ignore[arg-type]
+            tuple(int(h) for h in d["hidden"]),  # type: ignore[union-attr]
+            str(d.get("latent_norm", "none")),
+        )
+
+
+def mlp_program(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """The MLP encoder as (op, state-dict keys of its parameters), in order of application.
+
+    Ops: ``linear`` (weight (out, in), bias), ``relu``, ``layernorm`` (no parameters) and
+    ``batchnorm`` (running mean and variance, eval mode). The keys are those of
+    ``model.encoders.build_encoder(cfg).state_dict()``: the body is wrapped in a ``Sequential``
+    with its latent normalisation unless that is ``"none"``.
+    """
+    if cfg.kind != "mlp":
+        raise ValueError(f"no MLP program for a {cfg.kind!r} encoder")
+    if cfg.latent_norm not in LATENT_NORMS:
+        raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}")
+    body = "" if cfg.latent_norm == "none" else "0."
+    ops: list[tuple[str, tuple[str, ...]]] = []
+    for i in range(len(cfg.hidden) + 1):  # Linear, ReLU, ..., Linear in MLPEncoder.net
+        ops.append(("linear", (f"{body}net.{2 * i}.weight", f"{body}net.{2 * i}.bias")))
+        if i < len(cfg.hidden):
+            ops.append(("relu", ()))
+    if cfg.latent_norm == "layer":
+        ops.append(("layernorm", ()))
+    elif cfg.latent_norm == "batch":
+        ops.append(("batchnorm", ("1.running_mean", "1.running_var")))
+    return ops

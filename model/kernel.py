@@ -1,0 +1,236 @@
+"""The compiled serving kernel for MLP encoders: one numba function, no torch.
+
+For one sample, torch spends most of its time in per-operator overhead, not in arithmetic. Here
+the whole serving pipeline (standardise -> linear/ReLU/normalisation layers -> squared distances
+to the centroids -> the served rule -> softmax) is a small *program* of rows over one flat
+float32 parameter array, which :func:`_forward` interprets in float32, on blocks of rows (one
+BLAS matrix product per linear layer and block).
+:func:`compile_program` builds it from plain NumPy arrays; :mod:`model.inference` feeds it.
+
+Example:
+    >>> import numpy as np
+    >>> w = np.eye(3, dtype=np.float32)
+    >>> k = compile_program([("linear", (w, np.zeros(3, np.float32)))], 3,
+    ...                     centroids=np.eye(3, dtype=np.float32), sigma=1.0)
+    >>> labels, dist, soft = k(np.array([[0, 2, 0]], np.float32))
+    >>> labels.tolist(), dist.tolist(), round(float(soft.sum()), 5)
+    ([1], [1.0], 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+__all__ = ["Kernel", "compile_program", "warm_up"]
+
+Op = tuple[str, tuple[np.ndarray, ...]]
+
+# opcodes; one program row per op: (opcode, in_dim, out_dim, offset_a, offset_b, offset_c)
+# into the flat parameter array
+LINEAR, RELU, LAYERNORM, AFFINE, STANDARDIZE = 0, 1, 2, 3, 4
+
+
+BLOCK = 128  # rows pushed through each layer together (one matrix product per linear layer)
+
+
+@numba.njit(cache=True, nogil=True)
+def _forward(
+    x: np.ndarray, program: np.ndarray, params: np.ndarray, mu: np.ndarray,
+    neg_half_inv_sigma: float, head_w: np.ndarray, head_b: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the program and the served rule on the rows of ``x`` (N, D), a block at a time.
+
+    Without a head (``head_w`` of shape (0, 0)) the label is the nearest centroid and the
+    logits are -d / (2 sigma); with one, the logits are ``z @ head_w + head_b`` and the label
+    is their argmax; the distance is the one to the label's centroid. All arithmetic is float32,
+    as in torch; a non-finite latent gives a NaN distance.
+    """
+    n, n_clusters = x.shape[0], mu.shape[0]
+    has_head = head_w.shape[0] > 0
+    labels = np.empty(n, np.int64)
+    dist = np.empty(n, np.float32)
+    soft = np.empty((n, n_clusters), np.float32)
+    d = np.empty(n_clusters, np.float32)
+    logits = np.empty(n_clusters, np.float32)
+    for start in range(0, n, BLOCK):
+        rows = min(BLOCK, n - start)
+        a = x[start : start + rows].copy()
+        dim = a.shape[1]
+        for p in range(program.shape[0]):
+            op, din, dout = program[p, 0], program[p, 1], program[p, 2]
+            o1, o2, o3 = program[p, 3], program[p, 4], program[p, 5]
+            if op == LINEAR:  # a @ W + bias, W stored (din, dout) row-major at o1
+                a = np.dot(a, params[o1 : o1 + din * dout].reshape(din, dout))
+                for i in range(rows):
+                    for j in range(dout):
+                        a[i, j] += params[o2 + j]
+                dim = dout
+            elif op == RELU:  # NaN stays NaN, as np.maximum and torch.relu
+                for i in range(rows):
+                    for j in range(dim):
+                        if a[i, j] < 0:
+                            a[i, j] = 0
+            elif op == LAYERNORM:  # eps at o1, weight at o2, bias at o3
+                inv_n = np.float32(1.0) / np.float32(dim)
+                for i in range(rows):
+                    mean = np.float32(0.0)
+                    for j in range(dim):
+                        mean += a[i, j]
+                    mean *= inv_n
+                    var = np.float32(0.0)
+                    for j in range(dim):
+                        a[i, j] -= mean
+                        var += a[i, j] * a[i, j]
+                    var *= inv_n
+                    if not np.isfinite(var):
+                        var = np.float32(np.nan)  # overflow must surface as NaN, as in torch
+                    inv = np.float32(1.0) / np.sqrt(var + params[o1])
+                    for j in range(dim):
+                        a[i, j] = a[i, j] * inv * params[o2 + j] + params[o3 + j]
+            elif op == AFFINE:  # scale at o1, shift at o2
+                for i in range(rows):
+                    for j in range(dim):
+                        a[i, j] = a[i, j] * params[o1 + j] + params[o2 + j]
+            else:  # STANDARDIZE: (a - mean) / std, mean at o1, std at o2
+                for i in range(rows):
+                    for j in range(dim):
+                        a[i, j] = (a[i, j] - params[o1 + j]) / params[o2 + j]
+        if has_head:  # the method's own rule: logits of a linear head
+            head_logits = np.dot(a, head_w)
+        for i in range(rows):
+            r = start + i
+            # squared distances to every centroid; the first smallest wins
+            best = 0
+            finite = True
+            for k in range(n_clusters):
+                acc = np.float32(0.0)
+                for j in range(dim):
+                    diff = a[i, j] - mu[k, j]
+                    acc += diff * diff
+                d[k] = acc
+                finite = finite and np.isfinite(acc)
+                if acc < d[best]:
+                    best = k
+                logits[k] = acc * neg_half_inv_sigma
+            if has_head:  # label: the argmax of the head's logits (the first largest)
+                best = 0
+                for k in range(n_clusters):
+                    logits[k] = head_logits[i, k] + head_b[k]
+                    if logits[k] > logits[best]:
+                        best = k
+            labels[r] = best
+            dist[r] = d[best] if finite else np.float32(np.nan)
+            # soft assignment: softmax of the logits, shifted by their maximum
+            top = logits[0]
+            for k in range(n_clusters):
+                top = max(top, logits[k])
+            total = np.float32(0.0)
+            for k in range(n_clusters):
+                e = np.float32(np.exp(logits[k] - top))
+                soft[r, k] = e
+                total += e
+            for k in range(n_clusters):
+                soft[r, k] /= total
+    return labels, dist, soft
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """A compiled serving pipeline: call it on a float32 batch (N, *input_shape) for
+    (labels int64 (N,), distances float32 (N,), soft float32 (N, K))."""
+
+    program: np.ndarray
+    params: np.ndarray
+    in_dim: int
+    centroids: np.ndarray
+    neg_half_inv_sigma: float
+    head_w: np.ndarray
+    head_b: np.ndarray
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(batch, dtype=np.float32).reshape(len(batch), self.in_dim)
+        return _forward(x, self.program, self.params, self.centroids, self.neg_half_inv_sigma,
+                        self.head_w, self.head_b)
+
+
+def compile_program(
+    ops: Sequence[Op],
+    in_dim: int,
+    centroids: np.ndarray,
+    sigma: float,
+    head: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Kernel:
+    """Lower ``ops`` on flat samples of ``in_dim`` numbers, then centroids (K, m) and the rule.
+
+    Ops: ``("standardize", (mean, std))``, ``("linear", (weight (out, in), bias))``,
+    ``("relu", ())``, ``("layernorm", (eps,))`` (no affine), ``("batchnorm", (running_mean,
+    running_var, eps))`` (eval mode, no affine). ``head``: (weight (K, m), bias (K,)) of a
+    method's own rule. Raises ``ValueError`` when the shapes do not chain.
+    """
+    rows: list[list[int]] = []
+    chunks: list[np.ndarray] = []
+    size = 0
+
+    def put(arr: np.ndarray | float) -> int:
+        nonlocal size
+        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+        chunks.append(flat)
+        size += flat.size
+        return size - flat.size
+
+    dim = int(in_dim)
+    for name, p in ops:
+        if name == "linear":
+            weight, bias = p
+            if weight.ndim != 2 or weight.shape[1] != dim or bias.shape != (weight.shape[0],):
+                raise ValueError(f"linear layer of shape {weight.shape} on {dim} inputs")
+            rows.append([LINEAR, dim, weight.shape[0], put(weight.T), put(bias), 0])
+            dim = weight.shape[0]
+        elif name == "relu":
+            rows.append([RELU, dim, dim, 0, 0, 0])
+        elif name == "layernorm":
+            ones, zeros = np.ones(dim, np.float32), np.zeros(dim, np.float32)
+            rows.append([LAYERNORM, dim, dim, put(p[0]), put(ones), put(zeros)])
+        elif name == "batchnorm":  # (x - mean) / sqrt(var + eps) as one affine map
+            mean, var, eps = (np.asarray(v, np.float64) for v in p)
+            scale = 1.0 / np.sqrt(var + eps)
+            rows.append([AFFINE, dim, dim, put(scale), put(-mean * scale), 0])
+        elif name == "standardize":
+            rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), 0])
+        else:
+            raise ValueError(f"unknown op {name!r}")
+    mu = np.array(centroids, dtype=np.float32, order="C")  # copies: the kernel owns its arrays
+    if mu.ndim != 2 or mu.shape[1] != dim:
+        raise ValueError(f"centroids of shape {mu.shape} for latents of size {dim}")
+    head_w, head_b = np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+    if head is not None:
+        if head[0].shape != (mu.shape[0], dim) or head[1].shape != (mu.shape[0],):
+            raise ValueError(f"head of shape {head[0].shape} for {mu.shape[0]} clusters")
+        head_w = np.array(head[0].T, dtype=np.float32, order="C")
+        head_b = np.array(head[1], dtype=np.float32)
+    program = np.array(rows, dtype=np.int64).reshape(-1, 6)
+    params = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return Kernel(program, params, int(in_dim), mu, float(np.float32(-0.5 / sigma)),
+                  head_w, head_b)
+
+
+def warm_up() -> None:
+    """Compile the numba kernels (this module's and CA's) now, or load them from numba's cache.
+
+    A fresh install otherwise pays several seconds of compilation when the first snapshot is
+    loaded; ``make install`` calls this once so that ``oclust up`` is ready sooner.
+
+    Example:
+        >>> warm_up()
+    """
+    from model.assign import combination_assignment
+
+    eye = np.eye(2, dtype=np.float32)
+    zero = np.zeros(2, np.float32)
+    for head in (None, (eye, zero)):
+        compile_program([("linear", (eye, zero))], 2, eye, 1.0, head)(np.zeros((1, 2)))
+    combination_assignment(np.zeros((2, 2)), 1.0)

@@ -1,0 +1,192 @@
+"""Input and parameter checks of the model library: clear ``ValueError``s, never a crash.
+
+Only NumPy is imported at module level (scikit-learn when an estimator's input is checked), so
+the combination-assignment kernel can use these checks without torch.
+
+Example:
+    >>> import numpy as np
+    >>> from model.validation import check_finite
+    >>> check_finite(np.array([[1.0, np.nan]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: input contains NaN, infinite or beyond-float32 values (samples [0])
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Container
+from typing import Any
+
+import numpy as np
+
+from model.priors import resolve_prior
+
+__all__ = [
+    "FINITE_CHUNK_ROWS",
+    "check_assignment_inputs",
+    "check_finite",
+    "check_input",
+    "check_params",
+    "out_dtype",
+    "to_float64_array",
+]
+
+FINITE_CHUNK_ROWS = 4096  # rows converted at once when searching for the bad samples
+_F32_MAX = float(np.finfo(np.float32).max)
+_GENERATORS = (np.random.RandomState, np.random.Generator)
+INITS = ("kmeans++", "kmeans", "normal")
+
+
+def check_finite(arr: np.ndarray) -> None:
+    """Raise ``ValueError`` naming the samples with NaN, inf or values beyond float32's range.
+
+    ``min``/``max`` need no copy of the array; the per-sample search runs only on failure.
+    """
+    if arr.dtype.kind != "f":
+        return
+    lo, hi = float(arr.min()), float(arr.max())  # NaN propagates; float: no float16 overflow
+    if lo >= -_F32_MAX and hi <= _F32_MAX:
+        return
+    bad: list[int] = []
+    for start in range(0, len(arr), FINITE_CHUNK_ROWS):
+        chunk = arr[start : start + FINITE_CHUNK_ROWS]
+        with np.errstate(over="ignore"):
+            ok = np.isfinite(chunk.astype(np.float32).reshape(len(chunk), -1)).all(axis=1)
+        bad += (start + np.flatnonzero(~ok)).tolist()
+        if len(bad) >= 5:
+            break
+    raise ValueError(
+        f"input contains NaN, infinite or beyond-float32 values (samples {bad[:5]})"
+    )
+
+
+def out_dtype(arr: np.ndarray) -> type[np.floating]:
+    """float32 input gives float32 latents, anything else float64 (scikit-learn's rule)."""
+    return np.float32 if arr.dtype == np.float32 else np.float64
+
+
+def check_params(est: Any, regularisers: Container[str]) -> None:
+    """Check an :class:`~model.clusterer.OnlineClusterer`'s parameters; ``ValueError`` if bad."""
+    k = est.n_clusters
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"n_clusters must be a positive integer, got {k!r}")
+    if not isinstance(est.regulariser, str) or est.regulariser not in regularisers:
+        raise ValueError(
+            f"unknown regulariser {est.regulariser!r}; "
+            f"choose from {', '.join(sorted(regularisers))}"
+        )
+    if est.init not in INITS:
+        raise ValueError(f"init must be 'kmeans++', 'kmeans' or 'normal', got {est.init!r}")
+    if not isinstance(est.sigma, numbers.Real) or not est.sigma > 0:
+        raise ValueError(f"sigma must be a positive number, got {est.sigma!r}")
+    if not isinstance(est.latent_dim, numbers.Integral) or est.latent_dim < 1:
+        raise ValueError(f"latent_dim must be a positive integer, got {est.latent_dim!r}")
+    if not isinstance(est.lr, numbers.Real) or not est.lr > 0:
+        raise ValueError(f"lr must be a positive number, got {est.lr!r}")
+    if est.reg_params is not None and not isinstance(est.reg_params, dict):
+        raise ValueError(f"reg_params must be a dict or None, got {est.reg_params!r}")
+    resolve_prior(est.prior, int(k))  # raises ValueError for a bad prior
+    for name in ("random_state", "seed"):
+        state = getattr(est, name)
+        if state is not None and not isinstance(state, (numbers.Integral, *_GENERATORS)):
+            raise ValueError(f"{name} must be None, an int or a numpy generator, got {state!r}")
+
+
+def check_input(est: Any, X: Any, reset: bool) -> np.ndarray:
+    """X checked as an (N, *input_shape) numeric array, in its own dtype and strides.
+
+    ``est`` is a scikit-learn estimator with ``input_shape_`` once built (``_built``). Lists,
+    DataFrames and other array-likes are converted; arrays are not copied. Raises
+    ``ValueError`` with a clear message for non-numbers, NaN/inf (or values beyond float32's
+    range), wrong shapes, empty batches, a single sample without its batch axis and, after a
+    fit on a DataFrame, different column names.
+    """
+    from sklearn.utils.validation import validate_data
+
+    shape = getattr(est, "input_shape_", None)
+    fast = (  # a plain numeric batch of the fitted shape: skip scikit-learn's ~0.2 ms
+        not reset
+        and type(X) is np.ndarray
+        and X.dtype.kind in "biuf"
+        and len(X) > 0
+        and X.shape[1:] == shape
+        and not hasattr(est, "feature_names_in_")
+    )
+    if not reset and tuple(getattr(X, "shape", ())) == shape:
+        raise ValueError(
+            f"got one sample of shape {shape} without its batch axis. Reshape "
+            "your data: X[None] or X.reshape(1, *X.shape) is a batch of that one sample"
+        )
+    arr = X if fast else validate_data(
+        est, X, reset=reset, dtype="numeric", allow_nd=True, ensure_all_finite=False
+    )
+    if not reset and est._built and arr.shape[1:] != shape:
+        raise ValueError(
+            f"expected samples of shape {shape} (a batch (N, "
+            f"{', '.join(map(str, shape))})), got an array of shape {arr.shape}"
+        )
+    check_finite(arr)
+    return arr
+
+
+def to_float64_array(x: Any, name: str) -> np.ndarray:
+    """Convert a NumPy array, torch tensor (any device) or nested sequence to float64 NumPy."""
+    if hasattr(x, "detach") and hasattr(x, "to"):  # torch.Tensor, duck-typed: no torch import
+        if x.is_complex():
+            raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
+        try:
+            import torch  # only reached when a tensor was passed, so torch is installed
+
+            x = x.detach().to("cpu", torch.float64).numpy()
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"{name}: cannot convert tensor to float64: {exc}") from exc
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def check_assignment_inputs(
+    distances: Any, sigma: float, log_prior: Any
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """Distances (float64 N x K), sigma and log prior (float64, length K; zeros for ``None``)
+    for :func:`model.assign.combination_assignment`.
+
+    Raises ``ValueError`` naming the problem: ``distances`` not 2-D, with no column, or with
+    inf/nan; ``sigma`` not a number, negative or not finite; ``log_prior`` of the wrong length
+    or not finite.
+
+    >>> check_assignment_inputs([[0.0, 1.0]], 2, None)[1:]
+    (2.0, array([0., 0.]))
+    """
+    d = to_float64_array(distances, "distances")
+    if d.ndim != 2:
+        raise ValueError(f"distances must be a 2-D N x K array, got shape {d.shape}")
+    n_clusters = d.shape[1]
+    if n_clusters == 0:
+        raise ValueError("distances must have at least one column (cluster)")
+    try:
+        sigma_f = float(sigma)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"sigma must be a real number, got {sigma!r}") from exc
+    if not math.isfinite(sigma_f) or sigma_f < 0.0:
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
+    if log_prior is None:
+        lp = np.zeros(n_clusters, dtype=np.float64)
+    else:
+        lp = to_float64_array(log_prior, "log_prior")
+        if lp.shape != (n_clusters,):
+            raise ValueError(
+                f"log_prior must have shape ({n_clusters},) to match distances' K, "
+                f"got {lp.shape}"
+            )
+        if not np.isfinite(lp).all():
+            raise ValueError("log_prior must be finite (a zero prior gives -inf)")
+    if not np.isfinite(d).all():
+        bad = np.argwhere(~np.isfinite(d))[0]
+        raise ValueError(
+            f"distances must be finite; found {d[tuple(bad)]} at row {bad[0]}, column {bad[1]}"
+        )
+    return d, sigma_f, lp
