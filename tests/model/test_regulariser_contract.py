@@ -48,7 +48,7 @@ def test_forward_gives_labels_and_a_loss_with_gradients(name: str) -> None:
     batch, enc, mu = _batch()
     out = reg(batch)
     assert out.labels.shape == (N,) and out.labels.dtype == torch.int64
-    assert 0 <= int(out.labels.min()) and int(out.labels.max()) < K
+    assert int(out.labels.min()) >= 0 and int(out.labels.max()) < K
     assert out.loss.dim() == 0 and math.isfinite(float(out.loss.detach()))
     assert out.loss.requires_grad
     out.loss.backward()
