@@ -166,7 +166,7 @@ def test_produce_command_sends_matrices(kafka_bootstrap, unique_topic):
     from typer.testing import CliRunner
 
     from service.cli import app
-    from tests.test_worker_cli import _consume
+    from tests.service.test_worker_cli import _consume
 
     result = CliRunner().invoke(app, ["produce", "--dataset", "digits", "--topic", unique_topic,
                                       "--bootstrap-servers", kafka_bootstrap, "--quiet",
