@@ -15,7 +15,6 @@
   (unreachable) or ``last_error``.
 
 Only the watcher talks to the store; the HTTP app needs just this module's holder and ``model``.
-``training_worker.store`` is imported lazily, inside the watcher.
 
 Example:
     >>> import numpy as np
@@ -37,16 +36,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from model.inference import Assignment, Inference, load
 from model.priors import resolve_prior
 from model.snapshot import Snapshot, SnapshotError
-
-if TYPE_CHECKING:
-    from training_worker.store import SnapshotStore
+from training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
 
 __all__ = ["Assignment", "LoadedModel", "ModelHolder", "SnapshotWatcher"]
 
@@ -273,8 +270,6 @@ class SnapshotWatcher:
 
         Never raises: store problems set ``holder.store_up = False`` and ``holder.last_error``.
         """
-        from training_worker.store import CorruptPointer, StoreError, VersionNotFound
-
         try:
             pointed = self.store.wait_for_change(self._attempted, timeout=wait)
         except CorruptPointer as exc:  # the store answers, but with garbage

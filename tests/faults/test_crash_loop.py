@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from model import StepReport, datasets
+from tests.worker.test_worker import Counter, _run_until, _settings
 from training_worker.batching import Batch
 from training_worker.codec import encode_sample
 from training_worker.kafka import committed_offsets, ensure_topic
@@ -19,7 +20,6 @@ from training_worker.store import open_store
 from training_worker.trainer import TrainerHooks
 from training_worker.worker import TrainingWorker
 
-from ..test_worker import Counter, _run_until, _settings
 from .test_poison import _dead_letters
 
 N, POISON_AT, POISON_LABEL = 100, 37, 77

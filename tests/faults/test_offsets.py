@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.worker.test_worker import Counter, _run_until, _settings
 from training_worker.devbroker import TansuBroker, free_port
 from training_worker.kafka import committed_offsets
 from training_worker.producer import replay
 from training_worker.store import open_store
 from training_worker.trainer import TrainerHooks
 from training_worker.worker import TrainingWorker, WorkerHalt
-
-from ..test_worker import Counter, _run_until, _settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

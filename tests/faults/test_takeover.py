@@ -15,12 +15,7 @@ from subprocess import Popen
 
 import pytest
 
-from training_worker.devbroker import free_port
-from training_worker.kafka import committed_offsets
-from training_worker.producer import replay
-from training_worker.store import SnapshotStore, open_store
-
-from ..test_worker_process import (
+from tests.worker.test_worker_process import (
     FIRST,
     N_DIGITS,
     _produce_in_background,
@@ -28,6 +23,10 @@ from ..test_worker_process import (
     _wait_for_offset,
     _worker,
 )
+from training_worker.devbroker import free_port
+from training_worker.kafka import committed_offsets
+from training_worker.producer import replay
+from training_worker.store import SnapshotStore, open_store
 
 
 def _active(port: int) -> float | None:

@@ -17,7 +17,7 @@ from service.cli import app, oclust_version
 from service.settings import ServiceSettings
 from training_worker.settings import TrainSettings, WorkerSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 HEAVY = ("torch", "numpy", "sklearn", "numba", "scipy", "aiokafka", "fastapi", "uvicorn")
 

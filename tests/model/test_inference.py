@@ -22,7 +22,7 @@ from model.inference import SERVING_PREFIX, load
 from model.kernel import compile_program
 from model.snapshot import SnapshotError, pack_tensors, unpack_tensors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fit(shape: tuple[int, ...], seed: int = 0, k: int = 3, **kw: object) -> OnlineClusterer:

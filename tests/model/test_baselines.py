@@ -14,7 +14,7 @@ from model.seeds import drc_contrast, gumbel_softmax, nt_xent
 from service.app import create_app
 from service.loader import LoadedModel, ModelHolder
 from service.settings import ServiceSettings
-from tests.test_service_api import Client
+from tests.service.test_service_api import Client
 
 
 # --------------------------------------------------------------------------- CM / AE-CM serving

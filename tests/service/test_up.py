@@ -24,7 +24,7 @@ from tests.conftest import system_binary
 from training_worker.devbroker import free_port
 from training_worker.store import open_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0  # the target is 20 s; a loaded CI machine gets slack, not a pass
 
 

@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from model import OnlineClusterer, datasets
-from tests.test_worker import Counter, _run_until, _settings
+from tests.worker.test_worker import Counter, _run_until, _settings
 from training_worker.batching import SampleQueue
 from training_worker.codec import (
     CONTENT_TYPE_F32,
@@ -166,7 +166,7 @@ def test_produce_command_sends_matrices(kafka_bootstrap, unique_topic):
     from typer.testing import CliRunner
 
     from service.cli import app
-    from tests.test_worker_cli import _consume
+    from tests.service.test_worker_cli import _consume
 
     result = CliRunner().invoke(app, ["produce", "--dataset", "digits", "--topic", unique_topic,
                                       "--bootstrap-servers", kafka_bootstrap, "--quiet",

@@ -149,7 +149,7 @@ def test_short_run_on_gaussian_mixture_does_not_collapse(name):
 
 @pytest.mark.parametrize("name", SEEDS)
 def test_structureless_data_keeps_every_cluster_alive(name):
-    # The control `none` falls to ~0.5 of log K here (tests/test_regularisers.py).
+    # The control `none` falls to ~0.5 of log K here (tests/model/test_regularisers.py).
     X = np.random.default_rng(0).normal(size=(1200, 6)).astype(np.float32)
     clf = OnlineClusterer(4, name, latent_dim=16, seed=0, hidden=(32,), lr=1e-2)
     clf.fit(X, epochs=10, batch_size=128)

@@ -20,7 +20,7 @@ from model import OnlineClusterer, Snapshot
 from service.cli import app
 from training_worker.store import open_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

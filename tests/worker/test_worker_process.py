@@ -21,7 +21,7 @@ from training_worker.store import SnapshotStore, open_store
 
 N_DIGITS = 1797
 FIRST = 300
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _worker(bootstrap: str, topic: str, store: str, log: Path, metrics_port: int,

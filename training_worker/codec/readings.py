@@ -1,0 +1,152 @@
+"""Reading messages: one multi-channel sensor reading each, from a device at a time.
+
+Example:
+    >>> value, headers = encode_reading("s1", [0.5, 1.0], ts=2.0, binary=True)
+    >>> r = ReadingDecoder(channels=2).decode(value, headers)
+    >>> r.device, r.ts, r.values.tolist()
+    ('s1', 2.0, [0.5, 1.0])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from training_worker.codec.base import (
+    CONTENT_TYPE_F32,
+    DEFAULT_MAX_ABS_FEATURE,
+    DEFAULT_MAX_BYTES,
+    ENCODINGS,
+    DecodeError,
+    Headers,
+    _bounded,
+    _check_size,
+    _f32,
+    _finite,
+    _guarded,
+    _header,
+    _header_label,
+    _is_f32,
+    _label,
+    _numbers,
+    _parse_json,
+)
+
+__all__ = ["Reading", "ReadingDecoder", "encode_reading"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One sensor reading: ``values`` (C,) float32 from ``device`` at time ``ts``."""
+
+    device: str
+    ts: float | None
+    values: np.ndarray
+    label: int = -1
+
+
+class ReadingDecoder:
+    """Decode and validate reading messages ``{"device", "ts", "values"}`` (or binary).
+
+    Args:
+        channels: expected C, or ``None`` to learn it from the first valid reading.
+        max_bytes: larger messages are rejected as ``too_large``.
+        encoding: ``"auto"`` (by header), ``"json"`` or ``"f32"``.
+        max_abs: larger magnitudes are rejected as ``out_of_range``.
+
+    Example:
+        >>> r = ReadingDecoder().decode(b'{"device": "a", "ts": 1.5, "values": [1, 2, 3]}')
+        >>> r.device, r.ts, r.values.tolist()
+        ('a', 1.5, [1.0, 2.0, 3.0])
+    """
+
+    def __init__(
+        self,
+        channels: int | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        encoding: str = "auto",
+        max_abs: float = DEFAULT_MAX_ABS_FEATURE,
+    ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        self.channels = channels
+        self.max_bytes = max_bytes
+        self.encoding = encoding
+        self.max_abs = max_abs
+
+    @_guarded
+    def decode(
+        self, value: bytes | None, headers: Headers | None = None, key: bytes | None = None
+    ) -> Reading:
+        """One message → :class:`Reading`; raises :class:`DecodeError`."""
+        value = _check_size(value, self.max_bytes)
+        if _is_f32(headers, self.encoding):
+            values = _f32(value, None)
+            device_raw: Any = _header(headers, "device")
+            ts_raw: Any = _header(headers, "ts")
+            label = _header_label(headers)
+            device = device_raw.decode(errors="replace") if device_raw is not None else None
+            try:
+                ts = float(ts_raw) if ts_raw is not None else None
+            except ValueError:
+                raise DecodeError(
+                    "bad_schema", f"'ts' header is not a number: {ts_raw!r}"
+                ) from None
+        else:
+            obj = _parse_json(value)
+            if "values" not in obj:
+                raise DecodeError("bad_schema", "missing required field 'values'")
+            values = _finite(_numbers(obj["values"], "values"), "values")
+            if values.ndim != 1:
+                raise DecodeError("bad_schema", "'values' must be a flat list, one per channel")
+            device = obj.get("device")
+            if device is not None and not isinstance(device, str | int):
+                raise DecodeError("bad_schema", "'device' must be a string")
+            device = None if device is None else str(device)
+            ts = obj.get("ts")
+            if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)):
+                raise DecodeError("bad_schema", f"'ts' must be a number, got {ts!r}")
+            if ts is not None and not math.isfinite(ts):
+                raise DecodeError("non_finite", "'ts' is not finite")
+            label = _label(obj.get("label"))
+        values = _bounded(values, "values", self.max_abs)
+        if device is None:
+            if not key:
+                raise DecodeError("bad_schema", "reading has no 'device' and no message key")
+            device = key.decode(errors="replace")
+        if self.channels is None:
+            self.channels = int(values.shape[0])
+        elif values.shape[0] != self.channels:
+            raise DecodeError(
+                "wrong_length", f"{values.shape[0]} values, expected {self.channels} channels"
+            )
+        return Reading(device, None if ts is None else float(ts), values, label)
+
+
+def encode_reading(
+    device: str,
+    values: np.ndarray | Sequence[float],
+    ts: float | None = None,
+    label: int | None = None,
+    binary: bool = False,
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """Message value and headers for one reading.
+
+    Example:
+        >>> encode_reading("s1", [0.5, 1.0], ts=2.0)
+        (b'{"device": "s1", "values": [0.5, 1.0], "ts": 2.0}', [])
+    """
+    arr = np.asarray(values, dtype=np.float32)
+    if binary:
+        headers = [("content-type", CONTENT_TYPE_F32.encode()), ("device", device.encode())]
+        headers += [(k, str(v).encode()) for k, v in (("ts", ts), ("label", label))
+                    if v is not None]
+        return arr.astype("<f4").tobytes(), headers
+    obj: dict[str, Any] = {"device": device, "values": arr.tolist()}
+    obj |= {k: v for k, v in (("ts", ts), ("label", label)) if v is not None}
+    return json.dumps(obj).encode(), []
