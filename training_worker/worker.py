@@ -57,6 +57,8 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import CollectorRegistry, Counter, start_http_server
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model import OnlineClusterer, Snapshot, SnapshotError
 from model.priors import parse_prior
@@ -137,6 +139,11 @@ class FaultMetrics:
             "Message labels outside 0..max_label_classes-1, ignored by live quality",
             registry=registry,
         )
+
+
+def _unreachable(exc: StoreError) -> bool:
+    """Whether ``exc`` comes from a connection problem (not from what the store holds)."""
+    return isinstance(exc.__cause__, (RedisConnectionError, RedisTimeoutError, OSError))
 
 
 def _init_training_thread(torch_threads: int | None) -> None:
@@ -398,6 +405,13 @@ class TrainingWorker:
         )
         try:
             await self._serve_with(lease)
+        except StoreError as exc:
+            # the store went away under an active worker (a progress mark, a load): it cannot
+            # prove it holds the lease, so it steps back to standby and waits for the store
+            if not (_unreachable(exc) or not await asyncio.to_thread(lease.renew)):
+                raise
+            log.error("the store is unreachable while active: %s", exc)
+            self._lease_lost.set()
         finally:
             self.executor.shutdown(wait=True)
 
