@@ -4,10 +4,10 @@ Life of a worker:
 
 1. **Lease** — wait until it holds the namespace's lease (one active trainer per namespace;
    a second worker is a hot standby).
-2. **Resume** — load the store's current snapshot (if any) and subscribe; each partition
-   starts at the group's committed offset, and messages below the snapshot's offset for that
-   partition are skipped (the snapshot already contains them; this matters after a crash
-   between publishing a snapshot and committing its offsets).
+2. **Resume** — load the store's newest snapshot that verifies (if any) and subscribe; each
+   partition the snapshot covers starts at the snapshot's offset (so a fallback past corrupt
+   versions trains again what they held, although the group committed past it), any other at
+   the group's committed offset; messages below the snapshot's offset are skipped.
 3. **Loop** — fetch, decode/validate (bad messages → ``<topic>.dlq`` with a reason), queue;
    cut batches by size or age (``batch_timeout``), whichever first; ``partial_fit`` runs in a
    thread, pipelined with the next fetch, so heartbeats keep flowing.
@@ -857,7 +857,7 @@ class TrainingWorker:
         Beyond the log end: the topic was recreated (or truncated, or its offsets reset). The
         policy ``reset`` (default) treats it as a new incarnation: train it from its start,
         never skip it; ``exit`` stops the worker. Below the log start: retention deleted
-        messages no snapshot holds; they are gone, training goes on from the log start.
+        messages no snapshot holds; they are gone, training goes on from the log start (True).
         """
         bounds = await self._log_bounds(tp)
         if bounds is None:
@@ -885,11 +885,14 @@ class TrainingWorker:
             log.error("offset regression on %s: messages %d..%d were deleted from the log "
                       "before any snapshot held them; going on from %d", key, snap_off,
                       start - 1, start)
+            self.consumer.seek(tp, start)  # all that is left of the log is new to the model
+            return True
         return False
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        # Asking the coordinator for committed offsets here would wait on the very rebalance
-        # that calls us, so the consumer starts at the committed offsets by itself and _ingest
+        # A partition the resumed snapshot covers starts at the snapshot's offset, not at the
+        # group's commit: an older snapshot (the newer ones corrupt, or rolled back) lacks
+        # messages the group committed past, and they must be trained again. _ingest also
         # skips what the snapshot already contains (offsets below the snapshot's).
         skips = {}
         for tp in assigned:
@@ -897,7 +900,9 @@ class TrainingWorker:
             if snap_off is not None and tp.topic == self.settings.topic:
                 if await self._regressed(tp, snap_off):
                     continue
+                if hasattr(self.consumer, "seek"):  # the in-process stream has no seek
+                    self.consumer.seek(tp, snap_off)
                 self.skip_below[tp.partition] = snap_off
                 skips[tp.partition] = snap_off
-        log.info("partitions assigned: %s; starting at the committed offsets, skipping what "
-                 "the snapshot covers %s", sorted(tp.partition for tp in assigned), skips)
+        log.info("partitions assigned: %s; starting at the snapshot's offsets %s (the "
+                 "committed ones elsewhere)", sorted(tp.partition for tp in assigned), skips)
