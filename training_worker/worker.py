@@ -5,9 +5,11 @@ Life of a worker:
 1. **Lease** — wait until it holds the namespace's lease (one active trainer per namespace;
    a second worker is a hot standby).
 2. **Resume** — load the store's newest snapshot that verifies (if any) and subscribe; each
-   partition the snapshot covers starts at the snapshot's offset (so a fallback past corrupt
-   versions trains again what they held, although the group committed past it), any other at
-   the group's committed offset; messages below the snapshot's offset are skipped.
+   partition starts at the group's committed offset, and messages below the snapshot's offset
+   for that partition are skipped (the snapshot already contains them; this matters after a
+   crash between publishing a snapshot and committing its offsets). A commit beyond the
+   snapshot's offset (a fallback past corrupt versions, a rollback) seeks back to it, so
+   the messages the snapshot lacks are trained again.
 3. **Loop** — fetch, decode/validate (bad messages → ``<topic>.dlq`` with a reason), queue;
    cut batches by size or age (``batch_timeout``), whichever first; ``partial_fit`` runs in a
    thread, pipelined with the next fetch, so heartbeats keep flowing.
@@ -365,6 +367,7 @@ class TrainingWorker:
         self.queue = SampleQueue()
         self.consumed: dict[int, int] = {}
         self.skip_below: dict[int, int] = {}
+        self.rewind: dict[int, int] = {}  # partition -> snapshot offset, until the first fetch
         self.inflight: deque[asyncio.Future[Any]] = deque()
         self.lock = asyncio.Lock()
         self.last_checkpoint = time.monotonic()
@@ -495,7 +498,8 @@ class TrainingWorker:
 
     # ------------------------------------------------------------------ decode
     async def _ingest(self, records: dict[TopicPartition, list[Any]]) -> None:
-        fetched = {tp: self._unseen(tp.partition, msgs) for tp, msgs in records.items()}
+        fetched = {tp: self._unseen(tp.partition, msgs) for tp, msgs in records.items()
+                   if not self._rewound(tp, msgs)}
         await self._mark({tp.partition: msgs[-1].offset + 1 for tp, msgs in fetched.items()
                           if msgs}, {tp.partition: msgs[0].offset for tp, msgs in fetched.items()
                                      if msgs})
@@ -634,6 +638,24 @@ class TrainingWorker:
         if ranges != self.marked:
             await asyncio.to_thread(self.progress.mark, ranges)
             self.marked = ranges
+
+    def _rewound(self, tp: TopicPartition, msgs: list[Any]) -> bool:
+        """Seek back to the snapshot's offset when an assignment's first fetch starts past it.
+
+        The consumer starts at the group's commit. A snapshot older than the commit (the
+        newer versions corrupt, or rolled back) lacks the messages in between: they are
+        fetched again and trained, and this fetch is dropped (it comes again after them).
+        """
+        if not msgs or tp.partition not in self.rewind:
+            return False
+        target = self.rewind.pop(tp.partition)
+        if msgs[0].offset <= target:
+            return False
+        log.warning("%s:%d: the group committed up to %d but the snapshot holds only the "
+                    "messages below %d: training %d..%d again", tp.topic, tp.partition,
+                    msgs[0].offset, target, target, msgs[0].offset - 1)
+        self.consumer.seek(tp, target)
+        return True
 
     def _unseen(self, partition: int, msgs: list[Any]) -> list[Any]:
         """Drop messages the resumed snapshot already trained on (below its offset)."""
@@ -827,6 +849,7 @@ class TrainingWorker:
             for p in parts:
                 self.consumed.pop(p, None)
                 self.skip_below.pop(p, None)
+                self.rewind.pop(p, None)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def _log_bounds(self, tp: TopicPartition) -> tuple[int, int] | None:
@@ -857,7 +880,7 @@ class TrainingWorker:
         Beyond the log end: the topic was recreated (or truncated, or its offsets reset). The
         policy ``reset`` (default) treats it as a new incarnation: train it from its start,
         never skip it; ``exit`` stops the worker. Below the log start: retention deleted
-        messages no snapshot holds; they are gone, training goes on from the log start (True).
+        messages no snapshot holds; they are gone, training goes on from the log start.
         """
         bounds = await self._log_bounds(tp)
         if bounds is None:
@@ -885,24 +908,28 @@ class TrainingWorker:
             log.error("offset regression on %s: messages %d..%d were deleted from the log "
                       "before any snapshot held them; going on from %d", key, snap_off,
                       start - 1, start)
-            self.consumer.seek(tp, start)  # all that is left of the log is new to the model
-            return True
         return False
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        # A partition the resumed snapshot covers starts at the snapshot's offset, not at the
-        # group's commit: an older snapshot (the newer ones corrupt, or rolled back) lacks
-        # messages the group committed past, and they must be trained again. _ingest also
-        # skips what the snapshot already contains (offsets below the snapshot's).
-        skips = {}
+        # Asking the coordinator for committed offsets here would wait on the very rebalance
+        # that calls us, so the consumer starts at the committed offsets by itself; _ingest
+        # skips what the snapshot already contains (offsets below the snapshot's), and seeks
+        # back to the snapshot's offset if the first fetch starts past it (_rewound). Both
+        # are set before any await: the consumer fetches while this listener runs.
+        ours = {}
         for tp in assigned:
             snap_off = self.checkpoint_offsets.get(f"{tp.topic}:{tp.partition}")
             if snap_off is not None and tp.topic == self.settings.topic:
-                if await self._regressed(tp, snap_off):
-                    continue
-                if hasattr(self.consumer, "seek"):  # the in-process stream has no seek
-                    self.consumer.seek(tp, snap_off)
+                ours[tp] = snap_off
                 self.skip_below[tp.partition] = snap_off
+                if hasattr(self.consumer, "seek"):  # the in-process stream has no seek
+                    self.rewind[tp.partition] = snap_off
+        skips = {}
+        for tp, snap_off in ours.items():
+            if await self._regressed(tp, snap_off):
+                self.skip_below.pop(tp.partition, None)
+                self.rewind.pop(tp.partition, None)
+            else:
                 skips[tp.partition] = snap_off
-        log.info("partitions assigned: %s; starting at the snapshot's offsets %s (the "
-                 "committed ones elsewhere)", sorted(tp.partition for tp in assigned), skips)
+        log.info("partitions assigned: %s; starting at the committed offsets, skipping what "
+                 "the snapshot covers %s", sorted(tp.partition for tp in assigned), skips)
