@@ -72,6 +72,7 @@ def test_worker_falls_back_past_corrupt_snapshots_and_retrains_what_they_held(
     assert count.samples == 300
     assert "current snapshot is unusable" in caplog.text
     assert "resuming from snapshot version 1" in caplog.text
+    assert "training 100..299 again" in caplog.text  # the group had committed 300
 
     final = store.load()
     assert final.version == 4  # the next number: versions never go backwards
