@@ -908,6 +908,8 @@ class TrainingWorker:
             log.error("offset regression on %s: messages %d..%d were deleted from the log "
                       "before any snapshot held them; going on from %d", key, snap_off,
                       start - 1, start)
+            if tp.partition in self.rewind:  # seeking back goes no further than the log start
+                self.rewind[tp.partition] = start
         return False
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
