@@ -79,19 +79,22 @@ class SampleIngest:
         """One message at a time; any exception is that message's ``decode_failed``."""
         feats, labels, index, rejects = [], [], [], []
         for i, m in enumerate(msgs):
-            try:
-                arr, label = self.decoder.decode(m.value, m.headers)
-            except DecodeError as exc:
-                rejects.append((i, exc))
+            try:  # decode_batch, not decode: a multi-sample message keeps all its rows
+                one = self.decoder.decode_batch([m.value], [m.headers])
             except Exception as exc:
                 rejects.append((i, DecodeError("decode_failed", f"{type(exc).__name__}")))
-            else:
-                feats.append(arr)
-                labels.append(label)
-                index.append(i)
-        shape = self.decoder.shape or (0,)
-        return DecodedBatch(np.stack(feats) if feats else np.empty((0, *shape), np.float32),
-                            np.asarray(labels, np.int64), np.asarray(index, np.int64), rejects)
+                continue
+            rejects += [(i, err) for _, err in one.rejects]
+            if len(one.index):
+                feats.append(one.features)
+                labels.append(one.labels)
+                index.append(np.full(len(one.index), i, np.int64))
+        if not feats:
+            shape = self.decoder.shape or (0,)
+            return DecodedBatch(np.empty((0, *shape), np.float32), np.empty(0, np.int64),
+                                np.empty(0, np.int64), rejects)
+        return DecodedBatch(np.concatenate(feats), np.concatenate(labels),
+                            np.concatenate(index), rejects)
 
     def pending(self) -> dict[int, int]:
         """Per partition, the smallest offset fetched but not trained yet."""

@@ -56,6 +56,7 @@ class OffsetLedger:
         self.max_attempts = max_attempts
         self.consumed: dict[int, int] = {}
         self.skip_below: dict[int, int] = {}
+        self.rewind: dict[int, int] = {}  # partition -> snapshot offset, until its first fetch
         self.checkpoint: dict[str, int] = dict(checkpoint or {})
         self.mark_lo: dict[int, int] = {}  # per partition: first offset in hand
         self.marked: dict[str, tuple[int, int]] = {}  # what the progress log holds now
@@ -77,6 +78,19 @@ class OffsetLedger:
         self.consumed[partition] = max(self.consumed.get(partition, 0), msgs[-1].offset + 1)
         return [m for m in msgs if m.offset >= skip]
 
+    def rewound(self, partition: int, msgs: list[Any]) -> int | None:
+        """Where to seek back to when an assignment's first fetch starts past the snapshot.
+
+        The consumer starts at the group's commit. A snapshot older than the commit (the newer
+        versions corrupt, or rolled back) lacks the messages in between: the caller seeks back
+        to the returned offset and drops this fetch, which comes again after them. ``None``:
+        the fetch stands.
+        """
+        if not msgs or partition not in self.rewind:
+            return None
+        target = self.rewind.pop(partition)
+        return target if msgs[0].offset > target else None
+
     def fetched(self, partition: int, next_offset: int) -> None:
         """Everything of ``partition`` below ``next_offset`` was handed to the ingest."""
         self.consumed[partition] = next_offset
@@ -88,7 +102,8 @@ class OffsetLedger:
         """
         out = dict(self.checkpoint)
         for p, nxt in self.consumed.items():
-            out[self.key(p)] = min(nxt, waiting.get(p, nxt))
+            key = self.key(p)  # never below the snapshot's own offset (a replay below it)
+            out[key] = max(out.get(key, 0), min(nxt, waiting.get(p, nxt)))
         return out
 
     def forget_partitions(self, partitions: set[int]) -> None:
@@ -96,10 +111,13 @@ class OffsetLedger:
         for p in partitions:
             self.consumed.pop(p, None)
             self.skip_below.pop(p, None)
+            self.rewind.pop(p, None)
 
     def reset_partition(self, partition: int, start: int) -> None:
         """A new incarnation of the partition's log: the snapshot's offset no longer applies."""
         self.checkpoint.pop(self.key(partition), None)
+        self.skip_below.pop(partition, None)
+        self.rewind.pop(partition, None)
         self.mark_lo[partition] = start
 
     # ------------------------------------------------------------------ crash-loop marks

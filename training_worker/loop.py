@@ -169,8 +169,9 @@ class TrainingLoop:
         async with self.lock:
             await self.train_ready(force=True)
             await self.checkpoint(final=True)
-            if self.ledger.checkpoint == self._covered():
-                await asyncio.to_thread(self.ledger.clear)  # nothing in hand: a clean stop
+            # a clean stop is no death, whatever the final snapshot covered (it may have been
+            # withheld): leaving the marks would count one against the messages in hand
+            await asyncio.to_thread(self.ledger.clear)
         log.info("stopped cleanly: %s", self.trainer.describe())
 
     def _fetch_timeout_ms(self) -> int:
@@ -184,7 +185,16 @@ class TrainingLoop:
     async def ingest_records(self, records: dict[TopicPartition, list[Any]]) -> None:
         """Mark, decode and queue one fetch; dead letters are acknowledged before returning."""
         ledger = self.ledger
-        fetched = {tp: ledger.unseen(tp.partition, msgs) for tp, msgs in records.items()}
+        fetched = {}
+        for tp, msgs in records.items():
+            target = ledger.rewound(tp.partition, msgs)
+            if target is not None:
+                log.warning("%s:%d: the group committed up to %d but the snapshot holds only "
+                            "the messages below %d: training %d..%d again", tp.topic,
+                            tp.partition, msgs[0].offset, target, target, msgs[0].offset - 1)
+                self.consumer.seek(tp, target)
+                continue
+            fetched[tp] = ledger.unseen(tp.partition, msgs)
         his = {tp.partition: msgs[-1].offset + 1 for tp, msgs in fetched.items() if msgs}
         firsts = {tp.partition: msgs[0].offset for tp, msgs in fetched.items() if msgs}
         await asyncio.to_thread(ledger.mark, his, firsts)
@@ -335,13 +345,20 @@ class TrainingLoop:
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Skip what the snapshot covers; check its offsets against the log first."""
         # Asking the coordinator for committed offsets here would wait on the very rebalance
-        # that calls us, so the consumer starts at the committed offsets by itself and the
-        # ledger skips what the snapshot already contains (offsets below the snapshot's).
-        skips = {}
+        # that calls us, so the consumer starts at the committed offsets by itself; the ledger
+        # skips what the snapshot already contains (offsets below the snapshot's) and seeks
+        # back to the snapshot's offset if the first fetch starts past it. Both are set before
+        # any await: the consumer fetches while this listener runs.
+        ours = {}
         for tp in assigned:
             snap_off = self.ledger.checkpoint.get(f"{tp.topic}:{tp.partition}")
             if snap_off is None or tp.topic != self.settings.topic:
                 continue
+            ours[tp] = snap_off
+            self.ledger.skip_below[tp.partition] = snap_off
+            self.ledger.rewind[tp.partition] = snap_off
+        skips = {}
+        for tp, snap_off in ours.items():
             if self.check_offsets:
                 try:
                     start = await check_offset(self.consumer, self.settings, self.faults, tp,
@@ -353,7 +370,6 @@ class TrainingLoop:
                     self.consumer.seek(tp, start)  # a new incarnation: all of it is new
                     self.ledger.reset_partition(tp.partition, start)
                     continue
-            self.ledger.skip_below[tp.partition] = snap_off
             skips[tp.partition] = snap_off
         log.info("partitions assigned: %s; starting at the committed offsets, skipping what "
                  "the snapshot covers %s", sorted(tp.partition for tp in assigned), skips)

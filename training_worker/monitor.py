@@ -104,7 +104,8 @@ class CollapseGuard:
     def judging(self) -> bool:
         """The window holds enough samples to be judged."""
         k = self._k
-        return bool(k) and len(self._labels) >= min(self.window_size(k), MIN_PER_CLUSTER * k)
+        need = min(self.window_size(k), max(MIN_PER_CLUSTER * k, self.min_window)) if k else 0
+        return bool(k) and len(self._labels) >= need
 
     def observe_labels(self, labels: np.ndarray, n_clusters: int) -> bool:
         """Fold in one batch's served labels and judge the window; True when the guard fires."""

@@ -31,7 +31,7 @@ from model.priors import parse_prior
 from training_worker.kafka import committed_offsets, offset_exists
 from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 from training_worker.settings import WorkerSettings
-from training_worker.store import SnapshotStore, StoreError, VersionNotFound
+from training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
 from training_worker.stream import Consumer
 from training_worker.trainer import Trainer, TrainerHooks
 
@@ -79,12 +79,18 @@ class FaultMetrics:
 
 
 def current_snapshot(store: SnapshotStore) -> Snapshot | None:
-    """The newest usable snapshot (``None``: the store is empty)."""
+    """The current snapshot, else the newest usable one (``None``: the store is empty).
+
+    A pointer that names a missing version, a garbled pointer and a corrupt current snapshot
+    all fall back to the newest version that loads.
+    """
     try:
         return store.load()
-    except VersionNotFound:
-        return None
-    except SnapshotError as exc:
+    except VersionNotFound as exc:
+        if not store.versions():
+            return None
+        log.error("the current pointer names no stored version (%s); trying older versions", exc)
+    except (SnapshotError, CorruptPointer) as exc:
         log.error("current snapshot is unusable (%s); trying older versions", exc)
     for v in reversed(store.versions()):
         try:
@@ -142,9 +148,12 @@ async def refuse_fresh_start(settings: WorkerSettings, store: SnapshotStore) -> 
         return
     try:
         committed = await committed_offsets(s.bootstrap_servers, s.consumer_group, s.topic)
-    except KafkaError as exc:
-        log.warning("cannot read the group's committed offsets (%s); starting fresh", exc)
-        return
+    except KafkaError as exc:  # fail closed: a fresh model could put versions backwards
+        raise FreshStartRefused(
+            f"the store {store.url} namespace {s.namespace!r} is empty and the consumer "
+            f"group {s.consumer_group!r} cannot be checked for committed offsets ({exc}); "
+            "retry when Kafka answers, or pass --allow-fresh to start a fresh model"
+        ) from None
     done = {p: o for p, o in committed.items() if o}
     if done:
         raise FreshStartRefused(

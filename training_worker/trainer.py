@@ -112,7 +112,7 @@ class Trainer:
         fired = self.guard.observe_labels(report.served_labels, self.model.n_clusters)
         m.served_hard_entropy.set(self.guard.window_entropy())
         m.served_kl_star.set(self.served_kl_star())
-        self.quality.add(batch.labels, report.labels)
+        self.quality.add(batch.labels, report.served_labels)  # quality of what is served
         now = time.monotonic()
         if now - self._quality_at >= QUALITY_EVERY_S:  # Hungarian + NMI: not on every step
             self._quality_at = now

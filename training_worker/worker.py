@@ -4,10 +4,12 @@ Life of a worker:
 
 1. **Lease** — wait until it holds the namespace's lease (one active trainer per namespace;
    a second worker is a hot standby).
-2. **Resume** — load the store's current snapshot (if any) and subscribe; each partition
-   starts at the group's committed offset, and messages below the snapshot's offset for that
-   partition are skipped (the snapshot already contains them; this matters after a crash
-   between publishing a snapshot and committing its offsets).
+2. **Resume** — load the store's newest snapshot that verifies (if any) and subscribe; each
+   partition starts at the group's committed offset, and messages below the snapshot's offset
+   for that partition are skipped (the snapshot already contains them; this matters after a
+   crash between publishing a snapshot and committing its offsets). A commit beyond the
+   snapshot's offset (a fallback past corrupt versions, a rollback) seeks back to it, so
+   the messages the snapshot lacks are trained again.
 3. **Loop** — fetch, decode/validate (bad messages → ``<topic>.dlq`` with a reason), queue;
    cut batches by size or age (``batch_timeout``), whichever first; ``partial_fit`` runs in a
    thread, pipelined with the next fetch, so heartbeats keep flowing.
@@ -57,6 +59,8 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import start_http_server
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from training_worker.ingest import make_ingest
 from training_worker.kafka import DeadLetters, ensure_topic
@@ -81,6 +85,11 @@ __all__ = ["DLQ_REASONS", "FaultMetrics", "FreshStartRefused", "TrainingWorker",
 log = logging.getLogger(__name__)
 
 FETCH_BYTES = 8 << 20  # per partition and fetch: few broker round trips per batch
+
+
+def _unreachable(exc: StoreError) -> bool:
+    """Whether ``exc`` comes from a connection problem (not from what the store holds)."""
+    return isinstance(exc.__cause__, (RedisConnectionError, RedisTimeoutError, OSError))
 
 
 def _init_training_thread(torch_threads: int | None) -> None:
@@ -242,6 +251,13 @@ class TrainingWorker:
         )
         try:
             await self._serve_with(lease, executor)
+        except StoreError as exc:
+            # the store went away under an active worker (a progress mark, a load): it cannot
+            # prove it holds the lease, so it steps back to standby and waits for the store
+            if not (_unreachable(exc) or not await asyncio.to_thread(lease.renew)):
+                raise
+            log.error("the store is unreachable while active: %s", exc)
+            self._lease_lost.set()
         finally:
             executor.shutdown(wait=True)
 

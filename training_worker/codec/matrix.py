@@ -22,6 +22,7 @@ from training_worker.codec.base import (
     DecodeError,
     Headers,
     _check_size,
+    _guarded,
     _header,
 )
 
@@ -41,6 +42,7 @@ def _header_ints(headers: Headers | None, name: str) -> np.ndarray | None:
         ) from None
 
 
+@_guarded
 def decode_matrix(
     value: bytes | None, headers: Headers | None, shape: tuple[int, ...] | None,
     max_bytes: int = DEFAULT_MAX_BYTES, max_abs: float = DEFAULT_MAX_ABS_FEATURE,
