@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from model import OnlineClusterer, StepReport, datasets  # noqa: E402
+from model import OnlineClusterer, datasets  # noqa: E402
 from model.assign import combination_assignment  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu runs the same script on the CPU (a smoke test of the script)
@@ -84,37 +84,16 @@ def ca_share(n: int, k: int, repeats: int) -> dict[str, float]:
 
 async def kafka_rate(X: np.ndarray, n: int) -> float:
     """Samples/s of the worker on CUDA consuming float32 digits messages from Tansu."""
-    from training_worker.batching import Batch
+    from bench_worker import worker_rate
+
     from training_worker.devbroker import TansuBroker
     from training_worker.producer import replay
-    from training_worker.settings import WorkerSettings
-    from training_worker.trainer import TrainerHooks
-    from training_worker.worker import TrainingWorker
 
     with TansuBroker() as broker:
         topic = f"gpu-{uuid.uuid4().hex[:8]}"
         await replay(broker.bootstrap_servers, topic, "digits", limit=n + 512, loop=True,
                      binary=True, progress=False)
-        marks: list[tuple[float, int]] = []
-        worker: TrainingWorker | None = None
-        loop = asyncio.get_running_loop()
-
-        def on_step(report: StepReport, batch: Batch) -> None:
-            marks.append((time.perf_counter(), report.n))
-            if sum(m for _, m in marks) >= n:
-                loop.call_soon_threadsafe(worker.request_stop)  # type: ignore[union-attr]
-
-        settings = WorkerSettings(
-            bootstrap_servers=broker.bootstrap_servers, topic=topic,
-            store=f"file://{tempfile.mkdtemp(prefix='oclust-gpu-')}", namespace="gpu",
-            n_clusters=10, batch_size=256, batch_timeout=5, snapshot_interval=3600,
-            metrics_port=-1, session_timeout_ms=1000, seed=0, device=DEVICE,
-            group_id=f"gpu-{uuid.uuid4().hex[:8]}",
-        )
-        worker = TrainingWorker(settings, hooks=TrainerHooks(on_step=on_step))
-        await worker.run()
-    counted = marks[1:]
-    return sum(m for _, m in counted) / (counted[-1][0] - marks[0][0])
+        return await worker_rate(broker.bootstrap_servers, topic, n, None, device=DEVICE)
 
 
 def service_rates(seconds: float) -> dict[str, float]:

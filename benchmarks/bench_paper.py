@@ -24,21 +24,27 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_quality import HEADERS as METRIC_HEADERS  # this folder is on sys.path
+from bench_quality import (
+    add_common_arguments,
+    cell,
+    check_methods,
+    names,
+    run_all,
+)
+
 from model.evaluation import METRICS, PROBES, evaluate, summarise
 from model.presets import PRESETS
-from model.regularisers import REGULARISERS
 
 DATASETS = ("fashion_mnist", "hapt")
 METHODS = ("ca", "sk", "ent", "ss", "ckm", "none", "drc", "tcc", "cm", "aecm", "varm")
 COLUMNS = METRICS + PROBES
-HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
-           "kl_star_soft": "KL* soft", "linear_probe": "linear", "knn_probe": "KNN"}
+HEADERS = {**METRIC_HEADERS, "linear_probe": "linear", "knn_probe": "KNN"}
 # The paper's FashionMNIST rows (Table 1), in %: ACC, NMI, ARI, KL* (hard).
 PAPER_FASHION = {
     "ca": (59.3, 55.3, 42.5, 0.0),
@@ -62,11 +68,6 @@ def run_task(
         protocol=protocol, limit=limit, probes=True,
     )
     return task, res, time.perf_counter() - start
-
-
-def cell(mean: float, std: float) -> str:
-    """``mean (std)`` with three decimals, a dash for NaN."""
-    return "—" if math.isnan(mean) else f"{mean:.3f} ({std:.3f})"
 
 
 def table(rows: dict[str, list[dict]], seconds: dict[str, float]) -> str:
@@ -97,23 +98,15 @@ def paper_beside_ours(rows: dict[str, list[dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", default=",".join(DATASETS))
+    add_common_arguments(parser, DATASETS, METHODS)
     parser.add_argument("--protocols", default=",".join(PRESETS))
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2, help="FashionMNIST epochs")
     parser.add_argument("--hapt-epochs", type=int, default=10, help="HAPT epochs")
     parser.add_argument("--limit", type=int, default=None, help="a random subset per dataset")
     parser.add_argument("--no-reference", action="store_true", help="skip the KMeans rows")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
-    parser.add_argument("--json", type=Path, default=None, help="write per-seed scores here")
     args = parser.parse_args(argv)
-    datasets = [d for d in args.datasets.split(",") if d]
-    protocols = [p for p in args.protocols.split(",") if p]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in REGULARISERS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(sorted(REGULARISERS))}")
+    datasets, protocols, methods = names(args.datasets), names(args.protocols), names(args.methods)
+    check_methods(parser, methods)
     bad = [p for p in protocols if p not in PRESETS]
     if bad:
         parser.error(f"unknown protocols {bad}; choose from {', '.join(PRESETS)}")
@@ -127,16 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     per_task = [epochs.get(t[0], args.epochs) for t in tasks]
     n = len(tasks)
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            done = list(pool.map(run_task, tasks, [args.seeds] * n, per_task,
-                                 [args.limit] * n))
-    else:
-        done = []
-        for t, e in zip(tasks, per_task, strict=True):
-            done.append(run_task(t, args.seeds, e, args.limit))
-            print(f"  done {t[0]} {t[1]} {t[2] or 'reference'} in {done[-1][2]:.1f}s",
-                  file=sys.stderr, flush=True)
+    done = run_all(run_task, tasks, args.jobs, [args.seeds] * n, per_task, [args.limit] * n)
     results: dict[tuple[str, str], dict[str, list[dict]]] = {
         (d, p): {} for d in datasets for p in protocols
     }

@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,48 @@ def cell(mean: float, std: float) -> str:
     return "—" if math.isnan(mean) else f"{mean:.3f} ({std:.3f})"
 
 
+def add_common_arguments(
+    parser: argparse.ArgumentParser, datasets: tuple[str, ...], methods: tuple[str, ...]
+) -> None:
+    """The options both quality benchmarks take: what to run, seeds, jobs, where scores go."""
+    parser.add_argument("--datasets", default=",".join(datasets))
+    parser.add_argument("--methods", default=",".join(methods))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--json", type=Path, default=None, help="write per-seed scores here")
+
+
+def names(arg: str) -> list[str]:
+    """The non-empty items of a comma-separated option."""
+    return [a for a in arg.split(",") if a]
+
+
+def check_methods(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+    """Exit with a usage error naming the methods that are not regularisers."""
+    unknown = [m for m in methods if m not in REGULARISERS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(sorted(REGULARISERS))}")
+
+
+def run_all(
+    run_task: Callable[..., tuple[Task, dict[str, list[dict]], float]],
+    tasks: list[Task],
+    jobs: int,
+    *per_task: list[Any],
+) -> list[tuple[Task, dict[str, list[dict]], float]]:
+    """``run_task(task, *its per_task values)`` for every task: in ``jobs`` processes, or in
+    order with a progress line each."""
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            return list(pool.map(run_task, tasks, *per_task))
+    done = []
+    for t, *extra in zip(tasks, *per_task, strict=True):
+        done.append(run_task(t, *extra))
+        print(f"  done {t[0]} {t[1]} {t[2] or 'reference'} in {done[-1][2]:.1f}s",
+              file=sys.stderr, flush=True)
+    return done
+
+
 def table(rows: dict[str, dict[str, list[dict]]]) -> str:
     """A markdown table: one row per method, mean (std) of every metric."""
     lines = ["| method | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
@@ -96,20 +139,12 @@ def overview(results: dict[tuple[str, str], dict[str, list[dict]]], metric: str)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    add_common_arguments(parser, DATASETS, METHODS)
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
-    parser.add_argument("--json", type=Path, default=None, help="write per-seed scores here")
     args = parser.parse_args(argv)
-    datasets = [d for d in args.datasets.split(",") if d]
-    methods = [m for m in args.methods.split(",") if m]
-    settings = [s for s in args.settings.split(",") if s]
-    unknown = [m for m in methods if m not in REGULARISERS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(sorted(REGULARISERS))}")
+    datasets, methods, settings = names(args.datasets), names(args.methods), names(args.settings)
+    check_methods(parser, methods)
 
     tasks: list[Task] = [(d, s, m) for d in datasets for s in settings for m in [*methods, ""]]
     reduced = args.seeds < 5 or args.epochs < DEFAULT_EPOCHS
@@ -124,16 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     timing: dict[Task, float] = {}
     start = time.perf_counter()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            done = list(pool.map(run_task, tasks, [args.seeds] * len(tasks),
-                                 [args.epochs] * len(tasks)))
-    else:
-        done = []
-        for t in tasks:
-            done.append(run_task(t, args.seeds, args.epochs))
-            print(f"  done {t[0]} {t[1]} {t[2] or 'reference'} in {done[-1][2]:.1f}s",
-                  file=sys.stderr, flush=True)
+    done = run_all(run_task, tasks, args.jobs, [args.seeds] * len(tasks),
+                   [args.epochs] * len(tasks))
     for (d, s, m), res, secs in done:
         results[(d, s)].update(res)
         timing[(d, s, m)] = secs

@@ -163,7 +163,9 @@ def memory_rate(X: np.ndarray, n: int, threads: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
-async def worker_rate(bootstrap: str, topic: str, n: int, threads: int) -> float:
+async def worker_rate(
+    bootstrap: str, topic: str, n: int, threads: int | None, device: str = "cpu"
+) -> float:
     """Samples/s of the real worker on the topic, timed from the end of its first step."""
     marks: list[tuple[float, int]] = []
     worker: TrainingWorker | None = None
@@ -178,7 +180,7 @@ async def worker_rate(bootstrap: str, topic: str, n: int, threads: int) -> float
     settings = WorkerSettings(
         bootstrap_servers=bootstrap, topic=topic, store=store, namespace="bench",
         n_clusters=10, batch_size=BATCH, batch_timeout=5, snapshot_interval=3600,
-        metrics_port=-1, session_timeout_ms=1000, seed=0, device="cpu", torch_threads=threads,
+        metrics_port=-1, session_timeout_ms=1000, seed=0, device=device, torch_threads=threads,
         group_id=f"bench-{uuid.uuid4().hex[:8]}",
     )
     worker = TrainingWorker(settings, hooks=TrainerHooks(on_step=on_step))

@@ -15,13 +15,12 @@ Example:
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
+from service import installed_version
 from service.options import ClickException
 
 __all__ = ["app", "oclust_version"]
@@ -29,10 +28,7 @@ __all__ = ["app", "oclust_version"]
 
 def oclust_version() -> str:
     """The installed package's version (``0+unknown`` when run from an uninstalled tree)."""
-    try:
-        return _dist_version("oclust")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return installed_version("0+unknown")
 
 
 class _OneLineErrors(TyperGroup):

@@ -146,10 +146,7 @@ class ModelHolder:
 
     @store_up.setter
     def store_up(self, up: bool | None) -> None:
-        if up != self._store_up:
-            with self._changed:
-                self._store_up = up
-                self._changed.notify_all()
+        self._change("_store_up", up)
 
     @property
     def last_error(self) -> str | None:
@@ -158,9 +155,13 @@ class ModelHolder:
 
     @last_error.setter
     def last_error(self, message: str | None) -> None:
-        if message != self._last_error:
+        self._change("_last_error", message)
+
+    def _change(self, attribute: str, value: object) -> None:
+        """Set a status attribute and wake :meth:`wait_until`'s waiters, when it changes."""
+        if value != getattr(self, attribute):
             with self._changed:
-                self._last_error = message
+                setattr(self, attribute, value)
                 self._changed.notify_all()
 
     @property

@@ -31,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service import installed_version
 from service.loader import ModelHolder
 from service.monitor import AssignmentMonitor
 
@@ -45,12 +46,7 @@ NAN = float("nan")
 @functools.cache
 def package_version() -> str:
     """The installed oclust version (``unknown`` when run from an uninstalled tree)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("oclust")
-    except PackageNotFoundError:
-        return "unknown"
+    return installed_version("unknown")
 
 
 class _LiveCollector(Collector):

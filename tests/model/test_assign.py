@@ -10,37 +10,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from model.assign import combination_assignment
-
-
-def reference_assignment(
-    distances: np.ndarray, sigma: float, log_prior: np.ndarray | None = None
-) -> np.ndarray:
-    """The plain O(N^2 K) greedy loop: the definition CA must reproduce.
-
-    Each step scans every unassigned row i (ascending) and every cluster k (ascending) and keeps
-    the first strict minimum of ``d + sigma * (log(n_k + 1) - lp[k])``, so ties go to the lowest
-    i, then the lowest k.
-    """
-    d = np.asarray(distances, dtype=np.float64)
-    n, n_clusters = d.shape
-    lp = [0.0] * n_clusters if log_prior is None else [float(v) for v in log_prior]
-    rows = d.tolist()
-    counts = [0] * n_clusters
-    labels = [-1] * n
-    for _ in range(n):
-        best_c, best_i, best_k = math.inf, -1, -1
-        for i in range(n):
-            if labels[i] >= 0:
-                continue
-            row = rows[i]
-            for k in range(n_clusters):
-                c = row[k] + sigma * (math.log(counts[k] + 1) - lp[k])
-                if best_i < 0 or c < best_c:
-                    best_c, best_i, best_k = c, i, k
-        labels[best_i] = best_k
-        counts[best_k] += 1
-    return np.array(labels, dtype=np.int64)
+from model.assign import (
+    combination_assignment,
+    reference_assignment,
+)
+from model.assign import reference_assignment_vectorised as numpy_reference
 
 
 @st.composite
@@ -210,25 +184,6 @@ def test_bad_shape_rejected(distances: np.ndarray) -> None:
 def test_non_real_distances_rejected(distances: np.ndarray) -> None:
     with pytest.raises(ValueError, match="distances must be real"):
         combination_assignment(distances, 1.0)
-
-
-def numpy_reference(
-    distances: np.ndarray, sigma: float, log_prior: np.ndarray | None = None
-) -> np.ndarray:
-    """The same greedy loop vectorised per step (one N x K cost matrix, row-major argmin: lowest
-    i, then lowest k), fast enough to check batches of the benchmark's size."""
-    d = np.asarray(distances, dtype=np.float64).copy()
-    n, n_clusters = d.shape
-    lp = np.zeros(n_clusters) if log_prior is None else np.asarray(log_prior, np.float64)
-    counts = np.zeros(n_clusters)
-    labels = np.full(n, -1, dtype=np.int64)
-    for _ in range(n):
-        cost = d + sigma * (np.log(counts + 1.0) - lp)  # the same float64 formula, per column
-        i, k = divmod(int(np.argmin(cost)), n_clusters)
-        labels[i] = k
-        counts[k] += 1
-        d[i] = np.inf
-    return labels
 
 
 def test_numpy_reference_matches_reference_loop() -> None:

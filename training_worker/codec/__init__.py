@@ -37,31 +37,15 @@ Example:
 
 from __future__ import annotations
 
-from training_worker.codec.base import (
-    CONTENT_TYPE_F32,
-    CONTENT_TYPE_JSON,
-    DEFAULT_MAX_ABS_FEATURE,
-    DEFAULT_MAX_BYTES,
-    ENCODINGS,
-    MAX_DEPTH,
-    MAX_LABEL,
-    REASONS,
-    DecodeError,
-)
+from training_worker.codec import base
+from training_worker.codec.base import *  # noqa: F403 (the shared names, listed in base.__all__)
 from training_worker.codec.matrix import decode_matrix, encode_matrix
 from training_worker.codec.readings import Reading, ReadingDecoder, encode_reading
 from training_worker.codec.samples import DecodedBatch, SampleDecoder, encode_sample
 
+# The shared names are listed once, in ``base.__all__``; this package adds the formats' own.
 __all__ = [
-    "CONTENT_TYPE_F32",
-    "CONTENT_TYPE_JSON",
-    "DEFAULT_MAX_ABS_FEATURE",
-    "DEFAULT_MAX_BYTES",
-    "ENCODINGS",
-    "MAX_DEPTH",
-    "MAX_LABEL",
-    "REASONS",
-    "DecodeError",
+    *base.__all__,
     "DecodedBatch",
     "Reading",
     "ReadingDecoder",

@@ -65,6 +65,36 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
+class _Decoder:
+    """What every decoder keeps: the size limit, the payload encoding and the magnitude bound."""
+
+    def __init__(self, max_bytes: int, encoding: str, max_abs: float) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        self.max_bytes = max_bytes
+        self.encoding = encoding
+        self.max_abs = max_abs
+
+
+def _encode(
+    values: np.ndarray | Sequence[float],
+    name: str,
+    binary: bool,
+    head: dict[str, str],
+    tail: dict[str, Any],
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """Message value and headers: ``values`` as float32 bytes (``head`` and the ``tail`` fields
+    that are not ``None`` as text headers) or as the JSON field ``name`` between them."""
+    arr = np.asarray(values, dtype=np.float32)
+    tail = {k: v for k, v in tail.items() if v is not None}
+    if binary:
+        headers = [("content-type", CONTENT_TYPE_F32.encode())]
+        headers += [(k, v.encode()) for k, v in head.items()]
+        headers += [(k, str(v).encode()) for k, v in tail.items()]
+        return arr.astype("<f4").tobytes(), headers
+    return json.dumps({**head, name: arr.tolist(), **tail}).encode(), []
+
+
 def _header(headers: Headers | None, name: str) -> bytes | None:
     if headers:
         for key, value in headers:

@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,14 +17,14 @@ from typing import Any
 import numpy as np
 
 from training_worker.codec.base import (
-    CONTENT_TYPE_F32,
     DEFAULT_MAX_ABS_FEATURE,
     DEFAULT_MAX_BYTES,
-    ENCODINGS,
     DecodeError,
     Headers,
     _bounded,
     _check_size,
+    _Decoder,
+    _encode,
     _f32,
     _finite,
     _guarded,
@@ -50,7 +49,7 @@ class Reading:
     label: int = -1
 
 
-class ReadingDecoder:
+class ReadingDecoder(_Decoder):
     """Decode and validate reading messages ``{"device", "ts", "values"}`` (or binary).
 
     Args:
@@ -72,12 +71,8 @@ class ReadingDecoder:
         encoding: str = "auto",
         max_abs: float = DEFAULT_MAX_ABS_FEATURE,
     ) -> None:
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        super().__init__(max_bytes, encoding, max_abs)
         self.channels = channels
-        self.max_bytes = max_bytes
-        self.encoding = encoding
-        self.max_abs = max_abs
 
     @_guarded
     def decode(
@@ -141,12 +136,4 @@ def encode_reading(
         >>> encode_reading("s1", [0.5, 1.0], ts=2.0)
         (b'{"device": "s1", "values": [0.5, 1.0], "ts": 2.0}', [])
     """
-    arr = np.asarray(values, dtype=np.float32)
-    if binary:
-        headers = [("content-type", CONTENT_TYPE_F32.encode()), ("device", device.encode())]
-        headers += [(k, str(v).encode()) for k, v in (("ts", ts), ("label", label))
-                    if v is not None]
-        return arr.astype("<f4").tobytes(), headers
-    obj: dict[str, Any] = {"device": device, "values": arr.tolist()}
-    obj |= {k: v for k, v in (("ts", ts), ("label", label)) if v is not None}
-    return json.dumps(obj).encode(), []
+    return _encode(values, "values", binary, {"device": device}, {"ts": ts, "label": label})

@@ -8,11 +8,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import orjson
@@ -21,13 +19,14 @@ from training_worker.codec.base import (
     CONTENT_TYPE_F32,
     DEFAULT_MAX_ABS_FEATURE,
     DEFAULT_MAX_BYTES,
-    ENCODINGS,
     MAX_DEPTH,
     MAX_LABEL,
     DecodeError,
     Headers,
     _bounded,
     _check_size,
+    _Decoder,
+    _encode,
     _f32,
     _finite,
     _guarded,
@@ -82,7 +81,7 @@ class DecodedBatch:
     rejects: list[tuple[int, DecodeError]] = field(default_factory=list)
 
 
-class SampleDecoder:
+class SampleDecoder(_Decoder):
     """Decode and validate sample messages into float32 arrays of one shape.
 
     The shape is ``shape`` when given (e.g. the model's input shape), else it is fixed by the
@@ -110,12 +109,8 @@ class SampleDecoder:
         encoding: str = "auto",
         max_abs: float = DEFAULT_MAX_ABS_FEATURE,
     ) -> None:
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        super().__init__(max_bytes, encoding, max_abs)
         self.shape = tuple(shape) if shape is not None else None
-        self.max_bytes = max_bytes
-        self.encoding = encoding
-        self.max_abs = max_abs
 
     @_guarded
     def decode(self, value: bytes | None, headers: Headers | None = None) -> tuple[np.ndarray, int]:
@@ -268,12 +263,4 @@ def encode_sample(
         >>> encode_sample([1.0, 2.0], label=3)
         (b'{"features": [1.0, 2.0], "label": 3}', [])
     """
-    arr = np.asarray(features, dtype=np.float32)
-    if binary:
-        headers = [("content-type", CONTENT_TYPE_F32.encode())]
-        headers += [(k, str(v).encode()) for k, v in (("label", label), ("id", id), ("ts", ts))
-                    if v is not None]
-        return arr.astype("<f4").tobytes(), headers
-    obj: dict[str, Any] = {"features": arr.tolist()}
-    obj |= {k: v for k, v in (("label", label), ("id", id), ("ts", ts)) if v is not None}
-    return json.dumps(obj).encode(), []
+    return _encode(features, "features", binary, {}, {"label": label, "id": id, "ts": ts})

@@ -81,6 +81,13 @@ class SnapshotStore(ABC):
     namespace: str
     keep: int | None
 
+    def __init__(self, namespace: str, keep: int | None, poll_interval: float) -> None:
+        """Check and set what every store has: its namespace, the versions to keep and the
+        seconds between polls in :meth:`wait_for_change`."""
+        self.namespace = _check_namespace(namespace)
+        self.keep = _check_keep(keep)
+        self.poll_interval = poll_interval
+
     @abstractmethod
     def publish(self, snapshot: Snapshot) -> int:
         """Store ``snapshot`` as the next version, make it current, announce it; return it."""

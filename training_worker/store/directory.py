@@ -21,8 +21,6 @@ from training_worker.store.base import (
     SnapshotStore,
     StoreError,
     VersionNotFound,
-    _check_keep,
-    _check_namespace,
     _pointer,
 )
 
@@ -50,9 +48,7 @@ class DirectoryStore(SnapshotStore):
         keep: int | None = DEFAULT_KEEP,
         poll_interval: float = 0.05,
     ) -> None:
-        self.namespace = _check_namespace(namespace)
-        self.keep = _check_keep(keep)
-        self.poll_interval = poll_interval
+        super().__init__(namespace, keep, poll_interval)
         self.root = Path(root)
 
     @property

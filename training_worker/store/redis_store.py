@@ -24,8 +24,6 @@ from training_worker.store.base import (
     SnapshotStore,
     StoreError,
     VersionNotFound,
-    _check_keep,
-    _check_namespace,
     _pointer,
 )
 
@@ -93,9 +91,7 @@ class RedisStore(SnapshotStore):
         poll_interval: float = 1.0,
         socket_timeout: float = 10.0,
     ) -> None:
-        self.namespace = _check_namespace(namespace)
-        self.keep = _check_keep(keep)
-        self.poll_interval = poll_interval
+        super().__init__(namespace, keep, poll_interval)
         self._url = url
         try:
             self.client = redis.Redis.from_url(
