@@ -46,7 +46,7 @@ from model.snapshot import Snapshot, SnapshotError, pack_tensors, unpack_tensors
 
 __all__ = ["EXPECTED_FAILED_CHECKS", "OnlineClusterer", "StepReport"]
 
-DEFAULT_SIGMA = 50.0  # issue 11 tuning: see BENCHMARKS.md "Defaults (issue 11)"
+DEFAULT_SIGMA = 10.0
 DEFAULT_LATENT_DIM = 128
 INFERENCE_ROWS = 4096  # most samples pushed through the encoder at once by predict & co.
 INFERENCE_BYTES = 32 * 2**20  # and a bound on one chunk's widest activation, in bytes
@@ -203,12 +203,12 @@ class OnlineClusterer(
         hidden: hidden widths (MLP) or channels (convolutional encoders).
         standardize: standardise inputs with running statistics learned from the stream.
         reg_params: keyword arguments of the regulariser (e.g. ``{"lam": 2.0}``).
-        latent_norm: ``"none"`` (default: raw latents), ``"layer"`` or ``"batch"``:
-            normalisation of the encoder output.
-        init: centroid seeding: ``"normal"`` (default: N(0, 1) draws, independent of the data,
-            as the CA paper's code does), ``"kmeans"`` (a full k-means on the first batch's
-            latents) or ``"kmeans++"`` (seeding only). Raw latents need ``"normal"``: seeded
-            from the first batch's latents they shrink onto their centroids over training.
+        latent_norm: ``"layer"`` (default), ``"batch"`` or ``"none"``: normalisation of the
+            encoder output. Without it the encoder shrinks every latent onto its centroid and
+            the distances stop carrying information.
+        init: centroid seeding on the first batch's latents: ``"kmeans"`` (default, a full
+            k-means on that batch), ``"kmeans++"`` (seeding only) or ``"normal"`` (N(0, 1)
+            draws, as the CA paper's code does).
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
             both are given.
 
@@ -245,8 +245,8 @@ class OnlineClusterer(
         hidden: tuple[int, ...] | None = None,
         standardize: bool = True,
         reg_params: dict[str, float] | None = None,
-        latent_norm: str = "none",
-        init: str = "normal",
+        latent_norm: str = "layer",
+        init: str = "kmeans",
         seed: int | None = None,
     ) -> None:
         self.n_clusters = n_clusters
