@@ -1,0 +1,112 @@
+"""Screen candidate default configurations of CA across data sets (issue 11, "defaults that win").
+
+Each run appends one JSON line (dataset, candidate, seeds, epochs, limit, per-seed scores, wall
+seconds) to ``--out``. Candidates are judged on the *selection* data sets and then confirmed on
+the others; labels only score, as in ``model.evaluation``. ``fashion_mnist_flat`` is FashionMNIST
+sent as flat 784-value vectors (the MLP encoder), the way many producers send images.
+
+    PYTHONPATH=$PWD python benchmarks/tune_defaults.py --dataset digits --candidate shipped
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from model import datasets, evaluation
+
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "shipped": {"latent_norm": "layer", "init": "kmeans", "sigma": 10.0},
+    "reference": {},  # KMeans / MiniBatchKMeans rows only
+    "mbk": {},  # the MiniBatchKMeans row only (KMeans with n_init=10 is slow on 70k images)
+    "layer_s25": {"latent_norm": "layer", "init": "kmeans", "sigma": 25.0},
+    "layer_s50": {"latent_norm": "layer", "init": "kmeans", "sigma": 50.0},
+    "layer_s5": {"latent_norm": "layer", "init": "kmeans", "sigma": 5.0},
+    "layer_normal_s10": {"latent_norm": "layer", "init": "normal", "sigma": 10.0},
+    "raw_normal_s50": {"latent_norm": "none", "init": "normal", "sigma": 50.0},
+    "raw_kmeans_s50": {"latent_norm": "none", "init": "kmeans", "sigma": 50.0},
+}
+EPOCHS = {"digits": 40, "segments": 40, "hapt": 10, "fashion_mnist": 2, "fashion_mnist_flat": 2}
+
+_load = datasets.load
+NORMS = {"layer": "layer", "raw": "none", "batch": "batch"}
+
+
+def candidate(name: str) -> dict[str, Any]:
+    """A named candidate, or one spelled ``NORM_INIT_sSIGMA[_lrLR][_hW-W][_dDIM]``.
+
+    >>> candidate("raw_normal_s25_h256-128")
+    {'latent_norm': 'none', 'init': 'normal', 'sigma': 25.0, 'hidden': (256, 128)}
+    """
+    if name in CANDIDATES:
+        return CANDIDATES[name]
+    norm, init, sigma, *rest = name.split("_")
+    cfg: dict[str, Any] = {"latent_norm": NORMS[norm], "init": init, "sigma": float(sigma[1:])}
+    for part in rest:
+        if part.startswith("lr"):
+            cfg["lr"] = float(part[2:])
+        elif part.startswith("h"):
+            cfg["hidden"] = tuple(int(w) for w in part[1:].split("-"))
+        elif part.startswith("d"):
+            cfg["latent_dim"] = int(part[1:])
+        else:
+            raise ValueError(f"unknown candidate part {part!r}")
+    return cfg
+
+
+def _load_flat(name: str) -> tuple:
+    """``datasets.load``, plus ``fashion_mnist_flat``: the images as 784-value vectors."""
+    if name == "fashion_mnist_flat":
+        X, y = _load("fashion_mnist")
+        return X.reshape(len(X), -1), y
+    return _load(name)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dataset", required=True, choices=sorted(EPOCHS))
+    p.add_argument("--candidate", required=True, help="a name of CANDIDATES or NORM_INIT_sSIGMA")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--regulariser", default="ca")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. +seeds-1")
+    p.add_argument("--out", default="tune_results.jsonl")
+    a = p.parse_args()
+    datasets.load = _load_flat
+    datasets.ALIASES.setdefault("fashion_mnist_flat", "fashion_mnist_flat")
+    epochs = a.epochs or EPOCHS[a.dataset]
+    if a.first_seed:  # shift the clusterer's seeds (ca/none rows; reference rows use 0..)
+        cls = evaluation.OnlineClusterer
+        evaluation.OnlineClusterer = lambda **kw: cls(**{**kw, "seed": kw["seed"] + a.first_seed})
+    ref = a.candidate == "reference"
+    t0 = time.perf_counter()
+    if a.candidate == "mbk":
+        X, y = datasets.load(a.dataset)
+        X, k = evaluation.prepare(X), int(y.max()) + 1
+        res = {"MiniBatchKMeans": [
+            evaluation._minibatch_kmeans(X, y, k, s, epochs, 256) for s in range(a.seeds)
+        ]}
+    else:
+        res = evaluation.evaluate(
+            a.dataset, [] if ref else [a.regulariser], seeds=a.seeds, epochs=epochs,
+            reference=ref, limit=a.limit, **candidate(a.candidate),
+        )
+    wall = time.perf_counter() - t0
+    for name, runs in res.items():
+        s = evaluation.summarise(runs)
+        row = {"dataset": a.dataset, "candidate": a.candidate, "method": name, "seeds": a.seeds,
+               "first_seed": a.first_seed, "epochs": epochs, "limit": a.limit,
+               "wall_s": round(wall, 1), "runs": runs}
+        with open(a.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"{a.dataset} {a.candidate} {name} e{epochs} n{a.limit} seeds{a.seeds} "
+              f"NMI {s['nmi'][0]:.3f} ({s['nmi'][1]:.3f}) ACC {s['acc'][0]:.3f} "
+              f"KL {s['kl_star_hard'][0]:.3f} ({s['kl_star_hard'][1]:.3f}) wall {wall:.0f}s",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
