@@ -199,7 +199,7 @@ def test_a_replica_serving_an_mlp_snapshot_never_imports_torch(tmp_path: Path) -
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", _SERVE, "serve", "--store", f"file://{tmp_path}",
            "--namespace", "r", "--port", str(port), "--log-level", "warning"]
