@@ -180,11 +180,11 @@ async def run_up(
 
     ``worker_settings.bootstrap_servers == IN_PROCESS`` selects the in-process stream.
     """
-    import uvicorn
     from rich.console import Console
     from rich.live import Live
 
     from service.app import create_app
+    from service.http import uvicorn_config
     from service.loader import ModelHolder, SnapshotWatcher
     from training_worker.monitor import WorkerMetrics
     from training_worker.producer import replay
@@ -212,8 +212,9 @@ async def run_up(
     # the worker's metrics join the service's registry: one /metrics shows both
     worker = TrainingWorker(ws, store=store, metrics=WorkerMetrics(app.state.metrics.registry),
                             hooks=TrainerHooks(on_step=stats.on_step), stream=stream)
-    server = _server(uvicorn.Config(app, log_level=ss.log_level, access_log=False,
-                                    lifespan="on"))
+    config = uvicorn_config(app, ss)  # the same header and keep-alive timeouts as serve
+    config.access_log, config.lifespan = False, "on"
+    server = _server(config)
     stop = asyncio.Event()
     started = time.monotonic()
     console = Console(stderr=True)
