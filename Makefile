@@ -8,12 +8,16 @@ BIN := $(VENV)/bin
 # CUDA versions of each release); for a local wheel mirror only, `make install TORCH_INDEX=`.
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Used only when it answers within 3 s: an offline machine (a local wheel mirror) skips it
+# instead of retrying it for every package.
+TORCH_INDEX_UP = $(if $(TORCH_INDEX),$(shell $(PY) -c "import sys, urllib.request; \
+	urllib.request.urlopen(sys.argv[1], timeout=3)" '$(TORCH_INDEX)' >/dev/null 2>&1 && echo up))
 
 .PHONY: install sysdeps test lint up eval bench
 
 $(BIN)/oclust: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
+	$(BIN)/pip install -q $(if $(TORCH_INDEX_UP),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python -c 'from model.kernel import warm_up; warm_up()'  # numba compiles once, here
 	touch $@
