@@ -249,9 +249,14 @@ class AssignmentMonitor:
                 if latents.shape[1] != self._map_z.shape[1]:  # a new latent size: restart
                     self._map_z = np.zeros((self.map_size, latents.shape[1]), np.float32)
                     self._map_pos = self._map_filled = 0
-                tail = slice(max(0, n - self.map_size), n)
-                _ring_write(self._map_labels, self._map_pos, labels[tail])
-                self._map_pos = _ring_write(self._map_z, self._map_pos, latents[tail])
+                if n == 1:  # the common case, one row copy
+                    self._map_labels[self._map_pos] = labels[0]
+                    self._map_z[self._map_pos] = latents[0]
+                    self._map_pos = (self._map_pos + 1) % self.map_size
+                else:
+                    tail = slice(max(0, n - self.map_size), n)
+                    _ring_write(self._map_labels, self._map_pos, labels[tail])
+                    self._map_pos = _ring_write(self._map_z, self._map_pos, latents[tail])
                 self._map_filled = min(self.map_size, self._map_filled + n)
             if n == 1:
                 self._totals[labels[0]] += 1
