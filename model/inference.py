@@ -3,7 +3,7 @@
 :func:`load` builds it from a snapshot and :meth:`model.OnlineClusterer.export` from a fitted
 clusterer; both give an :class:`Inference`: a callable from a validated float32 batch
 (N, *input_shape) to an :class:`Assignment` (labels, squared distances to the chosen centroid,
-soft assignments), the same answers as ``OnlineClusterer.assign`` and ``soft_assign``.
+soft assignments, the latents), the same answers as ``OnlineClusterer.assign`` and ``soft_assign``.
 
 * MLP encoders run in :class:`CompiledInference`, one numba kernel (:mod:`model.kernel`) over
   NumPy arrays. From a snapshot it is built **without importing torch**: the weights are read
@@ -52,6 +52,7 @@ class Assignment:
     labels: np.ndarray  # int64 (N,)
     distances: np.ndarray  # float64 (N,), squared distance to the chosen centroid
     soft: np.ndarray  # float32 (N, K), softmax of the served logits
+    latents: np.ndarray  # float32 (N, m), the encoder's output (what the centroids live in)
 
 
 class Inference(Protocol):
@@ -60,6 +61,11 @@ class Inference(Protocol):
     n_clusters: int
     input_shape: tuple[int, ...]
     backend: str  # "compiled" (numba, no torch) or "torch"
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """The serving centroids, float32 (K, m), in the latent space of ``latents``."""
+        ...
 
     def __call__(self, batch: np.ndarray) -> Assignment:
         """Assign a validated float32 batch of shape (N, *input_shape)."""
@@ -119,8 +125,13 @@ class CompiledInference:
 
     def __call__(self, batch: np.ndarray) -> Assignment:
         """Assign a validated float32 batch of shape (N, *input_shape)."""
-        labels, dist, soft = self.kernel(batch)
-        return Assignment(labels, dist.astype(np.float64), soft)
+        labels, dist, soft, latents = self.kernel(batch)
+        return Assignment(labels, dist.astype(np.float64), soft, latents)
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """The serving centroids, float32 (K, m)."""
+        return self.kernel.centroids
 
 
 def load(

@@ -29,12 +29,12 @@ __all__ = ["TorchInference"]
 
 log = logging.getLogger(__name__)
 
-SingleAssign = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+SingleAssign = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 class _Pipeline(nn.Module):
     """scaler -> encoder -> squared distances -> the served rule (``model.regularisers.serve``)
-    -> (labels, distances, soft assignments)."""
+    -> (labels, distances, soft assignments, latents)."""
 
     def __init__(
         self, scaler: nn.Module, encoder: nn.Module, centroids: torch.Tensor, sigma: float,
@@ -47,10 +47,12 @@ class _Pipeline(nn.Module):
         self.register_buffer("centroids", centroids)
         self.sigma = sigma
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.encoder(self.scaler(x))
         labels, dist, logits = serve(z, sq_distances(z, self.centroids), self.sigma, self.head)
-        return labels, dist, torch.softmax(logits, dim=1)
+        return labels, dist, torch.softmax(logits, dim=1), z
 
 
 class TorchInference:
@@ -85,15 +87,20 @@ class TorchInference:
     def __call__(self, batch: np.ndarray) -> Assignment:
         """Assign a validated float32 batch of shape (N, *input_shape)."""
         if self.single is not None and len(batch) == 1:
-            labels, dist, soft = self.single(batch)
+            labels, dist, soft, latents = self.single(batch)
         else:
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device)
             with torch.inference_mode():
                 out = self.pipeline(x)
-            labels, dist, soft = (t.cpu().numpy() for t in out)
-        return Assignment(labels, dist.astype(np.float64), soft)
+            labels, dist, soft, latents = (t.cpu().numpy() for t in out)
+        return Assignment(labels, dist.astype(np.float64), soft, latents.astype(np.float32))
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """The serving centroids, float32 (K, m)."""
+        return self.pipeline.centroids.detach().cpu().numpy().astype(np.float32)
 
 
 def _trace(
@@ -120,9 +127,10 @@ def _trace(
         log.warning("single-sample fast path unavailable, serving eagerly: %s", exc)
         return None
 
-    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         # frozen graph: weights are constants, nothing requires grad, so no context needed
-        labels, dist, soft = traced(torch.from_numpy(batch).to(device))
-        return labels.cpu().numpy(), dist.cpu().numpy(), soft.cpu().numpy()
+        out = traced(torch.from_numpy(batch).to(device))
+        labels, dist, soft, latents = (t.cpu().numpy() for t in out)
+        return labels, dist, soft, latents
 
     return run

@@ -2,9 +2,9 @@
 
 For one sample, torch spends most of its time in per-operator overhead, not in arithmetic. Here
 the whole serving pipeline (standardise -> linear/ReLU/normalisation layers -> squared distances
-to the centroids -> the served rule -> softmax) is a small *program* of rows over one flat
-float32 parameter array, which :func:`_forward` interprets in float32, on blocks of rows (one
-BLAS matrix product per linear layer and block).
+to the centroids -> the served rule -> softmax; the latents are an output too) is a small
+*program* of rows over one flat float32 parameter array, which :func:`_forward` interprets in
+float32, on blocks of rows (one BLAS matrix product per linear layer and block).
 :func:`compile_program` builds it from plain NumPy arrays; :mod:`model.inference` feeds it.
 
 Example:
@@ -12,9 +12,9 @@ Example:
     >>> w = np.eye(3, dtype=np.float32)
     >>> k = compile_program([("linear", (w, np.zeros(3, np.float32)))], 3,
     ...                     centroids=np.eye(3, dtype=np.float32), sigma=1.0)
-    >>> labels, dist, soft = k(np.array([[0, 2, 0]], np.float32))
-    >>> labels.tolist(), dist.tolist(), round(float(soft.sum()), 5)
-    ([1], [1.0], 1.0)
+    >>> labels, dist, soft, z = k(np.array([[0, 2, 0]], np.float32))
+    >>> labels.tolist(), dist.tolist(), round(float(soft.sum()), 5), z.tolist()
+    ([1], [1.0], 1.0, [[0.0, 2.0, 0.0]])
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ BLOCK = 128  # rows pushed through each layer together (one matrix product per l
 def _forward(
     x: np.ndarray, program: np.ndarray, params: np.ndarray, mu: np.ndarray,
     neg_half_inv_sigma: float, head_w: np.ndarray, head_b: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Run the program and the served rule on the rows of ``x`` (N, D), a block at a time.
+
+    Returns (labels, distances, soft assignments, latents (N, m)): the latents are the rows the
+    program produced, copied out block by block.
 
     Without a head (``head_w`` of shape (0, 0)) the label is the nearest centroid and the
     logits are -d / (2 sigma); with one, the logits are ``z @ head_w + head_b`` and the label
@@ -54,6 +57,7 @@ def _forward(
     labels = np.empty(n, np.int64)
     dist = np.empty(n, np.float32)
     soft = np.empty((n, n_clusters), np.float32)
+    latents = np.empty((n, mu.shape[1]), np.float32)
     d = np.empty(n_clusters, np.float32)
     logits = np.empty(n_clusters, np.float32)
     for start in range(0, n, BLOCK):
@@ -99,6 +103,7 @@ def _forward(
                 for i in range(rows):
                     for j in range(dim):
                         a[i, j] = (a[i, j] - params[o1 + j]) / params[o2 + j]
+        latents[start : start + rows] = a
         if has_head:  # the method's own rule: logits of a linear head
             head_logits = np.dot(a, head_w)
         for i in range(rows):
@@ -135,13 +140,13 @@ def _forward(
                 total += e
             for k in range(n_clusters):
                 soft[r, k] /= total
-    return labels, dist, soft
+    return labels, dist, soft, latents
 
 
 @dataclass(frozen=True, eq=False)
 class Kernel:
     """A compiled serving pipeline: call it on a float32 batch (N, *input_shape) for
-    (labels int64 (N,), distances float32 (N,), soft float32 (N, K))."""
+    (labels int64 (N,), distances float32 (N,), soft float32 (N, K), latents float32 (N, m))."""
 
     program: np.ndarray
     params: np.ndarray
@@ -151,7 +156,9 @@ class Kernel:
     head_w: np.ndarray
     head_b: np.ndarray
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(
+        self, batch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(batch, dtype=np.float32).reshape(len(batch), self.in_dim)
         return _forward(x, self.program, self.params, self.centroids, self.neg_half_inv_sigma,
                         self.head_w, self.head_b)

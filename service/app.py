@@ -14,7 +14,8 @@ Endpoints:
   ``X-Oclust-Version`` header and N in ``X-Oclust-Count``.
 * ``GET /model`` the snapshot manifest · ``GET /healthz`` alive · ``GET /readyz`` 200 once a
   snapshot is loaded, 503 with the reason before · ``GET /metrics`` Prometheus ·
-  ``GET /stats`` the live collapse/drift numbers as JSON · ``GET /docs`` OpenAPI.
+  ``GET /stats`` the live collapse/drift numbers as JSON · ``GET /stats/map`` recent latents in
+  2-D (PCA) · ``GET /docs`` OpenAPI.
 
 The jobs live in their own modules: :mod:`service.assign` (the raw assign endpoints),
 :mod:`service.endpoints` (the GET routes), :mod:`service.middleware` (API key, body limit,
@@ -25,7 +26,7 @@ features beyond ``max_abs_feature`` (``out_of_range``), empty or missing fields 
 batches → 422; bodies over ``max_body_bytes`` → 413 (by Content-Length, or counted while
 streaming); a POST whose Content-Type is neither JSON nor octet-stream → 415 (no cross-site form
 posts); a body not received within ``body_timeout`` → 408; a wrong or missing API key (when one
-is set) → 401, on /assign* and on /model, /stats and /metrics unless they are configured open; no
+is set) → 401, on /assign* and on /model, /stats* and /metrics unless they are configured open; no
 snapshot loaded → 503. A client that disconnects mid-request is counted as 499. Validation stops
 at the first few errors and large bodies are decoded off the event loop, so one hostile request
 never stalls /healthz.
@@ -103,10 +104,11 @@ def create_app(
     app.state.settings, app.state.holder = settings, holder
     app.state.monitor, app.state.metrics = monitor, metrics
     protected = {"/assign", "/assign/batch"}
-    for path, flag in (("/model", settings.protect_model), ("/stats", settings.protect_stats),
-                       ("/metrics", settings.protect_metrics)):
+    for paths, flag in ((("/model",), settings.protect_model),
+                        (("/stats", "/stats/map"), settings.protect_stats),
+                        (("/metrics",), settings.protect_metrics)):
         if flag:
-            protected.add(path)
+            protected.update(paths)
     app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
                        api_key=key, protected=frozenset(protected))
     install_openapi(app, secured=key is not None, protected=frozenset(protected))

@@ -132,7 +132,7 @@ class Assigner:
             result = await self._run(work, len(body))
         except InputError as exc:
             return _error(413 if isinstance(exc, BodyTooLarge) else 422, str(exc), exc.errors)
-        self.monitor.record(result.labels, result.soft)
+        self.monitor.record(result.labels, result.soft, result.latents)
         return 200, pydantic_core.to_json({
             "cluster": int(result.labels[0]),
             "distance": float(result.distances[0]),
@@ -156,7 +156,7 @@ class Assigner:
             result = await self._run(work, len(body))
         except InputError as exc:
             return _error(413 if isinstance(exc, BodyTooLarge) else 422, str(exc), exc.errors)
-        self.monitor.record(result.labels, result.soft)
+        self.monitor.record(result.labels, result.soft, result.latents)
         if accept_binary:
             payload = (result.labels.astype("<i4").tobytes()
                        + result.distances.astype("<f4").tobytes())

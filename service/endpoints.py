@@ -2,7 +2,8 @@
 
 ``GET /model`` the snapshot manifest · ``GET /healthz`` alive · ``GET /readyz`` 200 once a
 snapshot is loaded, 503 with the reason before · ``GET /metrics`` Prometheus · ``GET /stats``
-the live collapse/drift numbers as JSON · ``GET /`` the live page.
+the live collapse/drift numbers as JSON · ``GET /stats/map`` the latents of recent served points
+on their two principal axes · ``GET /`` the live page.
 
 Example:
     >>> import asyncio, httpx
@@ -38,9 +39,9 @@ from service.assign import JSON, not_ready
 from service.loader import ModelHolder
 from service.metrics import ServiceMetrics
 from service.monitor import AssignmentMonitor
-from service.schemas import NotReadyResponse, StatsResponse
+from service.schemas import MapResponse, NotReadyResponse, StatsResponse
 
-__all__ = ["info_router", "live_stats"]
+__all__ = ["info_router", "latent_map", "live_stats"]
 
 
 def info_router(
@@ -92,6 +93,12 @@ def info_router(
     async def stats() -> Response:
         return Response(pydantic_core.to_json(live_stats(holder, monitor)), media_type=JSON)
 
+    @router.get("/stats/map", summary="Recent served points' latents projected on their two "
+                "principal axes, with their clusters and the projected centroids (the live "
+                "page's map)", response_model=MapResponse)
+    async def stats_map() -> Response:
+        return Response(pydantic_core.to_json(latent_map(holder, monitor)), media_type=JSON)
+
     @router.get("/", summary="The live page: cluster shares, collapse metrics, a form for "
                 "/assign", response_class=HTMLResponse)
     async def live_page() -> HTMLResponse:
@@ -118,3 +125,12 @@ def live_stats(holder: ModelHolder, monitor: AssignmentMonitor) -> dict[str, Any
         store_up=holder.store_up,
     )
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in s.items()}
+
+
+def latent_map(holder: ModelHolder, monitor: AssignmentMonitor) -> dict[str, Any]:
+    """What ``GET /stats/map`` answers: the monitor's map with the served centroids."""
+    model = holder.current
+    centroids = None if model is None else model.infer.centroids
+    out = monitor.latent_map(centroids).to_dict()
+    out.update(version=None if model is None else model.version, n_clusters=monitor.n_clusters)
+    return out

@@ -16,6 +16,12 @@ assignments (ARCHITECTURE.md §1.3):
   recorded.
 
 Recording is cheap (ring-buffer writes under a lock); the statistics are computed on demand.
+
+The monitor also keeps the latents of the last ``map_size`` served points (with their labels)
+for the live page's map: :meth:`AssignmentMonitor.latent_map` projects them, and the serving
+centroids, onto their first two principal components (:func:`pca_2d`, on request). The ring
+restarts when K or the latent size changes; latents of an earlier snapshot with the same shapes
+stay until overwritten.
 A new model with the same K keeps the window (cluster identities persist while the worker keeps
 training the same centroids, and a sudden change then shows up as drift); a model with a
 different K starts a fresh window.
@@ -42,7 +48,7 @@ import numpy as np
 
 from model import metrics
 
-__all__ = ["AssignmentMonitor", "WindowStats"]
+__all__ = ["AssignmentMonitor", "LatentMap", "WindowStats", "pca_2d"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,53 @@ class WindowStats:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (no NaN: missing values are ``None``)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LatentMap:
+    """Recent latents projected to 2-D (:meth:`AssignmentMonitor.latent_map`)."""
+
+    capacity: int  # ring size: at most this many points
+    latent_dim: int  # m (0 before any latent was recorded)
+    points: list[list[float]]  # (n, 2) projections, oldest first
+    clusters: list[int]  # (n,) each point's served cluster
+    centroids: list[list[float]]  # (K, 2) projected centroids ([] when not comparable)
+    explained_variance_ratio: list[float]  # share of the ring's variance on each axis
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+
+def pca_2d(
+    x: np.ndarray, extra: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Project the rows of ``x`` (n, m), and ``extra`` (k, m), onto x's first two principal axes.
+
+    Returns (x projected (n, 2), extra projected (k, 2), explained-variance ratio (2,)). Each
+    axis's sign is fixed (its largest loading is positive), so the map does not flip between
+    calls; missing axes (m < 2 or n < 2) are zeros.
+
+    Example:
+        >>> x = np.array([[0.0, 0, 0], [4, 0, 0], [0, 1, 0], [4, 1, 0]])
+        >>> p, c, r = pca_2d(x, np.array([[4.0, 1, 0]]))
+        >>> p.round(6).tolist(), c.round(6).tolist(), r.round(3).tolist()
+        ([[-2.0, -0.5], [2.0, -0.5], [-2.0, 0.5], [2.0, 0.5]], [[2.0, 0.5]], [0.941, 0.059])
+    """
+    x = np.asarray(x, dtype=np.float64)
+    extra = np.zeros((0, x.shape[1])) if extra is None else np.asarray(extra, dtype=np.float64)
+    mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+    axes = np.zeros((2, x.shape[1]))
+    ratio = np.zeros(2)
+    if len(x) >= 2:
+        # principal axes: right singular vectors of the centred data, largest first
+        _, sing, vt = np.linalg.svd(x - mean, full_matrices=False)
+        r = min(2, len(sing))
+        axes[:r] = vt[:r] * np.sign(vt[:r, np.argmax(np.abs(vt[:r]), axis=1)].diagonal())[:, None]
+        total = float(np.sum(sing**2))
+        if total > 0:
+            ratio[:r] = sing[:r] ** 2 / total
+    return (x - mean) @ axes.T, (extra - mean) @ axes.T, ratio
 
 
 def _ring_write(buf: np.ndarray, pos: int, rows: np.ndarray) -> int:
@@ -111,6 +164,7 @@ class AssignmentMonitor:
     Args:
         window: W, the number of most recent assignments summarised.
         prior_smoothing: uniform mass mixed into the prior before computing KL* (0 < s < 1).
+        map_size: how many recent latents the map keeps (memory: map_size * m float32).
 
     Thread-safe: ``record`` may be called from the event loop and worker threads at once.
 
@@ -123,9 +177,13 @@ class AssignmentMonitor:
         ([0, 0, 1], [0, 0, 1])
     """
 
-    def __init__(self, window: int = 1000, prior_smoothing: float = 0.01) -> None:
+    def __init__(
+        self, window: int = 1000, prior_smoothing: float = 0.01, map_size: int = 500
+    ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, got {window!r}")
+        if not isinstance(map_size, int) or map_size < 1:
+            raise ValueError(f"map_size must be a positive integer, got {map_size!r}")
         if not 0.0 < prior_smoothing < 1.0:
             raise ValueError(f"prior_smoothing must be in (0, 1), got {prior_smoothing!r}")
         self.window = window
@@ -139,6 +197,10 @@ class AssignmentMonitor:
         self._label_pos = 0
         self._soft_pos = 0
         self._seen = 0
+        self.map_size = map_size
+        self._map_z = np.zeros((map_size, 0), dtype=np.float32)  # ring of recent latents
+        self._map_labels = np.zeros(map_size, dtype=np.int64)
+        self._map_pos = self._map_filled = 0
 
     @property
     def n_clusters(self) -> int:
@@ -166,9 +228,13 @@ class AssignmentMonitor:
             self._labels = np.zeros(2 * self.window, dtype=np.int64)
             self._soft = np.zeros((self.window, n_clusters))
             self._label_pos = self._soft_pos = self._seen = 0
+            self._map_pos = self._map_filled = 0
 
-    def record(self, labels: np.ndarray, soft: np.ndarray) -> None:
-        """Add assignments: ``labels`` (N,) ints in [0, K) and ``soft`` (N, K) rows.
+    def record(
+        self, labels: np.ndarray, soft: np.ndarray, latents: np.ndarray | None = None
+    ) -> None:
+        """Add assignments: ``labels`` (N,) ints in [0, K), ``soft`` (N, K) rows and optionally
+        their ``latents`` (N, m) for the map (only the last ``map_size`` rows are copied).
 
         Assignments made by a model whose K differs from the configured one (a request that
         was in flight during a swap) are ignored.
@@ -179,6 +245,19 @@ class AssignmentMonitor:
         with self._lock:
             if n == 0 or soft.shape != (n, self._k):
                 return
+            if latents is not None and latents.ndim == 2 and len(latents) == n:
+                if latents.shape[1] != self._map_z.shape[1]:  # a new latent size: restart
+                    self._map_z = np.zeros((self.map_size, latents.shape[1]), np.float32)
+                    self._map_pos = self._map_filled = 0
+                if n == 1:  # the common case, one row copy
+                    self._map_labels[self._map_pos] = labels[0]
+                    self._map_z[self._map_pos] = latents[0]
+                    self._map_pos = (self._map_pos + 1) % self.map_size
+                else:
+                    tail = slice(max(0, n - self.map_size), n)
+                    _ring_write(self._map_labels, self._map_pos, labels[tail])
+                    self._map_pos = _ring_write(self._map_z, self._map_pos, latents[tail])
+                self._map_filled = min(self.map_size, self._map_filled + n)
             if n == 1:
                 self._totals[labels[0]] += 1
             else:
@@ -186,6 +265,37 @@ class AssignmentMonitor:
             self._label_pos = _ring_write(self._labels, self._label_pos, labels)
             self._soft_pos = _ring_write(self._soft, self._soft_pos, soft)
             self._seen += n
+
+    def latent_map(self, centroids: np.ndarray | None = None) -> LatentMap:
+        """The recent latents (finite ones) and ``centroids`` (K, m) projected by :func:`pca_2d`.
+
+        Example:
+            >>> mon = AssignmentMonitor(window=4, map_size=3)
+            >>> mon.configure(2, [0.5, 0.5])
+            >>> z = np.array([[0, 0], [1, 0], [2, 0], [3, 0]], np.float32)
+            >>> mon.record(np.array([0, 0, 1, 1]), np.full((4, 2), 0.5), z)
+            >>> m = mon.latent_map(np.array([[0.0, 0], [3, 0]]))
+            >>> m.points, m.clusters, m.centroids
+            ([[-1.0, 0.0], [0.0, 0.0], [1.0, 0.0]], [0, 1, 1], [[-2.0, 0.0], [1.0, 0.0]])
+        """
+        with self._lock:
+            count, dim = self._map_filled, self._map_z.shape[1]
+            z = _ring_last(self._map_z, self._map_pos, count)
+            labels = _ring_last(self._map_labels, self._map_pos, count)
+        keep = np.isfinite(z).all(axis=1)
+        z, labels = z[keep], labels[keep]
+        cents = None
+        if centroids is not None and len(z) and np.shape(centroids)[1:] == (dim,):
+            cents = centroids
+        points, projected, ratio = pca_2d(z, cents)
+        return LatentMap(
+            capacity=self.map_size,
+            latent_dim=dim,
+            points=(points.round(4) + 0.0).tolist(),  # + 0.0: no -0.0 in the JSON
+            clusters=labels.tolist(),
+            centroids=(projected.round(4) + 0.0).tolist(),
+            explained_variance_ratio=ratio.round(4).tolist(),
+        )
 
     def stats(self) -> WindowStats:
         """Summarise the current window (see the module docstring for each number)."""

@@ -121,6 +121,22 @@ class NotReadyResponse(BaseModel):
     )
 
 
+class MapResponse(BaseModel):
+    """Recent latents on their first two principal axes (GET /stats/map)."""
+
+    version: int | None = Field(description="snapshot version being served (null: none yet)")
+    n_clusters: int = Field(description="K of the served model (0 before a model is loaded)")
+    capacity: int = Field(description="the ring's size: at most this many points")
+    latent_dim: int = Field(description="size of the latents (0 before any was recorded)")
+    points: list[list[float]] = Field(
+        description="(x, y) of each recent served point, oldest first")
+    clusters: list[int] = Field(description="the cluster each point was assigned to")
+    centroids: list[list[float]] = Field(
+        description="(x, y) of each serving centroid, [] when there are no points")
+    explained_variance_ratio: list[float] = Field(
+        description="share of the points' variance along each of the two axes")
+
+
 class StatsResponse(BaseModel):
     """Live collapse and drift statistics of the recent assignments (GET /stats)."""
 

@@ -43,7 +43,7 @@ class ServiceSettings(StoreLocation):
         "`Authorization: Bearer KEY`), and so do the endpoints below that are protected"
     )
     protect_model: bool = Field(True, description="with an API key, /model requires it too")
-    protect_stats: bool = Field(True, description="with an API key, /stats requires it too")
+    protect_stats: bool = Field(True, description="with an API key, /stats* require it too")
     protect_metrics: bool = Field(True, description="with an API key, /metrics requires it too")
     header_timeout: float = Field(
         10.0, gt=0, description="seconds a client may take to send a request's headers"

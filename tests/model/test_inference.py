@@ -35,7 +35,7 @@ def _fit(shape: tuple[int, ...], seed: int = 0, k: int = 3, **kw: object) -> Onl
 
 
 def _assert_same(inf, clf: OnlineClusterer, x: np.ndarray) -> None:
-    """Labels exactly, distances and soft assignments to float32 tolerance."""
+    """Labels exactly, distances, soft assignments and latents to float32 tolerance."""
     labels, dists = clf.assign(x)
     soft = clf.soft_assign(x)
     got = inf(x)
@@ -43,10 +43,14 @@ def _assert_same(inf, clf: OnlineClusterer, x: np.ndarray) -> None:
     assert got.labels.tolist() == labels.tolist()
     np.testing.assert_allclose(got.distances, dists, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got.soft, soft, rtol=1e-4, atol=1e-5)
+    assert got.latents.dtype == np.float32 and got.latents.shape == (len(x), clf.latent_dim)
+    np.testing.assert_allclose(got.latents, clf.transform(x), rtol=1e-4, atol=1e-4)
+    assert inf.centroids.shape == (inf.n_clusters, clf.latent_dim)
     for i in range(0, len(x), 5):  # single samples (the traced path for torch)
         one = inf(x[i : i + 1])
         assert one.labels.tolist() == [labels[i]]
         np.testing.assert_allclose(one.distances, dists[i : i + 1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(one.latents, got.latents[i : i + 1], rtol=1e-4, atol=1e-4)
 
 
 CASES = [
@@ -111,12 +115,13 @@ def test_traced_path_runs_without_a_grad_context() -> None:
     inf = _fit((2, 12)).export()
     assert inf.single_path == "traced"
     x = np.random.default_rng(0).normal(size=(1, 2, 12)).astype(np.float32)
-    labels, dist, soft = inf.single(x)  # called outside inference mode, as the service does
+    labels, dist, soft, latents = inf.single(x)  # outside inference mode, as the service calls
     with torch.inference_mode():
         want = inf.pipeline(torch.from_numpy(x))
     assert labels.tolist() == want[0].tolist()
     np.testing.assert_allclose(dist, want[1].numpy(), rtol=1e-5)
     np.testing.assert_allclose(soft, want[2].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(latents, want[3].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_snapshot_without_serving_section_is_rebuilt_in_torch() -> None:
@@ -227,7 +232,8 @@ def test_kernel_equals_torch(
         z = enc(x)
         d = torch.cdist(z, centroids) ** 2
         logits = lin(z) if head else -0.5 * d
-    labels, dist, soft = kernel(x.numpy())
+    labels, dist, soft, latents = kernel(x.numpy())
+    np.testing.assert_allclose(latents, z.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(soft, torch.softmax(logits, dim=1).numpy(), rtol=1e-3, atol=1e-5)
     if head:
         assert labels.tolist() == logits.argmax(dim=1).tolist()
@@ -242,7 +248,7 @@ def test_kernel_turns_overflow_into_nan() -> None:
     w = np.ones((4, 3), np.float32)
     kernel = compile_program([("linear", (w, np.zeros(4, np.float32))), ("layernorm", (1e-5,))],
                              3, np.random.default_rng(0).normal(size=(2, 4)), sigma=1.0)
-    labels, dist, _ = kernel(np.full((1, 3), 3e38, np.float32))
+    labels, dist, _, _ = kernel(np.full((1, 3), 3e38, np.float32))
     assert labels.tolist() in ([0], [1]) and np.isnan(dist).all()
 
 

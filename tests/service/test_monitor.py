@@ -181,3 +181,25 @@ def test_matches_brute_force_over_the_whole_history(
         assert s.drift_js == pytest.approx(metrics.js_divergence(shares, ref), abs=1e-12)
     else:
         assert s.drift_js is None
+
+
+def test_latent_map_ring_is_bounded_and_restarts_on_new_shapes() -> None:
+    mon = AssignmentMonitor(window=10, map_size=4)
+    mon.configure(2, [0.5, 0.5])
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 3)).astype(np.float32)
+    for i in range(6):  # one at a time: the ring keeps the last 4, oldest first
+        mon.record(np.array([i % 2]), np.full((1, 2), 0.5), z[i : i + 1])
+    m = mon.latent_map(np.zeros((2, 3)))
+    assert (m.capacity, m.latent_dim, len(m.points), m.clusters) == (4, 3, 4, [0, 1, 0, 1])
+    assert len(m.centroids) == 2
+    centred = z[2:] - z[2:].mean(axis=0)
+    assert np.allclose(np.linalg.norm(m.points, axis=1) <= np.linalg.norm(centred, axis=1) + 1e-3,
+                       True)
+    assert mon.latent_map(np.zeros((2, 5))).centroids == []  # centroids of another size
+    mon.record(np.array([1]), np.full((1, 2), 0.5), np.ones((1, 2), np.float32))
+    assert mon.latent_map().latent_dim == 2 and len(mon.latent_map().points) == 1
+    mon.configure(3, [1 / 3] * 3)  # a new K starts a fresh map
+    assert mon.latent_map().points == []
+    mon.record(np.array([0, 1]), np.full((2, 3), 1 / 3), np.array([[np.nan, 0], [1, 1]], "f4"))
+    assert mon.latent_map().clusters == [1]  # non-finite latents are left out

@@ -403,7 +403,7 @@ def test_api_key_guards_assign_model_stats_and_metrics(vector_snapshot: Snapshot
     assert ok.status_code == 200
     for path in ("/healthz", "/readyz"):
         assert api.get(path).status_code == 200
-    for path in ("/metrics", "/stats", "/model"):
+    for path in ("/metrics", "/stats", "/stats/map", "/model"):
         assert api.get(path).status_code == 401
         assert api.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert api.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
@@ -418,7 +418,7 @@ def test_api_key_guards_assign_model_stats_and_metrics(vector_snapshot: Snapshot
 def test_protection_of_each_read_endpoint_is_configurable(vector_snapshot: Snapshot) -> None:
     api = _client(vector_snapshot, api_key="s3cret", protect_metrics=False, protect_model=False)
     assert api.get("/metrics").status_code == 200 and api.get("/model").status_code == 200
-    assert api.get("/stats").status_code == 401
+    assert api.get("/stats").status_code == 401 and api.get("/stats/map").status_code == 401
     assert api.post("/assign", json={"features": [1, 2, 3, 4, 5]}).status_code == 401
 
 
@@ -478,6 +478,38 @@ def test_stats_agree_with_metrics(vector_snapshot: Snapshot) -> None:
     assert families["oclust_kl_star_nats"].samples[0].value == pytest.approx(s["kl_star"])
 
 
+def test_stats_map_projects_the_recent_latents(vector_snapshot: Snapshot) -> None:
+    api = _client(vector_snapshot, max_batch=1000)
+    empty = api.get("/stats/map").json()
+    assert empty["points"] == [] and empty["centroids"] == [] and empty["n_clusters"] == K
+    x = np.random.default_rng(3).normal(size=(700, 5)).astype("float32")
+    for row in x[:5]:
+        assert api.post("/assign", json={"features": row.tolist()}).status_code == 200
+    got = api.get("/stats/map").json()
+    clusters = [api.post("/assign", json={"features": r.tolist()}).json()["cluster"]
+                for r in x[:5]]
+    assert got["clusters"] == clusters and len(got["points"]) == 5
+    answer = api.post("/assign/batch", json={"items": x[5:].tolist()}).json()
+    m = api.get("/stats/map").json()
+    assert m["version"] == 7 and m["capacity"] == 500 and m["latent_dim"] == 8
+    assert len(m["points"]) == len(m["clusters"]) == 500  # bounded: the last 500 points
+    assert m["clusters"] == answer["clusters"][-500:]
+    assert all(len(p) == 2 for p in m["points"]) and len(m["centroids"]) == K
+    # the same projection as a PCA of the latents the model gives for those points
+    clf = OnlineClusterer.from_snapshot(vector_snapshot, device="cpu")
+    z = clf.transform(x[-500:]).astype(np.float64)
+    centred = z - z.mean(axis=0)
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    points = np.array(m["points"])
+    for axis in range(2):  # each axis up to its sign
+        want = centred @ vt[axis]
+        sign = np.sign(want @ points[:, axis])
+        np.testing.assert_allclose(points[:, axis], sign * want, atol=2e-3)
+    assert m["explained_variance_ratio"] == pytest.approx(
+        (sing[:2] ** 2 / (sing**2).sum()).tolist(), abs=1e-3)
+    assert m["explained_variance_ratio"][0] >= m["explained_variance_ratio"][1] > 0
+
+
 # --------------------------------------------------------------------------- OpenAPI
 def _undescribed(schema: dict[str, Any]) -> Iterator[str]:
     """Names of a schema's properties that lack a description."""
@@ -490,7 +522,7 @@ def test_openapi_describes_every_field(api: Client) -> None:
     doc = api.get("/openapi.json").json()
     paths = doc["paths"]
     assert {"/assign", "/assign/batch", "/model", "/healthz", "/readyz", "/metrics",
-            "/stats"} <= set(paths)
+            "/stats", "/stats/map"} <= set(paths)
     components = doc["components"]["schemas"]
     body = paths["/assign"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/AssignRequest"}

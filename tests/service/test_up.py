@@ -1,8 +1,9 @@
 """``oclust up`` as a newcomer runs it: a subprocess on a free port, its API, its live page.
 
 The live page is checked in a real headless Chromium (Debian's ``chromium`` package; ``make
-sysdeps`` installs it): the DOM after the page's scripts ran holds one bar per cluster, and the
-numbers it shows move on as training proceeds.
+sysdeps`` installs it): the DOM after the page's scripts ran holds one bar per cluster, a time
+chart and a map with labelled axes, one map point per recently served sample, and the numbers it
+shows move on as training proceeds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import system_binary
@@ -124,11 +126,29 @@ def _text(dom: str, element_id: str) -> str:
 def test_live_page_renders_bars_and_follows_training(up: Up, tmp_path: Path) -> None:
     chromium = system_binary("chromium", "chromium")
     _wait_ready(up, READY_TIMEOUT_S)
+    rng = np.random.default_rng(0)
+    for row in rng.uniform(0, 16, size=(40, 64)):
+        assert httpx.post(f"{up.url}/assign", json={"features": row.tolist()}, timeout=5).is_success
+    served = len(httpx.get(f"{up.url}/stats/map", timeout=5).json()["points"])
+    assert 40 <= served <= 500
     first = _dom(f"{up.url}/", chromium, tmp_path / "p1")
     bars = re.findall(r'class="bar" data-cluster="(\d+)"[^>]*data-share="([0-9.]+)"', first)
     assert [int(k) for k, _ in bars] == list(range(10)), first[:3000]
     assert abs(sum(float(s) for _, s in bars) - 1.0) < 0.01
     assert float(_text(first, "ratio")) > 0
+    # the map: one circle per served point (the page drew what /stats/map holds), 10 centroids
+    drawn = re.search(r'id="map"[^>]*data-points="(\d+)" data-centroids="(\d+)"', first)
+    assert drawn and int(drawn.group(1)) >= served and int(drawn.group(2)) == 10, first[-4000:]
+    assert len(re.findall(r'<circle[^>]*class="pt"', first)) == int(drawn.group(1))
+    assert len(re.findall(r'class="centroid"', first)) == 10
+    assert re.search(r'id="map-legend"[^>]*>.*cluster 9: \d+', first)
+    # the time chart has samples and both charts have labelled axes with ticks
+    assert int(re.search(r'id="chart"[^>]*data-samples="(\d+)"', first).group(1)) >= 1
+    labels = re.findall(r'class="axis-label"[^>]*>([^<]+)<', first)
+    for want in ("time (seconds ago)", "hard-entropy ratio", "KL*, drift (nats)",
+                 "principal axis 1", "principal axis 2"):
+        assert any(label.startswith(want) for label in labels), labels
+    assert ">now<" in first and len(re.findall(r'class="tick"', first)) >= 10
     trained_before = int(_text(first, "trained"))
     version_before = int(_text(first, "version"))
     deadline = time.monotonic() + 60
