@@ -53,8 +53,8 @@ async def committed_offsets(
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False
     )
-    await consumer.start()
-    try:
+    try:  # a start that fails (no broker) still closes the client: nothing leaks
+        await consumer.start()
         parts = consumer.partitions_for_topic(topic) or set()
         if not parts:
             await consumer._client.force_metadata_update()
@@ -74,8 +74,8 @@ async def offset_exists(
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
                                 auto_offset_reset="none")
-    await consumer.start()
     try:
+        await consumer.start()
         consumer.assign([tp])
         consumer.seek(tp, offset)
         try:

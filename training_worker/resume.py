@@ -150,9 +150,10 @@ async def refuse_fresh_start(settings: WorkerSettings, store: SnapshotStore) -> 
         committed = await committed_offsets(s.bootstrap_servers, s.consumer_group, s.topic)
     except KafkaError as exc:  # fail closed: a fresh model could put versions backwards
         raise FreshStartRefused(
-            f"the store {store.url} namespace {s.namespace!r} is empty and the consumer "
-            f"group {s.consumer_group!r} cannot be checked for committed offsets ({exc}); "
-            "retry when Kafka answers, or pass --allow-fresh to start a fresh model"
+            f"Kafka at {s.bootstrap_servers}: cannot check consumer group {s.consumer_group!r} "
+            f"for committed offsets ({exc}) while the store {store.url} namespace "
+            f"{s.namespace!r} is empty: refusing a fresh model; retry when Kafka answers, or "
+            "pass --allow-fresh to start one"
         ) from None
     done = {p: o for p, o in committed.items() if o}
     if done:
