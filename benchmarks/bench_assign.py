@@ -88,8 +88,8 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from model.assign import combination_assignment
-    from model.assign import reference_assignment as python_loop
-    from model.assign import reference_assignment_vectorised as numpy_loop
+    from model.assign_reference import reference_assignment as python_loop
+    from model.assign_reference import reference_assignment_vectorised as numpy_loop
 
     t0 = time.perf_counter()
     combination_assignment(make_distances(8, 3), SIGMA)

@@ -10,11 +10,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from model.assign import (
-    combination_assignment,
-    reference_assignment,
-)
-from model.assign import reference_assignment_vectorised as numpy_reference
+from model.assign import combination_assignment
+from model.assign_reference import reference_assignment
+from model.assign_reference import reference_assignment_vectorised as numpy_reference
 
 
 @st.composite
