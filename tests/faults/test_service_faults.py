@@ -18,7 +18,6 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_redis import factories
 
@@ -28,6 +27,8 @@ from service.http import uvicorn_config
 from service.loader import ModelHolder, SnapshotWatcher
 from service.settings import ServiceSettings
 from training_worker.store import RedisStore, open_store
+
+from ..service.test_service_reload import Server
 
 restartable_redis = factories.redis_proc(port=None)  # our own server, to stop and restart
 
@@ -46,33 +47,6 @@ def snapshots() -> list[Snapshot]:
     return [_snapshot(seed) for seed in range(4)]
 
 
-class Server:
-    """``oclust serve``'s uvicorn configuration, in a thread, on a free port."""
-
-    def __init__(self, app: object, settings: ServiceSettings) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn_config(app, settings)
-        config.log_level, config.lifespan = "warning", "on"
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:  # uvicorn offers a flag, not an event
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
 @contextmanager
 def serving(
     store: RedisStore | None, **overrides: object
@@ -82,7 +56,7 @@ def serving(
         store, holder, poll_interval=0.2, retry_interval=0.1, max_retry_interval=1.0)
     settings = ServiceSettings(**overrides)
     app = create_app(settings, holder, background=[] if watcher is None else [watcher])
-    with Server(app, settings) as server:
+    with Server(app, uvicorn_config(app, settings)) as server:
         yield server, holder, watcher
 
 

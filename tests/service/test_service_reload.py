@@ -40,13 +40,18 @@ def snapshots() -> list[Snapshot]:
 
 
 class Server:
-    """uvicorn serving ``app`` in a thread on a free port (lifespan on: starts the watcher)."""
+    """uvicorn serving ``app`` in a thread on a free port (lifespan on: starts the watcher).
 
-    def __init__(self, app: object) -> None:
+    ``config``: a uvicorn configuration of ``app`` (e.g. ``oclust serve``'s); default plain.
+    """
+
+    def __init__(self, app: object, config: uvicorn.Config | None = None) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = config or uvicorn.Config(app)
+        config.log_level, config.lifespan = "warning", "on"
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 
