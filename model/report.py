@@ -40,16 +40,6 @@ class StepReport:
     served_hard_entropy: float  # entropy of the served-label histogram
     served_kl_star: float  # KL(served-label histogram || prior)
 
-    @property
-    def hard_entropy(self) -> float:
-        """Alias of :attr:`train_hard_entropy` (kept for older callers)."""
-        return self.train_hard_entropy
-
-    @property
-    def kl_star(self) -> float:
-        """Alias of :attr:`train_kl_star` (kept for older callers)."""
-        return self.train_kl_star
-
     @classmethod
     def build(
         cls, labels: np.ndarray, served: np.ndarray, loss: float, prior: np.ndarray
