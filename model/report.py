@@ -3,9 +3,9 @@
 Example:
     >>> import numpy as np
     >>> from model.report import StepReport
-    >>> r = StepReport(np.array([0, 1]), 0.5, 0.69, 0.0, 2, np.array([0, 0]), 0.0, 0.69)
-    >>> r.hard_entropy == r.train_hard_entropy, r.n
-    (True, 2)
+    >>> r = StepReport.build(np.array([0, 1]), np.array([0, 0]), 0.5, np.array([0.5, 0.5]))
+    >>> round(r.train_hard_entropy, 3), abs(r.served_hard_entropy), r.n
+    (0.693, 0.0, 2)
 """
 
 from __future__ import annotations
