@@ -24,7 +24,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
 
 # The package itself (.dockerignore keeps tests, the virtualenv and local state out).
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
+COPY oclust /src/oclust
 COPY model /src/model
 COPY training_worker /src/training_worker
 COPY service /src/service

@@ -38,8 +38,8 @@ from bench_quality import (
     run_all,
 )
 
-from model.evaluation import METRICS, PROBES, evaluate, summarise
-from model.presets import PRESETS
+from oclust.model.evaluation import METRICS, PROBES, evaluate, summarise
+from oclust.model.presets import PRESETS
 
 DATASETS = ("fashion_mnist", "hapt")
 METHODS = ("ca", "sk", "ent", "ss", "ckm", "none", "drc", "tcc", "cm", "aecm", "varm")

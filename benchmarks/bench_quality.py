@@ -31,9 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import clusterer
-from model.evaluation import DEFAULT_EPOCHS, METRICS, evaluate, summarise
-from model.regularisers import REGULARISERS
+from oclust.model import clusterer
+from oclust.model.evaluation import DEFAULT_EPOCHS, METRICS, evaluate, summarise
+from oclust.model.regularisers import REGULARISERS
 
 DATASETS = ("digits", "segments", "basic_motions")
 METHODS = ("ca", "sk", "ent", "ss", "varm", "cm", "aecm", "ckm", "drc", "tcc", "none")

@@ -27,7 +27,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from model.validation import check_assignment_inputs
+from oclust.model.validation import check_assignment_inputs
 
 __all__ = ["combination_assignment"]
 

@@ -2,7 +2,7 @@
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
     >>> clf = OnlineClusterer(n_clusters=3, latent_dim=8, random_state=0)
     >>> clf.partial_fit(X).last_step_.labels.shape, clf.predict(X[:1]).shape
@@ -34,19 +34,19 @@ from sklearn.base import (
 from sklearn.utils import Tags
 from torch import nn
 
-from model import checkpoint
-from model.encoders import EncoderConfig, build_encoder
-from model.predicting import INFERENCE_BYTES, INFERENCE_ROWS, InferenceMixin
-from model.priors import OnlinePrior, resolve_prior
-from model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
-from model.report import StepReport
-from model.scaler import RunningScaler, scaler_for
-from model.seeding import resolve_seed, seed_centroids
-from model.snapshot import Snapshot
-from model.validation import check_input, check_params, out_dtype
+from oclust.model import checkpoint
+from oclust.model.encoders import EncoderConfig, build_encoder
+from oclust.model.predicting import INFERENCE_BYTES, INFERENCE_ROWS, InferenceMixin
+from oclust.model.priors import OnlinePrior, resolve_prior
+from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
+from oclust.model.report import StepReport
+from oclust.model.scaler import RunningScaler, scaler_for
+from oclust.model.seeding import resolve_seed, seed_centroids
+from oclust.model.snapshot import Snapshot
+from oclust.model.validation import check_input, check_params, out_dtype
 
 if TYPE_CHECKING:
-    from model.inference import Inference
+    from oclust.model.inference import Inference
 
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
            "RunningScaler", "StepReport"]
@@ -383,7 +383,7 @@ class OnlineClusterer(
     def export(self) -> Inference:
         """The frozen inference-only serving pipeline (scaler -> encoder -> serving centroids
         -> the served rule), answering as :meth:`assign`: :func:`model.exporting.export`."""
-        from model.exporting import export
+        from oclust.model.exporting import export
 
         return export(self)
 

@@ -88,8 +88,8 @@ def mlp_program(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...]]]:
 
     Ops: ``linear`` (weight (out, in), bias), ``relu``, ``layernorm`` (no parameters) and
     ``batchnorm`` (running mean and variance, eval mode). The keys are those of
-    ``model.encoders.build_encoder(cfg).state_dict()``: the body is wrapped in a ``Sequential``
-    with its latent normalisation unless that is ``"none"``.
+    ``oclust.model.encoders.build_encoder(cfg).state_dict()``: the body is wrapped in a
+    ``Sequential`` with its latent normalisation unless that is ``"none"``.
     """
     if cfg.kind != "mlp":
         raise ValueError(f"no MLP program for a {cfg.kind!r} encoder")

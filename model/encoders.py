@@ -12,7 +12,7 @@ so that a manifest can be read without torch.
 
 Example:
     >>> import torch
-    >>> from model.encoders import EncoderConfig, build_encoder
+    >>> from oclust.model.encoders import EncoderConfig, build_encoder
     >>> cfg = EncoderConfig.for_shape((64,), latent_dim=16)
     >>> build_encoder(cfg)(torch.zeros(3, 64)).shape
     torch.Size([3, 16])
@@ -25,7 +25,13 @@ import math
 import torch
 from torch import nn
 
-from model.encoder_config import DEFAULT_HIDDEN, ENCODERS, IMAGE_KINDS, NORM_EPS, EncoderConfig
+from oclust.model.encoder_config import (
+    DEFAULT_HIDDEN,
+    ENCODERS,
+    IMAGE_KINDS,
+    NORM_EPS,
+    EncoderConfig,
+)
 
 __all__ = ["DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "EncoderConfig", "build_encoder"]
 

@@ -12,7 +12,7 @@ our parametrisation). ``probes=True`` adds linear and KNN (k=10) probe accuracie
 (fit on a seeded 80% of the points, scored on the other 20%).
 
 Example:
-    >>> from model.evaluation import evaluate
+    >>> from oclust.model.evaluation import evaluate
     >>> res = evaluate("digits", ["ca"], seeds=1, epochs=1)
     >>> sorted(res["ca"][0])
     ['acc', 'ari', 'kl_star_hard', 'kl_star_soft', 'nmi']
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from model import datasets, metrics, presets
-from model.clusterer import OnlineClusterer
-from model.encoders import IMAGE_KINDS, EncoderConfig
+from oclust.model import datasets, metrics, presets
+from oclust.model.clusterer import OnlineClusterer
+from oclust.model.encoders import IMAGE_KINDS, EncoderConfig
 
 __all__ = [
     "DEFAULT_EPOCHS",

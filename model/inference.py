@@ -15,7 +15,7 @@ soft assignments, the latents), the same answers as ``OnlineClusterer.assign`` a
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
     >>> clf = OnlineClusterer(n_clusters=2, latent_dim=4, random_state=0, device="cpu")
     >>> inf = load(clf.partial_fit(X).to_snapshot())
@@ -32,9 +32,9 @@ from typing import Protocol
 
 import numpy as np
 
-from model.encoder_config import NORM_EPS, EncoderConfig, mlp_program
-from model.kernel import Kernel, compile_program
-from model.snapshot import Snapshot, SnapshotError, unpack_arrays
+from oclust.model.encoder_config import NORM_EPS, EncoderConfig, mlp_program
+from oclust.model.kernel import Kernel, compile_program
+from oclust.model.snapshot import Snapshot, SnapshotError, unpack_arrays
 
 __all__ = ["SERVING_PREFIX", "Assignment", "CompiledInference", "Inference", "load"]
 
@@ -78,7 +78,7 @@ class CompiledInference:
 
     Example:
         >>> import numpy as np
-        >>> from model.encoder_config import EncoderConfig
+        >>> from oclust.model.encoder_config import EncoderConfig
         >>> cfg = EncoderConfig("mlp", (2,), latent_dim=2, hidden=(), latent_norm="none")
         >>> arrays = {"net.0.weight": np.eye(2, dtype="float32"),
         ...           "net.0.bias": np.zeros(2, "float32"),
@@ -158,7 +158,7 @@ def load(
             return CompiledInference.from_arrays(cfg, sigma, arrays)
     import torch  # only for what the kernel cannot run
 
-    from model.clusterer import OnlineClusterer
+    from oclust.model.clusterer import OnlineClusterer
 
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)

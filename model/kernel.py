@@ -234,7 +234,7 @@ def warm_up() -> None:
     Example:
         >>> warm_up()
     """
-    from model.assign import combination_assignment
+    from oclust.model.assign import combination_assignment
 
     eye = np.eye(2, dtype=np.float32)
     zero = np.zeros(2, np.float32)

@@ -8,7 +8,7 @@ when one sample's activations are big) and applies the served rule of
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     >>> clf = OnlineClusterer(2, latent_dim=4, random_state=0, device="cpu").fit(X)
     >>> clf.transform(X).shape, clf.soft_assign(X).shape, clf.assign(X)[1].dtype
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 
-from model.regularisers import serve, sq_distances
+from oclust.model.regularisers import serve, sq_distances
 
 __all__ = ["INFERENCE_BYTES", "INFERENCE_ROWS", "InferenceMixin"]
 

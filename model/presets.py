@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.encoders import EncoderConfig
+from oclust.model.encoders import EncoderConfig
 
 __all__ = ["PAPER_BATCH_SIZE", "PAPER_SIGMA", "PRESETS", "default", "paper", "preset"]
 

@@ -14,7 +14,7 @@ module that :meth:`Regulariser.serving_head` returns.
 
 Example:
     >>> import torch
-    >>> from model.regularisers import Batch, make_regulariser
+    >>> from oclust.model.regularisers import Batch, make_regulariser
     >>> z = torch.randn(8, 4); mu = torch.randn(3, 4, requires_grad=True)
     >>> batch = Batch.build(z, z, mu, sigma=1.0, log_prior=torch.full((3,), -1.0986))
     >>> out = make_regulariser("ca")(batch)
@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from model.assign import combination_assignment
+from oclust.model.assign import combination_assignment
 
 __all__ = [
     "REGULARISERS",
@@ -222,30 +222,44 @@ class SinkhornKnopp(Regulariser):
         return Output(labels, _pull(batch.distances, labels))
 
 
-@register
-class EntropyRegulariser(Regulariser):
-    """Nearest-centroid loss minus lambda times the entropy of the mean soft assignment (Li 2020).
+class PenalisedPull(Regulariser):
+    """Nearest-centroid labels, and their pull loss plus ``lam * 2 sigma * penalty(batch)``.
 
-    lambda is in units of 2 sigma so it does not depend on the latent scale.
+    The shared form of ``ent``, ``ss`` and ``varm``: each defines only its penalty, a function of
+    the whole batch that is smallest when the clusters are used evenly. lam is in units of 2 sigma
+    (like the pull term), so it does not depend on the latent scale.
     """
-
-    name = "ent"
 
     def __init__(self, lam: float = 1.0) -> None:
         super().__init__()
         self.lam = lam
 
+    def penalty(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
     def forward(self, batch: Batch) -> Output:
-        q = soft_assignment(batch.distances, batch.sigma)
         labels = batch.distances.detach().argmin(dim=1)
-        q_bar = q.mean(0)
-        h = -(q_bar * (q_bar + 1e-12).log()).sum()
-        loss = _pull(batch.distances, labels) - self.lam * 2.0 * batch.sigma * h
+        penalty = self.penalty(batch)
+        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * penalty
         return Output(labels, loss)
 
 
 @register
-class SumOfSquares(Regulariser):
+class EntropyRegulariser(PenalisedPull):
+    """Nearest-centroid loss minus lambda times the entropy of the mean soft assignment (Li 2020).
+
+    The penalty is minus the entropy of qbar, the batch mean of q = softmax(-D / (2 sigma)).
+    """
+
+    name = "ent"
+
+    def penalty(self, batch: Batch) -> torch.Tensor:
+        q_bar = soft_assignment(batch.distances, batch.sigma).mean(0)
+        return (q_bar * (q_bar + 1e-12).log()).sum()  # -H(qbar)
+
+
+@register
+class SumOfSquares(PenalisedPull):
     """Nearest-centroid loss plus DRC's cluster regularisation (Zhong et al. 2020, eq. 9).
 
     CR = sum_k (sum_i q_ik)^2 / N with q = softmax(-D / (2 sigma)); it equals N * sum_k qbar_k^2
@@ -262,15 +276,10 @@ class SumOfSquares(Regulariser):
     name = "ss"
 
     def __init__(self, lam: float = 0.005) -> None:
-        super().__init__()
-        self.lam = lam
+        super().__init__(lam)
 
-    def forward(self, batch: Batch) -> Output:
-        q = soft_assignment(batch.distances, batch.sigma)
-        labels = batch.distances.detach().argmin(dim=1)
-        cr = cluster_regularisation(q)
-        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * cr
-        return Output(labels, loss)
+    def penalty(self, batch: Batch) -> torch.Tensor:
+        return cluster_regularisation(soft_assignment(batch.distances, batch.sigma))
 
 
 def cluster_regularisation(q: torch.Tensor) -> torch.Tensor:
@@ -293,7 +302,7 @@ def membership_variance(distances: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @register
-class MarginalVariance(Regulariser):
+class MarginalVariance(PenalisedPull):
     """Nearest-centroid loss plus lambda * 2 sigma * :func:`membership_variance`.
 
     The variance baseline of Mahon & Lukasiewicz 2024 (appendix C), in the form of the authors'
@@ -304,15 +313,8 @@ class MarginalVariance(Regulariser):
 
     name = "varm"
 
-    def __init__(self, lam: float = 1.0) -> None:
-        super().__init__()
-        self.lam = lam
-
-    def forward(self, batch: Batch) -> Output:
-        labels = batch.distances.detach().argmin(dim=1)
-        var = membership_variance(batch.distances, batch.sigma)
-        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * var
-        return Output(labels, loss)
+    def penalty(self, batch: Batch) -> torch.Tensor:
+        return membership_variance(batch.distances, batch.sigma)
 
 
 def make_regulariser(name: str, **params: float) -> Regulariser:
@@ -328,4 +330,4 @@ def make_regulariser(name: str, **params: float) -> Regulariser:
 
 # the methods of model.seeds register themselves; importing them here (last, once every name
 # above exists) makes the registry complete whichever module is imported first
-from model import seeds as _seeds  # noqa: E402, F401
+from oclust.model import seeds as _seeds  # noqa: E402, F401

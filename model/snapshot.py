@@ -17,7 +17,7 @@ in the stored JSON (so the checksum of a newer writer's manifest still holds) an
 :attr:`Manifest.extra`; nothing here interprets them.
 
 Example:
-    >>> from model.snapshot import Snapshot, pack_tensors, unpack_tensors
+    >>> from oclust.model.snapshot import Snapshot, pack_tensors, unpack_tensors
     >>> import torch
     >>> snap = Snapshot.create(pack_tensors({"centroids": torch.zeros(2, 3)}), {"n_clusters": 2})
     >>> snap.verify(); unpack_tensors(snap.weights)["centroids"].shape
@@ -147,7 +147,7 @@ class Manifest:
     >>> m.required("sigma")
     Traceback (most recent call last):
     ...
-    model.snapshot.SnapshotError: manifest is missing 'sigma'
+    oclust.model.snapshot.SnapshotError: manifest is missing 'sigma'
     """
 
     # envelope (Snapshot.create / with_version)

@@ -5,7 +5,7 @@ the combination-assignment kernel can use these checks without torch.
 
 Example:
     >>> import numpy as np
-    >>> from model.validation import check_finite
+    >>> from oclust.model.validation import check_finite
     >>> check_finite(np.array([[1.0, np.nan]]))
     Traceback (most recent call last):
     ...
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from model.priors import resolve_prior
+from oclust.model.priors import resolve_prior
 
 __all__ = [
     "FINITE_CHUNK_ROWS",

@@ -52,14 +52,14 @@ from typing import Protocol
 from fastapi import FastAPI
 from starlette.routing import Route
 
-from service.assign import AssignEndpoint, Assigner
-from service.endpoints import info_router
-from service.loader import ModelHolder
-from service.metrics import ServiceMetrics
-from service.middleware import LimitsMiddleware
-from service.monitor import AssignmentMonitor
-from service.openapi import DESCRIPTION, install_openapi
-from service.settings import ServiceSettings
+from oclust.service.assign import AssignEndpoint, Assigner
+from oclust.service.endpoints import info_router
+from oclust.service.loader import ModelHolder
+from oclust.service.metrics import ServiceMetrics
+from oclust.service.middleware import LimitsMiddleware
+from oclust.service.monitor import AssignmentMonitor
+from oclust.service.openapi import DESCRIPTION, install_openapi
+from oclust.service.settings import ServiceSettings
 
 __all__ = ["Background", "create_app"]
 

@@ -13,9 +13,9 @@ request; error answers, off that path, are Starlette ``Response`` objects.
 Example:
     >>> import asyncio, httpx
     >>> from starlette.routing import Route, Router
-    >>> from service.loader import ModelHolder
-    >>> from service.monitor import AssignmentMonitor
-    >>> from service.settings import ServiceSettings
+    >>> from oclust.service.loader import ModelHolder
+    >>> from oclust.service.monitor import AssignmentMonitor
+    >>> from oclust.service.settings import ServiceSettings
     >>> holder = ModelHolder()
     >>> assigner = Assigner(holder, AssignmentMonitor(), ServiceSettings())
     >>> class Latency:
@@ -46,17 +46,17 @@ import pydantic_core
 from fastapi.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from service.decoding import (
+from oclust.service.decoding import (
     BodyTooLarge,
     InputError,
     decode_binary,
     decode_features,
     decode_items,
 )
-from service.loader import Assignment, LoadedModel, ModelHolder
-from service.middleware import json_response
-from service.monitor import AssignmentMonitor
-from service.settings import ServiceSettings
+from oclust.service.loader import Assignment, LoadedModel, ModelHolder
+from oclust.service.middleware import json_response
+from oclust.service.monitor import AssignmentMonitor
+from oclust.service.settings import ServiceSettings
 
 __all__ = ["BINARY", "JSON", "AssignEndpoint", "Assigner", "not_ready"]
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from training_worker.settings import MAX_ABS_FEATURE
+from oclust.training_worker.settings import MAX_ABS_FEATURE
 
 __all__ = [
     "BodyTooLarge",

@@ -20,8 +20,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.assign import BINARY, JSON
-from service.schemas import (
+from oclust.service.assign import BINARY, JSON
+from oclust.service.schemas import (
     AssignBatchRequest,
     AssignBatchResponse,
     AssignRequest,

@@ -81,7 +81,7 @@ def field_option(cls: type[BaseModel], name: str, **override: Any) -> Any:
     The CLI passes on only the options given, so the field's own default (or its
     ``OCLUST_<FIELD>`` environment variable) applies to the others; the help shows that default.
 
-    >>> from training_worker.settings import WorkerSettings
+    >>> from oclust.training_worker.settings import WorkerSettings
     >>> info = get_args(field_option(WorkerSettings, "mode"))[1]
     >>> info.help
     'samples, or readings cut into per-device windows [choices: samples, readings]'
@@ -172,7 +172,7 @@ class SettingsCommand(TyperCommand):
         """The parameters, with the registered regulariser names in ``--regulariser``'s help."""
         if not self._registry_help_added:
             self._registry_help_added = True
-            from training_worker.settings import regulariser_names
+            from oclust.training_worker.settings import regulariser_names
 
             for p in self.params:
                 if p.name == "regulariser" and isinstance(p, TyperOption):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from training_worker.settings import MAX_ABS_FEATURE, StoreLocation
+from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation
 
 __all__ = ["ServiceSettings"]
 

@@ -43,6 +43,7 @@ import pytest
 import yaml
 from prometheus_client import start_http_server
 
+from oclust.training_worker.monitor import WorkerMetrics
 from tests.conftest import system_binary
 from tests.test_deploy import (
     DASHBOARD,
@@ -54,7 +55,6 @@ from tests.test_deploy import (
     load_yaml,
     substitute_grafana_variables,
 )
-from training_worker.monitor import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,8 +211,8 @@ def _prometheus_config(
 
 def _publish_snapshot(store_url: str, namespace: str) -> None:
     """Train a tiny model a few steps and publish it as version 1."""
-    from model import OnlineClusterer
-    from training_worker.store import open_store
+    from oclust.model import OnlineClusterer
+    from oclust.training_worker.store import open_store
 
     rng = np.random.default_rng(0)
     clf = OnlineClusterer(n_clusters=N_CLUSTERS, latent_dim=8, hidden=(16,), seed=0, device="cpu")
@@ -330,7 +330,7 @@ def stack(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
                     [
                         sys.executable,
                         "-m",
-                        "service",
+                        "oclust",
                         "serve",
                         "--store",
                         store_url,

@@ -14,6 +14,7 @@ import base64
 import json
 import re
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -623,7 +624,7 @@ def test_the_gpu_override_reserves_a_gpu_for_the_worker_only() -> None:
 def test_compose_and_k8s_commands_use_existing_cli_options() -> None:
     import typer.main
 
-    from service.cli import app
+    from oclust.service.cli import app
 
     # With a single registered command typer returns that command, not a group.
     commands = getattr(typer.main.get_command(app), "commands", {})
@@ -675,7 +676,13 @@ def test_docker_build_context_holds_what_the_dockerfile_copies() -> None:
         for source in line.split()[1:-1]
         if not source.startswith("--")
     ]
-    assert {"pyproject.toml", "model", "training_worker", "service"} <= set(sources)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    setuptools = project["tool"]["setuptools"]
+    needed = {"pyproject.toml", project["project"]["readme"], *project["project"]["license-files"],
+              "oclust", *setuptools["package-dir"].values()}
+    assert needed == {"pyproject.toml", "README.md", "LICENSE", "oclust", "model",
+                      "training_worker", "service"}
+    assert needed <= set(sources)
     for source in sources:
         assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
         assert source not in ignored, f"{source} is excluded by .dockerignore"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ package = importlib.import_module({package!r})
 names = sorted(m.name for m in pkgutil.walk_packages(package.__path__, {package!r} + "."))
 for name in names:
     importlib.import_module(name)
-loaded = sorted({{m.split(".")[0] for m in sys.modules}})
+# top-level names, and oclust's parts as oclust.model / oclust.training_worker / oclust.service
+loaded = sorted({{".".join(m.split(".")[:2 if m.startswith("oclust.") else 1])
+                 for m in sys.modules}})
 print(json.dumps({{"modules": names, "loaded": loaded}}))
 """
 
@@ -37,21 +40,36 @@ def _import_everything(package: str) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def model_imports() -> dict[str, list[str]]:
-    return _import_everything("model")
+    return _import_everything("oclust.model")
 
 
 def test_model_imports_nothing_of_the_streaming_or_serving_stack(model_imports) -> None:
-    assert "model.clusterer" in model_imports["modules"]  # the probe did import the package
+    assert "oclust.model.clusterer" in model_imports["modules"]  # the probe did import the package
     assert [m for m in SERVING_STACK if m in model_imports["loaded"]] == []
 
 
 def test_model_imports_neither_the_worker_nor_the_service(model_imports) -> None:
-    assert {"training_worker", "service"} & set(model_imports["loaded"]) == set()
+    assert "oclust.model" in model_imports["loaded"]
+    assert {"oclust.training_worker", "oclust.service"} & set(model_imports["loaded"]) == set()
 
 
 def test_training_worker_never_imports_the_service() -> None:
-    found = _import_everything("training_worker")
-    assert {"training_worker.store.redis_store", "training_worker.worker"} <= set(
+    found = _import_everything("oclust.training_worker")
+    assert {"oclust.training_worker.store.redis_store", "oclust.training_worker.worker"} <= set(
         found["modules"]
     )
-    assert "service" not in found["loaded"]
+    assert "oclust.training_worker" in found["loaded"]
+    assert "oclust.service" not in found["loaded"]
+
+
+def test_the_code_imports_its_parts_only_through_the_oclust_namespace() -> None:
+    """No module imports the bare folders (``model``, ``service``, ``training_worker``): an
+    installed wheel has no such top-level names."""
+    bare = re.compile(r"^\s*(from|import) (model|service|training_worker)\b", re.M)
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("oclust", "model", "training_worker", "service", "tests", "benchmarks")
+        for path in (ROOT / folder).rglob("*.py")
+        if bare.search(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []

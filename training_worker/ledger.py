@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from training_worker.lease import ProgressLog
+from oclust.training_worker.lease import ProgressLog
 
 __all__ = ["RANGE_CRASHES_BEFORE_ISOLATING", "OffsetLedger"]
 

@@ -40,7 +40,7 @@ is the active phase, :mod:`training_worker.ledger` the offsets and crash-loop ma
 :mod:`training_worker.ingest` the two decoding strategies (samples, readings).
 
 Example:
-    >>> from training_worker.settings import WorkerSettings
+    >>> from oclust.training_worker.settings import WorkerSettings
     >>> w = TrainingWorker(WorkerSettings(topic="digits", store="file:///tmp/oclust-doc"))
     >>> w.settings.dlq_topic_name
     'digits.dlq'
@@ -62,23 +62,23 @@ from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from training_worker.ingest import make_ingest
-from training_worker.kafka import DeadLetters, ensure_topic
-from training_worker.lease import Lease, make_lease, make_progress_log
-from training_worker.ledger import OffsetLedger
-from training_worker.loop import DLQ_REASONS, TrainingLoop
-from training_worker.monitor import WorkerMetrics
-from training_worker.resume import (
+from oclust.training_worker.ingest import make_ingest
+from oclust.training_worker.kafka import DeadLetters, ensure_topic
+from oclust.training_worker.lease import Lease, make_lease, make_progress_log
+from oclust.training_worker.ledger import OffsetLedger
+from oclust.training_worker.loop import DLQ_REASONS, TrainingLoop
+from oclust.training_worker.monitor import WorkerMetrics
+from oclust.training_worker.resume import (
     FaultMetrics,
     FreshStartRefused,
     WorkerHalt,
     load_trainer,
     refuse_fresh_start,
 )
-from training_worker.settings import WorkerSettings
-from training_worker.store import SnapshotStore, StoreError, open_store
-from training_worker.stream import Consumer, LocalStream, Producer
-from training_worker.trainer import Trainer, TrainerHooks
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import SnapshotStore, StoreError, open_store
+from oclust.training_worker.stream import Consumer, LocalStream, Producer
+from oclust.training_worker.trainer import Trainer, TrainerHooks
 
 __all__ = ["DLQ_REASONS", "FaultMetrics", "FreshStartRefused", "TrainingWorker", "WorkerHalt"]
 

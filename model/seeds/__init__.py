@@ -20,7 +20,7 @@ all of them when imported.
 
 Example:
     >>> import torch
-    >>> from model.regularisers import Batch, make_regulariser
+    >>> from oclust.model.regularisers import Batch, make_regulariser
     >>> reg = make_regulariser("cm")
     >>> reg.build((3,), latent_dim=4, n_clusters=2)
     >>> z = torch.randn(8, 4); mu = torch.randn(2, 4, requires_grad=True)
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.augment import augment, kind_for_shape
-from model.regularisers import Batch, Regulariser
+from oclust.model.augment import augment, kind_for_shape
+from oclust.model.regularisers import Batch, Regulariser
 
 __all__ = [
     "AutoencoderClusteringModule",
@@ -143,12 +143,12 @@ class _Views(_Seeded):
 
 # The methods import the shared pieces above from this (partly initialised) package; importing
 # them last registers them and re-exports their public names.
-from model.seeds.ckm import ConcreteKMeans  # noqa: E402
-from model.seeds.cm import (  # noqa: E402
+from oclust.model.seeds.ckm import ConcreteKMeans  # noqa: E402
+from oclust.model.seeds.cm import (  # noqa: E402
     AutoencoderClusteringModule,
     ClusteringModule,
     CMTerms,
     cm_terms,
 )
-from model.seeds.drc import DeepRobustClustering, drc_contrast  # noqa: E402
-from model.seeds.tcc import TwinContrastClustering  # noqa: E402
+from oclust.model.seeds.drc import DeepRobustClustering, drc_contrast  # noqa: E402
+from oclust.model.seeds.tcc import TwinContrastClustering  # noqa: E402

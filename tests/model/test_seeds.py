@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import model.seeds
-from model import OnlineClusterer, metrics
-from model.regularisers import REGULARISERS, Batch, make_regulariser
-from model.seeds import cm_terms, gumbel_softmax, nt_xent
+import oclust.model.seeds
+from oclust.model import OnlineClusterer, metrics
+from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser
+from oclust.model.seeds import cm_terms, gumbel_softmax, nt_xent
 
 SEEDS = ["cm", "aecm", "ckm", "drc", "tcc"]
 
@@ -190,13 +190,13 @@ def test_view_methods_need_the_encoder():
 
 def test_only_view_methods_augment(monkeypatch):
     calls = []
-    real = model.seeds.augment
+    real = oclust.model.seeds.augment
 
     def counting(x, g, kind="auto"):
         calls.append(kind)
         return real(x, g, kind)
 
-    monkeypatch.setattr(model.seeds, "augment", counting)
+    monkeypatch.setattr(oclust.model.seeds, "augment", counting)
     X, _ = _mixture(n=256)
     for name in sorted(REGULARISERS):
         calls.clear()

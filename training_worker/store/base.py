@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 
-from model.snapshot import Snapshot, SnapshotError
+from oclust.model.snapshot import Snapshot, SnapshotError
 
 __all__ = [
     "DEFAULT_KEEP",
