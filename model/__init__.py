@@ -19,7 +19,11 @@ if TYPE_CHECKING:
     from oclust.model.clusterer import OnlineClusterer, StepReport
     from oclust.model.snapshot import Snapshot, SnapshotError
 
-__all__ = ["OnlineClusterer", "Snapshot", "SnapshotError", "StepReport"]
+__all__ = ["REGULARISER_NAMES", "OnlineClusterer", "Snapshot", "SnapshotError", "StepReport"]
+
+# The built-in regularisers' names, readable without torch (the CLI's help lists them).
+# ``oclust.model.regularisers.register`` refuses a built-in class whose name is missing here.
+REGULARISER_NAMES = ("aecm", "ca", "ckm", "cm", "drc", "ent", "none", "sk", "ss", "tcc", "varm")
 
 _LAZY = {
     "OnlineClusterer": "oclust.model.clusterer",

@@ -1,8 +1,8 @@
-"""Snapshot (de)serialisation of an :class:`~model.clusterer.OnlineClusterer`.
+"""Snapshot (de)serialisation of an :class:`~oclust.model.clusterer.OnlineClusterer`.
 
 The tensors (centroids, ``encoder.*``, ``reg.*``, ``scaler.*`` and the Adam state
 ``optim.{i}.*``) go to safetensors; everything needed to rebuild the model goes to the typed
-:class:`~model.snapshot.Manifest`. ``OnlineClusterer.to_snapshot`` and ``from_snapshot`` call
+:class:`~oclust.model.snapshot.Manifest`. ``OnlineClusterer.to_snapshot`` and ``from_snapshot`` call
 these functions.
 
 Example:

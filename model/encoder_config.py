@@ -1,6 +1,7 @@
 """What an encoder is, without torch: :class:`EncoderConfig` (stored in the snapshot manifest)
 and, for the MLP, the layer program its weights make (:func:`mlp_program`), which
-:mod:`model.inference` runs without torch. :mod:`model.encoders` builds the torch modules.
+:mod:`oclust.model.inference` runs without torch. :mod:`oclust.model.encoders` builds the torch
+modules.
 
 Example:
     >>> cfg = EncoderConfig.for_shape((64,), latent_dim=16)

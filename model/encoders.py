@@ -7,8 +7,8 @@ flattened maps (28×28 → 14×14 → 7×7, so it trains at a useful rate on a C
 ``cnn`` (the earlier full-resolution CNN, global average pooled), and the CA paper's encoders
 ``lenet`` (Conv2d(1,6,5)+BN+ReLU+MaxPool(2), Conv2d(6,16,5)+BN+ReLU+MaxPool(2),
 Linear(256→128) on 28×28) and its 1-D analogue ``lenet1d`` for (C, T) windows.
-:class:`EncoderConfig` lives in the torch-free :mod:`model.encoder_config` (re-exported here),
-so that a manifest can be read without torch.
+:class:`EncoderConfig` lives in the torch-free :mod:`oclust.model.encoder_config` (re-exported
+here), so that a manifest can be read without torch.
 
 Example:
     >>> import torch

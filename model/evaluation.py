@@ -7,8 +7,8 @@ never the best one: labels are used only for scoring. KMeans and MiniBatchKMeans
 standardised data are the reference.
 
 ``protocol="default"`` trains the shipped configuration; ``protocol="paper"`` the CA paper's
-(:func:`model.presets.paper`: LeNet-style encoders, raw latents, N(0, 1) centroids, sigma 50 in
-our parametrisation). ``probes=True`` adds linear and KNN (k=10) probe accuracies of the latents
+(:func:`oclust.model.presets.paper`: LeNet-style encoders, raw latents, N(0, 1) centroids, sigma 50
+in our parametrisation). ``probes=True`` adds linear and KNN (k=10) probe accuracies of the latents
 (fit on a seeded 80% of the points, scored on the other 20%).
 
 Example:

@@ -1,7 +1,7 @@
 """A fitted clusterer's serving pipeline: the ``serving.*`` tensors of a snapshot and
 :meth:`OnlineClusterer.export <model.clusterer.OnlineClusterer.export>`.
 
-The compiled kernel (:mod:`model.kernel`) needs, besides the encoder's weights, the serving
+The compiled kernel (:mod:`oclust.model.kernel`) needs, besides the encoder's weights, the serving
 centroids, the method's own linear head (CM/AE-CM) and the scaler's mean/std; they are written
 into every snapshot under :data:`model.inference.SERVING_PREFIX` so that a replica can serve an MLP
 snapshot without torch. A head that is not one linear layer gives an empty tail: such a model is

@@ -1,17 +1,17 @@
 """The serving pipeline a fitted model exports: scaler -> encoder -> centroids -> served rule.
 
-:func:`load` builds it from a snapshot and :meth:`model.OnlineClusterer.export` from a fitted
+:func:`load` builds it from a snapshot and :meth:`oclust.model.OnlineClusterer.export` from a fitted
 clusterer; both give an :class:`Inference`: a callable from a validated float32 batch
 (N, *input_shape) to an :class:`Assignment` (labels, squared distances to the chosen centroid,
 soft assignments, the latents), the same answers as ``OnlineClusterer.assign`` and ``soft_assign``.
 
-* MLP encoders run in :class:`CompiledInference`, one numba kernel (:mod:`model.kernel`) over
+* MLP encoders run in :class:`CompiledInference`, one numba kernel (:mod:`oclust.model.kernel`) over
   NumPy arrays. From a snapshot it is built **without importing torch**: the weights are read
   with ``safetensors.numpy``, the layer program comes from the encoder config
-  (:func:`model.encoder_config.mlp_program`), and the served tail (scaler statistics, serving
+  (:func:`oclust.model.encoder_config.mlp_program`), and the served tail (scaler statistics, serving
   centroids, a method's own head) from the ``serving.*`` tensors the clusterer writes.
 * Other encoders (or a snapshot without a ``serving.*`` section) run in torch
-  (:class:`model.inference_torch.TorchInference`), imported only then.
+  (:class:`oclust.model.inference_torch.TorchInference`), imported only then.
 
 Example:
     >>> import numpy as np

@@ -1,6 +1,6 @@
 """The torch serving pipeline, for encoders the compiled kernel does not run (Conv1d, CNN).
 
-Imported only when such a model is exported or loaded (see :mod:`model.inference`).
+Imported only when such a model is exported or loaded (see :mod:`oclust.model.inference`).
 
 Example:
     >>> import numpy as np

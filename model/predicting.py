@@ -1,10 +1,10 @@
 """Inference of the online clusterer: latents, served clusters, distances and soft assignments.
 
-:class:`~model.clusterer.OnlineClusterer` inherits these methods (``transform`` it defines
+:class:`~oclust.model.clusterer.OnlineClusterer` inherits these methods (``transform`` it defines
 itself: scikit-learn's ``set_output`` wraps only methods of the estimator's own class). Every
 one runs the encoder in chunks of bounded memory (at most ``INFERENCE_ROWS`` samples, fewer
 when one sample's activations are big) and applies the served rule of
-:func:`model.regularisers.serve`.
+:func:`oclust.model.regularisers.serve`.
 
 Example:
     >>> import numpy as np
@@ -102,7 +102,7 @@ class InferenceMixin:
     def assign(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         """Served cluster and its squared distance to that serving centroid for each sample:
         the nearest centroid, or the method's own rule (CM/AE-CM: argmax gamma,
-        :func:`model.regularisers.serve`)."""
+        :func:`oclust.model.regularisers.serve`)."""
         return self._assign(self._checked(X))
 
     def predict(self, X: Any) -> np.ndarray:

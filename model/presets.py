@@ -1,4 +1,4 @@
-"""Ready-made :class:`~model.clusterer.OnlineClusterer` configurations.
+"""Ready-made :class:`~oclust.model.clusterer.OnlineClusterer` configurations.
 
 ``paper`` is the setup of the CA paper's released code, for reproducing its tables; ``default``
 is what oclust ships (an empty dict: the clusterer's own defaults).

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from oclust.model import REGULARISER_NAMES
 from oclust.model.assign import combination_assignment
 
 __all__ = [
@@ -52,6 +53,8 @@ REGULARISERS: dict[str, type[Regulariser]] = {}
 
 def register(cls: type[Regulariser]) -> type[Regulariser]:
     """Class decorator: make a regulariser selectable by its ``name``."""
+    if cls.__module__.startswith("oclust.model.") and cls.name not in REGULARISER_NAMES:
+        raise RuntimeError(f"built-in regulariser {cls.name!r} is missing from REGULARISER_NAMES")
     REGULARISERS[cls.name] = cls
     return cls
 

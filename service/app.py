@@ -1,8 +1,8 @@
 """The FastAPI assignment service: POST /assign, /assign/batch, the manifest, health, metrics.
 
-``create_app(settings, holder)`` needs only ``model`` and a :class:`~service.loader.ModelHolder`;
-whatever keeps the holder current (the snapshot watcher of ``oclust serve``) is passed in as a
-background task and started/stopped with the server.
+``create_app(settings, holder)`` needs only ``model`` and a
+:class:`~oclust.service.loader.ModelHolder`; whatever keeps the holder current (the snapshot watcher
+of ``oclust serve``) is passed in as a background task and started/stopped with the server.
 
 Endpoints:
 
@@ -17,9 +17,10 @@ Endpoints:
   ``GET /stats`` the live collapse/drift numbers as JSON · ``GET /stats/map`` recent latents in
   2-D (PCA) · ``GET /docs`` OpenAPI.
 
-The jobs live in their own modules: :mod:`service.assign` (the raw assign endpoints),
-:mod:`service.endpoints` (the GET routes), :mod:`service.middleware` (API key, body limit,
-request counting), :mod:`service.metrics` (Prometheus) and :mod:`service.openapi`.
+The jobs live in their own modules: :mod:`oclust.service.assign` (the raw assign endpoints),
+:mod:`oclust.service.endpoints` (the GET routes), :mod:`oclust.service.middleware` (API key, body
+limit, request counting), :mod:`oclust.service.metrics` (Prometheus) and
+:mod:`oclust.service.openapi`.
 
 Client mistakes get 4xx with a message, never 5xx: bad JSON, NaN/inf, wrong shapes, non-numbers,
 features beyond ``max_abs_feature`` (``out_of_range``), empty or missing fields and oversized

@@ -118,7 +118,8 @@ class Assigner:
         return await run_in_threadpool(work)
 
     async def single(self, body: bytes, binary: bool, _accept_binary: bool) -> Answer:
-        """Answer an :class:`~service.schemas.AssignRequest` body (or one raw float32 sample)."""
+        """Answer an :class:`~oclust.service.schemas.AssignRequest` body (or one raw float32
+        sample)."""
         model = self.holder.current
         if model is None:
             return not_ready(self.holder)
@@ -142,7 +143,7 @@ class Assigner:
     async def batch(
         self, body: bytes, binary: bool, accept_binary: bool
     ) -> Answer | tuple[int, bytes, RawHeaders]:
-        """Answer an :class:`~service.schemas.AssignBatchRequest` body or a raw float32 batch
+        """Answer an :class:`~oclust.service.schemas.AssignBatchRequest` body or a raw float32 batch
         (JSON or binary)."""
         model = self.holder.current
         if model is None:
@@ -244,7 +245,8 @@ class AssignEndpoint:
 
     Checks the Content-Type (415 unless JSON or octet-stream), reads the body within
     ``body_timeout`` seconds (else 408), calls ``handler(body, binary_in, binary_out)`` and times
-    the whole request. The API key is checked by :class:`~service.middleware.LimitsMiddleware`.
+    the whole request. The API key is checked by
+    :class:`~oclust.service.middleware.LimitsMiddleware`.
     """
 
     def __init__(self, handler: Handler, latency: Any, body_timeout: float = 30.0) -> None:

@@ -1,7 +1,7 @@
 """``oclust up``: the whole service in one process — replay, training worker, store, service.
 
 With no options it needs neither Kafka nor Redis: an in-process stream
-(:class:`~training_worker.stream.LocalStream`) carries the replayed dataset to the training
+(:class:`~oclust.training_worker.stream.LocalStream`) carries the replayed dataset to the training
 worker, snapshots go to a directory store (``./.oclust/store``), and the service answers on
 ``http://127.0.0.1:8000`` (the live page at ``/``). Only the stream and the store differ from a
 deployment: ``--bootstrap-servers HOST:PORT --store redis://...`` runs the very same worker,

@@ -2,8 +2,8 @@
 
 The ``worker`` and ``train`` options are the fields of
 ``oclust.training_worker.settings.WorkerSettings`` and ``TrainSettings``
-(see :mod:`service.options`): each is also read from ``OCLUST_<OPTION>``, and an option given on
-the command line wins.
+(see :mod:`oclust.service.options`): each is also read from ``OCLUST_<OPTION>``, and an option given
+on the command line wins.
 
 Example:
     $ oclust produce --dataset digits --topic digits --bootstrap-servers 127.0.0.1:9092

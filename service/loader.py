@@ -1,7 +1,7 @@
 """Loaded models, the holder the HTTP app reads, and the watcher that hot-reloads snapshots.
 
 * :class:`LoadedModel` — an immutable, ready-to-serve model built from a verified snapshot: the
-  model's exported serving pipeline (:func:`model.inference.load`: a numba kernel for MLP
+  model's exported serving pipeline (:func:`oclust.model.inference.load`: a numba kernel for MLP
   encoders, built without importing torch; torch for the others), the manifest (and its JSON,
   pre-rendered).
 * :class:`ModelHolder` — one reference to the current :class:`LoadedModel`. A swap is a single
@@ -74,7 +74,7 @@ class LoadedModel:
 
         ``verify=False`` for a snapshot whose checksums were verified already (by the store
         that read it): a snapshot is verified once. ``device`` and ``torch_threads`` matter
-        only for a model served by torch (see :func:`model.inference.load`).
+        only for a model served by torch (see :func:`oclust.model.inference.load`).
         """
         infer = load(snapshot, device=device, verify=verify, torch_threads=torch_threads)
         manifest = json.loads(snapshot.manifest_json())  # a private deep copy

@@ -1,11 +1,11 @@
 """The command line's plumbing: options made from the settings classes, errors, logging.
 
 Every ``oclust`` option that configures a component is a field of a settings class
-(:class:`~training_worker.settings.WorkerSettings`, :class:`~service.settings.ServiceSettings`,
-...). :func:`settings_command` turns those fields into typer options (name, type, default,
-help, choices) so that adding an option is one line in the settings. Values are checked by the
-settings themselves when the command starts, before any work: a bad value ends the command with
-exit code 2 and one line naming the option.
+(:class:`~oclust.training_worker.settings.WorkerSettings`,
+:class:`~oclust.service.settings.ServiceSettings`, ...). :func:`settings_command` turns those fields
+into typer options (name, type, default, help, choices) so that adding an option is one line in the
+settings. Values are checked by the settings themselves when the command starts, before any work: a
+bad value ends the command with exit code 2 and one line naming the option.
 
 This module imports nothing heavy (no torch, numpy or sklearn): ``oclust --help`` stays fast.
 
@@ -160,10 +160,11 @@ def settings_command(
 
 
 class SettingsCommand(TyperCommand):
-    """A command whose ``--regulariser`` help lists the registry, read only when needed.
+    """A command whose ``--regulariser`` help lists the built-in regularisers.
 
-    The registry lives in the model library (torch); reading it when the command's help or
-    parsing needs its parameters keeps ``oclust --help`` from importing torch.
+    The names come from ``oclust.model.REGULARISER_NAMES``, which the registry checks at import,
+    so a command's ``--help`` does not import torch; the value itself is checked against the
+    full registry (user-registered classes included) when the command runs.
     """
 
     _registry_help_added = False
@@ -172,11 +173,11 @@ class SettingsCommand(TyperCommand):
         """The parameters, with the registered regulariser names in ``--regulariser``'s help."""
         if not self._registry_help_added:
             self._registry_help_added = True
-            from oclust.training_worker.settings import regulariser_names
+            from oclust.model import REGULARISER_NAMES  # the built-in names, without torch
 
             for p in self.params:
                 if p.name == "regulariser" and isinstance(p, TyperOption):
-                    p.help = f"{p.help or ''}: {', '.join(regulariser_names())}"
+                    p.help = f"{p.help or ''}: {', '.join(REGULARISER_NAMES)}"
         return super().get_params(ctx)
 
 

@@ -1,7 +1,7 @@
 """Service configuration: pydantic-settings, environment prefix ``OCLUST_``; CLI options override.
 
-Each field is also an ``oclust serve`` option (see :mod:`service.options`), except the API key,
-which is read from the environment only.
+Each field is also an ``oclust serve`` option (see :mod:`oclust.service.options`), except the API
+key, which is read from the environment only.
 
 Example:
     >>> s = ServiceSettings(api_key="s3cret", max_batch=128)

@@ -1,9 +1,9 @@
 """The active phase of a worker holding the lease: fetch, ingest, train, checkpoint, commit.
 
 :class:`TrainingLoop` is built once the lease is held and the model loaded; it owns the
-consumer, the dead-letter producer, the :class:`~training_worker.ledger.OffsetLedger` and an
-:class:`~training_worker.ingest.Ingest` strategy, and runs until asked to stop or the lease is
-lost. Training runs on one thread that owns the model, pipelined with the next fetch: up to
+consumer, the dead-letter producer, the :class:`~oclust.training_worker.ledger.OffsetLedger` and an
+:class:`~oclust.training_worker.ingest.Ingest` strategy, and runs until asked to stop or the lease
+is lost. Training runs on one thread that owns the model, pipelined with the next fetch: up to
 ``MAX_STEPS_IN_FLIGHT`` batches are handed to it ahead, so decoding the next fetch overlaps
 the current step and heartbeats keep flowing.
 

@@ -24,7 +24,7 @@ Faults (RELIABILITY.md states the guarantees and the tests behind them):
 * **Hostile messages** — the decoders raise nothing but ``DecodeError``; anything else a
   message trips is still a dead letter (``decode_failed``), never an exception out of the loop.
 * **Crash loops** — before touching a fetch the worker marks in the store, per partition, the
-  offsets it holds that no snapshot covers (:class:`~training_worker.lease.ProgressLog`). The
+  offsets it holds that no snapshot covers (:class:`~oclust.training_worker.lease.ProgressLog`). The
   next holder of the lease reads the mark: one death is replayed as usual; a span that killed
   two holders is taken one message at a time, each marked alone; a message that killed
   ``max_attempts`` holders goes to the DLQ as ``poison`` and is skipped.
@@ -35,9 +35,10 @@ Faults (RELIABILITY.md states the guarantees and the tests behind them):
   to start a fresh model unless ``allow_fresh``.
 
 Where it lives: this module holds the lease and standby, the signals and the metrics server;
-:mod:`training_worker.resume` loads the model and checks offsets, :mod:`training_worker.loop`
-is the active phase, :mod:`training_worker.ledger` the offsets and crash-loop marks, and
-:mod:`training_worker.ingest` the two decoding strategies (samples, readings).
+:mod:`oclust.training_worker.resume` loads the model and checks offsets,
+:mod:`oclust.training_worker.loop` is the active phase, :mod:`oclust.training_worker.ledger` the
+offsets and crash-loop marks, and :mod:`oclust.training_worker.ingest` the two decoding strategies
+(samples, readings).
 
 Example:
     >>> from oclust.training_worker.settings import WorkerSettings
@@ -115,7 +116,7 @@ class TrainingWorker:
         store: an open snapshot store (default: ``open_store(settings.store, ...)``).
         metrics: Prometheus metrics (default: a fresh registry).
         hooks: callbacks in the training thread (tests, embedding).
-        stream: an in-process :class:`~training_worker.stream.LocalStream` to read instead of
+        stream: an in-process :class:`~oclust.training_worker.stream.LocalStream` to read instead of
             Kafka (the embedded mode); ``settings.bootstrap_servers`` is then unused.
     """
 

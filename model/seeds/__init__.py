@@ -1,9 +1,9 @@
 """The other seeds' partition-support methods: CM / AE-CM, CKM, DRC and TCC (ARCHITECTURE.md §1.2).
 
-All of them implement the one :class:`~model.regularisers.Regulariser` interface: they receive a
-:class:`~model.regularisers.Batch` and return the batch's hard labels (the argmax of their own
-assignment) and the loss. Their own parameters (a linear head, a decoder) are created in
-:meth:`build` from the input shape and are trained and snapshotted with the rest of the model.
+All of them implement the one :class:`~oclust.model.regularisers.Regulariser` interface: they
+receive a :class:`~oclust.model.regularisers.Batch` and return the batch's hard labels (the argmax
+of their own assignment) and the loss. Their own parameters (a linear head, a decoder) are created
+in :meth:`build` from the input shape and are trained and snapshotted with the rest of the model.
 
 | name | paper | loss |
 | --- | --- | --- |
@@ -13,10 +13,10 @@ assignment) and the loss. Their own parameters (a linear head, a decoder) are cr
 | ``drc`` | Zhong et al. 2020 | AF contrast (tau 0.5) + AP contrast (tau 0.95) + 0.005 * CR |
 | ``tcc`` | Shen et al. 2021 | cluster-level + instance-level contrast + KL(q marginal || prior) |
 
-One method (family) a file: :mod:`model.seeds.cm` (CM, AE-CM), :mod:`model.seeds.ckm`,
-:mod:`model.seeds.drc`, :mod:`model.seeds.tcc`. This package holds what they share (Gumbel
-noise, InfoNCE, the decoder, the seeded random stream, the two augmented views) and registers
-all of them when imported.
+One method (family) a file: :mod:`oclust.model.seeds.cm` (CM, AE-CM), :mod:`oclust.model.seeds.ckm`,
+:mod:`oclust.model.seeds.drc`, :mod:`oclust.model.seeds.tcc`. This package holds what they share
+(Gumbel noise, InfoNCE, the decoder, the seeded random stream, the two augmented views) and
+registers all of them when imported.
 
 Example:
     >>> import torch

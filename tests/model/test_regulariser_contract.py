@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-import oclust.model  # noqa: F401  (registers the seeded baselines)
+import oclust.model
 from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser
 
 N, K, M, D = 24, 4, 5, 6  # batch, clusters, latent dim, input features
@@ -40,6 +40,21 @@ def test_the_registry_holds_the_basic_methods_and_the_baselines() -> None:
         REGULARISERS
     )
     assert all(cls.name == name for name, cls in REGULARISERS.items())
+
+
+def test_the_light_name_list_is_the_registry_of_built_in_methods() -> None:
+    """``REGULARISER_NAMES`` (what ``--help`` lists without torch) is exactly the built-ins."""
+    built_in = {n for n, cls in REGULARISERS.items() if cls.__module__.startswith("oclust.model.")}
+    assert sorted(built_in) == list(oclust.model.REGULARISER_NAMES)
+
+
+def test_a_built_in_regulariser_missing_from_the_name_list_is_refused() -> None:
+    from oclust.model.regularisers import Regulariser, register
+
+    stray = type("Stray", (Regulariser,), {"name": "stray", "__module__": "oclust.model.stray"})
+    with pytest.raises(RuntimeError, match="missing from REGULARISER_NAMES"):
+        register(stray)
+    assert "stray" not in REGULARISERS
 
 
 @pytest.mark.parametrize("name", sorted(REGULARISERS))

@@ -1,7 +1,7 @@
 """What every message decoder shares: the error type and its reasons, limits, and the checks.
 
 Each check raises :class:`DecodeError` with one reason code from :data:`REASONS`; the message
-formats themselves are described in :mod:`training_worker.codec`.
+formats themselves are described in :mod:`oclust.training_worker.codec`.
 
 Example:
     >>> _label(3), _label(None)

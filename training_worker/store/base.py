@@ -1,8 +1,8 @@
 """The snapshot-store contract shared by every store, and its errors.
 
 :class:`SnapshotStore` states the semantics (publish, load verified, rollback, wait for a
-change); :mod:`training_worker.store.redis_store` and :mod:`training_worker.store.directory`
-implement them.
+change); :mod:`oclust.training_worker.store.redis_store` and
+:mod:`oclust.training_worker.store.directory` implement them.
 
 Example:
     >>> _pointer(b"12", "here")
