@@ -19,8 +19,9 @@ and, when ``KL(p || uniform)`` exceeds ``max_kl``, p is mixed with the uniform u
 equals the cap (the KL is convex and decreasing along that segment: a bisection finds the
 point). Until ``warmup`` samples have been folded in, :attr:`OnlinePrior.probs` stays uniform
 (early centroids say little about the cluster sizes). The state is saved in the snapshot
-manifest (``prior_state``, ``version`` 2); a version-1 state (the old EMA of hard labels) loads
-as discounted counts with the new defaults and counts as warmed up.
+manifest (``prior_state``, ``version`` 2). A version-1 state (the old EMA of the regulariser's
+own hard labels, the signal that can learn collapse) is not trusted: its settings are kept, its
+counts are dropped, and the estimate starts again from uniform through the warm-up.
 
 Example:
     >>> import numpy as np
@@ -191,8 +192,8 @@ class OnlinePrior:
     def from_state(cls, n_clusters: int, state: dict[str, Any]) -> OnlinePrior:
         """Inverse of :meth:`state`; raises ``ValueError`` for a state that does not fit K.
 
-        A version-1 state (no ``version``: discounted hard-label counts) keeps its counts,
-        takes the defaults for the new settings and counts as warmed up.
+        A version-1 state (no ``version``: discounted counts of the regulariser's own labels)
+        keeps its settings but not its counts: the estimate restarts, uniform until warm.
         """
         version = int(state.get("version", 1))
         if version not in (1, STATE_VERSION):
@@ -209,10 +210,10 @@ class OnlinePrior:
         counts = np.asarray(state.get("counts", np.zeros(n_clusters)), dtype=np.float64)
         if counts.shape != (n_clusters,) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
             raise ValueError(f"prior counts must be {n_clusters} finite non-negative numbers")
+        if version == 1:  # counts of CA's own labels: shaped by the prior, so start over
+            return est
         est.counts = counts
         seen = state.get("seen")
-        if seen is None:  # version 1: warmed up once it has counted anything
-            seen = est.warmup if counts.sum() > 0 else 0
         if not isinstance(seen, int) or seen < 0:
             raise ValueError(f"prior state 'seen' must be a non-negative integer, got {seen!r}")
         est.seen = seen

@@ -95,10 +95,15 @@ def test_estimator_state_round_trip_versions_and_errors():
     again = OnlinePrior.from_state(3, state)
     np.testing.assert_array_equal(again.probs, est.probs)
     assert (again.max_kl, again.shrink, again.warmup) == (est.max_kl, est.shrink, 0)
-    # A version-1 state (discounted hard-label counts) still loads, and counts as warmed up.
+    # A version-1 state (discounted counts of CA's own labels, which can learn collapse) loads
+    # with its settings but restarts the estimate: uniform until warm, nothing carried over.
     old = OnlinePrior.from_state(3, {"decay": 0.95, "alpha": 1.0, "min_share": 0.1,
-                                     "counts": [50.0, 30.0, 20.0]})
-    assert old.warm and old.probs[0] > old.probs[1] > old.probs[2]
+                                     "counts": [95.0, 3.0, 2.0]})
+    assert old.decay == 0.95 and not old.warm and old.seen == 0
+    np.testing.assert_array_equal(old.counts, np.zeros(3))
+    np.testing.assert_array_equal(old.probs, np.full(3, 1 / 3))
+    with pytest.raises(ValueError, match="counts"):  # a v1 state that does not fit K still fails
+        OnlinePrior.from_state(4, {"counts": [1.0, 2.0, 3.0]})
     with pytest.raises(ValueError, match="counts"):
         OnlinePrior.from_state(4, state)
     with pytest.raises(ValueError, match="version"):
