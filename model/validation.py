@@ -131,8 +131,9 @@ def check_input(est: Any, X: Any, reset: bool) -> np.ndarray:
     return arr
 
 
-def to_float64_array(x: Any, name: str) -> np.ndarray:
-    """Convert a NumPy array, torch tensor (any device) or nested sequence to float64 NumPy."""
+def to_float64_array(x: Any, name: str, keep_order: bool = False) -> np.ndarray:
+    """Convert a NumPy array, torch tensor (any device) or nested sequence to float64 NumPy,
+    C-contiguous (or, with ``keep_order``, C- or Fortran-contiguous as it comes)."""
     if hasattr(x, "detach") and hasattr(x, "to"):  # torch.Tensor, duck-typed: no torch import
         if x.is_complex():
             raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
@@ -145,23 +146,28 @@ def to_float64_array(x: Any, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    if keep_order:
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.flags.f_contiguous and arr.flags.writeable:
+            return arr
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 def check_assignment_inputs(
-    distances: Any, sigma: float, log_prior: Any
+    distances: Any, sigma: float, log_prior: Any, keep_order: bool = False
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """Distances (float64 N x K), sigma and log prior (float64, length K; zeros for ``None``)
     for :func:`model.assign.combination_assignment`.
 
     Raises ``ValueError`` naming the problem: ``distances`` not 2-D, with no column, or with
     inf/nan; ``sigma`` not a number, negative or not finite; ``log_prior`` of the wrong length
-    or not finite.
+    or not finite. ``keep_order`` keeps Fortran-ordered distances (an N x K view of K x N
+    costs) as they are instead of copying them to C order.
 
     >>> check_assignment_inputs([[0.0, 1.0]], 2, None)[1:]
     (2.0, array([0., 0.]))
     """
-    d = to_float64_array(distances, "distances")
+    d = to_float64_array(distances, "distances", keep_order=keep_order)
     if d.ndim != 2:
         raise ValueError(f"distances must be a 2-D N x K array, got shape {d.shape}")
     n_clusters = d.shape[1]
@@ -184,7 +190,12 @@ def check_assignment_inputs(
             )
         if not np.isfinite(lp).all():
             raise ValueError("log_prior must be finite (a zero prior gives -inf)")
-    if not np.isfinite(d).all():
+    # the sum of squares (one BLAS pass, no temporary) is inf or NaN if a value is, or if it
+    # overflows (values beyond ~1e154): only then is every value looked at
+    flat = d.ravel(order="K")
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = float(flat.dot(flat))
+    if not math.isfinite(squares) and not np.isfinite(d).all():
         bad = np.argwhere(~np.isfinite(d))[0]
         raise ValueError(
             f"distances must be finite; found {d[tuple(bad)]} at row {bad[0]}, column {bad[1]}"
