@@ -19,13 +19,13 @@ paper's loss writes the penalty as ``2*sigma*(...)``: this ``sigma`` is the whol
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
 import numba
 import numpy as np
 
-from model.validation import check_assignment_inputs
+from model.assign_workspace import workspace
+from model.validation import check_assignment_inputs, non_finite_distances
 
 __all__ = ["combination_assignment"]
 
@@ -222,6 +222,15 @@ def _candidate(
 
 
 @numba.njit(cache=True, nogil=True)
+def _finite(dt: np.ndarray) -> bool:
+    """Whether no cost is inf or NaN (exponent bits all ones), by a vectorised integer max."""
+    e, top, bits = 0x7FF0000000000000, 0, dt.reshape(-1).view(np.int64)
+    for j in range(bits.shape[0]):  # indexed: 5x faster than iterating over the array
+        top = max(top, bits[j] & e)
+    return top != e
+
+
+@numba.njit(cache=True, nogil=True)
 def _pivots(dt: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
     """Each column's first pivot: the sample entry of rank ~ target / n among _SAMPLES rows."""
     n_clusters, n = dt.shape
@@ -266,9 +275,11 @@ def _greedy(
     candidate is found by scanning them (:func:`_scan`). A column of one repeated distance (a
     collapsed batch) needs no sorting: its candidate is the lowest unassigned row.
     """
-    # work arrays (:func:`_workspace`): vals, rows the columns' entries; stack pivot positions;
-    # parent the union-find (position n: "none left"); bend block ends (-1: unknown)
+    # work arrays (model.assign_workspace): vals, rows the columns' entries; stack pivot
+    # positions; parent the union-find (position n: "none left"); bend block ends (-1: unknown)
     n_clusters, n = dt.shape
+    if not _finite(dt):
+        return np.empty(0, dtype=np.int64)  # the caller raises
     piv_v, piv_r = _pivots(dt, target)
     depth = np.full(n_clusters, 2, dtype=np.int64)
     fin = np.zeros(n_clusters, dtype=np.int64)  # positions < fin[k] are sorted and final
@@ -335,24 +346,6 @@ def _greedy(
     return labels
 
 
-_WORK = threading.local()  # per thread: CA's work arrays, kept for the next call
-_WORK_MAX = 1 << 21  # entries per work array kept between calls (16 MiB each)
-
-
-def _workspace(n_clusters: int, n: int) -> tuple[np.ndarray, ...]:
-    """Work arrays for :func:`_greedy`: dt, vals (float64 K x N), rows, bend (int64 K x N),
-    stack (K x N+2), parent (K x N+1): views of this thread's buffers when they fit (fresh
-    pages would cost more than the loop)."""
-    size = n_clusters * (n + 2)
-    bufs = getattr(_WORK, "bufs", None)
-    if bufs is None or bufs[0].size < size:
-        bufs = (np.empty(size), np.empty(size), *(np.empty(size, np.int64) for _ in range(4)))
-        if size <= _WORK_MAX:
-            _WORK.bufs = bufs
-    shapes = [(n_clusters, n)] * 3 + [(n_clusters, n + 2), (n_clusters, n + 1), (n_clusters, n)]
-    return tuple(b[: math.prod(shp)].reshape(shp) for b, shp in zip(bufs, shapes, strict=True))
-
-
 def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) -> np.ndarray:
     """Hard labels of a batch by exact greedy combination assignment.
 
@@ -365,9 +358,9 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
 
     Args:
         distances: N x K array of costs (normally squared distances ||z_i - mu_k||^2); a NumPy
-            array, a torch tensor on any device (copied to the host once) or a nested sequence.
-            Fortran order (``dt.T`` of a contiguous K x N ``dt``) is read without the transposing
-            copy that C order needs: the layout the training step hands over.
+            array, a torch tensor on any device (copied to the host once, cluster-major) or a
+            nested sequence. Fortran order (``dt.T`` of a contiguous K x N ``dt``, as a tensor
+            is copied) is read without the transposing copy that C order needs.
         sigma: weight of the count/prior penalty, finite and >= 0 (the loss's ``2*sigma``).
             0 gives the row-wise argmin; large values balance the clusters.
         log_prior: length-K log prior probabilities, finite; ``None`` means uniform.
@@ -386,15 +379,18 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         >>> combination_assignment(d, sigma=10.0).tolist()
         [0, 1, 0, 1]
     """
-    d, sigma_f, lp = check_assignment_inputs(distances, sigma, log_prior, keep_order=True)
+    d, sigma_f, lp = check_assignment_inputs(distances, sigma, log_prior, fast=True)
     n, n_clusters = d.shape
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    dt, vals, rows, stack, parent, bend = _workspace(n_clusters, n)
+    dt, vals, rows, stack, parent, bend = workspace(n_clusters, n)
     if d.flags.c_contiguous:
         np.copyto(dt, d.T)  # K x N, one row per cluster
     else:
-        dt = d.T  # Fortran order (the training step's): already K x N, no copy
+        dt = d.T  # Fortran order (a tensor's host copy): already K x N, no copy
     # small first fronts: sorting deeper costs more than scanning the rows left (measured)
-    return _greedy(dt, lp, sigma_f, max(2 * n // n_clusters, n // 32) + 8, vals, rows, stack,
-                   parent, bend)
+    labels = _greedy(dt, lp, sigma_f, max(2 * n // n_clusters, n // 32) + 8, vals, rows,
+                     stack, parent, bend)
+    if len(labels) < n:
+        raise non_finite_distances(d)
+    return labels
