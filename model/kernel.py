@@ -61,9 +61,9 @@ def _forward(
     d = np.empty(n_clusters, np.float32)
     logits = np.empty(n_clusters, np.float32)
     d_blk = np.empty((n_clusters, BLOCK), np.float32)  # a block's distances, per centroid
-    acc = np.empty(8, np.float32)  # layer norm, 8 rows at a time: sums, means, 1 / std
-    mean8 = np.empty(8, np.float32)
-    inv8 = np.empty(8, np.float32)
+    acc = np.empty(BLOCK, np.float32)  # layer norm: a block's sums, means and 1 / std
+    mean = np.empty(BLOCK, np.float32)
+    inv = np.empty(BLOCK, np.float32)
     for start in range(0, n, BLOCK):
         rows = min(BLOCK, n - start)
         a = x[start : start + rows].copy()
@@ -83,29 +83,30 @@ def _forward(
                         if a[i, j] < 0:
                             a[i, j] = 0
             elif op == LAYERNORM:  # eps at o1, weight at o2, bias at o3
-                # 8 rows at a time: their sums (each in its own order) run side by side
+                # on the transposed block, so that the innermost loops run over its rows
+                # (vectorised); each row's sums still add its values in order
                 inv_n = np.float32(1.0) / np.float32(dim)
-                for i0 in range(0, rows, 8):
-                    g = min(8, rows - i0)
-                    acc[:] = 0
-                    for j in range(dim):
-                        for t in range(g):
-                            acc[t] += a[i0 + t, j]
-                    for t in range(g):
-                        mean8[t] = acc[t] * inv_n
-                    acc[:] = 0
-                    for j in range(dim):
-                        for t in range(g):
-                            a[i0 + t, j] -= mean8[t]
-                            acc[t] += a[i0 + t, j] * a[i0 + t, j]
-                    for t in range(g):
-                        var = acc[t] * inv_n
-                        if not np.isfinite(var):
-                            var = np.float32(np.nan)  # overflow must surface as NaN, as in torch
-                        inv8[t] = np.float32(1.0) / np.sqrt(var + params[o1])
-                    for t in range(g):
-                        for j in range(dim):
-                            a[i0 + t, j] = a[i0 + t, j] * inv8[t] * params[o2 + j] + params[o3 + j]
+                a_t = np.ascontiguousarray(a.T)
+                acc[:rows] = 0
+                for j in range(dim):
+                    for i in range(rows):
+                        acc[i] += a_t[j, i]
+                for i in range(rows):
+                    mean[i] = acc[i] * inv_n
+                acc[:rows] = 0
+                for j in range(dim):
+                    for i in range(rows):
+                        a_t[j, i] -= mean[i]
+                        acc[i] += a_t[j, i] * a_t[j, i]
+                for i in range(rows):
+                    var = acc[i] * inv_n
+                    if not np.isfinite(var):
+                        var = np.float32(np.nan)  # overflow must surface as NaN, as in torch
+                    inv[i] = np.float32(1.0) / np.sqrt(var + params[o1])
+                for j in range(dim):
+                    for i in range(rows):
+                        a_t[j, i] = a_t[j, i] * inv[i] * params[o2 + j] + params[o3 + j]
+                a = np.ascontiguousarray(a_t.T)
             elif op == AFFINE:  # scale at o1, shift at o2
                 for i in range(rows):
                     for j in range(dim):
