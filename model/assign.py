@@ -24,8 +24,8 @@ from typing import Any
 import numba
 import numpy as np
 
-from model.assign_workspace import workspace
-from model.validation import check_assignment_inputs, non_finite_distances
+from oclust.model.assign_workspace import workspace
+from oclust.model.validation import check_assignment_inputs, non_finite_distances
 
 __all__ = ["combination_assignment"]
 
@@ -369,7 +369,7 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         int64 array of shape (N,): the cluster of every row.
 
     Raises:
-        ValueError: bad input, named (:func:`model.validation.check_assignment_inputs`).
+        ValueError: bad input, named (:func:`oclust.model.validation.check_assignment_inputs`).
 
     Example:
         >>> import numpy as np

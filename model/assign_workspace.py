@@ -1,4 +1,4 @@
-"""Per-thread work arrays of :func:`model.assign.combination_assignment`, reused across calls.
+"""Per-thread work arrays of :func:`oclust.model.assign.combination_assignment`, reused across calls.
 
 The greedy kernel needs six K x N arrays per call; fresh pages for them would cost more than the
 kernel's loop, so each thread keeps its buffers (up to :data:`WORK_MAX` entries each) and hands

@@ -5,9 +5,9 @@ the model is never touched concurrently.
 
 Example:
     >>> import numpy as np
-    >>> from training_worker.batching import Batch
-    >>> from training_worker.monitor import CollapseGuard, WorkerMetrics
-    >>> from model import OnlineClusterer
+    >>> from oclust.training_worker.batching import Batch
+    >>> from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
+    >>> from oclust.model import OnlineClusterer
     >>> t = Trainer(OnlineClusterer(n_clusters=2, latent_dim=4, seed=0),
     ...             CollapseGuard(0.0, 5), WorkerMetrics())
     >>> X = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from model import OnlineClusterer, Snapshot, StepReport
-from model import metrics as model_metrics
-from training_worker.batching import Batch
-from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from oclust.model import OnlineClusterer, Snapshot, StepReport
+from oclust.model import metrics as model_metrics
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 
 __all__ = ["Trainer", "TrainerHooks"]
 
