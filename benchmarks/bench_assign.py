@@ -11,7 +11,9 @@ checked to return the same labels. Prints a markdown table.
 
 Run: ``.venv/bin/python benchmarks/bench_assign.py`` (``--quick`` skips the slow Python loop at
 the large size; ``--json`` prints only one JSON object with CA's share of the step at batch N,
-``ca_step_ratio_1024x100`` and ``ca_step_ratio_256x10``, skipping the slow loops).
+``ca_step_ratio_1024x100`` and ``ca_step_ratio_256x10`` (CA on a C-ordered float64 NumPy array),
+and ``ca_step_ratio_1024x100_tensor`` (CA called as the training step calls it: on the float32
+distance tensor, its host copy included), skipping the slow loops).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ def main() -> None:
                 raise SystemExit(f"MISMATCH numpy loop vs numba CA at N={n}, K={n_clusters}")
             t_fast = time_call(lambda d=d: combination_assignment(d, SIGMA), 200)
             ratios[f"ca_step_ratio_{n}x{n_clusters}"] = round(t_fast / steps[n], 4)
+        d32 = torch.from_numpy(make_distances(1024, 100)).float()
+        t_tensor = time_call(lambda: combination_assignment(d32, SIGMA), 200)
+        ratios["ca_step_ratio_1024x100_tensor"] = round(t_tensor / steps[1024], 4)
         print(json.dumps(ratios))
         return
 

@@ -7,27 +7,25 @@ pick the still-unassigned pair (i, k) with the smallest cost
 
 (n_k = points already given to cluster k in this batch, starting at 0), assign i -> k and
 increment n_k. Ties go to the lowest i, then the lowest k. This module computes exactly the labels
-of that naive O(N^2 K) loop without sorting every column: since the penalty is per cluster, a
-cluster's best pair is its smallest unassigned distance, so each column is sorted lazily (by
-distance, then row) only as deep as the loop reads it; the clusters sit in a heap keyed by their
-cached best cost, which only grows, so a cluster is re-examined only when it reaches the top;
-late in the batch, when few rows are left, a cluster's best row is found by scanning those rows
-instead of sorting deeper. Costs that tie (equal distances, or distinct distances that round to
-the same float once the penalty is added) are resolved to the lowest row exactly, and a collapsed
-batch (all distances of a cluster equal) costs O(1) per pick. The paper's loss writes the
-penalty as ``2*sigma*(...)``: this ``sigma`` is the whole factor, so such a caller passes 2 sigma.
+of that naive O(N^2 K) loop without sorting every column: a cluster's best pair is its smallest
+unassigned distance (the penalty is per cluster), so each column is sorted lazily (by distance,
+then row) only as deep as the loop reads it; the clusters sit in a heap keyed by their cached best
+cost, which only grows, so a cluster is re-examined only when it reaches the top; when few rows
+are left, a cluster's best row is found by scanning them. Costs that tie (equal distances, or
+distinct ones that round to the same float once the penalty is added) go to the lowest row
+exactly, and a collapsed batch (all distances of a cluster equal) costs O(1) per pick. The
+paper's loss writes the penalty as ``2*sigma*(...)``: this ``sigma`` is the whole factor.
 """
-
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
 import numba
 import numpy as np
 
-from oclust.model.validation import check_assignment_inputs
+from oclust.model.assign_workspace import workspace
+from oclust.model.validation import check_assignment_inputs, non_finite_distances
 
 __all__ = ["combination_assignment"]
 
@@ -52,10 +50,9 @@ def _finalize(
     """One step of incremental quicksort on column k: put at least position ``fin[k]`` in place.
 
     Invariant: positions ``< fin[k]`` hold the column's smallest keys in order; the stack holds
-    pivot positions (each already in place, the sentinel n at the bottom), and the segment from
-    ``fin[k]`` to the top pivot holds the next smallest keys unsorted. The segment is split
-    around median-of-three pivots until it is short, then insertion-sorted; every newly placed
-    position gets its union-find root and an unknown block end.
+    pivot positions (each in place, the sentinel n at the bottom); the segment from ``fin[k]`` to
+    the top pivot holds the next smallest keys unsorted. It is split around median-of-three
+    pivots until short, then insertion-sorted; each placed position gets its union-find root.
     """
     n = vals.shape[1]
     lo = fin[k]
@@ -69,40 +66,44 @@ def _finalize(
                 rows[k, j] = i
                 j += 1
         back[k] = True
+    vk, rk = vals[k], rows[k]
     while hi - lo > _INSERTION:
-        # median of three (lo, mid, hi - 1) moved to hi - 1, then a Lomuto partition
+        # median of three (lo, mid, hi - 1) moved to hi - 1, then a Lomuto partition without
+        # branches on the keys (they mispredict half the time)
         mid = (lo + hi - 1) // 2
         a, b, c = lo, mid, hi - 1
-        if _before(vals[k, b], rows[k, b], vals[k, a], rows[k, a]):
+        if _before(vk[b], rk[b], vk[a], rk[a]):
             a, b = b, a
-        if _before(vals[k, c], rows[k, c], vals[k, b], rows[k, b]):
+        if _before(vk[c], rk[c], vk[b], rk[b]):
             b, c = c, b
-            if _before(vals[k, b], rows[k, b], vals[k, a], rows[k, a]):
+            if _before(vk[b], rk[b], vk[a], rk[a]):
                 a, b = b, a
         p = hi - 1
-        vals[k, b], vals[k, p] = vals[k, p], vals[k, b]
-        rows[k, b], rows[k, p] = rows[k, p], rows[k, b]
-        pv, pr = vals[k, p], rows[k, p]
+        vk[b], vk[p] = vk[p], vk[b]
+        rk[b], rk[p] = rk[p], rk[b]
+        pv, pr = vk[p], rk[p]
         s = lo
         for j in range(lo, p):
-            if _before(vals[k, j], rows[k, j], pv, pr):
-                vals[k, s], vals[k, j] = vals[k, j], vals[k, s]
-                rows[k, s], rows[k, j] = rows[k, j], rows[k, s]
-                s += 1
-        vals[k, s], vals[k, p] = vals[k, p], vals[k, s]
-        rows[k, s], rows[k, p] = rows[k, p], rows[k, s]
+            v, r = vk[j], rk[j]
+            vk[j] = vk[s]
+            rk[j] = rk[s]
+            vk[s] = v
+            rk[s] = r
+            s += (v < pv) | ((v == pv) & (r < pr))
+        vk[s], vk[p] = vk[p], vk[s]
+        rk[s], rk[p] = rk[p], rk[s]
         stack[k, depth[k]] = s
         depth[k] += 1
         hi = s
     for j in range(lo + 1, hi):  # insertion sort of the short segment
-        v, r = vals[k, j], rows[k, j]
+        v, r = vk[j], rk[j]
         q = j - 1
-        while q >= lo and _before(v, r, vals[k, q], rows[k, q]):
-            vals[k, q + 1] = vals[k, q]
-            rows[k, q + 1] = rows[k, q]
+        while q >= lo and _before(v, r, vk[q], rk[q]):
+            vk[q + 1] = vk[q]
+            rk[q + 1] = rk[q]
             q -= 1
-        vals[k, q + 1] = v
-        rows[k, q + 1] = r
+        vk[q + 1] = v
+        rk[q + 1] = r
     depth[k] -= 1  # pop hi: it is in place too
     end = min(hi + 1, n)
     for q in range(lo, end):
@@ -111,15 +112,12 @@ def _finalize(
     fin[k] = end
 
 
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _key_less(a: int, b: int, cand_c: np.ndarray, cand_i: np.ndarray) -> bool:
     """Heap order of clusters: by cached cost, then row, then cluster."""
     if cand_c[a] != cand_c[b]:
         return cand_c[a] < cand_c[b]
-    if cand_i[a] != cand_i[b]:
-        return cand_i[a] < cand_i[b]
-    return a < b
+    return cand_i[a] < cand_i[b] or (cand_i[a] == cand_i[b] and a < b)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -142,14 +140,12 @@ def _sift_down(heap: np.ndarray, h: int, cand_c: np.ndarray, cand_i: np.ndarray)
 @numba.njit(cache=True, nogil=True, inline="always")
 def _scan(k: int, pen: float, dt: np.ndarray, left: np.ndarray, n_left: int) -> tuple[float, int]:
     """Cluster k's (cost, row) by a scan of the ``n_left`` unassigned rows ``left[:n_left]``."""
-    best_c = 0.0
-    best_i = -1
+    best_c, best_i = math.inf, dt.shape[1]  # every cost is finite
     for j in range(n_left):
         i = left[j]
         c = dt[k, i] + pen
-        if best_i < 0 or c < best_c or (c == best_c and i < best_i):
-            best_c = c
-            best_i = i
+        if c < best_c or (c == best_c and i < best_i):
+            best_c, best_i = c, i
     return best_c, best_i
 
 
@@ -163,10 +159,9 @@ def _candidate(
     """Cluster k's (cost, row): the lowest unassigned row among those of minimal cost.
 
     Since fl(d + pen) is monotone in d, the tied entries form a run of equal-distance blocks
-    from the column's first unassigned entry (normally a single entry). "First unassigned
-    position at or after q" is a path-compressed union-find lookup (``parent``, taken positions
-    linked forward when met, the column sorted further when needed), and block ends are cached
-    (``bend``), so taken rows are not rescanned even when all distances tie.
+    from the column's first unassigned entry (normally one entry). "First unassigned position
+    at or after q" is a path-compressed union-find lookup (``parent``: taken positions linked
+    forward when met), and block ends are cached (``bend``): taken rows are not rescanned.
     """
     if const[k]:  # every distance equal (a collapsed batch): the lowest unassigned row
         i = low[0]
@@ -227,6 +222,42 @@ def _candidate(
 
 
 @numba.njit(cache=True, nogil=True)
+def _finite(dt: np.ndarray) -> bool:
+    """Whether no cost is inf or NaN (exponent bits all ones), by a vectorised integer max."""
+    e, top, bits = 0x7FF0000000000000, 0, dt.reshape(-1).view(np.int64)
+    for j in range(bits.shape[0]):  # indexed: 5x faster than iterating over the array
+        top = max(top, bits[j] & e)
+    return top != e
+
+
+@numba.njit(cache=True, nogil=True)
+def _pivots(dt: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's first pivot: the sample entry of rank ~ target / n among _SAMPLES rows."""
+    n_clusters, n = dt.shape
+    n_samp = min(n, _SAMPLES)
+    m = min(n_samp - 1, n_samp * target // n) + 1  # the pivot: the m-th smallest sample
+    piv_v = np.empty(n_clusters, dtype=np.float64)
+    piv_r = np.empty(n_clusters, dtype=np.int64)
+    sv = np.empty(m, dtype=np.float64)  # the m smallest samples so far, in order
+    sr = np.empty(m, dtype=np.int64)
+    for k in range(n_clusters):
+        for s in range(n_samp):
+            r = s * n // n_samp
+            v = dt[k, r]
+            if s >= m and not _before(v, r, sv[m - 1], sr[m - 1]):
+                continue
+            q = min(s, m - 1) - 1  # insert, dropping the largest once m are kept
+            while q >= 0 and _before(v, r, sv[q], sr[q]):
+                sv[q + 1] = sv[q]
+                sr[q + 1] = sr[q]
+                q -= 1
+            sv[q + 1] = v
+            sr[q + 1] = r
+        piv_v[k], piv_r[k] = sv[m - 1], sr[m - 1]
+    return piv_v, piv_r
+
+
+@numba.njit(cache=True, nogil=True)
 def _greedy(
     dt: np.ndarray, log_prior: np.ndarray, sigma: float, target: int, vals: np.ndarray,
     rows: np.ndarray, stack: np.ndarray, parent: np.ndarray, bend: np.ndarray,
@@ -234,51 +265,29 @@ def _greedy(
     """Greedy CA on the costs ``dt`` (K x N: one row per cluster); returns every row's label.
 
     Every column is sorted lazily by (distance, row) with incremental quicksort
-    (:func:`_finalize`), only as deep as the loop reads it. The first split of every column is
-    fused with the copy out of ``dt``, around a pivot sampled so that about ``target`` entries
-    fall before it; the keys after it are copied only if ever read. Each cluster caches its
-    candidate (:func:`_candidate`);
-    the clusters sit in a min-heap keyed by the cached (cost, row, cluster). A cached key never
-    exceeds the cluster's true one (rows only get taken, penalties only grow), so a top whose
-    row is still unassigned is the naive loop's pick; a top whose row was taken is recomputed
-    and re-sifted. When the unassigned rows are fewer than the column segment that would
-    have to be split next, the candidate is found by scanning those rows instead
-    (:func:`_scan`). A column of one repeated distance (a collapsed batch) needs no sorting:
-    its candidate is the lowest unassigned row.
+    (:func:`_finalize`), only as deep as the loop reads it; its first split, around a pivot
+    sampled so that about ``target`` entries fall before it (:func:`_pivots`), is fused with
+    the copy out of ``dt`` (the keys after it are copied only if ever read). Each cluster caches
+    its candidate (:func:`_candidate`) in a min-heap keyed by (cost, row, cluster). A cached key
+    never exceeds the cluster's true one (rows only get taken, penalties only grow), so a top
+    whose row is unassigned is the naive loop's pick; a top whose row was taken is recomputed
+    and re-sifted. When fewer rows are left than the column segment to split next, the
+    candidate is found by scanning them (:func:`_scan`). A column of one repeated distance (a
+    collapsed batch) needs no sorting: its candidate is the lowest unassigned row.
     """
-    # work arrays, passed in (reused across calls: fresh pages cost more than this loop):
-    # vals, rows (K x N) the columns' entries; stack (K x N+2) pivot positions; parent
-    # (K x N+1, position n: "none left") the union-find; bend (K x N) block ends, -1: unknown
+    # work arrays (model.assign_workspace): vals, rows the columns' entries; stack pivot
+    # positions; parent the union-find (position n: "none left"); bend block ends (-1: unknown)
     n_clusters, n = dt.shape
-    depth = np.empty(n_clusters, dtype=np.int64)
+    if not _finite(dt):
+        return np.empty(0, dtype=np.int64)  # the caller raises
+    piv_v, piv_r = _pivots(dt, target)
+    depth = np.full(n_clusters, 2, dtype=np.int64)
     fin = np.zeros(n_clusters, dtype=np.int64)  # positions < fin[k] are sorted and final
-
-    # each column's first pivot: the sample entry of rank ~ target / n among _SAMPLES rows
-    n_samp = min(n, _SAMPLES)
-    rank = min(n_samp - 1, n_samp * target // n)
-    piv_v = np.empty(n_clusters, dtype=np.float64)
-    piv_r = np.empty(n_clusters, dtype=np.int64)
-    sv = np.empty(n_samp, dtype=np.float64)
-    sr = np.empty(n_samp, dtype=np.int64)
-    for k in range(n_clusters):
-        for s in range(n_samp):  # insertion sort of the sample
-            r = s * n // n_samp
-            v = dt[k, r]
-            q = s - 1
-            while q >= 0 and _before(v, r, sv[q], sr[q]):
-                sv[q + 1] = sv[q]
-                sr[q + 1] = sr[q]
-                q -= 1
-            sv[q + 1] = v
-            sr[q + 1] = r
-        piv_v[k] = sv[rank]
-        piv_r[k] = sr[rank]
-    # one pass per (contiguous) column: the keys before the pivot to the front
     const = np.ones(n_clusters, dtype=np.bool_)  # column of one repeated distance
     back = np.zeros(n_clusters, dtype=np.bool_)  # keys after the first pivot copied yet
-    for k in range(n_clusters):
+    for k in range(n_clusters):  # one pass per column: its keys before the pivot to the front
         col, vk, rk = dt[k], vals[k], rows[k]
-        pv, pr, first_v = piv_v[k], piv_r[k], dt[k, 0]
+        pv, pr, first_v = piv_v[k], piv_r[k], col[0]
         lo, same = 0, True
         for i in range(n):  # the keys after the pivot are copied only if ever read
             v = col[i]
@@ -288,11 +297,8 @@ def _greedy(
                 rk[lo] = i
                 lo += 1
         const[k] = same
-        vk[lo] = pv
-        rk[lo] = pr
-        stack[k, 0] = n
-        stack[k, 1] = lo
-        depth[k] = 2
+        vk[lo], rk[lo] = pv, pr
+        stack[k, 0], stack[k, 1] = n, lo
         parent[k, n] = n
         _finalize(vals, rows, stack, depth, fin, parent, bend, k, dt, back)
 
@@ -340,23 +346,6 @@ def _greedy(
     return labels
 
 
-_WORK = threading.local()  # per thread: CA's work arrays, kept for the next call
-_WORK_MAX = 1 << 21  # entries per work array kept between calls (16 MiB each)
-
-
-def _workspace(n_clusters: int, n: int) -> tuple[np.ndarray, ...]:
-    """Work arrays for :func:`_greedy`: dt, vals (float64 K x N), rows, bend (int64 K x N),
-    stack (K x N+2) and parent (K x N+1), views of this thread's buffers when they fit."""
-    size = n_clusters * (n + 2)
-    bufs = getattr(_WORK, "bufs", None)
-    if bufs is None or bufs[0].size < size:
-        bufs = (np.empty(size), np.empty(size), *(np.empty(size, np.int64) for _ in range(4)))
-        if size <= _WORK_MAX:
-            _WORK.bufs = bufs
-    shapes = [(n_clusters, n)] * 3 + [(n_clusters, n + 2), (n_clusters, n + 1), (n_clusters, n)]
-    return tuple(b[: math.prod(shp)].reshape(shp) for b, shp in zip(bufs, shapes, strict=True))
-
-
 def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) -> np.ndarray:
     """Hard labels of a batch by exact greedy combination assignment.
 
@@ -369,7 +358,9 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
 
     Args:
         distances: N x K array of costs (normally squared distances ||z_i - mu_k||^2); a NumPy
-            array, a torch tensor on any device (copied to the host once) or a nested sequence.
+            array, a torch tensor on any device (copied to the host once, cluster-major) or a
+            nested sequence. Fortran order (``dt.T`` of a contiguous K x N ``dt``, as a tensor
+            is copied) is read without the transposing copy that C order needs.
         sigma: weight of the count/prior penalty, finite and >= 0 (the loss's ``2*sigma``).
             0 gives the row-wise argmin; large values balance the clusters.
         log_prior: length-K log prior probabilities, finite; ``None`` means uniform.
@@ -388,12 +379,18 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         >>> combination_assignment(d, sigma=10.0).tolist()
         [0, 1, 0, 1]
     """
-    d, sigma_f, lp = check_assignment_inputs(distances, sigma, log_prior)
+    d, sigma_f, lp = check_assignment_inputs(distances, sigma, log_prior, fast=True)
     n, n_clusters = d.shape
     if n == 0:
         return np.empty(0, dtype=np.int64)
+    dt, vals, rows, stack, parent, bend = workspace(n_clusters, n)
+    if d.flags.c_contiguous:
+        np.copyto(dt, d.T)  # K x N, one row per cluster
+    else:
+        dt = d.T  # Fortran order (a tensor's host copy): already K x N, no copy
     # small first fronts: sorting deeper costs more than scanning the rows left (measured)
-    dt, vals, rows, stack, parent, bend = _workspace(n_clusters, n)
-    np.copyto(dt, d.T)  # K x N, one row per cluster
-    return _greedy(dt, lp, sigma_f, max(2 * n // n_clusters, n // 32) + 8, vals, rows, stack,
-                   parent, bend)
+    labels = _greedy(dt, lp, sigma_f, max(2 * n // n_clusters, n // 32) + 8, vals, rows,
+                     stack, parent, bend)
+    if len(labels) < n:
+        raise non_finite_distances(d)
+    return labels

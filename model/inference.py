@@ -36,7 +36,14 @@ from oclust.model.encoder_config import NORM_EPS, EncoderConfig, mlp_program
 from oclust.model.kernel import Kernel, compile_program
 from oclust.model.snapshot import Snapshot, SnapshotError, unpack_arrays
 
-__all__ = ["SERVING_PREFIX", "Assignment", "CompiledInference", "Inference", "load"]
+__all__ = [
+    "SERVING_PREFIX",
+    "Assignment",
+    "CompiledInference",
+    "Inference",
+    "limit_blas_threads",
+    "load",
+]
 
 #: Prefix of the snapshot tensors that describe the served tail: ``serving.centroids`` (K, m),
 #: optional ``serving.scaler.mean`` / ``serving.scaler.std`` (the input standardisation, absent
@@ -134,6 +141,20 @@ class CompiledInference:
         return self.kernel.centroids
 
 
+def limit_blas_threads(threads: int) -> None:
+    """Run the compiled kernel's matrix products (numba's ``np.dot``: SciPy's OpenBLAS) on at
+    most ``threads`` threads, process-wide, as ``torch.set_num_threads`` does for torch.
+
+    Left alone, OpenBLAS starts a thread per core for every product of a batch's 128-row
+    blocks; on a host whose cores are busy (the HTTP server, its clients) those threads wait on
+    each other, and a 4096-point batch took 2-4x longer than on one thread (measured).
+    """
+    import scipy.linalg.cython_blas  # noqa: F401  (what numba's np.dot calls: loaded first)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads, user_api="blas")
+
+
 def load(
     snapshot: Snapshot, device: str = "cpu", verify: bool = True,
     torch_threads: int | None = None,
@@ -142,8 +163,9 @@ def load(
 
     ``verify=False`` skips the checksums of a snapshot already verified (by the store that read
     it). An MLP snapshot with a ``serving.*`` section is built without torch (whatever
-    ``device``); anything else rebuilds the clusterer in torch on ``device`` and exports it,
-    after setting torch's intra-op threads to ``torch_threads`` when given.
+    ``device``), its matrix products then limited to ``torch_threads`` BLAS threads when given
+    (:func:`limit_blas_threads`); anything else rebuilds the clusterer in torch on ``device``
+    and exports it, after setting torch's intra-op threads to ``torch_threads`` when given.
     """
     if verify:
         snapshot.verify()
@@ -155,7 +177,10 @@ def load(
     if cfg.kind == "mlp":
         arrays = unpack_arrays(snapshot.weights)
         if SERVING_PREFIX + "centroids" in arrays:
-            return CompiledInference.from_arrays(cfg, sigma, arrays)
+            compiled = CompiledInference.from_arrays(cfg, sigma, arrays)
+            if torch_threads is not None:
+                limit_blas_threads(torch_threads)
+            return compiled
     import torch  # only for what the kernel cannot run
 
     from oclust.model.clusterer import OnlineClusterer

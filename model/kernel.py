@@ -60,6 +60,10 @@ def _forward(
     latents = np.empty((n, mu.shape[1]), np.float32)
     d = np.empty(n_clusters, np.float32)
     logits = np.empty(n_clusters, np.float32)
+    d_blk = np.empty((n_clusters, BLOCK), np.float32)  # a block's distances, per centroid
+    acc = np.empty(BLOCK, np.float32)  # layer norm: a block's sums, means and 1 / std
+    mean = np.empty(BLOCK, np.float32)
+    inv = np.empty(BLOCK, np.float32)
     for start in range(0, n, BLOCK):
         rows = min(BLOCK, n - start)
         a = x[start : start + rows].copy()
@@ -79,22 +83,30 @@ def _forward(
                         if a[i, j] < 0:
                             a[i, j] = 0
             elif op == LAYERNORM:  # eps at o1, weight at o2, bias at o3
+                # on the transposed block, so that the innermost loops run over its rows
+                # (vectorised); each row's sums still add its values in order
                 inv_n = np.float32(1.0) / np.float32(dim)
+                a_t = np.ascontiguousarray(a.T)
+                acc[:rows] = 0
+                for j in range(dim):
+                    for i in range(rows):
+                        acc[i] += a_t[j, i]
                 for i in range(rows):
-                    mean = np.float32(0.0)
-                    for j in range(dim):
-                        mean += a[i, j]
-                    mean *= inv_n
-                    var = np.float32(0.0)
-                    for j in range(dim):
-                        a[i, j] -= mean
-                        var += a[i, j] * a[i, j]
-                    var *= inv_n
+                    mean[i] = acc[i] * inv_n
+                acc[:rows] = 0
+                for j in range(dim):
+                    for i in range(rows):
+                        a_t[j, i] -= mean[i]
+                        acc[i] += a_t[j, i] * a_t[j, i]
+                for i in range(rows):
+                    var = acc[i] * inv_n
                     if not np.isfinite(var):
                         var = np.float32(np.nan)  # overflow must surface as NaN, as in torch
-                    inv = np.float32(1.0) / np.sqrt(var + params[o1])
-                    for j in range(dim):
-                        a[i, j] = a[i, j] * inv * params[o2 + j] + params[o3 + j]
+                    inv[i] = np.float32(1.0) / np.sqrt(var + params[o1])
+                for j in range(dim):
+                    for i in range(rows):
+                        a_t[j, i] = a_t[j, i] * inv[i] * params[o2 + j] + params[o3 + j]
+                a = np.ascontiguousarray(a_t.T)
             elif op == AFFINE:  # scale at o1, shift at o2
                 for i in range(rows):
                     for j in range(dim):
@@ -106,21 +118,27 @@ def _forward(
         latents[start : start + rows] = a
         if has_head:  # the method's own rule: logits of a linear head
             head_logits = np.dot(a, head_w)
+        # squared distances to every centroid, each summed over j in order; the block is
+        # transposed first so that the innermost loop runs over its rows (vectorised)
+        a_t = np.ascontiguousarray(a.T)
+        for k in range(n_clusters):
+            dk = d_blk[k]
+            dk[:rows] = 0
+            for j in range(dim):
+                m = mu[k, j]
+                for i in range(rows):
+                    diff = a_t[j, i] - m
+                    dk[i] += diff * diff
         for i in range(rows):
             r = start + i
-            # squared distances to every centroid; the first smallest wins
-            best = 0
+            best = 0  # the first smallest wins
             finite = True
             for k in range(n_clusters):
-                acc = np.float32(0.0)
-                for j in range(dim):
-                    diff = a[i, j] - mu[k, j]
-                    acc += diff * diff
-                d[k] = acc
-                finite = finite and np.isfinite(acc)
-                if acc < d[best]:
+                d[k] = d_blk[k, i]
+                finite = finite and np.isfinite(d[k])
+                if d[k] < d[best]:
                     best = k
-                logits[k] = acc * neg_half_inv_sigma
+                logits[k] = d[k] * neg_half_inv_sigma
             if has_head:  # label: the argmax of the head's logits (the first largest)
                 best = 0
                 for k in range(n_clusters):

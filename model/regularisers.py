@@ -188,7 +188,8 @@ class CombinationAssignment(Regulariser):
     name = "ca"
 
     def forward(self, batch: Batch) -> Output:
-        # The greedy loop runs on the host in compiled code (one N×K copy per batch).
+        # The greedy loop runs on the host in compiled code (one copy of the distances per
+        # batch, made cluster-major: the kernel's layout, so it needs no transposing copy).
         labels = combination_assignment(
             batch.distances.detach(), 2.0 * batch.sigma, batch.log_prior.detach().cpu().numpy()
         )

@@ -29,6 +29,7 @@ __all__ = [
     "check_finite",
     "check_input",
     "check_params",
+    "non_finite_distances",
     "out_dtype",
     "to_float64_array",
 ]
@@ -132,37 +133,48 @@ def check_input(est: Any, X: Any, reset: bool) -> np.ndarray:
     return arr
 
 
-def to_float64_array(x: Any, name: str) -> np.ndarray:
-    """Convert a NumPy array, torch tensor (any device) or nested sequence to float64 NumPy."""
+def to_float64_array(x: Any, name: str, fortran: bool = False) -> np.ndarray:
+    """Convert a NumPy array, torch tensor (any device) or nested sequence to float64 NumPy,
+    C-contiguous; with ``fortran``, 2-D data comes Fortran-ordered when it already is (NumPy)
+    or has to be copied anyway (a tensor: one transposing cast to the host)."""
     if hasattr(x, "detach") and hasattr(x, "to"):  # torch.Tensor, duck-typed: no torch import
         if x.is_complex():
             raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
         try:
             import torch  # only reached when a tensor was passed, so torch is installed
 
+            if fortran and x.dim() == 2:
+                x = x.detach().T.to("cpu", torch.float64, memory_format=torch.contiguous_format)
+                return x.numpy().T
             x = x.detach().to("cpu", torch.float64).numpy()
         except (TypeError, RuntimeError) as exc:
             raise ValueError(f"{name}: cannot convert tensor to float64: {exc}") from exc
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    if fortran:
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.flags.f_contiguous and arr.flags.writeable:
+            return arr
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 def check_assignment_inputs(
-    distances: Any, sigma: float, log_prior: Any
+    distances: Any, sigma: float, log_prior: Any, fast: bool = False
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """Distances (float64 N x K), sigma and log prior (float64, length K; zeros for ``None``)
     for :func:`oclust.model.assign.combination_assignment`.
 
     Raises ``ValueError`` naming the problem: ``distances`` not 2-D, with no column, or with
     inf/nan; ``sigma`` not a number, negative or not finite; ``log_prior`` of the wrong length
-    or not finite.
+    or not finite. ``fast`` (the kernel's own call) leaves the distances' finiteness to the
+    caller (which then raises :func:`non_finite_distances`) and gives them Fortran-ordered
+    where that costs no extra copy (an N x K view of cluster-major K x N costs).
 
     >>> check_assignment_inputs([[0.0, 1.0]], 2, None)[1:]
     (2.0, array([0., 0.]))
     """
-    d = to_float64_array(distances, "distances")
+    d = to_float64_array(distances, "distances", fortran=fast)
     if d.ndim != 2:
         raise ValueError(f"distances must be a 2-D N x K array, got shape {d.shape}")
     n_clusters = d.shape[1]
@@ -185,9 +197,14 @@ def check_assignment_inputs(
             )
         if not np.isfinite(lp).all():
             raise ValueError("log_prior must be finite (a zero prior gives -inf)")
-    if not np.isfinite(d).all():
-        bad = np.argwhere(~np.isfinite(d))[0]
-        raise ValueError(
-            f"distances must be finite; found {d[tuple(bad)]} at row {bad[0]}, column {bad[1]}"
-        )
+    if not fast and not np.isfinite(d).all():
+        raise non_finite_distances(d)
     return d, sigma_f, lp
+
+
+def non_finite_distances(d: np.ndarray) -> ValueError:
+    """The error for N x K distances with an inf or NaN: its value, row and column."""
+    bad = np.argwhere(~np.isfinite(d))[0]
+    return ValueError(
+        f"distances must be finite; found {d[tuple(bad)]} at row {bad[0]}, column {bad[1]}"
+    )

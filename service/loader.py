@@ -73,8 +73,9 @@ class LoadedModel:
         """Build the snapshot's serving pipeline; :class:`SnapshotError` if it is bad.
 
         ``verify=False`` for a snapshot whose checksums were verified already (by the store
-        that read it): a snapshot is verified once. ``device`` and ``torch_threads`` matter
-        only for a model served by torch (see :func:`oclust.model.inference.load`).
+        that read it): a snapshot is verified once. ``device`` matters only for a model served by
+        torch; ``torch_threads`` sets its threads, or the compiled kernel's BLAS threads (see
+        :func:`oclust.model.inference.load`).
         """
         infer = load(snapshot, device=device, verify=verify, torch_threads=torch_threads)
         manifest = json.loads(snapshot.manifest_json())  # a private deep copy
@@ -219,8 +220,8 @@ class SnapshotWatcher:
         store: a ``oclust.training_worker.store.SnapshotStore`` (Redis or directory).
         holder: where loaded models go.
         device: torch device for models the compiled kernel does not run (MLPs run on the CPU).
-        torch_threads: torch's intra-op threads, set when such a model is loaded (torch is
-            not imported for MLP snapshots).
+        torch_threads: inference threads, set when a model is loaded: torch's intra-op
+            threads, or the compiled kernel's BLAS threads for MLP snapshots (no torch there).
         poll_interval: longest wait for a change notice before re-reading the pointer (and the
             longest :meth:`stop` waits for the thread).
         retry_interval: first pause after a failed attempt; it doubles with every further

@@ -63,7 +63,8 @@ class ServiceSettings(StoreLocation):
 
     # inference and monitoring
     torch_threads: int = Field(
-        1, ge=1, description="torch intra-op threads, set when a model served by torch is loaded"
+        1, ge=1, description="inference threads: torch's intra-op threads for a model served "
+        "by torch, the BLAS threads of the compiled kernel otherwise (set when a model loads)"
     )
     inline_body_bytes: int = Field(
         64 * 1024, ge=0, description="batch bodies up to this size run on the event loop, "

@@ -6,7 +6,7 @@ The stack (one per module):
 * ``oclust serve`` as a subprocess on a ``file://`` store holding one snapshot (K = 3) and a
   small monitor window, so that the window statistics (drift included) have values after a few
   dozen assignments;
-* the training worker's Prometheus registry (:class:`training_worker.monitor.WorkerMetrics`)
+* the training worker's Prometheus registry (:class:`oclust.training_worker.monitor.WorkerMetrics`)
   served in-process by ``prometheus_client.start_http_server``, with a few values set;
 * ``prometheus`` (Debian's ``prometheus`` package) as a subprocess, configured from
   ``deploy/prometheus/prometheus.yml`` (same job names, same rule file) with the targets

@@ -145,12 +145,24 @@ def test_list_and_integer_input() -> None:
     )
 
 
+def test_fortran_order_and_strided_input_match_reference() -> None:
+    # Fortran order (cluster-major costs, as a tensor's host copy) skips the transposing copy
+    rng = np.random.default_rng(5)
+    d = rng.integers(0, 4, size=(70, 9)).astype(np.float64)  # many ties
+    expected = reference_assignment(d, 3.0)
+    for layout in (np.asfortranarray(d), np.repeat(d, 2, axis=1)[:, ::2]):  # F, strided
+        np.testing.assert_array_equal(combination_assignment(layout, 3.0), expected)
+    np.testing.assert_array_equal(combination_assignment(torch.from_numpy(d).T.T, 3.0), expected)
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-def test_non_finite_distances_rejected(bad: float) -> None:
+@pytest.mark.parametrize("layout", ["C", "F", "tensor"])
+def test_non_finite_distances_rejected(bad: float, layout: str) -> None:
     d = np.ones((4, 3))
     d[2, 1] = bad
+    arg = {"C": d, "F": np.asfortranarray(d), "tensor": torch.from_numpy(d).float()}[layout]
     with pytest.raises(ValueError, match=r"finite.*row 2, column 1"):
-        combination_assignment(d, 1.0)
+        combination_assignment(arg, 1.0)
 
 
 @pytest.mark.parametrize("sigma", [-1e-9, -1.0, math.nan, math.inf, "abc"])

@@ -186,6 +186,35 @@ def test_an_mlp_snapshot_is_served_without_importing_torch(tmp_path: Path) -> No
     assert answer == {"torch": False, "labels": clf.predict(x).tolist()}
 
 
+def test_compiled_kernel_blas_threads_follow_the_setting(tmp_path: Path) -> None:
+    # in a fresh process (the limit is process-wide) where OpenBLAS starts on 1 thread
+    clf = _fit((5,))
+    snap = clf.to_snapshot()
+    (tmp_path / "w.safetensors").write_bytes(snap.weights)
+    (tmp_path / "m.json").write_text(snap.manifest_json())
+    x = np.random.default_rng(5).normal(size=(300, 5)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import json, numpy as np\n"
+        "from pathlib import Path\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from oclust.model.snapshot import Snapshot\n"
+        "from oclust.model.inference import load\n"
+        f"d = Path({str(tmp_path)!r})\n"
+        "w, m = (d / 'w.safetensors').read_bytes(), (d / 'm.json').read_text()\n"
+        "snap = Snapshot.from_parts(w, m)\n"
+        "inf = load(snap, torch_threads=2)\n"
+        "blas = sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'})\n"
+        "print(json.dumps({'blas': blas, 'labels': inf(np.load(d / 'x.npy')).labels.tolist()}))\n"
+    )
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    answer = json.loads(res.stdout.strip().splitlines()[-1])
+    assert answer == {"blas": [2], "labels": clf.predict(x).tolist()}
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     layers=st.lists(st.sampled_from(["linear", "relu", "layernorm", "batchnorm"]), max_size=5),
