@@ -29,6 +29,7 @@ from oclust.model.exporting import serving_tail
 from oclust.model.inference import SERVING_PREFIX
 from oclust.model.priors import OnlinePrior, resolve_prior
 from oclust.model.snapshot import Manifest, Snapshot, SnapshotError, pack_tensors, unpack_tensors
+from oclust.model.validation import DEFAULT_BETAS
 
 if TYPE_CHECKING:
     from oclust.model.clusterer import OnlineClusterer
@@ -56,6 +57,7 @@ def manifest_of(
             clf.prior_estimator_.state() if clf.prior_estimator_ is not None else None
         ),
         lr=float(clf.lr),
+        betas=[float(b) for b in clf.betas],
         standardize=bool(clf.standardize),
         init=clf.init,
         seed=clf._seed,
@@ -104,6 +106,7 @@ def from_snapshot(
             sigma=m.required("sigma"),
             latent_dim=enc.latent_dim,
             lr=m.required("lr"),
+            betas=tuple(m.betas) if m.betas is not None else DEFAULT_BETAS,
             device=device,
             random_state=m.seed,
             encoder=enc.kind,

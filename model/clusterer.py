@@ -43,7 +43,7 @@ from oclust.model.report import StepReport
 from oclust.model.scaler import RunningScaler, scaler_for
 from oclust.model.seeding import resolve_seed, seed_centroids
 from oclust.model.snapshot import Snapshot
-from oclust.model.validation import check_input, check_params, out_dtype
+from oclust.model.validation import DEFAULT_BETAS, check_input, check_params, out_dtype
 
 if TYPE_CHECKING:
     from oclust.model.inference import Inference
@@ -88,7 +88,7 @@ class OnlineClusterer(
             in the snapshot manifest).
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
         latent_dim: size of the latent space.
-        lr: Adam learning rate (betas (0.9, 0.99), as in the paper).
+        lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
         random_state: an int (or a ``numpy`` random generator to draw one from) that makes CPU
             training deterministic: network initialisation, centroid seeding and ``fit``'s
@@ -142,13 +142,14 @@ class OnlineClusterer(
         latent_norm: str = "layer",
         init: str = "kmeans",
         seed: int | None = None,
+        betas: tuple[float, float] = DEFAULT_BETAS,
     ) -> None:
         self.n_clusters = n_clusters
         self.regulariser = regulariser
         self.prior = prior
         self.sigma = sigma
         self.latent_dim = latent_dim
-        self.lr = lr
+        self.lr, self.betas = lr, betas
         self.device = device
         self.random_state = random_state
         self.encoder = encoder
@@ -252,7 +253,8 @@ class OnlineClusterer(
         self.log_prior_ = torch.log(torch.as_tensor(self.prior_, dtype=torch.float32)).to(
             self.device_
         )
-        self.optimizer_ = torch.optim.Adam(self._parameters(), lr=self.lr, betas=(0.9, 0.99))
+        betas = (float(self.betas[0]), float(self.betas[1]))
+        self.optimizer_ = torch.optim.Adam(self._parameters(), lr=self.lr, betas=betas)
         self._rng = np.random.default_rng(self._seed)
         self._centroids_ready = False
         self._built = True

@@ -168,6 +168,7 @@ class Manifest:
     prior_mode: str | None = None  # "uniform", "fixed" or "online"
     prior_state: dict[str, Any] | None = None  # model.priors.OnlinePrior.state(), read by it
     lr: float | None = None
+    betas: list[float] | None = None  # Adam's; absent in manifests older than the field
     standardize: bool | None = None
     init: str = "kmeans"
     seed: int | None = None
@@ -220,8 +221,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "format": str, "version": _integer, "created_at": _created, "sha256": str, "integrity": str,
     "regulariser": str, "reg_params": _mapping, "n_clusters": int, "input_shape": _shape,
     "encoder": _mapping, "latent_dim": int, "sigma": float, "prior": _floats,
-    "prior_mode": str, "lr": float, "standardize": bool, "init": str, "seed": _integer,
-    "samples_seen": int, "steps": int, "offsets": _offsets, "metrics": _mapping,
+    "prior_mode": str, "lr": float, "betas": _floats, "standardize": bool, "init": str,
+    "seed": _integer, "samples_seen": int, "steps": int, "offsets": _offsets, "metrics": _mapping,
 }
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from oclust.model.priors import resolve_prior
 
 __all__ = [
+    "DEFAULT_BETAS",
     "FINITE_CHUNK_ROWS",
     "check_assignment_inputs",
     "check_finite",
@@ -38,6 +39,7 @@ FINITE_CHUNK_ROWS = 4096  # rows converted at once when searching for the bad sa
 _F32_MAX = float(np.finfo(np.float32).max)
 _GENERATORS = (np.random.RandomState, np.random.Generator)
 INITS = ("kmeans++", "kmeans", "normal")
+DEFAULT_BETAS = (0.9, 0.99)  # Adam's (beta1, beta2) unless configured
 
 
 def check_finite(arr: np.ndarray) -> None:
@@ -87,6 +89,8 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
         raise ValueError(f"latent_dim must be a positive integer, got {est.latent_dim!r}")
     if not isinstance(est.lr, numbers.Real) or not est.lr > 0:
         raise ValueError(f"lr must be a positive number, got {est.lr!r}")
+    if not _valid_betas(est.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {est.betas!r}")
     if est.reg_params is not None and not isinstance(est.reg_params, dict):
         raise ValueError(f"reg_params must be a dict or None, got {est.reg_params!r}")
     resolve_prior(est.prior, int(k))  # raises ValueError for a bad prior
@@ -94,6 +98,15 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
         state = getattr(est, name)
         if state is not None and not isinstance(state, (numbers.Integral, *_GENERATORS)):
             raise ValueError(f"{name} must be None, an int or a numpy generator, got {state!r}")
+
+
+def _valid_betas(betas: Any) -> bool:
+    """Adam's (beta1, beta2): a pair of real numbers in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        return False
+    return all(
+        isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+    )
 
 
 def check_input(est: Any, X: Any, reset: bool) -> np.ndarray:

@@ -33,7 +33,7 @@ def eval_command(
     ] = "ca",
     seeds: Annotated[int, typer.Option(min=1, help="runs per regulariser (seeds 0..N-1)")] = 3,
     epochs: Annotated[int | None, typer.Option(
-        min=1, help="passes over the shuffled data (default: the evaluation protocol's)"
+        min=1, help="passes over the shuffled data (default: 40; 10 under --protocol paper)"
     )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(help="override the default sigma")] = None,
@@ -68,11 +68,11 @@ def eval_command(
 
     from oclust.model import datasets
     from oclust.model.evaluation import (
-        DEFAULT_EPOCHS,
         IMBALANCE_PROFILES,
         METRICS,
         PRIOR_CHOICES,
         PROBES,
+        default_epochs,
         evaluate,
         subsample_imbalanced,
         summarise,
@@ -80,7 +80,7 @@ def eval_command(
     from oclust.model.presets import PRESETS
     from oclust.model.regularisers import REGULARISERS
 
-    epochs = epochs or DEFAULT_EPOCHS
+    epochs = epochs or default_epochs(protocol)
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGULARISERS]
     if unknown or not names:

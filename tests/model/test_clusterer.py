@@ -46,6 +46,8 @@ def test_bad_prior_rejected_before_any_training(prior, match):
         ({"n_clusters": 0}, "n_clusters"),
         ({"random_state": "x"}, "random_state"),
         ({"init": "zeros"}, "init"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": (0.9,)}, "betas"),
     ],
 )
 def test_bad_parameters_rejected_by_fit(params, match):

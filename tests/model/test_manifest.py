@@ -53,6 +53,18 @@ def test_an_old_manifest_without_the_newer_fields_still_loads(snap: Snapshot) ->
     assert clf.samples_seen_ == 96 and clf.steps_ == 0
 
 
+def test_adam_betas_are_saved_and_restored() -> None:
+    X = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    clf = OnlineClusterer(3, latent_dim=4, hidden=(8,), random_state=1, device="cpu",
+                          betas=(0.8, 0.999)).fit(X, batch_size=32)
+    snap = clf.to_snapshot()
+    assert snap.manifest["betas"] == [0.8, 0.999]
+    back = OnlineClusterer.from_snapshot(snap, device="cpu")
+    assert back.optimizer_.param_groups[0]["betas"] == (0.8, 0.999)
+    older = Snapshot._sealed(snap.weights, {k: v for k, v in snap.manifest.items() if k != "betas"})
+    assert OnlineClusterer.from_snapshot(older, device="cpu").betas == (0.9, 0.99)  # the default
+
+
 def test_missing_or_mistyped_fields_are_snapshot_errors(snap: Snapshot) -> None:
     with pytest.raises(SnapshotError, match="'offsets' is bad"):
         Manifest.from_dict({**snap.manifest, "offsets": [1, 2]})

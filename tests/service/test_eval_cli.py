@@ -74,6 +74,8 @@ def test_paper_preset_builds_the_lenet_encoder_with_raw_latents_and_normal_centr
     assert clf.encoder_.head.in_features == 256 and clf.encoder_.head.out_features == 128
     assert clf.encoder_config_.latent_norm == "none"
     assert clf.sigma == presets.PAPER_SIGMA == 50.0
+    assert clf.optimizer_.param_groups[0]["betas"] == (0.9, 0.999)  # their optim.Adam's default
+    assert clf.scaler_.count.item() == 0  # images go in as given: no running standardisation
     fresh = OnlineClusterer(**presets.paper(X.shape[1:], 10), seed=0)
     fresh._build(X.shape[1:])
     fresh._init_centroids(torch.zeros(4, 128))
@@ -84,3 +86,22 @@ def test_paper_preset_builds_the_lenet_encoder_with_raw_latents_and_normal_centr
 def test_eval_rejects_unknown_protocol():
     bad = CliRunner().invoke(app, ["eval", "--protocol", "authors"])
     assert bad.exit_code != 0 and "unknown protocol" in bad.output
+
+
+def test_paper_protocol_feeds_fashion_mnist_in_zero_one_and_defaults_to_ten_epochs(monkeypatch):
+    from oclust.model import OnlineClusterer, evaluation
+
+    seen = []
+
+    class Spy(OnlineClusterer):
+        def fit(self, X, y=None, **kw):
+            seen.append((self.get_params()["standardize"], float(X.min()), float(X.max())))
+            return super().fit(X, y, **kw)
+
+    monkeypatch.setattr(evaluation, "OnlineClusterer", Spy)
+    evaluation.evaluate("fashion_mnist", ["ca"], seeds=1, epochs=1, protocol="paper", limit=300)
+    evaluation.evaluate("fashion_mnist", ["ca"], seeds=1, epochs=1, limit=300)
+    (paper_std, lo, hi), (default_std, dlo, _) = seen
+    assert not paper_std and lo == 0.0 and hi == 1.0  # ToTensor's pixels, as the authors feed them
+    assert default_std and dlo < 0.0  # the default protocol standardises
+    assert evaluation.default_epochs("paper") == 10 and evaluation.default_epochs("default") == 40
