@@ -3,9 +3,10 @@
 :class:`TrainingLoop` is built once the lease is held and the model loaded; it owns the
 consumer, the dead-letter producer, the :class:`~training_worker.ledger.OffsetLedger` and an
 :class:`~training_worker.ingest.Ingest` strategy, and runs until asked to stop or the lease is
-lost. Training runs on one thread that owns the model, pipelined with the next fetch: up to
-``MAX_STEPS_IN_FLIGHT`` batches are handed to it ahead, so decoding the next fetch overlaps
-the current step and heartbeats keep flowing.
+lost. Training runs on one thread that owns the model, or in a training process
+(:mod:`training_worker.trainproc`), pipelined with the next fetch: up to ``MAX_STEPS_IN_FLIGHT``
+batches are handed to it ahead, so decoding the next fetch overlaps the current step and
+heartbeats keep flowing.
 
 At-least-once: a checkpoint publishes a snapshot covering exactly the trained (or
 dead-lettered) messages, then commits those offsets; nothing is committed that a stored
@@ -101,7 +102,7 @@ class TrainingLoop:
         ledger: offsets (resumed from the trainer's snapshot) and crash-loop marks.
         consumer, dlq: the Kafka (or in-process) consumer and the dead-letter producer.
         lease, store: the lease held and the store snapshots go to.
-        executor: the one thread that owns the model.
+        executor: the one thread that owns the model (unused by a training process's trainer).
         metrics, faults: Prometheus metrics.
         stop, lease_lost: events that end :meth:`run`.
         check_offsets: check snapshot offsets against the log on assignment (Kafka only).
@@ -153,8 +154,9 @@ class TrainingLoop:
         s = self.settings
         max_records = max(s.batch_size * 4, 1000)
         while not self.stop.is_set() and not self.lease_lost.is_set():
-            if self.fatal is not None:
-                raise self.fatal
+            fatal = self.fatal or self.trainer.failure  # e.g. the training process died
+            if fatal is not None:
+                raise fatal
             records = await self.consumer.getmany(timeout_ms=self._fetch_timeout_ms(),
                                                   max_records=max_records)
             async with self.lock:
@@ -257,7 +259,7 @@ class TrainingLoop:
                 await self.inflight.popleft()
             # the one training thread runs queued steps back to back, without the event loop
             self.inflight.append(asyncio.ensure_future(
-                self.in_training_thread(self.trainer.step, batch)))
+                self.trainer.run_step(batch, self.executor)))
         if force:
             await self.await_steps()
 
@@ -293,7 +295,7 @@ class TrainingLoop:
                         trainer.guard.threshold)
             return
         extra = {"messages": float(self.messages), "dead_letters": float(self.dlq_count)}
-        snap = await self.in_training_thread(trainer.snapshot, offsets, extra)
+        snap = await trainer.run_snapshot(offsets, extra, self.executor)
         if not await asyncio.to_thread(self.lease.renew):
             self.lease_lost.set()
             log.error("lease lost before publishing: snapshot dropped")
@@ -312,7 +314,7 @@ class TrainingLoop:
         await self._commit(offsets)
         await asyncio.to_thread(self.ledger.shrink_marks, offsets)
         log.info("published snapshot version %d (samples_seen %d, offsets %s)%s", version,
-                 trainer.model.samples_seen_, offsets, " [final]" if final else "")
+                 snap.meta.samples_seen, offsets, " [final]" if final else "")
 
     async def _commit(self, offsets: dict[str, int]) -> None:
         topic = self.settings.topic
