@@ -166,12 +166,15 @@ def memory_rate(X: np.ndarray, n: int, threads: int) -> float:
 async def worker_rate(
     bootstrap: str, topic: str, n: int, threads: int | None, device: str = "cpu"
 ) -> float:
-    """Samples/s of the real worker on the topic, timed from the end of its first step."""
+    """Samples/s of the real worker on the topic, from the end of its first step to the step
+    that completes ``n`` samples (the short batch the stop flushes is not timed)."""
     marks: list[tuple[float, int]] = []
     worker: TrainingWorker | None = None
     loop = asyncio.get_running_loop()
 
     def on_step(report: StepReport, batch: Batch) -> None:
+        if sum(k for _, k in marks) >= n:
+            return  # the partial batch a stop flushes, after up to one fetch timeout: not timed
         marks.append((time.perf_counter(), report.n))
         if sum(k for _, k in marks) >= n:
             loop.call_soon_threadsafe(worker.request_stop)  # type: ignore[union-attr]

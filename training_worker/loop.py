@@ -4,9 +4,9 @@
 consumer, the dead-letter producer, the :class:`~training_worker.ledger.OffsetLedger` and an
 :class:`~training_worker.ingest.Ingest` strategy, and runs until asked to stop or the lease is
 lost. Training runs on one thread that owns the model, or in a training process
-(:mod:`training_worker.trainproc`), pipelined with the next fetch: up to ``MAX_STEPS_IN_FLIGHT``
-batches are handed to it ahead, so decoding the next fetch overlaps the current step and
-heartbeats keep flowing.
+(:mod:`training_worker.trainproc`), pipelined with the next fetch: up to the trainer's
+``steps_ahead`` batches are handed to it ahead, so decoding the next fetch overlaps the current
+step and heartbeats keep flowing.
 
 At-least-once: a checkpoint publishes a snapshot covering exactly the trained (or
 dead-lettered) messages, then commits those offsets; nothing is committed that a stored
@@ -52,7 +52,6 @@ __all__ = ["DLQ_REASONS", "TrainingLoop"]
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.2
-MAX_STEPS_IN_FLIGHT = 8  # handed to the training thread ahead: it never waits on a decode
 # Every torch op of a step drops the GIL and takes it back; while the event loop decodes, the
 # training thread would wait up to CPython's switch interval (5 ms) for it each time. A short
 # interval lets the step's GIL-free compute overlap the decode instead of queueing behind it.
@@ -255,7 +254,7 @@ class TrainingLoop:
             await self.inflight.popleft()
         while len(self.queue) >= s.batch_size or (len(self.queue) and (force or self._aged())):
             batch = self.queue.take(s.batch_size)
-            while len(self.inflight) >= MAX_STEPS_IN_FLIGHT:
+            while len(self.inflight) >= self.trainer.steps_ahead:
                 await self.inflight.popleft()
             # the one training thread runs queued steps back to back, without the event loop
             self.inflight.append(asyncio.ensure_future(

@@ -80,7 +80,8 @@ class ModelOwner:
     def release(self, unlink: bool) -> None:
         if self.ring is not None:
             self.slots = None
-            self.ring.close()
+            with contextlib.suppress(BufferError):  # a view still held: unmapped at exit
+                self.ring.close()
             if unlink:  # the worker is gone: nobody else will
                 with contextlib.suppress(FileNotFoundError):
                     self.ring.unlink()

@@ -62,6 +62,9 @@ class TrainerHooks:
 class Trainer:
     """Holds the model, its guard, live quality and the last healthy snapshot.
 
+    ``steps_ahead``: batches the loop hands over before the first of them has trained (the
+    training thread then never waits on a decode).
+
     Args:
         model: the clusterer (fresh or restored from a snapshot).
         guard: the collapse guard.
@@ -71,6 +74,8 @@ class Trainer:
         healthy: the last healthy snapshot (e.g. the one the worker resumed from).
         hooks: callbacks for tests and embedding.
     """
+
+    steps_ahead = 8
 
     def __init__(
         self,

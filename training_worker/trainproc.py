@@ -9,19 +9,23 @@ else (offsets, commits, the collapse guard, the DLQ, the lease, metrics, hooks) 
   :mod:`multiprocessing.shared_memory` (one copy in; the child trains on a view of its slot,
   zero-copy); a pipe carries only commands (slot, sample count) and replies (the step's report:
   served labels for the guard, loss, the model's counters and prior). Every command gets one
-  reply, in order, so up to ``MAX_STEPS_IN_FLIGHT`` steps queue in the child while the worker
+  reply, in order, so up to ``STEPS_AHEAD`` steps queue in the child while the worker
   decodes the next fetch.
 * :class:`ProcessTrainer` — a :class:`~training_worker.trainer.Trainer` whose ``run_step`` and
   ``run_snapshot`` go to the process; the guard, live quality and hooks run on the replies, in
   the event loop's thread. The collapse guard's restore is a command ordered after the steps
   already sent; those steps are counted but not judged.
 
-Failure and shutdown: the child ignores SIGINT/SIGTERM (the worker stops it after the final
-snapshot), exits when the worker's end of the pipe closes (a kill -9 of the worker), and
-unlinks the ring then. Its death makes the worker fail with :class:`TrainProcessDied` (a
-:class:`~training_worker.resume.WorkerHalt`: ``oclust worker`` exits 1), never hang. The
-child owns the torch device (CUDA is initialised there only); the worker holds a CPU copy of
-the model as resumed, replaced by the final weights at a clean stop.
+Failure and shutdown: the child (:mod:`training_worker.trainchild`) ignores SIGINT/SIGTERM (the
+worker stops it after the final snapshot), exits when the worker's end of the pipe closes (a
+kill -9 of the worker), and unlinks the ring then. Its death makes the worker fail with
+:class:`TrainProcessDied` (a :class:`~training_worker.resume.WorkerHalt`: ``oclust worker``
+exits 1), never hang. The child owns the torch device (CUDA is initialised there only); the
+worker holds a CPU copy of the model as resumed, replaced by the final weights at a clean stop.
+
+Children come from a ``forkserver`` that imported torch and the model once, so a restart after
+a lost lease costs a fork, not an import. As with any ``multiprocessing`` start method but
+``fork``, a script that embeds the worker needs the ``if __name__ == "__main__":`` guard.
 
 Example:
     >>> ring_slots(8), ring_floats(256, (64,))
@@ -31,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import math
@@ -56,6 +61,9 @@ __all__ = ["ProcessTrainer", "TrainProcess", "TrainProcessDied", "ring_floats", 
 log = logging.getLogger(__name__)
 
 RING_PREFIX = "oclust-ring"
+# Steps queued in the child: enough to cover a fetch round trip of the broker (a slot is one
+# batch: 64 KiB for 256 digits), not so many that a checkpoint waits long for them.
+STEPS_AHEAD = 16
 START_TIMEOUT_S = 120.0  # building the model in the child (imports are preloaded)
 STOP_TIMEOUT_S = 10.0
 
@@ -103,7 +111,7 @@ class TrainProcess:
         self.closing = False
         self.ring: SharedMemory | None = None
         self.slots: np.ndarray | None = None
-        self.free: list[int] = []
+        self.free: list[int] | None = []  # free slots; None: no ring can be made
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> Facts:
@@ -113,6 +121,9 @@ class TrainProcess:
         self.pending.append(hello)  # the child's first reply, unasked
         await asyncio.to_thread(self.proc.start)  # the first start launches the fork server
         self._child_end.close()  # EOF on our end once the child is gone
+        # an interpreter exiting without shutdown(): EOF lets the child go (it ignores the
+        # SIGTERM multiprocessing's own exit hook sends, then joins it)
+        atexit.register(self.conn.close)
         self._loop.add_reader(self.conn.fileno(), self._readable)
         return await asyncio.wait_for(hello, START_TIMEOUT_S)
 
@@ -184,25 +195,38 @@ class TrainProcess:
         try:
             return await self.call("step", slot, x.shape, None)
         finally:
+            assert self.free is not None
             self.free.append(slot)
 
     def _slot(self, x: np.ndarray) -> int:
         """A ring slot holding a copy of ``x`` (-1: send ``x`` through the pipe instead)."""
         if x.dtype != np.float32 or not len(x) or self.failure is not None:
             return -1
-        if self.ring is None:
-            floats = ring_floats(self.settings.batch_size, x.shape[1:])
-            slots = ring_slots(self.in_flight)
-            self.ring = SharedMemory(create=True, size=slots * floats * 4, name=ring_name())
-            self.slots = np.ndarray((slots, floats), np.float32, self.ring.buf)
-            self.free = list(range(slots))
-            self.call_later("ring_", self.ring.name, slots, floats)
+        if self.slots is None and not self._make_ring(x.shape[1:]):
+            return -1
         assert self.slots is not None
         if x.size > self.slots.shape[1] or not self.free:
             return -1  # another sample shape than the first batch's, or a full ring
         slot = self.free.pop()
         self.slots[slot, : x.size] = x.reshape(-1)
         return slot
+
+    def _make_ring(self, shape: tuple[int, ...]) -> bool:
+        """Create the ring for samples of ``shape`` (once; False: it cannot be, use the pipe)."""
+        if self.free is None:
+            return False
+        floats = ring_floats(self.settings.batch_size, shape)
+        slots = ring_slots(self.in_flight)
+        try:
+            self.ring = SharedMemory(create=True, size=slots * floats * 4, name=ring_name())
+        except OSError as exc:
+            log.warning("no shared memory for the training ring (%s): batches go by pipe", exc)
+            self.free = None
+            return False
+        self.slots = np.ndarray((slots, floats), np.float32, self.ring.buf)
+        self.free = list(range(slots))
+        self.call_later("ring_", self.ring.name, slots, floats)
+        return True
 
     async def close(self, export: bool) -> Snapshot | None:
         """Stop the child after the commands sent; its final weights if ``export``."""
@@ -221,6 +245,7 @@ class TrainProcess:
         await asyncio.to_thread(self._reap)
 
     def _reap(self) -> None:
+        atexit.unregister(self.conn.close)
         if self.proc.pid is not None:  # started
             self.proc.join(STOP_TIMEOUT_S if self.closing else 0)
             if self.proc.is_alive():
@@ -230,7 +255,8 @@ class TrainProcess:
         self._child_end.close()
         if self.ring is not None:
             self.slots = None
-            self.ring.close()
+            with contextlib.suppress(BufferError):  # a view still held: unmapped at exit
+                self.ring.close()
             with contextlib.suppress(FileNotFoundError):
                 self.ring.unlink()
             self.ring = None
@@ -244,17 +270,20 @@ class ProcessTrainer(Trainer):
     CPU copy until :meth:`close` brings the final weights back.
     """
 
+    steps_ahead = STEPS_AHEAD
+
     def __init__(self, base: Trainer, proc: TrainProcess, facts: Facts) -> None:
         super().__init__(base.model, base.guard, base.metrics, base.quality, base.restore,
                          base.healthy, base.hooks)
         self.proc = proc
+        self.steps_ahead = proc.in_flight  # the ring has a slot for each, and a spare
         self.facts = facts
         self.generation = 0  # bumped by each restore: replies of older steps are not judged
         self.unjudged = False  # restored, and no step on the restored weights judged yet
 
     @classmethod
-    async def start(cls, base: Trainer, settings: WorkerSettings, in_flight: int
-                    ) -> ProcessTrainer:
+    async def start(cls, base: Trainer, settings: WorkerSettings,
+                    in_flight: int = STEPS_AHEAD) -> ProcessTrainer:
         """Start the training process from ``base``'s healthy snapshot (or a fresh model)."""
         proc = TrainProcess(settings, base.healthy, in_flight)
         try:
@@ -269,6 +298,15 @@ class ProcessTrainer(Trainer):
     def failure(self) -> BaseException | None:
         """Why the training process is gone (``None`` while it runs)."""
         return self.proc.failure
+
+    def step(self, batch: Batch) -> StepReport | None:
+        """Not here: the model is in the training process (``await run_step(batch, None)``)."""
+        raise TypeError("a ProcessTrainer trains in its process: await run_step()")
+
+    def snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None = None
+                 ) -> Snapshot:
+        """Not here: the weights are in the training process (``await run_snapshot(...)``)."""
+        raise TypeError("a ProcessTrainer's weights are in its process: await run_snapshot()")
 
     async def run_step(self, batch: Batch, executor: Executor | None) -> StepReport | None:
         """One step in the training process, then the guard, metrics and hooks here."""

@@ -68,7 +68,7 @@ from training_worker.ingest import make_ingest
 from training_worker.kafka import DeadLetters, ensure_topic
 from training_worker.lease import Lease, make_lease, make_progress_log
 from training_worker.ledger import OffsetLedger
-from training_worker.loop import DLQ_REASONS, MAX_STEPS_IN_FLIGHT, TrainingLoop
+from training_worker.loop import DLQ_REASONS, TrainingLoop
 from training_worker.monitor import WorkerMetrics
 from training_worker.resume import (
     FaultMetrics,
@@ -275,7 +275,7 @@ class TrainingWorker:
         if not in_process:
             await self._train_with(lease, executor, trainer)
             return
-        remote = await ProcessTrainer.start(trainer, s, MAX_STEPS_IN_FLIGHT)
+        remote = await ProcessTrainer.start(trainer, s)
         try:
             await self._train_with(lease, executor, remote)
         except BaseException:

@@ -12,6 +12,8 @@ import os
 import re
 import select
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,6 +128,38 @@ def test_a_killed_training_process_fails_the_worker_and_frees_the_ring(tmp_path)
     assert isinstance(failure, TrainProcessDied)
     assert code == -signal.SIGKILL
     assert not _rings(os.getpid())
+
+
+EXIT_WITHOUT_SHUTDOWN = """
+import asyncio, os, sys
+import numpy as np
+from training_worker.batching import Batch
+from training_worker.monitor import CollapseGuard, WorkerMetrics
+from training_worker.resume import fresh_model
+from training_worker.settings import WorkerSettings
+from training_worker.trainer import Trainer
+from training_worker.trainproc import ProcessTrainer
+
+async def main() -> None:
+    s = WorkerSettings(n_clusters=2, latent_dim=4, batch_size=8, device="cpu",
+                       store="file://" + sys.argv[1], metrics_port=-1)
+    base = Trainer(fresh_model(s, "cpu"), CollapseGuard(0.0, 5), WorkerMetrics())
+    remote = await ProcessTrainer.start(base, s, in_flight=2)
+    await remote.run_step(Batch(np.ones((8, 3), np.float32), np.full(8, -1)), None)
+    print(remote.proc.proc.pid, os.getpid(), flush=True)  # and return without closing it
+
+asyncio.run(main())
+"""
+
+
+def test_an_interpreter_exiting_without_shutdown_neither_hangs_nor_leaks(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_SHUTDOWN, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child, pid = map(int, proc.stdout.split())
+    assert _wait_gone(child, timeout=5)
+    assert not _rings(pid)
 
 
 def _train_pid(log: Path) -> int:
