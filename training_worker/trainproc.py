@@ -61,6 +61,9 @@ __all__ = ["ProcessTrainer", "TrainProcess", "TrainProcessDied", "ring_floats", 
 log = logging.getLogger(__name__)
 
 RING_PREFIX = "oclust-ring"
+# /dev/shm of a container is 64 MiB by default, and writing past it is a SIGBUS: large samples
+# get fewer slots (the other batches in flight go by pipe)
+RING_MAX_BYTES = 32 << 20
 # Steps queued in the child: enough to cover a fetch round trip of the broker (a slot is one
 # batch: 64 KiB for 256 digits), not so many that a checkpoint waits long for them.
 STEPS_AHEAD = 16
@@ -216,7 +219,9 @@ class TrainProcess:
         if self.free is None:
             return False
         floats = ring_floats(self.settings.batch_size, shape)
-        slots = ring_slots(self.in_flight)
+        slots = min(ring_slots(self.in_flight), RING_MAX_BYTES // (4 * floats))
+        if slots < 1:
+            return False  # a batch larger than the ring may be: every batch by pipe
         try:
             self.ring = SharedMemory(create=True, size=slots * floats * 4, name=ring_name())
         except OSError as exc:

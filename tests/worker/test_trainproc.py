@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from model import datasets
+from training_worker import trainproc
 from training_worker.batching import Batch
 from training_worker.devbroker import free_port
 from training_worker.kafka import committed_offsets
@@ -105,6 +106,29 @@ def test_process_trainer_trains_as_the_thread_trainer(tmp_path):
     np.testing.assert_array_equal(remote.model.predict(X), local.model.predict(X))
     assert remote.describe()["samples_seen"] == len(X) + 64
     assert not _rings(os.getpid())
+
+
+def test_batches_too_large_for_the_ring_go_by_pipe(tmp_path, monkeypatch):
+    X, _ = datasets.load("digits")
+    s = _settings(tmp_path)
+    monkeypatch.setattr(trainproc, "RING_MAX_BYTES", 64 * 64 * 4 - 1)  # not one batch
+    torch.set_num_threads(1)
+    local = _trainer(s)
+    batches = [Batch(X[i:i + 64].astype(np.float32), np.full(64, -1)) for i in (0, 64)]
+    expected = [local.step(b) for b in batches]
+
+    async def main() -> tuple[list, list[str]]:
+        remote = await ProcessTrainer.start(_trainer(s), s, in_flight=2)
+        try:
+            got = [await remote.run_step(b, None) for b in batches]
+            return got, _rings(os.getpid())
+        finally:
+            await remote.close()
+
+    got, rings = asyncio.run(main())
+    assert rings == []  # no ring: each batch went through the pipe
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g.served_labels, e.served_labels)
 
 
 def test_a_killed_training_process_fails_the_worker_and_frees_the_ring(tmp_path):
