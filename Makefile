@@ -19,7 +19,7 @@ $(BIN)/oclust: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(if $(TORCH_INDEX_UP),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/python -c 'from model.kernel import warm_up; warm_up()'  # numba compiles once, here
+	$(BIN)/python -c 'from oclust.model.kernel import warm_up; warm_up()'  # numba compiles once, here
 	touch $@
 
 install: $(BIN)/oclust

@@ -4,7 +4,7 @@ Times, on the same distances (squared distances of random 128-d latents to K ran
 sigma = 100, uniform prior):
 - the plain Python O(N^2 K) loop (the definition; one repetition at the large size),
 - a vectorised-NumPy naive loop (one O(N K) cost matrix + argmin per step),
-- ``model.assign.combination_assignment`` (compiled; first call reported separately),
+- ``oclust.model.assign.combination_assignment`` (compiled; first call reported separately),
 and an MLP train step (64 -> 256 -> 256 -> 128, Adam, batch 256, forward + backward + step,
 torch's default thread count) to show CA's share of a training step. All three assignments are
 checked to return the same labels. Prints a markdown table.
@@ -87,9 +87,9 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from model.assign import combination_assignment
-    from model.assign_reference import reference_assignment as python_loop
-    from model.assign_reference import reference_assignment_vectorised as numpy_loop
+    from oclust.model.assign import combination_assignment
+    from oclust.model.assign_reference import reference_assignment as python_loop
+    from oclust.model.assign_reference import reference_assignment_vectorised as numpy_loop
 
     t0 = time.perf_counter()
     combination_assignment(make_distances(8, 3), SIGMA)

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from model import OnlineClusterer, datasets  # noqa: E402
-from model.assign import combination_assignment  # noqa: E402
+from oclust.model import OnlineClusterer, datasets  # noqa: E402
+from oclust.model.assign import combination_assignment  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu runs the same script on the CPU (a smoke test of the script)
 
@@ -86,8 +86,8 @@ async def kafka_rate(X: np.ndarray, n: int) -> float:
     """Samples/s of the worker on CUDA consuming float32 digits messages from Tansu."""
     from bench_worker import worker_rate
 
-    from training_worker.devbroker import TansuBroker
-    from training_worker.producer import replay
+    from oclust.training_worker.devbroker import TansuBroker
+    from oclust.training_worker.producer import replay
 
     with TansuBroker() as broker:
         topic = f"gpu-{uuid.uuid4().hex[:8]}"
@@ -107,7 +107,7 @@ def service_rates(seconds: float) -> dict[str, float]:
     json_body.write_text(json.dumps({"items": rows.tolist()}))
     raw_body.write_bytes(rows.astype("<f4").tobytes())
     port = bs._free_port()
-    serve = [bs.PY, "-m", "service", "serve", "--store", f"file://{tmp / 'store'}",
+    serve = [bs.PY, "-m", "oclust", "serve", "--store", f"file://{tmp / 'store'}",
              "--namespace", "bench", "--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "OCLUST_DEVICE": DEVICE}
     out = {}

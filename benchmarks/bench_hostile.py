@@ -37,10 +37,10 @@ def serve(port: int) -> None:
     import numpy as np
     import uvicorn
 
-    from model import OnlineClusterer
-    from service.app import create_app
-    from service.loader import LoadedModel, ModelHolder
-    from service.settings import ServiceSettings
+    from oclust.model import OnlineClusterer
+    from oclust.service.app import create_app
+    from oclust.service.loader import LoadedModel, ModelHolder
+    from oclust.service.settings import ServiceSettings
 
     clf = OnlineClusterer(n_clusters=10, seed=0, device="cpu")
     clf.partial_fit(np.random.default_rng(0).normal(size=(256, 64)).astype("float32"))

@@ -1,9 +1,9 @@
 """Benchmark: the CA paper's tables re-run on FashionMNIST and the HAPT windows, both protocols.
 
 For each dataset (``fashion_mnist``: 70,000 images; ``hapt``: 10,411 windows of 6 × 128
-readings) and protocol (``paper``: the authors' setup, :func:`model.presets.paper`; ``default``:
+readings) and protocol (``paper``: the authors' setup, :func:`oclust.model.presets.paper`; ``default``:
 the shipped configuration), every method runs ``--seeds`` seeds through
-:func:`model.evaluation.evaluate` (batch 256, final epoch reported, never the best) and reports
+:func:`oclust.model.evaluation.evaluate` (batch 256, final epoch reported, never the best) and reports
 mean (std) of ACC, NMI, ARI, hard and soft KL* (the paper's Tables 1 and 4) and the linear and
 KNN (k=10) probe accuracies of the latents (Table 3), with KMeans and MiniBatchKMeans rows on the
 same standardised data. The paper's own FashionMNIST row is printed beside ours.
@@ -38,8 +38,8 @@ from bench_quality import (
     run_all,
 )
 
-from model.evaluation import METRICS, PROBES, evaluate, summarise
-from model.presets import PRESETS
+from oclust.model.evaluation import METRICS, PROBES, evaluate, summarise
+from oclust.model.presets import PRESETS
 
 DATASETS = ("fashion_mnist", "hapt")
 METHODS = ("ca", "sk", "ent", "ss", "ckm", "none", "drc", "tcc", "cm", "aecm", "varm")

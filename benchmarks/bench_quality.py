@@ -1,6 +1,6 @@
 """Benchmark: clustering quality of every regulariser, paper-style (mean (std) over seeds).
 
-Runs :func:`model.evaluation.evaluate` (the paper's protocol: standardise, stream shuffled
+Runs :func:`oclust.model.evaluation.evaluate` (the paper's protocol: standardise, stream shuffled
 batches of 256 for E epochs, score every point by nearest centroid, final epoch reported) for
 each regulariser on digits, ImageSegments and BasicMotions, balanced and subsampled by the
 paper's ``imb3`` profile (1, .9, ..., .1 of each class), with the clusterer's defaults
@@ -31,9 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import clusterer
-from model.evaluation import DEFAULT_EPOCHS, METRICS, evaluate, summarise
-from model.regularisers import REGULARISERS
+from oclust.model import clusterer
+from oclust.model.evaluation import DEFAULT_EPOCHS, METRICS, evaluate, summarise
+from oclust.model.regularisers import REGULARISERS
 
 DATASETS = ("digits", "segments", "basic_motions")
 METHODS = ("ca", "sk", "ent", "ss", "varm", "cm", "aecm", "ckm", "drc", "tcc", "none")

@@ -4,7 +4,7 @@ Target (issue 14): ``oclust serve`` with the digits MLP snapshot (64 -> 512 -> 1
 stays under 250 MiB RSS, and torch is absent from the process.
 
 It publishes that snapshot to a directory store, starts the real CLI
-(``python -m service serve``) on it, waits for ``/readyz``, sends 200 single ``/assign``
+(``python -m oclust serve``) on it, waits for ``/readyz``, sends 200 single ``/assign``
 requests and 20 batches of 256 to ``/assign/batch``, then reads the server's ``/proc/PID/status``
 (``VmRSS`` now, ``VmHWM`` its peak) and ``/proc/PID/maps`` (a mapped ``libtorch`` means torch
 was imported). ``--root DIR`` runs the server from another checkout (e.g. the one before the
@@ -56,7 +56,7 @@ def measure(root: Path) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="oclust-replica-"))
     X = _publish_model(tmp / "store")[1].tolist()
     port = _free_port()
-    cmd = [PY, "-m", "service", "serve", "--store", f"file://{tmp / 'store'}", "--namespace",
+    cmd = [PY, "-m", "oclust", "serve", "--store", f"file://{tmp / 'store'}", "--namespace",
            "bench", "--port", str(port), "--log-level", "warning"]
     env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     start = time.monotonic()

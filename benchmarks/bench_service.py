@@ -6,7 +6,7 @@ way, and ``POST /assign/batch`` ≥ 100k points/s for the MLP model.
 
 What runs, all as separate processes on this machine:
 
-* the service: ``python -m service serve`` (the real CLI) on a directory store holding an MLP
+* the service: ``python -m oclust serve`` (the real CLI) on a directory store holding an MLP
   snapshot (digits, 64 -> 512 -> 128, K = 10) trained for a few steps;
 * the baseline: a FastAPI app whose ``POST /assign`` returns a constant, started by
   ``uvicorn.run`` with the same settings (one process, no access log, same loop and HTTP
@@ -221,9 +221,9 @@ def _publish_model(store_dir: Path) -> tuple[int, object]:
     """Train the digits MLP for a few steps and publish it; returns (input size, data)."""
     import numpy as np
 
-    from model import OnlineClusterer
-    from model.datasets import load
-    from training_worker.store import open_store
+    from oclust.model import OnlineClusterer
+    from oclust.model.datasets import load
+    from oclust.training_worker.store import open_store
 
     X, _ = load("digits")
     clf = OnlineClusterer(n_clusters=10, seed=0, device="cpu")
@@ -257,7 +257,7 @@ def main() -> None:
 
     rows: list[tuple[str, str]] = []
     port_bare, port_svc = _free_port(), _free_port()
-    serve = [PY, "-m", "service", "serve", "--store", f"file://{tmp / 'store'}", "--namespace",
+    serve = [PY, "-m", "oclust", "serve", "--store", f"file://{tmp / 'store'}", "--namespace",
              "bench", "--port", str(port_svc), "--log-level", "warning"]
     conns, rounds = 16, 3
     if args.batches_only:

@@ -4,11 +4,11 @@ Targets (issue 5, this 2-core machine): ready (``/readyz`` 200, a snapshot serve
 of start; the digits quality target of the foundation issue (NMI >= 0.68 with hard KL* <= 0.05)
 within 2 minutes of replay.
 
-Starts ``python -m service up`` (the real CLI, in-process stream, directory store in a fresh
+Starts ``python -m oclust up`` (the real CLI, in-process stream, directory store in a fresh
 temporary directory) on a free port, polls ``/readyz``, then every ``--every`` seconds loads
 the store's current snapshot and scores it on all of digits: nearest-centroid predictions
 against the labels (ACC, NMI, hard KL* against the class distribution), as in
-``model.evaluation``. Prints a markdown table; the process is stopped with SIGINT at the end.
+``oclust.model.evaluation``. Prints a markdown table; the process is stopped with SIGINT at the end.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_up.py [--seconds 120]``
 """
@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import OnlineClusterer, datasets
-from model import metrics as M
-from training_worker.devbroker import free_port
-from training_worker.store import VersionNotFound, open_store
+from oclust.model import OnlineClusterer, datasets
+from oclust.model import metrics as M
+from oclust.training_worker.devbroker import free_port
+from oclust.training_worker.store import VersionNotFound, open_store
 
 
 def _ready(url: str) -> bool:
@@ -54,7 +54,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "up", "--port", str(port), "--quiet"],
+            [sys.executable, "-m", "oclust", "up", "--port", str(port), "--quiet"],
             cwd=tmp, env={**os.environ, "OMP_NUM_THREADS": "1"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -45,22 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer
 
-from model import OnlineClusterer, StepReport, datasets
-from training_worker.batching import Batch
-from training_worker.codec import SampleDecoder
-from training_worker.devbroker import TansuBroker
-from training_worker.ingest import make_ingest
-from training_worker.kafka import DeadLetters
-from training_worker.lease import make_progress_log
-from training_worker.ledger import OffsetLedger
-from training_worker.loop import TrainingLoop
-from training_worker.monitor import CollapseGuard, WorkerMetrics
-from training_worker.producer import dataset_messages, replay
-from training_worker.resume import FaultMetrics
-from training_worker.settings import WorkerSettings
-from training_worker.store import open_store
-from training_worker.trainer import Trainer, TrainerHooks
-from training_worker.worker import TrainingWorker
+from oclust.model import OnlineClusterer, StepReport, datasets
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.codec import SampleDecoder
+from oclust.training_worker.devbroker import TansuBroker
+from oclust.training_worker.ingest import make_ingest
+from oclust.training_worker.kafka import DeadLetters
+from oclust.training_worker.lease import make_progress_log
+from oclust.training_worker.ledger import OffsetLedger
+from oclust.training_worker.loop import TrainingLoop
+from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
+from oclust.training_worker.producer import dataset_messages, replay
+from oclust.training_worker.resume import FaultMetrics
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import Trainer, TrainerHooks
+from oclust.training_worker.worker import TrainingWorker
 
 BATCH = 256
 PER_MESSAGE = 256  # samples per multi-sample message

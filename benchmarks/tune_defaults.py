@@ -2,7 +2,7 @@
 
 Each run appends one JSON line (dataset, candidate, seeds, epochs, limit, per-seed scores, wall
 seconds) to ``--out``. Candidates are judged on the *selection* data sets and then confirmed on
-the others; labels only score, as in ``model.evaluation``. ``fashion_mnist_flat`` is FashionMNIST
+the others; labels only score, as in ``oclust.model.evaluation``. ``fashion_mnist_flat`` is FashionMNIST
 sent as flat 784-value vectors (the MLP encoder), the way many producers send images.
 
     PYTHONPATH=$PWD python benchmarks/tune_defaults.py --dataset digits --candidate shipped
@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any
 
-from model import datasets, evaluation
+from oclust.model import datasets, evaluation
 
 CANDIDATES: dict[str, dict[str, Any]] = {
     "shipped": {"latent_norm": "layer", "init": "kmeans", "sigma": 10.0},

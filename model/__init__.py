@@ -1,11 +1,11 @@
 """oclust's model library: encoders, regularisers, the online clusterer, metrics, snapshots.
 
 The heavy names (the clusterer, hence torch) are imported on first use (PEP 562), so that
-``import model.inference`` or ``import model.snapshot`` stays light: a replica serving an MLP
+``import oclust.model.inference`` or ``import oclust.model.snapshot`` stays light: a replica serving an MLP
 snapshot never imports torch.
 
 Example:
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> OnlineClusterer(n_clusters=4).regulariser
     'ca'
 """
@@ -16,16 +16,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from model.clusterer import OnlineClusterer, StepReport
-    from model.snapshot import Snapshot, SnapshotError
+    from oclust.model.clusterer import OnlineClusterer, StepReport
+    from oclust.model.snapshot import Snapshot, SnapshotError
 
 __all__ = ["OnlineClusterer", "Snapshot", "SnapshotError", "StepReport"]
 
 _LAZY = {
-    "OnlineClusterer": "model.clusterer",
-    "StepReport": "model.clusterer",
-    "Snapshot": "model.snapshot",
-    "SnapshotError": "model.snapshot",
+    "OnlineClusterer": "oclust.model.clusterer",
+    "StepReport": "oclust.model.clusterer",
+    "Snapshot": "oclust.model.snapshot",
+    "SnapshotError": "oclust.model.snapshot",
 }
 
 

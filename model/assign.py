@@ -27,7 +27,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from model.validation import check_assignment_inputs
+from oclust.model.validation import check_assignment_inputs
 
 __all__ = ["combination_assignment"]
 
@@ -378,7 +378,7 @@ def combination_assignment(distances: Any, sigma: float, log_prior: Any = None) 
         int64 array of shape (N,): the cluster of every row.
 
     Raises:
-        ValueError: bad input, named (:func:`model.validation.check_assignment_inputs`).
+        ValueError: bad input, named (:func:`oclust.model.validation.check_assignment_inputs`).
 
     Example:
         >>> import numpy as np

@@ -1,4 +1,4 @@
-"""The definition that :func:`model.assign.combination_assignment` reproduces, in plain code.
+"""The definition that :func:`oclust.model.assign.combination_assignment` reproduces, in plain code.
 
 The greedy loop of combination assignment, written as directly as possible (pure Python) and
 vectorised per step (NumPy): the references the compiled kernel is tested and benchmarked

@@ -17,7 +17,7 @@ Three families, picked from the per-sample shape with the same rule as the encod
 
 Example:
     >>> import torch
-    >>> from model.augment import augment
+    >>> from oclust.model.augment import augment
     >>> x = torch.randn(4, 6, 100)
     >>> g = torch.Generator().manual_seed(0)
     >>> v = augment(x, g)
@@ -48,7 +48,7 @@ def kind_for_shape(sample_shape: tuple[int, ...]) -> str:
     >>> kind_for_shape((64,)), kind_for_shape((6, 100)), kind_for_shape((28, 28))
     ('vector', 'window', 'image')
     """
-    from model.encoders import EncoderConfig
+    from oclust.model.encoders import EncoderConfig
 
     encoder = EncoderConfig.for_shape(tuple(sample_shape), kind="auto").kind
     return {"mlp": "vector", "conv1d": "window", "lenet1d": "window"}.get(encoder, "image")

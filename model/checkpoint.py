@@ -1,14 +1,14 @@
-"""Snapshot (de)serialisation of an :class:`~model.clusterer.OnlineClusterer`.
+"""Snapshot (de)serialisation of an :class:`~oclust.model.clusterer.OnlineClusterer`.
 
 The tensors (centroids, ``encoder.*``, ``reg.*``, ``scaler.*`` and the Adam state
 ``optim.{i}.*``) go to safetensors; everything needed to rebuild the model goes to the typed
-:class:`~model.snapshot.Manifest`. ``OnlineClusterer.to_snapshot`` and ``from_snapshot`` call
+:class:`~oclust.model.snapshot.Manifest`. ``OnlineClusterer.to_snapshot`` and ``from_snapshot`` call
 these functions.
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
-    >>> from model.checkpoint import from_snapshot, to_snapshot
+    >>> from oclust.model import OnlineClusterer
+    >>> from oclust.model.checkpoint import from_snapshot, to_snapshot
     >>> X = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     >>> clf = OnlineClusterer(2, latent_dim=4, random_state=0, device="cpu").partial_fit(X)
     >>> snap = to_snapshot(clf, offsets={"t:0": 64})
@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model.encoders import EncoderConfig
-from model.exporting import serving_tail
-from model.inference import SERVING_PREFIX
-from model.priors import OnlinePrior, resolve_prior
-from model.snapshot import Manifest, Snapshot, SnapshotError, pack_tensors, unpack_tensors
+from oclust.model.encoders import EncoderConfig
+from oclust.model.exporting import serving_tail
+from oclust.model.inference import SERVING_PREFIX
+from oclust.model.priors import OnlinePrior, resolve_prior
+from oclust.model.snapshot import Manifest, Snapshot, SnapshotError, pack_tensors, unpack_tensors
 
 if TYPE_CHECKING:
-    from model.clusterer import OnlineClusterer
+    from oclust.model.clusterer import OnlineClusterer
 
 __all__ = ["from_snapshot", "load_tensors", "manifest_of", "to_snapshot"]
 

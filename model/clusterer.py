@@ -2,7 +2,7 @@
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
     >>> clf = OnlineClusterer(n_clusters=3, latent_dim=8, random_state=0)
     >>> clf.partial_fit(X).last_step_.labels.shape, clf.predict(X[:1]).shape
@@ -34,19 +34,19 @@ from sklearn.base import (
 from sklearn.utils import Tags
 from torch import nn
 
-from model import checkpoint
-from model.encoders import EncoderConfig, build_encoder
-from model.predicting import INFERENCE_BYTES, INFERENCE_ROWS, InferenceMixin
-from model.priors import OnlinePrior, resolve_prior
-from model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
-from model.report import StepReport
-from model.scaler import RunningScaler, scaler_for
-from model.seeding import resolve_seed, seed_centroids
-from model.snapshot import Snapshot
-from model.validation import check_input, check_params, out_dtype
+from oclust.model import checkpoint
+from oclust.model.encoders import EncoderConfig, build_encoder
+from oclust.model.predicting import INFERENCE_BYTES, INFERENCE_ROWS, InferenceMixin
+from oclust.model.priors import OnlinePrior, resolve_prior
+from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
+from oclust.model.report import StepReport
+from oclust.model.scaler import RunningScaler, scaler_for
+from oclust.model.seeding import resolve_seed, seed_centroids
+from oclust.model.snapshot import Snapshot
+from oclust.model.validation import check_input, check_params, out_dtype
 
 if TYPE_CHECKING:
-    from model.inference import Inference
+    from oclust.model.inference import Inference
 
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
            "RunningScaler", "StepReport"]
@@ -82,7 +82,7 @@ class OnlineClusterer(
         regulariser: name of a registered regulariser (``ca``, ``sk``, ``ent``, ``ss``, ``varm``,
             ``none``, ...).
         prior: ``None`` or ``"uniform"``, a probability vector of length K, or ``"online"``:
-            estimated from the stream (:class:`model.priors.OnlinePrior`: EM mixture weights
+            estimated from the stream (:class:`oclust.model.priors.OnlinePrior`: EM mixture weights
             from prior-free soft responsibilities of each step's distances, shrunk toward
             uniform, KL-capped, uniform until warmed up; fed back as ``log_prior`` and saved
             in the snapshot manifest).
@@ -214,7 +214,7 @@ class OnlineClusterer(
         return self.encoder_config_.latent_dim
 
     def _validated(self, X: Any, reset: bool) -> np.ndarray:
-        """X checked as an (N, *input_shape) numeric array (:func:`model.validation.check_input`);
+        """X checked as an (N, *input_shape) numeric array (:func:`oclust.model.validation.check_input`);
         ``reset`` checks the parameters too and records the feature count and names."""
         if reset:
             self.validate_params()
@@ -262,7 +262,7 @@ class OnlineClusterer(
         yield from self.reg_.parameters()
 
     def _init_centroids(self, z: torch.Tensor) -> None:
-        """Seed the centroids from the first batch's latents (see :mod:`model.seeding`)."""
+        """Seed the centroids from the first batch's latents (see :mod:`oclust.model.seeding`)."""
         self.centroids_.data.copy_(seed_centroids(z, self.n_clusters, self.init, self._rng))
         self._centroids_ready = True
 
@@ -313,7 +313,7 @@ class OnlineClusterer(
 
     @torch.no_grad()
     def _served_labels(self, z: torch.Tensor, distances: torch.Tensor) -> np.ndarray:
-        """The served rule of :meth:`predict` (:func:`model.regularisers.serve`) applied to the
+        """The served rule of :meth:`predict` (:func:`oclust.model.regularisers.serve`) applied to the
         step's own latents: no second forward pass."""
         serving = self.reg_.serving_centroids(self.centroids_)
         d = distances if serving is self.centroids_ else sq_distances(z.detach(), serving)
@@ -377,13 +377,13 @@ class OnlineClusterer(
         metrics: dict[str, float | list[float]] | None = None,
     ) -> Snapshot:
         """Weights, centroids, optimiser state and a manifest, ready for a store
-        (:func:`model.checkpoint.to_snapshot`)."""
+        (:func:`oclust.model.checkpoint.to_snapshot`)."""
         return checkpoint.to_snapshot(self, offsets, metrics)
 
     def export(self) -> Inference:
         """The frozen inference-only serving pipeline (scaler -> encoder -> serving centroids
-        -> the served rule), answering as :meth:`assign`: :func:`model.exporting.export`."""
-        from model.exporting import export
+        -> the served rule), answering as :meth:`assign`: :func:`oclust.model.exporting.export`."""
+        from oclust.model.exporting import export
 
         return export(self)
 
@@ -392,6 +392,6 @@ class OnlineClusterer(
         cls, snapshot: Snapshot, device: str = "auto", verify: bool = True
     ) -> OnlineClusterer:
         """Rebuild a clusterer that predicts exactly as the one that made the snapshot
-        (:func:`model.checkpoint.from_snapshot`; ``verify=False`` skips the checksum of a
+        (:func:`oclust.model.checkpoint.from_snapshot`; ``verify=False`` skips the checksum of a
         snapshot that was verified already)."""
         return checkpoint.from_snapshot(cls, snapshot, device, verify)

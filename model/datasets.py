@@ -14,7 +14,7 @@
 converted once to an npz cache in the user's cache directory.
 
 Example:
-    >>> from model import datasets
+    >>> from oclust.model import datasets
     >>> X, y = datasets.load("digits")
     >>> X.shape, int(y.max()) + 1
     ((1797, 64), 10)

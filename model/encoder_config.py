@@ -1,6 +1,6 @@
 """What an encoder is, without torch: :class:`EncoderConfig` (stored in the snapshot manifest)
 and, for the MLP, the layer program its weights make (:func:`mlp_program`), which
-:mod:`model.inference` runs without torch. :mod:`model.encoders` builds the torch modules.
+:mod:`oclust.model.inference` runs without torch. :mod:`oclust.model.encoders` builds the torch modules.
 
 Example:
     >>> cfg = EncoderConfig.for_shape((64,), latent_dim=16)
@@ -88,7 +88,7 @@ def mlp_program(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...]]]:
 
     Ops: ``linear`` (weight (out, in), bias), ``relu``, ``layernorm`` (no parameters) and
     ``batchnorm`` (running mean and variance, eval mode). The keys are those of
-    ``model.encoders.build_encoder(cfg).state_dict()``: the body is wrapped in a ``Sequential``
+    ``oclust.model.encoders.build_encoder(cfg).state_dict()``: the body is wrapped in a ``Sequential``
     with its latent normalisation unless that is ``"none"``.
     """
     if cfg.kind != "mlp":

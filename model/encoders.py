@@ -7,12 +7,12 @@ flattened maps (28×28 → 14×14 → 7×7, so it trains at a useful rate on a C
 ``cnn`` (the earlier full-resolution CNN, global average pooled), and the CA paper's encoders
 ``lenet`` (Conv2d(1,6,5)+BN+ReLU+MaxPool(2), Conv2d(6,16,5)+BN+ReLU+MaxPool(2),
 Linear(256→128) on 28×28) and its 1-D analogue ``lenet1d`` for (C, T) windows.
-:class:`EncoderConfig` lives in the torch-free :mod:`model.encoder_config` (re-exported here),
+:class:`EncoderConfig` lives in the torch-free :mod:`oclust.model.encoder_config` (re-exported here),
 so that a manifest can be read without torch.
 
 Example:
     >>> import torch
-    >>> from model.encoders import EncoderConfig, build_encoder
+    >>> from oclust.model.encoders import EncoderConfig, build_encoder
     >>> cfg = EncoderConfig.for_shape((64,), latent_dim=16)
     >>> build_encoder(cfg)(torch.zeros(3, 64)).shape
     torch.Size([3, 16])
@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from model.encoder_config import DEFAULT_HIDDEN, ENCODERS, IMAGE_KINDS, NORM_EPS, EncoderConfig
+from oclust.model.encoder_config import DEFAULT_HIDDEN, ENCODERS, IMAGE_KINDS, NORM_EPS, EncoderConfig
 
 __all__ = ["DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "EncoderConfig", "build_encoder"]
 

@@ -7,12 +7,12 @@ never the best one: labels are used only for scoring. KMeans and MiniBatchKMeans
 standardised data are the reference.
 
 ``protocol="default"`` trains the shipped configuration; ``protocol="paper"`` the CA paper's
-(:func:`model.presets.paper`: LeNet-style encoders, raw latents, N(0, 1) centroids, sigma 50 in
+(:func:`oclust.model.presets.paper`: LeNet-style encoders, raw latents, N(0, 1) centroids, sigma 50 in
 our parametrisation). ``probes=True`` adds linear and KNN (k=10) probe accuracies of the latents
 (fit on a seeded 80% of the points, scored on the other 20%).
 
 Example:
-    >>> from model.evaluation import evaluate
+    >>> from oclust.model.evaluation import evaluate
     >>> res = evaluate("digits", ["ca"], seeds=1, epochs=1)
     >>> sorted(res["ca"][0])
     ['acc', 'ari', 'kl_star_hard', 'kl_star_soft', 'nmi']
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from model import datasets, metrics, presets
-from model.clusterer import OnlineClusterer
-from model.encoders import IMAGE_KINDS, EncoderConfig
+from oclust.model import datasets, metrics, presets
+from oclust.model.clusterer import OnlineClusterer
+from oclust.model.encoders import IMAGE_KINDS, EncoderConfig
 
 __all__ = [
     "DEFAULT_EPOCHS",

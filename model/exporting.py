@@ -1,7 +1,7 @@
 """A fitted clusterer's serving pipeline: the ``serving.*`` tensors of a snapshot and
 :meth:`OnlineClusterer.export <model.clusterer.OnlineClusterer.export>`.
 
-The compiled kernel (:mod:`model.kernel`) needs, besides the encoder's weights, the serving
+The compiled kernel (:mod:`oclust.model.kernel`) needs, besides the encoder's weights, the serving
 centroids, the method's own linear head (CM/AE-CM) and the scaler's mean/std; they are written
 into every snapshot under :data:`model.inference.SERVING_PREFIX` so that a replica can serve an MLP
 snapshot without torch. A head that is not one linear layer gives an empty tail: such a model is
@@ -9,7 +9,7 @@ served by torch.
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
     >>> clf = OnlineClusterer(3, latent_dim=4, random_state=0, device="cpu").fit(X)
     >>> sorted(serving_tail(clf))
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from model.inference import SERVING_PREFIX, CompiledInference, Inference
-from model.inference_torch import TorchInference
+from oclust.model.inference import SERVING_PREFIX, CompiledInference, Inference
+from oclust.model.inference_torch import TorchInference
 
 if TYPE_CHECKING:
-    from model.clusterer import OnlineClusterer
+    from oclust.model.clusterer import OnlineClusterer
 
 __all__ = ["export", "serving_tail"]
 

@@ -1,21 +1,21 @@
 """The serving pipeline a fitted model exports: scaler -> encoder -> centroids -> served rule.
 
-:func:`load` builds it from a snapshot and :meth:`model.OnlineClusterer.export` from a fitted
+:func:`load` builds it from a snapshot and :meth:`oclust.model.OnlineClusterer.export` from a fitted
 clusterer; both give an :class:`Inference`: a callable from a validated float32 batch
 (N, *input_shape) to an :class:`Assignment` (labels, squared distances to the chosen centroid,
 soft assignments, the latents), the same answers as ``OnlineClusterer.assign`` and ``soft_assign``.
 
-* MLP encoders run in :class:`CompiledInference`, one numba kernel (:mod:`model.kernel`) over
+* MLP encoders run in :class:`CompiledInference`, one numba kernel (:mod:`oclust.model.kernel`) over
   NumPy arrays. From a snapshot it is built **without importing torch**: the weights are read
   with ``safetensors.numpy``, the layer program comes from the encoder config
-  (:func:`model.encoder_config.mlp_program`), and the served tail (scaler statistics, serving
+  (:func:`oclust.model.encoder_config.mlp_program`), and the served tail (scaler statistics, serving
   centroids, a method's own head) from the ``serving.*`` tensors the clusterer writes.
 * Other encoders (or a snapshot without a ``serving.*`` section) run in torch
-  (:class:`model.inference_torch.TorchInference`), imported only then.
+  (:class:`oclust.model.inference_torch.TorchInference`), imported only then.
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
     >>> clf = OnlineClusterer(n_clusters=2, latent_dim=4, random_state=0, device="cpu")
     >>> inf = load(clf.partial_fit(X).to_snapshot())
@@ -32,9 +32,9 @@ from typing import Protocol
 
 import numpy as np
 
-from model.encoder_config import NORM_EPS, EncoderConfig, mlp_program
-from model.kernel import Kernel, compile_program
-from model.snapshot import Snapshot, SnapshotError, unpack_arrays
+from oclust.model.encoder_config import NORM_EPS, EncoderConfig, mlp_program
+from oclust.model.kernel import Kernel, compile_program
+from oclust.model.snapshot import Snapshot, SnapshotError, unpack_arrays
 
 __all__ = ["SERVING_PREFIX", "Assignment", "CompiledInference", "Inference", "load"]
 
@@ -78,7 +78,7 @@ class CompiledInference:
 
     Example:
         >>> import numpy as np
-        >>> from model.encoder_config import EncoderConfig
+        >>> from oclust.model.encoder_config import EncoderConfig
         >>> cfg = EncoderConfig("mlp", (2,), latent_dim=2, hidden=(), latent_norm="none")
         >>> arrays = {"net.0.weight": np.eye(2, dtype="float32"),
         ...           "net.0.bias": np.zeros(2, "float32"),
@@ -158,7 +158,7 @@ def load(
             return CompiledInference.from_arrays(cfg, sigma, arrays)
     import torch  # only for what the kernel cannot run
 
-    from model.clusterer import OnlineClusterer
+    from oclust.model.clusterer import OnlineClusterer
 
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)

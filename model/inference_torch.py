@@ -1,10 +1,10 @@
 """The torch serving pipeline, for encoders the compiled kernel does not run (Conv1d, CNN).
 
-Imported only when such a model is exported or loaded (see :mod:`model.inference`).
+Imported only when such a model is exported or loaded (see :mod:`oclust.model.inference`).
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(32, 3, 20)).astype("float32")
     >>> clf = OnlineClusterer(n_clusters=2, latent_dim=4, random_state=0, device="cpu")
     >>> inf = clf.partial_fit(X).export()
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.inference import Assignment
-from model.regularisers import serve, sq_distances
+from oclust.model.inference import Assignment
+from oclust.model.regularisers import serve, sq_distances
 
 __all__ = ["TorchInference"]
 
@@ -33,7 +33,7 @@ SingleAssign = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 class _Pipeline(nn.Module):
-    """scaler -> encoder -> squared distances -> the served rule (``model.regularisers.serve``)
+    """scaler -> encoder -> squared distances -> the served rule (``oclust.model.regularisers.serve``)
     -> (labels, distances, soft assignments, latents)."""
 
     def __init__(

@@ -5,7 +5,7 @@ the whole serving pipeline (standardise -> linear/ReLU/normalisation layers -> s
 to the centroids -> the served rule -> softmax; the latents are an output too) is a small
 *program* of rows over one flat float32 parameter array, which :func:`_forward` interprets in
 float32, on blocks of rows (one BLAS matrix product per linear layer and block).
-:func:`compile_program` builds it from plain NumPy arrays; :mod:`model.inference` feeds it.
+:func:`compile_program` builds it from plain NumPy arrays; :mod:`oclust.model.inference` feeds it.
 
 Example:
     >>> import numpy as np
@@ -234,7 +234,7 @@ def warm_up() -> None:
     Example:
         >>> warm_up()
     """
-    from model.assign import combination_assignment
+    from oclust.model.assign import combination_assignment
 
     eye = np.eye(2, dtype=np.float32)
     zero = np.zeros(2, np.float32)

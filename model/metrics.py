@@ -4,7 +4,7 @@ All entropies and divergences are in nats. Distributions are 1-D arrays that sum
 
 Example:
     >>> import numpy as np
-    >>> from model import metrics
+    >>> from oclust.model import metrics
     >>> h = metrics.cluster_distribution(np.array([0, 0, 1, 2]), 3)
     >>> h.round(2).tolist()
     [0.5, 0.25, 0.25]

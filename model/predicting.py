@@ -1,14 +1,14 @@
 """Inference of the online clusterer: latents, served clusters, distances and soft assignments.
 
-:class:`~model.clusterer.OnlineClusterer` inherits these methods (``transform`` it defines
+:class:`~oclust.model.clusterer.OnlineClusterer` inherits these methods (``transform`` it defines
 itself: scikit-learn's ``set_output`` wraps only methods of the estimator's own class). Every
 one runs the encoder in chunks of bounded memory (at most ``INFERENCE_ROWS`` samples, fewer
 when one sample's activations are big) and applies the served rule of
-:func:`model.regularisers.serve`.
+:func:`oclust.model.regularisers.serve`.
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> X = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     >>> clf = OnlineClusterer(2, latent_dim=4, random_state=0, device="cpu").fit(X)
     >>> clf.transform(X).shape, clf.soft_assign(X).shape, clf.assign(X)[1].dtype
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 
-from model.regularisers import serve, sq_distances
+from oclust.model.regularisers import serve, sq_distances
 
 __all__ = ["INFERENCE_BYTES", "INFERENCE_ROWS", "InferenceMixin"]
 
@@ -102,7 +102,7 @@ class InferenceMixin:
     def assign(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         """Served cluster and its squared distance to that serving centroid for each sample:
         the nearest centroid, or the method's own rule (CM/AE-CM: argmax gamma,
-        :func:`model.regularisers.serve`)."""
+        :func:`oclust.model.regularisers.serve`)."""
         return self._assign(self._checked(X))
 
     def predict(self, X: Any) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Ready-made :class:`~model.clusterer.OnlineClusterer` configurations.
+"""Ready-made :class:`~oclust.model.clusterer.OnlineClusterer` configurations.
 
 ``paper`` is the setup of the CA paper's released code, for reproducing its tables; ``default``
 is what oclust ships (an empty dict: the clusterer's own defaults).
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.encoders import EncoderConfig
+from oclust.model.encoders import EncoderConfig
 
 __all__ = ["PAPER_BATCH_SIZE", "PAPER_SIGMA", "PRESETS", "default", "paper", "preset"]
 

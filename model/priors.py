@@ -24,7 +24,7 @@ as discounted counts with the new defaults and counts as warmed up.
 
 Example:
     >>> import numpy as np
-    >>> from model.priors import OnlinePrior
+    >>> from oclust.model.priors import OnlinePrior
     >>> est = OnlinePrior(3, decay=0.9, shrink=0.1, max_kl=0.2, warmup=0)
     >>> rng = np.random.default_rng(0)
     >>> centres = np.array([0.0, 10.0, 20.0])

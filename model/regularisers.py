@@ -14,7 +14,7 @@ module that :meth:`Regulariser.serving_head` returns.
 
 Example:
     >>> import torch
-    >>> from model.regularisers import Batch, make_regulariser
+    >>> from oclust.model.regularisers import Batch, make_regulariser
     >>> z = torch.randn(8, 4); mu = torch.randn(3, 4, requires_grad=True)
     >>> batch = Batch.build(z, z, mu, sigma=1.0, log_prior=torch.full((3,), -1.0986))
     >>> out = make_regulariser("ca")(batch)
@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from model.assign import combination_assignment
+from oclust.model.assign import combination_assignment
 
 __all__ = [
     "REGULARISERS",
@@ -328,4 +328,4 @@ def make_regulariser(name: str, **params: float) -> Regulariser:
 
 # the methods of model.seeds register themselves; importing them here (last, once every name
 # above exists) makes the registry complete whichever module is imported first
-from model import seeds as _seeds  # noqa: E402, F401
+from oclust.model import seeds as _seeds  # noqa: E402, F401

@@ -2,7 +2,7 @@
 
 Example:
     >>> import numpy as np
-    >>> from model.report import StepReport
+    >>> from oclust.model.report import StepReport
     >>> r = StepReport.build(np.array([0, 1]), np.array([0, 0]), 0.5, np.array([0.5, 0.5]))
     >>> round(r.train_hard_entropy, 3), abs(r.served_hard_entropy), r.n
     (0.693, 0.0, 2)
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import metrics
+from oclust.model import metrics
 
 __all__ = ["StepReport"]
 

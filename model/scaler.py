@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from model.scaler import RunningScaler
+    >>> from oclust.model.scaler import RunningScaler
     >>> s = RunningScaler((2,), (0,))
     >>> s.update(torch.tensor([[0.0, 10.0], [2.0, 30.0]]))
     >>> s(torch.tensor([[1.0, 20.0]])).tolist()
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.encoders import IMAGE_KINDS, EncoderConfig
+from oclust.model.encoders import IMAGE_KINDS, EncoderConfig
 
 __all__ = ["RunningScaler", "scaler_for"]
 

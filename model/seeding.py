@@ -2,7 +2,7 @@
 
 Example:
     >>> import numpy as np, torch
-    >>> from model.seeding import seed_centroids
+    >>> from oclust.model.seeding import seed_centroids
     >>> z = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
     >>> mu = seed_centroids(z, 2, "kmeans", np.random.default_rng(0))
     >>> sorted(round(float(c), 2) for c in mu[:, 0])

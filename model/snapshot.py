@@ -17,7 +17,7 @@ in the stored JSON (so the checksum of a newer writer's manifest still holds) an
 :attr:`Manifest.extra`; nothing here interprets them.
 
 Example:
-    >>> from model.snapshot import Snapshot, pack_tensors, unpack_tensors
+    >>> from oclust.model.snapshot import Snapshot, pack_tensors, unpack_tensors
     >>> import torch
     >>> snap = Snapshot.create(pack_tensors({"centroids": torch.zeros(2, 3)}), {"n_clusters": 2})
     >>> snap.verify(); unpack_tensors(snap.weights)["centroids"].shape
@@ -133,7 +133,7 @@ class Manifest:
 
     The *envelope* (``format``, ``version``, ``created_at``, ``sha256``, ``integrity``) is
     stamped by :class:`Snapshot`; the rest describes the model and the stream position, written
-    by :meth:`model.clusterer.OnlineClusterer.to_snapshot`. Every field may be absent from an
+    by :meth:`oclust.model.clusterer.OnlineClusterer.to_snapshot`. Every field may be absent from an
     older or hand-made manifest: it then reads as its default, and code that needs it asks for
     it with :meth:`required`. A present field of the wrong type raises :class:`SnapshotError`.
     Unknown fields are preserved, read-only, in :attr:`extra` (and written back by

@@ -5,7 +5,7 @@ the combination-assignment kernel can use these checks without torch.
 
 Example:
     >>> import numpy as np
-    >>> from model.validation import check_finite
+    >>> from oclust.model.validation import check_finite
     >>> check_finite(np.array([[1.0, np.nan]]))
     Traceback (most recent call last):
     ...
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from model.priors import resolve_prior
+from oclust.model.priors import resolve_prior
 
 __all__ = [
     "FINITE_CHUNK_ROWS",
@@ -68,7 +68,7 @@ def out_dtype(arr: np.ndarray) -> type[np.floating]:
 
 
 def check_params(est: Any, regularisers: Container[str]) -> None:
-    """Check an :class:`~model.clusterer.OnlineClusterer`'s parameters; ``ValueError`` if bad."""
+    """Check an :class:`~oclust.model.clusterer.OnlineClusterer`'s parameters; ``ValueError`` if bad."""
     k = est.n_clusters
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ValueError(f"n_clusters must be a positive integer, got {k!r}")
@@ -152,7 +152,7 @@ def check_assignment_inputs(
     distances: Any, sigma: float, log_prior: Any
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """Distances (float64 N x K), sigma and log prior (float64, length K; zeros for ``None``)
-    for :func:`model.assign.combination_assignment`.
+    for :func:`oclust.model.assign.combination_assignment`.
 
     Raises ``ValueError`` naming the problem: ``distances`` not 2-D, with no column, or with
     inf/nan; ``sigma`` not a number, negative or not finite; ``log_prior`` of the wrong length

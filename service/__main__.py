@@ -1,5 +1,5 @@
-"""``python -m service`` runs the oclust CLI."""
+"""``python -m oclust`` runs the oclust CLI."""
 
-from service.cli import app
+from oclust.service.cli import app
 
 app()

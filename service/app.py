@@ -1,6 +1,6 @@
 """The FastAPI assignment service: POST /assign, /assign/batch, the manifest, health, metrics.
 
-``create_app(settings, holder)`` needs only ``model`` and a :class:`~service.loader.ModelHolder`;
+``create_app(settings, holder)`` needs only ``model`` and a :class:`~oclust.service.loader.ModelHolder`;
 whatever keeps the holder current (the snapshot watcher of ``oclust serve``) is passed in as a
 background task and started/stopped with the server.
 
@@ -17,9 +17,9 @@ Endpoints:
   ``GET /stats`` the live collapse/drift numbers as JSON · ``GET /stats/map`` recent latents in
   2-D (PCA) · ``GET /docs`` OpenAPI.
 
-The jobs live in their own modules: :mod:`service.assign` (the raw assign endpoints),
-:mod:`service.endpoints` (the GET routes), :mod:`service.middleware` (API key, body limit,
-request counting), :mod:`service.metrics` (Prometheus) and :mod:`service.openapi`.
+The jobs live in their own modules: :mod:`oclust.service.assign` (the raw assign endpoints),
+:mod:`oclust.service.endpoints` (the GET routes), :mod:`oclust.service.middleware` (API key, body limit,
+request counting), :mod:`oclust.service.metrics` (Prometheus) and :mod:`oclust.service.openapi`.
 
 Client mistakes get 4xx with a message, never 5xx: bad JSON, NaN/inf, wrong shapes, non-numbers,
 features beyond ``max_abs_feature`` (``out_of_range``), empty or missing fields and oversized
@@ -52,14 +52,14 @@ from typing import Protocol
 from fastapi import FastAPI
 from starlette.routing import Route
 
-from service.assign import AssignEndpoint, Assigner
-from service.endpoints import info_router
-from service.loader import ModelHolder
-from service.metrics import ServiceMetrics
-from service.middleware import LimitsMiddleware
-from service.monitor import AssignmentMonitor
-from service.openapi import DESCRIPTION, install_openapi
-from service.settings import ServiceSettings
+from oclust.service.assign import AssignEndpoint, Assigner
+from oclust.service.endpoints import info_router
+from oclust.service.loader import ModelHolder
+from oclust.service.metrics import ServiceMetrics
+from oclust.service.middleware import LimitsMiddleware
+from oclust.service.monitor import AssignmentMonitor
+from oclust.service.openapi import DESCRIPTION, install_openapi
+from oclust.service.settings import ServiceSettings
 
 __all__ = ["Background", "create_app"]
 

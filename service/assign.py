@@ -13,9 +13,9 @@ request; error answers, off that path, are Starlette ``Response`` objects.
 Example:
     >>> import asyncio, httpx
     >>> from starlette.routing import Route, Router
-    >>> from service.loader import ModelHolder
-    >>> from service.monitor import AssignmentMonitor
-    >>> from service.settings import ServiceSettings
+    >>> from oclust.service.loader import ModelHolder
+    >>> from oclust.service.monitor import AssignmentMonitor
+    >>> from oclust.service.settings import ServiceSettings
     >>> holder = ModelHolder()
     >>> assigner = Assigner(holder, AssignmentMonitor(), ServiceSettings())
     >>> class Latency:
@@ -46,17 +46,17 @@ import pydantic_core
 from fastapi.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from service.decoding import (
+from oclust.service.decoding import (
     BodyTooLarge,
     InputError,
     decode_binary,
     decode_features,
     decode_items,
 )
-from service.loader import Assignment, LoadedModel, ModelHolder
-from service.middleware import json_response
-from service.monitor import AssignmentMonitor
-from service.settings import ServiceSettings
+from oclust.service.loader import Assignment, LoadedModel, ModelHolder
+from oclust.service.middleware import json_response
+from oclust.service.monitor import AssignmentMonitor
+from oclust.service.settings import ServiceSettings
 
 __all__ = ["BINARY", "JSON", "AssignEndpoint", "Assigner", "not_ready"]
 
@@ -118,7 +118,7 @@ class Assigner:
         return await run_in_threadpool(work)
 
     async def single(self, body: bytes, binary: bool, _accept_binary: bool) -> Answer:
-        """Answer an :class:`~service.schemas.AssignRequest` body (or one raw float32 sample)."""
+        """Answer an :class:`~oclust.service.schemas.AssignRequest` body (or one raw float32 sample)."""
         model = self.holder.current
         if model is None:
             return not_ready(self.holder)
@@ -142,7 +142,7 @@ class Assigner:
     async def batch(
         self, body: bytes, binary: bool, accept_binary: bool
     ) -> Answer | tuple[int, bytes, RawHeaders]:
-        """Answer an :class:`~service.schemas.AssignBatchRequest` body or a raw float32 batch
+        """Answer an :class:`~oclust.service.schemas.AssignBatchRequest` body or a raw float32 batch
         (JSON or binary)."""
         model = self.holder.current
         if model is None:
@@ -244,7 +244,7 @@ class AssignEndpoint:
 
     Checks the Content-Type (415 unless JSON or octet-stream), reads the body within
     ``body_timeout`` seconds (else 408), calls ``handler(body, binary_in, binary_out)`` and times
-    the whole request. The API key is checked by :class:`~service.middleware.LimitsMiddleware`.
+    the whole request. The API key is checked by :class:`~oclust.service.middleware.LimitsMiddleware`.
     """
 
     def __init__(self, handler: Handler, latency: Any, body_timeout: float = 30.0) -> None:

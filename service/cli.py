@@ -20,8 +20,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from service import installed_version
-from service.options import ClickException
+from oclust.service import installed_version
+from oclust.service.options import ClickException
 
 __all__ = ["app", "oclust_version"]
 
@@ -77,7 +77,7 @@ def main(
     """oclust: learn clusters from a stream, serve /assign, and watch for collapse."""
 
 
-from service import cmd_eval, cmd_serve, cmd_up, cmd_worker  # noqa: E402
+from oclust.service import cmd_eval, cmd_serve, cmd_up, cmd_worker  # noqa: E402
 
 for _module in (cmd_eval, cmd_worker, cmd_serve, cmd_up):
     _module.register(app)

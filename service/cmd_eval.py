@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from service.options import SettingsCommand
+from oclust.service.options import SettingsCommand
 
 HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
            "kl_star_soft": "KL* soft", "linear_probe": "linear probe", "knn_probe": "KNN probe"}
@@ -66,8 +66,8 @@ def eval_command(
     from rich.table import Table
     from tqdm import tqdm
 
-    from model import datasets
-    from model.evaluation import (
+    from oclust.model import datasets
+    from oclust.model.evaluation import (
         DEFAULT_EPOCHS,
         IMBALANCE_PROFILES,
         METRICS,
@@ -77,8 +77,8 @@ def eval_command(
         subsample_imbalanced,
         summarise,
     )
-    from model.presets import PRESETS
-    from model.regularisers import REGULARISERS
+    from oclust.model.presets import PRESETS
+    from oclust.model.regularisers import REGULARISERS
 
     epochs = epochs or DEFAULT_EPOCHS
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
@@ -150,7 +150,7 @@ def eval_command(
 
 def key_of(dataset: str) -> str:
     """The canonical name of a dataset (aliases resolved)."""
-    from model import datasets
+    from oclust.model import datasets
 
     name = dataset.lower()
     return datasets.ALIASES.get(name, name)

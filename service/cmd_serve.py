@@ -20,17 +20,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.options import (
+from oclust.service.options import (
     build_settings,
     fail,
     field_option,
     settings_command,
     setup_logging,
 )
-from service.settings import ServiceSettings
+from oclust.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from model.snapshot import Manifest
+    from oclust.model.snapshot import Manifest
 
 __all__ = ["register", "run_server", "serve_command", "snapshots_app"]
 
@@ -46,10 +46,10 @@ def run_server(settings: ServiceSettings) -> None:
     """Serve until interrupted: the app, plus a watcher keeping it on the store's snapshot."""
     import uvicorn
 
-    from service.app import create_app
-    from service.http import uvicorn_config
-    from service.loader import ModelHolder, SnapshotWatcher
-    from training_worker.store import StoreError, open_store
+    from oclust.service.app import create_app
+    from oclust.service.http import uvicorn_config
+    from oclust.service.loader import ModelHolder, SnapshotWatcher
+    from oclust.training_worker.store import StoreError, open_store
 
     try:
         store = open_store(settings.store, settings.namespace, poll_interval=settings.poll_interval)
@@ -86,7 +86,7 @@ snapshots_app = typer.Typer(
 
 
 def _open(store: str | None, namespace: str | None) -> Any:
-    from training_worker.store import StoreError, open_store
+    from oclust.training_worker.store import StoreError, open_store
 
     s = _settings(store=store, namespace=namespace)
     try:
@@ -114,7 +114,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a t
 
 def _pointer(st: Any) -> tuple[int | None, str | None]:
     """(current version, problem): a garbled pointer is reported, not raised."""
-    from training_worker.store import CorruptPointer
+    from oclust.training_worker.store import CorruptPointer
 
     try:
         return st.current_version(), None
@@ -124,8 +124,8 @@ def _pointer(st: Any) -> tuple[int | None, str | None]:
 
 def _inventory(st: Any) -> dict[str, Any]:
     """Everything ``snapshots list`` shows, as JSON-able data (never raises on bad contents)."""
-    from model.snapshot import Manifest, SnapshotError
-    from training_worker.store import VersionNotFound
+    from oclust.model.snapshot import Manifest, SnapshotError
+    from oclust.training_worker.store import VersionNotFound
 
     current, problem = _pointer(st)
     rows = []
@@ -150,8 +150,8 @@ def list_command(
 ) -> None:
     """Table of stored versions (the current one marked; corrupt ones and pointer problems
     shown, so that `rollback` can repair them)."""
-    from model.snapshot import Manifest
-    from training_worker.store import StoreError
+    from oclust.model.snapshot import Manifest
+    from oclust.training_worker.store import StoreError
 
     st = _open(store, namespace)
     try:
@@ -201,8 +201,8 @@ def show_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Print one snapshot's manifest (JSON), after verifying its checksums."""
-    from model.snapshot import SnapshotError
-    from training_worker.store import StoreError
+    from oclust.model.snapshot import SnapshotError
+    from oclust.training_worker.store import StoreError
 
     st = _open(store, namespace)
     try:
@@ -231,8 +231,8 @@ def rollback_command(
 
     Works whatever the pointer holds now (a version, nothing, or garbage), so it also repairs it.
     """
-    from model.snapshot import SnapshotError
-    from training_worker.store import StoreError
+    from oclust.model.snapshot import SnapshotError
+    from oclust.training_worker.store import StoreError
 
     st = _open(store, namespace)
     try:

@@ -1,7 +1,7 @@
 """``oclust up``: the whole service in one process — replay, training worker, store, service.
 
 With no options it needs neither Kafka nor Redis: an in-process stream
-(:class:`~training_worker.stream.LocalStream`) carries the replayed dataset to the training
+(:class:`~oclust.training_worker.stream.LocalStream`) carries the replayed dataset to the training
 worker, snapshots go to a directory store (``./.oclust/store``), and the service answers on
 ``http://127.0.0.1:8000`` (the live page at ``/``). Only the stream and the store differ from a
 deployment: ``--bootstrap-servers HOST:PORT --store redis://...`` runs the very same worker,
@@ -30,15 +30,15 @@ from typing import Annotated, Any
 
 import typer
 
-from service.options import (
+from oclust.service.options import (
     LogLevelOpt,
     SettingsCommand,
     build_settings,
     field_option,
     setup_logging,
 )
-from service.settings import ServiceSettings
-from training_worker.settings import WorkerSettings
+from oclust.service.settings import ServiceSettings
+from oclust.training_worker.settings import WorkerSettings
 
 __all__ = ["LiveStats", "register", "run_up", "up_command"]
 
@@ -74,7 +74,7 @@ class LiveStats:
     """Collects the training worker's steps (``on_step`` runs in its training thread).
 
     Example:
-        >>> from model import StepReport
+        >>> from oclust.model import StepReport
         >>> stats = LiveStats(n_clusters=3)
         >>> stats.view.samples
         0
@@ -183,15 +183,15 @@ async def run_up(
     from rich.console import Console
     from rich.live import Live
 
-    from service.app import create_app
-    from service.http import uvicorn_config
-    from service.loader import ModelHolder, SnapshotWatcher
-    from training_worker.monitor import WorkerMetrics
-    from training_worker.producer import replay
-    from training_worker.store import VersionNotFound, open_store
-    from training_worker.stream import LocalStream
-    from training_worker.trainer import TrainerHooks
-    from training_worker.worker import TrainingWorker
+    from oclust.service.app import create_app
+    from oclust.service.http import uvicorn_config
+    from oclust.service.loader import ModelHolder, SnapshotWatcher
+    from oclust.training_worker.monitor import WorkerMetrics
+    from oclust.training_worker.producer import replay
+    from oclust.training_worker.store import VersionNotFound, open_store
+    from oclust.training_worker.stream import LocalStream
+    from oclust.training_worker.trainer import TrainerHooks
+    from oclust.training_worker.worker import TrainingWorker
 
     ws, ss = worker_settings, service_settings
     sock = _bind(ss.host, ss.port)

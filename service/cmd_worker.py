@@ -1,8 +1,8 @@
 """``oclust worker``, ``oclust produce`` and ``oclust train``: the training side of the CLI.
 
 The ``worker`` and ``train`` options are the fields of
-``training_worker.settings.WorkerSettings`` and ``TrainSettings``
-(see :mod:`service.options`): each is also read from ``OCLUST_<OPTION>``, and an option given on
+``oclust.training_worker.settings.WorkerSettings`` and ``TrainSettings``
+(see :mod:`oclust.service.options`): each is also read from ``OCLUST_<OPTION>``, and an option given on
 the command line wins.
 
 Example:
@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from service.options import (
+from oclust.service.options import (
     LogLevelOpt,
     SettingsCommand,
     build_settings,
@@ -30,7 +30,7 @@ from service.options import (
     settings_command,
     setup_logging,
 )
-from training_worker.settings import KafkaSettings, TrainSettings, WorkerSettings
+from oclust.training_worker.settings import KafkaSettings, TrainSettings, WorkerSettings
 
 __all__ = ["produce_command", "register", "train_command", "worker_command"]
 
@@ -47,8 +47,8 @@ def worker_command(settings: WorkerSettings, log_level: LogLevelOpt = "info") ->
     """
     from aiokafka.errors import KafkaError
 
-    from training_worker.store import StoreError
-    from training_worker.worker import TrainingWorker, WorkerHalt
+    from oclust.training_worker.store import StoreError
+    from oclust.training_worker.worker import TrainingWorker, WorkerHalt
 
     setup_logging(log_level)
     worker = TrainingWorker(settings)
@@ -82,7 +82,7 @@ def produce_command(
     """Stream a bundled dataset into a topic as sample (or reading) messages, labels included."""
     from aiokafka.errors import KafkaError
 
-    from training_worker.producer import replay
+    from oclust.training_worker.producer import replay
 
     bootstrap_servers = build_settings(
         KafkaSettings, {"bootstrap_servers": bootstrap_servers}
@@ -110,15 +110,15 @@ def train_command(settings: TrainSettings) -> None:
     """
     from tqdm import tqdm
 
-    from model.priors import parse_prior
-    from training_worker.offline import (
+    from oclust.model.priors import parse_prior
+    from oclust.training_worker.offline import (
         evaluate,
         load_input,
         make_windows,
         publish_model,
         train_offline,
     )
-    from training_worker.store import StoreError, open_store
+    from oclust.training_worker.store import StoreError, open_store
 
     s = settings
     try:

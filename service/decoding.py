@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from training_worker.settings import MAX_ABS_FEATURE
+from oclust.training_worker.settings import MAX_ABS_FEATURE
 
 __all__ = [
     "BodyTooLarge",
@@ -242,7 +242,7 @@ def _check_size(body: bytes, values: int, what: str) -> None:
 def decode_features(
     body: bytes, shape: tuple[int, ...], max_abs: float = MAX_ABS_FEATURE
 ) -> np.ndarray:
-    """The ``features`` of an :class:`~service.schemas.AssignRequest` body as a float32 batch
+    """The ``features`` of an :class:`~oclust.service.schemas.AssignRequest` body as a float32 batch
     (1, *shape)."""
     _check_size(body, math.prod(shape), "features")
     raw, clean = _parse(body, "features")
@@ -277,7 +277,7 @@ def _too_many(n: int, max_batch: int) -> InputError:
 def decode_items(
     body: bytes, shape: tuple[int, ...], max_batch: int, max_abs: float = MAX_ABS_FEATURE
 ) -> np.ndarray:
-    """The ``items`` of an :class:`~service.schemas.AssignBatchRequest` body as a float32 batch
+    """The ``items`` of an :class:`~oclust.service.schemas.AssignBatchRequest` body as a float32 batch
     (N, *shape)."""
     _check_size(body, max_batch * math.prod(shape), f"items (at most {max_batch} samples)")
     raw, clean = _parse(body, "items")

@@ -8,9 +8,9 @@ on their two principal axes · ``GET /`` the live page.
 Example:
     >>> import asyncio, httpx
     >>> from fastapi import FastAPI
-    >>> from service.loader import ModelHolder
-    >>> from service.metrics import ServiceMetrics
-    >>> from service.monitor import AssignmentMonitor
+    >>> from oclust.service.loader import ModelHolder
+    >>> from oclust.service.metrics import ServiceMetrics
+    >>> from oclust.service.monitor import AssignmentMonitor
     >>> holder, monitor = ModelHolder(), AssignmentMonitor()
     >>> app = FastAPI()
     >>> app.include_router(info_router(holder, monitor, ServiceMetrics(holder, monitor)))
@@ -35,11 +35,11 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.assign import JSON, not_ready
-from service.loader import ModelHolder
-from service.metrics import ServiceMetrics
-from service.monitor import AssignmentMonitor
-from service.schemas import MapResponse, NotReadyResponse, StatsResponse
+from oclust.service.assign import JSON, not_ready
+from oclust.service.loader import ModelHolder
+from oclust.service.metrics import ServiceMetrics
+from oclust.service.monitor import AssignmentMonitor
+from oclust.service.schemas import MapResponse, NotReadyResponse, StatsResponse
 
 __all__ = ["info_router", "latent_map", "live_stats"]
 

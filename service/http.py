@@ -7,7 +7,7 @@ arrived (idle keep-alive connections stay uvicorn's business). The body deadline
 (``body_timeout``, answered with 408).
 
 Example:
-    >>> from service.settings import ServiceSettings
+    >>> from oclust.service.settings import ServiceSettings
     >>> config = uvicorn_config(object(), ServiceSettings(header_timeout=2))
     >>> config.timeout_keep_alive, config.http.header_timeout
     (5, 2.0)
@@ -22,7 +22,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.settings import ServiceSettings
+from oclust.service.settings import ServiceSettings
 
 __all__ = ["HeaderTimeoutProtocol", "uvicorn_config"]
 

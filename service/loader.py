@@ -1,7 +1,7 @@
 """Loaded models, the holder the HTTP app reads, and the watcher that hot-reloads snapshots.
 
 * :class:`LoadedModel` — an immutable, ready-to-serve model built from a verified snapshot: the
-  model's exported serving pipeline (:func:`model.inference.load`: a numba kernel for MLP
+  model's exported serving pipeline (:func:`oclust.model.inference.load`: a numba kernel for MLP
   encoders, built without importing torch; torch for the others), the manifest (and its JSON,
   pre-rendered).
 * :class:`ModelHolder` — one reference to the current :class:`LoadedModel`. A swap is a single
@@ -18,7 +18,7 @@ Only the watcher talks to the store; the HTTP app needs just this module's holde
 
 Example:
     >>> import numpy as np
-    >>> from model import OnlineClusterer
+    >>> from oclust.model import OnlineClusterer
     >>> clf = OnlineClusterer(n_clusters=2, latent_dim=4, seed=0, device="cpu")
     >>> _ = clf.partial_fit(np.random.default_rng(0).normal(size=(64, 3)).astype("float32"))
     >>> holder = ModelHolder()
@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from model.inference import Assignment, Inference, load
-from model.priors import resolve_prior
-from model.snapshot import Snapshot, SnapshotError
-from training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
+from oclust.model.inference import Assignment, Inference, load
+from oclust.model.priors import resolve_prior
+from oclust.model.snapshot import Snapshot, SnapshotError
+from oclust.training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
 
 __all__ = ["Assignment", "LoadedModel", "ModelHolder", "SnapshotWatcher"]
 
@@ -74,7 +74,7 @@ class LoadedModel:
 
         ``verify=False`` for a snapshot whose checksums were verified already (by the store
         that read it): a snapshot is verified once. ``device`` and ``torch_threads`` matter
-        only for a model served by torch (see :func:`model.inference.load`).
+        only for a model served by torch (see :func:`oclust.model.inference.load`).
         """
         infer = load(snapshot, device=device, verify=verify, torch_threads=torch_threads)
         manifest = json.loads(snapshot.manifest_json())  # a private deep copy
@@ -216,7 +216,7 @@ class SnapshotWatcher:
     """Keeps a :class:`ModelHolder` on the store's current snapshot, in a daemon thread.
 
     Args:
-        store: a ``training_worker.store.SnapshotStore`` (Redis or directory).
+        store: a ``oclust.training_worker.store.SnapshotStore`` (Redis or directory).
         holder: where loaded models go.
         device: torch device for models the compiled kernel does not run (MLPs run on the CPU).
         torch_threads: torch's intra-op threads, set when such a model is loaded (torch is
@@ -236,7 +236,7 @@ class SnapshotWatcher:
 
     Example:
         >>> import tempfile
-        >>> from training_worker.store import open_store
+        >>> from oclust.training_worker.store import open_store
         >>> holder = ModelHolder()
         >>> watcher = SnapshotWatcher(open_store("file://" + tempfile.mkdtemp()), holder)
         >>> watcher.check(), holder.store_up, holder.current

@@ -4,8 +4,8 @@ Each app gets its own :class:`ServiceMetrics` (so several apps can live in one p
 window statistics and the snapshot state are computed when Prometheus scrapes.
 
 Example:
-    >>> from service.loader import ModelHolder
-    >>> from service.monitor import AssignmentMonitor
+    >>> from oclust.service.loader import ModelHolder
+    >>> from oclust.service.monitor import AssignmentMonitor
     >>> m = ServiceMetrics(ModelHolder(), AssignmentMonitor())
     >>> m.count_request("/assign", 200)
     >>> b'oclust_http_requests_total{endpoint="/assign",status="2xx"} 1.0' in m.render()
@@ -31,9 +31,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service import installed_version
-from service.loader import ModelHolder
-from service.monitor import AssignmentMonitor
+from oclust.service import installed_version
+from oclust.service.loader import ModelHolder
+from oclust.service.monitor import AssignmentMonitor
 
 __all__ = ["LATENCY_BUCKETS", "ServiceMetrics", "package_version"]
 
@@ -107,8 +107,8 @@ class ServiceMetrics:
     """The app's own Prometheus registry (so several apps can live in one process).
 
     Example:
-        >>> from service.loader import ModelHolder
-        >>> from service.monitor import AssignmentMonitor
+        >>> from oclust.service.loader import ModelHolder
+        >>> from oclust.service.monitor import AssignmentMonitor
         >>> m = ServiceMetrics(ModelHolder(), AssignmentMonitor())
         >>> b"oclust_snapshot_version NaN" in m.render()
         True

@@ -3,9 +3,9 @@
 Example:
     >>> import asyncio, httpx
     >>> from starlette.responses import PlainTextResponse
-    >>> from service.loader import ModelHolder
-    >>> from service.metrics import ServiceMetrics
-    >>> from service.monitor import AssignmentMonitor
+    >>> from oclust.service.loader import ModelHolder
+    >>> from oclust.service.metrics import ServiceMetrics
+    >>> from oclust.service.monitor import AssignmentMonitor
     >>> metrics = ServiceMetrics(ModelHolder(), AssignmentMonitor())
     >>> app = LimitsMiddleware(PlainTextResponse("ok"), max_body_bytes=4, metrics=metrics)
     >>> async def post(body: bytes) -> int:
@@ -26,7 +26,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import ServiceMetrics
+from oclust.service.metrics import ServiceMetrics
 
 __all__ = ["ENDPOINTS", "LimitsMiddleware", "json_response"]
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from model import metrics
+from oclust.model import metrics
 
 __all__ = ["AssignmentMonitor", "LatentMap", "WindowStats", "pca_2d"]
 

@@ -2,7 +2,7 @@
 
 The raw ASGI ``/assign`` and ``/assign/batch`` routes are invisible to FastAPI, so their
 operations (JSON and raw float32 bodies, every error answer) are written here from the
-pydantic schemas of :mod:`service.schemas`.
+pydantic schemas of :mod:`oclust.service.schemas`.
 
 Example:
     >>> from fastapi import FastAPI
@@ -20,8 +20,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.assign import BINARY, JSON
-from service.schemas import (
+from oclust.service.assign import BINARY, JSON
+from oclust.service.schemas import (
     AssignBatchRequest,
     AssignBatchResponse,
     AssignRequest,

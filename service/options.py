@@ -1,7 +1,7 @@
 """The command line's plumbing: options made from the settings classes, errors, logging.
 
 Every ``oclust`` option that configures a component is a field of a settings class
-(:class:`~training_worker.settings.WorkerSettings`, :class:`~service.settings.ServiceSettings`,
+(:class:`~oclust.training_worker.settings.WorkerSettings`, :class:`~oclust.service.settings.ServiceSettings`,
 ...). :func:`settings_command` turns those fields into typer options (name, type, default,
 help, choices) so that adding an option is one line in the settings. Values are checked by the
 settings themselves when the command starts, before any work: a bad value ends the command with
@@ -81,7 +81,7 @@ def field_option(cls: type[BaseModel], name: str, **override: Any) -> Any:
     The CLI passes on only the options given, so the field's own default (or its
     ``OCLUST_<FIELD>`` environment variable) applies to the others; the help shows that default.
 
-    >>> from training_worker.settings import WorkerSettings
+    >>> from oclust.training_worker.settings import WorkerSettings
     >>> info = get_args(field_option(WorkerSettings, "mode"))[1]
     >>> info.help
     'samples, or readings cut into per-device windows [choices: samples, readings]'
@@ -172,7 +172,7 @@ class SettingsCommand(TyperCommand):
         """The parameters, with the registered regulariser names in ``--regulariser``'s help."""
         if not self._registry_help_added:
             self._registry_help_added = True
-            from training_worker.settings import regulariser_names
+            from oclust.training_worker.settings import regulariser_names
 
             for p in self.params:
                 if p.name == "regulariser" and isinstance(p, TyperOption):

@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API (pydantic models; they document the OpenAPI).
 
-The assign endpoints do not validate through these models (:mod:`service.decoding` reads the
+The assign endpoints do not validate through these models (:mod:`oclust.service.decoding` reads the
 bytes directly, much faster); the models say what those decoders accept.
 
 Example:

@@ -1,6 +1,6 @@
 """Service configuration: pydantic-settings, environment prefix ``OCLUST_``; CLI options override.
 
-Each field is also an ``oclust serve`` option (see :mod:`service.options`), except the API key,
+Each field is also an ``oclust serve`` option (see :mod:`oclust.service.options`), except the API key,
 which is read from the environment only.
 
 Example:
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from training_worker.settings import MAX_ABS_FEATURE, StoreLocation
+from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation
 
 __all__ = ["ServiceSettings"]
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 from pytest_redis import factories
 
-from training_worker.devbroker import TansuBroker
+from oclust.training_worker.devbroker import TansuBroker
 
 redis_server = factories.redis_proc(port=None)
 

@@ -6,7 +6,7 @@ The stack (one per module):
 * ``oclust serve`` as a subprocess on a ``file://`` store holding one snapshot (K = 3) and a
   small monitor window, so that the window statistics (drift included) have values after a few
   dozen assignments;
-* the training worker's Prometheus registry (:class:`training_worker.monitor.WorkerMetrics`)
+* the training worker's Prometheus registry (:class:`oclust.training_worker.monitor.WorkerMetrics`)
   served in-process by ``prometheus_client.start_http_server``, with a few values set;
 * ``prometheus`` (Debian's ``prometheus`` package) as a subprocess, configured from
   ``deploy/prometheus/prometheus.yml`` (same job names, same rule file) with the targets
@@ -54,7 +54,7 @@ from tests.test_deploy import (
     load_yaml,
     substitute_grafana_variables,
 )
-from training_worker.monitor import WorkerMetrics
+from oclust.training_worker.monitor import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,8 +211,8 @@ def _prometheus_config(
 
 def _publish_snapshot(store_url: str, namespace: str) -> None:
     """Train a tiny model a few steps and publish it as version 1."""
-    from model import OnlineClusterer
-    from training_worker.store import open_store
+    from oclust.model import OnlineClusterer
+    from oclust.training_worker.store import open_store
 
     rng = np.random.default_rng(0)
     clf = OnlineClusterer(n_clusters=N_CLUSTERS, latent_dim=8, hidden=(16,), seed=0, device="cpu")

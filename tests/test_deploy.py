@@ -623,7 +623,7 @@ def test_the_gpu_override_reserves_a_gpu_for_the_worker_only() -> None:
 def test_compose_and_k8s_commands_use_existing_cli_options() -> None:
     import typer.main
 
-    from service.cli import app
+    from oclust.service.cli import app
 
     # With a single registered command typer returns that command, not a group.
     commands = getattr(typer.main.get_command(app), "commands", {})

@@ -41,7 +41,7 @@ def model_imports() -> dict[str, list[str]]:
 
 
 def test_model_imports_nothing_of_the_streaming_or_serving_stack(model_imports) -> None:
-    assert "model.clusterer" in model_imports["modules"]  # the probe did import the package
+    assert "oclust.model.clusterer" in model_imports["modules"]  # the probe did import the package
     assert [m for m in SERVING_STACK if m in model_imports["loaded"]] == []
 
 

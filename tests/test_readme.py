@@ -8,7 +8,7 @@ from typing import Any
 
 import typer.main
 
-from service.cli import app
+from oclust.service.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -26,7 +26,7 @@ Modules:
 | ``devbroker`` | a local Tansu Kafka broker for tests and benchmarks |
 
 Example:
-    >>> from training_worker.store import open_store
+    >>> from oclust.training_worker.store import open_store
     >>> open_store("redis://127.0.0.1:6379/0", namespace="oclust").namespace
     'oclust'
 """

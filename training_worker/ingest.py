@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from training_worker.batching import SampleQueue
-from training_worker.codec import DecodedBatch, DecodeError, ReadingDecoder, SampleDecoder
-from training_worker.settings import WorkerSettings
-from training_worker.windows import WindowAssembler
+from oclust.training_worker.batching import SampleQueue
+from oclust.training_worker.codec import DecodedBatch, DecodeError, ReadingDecoder, SampleDecoder
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.windows import WindowAssembler
 
 __all__ = ["Ingest", "ReadingIngest", "Rejects", "SampleIngest", "make_ingest"]
 

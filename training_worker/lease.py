@@ -8,7 +8,7 @@
 
 Example:
     >>> import tempfile
-    >>> from training_worker.store import DirectoryStore
+    >>> from oclust.training_worker.store import DirectoryStore
     >>> store = DirectoryStore(tempfile.mkdtemp(), "demo")
     >>> a, b = make_lease(store, "a"), make_lease(store, "b")
     >>> a.try_acquire(), b.try_acquire(), a.renew()
@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from redis.exceptions import RedisError
 
-from training_worker.store import DirectoryStore, RedisStore, SnapshotStore, StoreError
+from oclust.training_worker.store import DirectoryStore, RedisStore, SnapshotStore, StoreError
 
 __all__ = [
     "FileLease", "Lease", "ProgressLog", "RedisLease", "default_owner", "make_lease",
@@ -173,7 +173,7 @@ class ProgressLog:
 
     Example:
         >>> import tempfile
-        >>> from training_worker.store import DirectoryStore
+        >>> from oclust.training_worker.store import DirectoryStore
         >>> log = make_progress_log(DirectoryStore(tempfile.mkdtemp(), "demo"))
         >>> log.mark({"t:0": (10, 20)}); log.read()
         {'t:0': (10, 20)}

@@ -8,7 +8,7 @@ Per partition of the topic, the ledger knows
 * ``checkpoint`` — ``{"topic:partition": next offset}`` of the last published snapshot, which
   is also what may be committed;
 * the crash-loop marks: the offsets in hand that no snapshot covers are written to the store's
-  :class:`~training_worker.lease.ProgressLog` before they are touched; the next holder of the
+  :class:`~oclust.training_worker.lease.ProgressLog` before they are touched; the next holder of the
   lease reads them back (:meth:`OffsetLedger.read_crash_marks`) and isolates the spans, or
   skips the poison message, that killed its predecessors.
 
@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from training_worker.lease import ProgressLog
+from oclust.training_worker.lease import ProgressLog
 
 __all__ = ["RANGE_CRASHES_BEFORE_ISOLATING", "OffsetLedger"]
 

@@ -1,10 +1,10 @@
 """The active phase of a worker holding the lease: fetch, ingest, train, checkpoint, commit.
 
 :class:`TrainingLoop` is built once the lease is held and the model loaded; it owns the
-consumer, the dead-letter producer, the :class:`~training_worker.ledger.OffsetLedger` and an
-:class:`~training_worker.ingest.Ingest` strategy, and runs until asked to stop or the lease is
+consumer, the dead-letter producer, the :class:`~oclust.training_worker.ledger.OffsetLedger` and an
+:class:`~oclust.training_worker.ingest.Ingest` strategy, and runs until asked to stop or the lease is
 lost. Training runs on one thread that owns the model, or in a training process
-(:mod:`training_worker.trainproc`), pipelined with the next fetch: up to the trainer's
+(:mod:`oclust.training_worker.trainproc`), pipelined with the next fetch: up to the trainer's
 ``steps_ahead`` batches are handed to it ahead, so decoding the next fetch overlaps the current
 step and heartbeats keep flowing.
 
@@ -35,17 +35,17 @@ from typing import Any, TypeVar
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from training_worker.codec import REASONS, DecodeError
-from training_worker.ingest import Ingest
-from training_worker.kafka import DeadLetters, dead_letter_headers
-from training_worker.lease import Lease
-from training_worker.ledger import OffsetLedger
-from training_worker.monitor import WorkerMetrics
-from training_worker.resume import FaultMetrics, WorkerHalt, check_offset
-from training_worker.settings import WorkerSettings
-from training_worker.store import SnapshotStore, StoreError
-from training_worker.stream import Consumer
-from training_worker.trainer import Trainer
+from oclust.training_worker.codec import REASONS, DecodeError
+from oclust.training_worker.ingest import Ingest
+from oclust.training_worker.kafka import DeadLetters, dead_letter_headers
+from oclust.training_worker.lease import Lease
+from oclust.training_worker.ledger import OffsetLedger
+from oclust.training_worker.monitor import WorkerMetrics
+from oclust.training_worker.resume import FaultMetrics, WorkerHalt, check_offset
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import SnapshotStore, StoreError
+from oclust.training_worker.stream import Consumer
+from oclust.training_worker.trainer import Trainer
 
 __all__ = ["DLQ_REASONS", "TrainingLoop"]
 

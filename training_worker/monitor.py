@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from model import metrics as model_metrics
+from oclust.model import metrics as model_metrics
 
 __all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics"]
 

@@ -7,7 +7,7 @@ A reading stream (T×C, e.g. ``daphnet``) can be cut into C×T windows with ``wi
 
 Example:
     >>> import tempfile
-    >>> from training_worker.store import open_store
+    >>> from oclust.training_worker.store import open_store
     >>> X, y = load_input(dataset="digits")
     >>> clf = train_offline(X[:256], n_clusters=10, epochs=1, latent_dim=16, seed=0)
     >>> store = open_store("file://" + tempfile.mkdtemp(), "demo")
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from model import OnlineClusterer, StepReport, datasets
-from model import metrics as model_metrics
-from training_worker.store import SnapshotStore
+from oclust.model import OnlineClusterer, StepReport, datasets
+from oclust.model import metrics as model_metrics
+from oclust.training_worker.store import SnapshotStore
 
 __all__ = ["evaluate", "load_input", "make_windows", "publish_model", "train_offline"]
 

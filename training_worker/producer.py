@@ -32,10 +32,10 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
-from model import datasets
-from training_worker.codec import encode_matrix, encode_reading, encode_sample
-from training_worker.kafka import ensure_topic
-from training_worker.stream import LocalProducer, LocalStream
+from oclust.model import datasets
+from oclust.training_worker.codec import encode_matrix, encode_reading, encode_sample
+from oclust.training_worker.kafka import ensure_topic
+from oclust.training_worker.stream import LocalProducer, LocalStream
 
 __all__ = ["Message", "dataset_messages", "dataset_size", "replay"]
 

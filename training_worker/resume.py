@@ -26,14 +26,14 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter
 
-from model import OnlineClusterer, Snapshot, SnapshotError
-from model.priors import parse_prior
-from training_worker.kafka import committed_offsets, offset_exists
-from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
-from training_worker.settings import WorkerSettings
-from training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
-from training_worker.stream import Consumer
-from training_worker.trainer import Trainer, TrainerHooks
+from oclust.model import OnlineClusterer, Snapshot, SnapshotError
+from oclust.model.priors import parse_prior
+from oclust.training_worker.kafka import committed_offsets, offset_exists
+from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
+from oclust.training_worker.stream import Consumer
+from oclust.training_worker.trainer import Trainer, TrainerHooks
 
 __all__ = ["FaultMetrics", "FreshStartRefused", "WorkerHalt", "check_offset", "fresh_model",
            "load_trainer", "refuse_fresh_start"]

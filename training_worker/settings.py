@@ -66,8 +66,8 @@ def check_store_url(url: str) -> str:
 
 def regulariser_names() -> list[str]:
     """The registered regulariser names (imports the model library, so torch, on first call)."""
-    import model  # noqa: F401  (registers every built-in regulariser)
-    from model.regularisers import REGULARISERS
+    import oclust.model  # noqa: F401  (registers every built-in regulariser)
+    from oclust.model.regularisers import REGULARISERS
 
     return sorted(REGULARISERS)
 
@@ -94,7 +94,7 @@ def check_device(device: str) -> str:
 
 def check_encoder(encoder: str) -> str:
     """``encoder`` if it is ``auto`` or a known encoder kind."""
-    from model.encoder_config import ENCODERS
+    from oclust.model.encoder_config import ENCODERS
 
     if encoder != "auto" and encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose from auto, {', '.join(ENCODERS)}")
@@ -103,7 +103,7 @@ def check_encoder(encoder: str) -> str:
 
 def check_prior(text: str | None, n_clusters: int) -> str | None:
     """``text`` if it is ``uniform``, ``online`` or K comma-separated probabilities."""
-    from model.priors import parse_prior, resolve_prior
+    from oclust.model.priors import parse_prior, resolve_prior
 
     resolve_prior(parse_prior(text), n_clusters)
     return text

@@ -1,4 +1,4 @@
-"""The training process's side of :mod:`training_worker.trainproc`: the model and its commands.
+"""The training process's side of :mod:`oclust.training_worker.trainproc`: the model and its commands.
 
 :func:`child_main` builds the model (a fresh one from the settings, or the snapshot's) and
 answers the worker's commands, one reply each, in order: ``ring_`` (attach the shared-memory
@@ -8,7 +8,7 @@ the ring the dead worker can no longer unlink.
 
 Example:
     >>> import numpy as np
-    >>> from training_worker.settings import WorkerSettings
+    >>> from oclust.training_worker.settings import WorkerSettings
     >>> child = ModelOwner(WorkerSettings(n_clusters=2, latent_dim=4, device="cpu"), None)
     >>> report, refusal, seconds, facts = child.step(-1, (8, 3), np.ones((8, 3), np.float32))
     >>> report.n, refusal, facts[:3]
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from model import OnlineClusterer, Snapshot
-from training_worker.resume import fresh_model
-from training_worker.settings import WorkerSettings
+from oclust.model import OnlineClusterer, Snapshot
+from oclust.training_worker.resume import fresh_model
+from oclust.training_worker.settings import WorkerSettings
 
 __all__ = ["Facts", "ModelOwner", "child_main"]
 

@@ -1,14 +1,14 @@
 """The synchronous half of the worker: one model, trained batch by batch, watched, snapshotted.
 
 Everything here runs in one worker thread at a time (the asyncio loop awaits each call), so
-the model is never touched concurrently. :class:`~training_worker.trainproc.ProcessTrainer`
+the model is never touched concurrently. :class:`~oclust.training_worker.trainproc.ProcessTrainer`
 keeps the same bookkeeping (:meth:`Trainer.observe`) and moves the model to its own process.
 
 Example:
     >>> import numpy as np
-    >>> from training_worker.batching import Batch
-    >>> from training_worker.monitor import CollapseGuard, WorkerMetrics
-    >>> from model import OnlineClusterer
+    >>> from oclust.training_worker.batching import Batch
+    >>> from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
+    >>> from oclust.model import OnlineClusterer
     >>> t = Trainer(OnlineClusterer(n_clusters=2, latent_dim=4, seed=0),
     ...             CollapseGuard(0.0, 5), WorkerMetrics())
     >>> X = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from model import OnlineClusterer, Snapshot, StepReport
-from model import metrics as model_metrics
-from training_worker.batching import Batch
-from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from oclust.model import OnlineClusterer, Snapshot, StepReport
+from oclust.model import metrics as model_metrics
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 
 __all__ = ["Trainer", "TrainerHooks"]
 
@@ -51,7 +51,7 @@ class TrainerHooks:
 
     ``on_step(report, batch)`` after each step; ``on_collapse(model, restored)`` after the
     guard fired (``restored`` is the snapshot whose weights were put back, or ``None``). With a
-    training process (:mod:`training_worker.trainproc`) both run in the event loop's thread,
+    training process (:mod:`oclust.training_worker.trainproc`) both run in the event loop's thread,
     and ``on_collapse`` gets a CPU copy of the restored model.
     """
 

@@ -11,15 +11,15 @@ else (offsets, commits, the collapse guard, the DLQ, the lease, metrics, hooks) 
   served labels for the guard, loss, the model's counters and prior). Every command gets one
   reply, in order, so up to ``STEPS_AHEAD`` steps queue in the child while the worker
   decodes the next fetch.
-* :class:`ProcessTrainer` — a :class:`~training_worker.trainer.Trainer` whose ``run_step`` and
+* :class:`ProcessTrainer` — a :class:`~oclust.training_worker.trainer.Trainer` whose ``run_step`` and
   ``run_snapshot`` go to the process; the guard, live quality and hooks run on the replies, in
   the event loop's thread. The collapse guard's restore is a command ordered after the steps
   already sent; those steps are counted but not judged.
 
-Failure and shutdown: the child (:mod:`training_worker.trainchild`) ignores SIGINT/SIGTERM (the
+Failure and shutdown: the child (:mod:`oclust.training_worker.trainchild`) ignores SIGINT/SIGTERM (the
 worker stops it after the final snapshot), exits when the worker's end of the pipe closes (a
 kill -9 of the worker), and unlinks the ring then. Its death makes the worker fail with
-:class:`TrainProcessDied` (a :class:`~training_worker.resume.WorkerHalt`: ``oclust worker``
+:class:`TrainProcessDied` (a :class:`~oclust.training_worker.resume.WorkerHalt`: ``oclust worker``
 exits 1), never hang. The child owns the torch device (CUDA is initialised there only); the
 worker holds a CPU copy of the model as resumed, replaced by the final weights at a clean stop.
 
@@ -49,12 +49,12 @@ from typing import Any
 
 import numpy as np
 
-from model import OnlineClusterer, Snapshot, StepReport
-from training_worker.batching import Batch
-from training_worker.resume import WorkerHalt
-from training_worker.settings import WorkerSettings
-from training_worker.trainchild import Facts, child_main
-from training_worker.trainer import Trainer
+from oclust.model import OnlineClusterer, Snapshot, StepReport
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.resume import WorkerHalt
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.trainchild import Facts, child_main
+from oclust.training_worker.trainer import Trainer
 
 __all__ = ["ProcessTrainer", "TrainProcess", "TrainProcessDied", "ring_floats", "ring_slots"]
 
@@ -270,7 +270,7 @@ class TrainProcess:
 class ProcessTrainer(Trainer):
     """A :class:`Trainer` whose model lives in a :class:`TrainProcess`.
 
-    Built from the trainer :func:`~training_worker.resume.load_trainer` returned (with a CPU
+    Built from the trainer :func:`~oclust.training_worker.resume.load_trainer` returned (with a CPU
     model): its guard, quality window, hooks and healthy snapshot stay here; ``model`` is that
     CPU copy until :meth:`close` brings the final weights back.
     """

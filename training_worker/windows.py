@@ -12,7 +12,7 @@ never commits past readings that have not yet made it into a trained window (at-
 
 Example:
     >>> import numpy as np
-    >>> from training_worker.codec import Reading
+    >>> from oclust.training_worker.codec import Reading
     >>> asm = WindowAssembler(size=3, hop=2)
     >>> out = [w for t in range(7)
     ...        for w in asm.push(Reading("a", float(t), np.array([t, -t], np.float32)))]
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training_worker.codec import DecodeError, Reading
+from oclust.training_worker.codec import DecodeError, Reading
 
 __all__ = ["Window", "WindowAssembler"]
 

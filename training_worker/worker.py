@@ -13,7 +13,7 @@ Life of a worker:
 3. **Loop** — fetch, decode/validate (bad messages → ``<topic>.dlq`` with a reason), queue;
    cut batches by size or age (``batch_timeout``), whichever first; ``partial_fit`` runs in a
    training process fed through shared memory (``train_process``, the default with Kafka;
-   :mod:`training_worker.trainproc`) or in a thread, pipelined with the next fetch, so
+   :mod:`oclust.training_worker.trainproc`) or in a thread, pipelined with the next fetch, so
    heartbeats keep flowing and decoding overlaps the step.
 4. **Checkpoint** — every ``snapshot_interval`` seconds: publish a snapshot covering exactly
    the trained (or dead-lettered) messages, then commit those offsets. At-least-once: nothing
@@ -26,7 +26,7 @@ Faults (RELIABILITY.md states the guarantees and the tests behind them):
 * **Hostile messages** — the decoders raise nothing but ``DecodeError``; anything else a
   message trips is still a dead letter (``decode_failed``), never an exception out of the loop.
 * **Crash loops** — before touching a fetch the worker marks in the store, per partition, the
-  offsets it holds that no snapshot covers (:class:`~training_worker.lease.ProgressLog`). The
+  offsets it holds that no snapshot covers (:class:`~oclust.training_worker.lease.ProgressLog`). The
   next holder of the lease reads the mark: one death is replayed as usual; a span that killed
   two holders is taken one message at a time, each marked alone; a message that killed
   ``max_attempts`` holders goes to the DLQ as ``poison`` and is skipped.
@@ -37,12 +37,12 @@ Faults (RELIABILITY.md states the guarantees and the tests behind them):
   to start a fresh model unless ``allow_fresh``.
 
 Where it lives: this module holds the lease and standby, the signals and the metrics server;
-:mod:`training_worker.resume` loads the model and checks offsets, :mod:`training_worker.loop`
-is the active phase, :mod:`training_worker.ledger` the offsets and crash-loop marks, and
-:mod:`training_worker.ingest` the two decoding strategies (samples, readings).
+:mod:`oclust.training_worker.resume` loads the model and checks offsets, :mod:`oclust.training_worker.loop`
+is the active phase, :mod:`oclust.training_worker.ledger` the offsets and crash-loop marks, and
+:mod:`oclust.training_worker.ingest` the two decoding strategies (samples, readings).
 
 Example:
-    >>> from training_worker.settings import WorkerSettings
+    >>> from oclust.training_worker.settings import WorkerSettings
     >>> w = TrainingWorker(WorkerSettings(topic="digits", store="file:///tmp/oclust-doc"))
     >>> w.settings.dlq_topic_name
     'digits.dlq'
@@ -64,24 +64,24 @@ from prometheus_client import start_http_server
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from training_worker.ingest import make_ingest
-from training_worker.kafka import DeadLetters, ensure_topic
-from training_worker.lease import Lease, make_lease, make_progress_log
-from training_worker.ledger import OffsetLedger
-from training_worker.loop import DLQ_REASONS, TrainingLoop
-from training_worker.monitor import WorkerMetrics
-from training_worker.resume import (
+from oclust.training_worker.ingest import make_ingest
+from oclust.training_worker.kafka import DeadLetters, ensure_topic
+from oclust.training_worker.lease import Lease, make_lease, make_progress_log
+from oclust.training_worker.ledger import OffsetLedger
+from oclust.training_worker.loop import DLQ_REASONS, TrainingLoop
+from oclust.training_worker.monitor import WorkerMetrics
+from oclust.training_worker.resume import (
     FaultMetrics,
     FreshStartRefused,
     WorkerHalt,
     load_trainer,
     refuse_fresh_start,
 )
-from training_worker.settings import WorkerSettings
-from training_worker.store import SnapshotStore, StoreError, open_store
-from training_worker.stream import Consumer, LocalStream, Producer
-from training_worker.trainer import Trainer, TrainerHooks
-from training_worker.trainproc import ProcessTrainer
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import SnapshotStore, StoreError, open_store
+from oclust.training_worker.stream import Consumer, LocalStream, Producer
+from oclust.training_worker.trainer import Trainer, TrainerHooks
+from oclust.training_worker.trainproc import ProcessTrainer
 
 __all__ = ["DLQ_REASONS", "FaultMetrics", "FreshStartRefused", "TrainingWorker", "WorkerHalt"]
 
@@ -118,7 +118,7 @@ class TrainingWorker:
         store: an open snapshot store (default: ``open_store(settings.store, ...)``).
         metrics: Prometheus metrics (default: a fresh registry).
         hooks: callbacks in the training thread (tests, embedding).
-        stream: an in-process :class:`~training_worker.stream.LocalStream` to read instead of
+        stream: an in-process :class:`~oclust.training_worker.stream.LocalStream` to read instead of
             Kafka (the embedded mode); ``settings.bootstrap_servers`` is then unused.
     """
 

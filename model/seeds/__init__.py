@@ -1,7 +1,7 @@
 """The other seeds' partition-support methods: CM / AE-CM, CKM, DRC and TCC (ARCHITECTURE.md §1.2).
 
-All of them implement the one :class:`~model.regularisers.Regulariser` interface: they receive a
-:class:`~model.regularisers.Batch` and return the batch's hard labels (the argmax of their own
+All of them implement the one :class:`~oclust.model.regularisers.Regulariser` interface: they receive a
+:class:`~oclust.model.regularisers.Batch` and return the batch's hard labels (the argmax of their own
 assignment) and the loss. Their own parameters (a linear head, a decoder) are created in
 :meth:`build` from the input shape and are trained and snapshotted with the rest of the model.
 
@@ -13,14 +13,14 @@ assignment) and the loss. Their own parameters (a linear head, a decoder) are cr
 | ``drc`` | Zhong et al. 2020 | AF contrast (tau 0.5) + AP contrast (tau 0.95) + 0.005 * CR |
 | ``tcc`` | Shen et al. 2021 | cluster-level + instance-level contrast + KL(q marginal || prior) |
 
-One method (family) a file: :mod:`model.seeds.cm` (CM, AE-CM), :mod:`model.seeds.ckm`,
-:mod:`model.seeds.drc`, :mod:`model.seeds.tcc`. This package holds what they share (Gumbel
+One method (family) a file: :mod:`oclust.model.seeds.cm` (CM, AE-CM), :mod:`oclust.model.seeds.ckm`,
+:mod:`oclust.model.seeds.drc`, :mod:`oclust.model.seeds.tcc`. This package holds what they share (Gumbel
 noise, InfoNCE, the decoder, the seeded random stream, the two augmented views) and registers
 all of them when imported.
 
 Example:
     >>> import torch
-    >>> from model.regularisers import Batch, make_regulariser
+    >>> from oclust.model.regularisers import Batch, make_regulariser
     >>> reg = make_regulariser("cm")
     >>> reg.build((3,), latent_dim=4, n_clusters=2)
     >>> z = torch.randn(8, 4); mu = torch.randn(2, 4, requires_grad=True)
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.augment import augment, kind_for_shape
-from model.regularisers import Batch, Regulariser
+from oclust.model.augment import augment, kind_for_shape
+from oclust.model.regularisers import Batch, Regulariser
 
 __all__ = [
     "AutoencoderClusteringModule",
@@ -143,12 +143,12 @@ class _Views(_Seeded):
 
 # The methods import the shared pieces above from this (partly initialised) package; importing
 # them last registers them and re-exports their public names.
-from model.seeds.ckm import ConcreteKMeans  # noqa: E402
-from model.seeds.cm import (  # noqa: E402
+from oclust.model.seeds.ckm import ConcreteKMeans  # noqa: E402
+from oclust.model.seeds.cm import (  # noqa: E402
     AutoencoderClusteringModule,
     ClusteringModule,
     CMTerms,
     cm_terms,
 )
-from model.seeds.drc import DeepRobustClustering, drc_contrast  # noqa: E402
-from model.seeds.tcc import TwinContrastClustering  # noqa: E402
+from oclust.model.seeds.drc import DeepRobustClustering, drc_contrast  # noqa: E402
+from oclust.model.seeds.tcc import TwinContrastClustering  # noqa: E402

@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from model.regularisers import Batch, make_regulariser
+    >>> from oclust.model.regularisers import Batch, make_regulariser
     >>> reg = make_regulariser("ckm"); reg.build((3,), latent_dim=4, n_clusters=2)
     >>> mu = torch.randn(2, 4, requires_grad=True)
     >>> out = reg(Batch.build(torch.randn(8, 3), torch.randn(8, 4), mu, 1.0, torch.zeros(2)))
@@ -12,8 +12,8 @@ Example:
 
 from __future__ import annotations
 
-from model.regularisers import Batch, Output, register
-from model.seeds import _decoder, _reconstruction, _Seeded, gumbel_softmax
+from oclust.model.regularisers import Batch, Output, register
+from oclust.model.seeds import _decoder, _reconstruction, _Seeded, gumbel_softmax
 
 
 @register

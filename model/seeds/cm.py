@@ -17,7 +17,7 @@ module's own rule, argmax_k gamma_ik; the reported distance is to that average (
 
 Example:
     >>> import torch
-    >>> from model.seeds.cm import cm_terms
+    >>> from oclust.model.seeds.cm import cm_terms
     >>> t = cm_terms(torch.eye(2), torch.eye(2), torch.eye(2), torch.zeros(2),
     ...              torch.ones(2), 1.0, 1.0)
     >>> float(t.total())
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.regularisers import Batch, Output, Regulariser, register
-from model.seeds import _EPS, _decoder, _reconstruction
+from oclust.model.regularisers import Batch, Output, Regulariser, register
+from oclust.model.seeds import _EPS, _decoder, _reconstruction
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from model.seeds.drc import drc_contrast
+    >>> from oclust.model.seeds.drc import drc_contrast
     >>> bool(drc_contrast(torch.eye(3), torch.eye(3), 0.5) >= 0)
     True
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.regularisers import Batch, Output, register, sq_distances
-from model.seeds import _Views, nt_xent
+from oclust.model.regularisers import Batch, Output, register, sq_distances
+from oclust.model.seeds import _Views, nt_xent
 
 
 def drc_contrast(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:

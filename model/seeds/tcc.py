@@ -1,7 +1,7 @@
 """Twin-contrast clustering, ``tcc`` (Shen et al. 2021): cluster- and instance-level contrast.
 
 Example:
-    >>> from model.regularisers import REGULARISERS
+    >>> from oclust.model.regularisers import REGULARISERS
     >>> REGULARISERS["tcc"].uses_views
     True
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.regularisers import Batch, Output, register, sq_distances
-from model.seeds import _EPS, _Views, gumbel_softmax, nt_xent
+from oclust.model.regularisers import Batch, Output, register, sq_distances
+from oclust.model.seeds import _EPS, _Views, gumbel_softmax, nt_xent
 
 
 @register

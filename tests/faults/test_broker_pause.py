@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from training_worker.devbroker import TansuBroker, free_port
-from training_worker.kafka import committed_offsets
-from training_worker.producer import replay
-from training_worker.store import open_store
+from oclust.training_worker.devbroker import TansuBroker, free_port
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.producer import replay
+from oclust.training_worker.store import open_store
 
 from ..worker.test_worker_process import (
     FIRST,

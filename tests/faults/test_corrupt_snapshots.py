@@ -17,12 +17,12 @@ import re
 
 import pytest
 
-from model import SnapshotError
-from training_worker.kafka import committed_offsets
-from training_worker.producer import replay
-from training_worker.store import open_store
-from training_worker.trainer import TrainerHooks
-from training_worker.worker import TrainingWorker
+from oclust.model import SnapshotError
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.producer import replay
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import TrainerHooks
+from oclust.training_worker.worker import TrainingWorker
 
 from ..worker.test_worker import Counter, _run_until, _settings
 
@@ -66,7 +66,7 @@ def test_worker_falls_back_past_corrupt_snapshots_and_retrains_what_they_held(
             store.load(version)
 
     asyncio.run(replay(kafka_bootstrap, topic, "digits", limit=STEP, progress=False))
-    caplog.set_level(logging.INFO, logger="training_worker")
+    caplog.set_level(logging.INFO, logger="oclust.training_worker")
     # resumed from version 1 (offset 100): messages 100..399 are trained, none skipped
     count = _train(kafka_bootstrap, topic, redis_url, 300)
     assert count.samples == 300

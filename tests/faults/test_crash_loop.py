@@ -11,14 +11,14 @@ import asyncio
 
 import pytest
 
-from model import StepReport, datasets
+from oclust.model import StepReport, datasets
 from tests.worker.test_worker import Counter, _run_until, _settings
-from training_worker.batching import Batch
-from training_worker.codec import encode_sample
-from training_worker.kafka import committed_offsets, ensure_topic
-from training_worker.store import open_store
-from training_worker.trainer import TrainerHooks
-from training_worker.worker import TrainingWorker
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.codec import encode_sample
+from oclust.training_worker.kafka import committed_offsets, ensure_topic
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import TrainerHooks
+from oclust.training_worker.worker import TrainingWorker
 
 from .test_poison import _dead_letters
 

@@ -16,12 +16,12 @@ import pytest
 import redis
 
 from tests.worker.test_worker import Counter, _run_until, _settings
-from training_worker.devbroker import TansuBroker, free_port
-from training_worker.kafka import committed_offsets
-from training_worker.producer import replay
-from training_worker.store import open_store
-from training_worker.trainer import TrainerHooks
-from training_worker.worker import TrainingWorker, WorkerHalt
+from oclust.training_worker.devbroker import TansuBroker, free_port
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.producer import replay
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import TrainerHooks
+from oclust.training_worker.worker import TrainingWorker, WorkerHalt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,7 +80,7 @@ def test_empty_store_with_committed_offsets_refuses_a_fresh_start(
 
     # the store URL (which may hold a password) goes in the environment, never in argv
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OCLUST_STORE": redis_url}
-    cmd = [sys.executable, "-m", "service", "worker", "--bootstrap-servers", kafka_bootstrap,
+    cmd = [sys.executable, "-m", "oclust", "worker", "--bootstrap-servers", kafka_bootstrap,
            "--topic", unique_topic, "--namespace", "t", "--metrics-port", "-1",
            "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=90)

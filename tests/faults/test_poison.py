@@ -14,13 +14,13 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from safetensors.numpy import load as load_tensors
 
-from model import datasets
+from oclust.model import datasets
 from tests.worker.test_worker import Counter, _run_until, _settings
-from training_worker.codec import CONTENT_TYPE_F32, encode_reading, encode_sample
-from training_worker.kafka import ensure_topic
-from training_worker.store import open_store
-from training_worker.trainer import TrainerHooks
-from training_worker.worker import DLQ_REASONS, TrainingWorker
+from oclust.training_worker.codec import CONTENT_TYPE_F32, encode_reading, encode_sample
+from oclust.training_worker.kafka import ensure_topic
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import TrainerHooks
+from oclust.training_worker.worker import DLQ_REASONS, TrainingWorker
 
 F32 = [("content-type", CONTENT_TYPE_F32.encode())]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from training_worker.lease import make_progress_log
-from training_worker.store import open_store
+from oclust.training_worker.lease import make_progress_log
+from oclust.training_worker.store import open_store
 
 
 @pytest.mark.parametrize("kind", ["redis", "file"])

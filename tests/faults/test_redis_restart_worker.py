@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from training_worker.devbroker import free_port
-from training_worker.kafka import committed_offsets
-from training_worker.producer import replay
-from training_worker.store import open_store
+from oclust.training_worker.devbroker import free_port
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.producer import replay
+from oclust.training_worker.store import open_store
 
 from ..conftest import system_binary
 from ..worker.test_worker_process import (

@@ -21,12 +21,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_redis import factories
 
-from model import OnlineClusterer, Snapshot
-from service.app import create_app
-from service.http import uvicorn_config
-from service.loader import ModelHolder, SnapshotWatcher
-from service.settings import ServiceSettings
-from training_worker.store import RedisStore, open_store
+from oclust.model import OnlineClusterer, Snapshot
+from oclust.service.app import create_app
+from oclust.service.http import uvicorn_config
+from oclust.service.loader import ModelHolder, SnapshotWatcher
+from oclust.service.settings import ServiceSettings
+from oclust.training_worker.store import RedisStore, open_store
 
 from ..service.test_service_reload import Server
 
@@ -77,7 +77,7 @@ def test_garbled_pointer_backs_off_logs_once_and_keeps_serving(
     store.publish(snapshots[0])
     with serving(store) as (server, holder, watcher):
         assert holder.wait_for_version(1, 10) and watcher is not None
-        with caplog.at_level(logging.ERROR, logger="service.loader"):
+        with caplog.at_level(logging.ERROR, logger="oclust.service.loader"):
             store.client.set("garbled:current", b"abc")
             assert holder.wait_until(
                 lambda h: "not a version number" in (h.last_error or ""), 5)

@@ -23,10 +23,10 @@ from tests.worker.test_worker_process import (
     _wait_for_offset,
     _worker,
 )
-from training_worker.devbroker import free_port
-from training_worker.kafka import committed_offsets
-from training_worker.producer import replay
-from training_worker.store import SnapshotStore, open_store
+from oclust.training_worker.devbroker import free_port
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.producer import replay
+from oclust.training_worker.store import SnapshotStore, open_store
 
 
 def _active(port: int) -> float | None:

@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from model.assign import combination_assignment
-from model.assign_reference import reference_assignment
-from model.assign_reference import reference_assignment_vectorised as numpy_reference
+from oclust.model.assign import combination_assignment
+from oclust.model.assign_reference import reference_assignment
+from oclust.model.assign_reference import reference_assignment_vectorised as numpy_reference
 
 
 @st.composite

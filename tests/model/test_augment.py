@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.augment import (
+from oclust.model.augment import (
     augment,
     augment_images,
     augment_vectors,

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from model import OnlineClusterer, datasets
-from model.regularisers import Batch, make_regulariser, sq_distances
-from model.seeds import drc_contrast, gumbel_softmax, nt_xent
-from service.app import create_app
-from service.loader import LoadedModel, ModelHolder
-from service.settings import ServiceSettings
+from oclust.model import OnlineClusterer, datasets
+from oclust.model.regularisers import Batch, make_regulariser, sq_distances
+from oclust.model.seeds import drc_contrast, gumbel_softmax, nt_xent
+from oclust.service.app import create_app
+from oclust.service.loader import LoadedModel, ModelHolder
+from oclust.service.settings import ServiceSettings
 from tests.service.test_service_api import Client
 
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from model import OnlineClusterer, Snapshot, SnapshotError
-from model.snapshot import FORMAT
+from oclust.model import OnlineClusterer, Snapshot, SnapshotError
+from oclust.model.snapshot import FORMAT
 
 
 def _data(n: int = 300, d: int = 8, seed: int = 0) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import model.clusterer as clusterer
-from model import OnlineClusterer
+import oclust.model.clusterer as clusterer
+from oclust.model import OnlineClusterer
 
 D = 5
 DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int16, np.uint8]

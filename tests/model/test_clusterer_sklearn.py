@@ -13,8 +13,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from model import OnlineClusterer, Snapshot, StepReport
-from model.clusterer import EXPECTED_FAILED_CHECKS
+from oclust.model import OnlineClusterer, Snapshot, StepReport
+from oclust.model.clusterer import EXPECTED_FAILED_CHECKS
 
 
 def _small(**kw) -> OnlineClusterer:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from model import datasets
+from oclust.model import datasets
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ def test_hapt_missing_package_names_what_to_install(tmp_path, monkeypatch):
 def test_hapt_replays_30_users_as_30_devices_at_50_hz(hapt_cache):
     import json
 
-    from training_worker.producer import dataset_messages
+    from oclust.training_worker.producer import dataset_messages
 
     msgs = list(dataset_messages("hapt", limit=60))
     keys = [m.key.decode() for m in msgs]
@@ -160,12 +160,12 @@ def test_up_hapt_windows_the_reading_stream_per_device(hapt_cache, tmp_path):
 
     import httpx
 
-    from training_worker.devbroker import free_port
+    from oclust.training_worker.devbroker import free_port
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(hapt_cache)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "up", "--dataset", "hapt", "--port", str(port),
+        [sys.executable, "-m", "oclust", "up", "--dataset", "hapt", "--port", str(port),
          "--quiet", "--snapshot-interval", "1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

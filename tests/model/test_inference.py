@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model import OnlineClusterer, Snapshot
-from model.encoder_config import LATENT_NORMS, EncoderConfig, mlp_program
-from model.encoders import build_encoder
-from model.inference import SERVING_PREFIX, load
-from model.kernel import compile_program
-from model.snapshot import SnapshotError, pack_tensors, unpack_tensors
+from oclust.model import OnlineClusterer, Snapshot
+from oclust.model.encoder_config import LATENT_NORMS, EncoderConfig, mlp_program
+from oclust.model.encoders import build_encoder
+from oclust.model.inference import SERVING_PREFIX, load
+from oclust.model.kernel import compile_program
+from oclust.model.snapshot import SnapshotError, pack_tensors, unpack_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def test_snapshot_and_export_answer_as_the_clusterer(
 
 
 def test_digits_mlp_labels_equal_predict() -> None:
-    from model.datasets import load_digits
+    from oclust.model.datasets import load_digits
 
     X, _ = load_digits()
     clf = OnlineClusterer(n_clusters=10, random_state=0, device="cpu")
@@ -170,8 +170,8 @@ def test_an_mlp_snapshot_is_served_without_importing_torch(tmp_path: Path) -> No
     code = (
         "import sys, json, numpy as np\n"
         "from pathlib import Path\n"
-        "from model.snapshot import Snapshot\n"
-        "from model.inference import load\n"
+        "from oclust.model.snapshot import Snapshot\n"
+        "from oclust.model.inference import load\n"
         f"d = Path({str(tmp_path)!r})\n"
         "w, m = (d / 'w.safetensors').read_bytes(), (d / 'm.json').read_text()\n"
         "snap = Snapshot.from_parts(w, m)\n"

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from model import OnlineClusterer
-from model.snapshot import FORMAT, LEGACY_FORMAT, Manifest, Snapshot, SnapshotError
+from oclust.model import OnlineClusterer
+from oclust.model.snapshot import FORMAT, LEGACY_FORMAT, Manifest, Snapshot, SnapshotError
 
 
 @pytest.fixture(scope="module")

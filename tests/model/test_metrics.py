@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from model import metrics
+from oclust.model import metrics
 
 D1 = np.array([[0.98, 0.01, 0.01], [0.98, 0.01, 0.01], [0.49, 0.50, 0.01], [0.49, 0.01, 0.50]])
 D2 = np.array([[0.34, 0.33, 0.33]] * 4)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from model import OnlineClusterer
-from model.evaluation import evaluate, imbalance_profile, subsample_imbalanced
-from model.priors import OnlinePrior, cap_kl_to_uniform, resolve_prior
-from service.cli import app
+from oclust.model import OnlineClusterer
+from oclust.model.evaluation import evaluate, imbalance_profile, subsample_imbalanced
+from oclust.model.priors import OnlinePrior, cap_kl_to_uniform, resolve_prior
+from oclust.service.cli import app
 
 TRUE = np.array([0.55, 0.3, 0.15])
 

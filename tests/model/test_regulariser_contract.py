@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-import model  # noqa: F401  (registers the seeded baselines)
-from model.regularisers import REGULARISERS, Batch, make_regulariser
+import oclust.model  # noqa: F401  (registers the seeded baselines)
+from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser
 
 N, K, M, D = 24, 4, 5, 6  # batch, clusters, latent dim, input features
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import OnlineClusterer, metrics
-from model.regularisers import (
+from oclust.model import OnlineClusterer, metrics
+from oclust.model.regularisers import (
     REGULARISERS,
     Batch,
     cluster_regularisation,

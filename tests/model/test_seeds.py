@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import model.seeds
-from model import OnlineClusterer, metrics
-from model.regularisers import REGULARISERS, Batch, make_regulariser
-from model.seeds import cm_terms, gumbel_softmax, nt_xent
+import oclust.model.seeds
+from oclust.model import OnlineClusterer, metrics
+from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser
+from oclust.model.seeds import cm_terms, gumbel_softmax, nt_xent
 
 SEEDS = ["cm", "aecm", "ckm", "drc", "tcc"]
 

@@ -13,9 +13,9 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from service.cli import app, oclust_version
-from service.settings import ServiceSettings
-from training_worker.settings import TrainSettings, WorkerSettings
+from oclust.service.cli import app, oclust_version
+from oclust.service.settings import ServiceSettings
+from oclust.training_worker.settings import TrainSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -32,7 +32,7 @@ def _python(code: str) -> str:
 def test_help_imports_nothing_heavy() -> None:
     out = _python(
         "import json, sys\n"
-        "from service.cli import app\n"
+        "from oclust.service.cli import app\n"
         "try:\n    app(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )

@@ -6,13 +6,13 @@ import sys
 
 from typer.testing import CliRunner
 
-from service.cli import app
+from oclust.service.cli import app
 
 
 def test_eval_json_prints_one_object_of_means_and_nothing_else():
     # A real subprocess: stdout must hold the JSON alone (the progress bar goes to stderr).
     proc = subprocess.run(
-        [sys.executable, "-m", "service", "eval", "--dataset", "digits", "-r", "ca,none",
+        [sys.executable, "-m", "oclust", "eval", "--dataset", "digits", "-r", "ca,none",
          "--seeds", "1", "--epochs", "2", "--json"],
         capture_output=True, text=True, timeout=300, check=False,
     )
@@ -63,7 +63,7 @@ def test_paper_preset_builds_the_lenet_encoder_with_raw_latents_and_normal_centr
     import numpy as np
     import torch
 
-    from model import OnlineClusterer, presets
+    from oclust.model import OnlineClusterer, presets
 
     X = np.random.default_rng(0).random((64, 1, 28, 28)).astype(np.float32)
     clf = OnlineClusterer(**presets.paper(X.shape[1:], 10), seed=0)

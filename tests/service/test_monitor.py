@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import metrics
-from service.monitor import AssignmentMonitor, smooth_prior
+from oclust.model import metrics
+from oclust.service.monitor import AssignmentMonitor, smooth_prior
 
 
 def _soft(labels: np.ndarray, k: int, sharp: float = 0.9) -> np.ndarray:

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import OnlineClusterer, Snapshot
-from service.app import create_app
-from service.loader import LoadedModel, ModelHolder
-from service.settings import ServiceSettings
+from oclust.model import OnlineClusterer, Snapshot
+from oclust.service.app import create_app
+from oclust.service.loader import LoadedModel, ModelHolder
+from oclust.service.settings import ServiceSettings
 
 K = 3
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from model import OnlineClusterer, Snapshot
-from service.cli import app
-from training_worker.store import open_store
+from oclust.model import OnlineClusterer, Snapshot
+from oclust.service.cli import app
+from oclust.training_worker.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -161,7 +161,7 @@ def test_serve_runs_the_service_from_a_store(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OCLUST_API_KEY": "k3y", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "service", "serve", "--store", f"file://{tmp_path}",
+    cmd = [sys.executable, "-m", "oclust", "serve", "--store", f"file://{tmp_path}",
            "--namespace", "srv", "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

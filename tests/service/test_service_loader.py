@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import OnlineClusterer, Snapshot
-from model.snapshot import SnapshotError, pack_tensors
-from service.loader import LoadedModel, ModelHolder, SnapshotWatcher
-from training_worker.store import open_store
+from oclust.model import OnlineClusterer, Snapshot
+from oclust.model.snapshot import SnapshotError, pack_tensors
+from oclust.service.loader import LoadedModel, ModelHolder, SnapshotWatcher
+from oclust.training_worker.store import open_store
 
 
 def _fit(shape: tuple[int, ...], seed: int = 0, k: int = 3, **kw: object) -> OnlineClusterer:
@@ -178,7 +178,7 @@ _SERVE = """
 import atexit, json, sys
 atexit.register(lambda: print(json.dumps({"modules": sorted(
     m for m in ("torch", "sklearn", "numba") if m in sys.modules)}), flush=True))
-from service.cli import app
+from oclust.service.cli import app
 app(sys.argv[1:], prog_name="oclust")
 """
 

@@ -15,11 +15,11 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_redis import factories
 
-from model import OnlineClusterer, Snapshot
-from service.app import create_app
-from service.loader import ModelHolder, SnapshotWatcher
-from service.settings import ServiceSettings
-from training_worker.store import SnapshotStore, open_store
+from oclust.model import OnlineClusterer, Snapshot
+from oclust.service.app import create_app
+from oclust.service.loader import ModelHolder, SnapshotWatcher
+from oclust.service.settings import ServiceSettings
+from oclust.training_worker.store import SnapshotStore, open_store
 
 outage_redis = factories.redis_proc(port=None)  # a server of our own, to stop and restart
 

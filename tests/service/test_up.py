@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import system_binary
-from training_worker.devbroker import free_port
-from training_worker.store import open_store
+from oclust.training_worker.devbroker import free_port
+from oclust.training_worker.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 60.0  # the target is 20 s; a loaded CI machine gets slack, not a pass
@@ -64,7 +64,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "up", "--port", str(port), "--quiet",
+        [sys.executable, "-m", "oclust", "up", "--port", str(port), "--quiet",
          "--snapshot-interval", "1"],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -180,7 +180,7 @@ def test_up_runs_the_same_on_kafka_and_redis(
 ) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "up", "--dataset", "segments", "--port", str(port),
+        [sys.executable, "-m", "oclust", "up", "--dataset", "segments", "--port", str(port),
          "--quiet", "--snapshot-interval", "1", "--bootstrap-servers", kafka_bootstrap,
          "--topic", unique_topic, "--store", redis_url, "--namespace", "up-real"],
         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,

@@ -11,9 +11,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from typer.testing import CliRunner
 
-from model import OnlineClusterer, datasets
-from service.cli import app
-from training_worker.store import open_store
+from oclust.model import OnlineClusterer, datasets
+from oclust.service.cli import app
+from oclust.training_worker.store import open_store
 
 runner = CliRunner()
 

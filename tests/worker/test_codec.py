@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training_worker.codec import (
+from oclust.training_worker.codec import (
     CONTENT_TYPE_F32,
     REASONS,
     DecodeError,

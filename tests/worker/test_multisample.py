@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from model import OnlineClusterer, datasets
+from oclust.model import OnlineClusterer, datasets
 from tests.worker.test_worker import Counter, _run_until, _settings
-from training_worker.batching import SampleQueue
-from training_worker.codec import (
+from oclust.training_worker.batching import SampleQueue
+from oclust.training_worker.codec import (
     CONTENT_TYPE_F32,
     DecodeError,
     SampleDecoder,
@@ -21,11 +21,11 @@ from training_worker.codec import (
     encode_matrix,
     encode_sample,
 )
-from training_worker.kafka import ensure_topic
-from training_worker.producer import dataset_messages
-from training_worker.store import open_store
-from training_worker.trainer import TrainerHooks
-from training_worker.worker import TrainingWorker
+from oclust.training_worker.kafka import ensure_topic
+from oclust.training_worker.producer import dataset_messages
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import TrainerHooks
+from oclust.training_worker.worker import TrainingWorker
 
 F32 = ("content-type", CONTENT_TYPE_F32.encode())
 
@@ -165,7 +165,7 @@ def test_worker_trains_multi_sample_messages_like_memory(kafka_bootstrap, redis_
 def test_produce_command_sends_matrices(kafka_bootstrap, unique_topic):
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from oclust.service.cli import app
     from tests.service.test_worker_cli import _consume
 
     result = CliRunner().invoke(app, ["produce", "--dataset", "digits", "--topic", unique_topic,

@@ -17,21 +17,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from model import OnlineClusterer
-from training_worker.batching import SampleQueue
-from training_worker.codec import (
+from oclust.model import OnlineClusterer
+from oclust.training_worker.batching import SampleQueue
+from oclust.training_worker.codec import (
     CONTENT_TYPE_F32,
     DecodeError,
     SampleDecoder,
     decode_matrix,
     encode_matrix,
 )
-from training_worker.ingest import SampleIngest
-from training_worker.ledger import OffsetLedger
-from training_worker.monitor import CollapseGuard
-from training_worker.resume import FreshStartRefused, current_snapshot, refuse_fresh_start
-from training_worker.settings import WorkerSettings
-from training_worker.store import open_store
+from oclust.training_worker.ingest import SampleIngest
+from oclust.training_worker.ledger import OffsetLedger
+from oclust.training_worker.monitor import CollapseGuard
+from oclust.training_worker.resume import FreshStartRefused, current_snapshot, refuse_fresh_start
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import open_store
 
 
 def _msg(offset: int) -> SimpleNamespace:

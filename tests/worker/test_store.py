@@ -11,8 +11,8 @@ import pytest
 import redis
 import torch
 
-from model.snapshot import Snapshot, SnapshotError, pack_tensors
-from training_worker.store import (
+from oclust.model.snapshot import Snapshot, SnapshotError, pack_tensors
+from oclust.training_worker.store import (
     CorruptPointer,
     DirectoryStore,
     RedisStore,
@@ -255,7 +255,7 @@ def test_directory_layout_is_the_documented_one(tmp_path):
 
 
 def test_unreachable_redis_gives_clear_errors():
-    from training_worker.devbroker import free_port
+    from oclust.training_worker.devbroker import free_port
 
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", namespace="ns", socket_timeout=1)
     assert store.ping() is False
@@ -314,7 +314,7 @@ def test_a_garbled_pointer_is_a_clear_store_error_and_rollback_repairs_it(
 
 
 def test_a_legacy_format_snapshot_is_still_read(make_store: StoreFactory) -> None:
-    from model.snapshot import LEGACY_FORMAT
+    from oclust.model.snapshot import LEGACY_FORMAT
 
     snap = _snap(2.0)
     legacy = {k: v for k, v in snap.manifest.items() if k != "integrity"}

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from aiokafka import TopicPartition
 
-from training_worker.stream import LocalStream
+from oclust.training_worker.stream import LocalStream
 
 TP = TopicPartition("t", 0)
 

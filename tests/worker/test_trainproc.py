@@ -21,18 +21,18 @@ import numpy as np
 import pytest
 import torch
 
-from model import datasets
-from training_worker import trainproc
-from training_worker.batching import Batch
-from training_worker.devbroker import free_port
-from training_worker.kafka import committed_offsets
-from training_worker.monitor import CollapseGuard, WorkerMetrics
-from training_worker.producer import replay
-from training_worker.resume import fresh_model
-from training_worker.settings import WorkerSettings
-from training_worker.store import open_store
-from training_worker.trainer import Trainer
-from training_worker.trainproc import RING_PREFIX, ProcessTrainer, TrainProcessDied
+from oclust.model import datasets
+from oclust.training_worker import trainproc
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.devbroker import free_port
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
+from oclust.training_worker.producer import replay
+from oclust.training_worker.resume import fresh_model
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import Trainer
+from oclust.training_worker.trainproc import RING_PREFIX, ProcessTrainer, TrainProcessDied
 
 from .test_worker_process import (
     FIRST,
@@ -157,12 +157,12 @@ def test_a_killed_training_process_fails_the_worker_and_frees_the_ring(tmp_path)
 EXIT_WITHOUT_SHUTDOWN = """
 import asyncio, os, sys
 import numpy as np
-from training_worker.batching import Batch
-from training_worker.monitor import CollapseGuard, WorkerMetrics
-from training_worker.resume import fresh_model
-from training_worker.settings import WorkerSettings
-from training_worker.trainer import Trainer
-from training_worker.trainproc import ProcessTrainer
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
+from oclust.training_worker.resume import fresh_model
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.trainer import Trainer
+from oclust.training_worker.trainproc import ProcessTrainer
 
 async def main() -> None:
     s = WorkerSettings(n_clusters=2, latent_dim=4, batch_size=8, device="cpu",

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from model.datasets import load_daphnet
-from training_worker.codec import DecodeError, Reading
-from training_worker.windows import WindowAssembler
+from oclust.model.datasets import load_daphnet
+from oclust.training_worker.codec import DecodeError, Reading
+from oclust.training_worker.windows import WindowAssembler
 
 
 def _expected(stream: np.ndarray, size: int, hop: int) -> np.ndarray:

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from model import OnlineClusterer, Snapshot, StepReport, datasets
-from training_worker.batching import Batch
-from training_worker.codec import encode_sample
-from training_worker.kafka import committed_offsets, ensure_topic
-from training_worker.producer import replay
-from training_worker.settings import WorkerSettings
-from training_worker.store import open_store
-from training_worker.trainer import TrainerHooks
-from training_worker.worker import TrainingWorker
+from oclust.model import OnlineClusterer, Snapshot, StepReport, datasets
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.codec import encode_sample
+from oclust.training_worker.kafka import committed_offsets, ensure_topic
+from oclust.training_worker.producer import replay
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import TrainerHooks
+from oclust.training_worker.worker import TrainingWorker
 
 N_DIGITS = 1797
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from model import OnlineClusterer
-from training_worker.batching import Batch, SampleQueue
-from training_worker.lease import FileLease, RedisLease, make_lease
-from training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
-from training_worker.store import DirectoryStore, RedisStore
-from training_worker.trainer import Trainer
+from oclust.model import OnlineClusterer
+from oclust.training_worker.batching import Batch, SampleQueue
+from oclust.training_worker.lease import FileLease, RedisLease, make_lease
+from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from oclust.training_worker.store import DirectoryStore, RedisStore
+from oclust.training_worker.trainer import Trainer
 
 
 def test_queue_cuts_batches_across_chunks_and_tracks_pending_offsets():

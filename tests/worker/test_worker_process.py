@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from training_worker.devbroker import free_port
-from training_worker.kafka import committed_offsets
-from training_worker.producer import replay
-from training_worker.store import SnapshotStore, open_store
+from oclust.training_worker.devbroker import free_port
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.producer import replay
+from oclust.training_worker.store import SnapshotStore, open_store
 
 N_DIGITS = 1797
 FIRST = 300
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _worker(bootstrap: str, topic: str, store: str, log: Path, metrics_port: int,
             snapshot_interval: float) -> subprocess.Popen[bytes]:
     cmd = [
-        sys.executable, "-m", "service", "worker", "--bootstrap-servers", bootstrap,
+        sys.executable, "-m", "oclust", "worker", "--bootstrap-servers", bootstrap,
         "--topic", topic, "--store", store, "--namespace", "p", "--n-clusters", "10",
         "--batch-size", "50", "--batch-timeout", "0.3", "--snapshot-interval",
         str(snapshot_interval), "--latent-dim", "16", "--device", "cpu", "--keep", "1000",

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from training_worker.ingest import ReadingIngest, SampleIngest, make_ingest
-from training_worker.lease import make_progress_log
-from training_worker.ledger import OffsetLedger
-from training_worker.settings import WorkerSettings
-from training_worker.store import open_store
-from training_worker.stream import Consumer, LocalStream, Producer
+from oclust.training_worker.ingest import ReadingIngest, SampleIngest, make_ingest
+from oclust.training_worker.lease import make_progress_log
+from oclust.training_worker.ledger import OffsetLedger
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import open_store
+from oclust.training_worker.stream import Consumer, LocalStream, Producer
 
 
 def _msg(offset: int, value: bytes, partition: int = 0, key: bytes | None = None):

@@ -37,11 +37,11 @@ Example:
 
 from __future__ import annotations
 
-from training_worker.codec import base
-from training_worker.codec.base import *  # noqa: F403 (the shared names, listed in base.__all__)
-from training_worker.codec.matrix import decode_matrix, encode_matrix
-from training_worker.codec.readings import Reading, ReadingDecoder, encode_reading
-from training_worker.codec.samples import DecodedBatch, SampleDecoder, encode_sample
+from oclust.training_worker.codec import base
+from oclust.training_worker.codec.base import *  # noqa: F403 (the shared names, listed in base.__all__)
+from oclust.training_worker.codec.matrix import decode_matrix, encode_matrix
+from oclust.training_worker.codec.readings import Reading, ReadingDecoder, encode_reading
+from oclust.training_worker.codec.samples import DecodedBatch, SampleDecoder, encode_sample
 
 # The shared names are listed once, in ``base.__all__``; this package adds the formats' own.
 __all__ = [

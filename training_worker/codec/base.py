@@ -1,7 +1,7 @@
 """What every message decoder shares: the error type and its reasons, limits, and the checks.
 
 Each check raises :class:`DecodeError` with one reason code from :data:`REASONS`; the message
-formats themselves are described in :mod:`training_worker.codec`.
+formats themselves are described in :mod:`oclust.training_worker.codec`.
 
 Example:
     >>> _label(3), _label(None)
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from training_worker.settings import MAX_ABS_FEATURE
+from oclust.training_worker.settings import MAX_ABS_FEATURE
 
 __all__ = [
     "CONTENT_TYPE_F32",

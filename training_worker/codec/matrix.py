@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from training_worker.codec.base import (
+from oclust.training_worker.codec.base import (
     CONTENT_TYPE_F32,
     DEFAULT_MAX_ABS_FEATURE,
     DEFAULT_MAX_BYTES,

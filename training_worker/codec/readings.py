@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from training_worker.codec.base import (
+from oclust.training_worker.codec.base import (
     DEFAULT_MAX_ABS_FEATURE,
     DEFAULT_MAX_BYTES,
     DecodeError,

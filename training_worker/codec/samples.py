@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from training_worker.codec.base import (
+from oclust.training_worker.codec.base import (
     CONTENT_TYPE_F32,
     DEFAULT_MAX_ABS_FEATURE,
     DEFAULT_MAX_BYTES,
@@ -36,7 +36,7 @@ from training_worker.codec.base import (
     _numbers,
     _parse_json,
 )
-from training_worker.codec.matrix import _has_rows, decode_matrix
+from oclust.training_worker.codec.matrix import _has_rows, decode_matrix
 
 __all__ = ["DecodedBatch", "SampleDecoder", "encode_sample"]
 

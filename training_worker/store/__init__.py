@@ -21,7 +21,7 @@ Directory layout: ``DIR/NS/weights-{v}.safetensors``, ``DIR/NS/manifest-{v}.json
 
 Example:
     >>> import tempfile, torch
-    >>> from model.snapshot import Snapshot, pack_tensors
+    >>> from oclust.model.snapshot import Snapshot, pack_tensors
     >>> store = open_store("file://" + tempfile.mkdtemp(), namespace="demo", keep=2)
     >>> snap = Snapshot.create(pack_tensors({"centroids": torch.zeros(2, 3)}), {"n_clusters": 2})
     >>> store.publish(snap), store.publish(snap), store.publish(snap)
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlparse
 
-from training_worker.store.base import (
+from oclust.training_worker.store.base import (
     DEFAULT_KEEP,
     CorruptPointer,
     SnapshotError,
@@ -42,8 +42,8 @@ from training_worker.store.base import (
     StoreError,
     VersionNotFound,
 )
-from training_worker.store.directory import DirectoryStore
-from training_worker.store.redis_store import RedisStore
+from oclust.training_worker.store.directory import DirectoryStore
+from oclust.training_worker.store.redis_store import RedisStore
 
 __all__ = [
     "DEFAULT_KEEP",

@@ -1,7 +1,7 @@
 """The snapshot-store contract shared by every store, and its errors.
 
 :class:`SnapshotStore` states the semantics (publish, load verified, rollback, wait for a
-change); :mod:`training_worker.store.redis_store` and :mod:`training_worker.store.directory`
+change); :mod:`oclust.training_worker.store.redis_store` and :mod:`oclust.training_worker.store.directory`
 implement them.
 
 Example:
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 
-from model.snapshot import Snapshot, SnapshotError
+from oclust.model.snapshot import Snapshot, SnapshotError
 
 __all__ = [
     "DEFAULT_KEEP",

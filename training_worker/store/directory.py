@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from model.snapshot import Snapshot
-from training_worker.store.base import (
+from oclust.model.snapshot import Snapshot
+from oclust.training_worker.store.base import (
     DEFAULT_KEEP,
     SnapshotStore,
     StoreError,

@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 import redis
 from redis.exceptions import RedisError
 
-from model.snapshot import Snapshot
-from training_worker.store.base import (
+from oclust.model.snapshot import Snapshot
+from oclust.training_worker.store.base import (
     DEFAULT_KEEP,
     SnapshotStore,
     StoreError,
