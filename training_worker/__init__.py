@@ -9,6 +9,8 @@ Modules:
 | ``windows`` | per-device sliding windows from readings (C×T samples) |
 | ``batching`` | the queue between decoding and training, with per-partition pending offsets |
 | ``trainer`` | the model, the collapse guard and live quality, run in the training thread |
+| ``trainproc`` | the model in a training process fed through shared memory (the default) |
+| ``trainchild`` | the training process's side: the model and its commands |
 | ``monitor`` | collapse guard, live ACC/NMI window, Prometheus metrics |
 | ``lease`` | one active trainer per namespace (Redis SET NX PX, or a lock file) |
 | ``kafka`` | topics, committed offsets, the dead-letter producer |

@@ -3,9 +3,10 @@
 :class:`TrainingLoop` is built once the lease is held and the model loaded; it owns the
 consumer, the dead-letter producer, the :class:`~oclust.training_worker.ledger.OffsetLedger` and an
 :class:`~oclust.training_worker.ingest.Ingest` strategy, and runs until asked to stop or the lease
-is lost. Training runs on one thread that owns the model, pipelined with the next fetch: up to
-``MAX_STEPS_IN_FLIGHT`` batches are handed to it ahead, so decoding the next fetch overlaps
-the current step and heartbeats keep flowing.
+is lost. Training runs on one thread that owns the model, or in a training process
+(:mod:`oclust.training_worker.trainproc`), pipelined with the next fetch: up to the trainer's
+``steps_ahead`` batches are handed to it ahead, so decoding the next fetch overlaps the current
+step and heartbeats keep flowing.
 
 At-least-once: a checkpoint publishes a snapshot covering exactly the trained (or
 dead-lettered) messages, then commits those offsets; nothing is committed that a stored
@@ -51,7 +52,6 @@ __all__ = ["DLQ_REASONS", "TrainingLoop"]
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 0.2
-MAX_STEPS_IN_FLIGHT = 8  # handed to the training thread ahead: it never waits on a decode
 # Every torch op of a step drops the GIL and takes it back; while the event loop decodes, the
 # training thread would wait up to CPython's switch interval (5 ms) for it each time. A short
 # interval lets the step's GIL-free compute overlap the decode instead of queueing behind it.
@@ -101,7 +101,7 @@ class TrainingLoop:
         ledger: offsets (resumed from the trainer's snapshot) and crash-loop marks.
         consumer, dlq: the Kafka (or in-process) consumer and the dead-letter producer.
         lease, store: the lease held and the store snapshots go to.
-        executor: the one thread that owns the model.
+        executor: the one thread that owns the model (unused by a training process's trainer).
         metrics, faults: Prometheus metrics.
         stop, lease_lost: events that end :meth:`run`.
         check_offsets: check snapshot offsets against the log on assignment (Kafka only).
@@ -153,8 +153,9 @@ class TrainingLoop:
         s = self.settings
         max_records = max(s.batch_size * 4, 1000)
         while not self.stop.is_set() and not self.lease_lost.is_set():
-            if self.fatal is not None:
-                raise self.fatal
+            fatal = self.fatal or self.trainer.failure  # e.g. the training process died
+            if fatal is not None:
+                raise fatal
             records = await self.consumer.getmany(timeout_ms=self._fetch_timeout_ms(),
                                                   max_records=max_records)
             async with self.lock:
@@ -253,11 +254,11 @@ class TrainingLoop:
             await self.inflight.popleft()
         while len(self.queue) >= s.batch_size or (len(self.queue) and (force or self._aged())):
             batch = self.queue.take(s.batch_size)
-            while len(self.inflight) >= MAX_STEPS_IN_FLIGHT:
+            while len(self.inflight) >= self.trainer.steps_ahead:
                 await self.inflight.popleft()
             # the one training thread runs queued steps back to back, without the event loop
             self.inflight.append(asyncio.ensure_future(
-                self.in_training_thread(self.trainer.step, batch)))
+                self.trainer.run_step(batch, self.executor)))
         if force:
             await self.await_steps()
 
@@ -293,7 +294,7 @@ class TrainingLoop:
                         trainer.guard.threshold)
             return
         extra = {"messages": float(self.messages), "dead_letters": float(self.dlq_count)}
-        snap = await self.in_training_thread(trainer.snapshot, offsets, extra)
+        snap = await trainer.run_snapshot(offsets, extra, self.executor)
         if not await asyncio.to_thread(self.lease.renew):
             self.lease_lost.set()
             log.error("lease lost before publishing: snapshot dropped")
@@ -312,7 +313,7 @@ class TrainingLoop:
         await self._commit(offsets)
         await asyncio.to_thread(self.ledger.shrink_marks, offsets)
         log.info("published snapshot version %d (samples_seen %d, offsets %s)%s", version,
-                 trainer.model.samples_seen_, offsets, " [final]" if final else "")
+                 snap.meta.samples_seen, offsets, " [final]" if final else "")
 
     async def _commit(self, offsets: dict[str, int]) -> None:
         topic = self.settings.topic

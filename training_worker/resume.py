@@ -35,8 +35,8 @@ from oclust.training_worker.store import CorruptPointer, SnapshotStore, StoreErr
 from oclust.training_worker.stream import Consumer
 from oclust.training_worker.trainer import Trainer, TrainerHooks
 
-__all__ = ["FaultMetrics", "FreshStartRefused", "WorkerHalt", "check_offset", "load_trainer",
-           "refuse_fresh_start"]
+__all__ = ["FaultMetrics", "FreshStartRefused", "WorkerHalt", "check_offset", "fresh_model",
+           "load_trainer", "refuse_fresh_start"]
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,24 @@ def current_snapshot(store: SnapshotStore) -> Snapshot | None:
                      "roll back to a good version or use a new namespace")
 
 
+def fresh_model(settings: WorkerSettings, device: str | None = None) -> OnlineClusterer:
+    """A new model from the settings (on ``device``, default ``settings.device``)."""
+    s = settings
+    params: dict[str, Any] = {
+        k: v for k, v in {"sigma": s.sigma, "latent_dim": s.latent_dim}.items() if v is not None
+    }
+    return OnlineClusterer(
+        n_clusters=s.n_clusters, regulariser=s.regulariser, lr=s.lr, device=device or s.device,
+        seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), **params,
+    ).validate_params()
+
+
 def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: WorkerMetrics,
-                 faults: FaultMetrics, hooks: TrainerHooks) -> Trainer:
-    """The trainer of the store's current snapshot, or of a fresh model (see the module)."""
+                 faults: FaultMetrics, hooks: TrainerHooks, device: str | None = None) -> Trainer:
+    """The trainer of the store's current snapshot, or of a fresh model (see the module).
+
+    ``device`` overrides ``settings.device`` (a training process's worker keeps a CPU copy).
+    """
     s = settings
     snap = current_snapshot(store)
     guard = CollapseGuard(s.collapse_threshold_nats, s.collapse_patience,
@@ -111,18 +126,11 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
     quality = QualityWindow(s.quality_window, s.max_label_classes,
                             on_ignored=faults.labels_ignored.inc)
     if snap is None:
-        params: dict[str, Any] = {
-            k: v for k, v in {"sigma": s.sigma, "latent_dim": s.latent_dim}.items()
-            if v is not None
-        }
-        model = OnlineClusterer(
-            n_clusters=s.n_clusters, regulariser=s.regulariser, lr=s.lr, device=s.device,
-            seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), **params,
-        ).validate_params()
+        model = fresh_model(s, device)
         log.info("no snapshot in %s namespace %r: starting a fresh %r model, K=%d",
                  store.url, s.namespace, s.regulariser, s.n_clusters)
     else:
-        model = OnlineClusterer.from_snapshot(snap, device=s.device)
+        model = OnlineClusterer.from_snapshot(snap, device=device or s.device)
         m = snap.meta
         log.info("resuming from snapshot version %d (samples_seen %s, offsets %s)",
                  snap.version, m.samples_seen, m.offsets)

@@ -210,6 +210,10 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads of the training step"
     )
+    train_process: bool = Field(
+        True, description="train in a child process fed through shared memory (off: in a "
+        "thread of the worker, sharing its interpreter lock with fetch and decode)"
+    )
 
     @field_validator("encoder")
     @classmethod

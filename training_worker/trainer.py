@@ -1,7 +1,8 @@
 """The synchronous half of the worker: one model, trained batch by batch, watched, snapshotted.
 
 Everything here runs in one worker thread at a time (the asyncio loop awaits each call), so
-the model is never touched concurrently.
+the model is never touched concurrently. :class:`~oclust.training_worker.trainproc.ProcessTrainer`
+keeps the same bookkeeping (:meth:`Trainer.observe`) and moves the model to its own process.
 
 Example:
     >>> import numpy as np
@@ -19,11 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +50,9 @@ class TrainerHooks:
     """Optional callbacks, called in the training thread (for embedding and tests).
 
     ``on_step(report, batch)`` after each step; ``on_collapse(model, restored)`` after the
-    guard fired (``restored`` is the snapshot whose weights were put back, or ``None``).
+    guard fired (``restored`` is the snapshot whose weights were put back, or ``None``). With a
+    training process (:mod:`oclust.training_worker.trainproc`) both run in the event loop's thread,
+    and ``on_collapse`` gets a CPU copy of the restored model.
     """
 
     on_step: Callable[[StepReport, Batch], None] | None = None
@@ -56,6 +61,9 @@ class TrainerHooks:
 
 class Trainer:
     """Holds the model, its guard, live quality and the last healthy snapshot.
+
+    ``steps_ahead``: batches the loop hands over before the first of them has trained (the
+    training thread then never waits on a decode).
 
     Args:
         model: the clusterer (fresh or restored from a snapshot).
@@ -66,6 +74,8 @@ class Trainer:
         healthy: the last healthy snapshot (e.g. the one the worker resumed from).
         hooks: callbacks for tests and embedding.
     """
+
+    steps_ahead = 8
 
     def __init__(
         self,
@@ -96,11 +106,33 @@ class Trainer:
         try:
             report = self.model.partial_fit(batch.x).last_step_
         except ValueError as exc:
-            self.failed_steps += 1
-            log.error("training step on %d samples failed, batch skipped: %s", len(batch), exc)
-            return None
+            return self.refused(len(batch), str(exc))
+        return self.observe(report, batch, time.perf_counter() - t0)
+
+    async def run_step(self, batch: Batch, executor: Executor | None) -> StepReport | None:
+        """:meth:`step` on ``executor``, the one thread that owns the model."""
+        return await asyncio.get_running_loop().run_in_executor(executor, self.step, batch)
+
+    async def run_snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None,
+                           executor: Executor | None) -> Snapshot:
+        """:meth:`snapshot` on ``executor``, the one thread that owns the model."""
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, self.snapshot, offsets, extra)
+
+    def refused(self, n: int, why: str) -> None:
+        """The model refused a batch of ``n`` samples: counted and logged, the batch skipped."""
+        self.failed_steps += 1
+        log.error("training step on %d samples failed, batch skipped: %s", n, why)
+
+    def observe(self, report: StepReport, batch: Batch, seconds: float,
+                judge: bool = True) -> StepReport:
+        """Metrics, guard, live quality and hooks of one step that took ``seconds``.
+
+        ``judge=False``: the step ran on weights the guard has since replaced (a step already
+        on its way to a training process when the guard fired); it is counted, not judged.
+        """
         m = self.metrics
-        m.step_seconds.observe(time.perf_counter() - t0)
+        m.step_seconds.observe(seconds)
         m.samples.inc(report.n)
         m.batches.inc()
         m.loss.set(report.loss)
@@ -108,11 +140,13 @@ class Trainer:
         m.train_kl_star.set(report.train_kl_star)
         self.last = report
         self.steps_since_snapshot += 1
-        self.recent.extend(report.served_labels.tolist())
-        fired = self.guard.observe_labels(report.served_labels, self.model.n_clusters)
+        fired = False
+        if judge:
+            self.recent.extend(report.served_labels.tolist())
+            fired = self.guard.observe_labels(report.served_labels, self.model.n_clusters)
+            self.quality.add(batch.labels, report.served_labels)  # quality of what is served
         m.served_hard_entropy.set(self.guard.window_entropy())
         m.served_kl_star.set(self.served_kl_star())
-        self.quality.add(batch.labels, report.served_labels)  # quality of what is served
         now = time.monotonic()
         if now - self._quality_at >= QUALITY_EVERY_S:  # Hungarian + NMI: not on every step
             self._quality_at = now
@@ -132,7 +166,11 @@ class Trainer:
         shares = self.guard.window_shares()
         if not sum(shares):
             return math.nan
-        return model_metrics.kl_star(shares, self.model.prior_)
+        return model_metrics.kl_star(shares, self.prior())
+
+    def prior(self) -> np.ndarray:
+        """The model's current cluster prior."""
+        return self.model.prior_
 
     def _collapsed(self, report: StepReport) -> None:
         g = self.guard
@@ -144,21 +182,26 @@ class Trainer:
             g.window_size(self.model.n_clusters), g.threshold, g.patience,
             g.window_entropy(), self.model_max_entropy(), report.train_hard_entropy,
         )
-        restored = None
+        restored, model = None, self.model
         if self.restore and self.healthy is not None:
-            self.model = OnlineClusterer.from_snapshot(self.healthy, device=self.model.device)
+            model = self.restore_healthy(self.healthy)
             restored = self.healthy
             g.reset()
             self.steps_since_snapshot = 0
             log.warning(
                 "collapse guard restored the weights of healthy snapshot version %d "
                 "(samples_seen %d); training continues from them",
-                self.healthy.version, self.model.samples_seen_,
+                self.healthy.version, self.healthy.meta.samples_seen,
             )
         elif self.restore:
             log.warning("collapse guard: no healthy snapshot to restore yet")
         if self.hooks.on_collapse is not None:
-            self.hooks.on_collapse(self.model, restored)
+            self.hooks.on_collapse(model, restored)
+
+    def restore_healthy(self, healthy: Snapshot) -> OnlineClusterer:
+        """Put ``healthy``'s weights back; returns the model now trained."""
+        self.model = OnlineClusterer.from_snapshot(healthy, device=self.model.device)
+        return self.model
 
     def model_max_entropy(self) -> float:
         """log K."""
@@ -201,6 +244,11 @@ class Trainer:
         """Remember a published (healthy) snapshot as the one to restore."""
         self.healthy = snapshot
         self.steps_since_snapshot = 0
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the model's owner is gone (a training process's trainer); ``None`` here."""
+        return None
 
     @property
     def can_snapshot(self) -> bool:

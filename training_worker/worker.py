@@ -12,7 +12,9 @@ Life of a worker:
    the messages the snapshot lacks are trained again.
 3. **Loop** — fetch, decode/validate (bad messages → ``<topic>.dlq`` with a reason), queue;
    cut batches by size or age (``batch_timeout``), whichever first; ``partial_fit`` runs in a
-   thread, pipelined with the next fetch, so heartbeats keep flowing.
+   training process fed through shared memory (``train_process``, the default with Kafka;
+   :mod:`oclust.training_worker.trainproc`) or in a thread, pipelined with the next fetch, so
+   heartbeats keep flowing and decoding overlaps the step.
 4. **Checkpoint** — every ``snapshot_interval`` seconds: publish a snapshot covering exactly
    the trained (or dead-lettered) messages, then commit those offsets. At-least-once: nothing
    is committed that a stored snapshot does not cover. The collapse guard holds publishing
@@ -80,6 +82,7 @@ from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import SnapshotStore, StoreError, open_store
 from oclust.training_worker.stream import Consumer, LocalStream, Producer
 from oclust.training_worker.trainer import Trainer, TrainerHooks
+from oclust.training_worker.trainproc import ProcessTrainer
 
 __all__ = ["DLQ_REASONS", "FaultMetrics", "FreshStartRefused", "TrainingWorker", "WorkerHalt"]
 
@@ -264,10 +267,26 @@ class TrainingWorker:
 
     async def _serve_with(self, lease: Lease, executor: ThreadPoolExecutor) -> None:
         s = self.settings
+        in_process = s.train_process and self.stream is None
         trainer = await asyncio.get_running_loop().run_in_executor(
-            executor, load_trainer, s, self.store, self.metrics, self.faults, self.hooks)
+            executor, load_trainer, s, self.store, self.metrics, self.faults, self.hooks,
+            "cpu" if in_process else None)  # a training process owns the device
         if trainer.healthy is None and not trainer.model.is_fitted and self.stream is None:
             await refuse_fresh_start(s, self.store)
+        if not in_process:
+            await self._train_with(lease, executor, trainer)
+            return
+        remote = await ProcessTrainer.start(trainer, s)
+        try:
+            await self._train_with(lease, executor, remote)
+        except BaseException:
+            await remote.proc.shutdown()
+            raise
+        await remote.close(export=True)  # the final weights come back as trainer.model
+
+    async def _train_with(self, lease: Lease, executor: ThreadPoolExecutor,
+                          trainer: Trainer) -> None:
+        s = self.settings
         shape = trainer.model.input_shape_ if trainer.model.is_fitted else None
         ingest = make_ingest(s, shape)
         checkpoint = trainer.healthy.meta.offsets if trainer.healthy else {}

@@ -1,0 +1,265 @@
+"""The training process (``train_process``): same steps as in a thread, deaths and stops clean.
+
+In-process tests drive :class:`ProcessTrainer` directly; the last test runs ``oclust worker``
+as a real process and kills its training process, then the worker itself, then stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oclust.model import datasets
+from oclust.training_worker import trainproc
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.devbroker import free_port
+from oclust.training_worker.kafka import committed_offsets
+from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
+from oclust.training_worker.producer import replay
+from oclust.training_worker.resume import fresh_model
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import open_store
+from oclust.training_worker.trainer import Trainer
+from oclust.training_worker.trainproc import RING_PREFIX, ProcessTrainer, TrainProcessDied
+
+from .test_worker_process import (
+    FIRST,
+    N_DIGITS,
+    _produce_in_background,
+    _wait_for_metric,
+    _wait_for_offset,
+    _worker,
+)
+
+
+def _settings(tmp_path: Path) -> WorkerSettings:
+    return WorkerSettings(n_clusters=4, latent_dim=8, batch_size=64, seed=0, device="cpu",
+                          torch_threads=1, store=f"file://{tmp_path}", metrics_port=-1)
+
+
+def _trainer(s: WorkerSettings) -> Trainer:
+    return Trainer(fresh_model(s, "cpu"), CollapseGuard(0.0, 5), WorkerMetrics())
+
+
+def _rings(pid: int) -> list[str]:
+    return glob.glob(f"/dev/shm/{RING_PREFIX}-{pid}-*")
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> bool:
+    """Wait on a pidfd (an event, not a poll) until process ``pid`` exits."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def test_process_trainer_trains_as_the_thread_trainer(tmp_path):
+    X, _ = datasets.load("digits")
+    X = X[:64 * 6].astype(np.float32)
+    labels = np.full(64, -1)
+    s = _settings(tmp_path)
+    torch.set_num_threads(1)
+    local = _trainer(s)
+    expected = [local.step(Batch(X[i:i + 64], labels)) for i in range(0, len(X), 64)]
+    last = local.step(Batch(X[:64].astype(np.float64), labels))  # not float32: the pipe
+
+    async def main() -> tuple[list, object, object, list[str]]:
+        remote = await ProcessTrainer.start(_trainer(s), s, in_flight=4)
+        try:
+            # six steps in flight at once through a ring of five slots: one goes by pipe
+            reports = await asyncio.gather(*(remote.run_step(Batch(X[i:i + 64], labels), None)
+                                             for i in range(0, len(X), 64)))
+            other = await remote.run_step(Batch(X[:64].astype(np.float64), labels), None)
+            rings = _rings(os.getpid())
+            snap = await remote.run_snapshot({"t:0": 7}, {"messages": 7.0}, None)
+        except BaseException:
+            await remote.proc.shutdown()
+            raise
+        await remote.close()
+        return reports, other, (snap, remote), rings
+
+    reports, other, (snap, remote), rings = asyncio.run(main())
+    assert len(rings) == 1, "the batches did not go through a shared-memory ring"
+    for got, want in zip(reports, expected, strict=True):
+        np.testing.assert_array_equal(got.served_labels, want.served_labels)
+        assert got.loss == pytest.approx(want.loss, rel=1e-5)
+    np.testing.assert_array_equal(other.served_labels, last.served_labels)
+    assert snap.meta.offsets == {"t:0": 7} and snap.meta.samples_seen == len(X) + 64
+    assert snap.manifest["metrics"]["messages"] == 7.0
+    # the final weights came back at close; the ring is gone
+    np.testing.assert_array_equal(remote.model.predict(X), local.model.predict(X))
+    assert remote.describe()["samples_seen"] == len(X) + 64
+    assert not _rings(os.getpid())
+
+
+def test_batches_too_large_for_the_ring_go_by_pipe(tmp_path, monkeypatch):
+    X, _ = datasets.load("digits")
+    s = _settings(tmp_path)
+    monkeypatch.setattr(trainproc, "RING_MAX_BYTES", 64 * 64 * 4 - 1)  # not one batch
+    torch.set_num_threads(1)
+    local = _trainer(s)
+    batches = [Batch(X[i:i + 64].astype(np.float32), np.full(64, -1)) for i in (0, 64)]
+    expected = [local.step(b) for b in batches]
+
+    async def main() -> tuple[list, list[str]]:
+        remote = await ProcessTrainer.start(_trainer(s), s, in_flight=2)
+        try:
+            got = [await remote.run_step(b, None) for b in batches]
+            return got, _rings(os.getpid())
+        finally:
+            await remote.close()
+
+    got, rings = asyncio.run(main())
+    assert rings == []  # no ring: each batch went through the pipe
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g.served_labels, e.served_labels)
+
+
+def test_a_killed_training_process_fails_the_worker_and_frees_the_ring(tmp_path):
+    X, _ = datasets.load("digits")
+    batch = Batch(X[:64].astype(np.float32), np.full(64, -1))
+    s = _settings(tmp_path)
+
+    async def main() -> tuple[BaseException | None, BaseException | None]:
+        remote = await ProcessTrainer.start(_trainer(s), s, in_flight=2)
+        try:
+            await remote.run_step(batch, None)
+            assert _rings(os.getpid())
+            os.kill(remote.proc.proc.pid, signal.SIGKILL)
+            with pytest.raises(TrainProcessDied, match="died"):
+                await asyncio.wait_for(remote.run_step(batch, None), 30)
+        finally:
+            await remote.proc.shutdown()
+        return remote.failure, remote.proc.proc.exitcode
+
+    failure, code = asyncio.run(main())
+    assert isinstance(failure, TrainProcessDied)
+    assert code == -signal.SIGKILL
+    assert not _rings(os.getpid())
+
+
+EXIT_WITHOUT_SHUTDOWN = """
+import asyncio, os, sys
+import numpy as np
+from oclust.training_worker.batching import Batch
+from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
+from oclust.training_worker.resume import fresh_model
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.trainer import Trainer
+from oclust.training_worker.trainproc import ProcessTrainer
+
+async def main() -> None:
+    s = WorkerSettings(n_clusters=2, latent_dim=4, batch_size=8, device="cpu",
+                       store="file://" + sys.argv[1], metrics_port=-1)
+    base = Trainer(fresh_model(s, "cpu"), CollapseGuard(0.0, 5), WorkerMetrics())
+    remote = await ProcessTrainer.start(base, s, in_flight=2)
+    await remote.run_step(Batch(np.ones((8, 3), np.float32), np.full(8, -1)), None)
+    print(remote.proc.proc.pid, os.getpid(), flush=True)  # and return without closing it
+
+asyncio.run(main())
+"""
+
+
+def test_an_interpreter_exiting_without_shutdown_neither_hangs_nor_leaks(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_SHUTDOWN, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child, pid = map(int, proc.stdout.split())
+    assert _wait_gone(child, timeout=5)
+    assert not _rings(pid)
+
+
+def _train_pid(log: Path) -> int:
+    return int(re.findall(r"training in process (\d+)", log.read_text())[-1])
+
+
+@pytest.mark.timeout(240)
+def test_training_process_killed_worker_killed_then_sigterm(
+    kafka_bootstrap, redis_url, unique_topic, tmp_path
+):
+    store = open_store(redis_url, "p", keep=None)
+    log = tmp_path / "worker.log"
+    asyncio.run(replay(kafka_bootstrap, unique_topic, "digits", limit=FIRST, progress=False))
+    total = FIRST + N_DIGITS
+
+    # run 1: the training process dies mid-stream: the worker fails at once (exit 1)
+    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, -1, snapshot_interval=0.2)
+    producer = None
+    try:
+        _wait_for_offset(store, unique_topic, FIRST, proc, log)
+        producer = _produce_in_background(kafka_bootstrap, unique_topic, N_DIGITS, rate=1000)
+        _wait_for_offset(store, unique_topic, FIRST + 200, proc, log)
+        os.kill(_train_pid(log), signal.SIGKILL)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=30) == 1, log.read_text()[-3000:]
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if producer is not None:
+            producer.join(timeout=30)
+    assert "the training process" in log.read_text()
+    assert not _rings(proc.pid)
+    snaps = [store.load(v) for v in store.versions()]
+    last = snaps[-1].manifest["offsets"][f"{unique_topic}:0"]
+    committed = asyncio.run(committed_offsets(kafka_bootstrap, "oclust-p", unique_topic))[0]
+    assert committed is not None and committed <= last  # commit after snapshot, still
+    assert all(s.manifest["samples_seen"] == s.manifest["offsets"][f"{unique_topic}:0"]
+               for s in snaps)
+
+    # run 2: kill -9 of the worker: its training process exits by itself and unlinks the ring
+    # (mid-stream again: N_DIGITS more messages come at 1000/s)
+    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, -1, snapshot_interval=0.2)
+    producer = None
+    try:
+        _wait_for_offset(store, unique_topic, last + 1, proc, log)
+        producer = _produce_in_background(kafka_bootstrap, unique_topic, N_DIGITS, rate=1000)
+        _wait_for_offset(store, unique_topic, total + 200, proc, log)
+        child = _train_pid(log)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        if producer is not None:
+            assert producer.is_alive(), "the stream ended before the kill: not mid-stream"
+            producer.join(timeout=30)
+    assert _wait_gone(child), "the orphaned training process kept running"
+    total += N_DIGITS
+    assert not _rings(proc.pid)
+
+    # run 3: SIGTERM: final snapshot of everything, committed, training process gone
+    port = free_port()
+    before = store.load().manifest["offsets"][f"{unique_topic}:0"]
+    assert before < total
+    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, port, snapshot_interval=3600)
+    try:
+        _wait_for_metric(port, "oclust_worker_samples_total", total - before, proc, log)
+        child = _train_pid(log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _wait_gone(child, timeout=5)
+    assert not _rings(proc.pid)
+    final = store.load().manifest
+    assert final["offsets"] == {f"{unique_topic}:0": total}
+    assert final["samples_seen"] == total  # resumed from snapshots: each message once
+    committed = asyncio.run(committed_offsets(kafka_bootstrap, "oclust-p", unique_topic))[0]
+    assert committed == total
