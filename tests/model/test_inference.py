@@ -160,12 +160,15 @@ def test_mlp_program_names_the_encoders_weights(norm: str) -> None:
         mlp_program(EncoderConfig.for_shape((2, 12)))
 
 
-def test_an_mlp_snapshot_is_served_without_importing_torch(tmp_path: Path) -> None:
-    clf = _fit((5,), regulariser="cm")
+def _serve_in_fresh_process(
+    tmp_path: Path, clf: OnlineClusterer, x: np.ndarray, lines: str
+) -> dict:
+    """Write ``clf``'s snapshot and ``x`` to ``tmp_path``, then run ``lines`` in a fresh
+    interpreter that has ``snap`` (the snapshot read back) and ``x``; its last stdout line is
+    a JSON object, returned."""
     snap = clf.to_snapshot()
     (tmp_path / "w.safetensors").write_bytes(snap.weights)
     (tmp_path / "m.json").write_text(snap.manifest_json())
-    x = np.random.default_rng(4).normal(size=(10, 5)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     code = (
         "import sys, json, numpy as np\n"
@@ -175,43 +178,35 @@ def test_an_mlp_snapshot_is_served_without_importing_torch(tmp_path: Path) -> No
         f"d = Path({str(tmp_path)!r})\n"
         "w, m = (d / 'w.safetensors').read_bytes(), (d / 'm.json').read_text()\n"
         "snap = Snapshot.from_parts(w, m)\n"
-        "out = load(snap)(np.load(d / 'x.npy'))\n"
-        "print(json.dumps({'torch': 'torch' in sys.modules, 'labels': out.labels.tolist()}))\n"
+        "x = np.load(d / 'x.npy')\n" + lines
     )
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
-    answer = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_an_mlp_snapshot_is_served_without_importing_torch(tmp_path: Path) -> None:
+    clf = _fit((5,), regulariser="cm")
+    x = np.random.default_rng(4).normal(size=(10, 5)).astype("float32")
+    answer = _serve_in_fresh_process(tmp_path, clf, x, (
+        "out = load(snap)(x)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'labels': out.labels.tolist()}))\n"
+    ))
     assert answer == {"torch": False, "labels": clf.predict(x).tolist()}
 
 
 def test_compiled_kernel_blas_threads_follow_the_setting(tmp_path: Path) -> None:
     # in a fresh process (the limit is process-wide) where OpenBLAS starts on 1 thread
     clf = _fit((5,))
-    snap = clf.to_snapshot()
-    (tmp_path / "w.safetensors").write_bytes(snap.weights)
-    (tmp_path / "m.json").write_text(snap.manifest_json())
     x = np.random.default_rng(5).normal(size=(300, 5)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    code = (
-        "import json, numpy as np\n"
-        "from pathlib import Path\n"
+    answer = _serve_in_fresh_process(tmp_path, clf, x, (
         "from threadpoolctl import threadpool_info\n"
-        "from oclust.model.snapshot import Snapshot\n"
-        "from oclust.model.inference import load\n"
-        f"d = Path({str(tmp_path)!r})\n"
-        "w, m = (d / 'w.safetensors').read_bytes(), (d / 'm.json').read_text()\n"
-        "snap = Snapshot.from_parts(w, m)\n"
         "inf = load(snap, torch_threads=2)\n"
         "blas = sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'})\n"
-        "print(json.dumps({'blas': blas, 'labels': inf(np.load(d / 'x.npy')).labels.tolist()}))\n"
-    )
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=120)
-    assert res.returncode == 0, res.stderr
-    answer = json.loads(res.stdout.strip().splitlines()[-1])
+        "print(json.dumps({'blas': blas, 'labels': inf(x).labels.tolist()}))\n"
+    ))
     assert answer == {"blas": [2], "labels": clf.predict(x).tolist()}
 
 
