@@ -150,17 +150,19 @@ class Stack:
     worker_metrics: WorkerMetrics
     prometheus_log: Path
     service_log: Path
+    # once the traffic is scraped, queries are evaluated at that moment: the [1m] rates of
+    # the panels then see it however slowly the tests run afterwards (a loaded CI machine)
+    at: float | None = None
 
     def query(self, expr: str) -> dict[str, Any]:
-        """The JSON answer of an instant query at the current time."""
-        r = httpx.get(
-            f"{self.prometheus}/api/v1/query", params={"query": expr}, timeout=HTTP_TIMEOUT
-        )
+        """The JSON answer of an instant query (at :attr:`at` once set, else now)."""
+        params: dict[str, Any] = {"query": expr} | ({"time": self.at} if self.at else {})
+        r = httpx.get(f"{self.prometheus}/api/v1/query", params=params, timeout=HTTP_TIMEOUT)
         return dict(r.json())
 
     def query_range(self, expr: str, seconds: int = RANGE_SECONDS) -> dict[str, Any]:
-        """The JSON answer of a range query over the last ``seconds`` at a 1 s step."""
-        end = time.time()
+        """The JSON answer of a range query over the ``seconds`` before :attr:`at` (or now)."""
+        end = self.at or time.time()
         params = {"query": expr, "start": end - seconds, "end": end, "step": "1s"}
         r = httpx.get(f"{self.prometheus}/api/v1/query_range", params=params, timeout=HTTP_TIMEOUT)
         return dict(r.json())
@@ -461,6 +463,7 @@ def _bring_up(stack: Stack, procs: list[subprocess.Popen[bytes]]) -> None:
         "the scrapes after the traffic",
         diagnostics,
     )
+    stack.at = time.time()
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,8 @@ class ModelOwner:
     def snapshot(self, offsets: dict[str, int], metrics: dict[str, Any]) -> Snapshot:
         return self.model.to_snapshot(offsets=offsets, metrics=metrics)
 
-    def restore(self, snapshot: Snapshot) -> Facts:
+    def restore(self, weights_path: str, manifest: str) -> Facts:
+        snapshot = Snapshot.from_parts(Path(weights_path).read_bytes(), manifest)
         self.model = OnlineClusterer.from_snapshot(snapshot, device=self.device, verify=False)
         return _facts(self.model)
 

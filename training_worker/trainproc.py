@@ -11,11 +11,10 @@ else (offsets, commits, the collapse guard, the DLQ, the lease, metrics, hooks) 
   served labels for the guard, loss, the model's counters and prior). Every command gets one
   reply, in order, so up to ``STEPS_AHEAD`` steps queue in the child while the worker
   decodes the next fetch.
-* :class:`ProcessTrainer` — a :class:`~oclust.training_worker.trainer.Trainer` whose ``run_step``
-and
-  ``run_snapshot`` go to the process; the guard, live quality and hooks run on the replies, in
-  the event loop's thread. The collapse guard's restore is a command ordered after the steps
-  already sent; those steps are counted but not judged.
+* :class:`ProcessTrainer` — a :class:`~oclust.training_worker.trainer.Trainer` whose
+  ``run_step`` and ``run_snapshot`` go to the process; the guard, live quality and hooks run on
+  the replies, in the event loop's thread. The guard's restore is a command ordered after the
+  steps already sent; those steps are counted but not judged.
 
 Failure and shutdown: the child (:mod:`oclust.training_worker.trainchild`) ignores SIGINT/SIGTERM
 (the worker stops it after the final snapshot), exits when the worker's end of the pipe closes (a
@@ -24,9 +23,8 @@ kill -9 of the worker), and unlinks the ring then. Its death makes the worker fa
 exits 1), never hang. The child owns the torch device (CUDA is initialised there only); the
 worker holds a CPU copy of the model as resumed, replaced by the final weights at a clean stop.
 
-Children come from a ``forkserver`` that imported torch and the model once, so a restart after
-a lost lease costs a fork, not an import. As with any ``multiprocessing`` start method but
-``fork``, a script that embeds the worker needs the ``if __name__ == "__main__":`` guard.
+Children come from a ``forkserver`` that imported torch and the model once (a restart after a
+lost lease costs a fork); a script that embeds the worker needs ``if __name__ == "__main__":``.
 
 Example:
     >>> ring_slots(8), ring_floats(256, (64,))
@@ -43,9 +41,11 @@ import math
 import multiprocessing
 import os
 import secrets
+import tempfile
 from collections import deque
 from concurrent.futures import Executor
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,7 @@ RING_MAX_BYTES = 32 << 20
 STEPS_AHEAD = 16
 START_TIMEOUT_S = 120.0  # building the model in the child (imports are preloaded)
 STOP_TIMEOUT_S = 10.0
+EXPORT_TIMEOUT_S = 120.0  # the final weights, exported and sent back at a clean stop
 
 
 class TrainProcessDied(WorkerHalt):
@@ -116,6 +117,8 @@ class TrainProcess:
         self.ring: SharedMemory | None = None
         self.slots: np.ndarray | None = None
         self.free: list[int] | None = []  # free slots; None: no ring can be made
+        self._freed = asyncio.Event()  # a slot came back
+        self._send_lock = asyncio.Lock()  # steps go out in the order they were asked for
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> Facts:
@@ -166,9 +169,10 @@ class TrainProcess:
                     continue
                 if status == "ok":
                     fut.set_result(payload)
-                else:
-                    fut.set_exception(TrainProcessDied(
-                        f"the training process failed:\n{payload}"))
+                else:  # as an exception in the training thread would: the worker stops
+                    error = TrainProcessDied(f"the training process failed:\n{payload}")
+                    self.failure = self.failure or error
+                    fut.set_exception(error)
         except (EOFError, OSError, IndexError):
             self._died()
 
@@ -179,12 +183,15 @@ class TrainProcess:
 
     def _died(self) -> None:
         self._detach()
-        if self.failure is not None or (self.closing and not self.pending):
+        self._freed.set()  # a step waiting for a slot sees the failure
+        if self.closing and not self.pending:
             return  # a closed child's end of the pipe closes too
-        self.proc.join(0.5)  # it closed its end: it is exiting
-        self.failure = TrainProcessDied(
-            f"the training process (pid {self.proc.pid}) died, exit code {self.proc.exitcode}")
-        log.error("%s", self.failure)
+        if self.failure is None:
+            self.proc.join(0.5)  # it closed its end: it is exiting
+            self.failure = TrainProcessDied(
+                f"the training process (pid {self.proc.pid}) died, exit code "
+                f"{self.proc.exitcode}")
+            log.error("%s", self.failure)
         while self.pending:
             fut = self.pending.popleft()
             if not fut.done():
@@ -192,25 +199,46 @@ class TrainProcess:
                 fut.exception()  # retrieved: a future nobody awaits logs nothing
 
     async def step(self, x: np.ndarray) -> tuple[StepReport | None, str | None, float, Facts]:
-        """Train on ``x`` in the child; (report or None, refusal, seconds, facts)."""
-        slot = self._slot(x)
+        """Train on ``x`` in the child; (report or None, refusal, seconds, facts).
+
+        ``x`` goes into a ring slot (waiting for one if the ring is full), else by pipe once the
+        child answered all before it: a large send to a busy child, whose replies fill the other
+        direction, would block both ends for good.
+        """
+        async with self._send_lock:
+            slot = await self._slot(x)
+            if slot < 0:
+                await self._drain()
+            fut = self.call("step", slot, x.shape, x if slot < 0 else None)
         if slot < 0:
-            return await self.call("step", -1, x.shape, x)
+            return await fut
         try:
-            return await self.call("step", slot, x.shape, None)
+            return await fut
         finally:
             assert self.free is not None
             self.free.append(slot)
+            self._freed.set()
 
-    def _slot(self, x: np.ndarray) -> int:
+    async def _drain(self) -> None:
+        """Wait until the child answered every command sent so far."""
+        waiting = [fut for fut in self.pending if not fut.done()]
+        if waiting:
+            await asyncio.wait(waiting)
+
+    async def _slot(self, x: np.ndarray) -> int:
         """A ring slot holding a copy of ``x`` (-1: send ``x`` through the pipe instead)."""
         if x.dtype != np.float32 or not len(x) or self.failure is not None:
             return -1
         if self.slots is None and not self._make_ring(x.shape[1:]):
             return -1
-        assert self.slots is not None
-        if x.size > self.slots.shape[1] or not self.free:
-            return -1  # another sample shape than the first batch's, or a full ring
+        assert self.slots is not None and self.free is not None
+        if x.size > self.slots.shape[1]:
+            return -1  # another sample shape than the first batch's
+        while not self.free and self.failure is None:  # a full ring: wait for a slot
+            self._freed.clear()
+            await self._freed.wait()
+        if self.failure is not None or self.slots is None:
+            return -1
         slot = self.free.pop()
         self.slots[slot, : x.size] = x.reshape(-1)
         return slot
@@ -240,7 +268,7 @@ class TrainProcess:
         try:
             if self.failure is None:
                 self.closing = True
-                final = await asyncio.wait_for(self.call("close", export), STOP_TIMEOUT_S)
+                final = await asyncio.wait_for(self.call("close", export), EXPORT_TIMEOUT_S)
         finally:
             await self.shutdown()
         return final
@@ -331,10 +359,18 @@ class ProcessTrainer(Trainer):
         return snap
 
     def restore_healthy(self, healthy: Snapshot) -> OnlineClusterer:
-        """Restore in the child, after the steps already sent; a CPU copy for the hook."""
+        """Restore in the child, after the steps already sent; a CPU copy for the hook.
+
+        The weights go by temporary file: a large send would block until the busy child reads.
+        """
         self.generation += 1
         self.unjudged = True
-        self.proc.call_later("restore", healthy).add_done_callback(self._restored)
+        fd, path = tempfile.mkstemp(prefix="oclust-restore-", suffix=".safetensors")
+        with os.fdopen(fd, "wb") as f:
+            f.write(healthy.weights)
+        fut = self.proc.call_later("restore", path, healthy.manifest_json())
+        fut.add_done_callback(self._restored)
+        fut.add_done_callback(lambda _: Path(path).unlink(missing_ok=True))
         if self.hooks.on_collapse is None:
             return self.model
         return OnlineClusterer.from_snapshot(healthy, device="cpu", verify=False)

@@ -82,7 +82,7 @@ def test_process_trainer_trains_as_the_thread_trainer(tmp_path):
     async def main() -> tuple[list, object, object, list[str]]:
         remote = await ProcessTrainer.start(_trainer(s), s, in_flight=4)
         try:
-            # six steps in flight at once through a ring of five slots: one goes by pipe
+            # six steps at once through a ring of five slots: the sixth waits for a slot
             reports = await asyncio.gather(*(remote.run_step(Batch(X[i:i + 64], labels), None)
                                              for i in range(0, len(X), 64)))
             other = await remote.run_step(Batch(X[:64].astype(np.float64), labels), None)
@@ -128,6 +128,32 @@ def test_batches_too_large_for_the_ring_go_by_pipe(tmp_path, monkeypatch):
     got, rings = asyncio.run(main())
     assert rings == []  # no ring: each batch went through the pipe
     for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g.served_labels, e.served_labels)
+
+
+@pytest.mark.timeout(120, method="thread")  # a deadlocked loop cannot take a signal
+def test_many_large_pipe_batches_in_flight_do_not_deadlock(tmp_path, monkeypatch):
+    """Batches of 1 MiB by pipe (no ring), eight asked for at once, replies of 64 KiB each:
+    more than the pipe buffers hold in either direction. A send while the child is busy would
+    block the event loop, the child's replies would fill up, and neither end would move."""
+    X, _ = datasets.load("digits")
+    big = np.resize(X.astype(np.float32), (4096, X.shape[1]))
+    s = _settings(tmp_path)
+    monkeypatch.setattr(trainproc, "RING_MAX_BYTES", 0)  # no ring: every batch by pipe
+    torch.set_num_threads(1)
+    local = _trainer(s)
+    batches = [Batch(np.roll(big, i, axis=0), np.full(4096, -1)) for i in range(8)]
+    expected = [local.step(b) for b in batches]
+
+    async def main() -> list:
+        remote = await ProcessTrainer.start(_trainer(s), s, in_flight=8)
+        try:
+            return await asyncio.gather(*(remote.run_step(b, None) for b in batches))
+        finally:
+            await remote.close()
+
+    got = asyncio.run(main())
+    for g, e in zip(got, expected, strict=True):  # all trained, in the order asked for
         np.testing.assert_array_equal(g.served_labels, e.served_labels)
 
 
