@@ -124,13 +124,8 @@ class Trainer:
         self.failed_steps += 1
         log.error("training step on %d samples failed, batch skipped: %s", n, why)
 
-    def observe(self, report: StepReport, batch: Batch, seconds: float,
-                judge: bool = True) -> StepReport:
-        """Metrics, guard, live quality and hooks of one step that took ``seconds``.
-
-        ``judge=False``: the step ran on weights the guard has since replaced (a step already
-        on its way to a training process when the guard fired); it is counted, not judged.
-        """
+    def observe(self, report: StepReport, batch: Batch, seconds: float) -> StepReport:
+        """Metrics, guard, live quality and hooks of one step that took ``seconds``."""
         m = self.metrics
         m.step_seconds.observe(seconds)
         m.samples.inc(report.n)
@@ -140,11 +135,9 @@ class Trainer:
         m.train_kl_star.set(report.train_kl_star)
         self.last = report
         self.steps_since_snapshot += 1
-        fired = False
-        if judge:
-            self.recent.extend(report.served_labels.tolist())
-            fired = self.guard.observe_labels(report.served_labels, self.model.n_clusters)
-            self.quality.add(batch.labels, report.served_labels)  # quality of what is served
+        self.recent.extend(report.served_labels.tolist())
+        fired = self.guard.observe_labels(report.served_labels, self.model.n_clusters)
+        self.quality.add(batch.labels, report.served_labels)  # quality of what is served
         m.served_hard_entropy.set(self.guard.window_entropy())
         m.served_kl_star.set(self.served_kl_star())
         now = time.monotonic()

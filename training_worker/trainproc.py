@@ -14,7 +14,7 @@ else (offsets, commits, the collapse guard, the DLQ, the lease, metrics, hooks) 
 * :class:`ProcessTrainer` — a :class:`~oclust.training_worker.trainer.Trainer` whose
   ``run_step`` and ``run_snapshot`` go to the process; the guard, live quality and hooks run on
   the replies, in the event loop's thread. The guard's restore is a command ordered after the
-  steps already sent; those steps are counted but not judged.
+  steps already sent; those steps are sent again, to train the restored weights.
 
 Failure and shutdown: the child (:mod:`oclust.training_worker.trainchild`) ignores SIGINT/SIGTERM
 (the worker stops it after the final snapshot), exits when the worker's end of the pipe closes (a
@@ -297,12 +297,9 @@ class TrainProcess:
 
 
 class ProcessTrainer(Trainer):
-    """A :class:`Trainer` whose model lives in a :class:`TrainProcess`.
-
-    Built from the trainer :func:`~oclust.training_worker.resume.load_trainer` returned (with a CPU
-    model): its guard, quality window, hooks and healthy snapshot stay here; ``model`` is that
-    CPU copy until :meth:`close` brings the final weights back.
-    """
+    """A :class:`Trainer` whose model lives in a :class:`TrainProcess`; its guard, quality
+    window, hooks and healthy snapshot stay here, and ``model`` is the CPU copy it was built from
+    until :meth:`close` brings the final weights back."""
 
     steps_ahead = STEPS_AHEAD
 
@@ -312,7 +309,7 @@ class ProcessTrainer(Trainer):
         self.proc = proc
         self.steps_ahead = proc.in_flight  # the ring has a slot for each, and a spare
         self.facts = facts
-        self.generation = 0  # bumped by each restore: replies of older steps are not judged
+        self.generation = 0  # bumped by each restore: steps sent before it are sent again
         self.unjudged = False  # restored, and no step on the restored weights judged yet
 
     @classmethod
@@ -343,14 +340,16 @@ class ProcessTrainer(Trainer):
         raise TypeError("a ProcessTrainer's weights are in its process: await run_snapshot()")
 
     async def run_step(self, batch: Batch, executor: Executor | None) -> StepReport | None:
-        """One step in the training process, then the guard, metrics and hooks here."""
-        generation = self.generation
-        report, refusal, seconds, self.facts = await self.proc.step(batch.x)
-        if report is None:
-            return self.refused(len(batch), refusal or "refused")
-        judge = generation == self.generation
-        self.unjudged &= not judge
-        return self.observe(report, batch, seconds, judge=judge)
+        """One step in the training process, then the guard, metrics and hooks here. A step
+        sent before a restore (it trained the replaced weights) is sent again, after it."""
+        while True:
+            generation = self.generation
+            report, refusal, seconds, self.facts = await self.proc.step(batch.x)
+            if report is None:
+                return self.refused(len(batch), refusal or "refused")
+            if generation == self.generation:
+                self.unjudged = False
+                return self.observe(report, batch, seconds)
 
     async def run_snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None,
                            executor: Executor | None) -> Snapshot:

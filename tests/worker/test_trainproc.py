@@ -157,6 +157,43 @@ def test_many_large_pipe_batches_in_flight_do_not_deadlock(tmp_path, monkeypatch
         np.testing.assert_array_equal(g.served_labels, e.served_labels)
 
 
+class _FiresOnce(CollapseGuard):
+    """A guard that fires on the first batch it judges, and never again."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 1)
+        self.judged = 0
+
+    def observe_labels(self, labels: np.ndarray, n_clusters: int) -> bool:
+        self.judged += 1
+        return self.judged == 1
+
+
+def test_steps_in_flight_at_a_restore_train_the_restored_weights(tmp_path):
+    """The guard fires on the first reply while three more steps are queued in the child:
+    the restore goes after them, so they trained the replaced weights; each is sent again
+    and the restored model holds all three (and not the first, collapsed, one)."""
+    X, _ = datasets.load("digits")
+    X = X.astype(np.float32)
+    s = _settings(tmp_path)
+    healthy = fresh_model(s, "cpu").partial_fit(X[:64]).to_snapshot(offsets={"t:0": 1})
+    base = Trainer(fresh_model(s, "cpu"), _FiresOnce(), WorkerMetrics(), healthy=healthy)
+    batches = [Batch(X[64 * i:64 * (i + 1)], np.full(64, -1)) for i in range(1, 5)]
+
+    async def main() -> tuple[list, int, bool]:
+        remote = await ProcessTrainer.start(base, s, in_flight=4)
+        try:
+            reports = await asyncio.gather(*(remote.run_step(b, None) for b in batches))
+            return reports, remote.describe()["samples_seen"], remote.can_snapshot
+        finally:
+            await remote.close(export=False)
+
+    reports, seen, can_snapshot = asyncio.run(main())
+    assert all(r is not None for r in reports) and base.guard.judged == 4
+    assert seen == healthy.meta.samples_seen + 3 * 64  # batches 2-4, after the restore
+    assert can_snapshot  # a step on the restored weights was judged
+
+
 def test_a_killed_training_process_fails_the_worker_and_frees_the_ring(tmp_path):
     X, _ = datasets.load("digits")
     batch = Batch(X[:64].astype(np.float32), np.full(64, -1))
