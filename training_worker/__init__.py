@@ -17,6 +17,7 @@ Modules:
 | ``worker`` | ``TrainingWorker`` behind ``oclust worker``: the lease, standby, signals |
 | ``resume`` | the model a lease holder resumes from, the fresh-start rule, offset checks |
 | ``loop`` | the active phase: fetch, ingest, train, checkpoint, commit, rebalance |
+| ``ring`` | the training process's shared-memory ring: names and sizes |
 | ``ledger`` | offsets fetched, covered by a snapshot, committable; crash-loop marks |
 | ``ingest`` | the two decoding strategies (samples, readings) behind one Protocol |
 | ``stream`` | the consumer/producer Protocols and the in-process stream of ``oclust up`` |

@@ -1,9 +1,8 @@
 """The training step in its own process, fed through shared memory (``train_process``).
 
-In one interpreter, the asyncio loop (fetch, decode) and the training thread share one GIL, and
-torch drops and retakes it around every operator: the step loses time at each hand-off. Here
-the model lives in a child process with its own interpreter, and the worker keeps everything
-else (offsets, commits, the collapse guard, the DLQ, the lease, metrics, hooks) in one place:
+In one interpreter the asyncio loop (fetch, decode) and the training thread share one GIL, which
+torch drops and retakes around every operator. Here the model lives in a child process, and the
+worker keeps the rest (offsets, commits, the guard, the DLQ, the lease, metrics, hooks):
 
 * :class:`TrainProcess` — the parent's handle. Batches go into a ring of float32 slots in
   :mod:`multiprocessing.shared_memory` (one copy in; the child trains on a view of its slot,
@@ -27,8 +26,9 @@ Children come from a ``forkserver`` that imported torch and the model once (a re
 lost lease costs a fork); a script that embeds the worker needs ``if __name__ == "__main__":``.
 
 Example:
-    >>> ring_slots(8), ring_floats(256, (64,))
-    (9, 16384)
+    >>> from oclust.training_worker.trainproc import STEPS_AHEAD
+    >>> STEPS_AHEAD
+    16
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import math
 import multiprocessing
 import os
-import secrets
 import tempfile
 from collections import deque
 from concurrent.futures import Executor
@@ -53,18 +51,21 @@ import numpy as np
 from oclust.model import OnlineClusterer, Snapshot, StepReport
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.resume import WorkerHalt
+from oclust.training_worker.ring import (
+    RING_MAX_BYTES,
+    reserved,
+    ring_floats,
+    ring_name,
+    ring_slots,
+)
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.trainchild import Facts, child_main
 from oclust.training_worker.trainer import Trainer
 
-__all__ = ["ProcessTrainer", "TrainProcess", "TrainProcessDied", "ring_floats", "ring_slots"]
+__all__ = ["ProcessTrainer", "TrainProcess", "TrainProcessDied"]
 
 log = logging.getLogger(__name__)
 
-RING_PREFIX = "oclust-ring"
-# /dev/shm of a container is 64 MiB by default, and writing past it is a SIGBUS: large samples
-# get fewer slots (the other batches in flight go by pipe)
-RING_MAX_BYTES = 32 << 20
 # Steps queued in the child: enough to cover a fetch round trip of the broker (a slot is one
 # batch: 64 KiB for 256 digits), not so many that a checkpoint waits long for them.
 STEPS_AHEAD = 16
@@ -75,21 +76,6 @@ EXPORT_TIMEOUT_S = 120.0  # the final weights, exported and sent back at a clean
 
 class TrainProcessDied(WorkerHalt):
     """The training process exited or failed: the worker stops (its supervisor restarts it)."""
-
-
-def ring_name() -> str:
-    """A new ring's name: ``oclust-ring-<worker pid>-<random>`` (in ``/dev/shm`` on Linux)."""
-    return f"{RING_PREFIX}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def ring_slots(in_flight: int) -> int:
-    """Slots of the ring: one per step in flight, and one spare."""
-    return in_flight + 1
-
-
-def ring_floats(batch_size: int, shape: tuple[int, ...]) -> int:
-    """float32 values per slot: a full batch of samples of ``shape``."""
-    return batch_size * math.prod(shape)
 
 
 # ---------------------------------------------------------------------- the parent
@@ -252,7 +238,8 @@ class TrainProcess:
         if slots < 1:
             return False  # a batch larger than the ring may be: every batch by pipe
         try:
-            self.ring = SharedMemory(create=True, size=slots * floats * 4, name=ring_name())
+            self.ring = reserved(SharedMemory(create=True, size=slots * floats * 4,
+                                               name=ring_name()))
         except OSError as exc:
             log.warning("no shared memory for the training ring (%s): batches go by pipe", exc)
             self.free = None

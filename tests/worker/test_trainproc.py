@@ -29,10 +29,11 @@ from oclust.training_worker.kafka import committed_offsets
 from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
 from oclust.training_worker.producer import replay
 from oclust.training_worker.resume import fresh_model
+from oclust.training_worker.ring import RING_PREFIX
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import open_store
 from oclust.training_worker.trainer import Trainer
-from oclust.training_worker.trainproc import RING_PREFIX, ProcessTrainer, TrainProcessDied
+from oclust.training_worker.trainproc import ProcessTrainer, TrainProcessDied
 
 from .test_worker_process import (
     FIRST,
@@ -129,6 +130,32 @@ def test_batches_too_large_for_the_ring_go_by_pipe(tmp_path, monkeypatch):
     assert rings == []  # no ring: each batch went through the pipe
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g.served_labels, e.served_labels)
+
+
+def test_a_full_dev_shm_sends_batches_by_pipe_not_sigbus(tmp_path, monkeypatch):
+    """posix_fallocate reserves the ring's pages when it is made: no room is an OSError then
+    (the ring is unlinked, batches go by pipe), not a SIGBUS at the first write."""
+    X, _ = datasets.load("digits")
+    s = _settings(tmp_path)
+    made: list[str] = []
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        made.extend(_rings(os.getpid()))  # the ring exists when its pages are asked for
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    batch = Batch(X[:64].astype(np.float32), np.full(64, -1))
+
+    async def main() -> tuple[object, list[str]]:
+        remote = await ProcessTrainer.start(_trainer(s), s, in_flight=2)
+        try:
+            return await remote.run_step(batch, None), _rings(os.getpid())
+        finally:
+            await remote.close()
+
+    report, rings = asyncio.run(main())
+    assert report is not None and len(made) == 1
+    assert rings == []  # unlinked at once; the batch went through the pipe
 
 
 @pytest.mark.timeout(120, method="thread")  # a deadlocked loop cannot take a signal
