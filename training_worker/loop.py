@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -57,7 +56,6 @@ FETCH_TIMEOUT_S = 0.2
 # interval lets the step's GIL-free compute overlap the decode instead of queueing behind it.
 SWITCH_INTERVAL_S = 0.0005
 DLQ_REASONS = (*REASONS, "late_reading", "poison")
-T = TypeVar("T")
 
 
 _running = [0, 0.0]  # loops running in this process, the switch interval before the first
@@ -136,12 +134,6 @@ class TrainingLoop:
         self.messages = 0
         self.dlq_count = 0
         self.fatal: BaseException | None = None
-
-    async def in_training_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on the one thread that owns the model."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(fn, *args)
-        )
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
