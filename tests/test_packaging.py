@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,9 +17,17 @@ PARTS = ("model", "training_worker", "service")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # built from a copy of the tracked sources: a build in the checkout would leave a build/
+    # whose stale modules a later wheel could pick up
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    tracked = subprocess.run(["git", "ls-files", "pyproject.toml", "README.md", "LICENSE",
+                              "oclust", *PARTS], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.split()
+    for name in tracked:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(ROOT)],
+                    "--no-build-isolation", "-w", str(out), str(src)],
                    check=True, capture_output=True, timeout=240)
     (built,) = out.glob("oclust-*.whl")
     return built
