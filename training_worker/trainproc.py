@@ -136,15 +136,11 @@ class TrainProcess:
         return fut
 
     def call_later(self, *cmd: Any) -> asyncio.Future[Any]:
-        """A command nobody awaits: its failure stops the worker at its next turn."""
+        """A command nobody awaits. Its failure has already set :attr:`failure` (an error reply
+        or the child's death sets it first), which stops the worker at its next turn."""
         fut = self.call(*cmd)
-        fut.add_done_callback(self._check)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no log
         return fut
-
-    def _check(self, fut: asyncio.Future[Any]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if isinstance(exc, TrainProcessDied) and self.failure is None:
-            self.failure = exc
 
     def _readable(self) -> None:
         try:
