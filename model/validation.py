@@ -30,6 +30,7 @@ __all__ = [
     "check_finite",
     "check_input",
     "check_params",
+    "check_positive",
     "non_finite_distances",
     "out_dtype",
     "to_float64_array",
@@ -63,6 +64,20 @@ def check_finite(arr: np.ndarray) -> None:
     raise ValueError(
         f"input contains NaN, infinite or beyond-float32 values (samples {bad[:5]})"
     )
+
+
+def check_positive(**counts: int | None) -> None:
+    """Raise a ``ValueError`` naming the first count below 1; ``None`` passes (not set).
+
+    Example:
+        >>> check_positive(size=4, hop=None, patience=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: patience must be at least 1, got 0
+    """
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value!r}")
 
 
 def out_dtype(arr: np.ndarray) -> type[np.floating]:

@@ -30,13 +30,7 @@ from typing import Annotated, Any
 
 import typer
 
-from oclust.service.options import (
-    LogLevelOpt,
-    SettingsCommand,
-    build_settings,
-    field_option,
-    setup_logging,
-)
+from oclust.service import options
 from oclust.service.settings import ServiceSettings
 from oclust.training_worker.settings import WorkerSettings
 
@@ -45,13 +39,13 @@ __all__ = ["LiveStats", "register", "run_up", "up_command"]
 Opt = typer.Option
 log = logging.getLogger(__name__)
 
-_StoreOpt = field_option(WorkerSettings, "store")
-_RegulariserOpt = field_option(WorkerSettings, "regulariser")
-_PriorOpt = field_option(WorkerSettings, "prior")
-_BatchSizeOpt = field_option(WorkerSettings, "batch_size")
-_SeedOpt = field_option(WorkerSettings, "seed")
-_HostOpt = field_option(ServiceSettings, "host")
-_PortOpt = field_option(ServiceSettings, "port")
+_StoreOpt = options.field_option(WorkerSettings, "store")
+_RegulariserOpt = options.field_option(WorkerSettings, "regulariser")
+_PriorOpt = options.field_option(WorkerSettings, "prior")
+_BatchSizeOpt = options.field_option(WorkerSettings, "batch_size")
+_SeedOpt = options.field_option(WorkerSettings, "seed")
+_HostOpt = options.field_option(ServiceSettings, "host")
+_PortOpt = options.field_option(ServiceSettings, "port")
 
 IN_PROCESS = "in-process"
 DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2, "fashion_mnist": 10,
@@ -287,7 +281,7 @@ def up_command(
     devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 2,
     seed: _SeedOpt = None,
     quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
-    log_level: LogLevelOpt = "warning",
+    log_level: options.LogLevelOpt = "warning",
 ) -> None:
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
     key = dataset.lower().replace("-", "_")
@@ -297,7 +291,7 @@ def up_command(
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
     namespace = namespace or f"up-{key}"
     window = window_size or READING_STREAMS.get(key, 64)
-    ws = build_settings(WorkerSettings, dict(
+    ws = options.build_settings(WorkerSettings, dict(
         bootstrap_servers=bootstrap_servers or IN_PROCESS,
         topic=topic or f"oclust-up-{key}", store=store, namespace=namespace,
         n_clusters=n_clusters or DEFAULT_K[key],
@@ -306,15 +300,15 @@ def up_command(
         mode="readings" if key in READING_STREAMS else "samples", window_size=window,
         window_hop=max(1, window // 2),
     ))
-    ss = build_settings(ServiceSettings, dict(
+    ss = options.build_settings(ServiceSettings, dict(
         store=ws.store, namespace=namespace, host=host, port=port, poll_interval=0.5,
         log_level=log_level,
     ))
-    setup_logging(log_level, rich=True)
+    options.setup_logging(log_level, rich=True)
     code = asyncio.run(run_up(ws, ss, key, rate, devices, display=not quiet))
     raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``up`` to the CLI."""
-    app.command("up", cls=SettingsCommand)(up_command)
+    app.command("up", cls=options.SettingsCommand)(up_command)

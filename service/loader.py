@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -115,6 +115,19 @@ def _prior(value: Any, n_clusters: int) -> np.ndarray:
     return prior
 
 
+class _Status:
+    """A status attribute of :class:`ModelHolder`: a change wakes ``wait_until``'s waiters."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = f"_{name}"
+
+    def __get__(self, holder: ModelHolder | None, owner: type | None = None) -> Any:
+        return self if holder is None else getattr(holder, self.attribute)
+
+    def __set__(self, holder: ModelHolder, value: object) -> None:
+        holder._change(self.attribute, value)
+
+
 class ModelHolder:
     """The current :class:`LoadedModel` (or ``None``), plus the store's health as last seen.
 
@@ -140,23 +153,10 @@ class ModelHolder:
         """The model to serve now."""
         return self._current
 
-    @property
-    def store_up(self) -> bool | None:
-        """Whether the store answered the last attempt (``None``: no store attached yet)."""
-        return self._store_up
-
-    @store_up.setter
-    def store_up(self, up: bool | None) -> None:
-        self._change("_store_up", up)
-
-    @property
-    def last_error(self) -> str | None:
-        """Why the latest load attempt failed (cleared by a successful swap)."""
-        return self._last_error
-
-    @last_error.setter
-    def last_error(self, message: str | None) -> None:
-        self._change("_last_error", message)
+    store_up = _Status()
+    """Whether the store answered the last attempt (``None``: no store attached yet)."""
+    last_error = _Status()
+    """Why the latest load attempt failed (cleared by a successful swap)."""
 
     def _change(self, attribute: str, value: object) -> None:
         """Set a status attribute and wake :meth:`wait_until`'s waiters, when it changes."""
@@ -213,6 +213,7 @@ class ModelHolder:
         return reason
 
 
+@dataclass(eq=False)
 class SnapshotWatcher:
     """Keeps a :class:`ModelHolder` on the store's current snapshot, in a daemon thread.
 
@@ -244,28 +245,21 @@ class SnapshotWatcher:
         (False, True, None)
     """
 
-    def __init__(
-        self,
-        store: SnapshotStore,
-        holder: ModelHolder,
-        device: str = "cpu",
-        poll_interval: float = 1.0,
-        retry_interval: float = 2.0,
-        max_retry_interval: float = 30.0,
-        torch_threads: int | None = None,
-    ) -> None:
-        self.store = store
-        self.holder = holder
-        self.device = device
-        self.torch_threads = torch_threads
-        self.poll_interval = poll_interval
-        self.retry_interval = retry_interval
-        self.max_retry_interval = max(max_retry_interval, retry_interval)
-        self.failures = 0  # failed attempts in a row (drives the back-off)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._attempted: int | None = None  # last pointed version tried (loaded or rejected)
-        self._logged: str | None = None  # last error logged (each distinct one is logged once)
+    store: SnapshotStore
+    holder: ModelHolder
+    device: str = "cpu"
+    poll_interval: float = 1.0
+    retry_interval: float = 2.0
+    max_retry_interval: float = 30.0
+    torch_threads: int | None = None
+    failures: int = field(default=0, init=False)  # failed attempts in a row (drives the back-off)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _attempted: int | None = field(default=None, init=False)  # last pointed version tried
+    _logged: str | None = field(default=None, init=False)  # each distinct error is logged once
+
+    def __post_init__(self) -> None:
+        self.max_retry_interval = max(self.max_retry_interval, self.retry_interval)
 
     def check(self, wait: float = 0.0) -> bool:
         """Wait up to ``wait`` seconds for a new version and swap it in; True if swapped.

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic_core
@@ -46,6 +47,7 @@ class _BodyTooLarge(Exception):
     pass
 
 
+@dataclass(eq=False)
 class LimitsMiddleware:
     """Pure ASGI middleware: API key, body-size limit (413) and per-endpoint request counting.
 
@@ -55,19 +57,11 @@ class LimitsMiddleware:
     any answer is counted as 499, not as a server error.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        max_body_bytes: int,
-        metrics: ServiceMetrics,
-        api_key: bytes | None = None,
-        protected: frozenset[str] = frozenset(),
-    ) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-        self.api_key = api_key
-        self.protected = protected
+    app: ASGIApp
+    max_body_bytes: int
+    metrics: ServiceMetrics
+    api_key: bytes | None = None
+    protected: frozenset[str] = frozenset()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

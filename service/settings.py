@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, SecretStr
 
 from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation
@@ -18,19 +20,19 @@ from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation
 __all__ = ["ServiceSettings"]
 
 
+def _seconds(default: float, description: str) -> Any:
+    """A field holding a positive duration, in seconds."""
+    return Field(default, gt=0, description=f"seconds {description}")
+
+
 class ServiceSettings(StoreLocation):
     """Everything ``oclust serve`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
 
     # where the snapshots come from (store, namespace: StoreLocation)
-    poll_interval: float = Field(
-        1.0, gt=0, description="seconds between polls of the current version (pub/sub fallback)"
-    )
-    retry_interval: float = Field(
-        2.0, gt=0, description="first pause after a failed store attempt (doubles, capped)"
-    )
-    max_retry_interval: float = Field(
-        30.0, gt=0, description="longest pause between failed store attempts"
-    )
+    poll_interval: float = _seconds(1.0, "between polls of the current version (pub/sub fallback)")
+    retry_interval: float = _seconds(2.0, "of the first pause after a failed store attempt "
+                                     "(doubles at each failure, capped)")
+    max_retry_interval: float = _seconds(30.0, "of the longest pause between failed attempts")
     device: str = Field(
         "cpu", description="torch device of models served by torch (MLPs run in the CPU kernel)"
     )
@@ -45,12 +47,8 @@ class ServiceSettings(StoreLocation):
     protect_model: bool = Field(True, description="with an API key, /model requires it too")
     protect_stats: bool = Field(True, description="with an API key, /stats* require it too")
     protect_metrics: bool = Field(True, description="with an API key, /metrics requires it too")
-    header_timeout: float = Field(
-        10.0, gt=0, description="seconds a client may take to send a request's headers"
-    )
-    body_timeout: float = Field(
-        30.0, gt=0, description="seconds a client may take to send a request body (else 408)"
-    )
+    header_timeout: float = _seconds(10.0, "a client may take to send a request's headers")
+    body_timeout: float = _seconds(30.0, "a client may take to send a request body (else 408)")
     keep_alive_timeout: int = Field(
         5, ge=1, description="seconds an idle keep-alive connection stays open"
     )

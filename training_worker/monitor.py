@@ -18,6 +18,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from oclust.model import metrics as model_metrics
+from oclust.model.validation import check_positive
 
 __all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics"]
 
@@ -57,10 +58,7 @@ class CollapseGuard:
         window: int | None = None,
         min_window: int = 1,
     ) -> None:
-        if patience < 1:
-            raise ValueError(f"patience must be at least 1, got {patience}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be at least 1 sample, got {window}")
+        check_positive(patience=patience, window=window)
         self.threshold = threshold
         self.patience = patience
         self.window = window
@@ -189,8 +187,15 @@ class QualityWindow:
         }
 
 
+def _collapse_gauges(source: str, labels: str, r: CollectorRegistry) -> tuple[Gauge, Gauge]:
+    """The hard-label entropy and KL* gauges of one source of labels (served or training)."""
+    name = f"oclust_worker_{source}"
+    return (Gauge(f"{name}_hard_entropy_nats", f"Entropy of {labels}", registry=r),
+            Gauge(f"{name}_kl_star_nats", f"KL(shares of {labels} || prior)", registry=r))
+
+
 class WorkerMetrics:
-    """The worker's Prometheus metrics in their own registry (names: /tmp/interfaces.md).
+    """The worker's Prometheus metrics in their own registry (the README lists them).
 
     Example:
         >>> m = WorkerMetrics()
@@ -211,26 +216,12 @@ class WorkerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.loss = Gauge("oclust_worker_loss", "Loss of the last step", registry=r)
-        self.served_hard_entropy = Gauge(
-            "oclust_worker_served_hard_entropy_nats",
-            "Entropy of the served (nearest-centroid) labels over the guard's window of recent "
-            "samples: what the collapse guard judges",
-            registry=r,
-        )
-        self.served_kl_star = Gauge(
-            "oclust_worker_served_kl_star_nats",
-            "KL(served-label shares over the guard's window || prior)", registry=r,
-        )
-        self.train_hard_entropy = Gauge(
-            "oclust_worker_train_hard_entropy_nats",
-            "Entropy of the regulariser's training labels of the last batch (CA/SK keep it high "
-            "by construction: a gap to the served entropy is a warning sign)",
-            registry=r,
-        )
-        self.train_kl_star = Gauge(
-            "oclust_worker_train_kl_star_nats",
-            "KL(training-label histogram of the last batch || prior)", registry=r,
-        )
+        self.served_hard_entropy, self.served_kl_star = _collapse_gauges(
+            "served", "the served (nearest-centroid) labels over the guard's window of recent "
+            "samples: what the collapse guard judges", r)
+        self.train_hard_entropy, self.train_kl_star = _collapse_gauges(
+            "train", "the regulariser's training labels of the last batch (CA and SK keep them "
+            "balanced by construction: a gap to the served figures is a warning sign)", r)
         self.lag = Gauge(
             "oclust_worker_consumer_lag", "High watermark minus position", ["partition"],
             registry=r,
@@ -252,11 +243,11 @@ class WorkerMetrics:
             "oclust_worker_collapsed", "1 while the guard holds publishing back", registry=r
         )
         self.acc = Gauge(
-            "oclust_worker_window_acc", "ACC of training labels vs message labels (window)",
+            "oclust_worker_window_acc", "ACC of served labels vs message labels (window)",
             registry=r,
         )
         self.nmi = Gauge(
-            "oclust_worker_window_nmi", "NMI of training labels vs message labels (window)",
+            "oclust_worker_window_nmi", "NMI of served labels vs message labels (window)",
             registry=r,
         )
         self.active = Gauge(

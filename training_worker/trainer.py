@@ -27,8 +27,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -59,6 +59,7 @@ class TrainerHooks:
     on_collapse: Callable[[OnlineClusterer, Snapshot | None], None] | None = None
 
 
+@dataclass(eq=False)
 class Trainer:
     """Holds the model, its guard, live quality and the last healthy snapshot.
 
@@ -75,30 +76,20 @@ class Trainer:
         hooks: callbacks for tests and embedding.
     """
 
-    steps_ahead = 8
+    steps_ahead: ClassVar[int] = 8
 
-    def __init__(
-        self,
-        model: OnlineClusterer,
-        guard: CollapseGuard,
-        metrics: WorkerMetrics,
-        quality: QualityWindow | None = None,
-        restore: bool = True,
-        healthy: Snapshot | None = None,
-        hooks: TrainerHooks | None = None,
-    ) -> None:
-        self.model = model
-        self.guard = guard
-        self.metrics = metrics
-        self.quality = quality if quality is not None else QualityWindow()
-        self.restore = restore
-        self.healthy = healthy
-        self.hooks = hooks or TrainerHooks()
-        self.last: StepReport | None = None
-        self.steps_since_snapshot = 0
-        self.failed_steps = 0
-        self.recent: deque[int] = deque(maxlen=SHARE_WINDOW)
-        self._quality_at = -math.inf
+    model: OnlineClusterer
+    guard: CollapseGuard
+    metrics: WorkerMetrics
+    quality: QualityWindow = field(default_factory=QualityWindow)
+    restore: bool = True
+    healthy: Snapshot | None = None
+    hooks: TrainerHooks = field(default_factory=TrainerHooks)
+    last: StepReport | None = field(default=None, init=False)
+    steps_since_snapshot: int = field(default=0, init=False)
+    failed_steps: int = field(default=0, init=False)
+    recent: deque[int] = field(default_factory=lambda: deque(maxlen=SHARE_WINDOW), init=False)
+    _quality_at: float = field(default=-math.inf, init=False)
 
     def step(self, batch: Batch) -> StepReport | None:
         """One ``partial_fit`` on ``batch``; ``None`` if the model refused it (logged)."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from oclust.model.validation import check_positive
 from oclust.training_worker.codec import DecodeError, Reading
 
 __all__ = ["Window", "WindowAssembler"]
@@ -82,15 +83,9 @@ class WindowAssembler:
     """
 
     def __init__(self, size: int, hop: int | None = None, idle_after: int | None = None) -> None:
-        if size < 1:
-            raise ValueError(f"window size must be at least 1, got {size}")
-        hop = size if hop is None else hop
-        if hop < 1:
-            raise ValueError(f"window hop must be at least 1, got {hop}")
-        if idle_after is not None and idle_after < 1:
-            raise ValueError(f"idle_after must be positive, got {idle_after}")
+        check_positive(size=size, hop=hop, idle_after=idle_after)
         self.size = size
-        self.hop = hop
+        self.hop = size if hop is None else hop
         self.idle_after = idle_after
         self._devices: dict[str, _Device] = {}
         self._pushes = 0

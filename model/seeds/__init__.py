@@ -88,16 +88,29 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return F.cross_entropy(sim, torch.cat([idx + m, idx]))
 
 
-def _decoder(latent_dim: int, input_shape: tuple[int, ...], hidden: int) -> nn.Module:
-    """An MLP from the latent to the flattened input, for the autoencoder variants."""
-    return nn.Sequential(
-        nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, math.prod(input_shape))
-    )
+def _floats(module: nn.Module, **params: float) -> None:
+    """Keep hyper-parameters as float attributes (a manifest read back from JSON may hold ints)."""
+    for key, value in params.items():
+        setattr(module, key, float(value))
 
 
-def _reconstruction(decoder: nn.Module, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the decoded latents against the (standardised) inputs."""
-    return F.mse_loss(decoder(z), x.reshape(len(x), -1))
+class _Reconstructs(Regulariser):
+    """Mixin of the autoencoder variants: an MLP decoder from the latent to the flattened input,
+    made in :meth:`build` with ``hidden`` units, and the mean squared error of its output.
+    """
+
+    hidden: int
+
+    def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:
+        super().build(input_shape, latent_dim, n_clusters)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, self.hidden), nn.ReLU(),
+            nn.Linear(self.hidden, math.prod(input_shape)),
+        )
+
+    def reconstruction(self, batch: Batch) -> torch.Tensor:
+        """Mean squared error of the decoded latents against the (standardised) inputs."""
+        return F.mse_loss(self.decoder(batch.z), batch.x.reshape(len(batch.x), -1))
 
 
 class _Seeded(Regulariser):

@@ -13,11 +13,11 @@ Example:
 from __future__ import annotations
 
 from oclust.model.regularisers import Batch, Output, register
-from oclust.model.seeds import _decoder, _reconstruction, _Seeded, gumbel_softmax
+from oclust.model.seeds import _floats, _Reconstructs, _Seeded, gumbel_softmax
 
 
 @register
-class ConcreteKMeans(_Seeded):
+class ConcreteKMeans(_Reconstructs, _Seeded):
     """Concrete k-means (Gao et al. 2020): a k-means loss under Gumbel-softmax relaxed
     assignments, plus an autoencoder reconstruction that keeps the latents informative.
 
@@ -31,19 +31,13 @@ class ConcreteKMeans(_Seeded):
         self, lam: float = 0.1, beta: float = 1.0, tau: float = 0.5, hidden: int = 512
     ) -> None:
         super().__init__()
-        self.lam = float(lam)
-        self.beta = float(beta)
-        self.tau = float(tau)
+        _floats(self, lam=lam, beta=beta, tau=tau)
         self.hidden = int(hidden)
-
-    def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:
-        super().build(input_shape, latent_dim, n_clusters)
-        self.decoder = _decoder(latent_dim, input_shape, self.hidden)
 
     def forward(self, batch: Batch) -> Output:
         scaled = batch.distances / (2.0 * batch.sigma)
         logits = -scaled + batch.log_prior.to(scaled)
         s = gumbel_softmax(logits, self.tau, self._generator(scaled.device))
         kmeans = (s * scaled).sum(1).mean()
-        loss = self.lam * kmeans + self.beta * _reconstruction(self.decoder, batch.z, batch.x)
+        loss = self.lam * kmeans + self.beta * self.reconstruction(batch)
         return Output(logits.detach().argmax(dim=1), loss)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from oclust.model.regularisers import Batch, Output, Regulariser, register
-from oclust.model.seeds import _EPS, _decoder, _reconstruction
+from oclust.model.seeds import _EPS, _floats, _Reconstructs
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,7 @@ class ClusteringModule(Regulariser):
         super().__init__()
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema!r}")
-        self.alpha = float(alpha)
-        self.lam = float(lam)
-        self.ema = float(ema)
-        self.scale2 = float(scale2)
+        _floats(self, alpha=alpha, lam=lam, ema=ema, scale2=scale2)
         self.register_buffer("ema_centroids", torch.zeros(0))
         self.register_buffer("ema_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("head_ready", torch.zeros((), dtype=torch.bool))
@@ -167,7 +164,7 @@ class ClusteringModule(Regulariser):
 
 
 @register
-class AutoencoderClusteringModule(ClusteringModule):
+class AutoencoderClusteringModule(_Reconstructs, ClusteringModule):
     """AE-CM: the clustering module plus beta times the reconstruction of the input from z.
 
     The decoder is an MLP from the latent to the flattened input.
@@ -175,24 +172,13 @@ class AutoencoderClusteringModule(ClusteringModule):
 
     name = "aecm"
 
-    def __init__(
-        self,
-        alpha: float = 2.0,
-        lam: float = 1.0,
-        ema: float = 0.95,
-        scale2: float = 0.0,
-        beta: float = 1.0,
-        hidden: int = 512,
-    ) -> None:
+    def __init__(self, alpha: float = 2.0, lam: float = 1.0, ema: float = 0.95,
+                 scale2: float = 0.0, beta: float = 1.0, hidden: int = 512) -> None:
         super().__init__(alpha=alpha, lam=lam, ema=ema, scale2=scale2)
         self.beta = float(beta)
         self.hidden = int(hidden)
 
-    def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:
-        super().build(input_shape, latent_dim, n_clusters)
-        self.decoder = _decoder(latent_dim, input_shape, self.hidden)
-
     def forward(self, batch: Batch) -> Output:
         t, gamma = self.terms(batch)
-        loss = t.total() + self.beta * _reconstruction(self.decoder, batch.z, batch.x)
+        loss = t.total() + self.beta * self.reconstruction(batch)
         return Output(gamma.detach().argmax(dim=1), loss)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from oclust.model.regularisers import Batch, Output, register, sq_distances
-from oclust.model.seeds import _Views, nt_xent
+from oclust.model.seeds import _floats, _Views, nt_xent
 
 
 def drc_contrast(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -55,9 +55,7 @@ class DeepRobustClustering(_Views):
         super().__init__()
         if contrast not in ("paper", "ntxent"):
             raise ValueError(f"contrast must be 'paper' or 'ntxent', got {contrast!r}")
-        self.tau_af = float(tau_af)
-        self.tau_ap = float(tau_ap)
-        self.lam = float(lam)
+        _floats(self, tau_af=tau_af, tau_ap=tau_ap, lam=lam)
         self.contrast = contrast
 
     def forward(self, batch: Batch) -> Output:

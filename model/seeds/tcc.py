@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from oclust.model.regularisers import Batch, Output, register, sq_distances
-from oclust.model.seeds import _EPS, _Views, gumbel_softmax, nt_xent
+from oclust.model.seeds import _EPS, _floats, _Views, gumbel_softmax, nt_xent
 
 
 @register
@@ -35,18 +35,11 @@ class TwinContrastClustering(_Views):
 
     name = "tcc"
 
-    def __init__(
-        self,
-        tau_instance: float = 0.5,
-        tau_cluster: float = 1.0,
-        gumbel_tau: float = 1.0,
-        lam: float = 1.0,
-    ) -> None:
+    def __init__(self, tau_instance: float = 0.5, tau_cluster: float = 1.0,
+                 gumbel_tau: float = 1.0, lam: float = 1.0) -> None:
         super().__init__()
-        self.tau_instance = float(tau_instance)
-        self.tau_cluster = float(tau_cluster)
-        self.gumbel_tau = float(gumbel_tau)
-        self.lam = float(lam)
+        _floats(self, tau_instance=tau_instance, tau_cluster=tau_cluster, gumbel_tau=gumbel_tau,
+                lam=lam)
 
     def forward(self, batch: Batch) -> Output:
         z1, z2, g = self._views(batch)

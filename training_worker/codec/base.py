@@ -1,13 +1,14 @@
 """What every message decoder shares: the error type and its reasons, limits, and the checks.
 
 Each check raises :class:`DecodeError` with one reason code from :data:`REASONS`; the message
-formats themselves are described in :mod:`oclust.training_worker.codec`.
+formats themselves are described in :mod:`oclust.training_worker.codec`. The formats call the
+checks through the module (``base.numbers(...)``); the package re-exports only ``__all__``.
 
 Example:
-    >>> _label(3), _label(None)
+    >>> label(3), label(None)
     (3, -1)
     >>> try:
-    ...     _numbers([1, "x"], "features")
+    ...     numbers([1, "x"], "features")
     ... except DecodeError as exc:
     ...     print(exc.reason)
     not_numbers
@@ -65,7 +66,7 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
-class _Decoder:
+class Decoder:
     """What every decoder keeps: the size limit, the payload encoding and the magnitude bound."""
 
     def __init__(self, max_bytes: int, encoding: str, max_abs: float) -> None:
@@ -76,7 +77,7 @@ class _Decoder:
         self.max_abs = max_abs
 
 
-def _encode(
+def encode(
     values: np.ndarray | Sequence[float],
     name: str,
     binary: bool,
@@ -95,7 +96,7 @@ def _encode(
     return json.dumps({**head, name: arr.tolist(), **tail}).encode(), []
 
 
-def _header(headers: Headers | None, name: str) -> bytes | None:
+def header(headers: Headers | None, name: str) -> bytes | None:
     if headers:
         for key, value in headers:
             if key == name:
@@ -103,16 +104,16 @@ def _header(headers: Headers | None, name: str) -> bytes | None:
     return None
 
 
-def _is_f32(headers: Headers | None, encoding: str) -> bool:
+def is_f32(headers: Headers | None, encoding: str) -> bool:
     if encoding == "f32":
         return True
     if encoding == "json":
         return False
-    ctype = _header(headers, "content-type")
+    ctype = header(headers, "content-type")
     return ctype is not None and ctype.split(b";")[0].strip() == CONTENT_TYPE_F32.encode()
 
 
-def _check_size(value: bytes | None, max_bytes: int) -> bytes:
+def check_size(value: bytes | None, max_bytes: int) -> bytes:
     if not value:
         raise DecodeError("empty", "message has no value")
     if len(value) > max_bytes:
@@ -120,7 +121,7 @@ def _check_size(value: bytes | None, max_bytes: int) -> bytes:
     return value
 
 
-def _parse_json(value: bytes) -> dict[str, Any]:
+def parse_json(value: bytes) -> dict[str, Any]:
     try:
         obj = orjson.loads(value)  # iterative, depth-limited; NaN/Infinity literals are not JSON
     except orjson.JSONDecodeError:
@@ -158,7 +159,7 @@ def _check_leaves(raw: list[Any], field_name: str) -> None:
                                   "64 bits")
 
 
-def _numbers(raw: Any, field_name: str) -> np.ndarray:
+def numbers(raw: Any, field_name: str) -> np.ndarray:
     """A (possibly nested) JSON list of numbers as a float64 array, strictly checked.
 
     float64 first, so that a finite value beyond float32 (1e40) is ``out_of_range`` when
@@ -173,15 +174,15 @@ def _numbers(raw: Any, field_name: str) -> np.ndarray:
     return arr
 
 
-def _bounded(arr: np.ndarray, field_name: str, max_abs: float) -> np.ndarray:
-    """Reject finite magnitudes beyond ``max_abs`` (call after :func:`_finite`)."""
+def bounded(arr: np.ndarray, field_name: str, max_abs: float) -> np.ndarray:
+    """Reject finite magnitudes beyond ``max_abs`` (call after :func:`finite`)."""
     if arr.size and float(np.abs(arr).max()) > max_abs:
         raise DecodeError("out_of_range", f"{field_name!r} has a value beyond ±{max_abs:g}")
     with np.errstate(over="ignore"):  # a bound beyond float32's range gives inf
-        return _finite(arr.astype(np.float32), field_name)
+        return finite(arr.astype(np.float32), field_name)
 
 
-def _guarded(fn: Any) -> Any:
+def guarded(fn: Any) -> Any:
     """Make a decode method raise only :class:`DecodeError`, whatever the bytes."""
 
     @functools.wraps(fn)
@@ -197,13 +198,13 @@ def _guarded(fn: Any) -> Any:
     return wrapper
 
 
-def _finite(arr: np.ndarray, field_name: str) -> np.ndarray:
+def finite(arr: np.ndarray, field_name: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise DecodeError("non_finite", f"{field_name!r} contains NaN or infinite values")
     return arr
 
 
-def _label(raw: Any) -> int:
+def label(raw: Any) -> int:
     if raw is None:
         return -1
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
@@ -213,8 +214,8 @@ def _label(raw: Any) -> int:
     return raw
 
 
-def _header_label(headers: Headers | None) -> int:
-    raw = _header(headers, "label")
+def header_label(headers: Headers | None) -> int:
+    raw = header(headers, "label")
     if raw is None:
         return -1
     if len(raw) > 20:
@@ -223,10 +224,10 @@ def _header_label(headers: Headers | None) -> int:
         value = int(raw)
     except ValueError:
         raise DecodeError("bad_schema", f"'label' header must be an integer, got {raw!r}") from None
-    return _label(value)
+    return label(value)
 
 
-def _f32(value: bytes, shape: tuple[int, ...] | None) -> np.ndarray:
+def f32(value: bytes, shape: tuple[int, ...] | None) -> np.ndarray:
     if len(value) % 4:
         raise DecodeError("bad_binary", f"{len(value)} bytes is not a whole number of float32")
     arr = np.frombuffer(value, dtype="<f4")
@@ -236,4 +237,4 @@ def _f32(value: bytes, shape: tuple[int, ...] | None) -> np.ndarray:
                 "wrong_length", f"{arr.size} float32 values, expected {math.prod(shape)} {shape}"
             )
         arr = arr.reshape(shape)
-    return _finite(arr.astype(np.float32), "value")
+    return finite(arr.astype(np.float32), "value")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from oclust.training_worker.codec import base
 from oclust.training_worker.codec.base import (
     CONTENT_TYPE_F32,
     DEFAULT_MAX_ABS_FEATURE,
@@ -21,9 +22,6 @@ from oclust.training_worker.codec.base import (
     MAX_LABEL,
     DecodeError,
     Headers,
-    _check_size,
-    _guarded,
-    _header,
 )
 
 __all__ = ["decode_matrix", "encode_matrix"]
@@ -31,7 +29,7 @@ __all__ = ["decode_matrix", "encode_matrix"]
 
 def _header_ints(headers: Headers | None, name: str) -> np.ndarray | None:
     """A header of comma-separated integers as int64, ``None`` when absent."""
-    raw = _header(headers, name)
+    raw = base.header(headers, name)
     if raw is None:
         return None
     try:
@@ -42,7 +40,7 @@ def _header_ints(headers: Headers | None, name: str) -> np.ndarray | None:
         ) from None
 
 
-@_guarded
+@base.guarded
 def decode_matrix(
     value: bytes | None, headers: Headers | None, shape: tuple[int, ...] | None,
     max_bytes: int = DEFAULT_MAX_BYTES, max_abs: float = DEFAULT_MAX_ABS_FEATURE,
@@ -66,7 +64,7 @@ def decode_matrix(
         ...     print(exc)
         wrong_length: samples of shape (2,), expected (4,)
     """
-    value = _check_size(value, max_bytes)
+    value = base.check_size(value, max_bytes)
     rows = _header_ints(headers, "rows")
     if rows is None or rows.shape != (1,) or rows[0] < 1:
         raise DecodeError("bad_schema", "'rows' header must be one integer >= 1")

@@ -16,24 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from oclust.training_worker.codec import base
 from oclust.training_worker.codec.base import (
     DEFAULT_MAX_ABS_FEATURE,
     DEFAULT_MAX_BYTES,
     DecodeError,
     Headers,
-    _bounded,
-    _check_size,
-    _Decoder,
-    _encode,
-    _f32,
-    _finite,
-    _guarded,
-    _header,
-    _header_label,
-    _is_f32,
-    _label,
-    _numbers,
-    _parse_json,
 )
 
 __all__ = ["Reading", "ReadingDecoder", "encode_reading"]
@@ -49,7 +37,7 @@ class Reading:
     label: int = -1
 
 
-class ReadingDecoder(_Decoder):
+class ReadingDecoder(base.Decoder):
     """Decode and validate reading messages ``{"device", "ts", "values"}`` (or binary).
 
     Args:
@@ -74,17 +62,17 @@ class ReadingDecoder(_Decoder):
         super().__init__(max_bytes, encoding, max_abs)
         self.channels = channels
 
-    @_guarded
+    @base.guarded
     def decode(
         self, value: bytes | None, headers: Headers | None = None, key: bytes | None = None
     ) -> Reading:
         """One message → :class:`Reading`; raises :class:`DecodeError`."""
-        value = _check_size(value, self.max_bytes)
-        if _is_f32(headers, self.encoding):
-            values = _f32(value, None)
-            device_raw: Any = _header(headers, "device")
-            ts_raw: Any = _header(headers, "ts")
-            label = _header_label(headers)
+        value = base.check_size(value, self.max_bytes)
+        if base.is_f32(headers, self.encoding):
+            values = base.f32(value, None)
+            device_raw: Any = base.header(headers, "device")
+            ts_raw: Any = base.header(headers, "ts")
+            label = base.header_label(headers)
             device = device_raw.decode(errors="replace") if device_raw is not None else None
             try:
                 ts = float(ts_raw) if ts_raw is not None else None
@@ -93,10 +81,10 @@ class ReadingDecoder(_Decoder):
                     "bad_schema", f"'ts' header is not a number: {ts_raw!r}"
                 ) from None
         else:
-            obj = _parse_json(value)
+            obj = base.parse_json(value)
             if "values" not in obj:
                 raise DecodeError("bad_schema", "missing required field 'values'")
-            values = _finite(_numbers(obj["values"], "values"), "values")
+            values = base.finite(base.numbers(obj["values"], "values"), "values")
             if values.ndim != 1:
                 raise DecodeError("bad_schema", "'values' must be a flat list, one per channel")
             device = obj.get("device")
@@ -108,8 +96,8 @@ class ReadingDecoder(_Decoder):
                 raise DecodeError("bad_schema", f"'ts' must be a number, got {ts!r}")
             if ts is not None and not math.isfinite(ts):
                 raise DecodeError("non_finite", "'ts' is not finite")
-            label = _label(obj.get("label"))
-        values = _bounded(values, "values", self.max_abs)
+            label = base.label(obj.get("label"))
+        values = base.bounded(values, "values", self.max_abs)
         if device is None:
             if not key:
                 raise DecodeError("bad_schema", "reading has no 'device' and no message key")
@@ -136,4 +124,4 @@ def encode_reading(
         >>> encode_reading("s1", [0.5, 1.0], ts=2.0)
         (b'{"device": "s1", "values": [0.5, 1.0], "ts": 2.0}', [])
     """
-    return _encode(values, "values", binary, {"device": device}, {"ts": ts, "label": label})
+    return base.encode(values, "values", binary, {"device": device}, {"ts": ts, "label": label})

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from oclust.training_worker.codec import base
 from oclust.training_worker.codec.base import (
     CONTENT_TYPE_F32,
     DEFAULT_MAX_ABS_FEATURE,
@@ -23,18 +24,6 @@ from oclust.training_worker.codec.base import (
     MAX_LABEL,
     DecodeError,
     Headers,
-    _bounded,
-    _check_size,
-    _Decoder,
-    _encode,
-    _f32,
-    _finite,
-    _guarded,
-    _header_label,
-    _is_f32,
-    _label,
-    _numbers,
-    _parse_json,
 )
 from oclust.training_worker.codec.matrix import _has_rows, decode_matrix
 
@@ -81,7 +70,7 @@ class DecodedBatch:
     rejects: list[tuple[int, DecodeError]] = field(default_factory=list)
 
 
-class SampleDecoder(_Decoder):
+class SampleDecoder(base.Decoder):
     """Decode and validate sample messages into float32 arrays of one shape.
 
     The shape is ``shape`` when given (e.g. the model's input shape), else it is fixed by the
@@ -112,19 +101,19 @@ class SampleDecoder(_Decoder):
         super().__init__(max_bytes, encoding, max_abs)
         self.shape = tuple(shape) if shape is not None else None
 
-    @_guarded
+    @base.guarded
     def decode(self, value: bytes | None, headers: Headers | None = None) -> tuple[np.ndarray, int]:
         """One message → (features of ``shape``, label or -1); raises :class:`DecodeError`."""
-        value = _check_size(value, self.max_bytes)
-        if _is_f32(headers, self.encoding):
-            arr, label = _f32(value, self.shape), _header_label(headers)
+        value = base.check_size(value, self.max_bytes)
+        if base.is_f32(headers, self.encoding):
+            arr, label = base.f32(value, self.shape), base.header_label(headers)
         else:
-            obj = _parse_json(value)
+            obj = base.parse_json(value)
             if "features" not in obj:
                 raise DecodeError("bad_schema", "missing required field 'features'")
-            arr = _finite(_numbers(obj["features"], "features"), "features")
-            label = _label(obj.get("label"))
-        arr = _bounded(arr, "features", self.max_abs)
+            arr = base.finite(base.numbers(obj["features"], "features"), "features")
+            label = base.label(obj.get("label"))
+        arr = base.bounded(arr, "features", self.max_abs)
         if self.shape is None:
             self.shape = arr.shape
         elif arr.shape != self.shape:
@@ -172,7 +161,7 @@ class SampleDecoder(_Decoder):
         for i, (v, h) in enumerate(zip(values, headers, strict=True)):
             try:
                 if _has_rows(h):
-                    if not _is_f32(h, self.encoding):
+                    if not base.is_f32(h, self.encoding):
                         raise DecodeError("bad_schema", "a 'rows' header needs float32 content")
                     arr, lab = decode_matrix(v, h, self.shape, self.max_bytes, self.max_abs)
                     self.shape = self.shape or arr.shape[1:]
@@ -263,4 +252,4 @@ def encode_sample(
         >>> encode_sample([1.0, 2.0], label=3)
         (b'{"features": [1.0, 2.0], "label": 3}', [])
     """
-    return _encode(features, "features", binary, {}, {"label": label, "id": id, "ts": ts})
+    return base.encode(features, "features", binary, {}, {"label": label, "id": id, "ts": ts})
