@@ -25,7 +25,8 @@ Bodies are real digits samples. Prints a markdown table, or with ``--json`` one 
 (``json_points_per_s``, ``binary_points_per_s``, ``binary_over_json``, ...).
 
 Run: ``.venv/bin/python benchmarks/bench_service.py`` (``--quick`` for shorter runs,
-``--batches-only`` to skip the single-point and baseline runs).
+``--batches-only`` to skip the single-point and baseline runs, with ``--threads N`` for the
+server's inference threads).
 """
 
 from __future__ import annotations
@@ -240,6 +241,8 @@ def main() -> None:
     parser.add_argument("--batches-only", action="store_true",
                         help="only the JSON and binary batch runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="with --batches-only: the server's inference threads (default 1)")
     args = parser.parse_args()
     seconds = 4.0 if args.quick else 10.0
     tmp = Path(tempfile.mkdtemp(prefix="oclust-bench-"))
@@ -261,7 +264,8 @@ def main() -> None:
              "bench", "--port", str(port_svc), "--log-level", "warning"]
     conns, rounds = 16, 3
     if args.batches_only:
-        with _server(serve, port_svc):
+        figures["threads"] = args.threads
+        with _server(serve, port_svc, env={"OCLUST_TORCH_THREADS": str(args.threads)}):
             _batch_figures(port_svc, batches[4096], raw4096, seconds, rows, figures)
         _report(args, seconds, rows, figures)
         return
