@@ -79,7 +79,7 @@ def test_a_hung_training_process_fails_the_worker_which_resumes_after(
         os.kill(child, signal.SIGSTOP)
         t0 = time.monotonic()
         assert proc.wait(timeout=60) == 1, log.read_text()[-3000:]
-        assert time.monotonic() - t0 >= 10
+        assert time.monotonic() - t0 > 9  # from the last answer, a moment before the stop
     finally:
         if proc.poll() is None:
             proc.kill()
