@@ -15,7 +15,10 @@ import os
 import secrets
 from multiprocessing.shared_memory import SharedMemory
 
-__all__ = ["RING_MAX_BYTES", "RING_PREFIX", "reserved", "ring_floats", "ring_name", "ring_slots"]
+import numpy as np
+
+__all__ = ["RING_MAX_BYTES", "RING_PREFIX", "open_ring", "reserved", "ring_floats", "ring_name",
+           "ring_slots"]
 
 RING_PREFIX = "oclust-ring"
 # /dev/shm of a container is 64 MiB by default, and writing past it is a SIGBUS: large samples
@@ -49,3 +52,16 @@ def reserved(ring: SharedMemory) -> SharedMemory:
         ring.unlink()
         raise
     return ring
+
+
+def open_ring(batch_size: int, shape: tuple[int, ...], in_flight: int,
+              max_bytes: int = RING_MAX_BYTES) -> tuple[SharedMemory, np.ndarray] | None:
+    """A new ring for ``in_flight`` batches of samples of ``shape``, reserved: its memory and
+    its slots as a (slots, floats) array; at most ``max_bytes``. ``None``: not one batch fits
+    (every batch goes by pipe); ``OSError``: no shared memory for it."""
+    floats = ring_floats(batch_size, shape)
+    slots = min(ring_slots(in_flight), max_bytes // (4 * floats))
+    if slots < 1:
+        return None
+    ring = reserved(SharedMemory(create=True, size=slots * floats * 4, name=ring_name()))
+    return ring, np.ndarray((slots, floats), np.float32, ring.buf)

@@ -214,6 +214,11 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         True, description="train in a child process fed through shared memory (off: in a "
         "thread of the worker, sharing its interpreter lock with fetch and decode)"
     )
+    train_timeout: float = Field(
+        300.0, gt=0, description="seconds the training process may leave the worker's commands "
+        "(a step, a snapshot, the final export) unanswered before it counts as hung: it is "
+        "killed and the worker exits 1, as when it dies"
+    )
 
     @field_validator("encoder")
     @classmethod

@@ -19,8 +19,10 @@ Failure and shutdown: the child (:mod:`oclust.training_worker.trainchild`) ignor
 (the worker stops it after the final snapshot), exits when the worker's end of the pipe closes (a
 kill -9 of the worker), and unlinks the ring then. Its death makes the worker fail with
 :class:`TrainProcessDied` (a :class:`~oclust.training_worker.resume.WorkerHalt`: ``oclust worker``
-exits 1), never hang. The child owns the torch device (CUDA is initialised there only); the
-worker holds a CPU copy of the model as resumed, replaced by the final weights at a clean stop.
+exits 1), never hang; so does a child that goes ``train_timeout`` seconds without answering
+while commands wait (a hung step, snapshot or export), killed then. The child owns the torch
+device (CUDA is initialised there only); the worker holds a CPU copy of the model as resumed,
+replaced by the final weights at a clean stop.
 
 Children come from a ``forkserver`` that imported torch and the model once (a restart after a
 lost lease costs a fork); a script that embeds the worker needs ``if __name__ == "__main__":``.
@@ -51,13 +53,7 @@ import numpy as np
 from oclust.model import OnlineClusterer, Snapshot, StepReport
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.resume import WorkerHalt
-from oclust.training_worker.ring import (
-    RING_MAX_BYTES,
-    reserved,
-    ring_floats,
-    ring_name,
-    ring_slots,
-)
+from oclust.training_worker.ring import RING_MAX_BYTES, open_ring
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.trainchild import Facts, child_main
 from oclust.training_worker.trainer import Trainer
@@ -69,9 +65,7 @@ log = logging.getLogger(__name__)
 # Steps queued in the child: enough to cover a fetch round trip of the broker (a slot is one
 # batch: 64 KiB for 256 digits), not so many that a checkpoint waits long for them.
 STEPS_AHEAD = 16
-START_TIMEOUT_S = 120.0  # building the model in the child (imports are preloaded)
 STOP_TIMEOUT_S = 10.0
-EXPORT_TIMEOUT_S = 120.0  # the final weights, exported and sent back at a clean stop
 
 
 class TrainProcessDied(WorkerHalt):
@@ -106,6 +100,7 @@ class TrainProcess:
         self._freed = asyncio.Event()  # a slot came back
         self._send_lock = asyncio.Lock()  # steps go out in the order they were asked for
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: asyncio.TimerHandle | None = None  # of the oldest command waiting
 
     async def start(self) -> Facts:
         """Start the child and wait until it built its model; its counters and prior."""
@@ -118,7 +113,8 @@ class TrainProcess:
         # SIGTERM multiprocessing's own exit hook sends, then joins it)
         atexit.register(self.conn.close)
         self._loop.add_reader(self.conn.fileno(), self._readable)
-        return await asyncio.wait_for(hello, START_TIMEOUT_S)
+        self._watch()  # building the model counts as the first command
+        return await hello
 
     def call(self, *cmd: Any) -> asyncio.Future[Any]:
         """Send a command; the future of its reply (replies come in order)."""
@@ -133,11 +129,12 @@ class TrainProcess:
             fut.set_exception(self.failure)
             return fut
         self.pending.append(fut)
+        if self._deadline is None:
+            self._watch()
         return fut
 
     def call_later(self, *cmd: Any) -> asyncio.Future[Any]:
-        """A command nobody awaits. Its failure has already set :attr:`failure` (an error reply
-        or the child's death sets it first), which stops the worker at its next turn."""
+        """A command nobody awaits: its failure sets :attr:`failure`, which stops the worker."""
         fut = self.call(*cmd)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no log
         return fut
@@ -157,8 +154,32 @@ class TrainProcess:
                     fut.set_exception(error)
         except (EOFError, OSError, IndexError):
             self._died()
+            return
+        self._watch()  # an answer: the next command waiting gets the whole timeout
+
+    def _watch(self) -> None:
+        """Restart the deadline: ``train_timeout`` from now while commands wait, else none."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self.pending and self.failure is None and self._loop is not None:
+            self._deadline = self._loop.call_later(self.settings.train_timeout, self._hung)
+
+    def _hung(self) -> None:
+        """No answer within ``train_timeout``: the child is killed and counts as dead."""
+        self._deadline = None
+        self.failure = TrainProcessDied(
+            f"the training process (pid {self.proc.pid}) did not answer within "
+            f"{self.settings.train_timeout:g} s (train_timeout): killed")
+        log.error("%s", self.failure)
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self._died()
 
     def _detach(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self.conn.fileno())
@@ -229,20 +250,17 @@ class TrainProcess:
         """Create the ring for samples of ``shape`` (once; False: it cannot be, use the pipe)."""
         if self.free is None:
             return False
-        floats = ring_floats(self.settings.batch_size, shape)
-        slots = min(ring_slots(self.in_flight), RING_MAX_BYTES // (4 * floats))
-        if slots < 1:
-            return False  # a batch larger than the ring may be: every batch by pipe
         try:
-            self.ring = reserved(SharedMemory(create=True, size=slots * floats * 4,
-                                               name=ring_name()))
+            made = open_ring(self.settings.batch_size, shape, self.in_flight, RING_MAX_BYTES)
         except OSError as exc:
             log.warning("no shared memory for the training ring (%s): batches go by pipe", exc)
             self.free = None
             return False
-        self.slots = np.ndarray((slots, floats), np.float32, self.ring.buf)
-        self.free = list(range(slots))
-        self.call_later("ring_", self.ring.name, slots, floats)
+        if made is None:
+            return False  # a batch larger than the ring may be: every batch by pipe
+        self.ring, self.slots = made
+        self.free = list(range(len(self.slots)))
+        self.call_later("ring_", self.ring.name, *self.slots.shape)
         return True
 
     async def close(self, export: bool) -> Snapshot | None:
@@ -251,7 +269,7 @@ class TrainProcess:
         try:
             if self.failure is None:
                 self.closing = True
-                final = await asyncio.wait_for(self.call("close", export), EXPORT_TIMEOUT_S)
+                final = await self.call("close", export)
         finally:
             await self.shutdown()
         return final
