@@ -280,6 +280,38 @@ def _train_pid(log: Path) -> int:
     return int(re.findall(r"training in process (\d+)", log.read_text())[-1])
 
 
+def _stop_training_midstream(bootstrap: str, topic: str, redis_url: str, log: Path, sig: int,
+                             wait: float) -> tuple[int, float, int]:
+    """A worker (snapshots every 0.2 s) whose training process gets ``sig`` mid-stream must exit
+    1 within ``wait`` s, commit nothing past its last snapshot and leave no ring: the child's pid,
+    the seconds the worker took to exit, and the last snapshot's offset."""
+    store = open_store(redis_url, "p", keep=None)
+    proc = _worker(bootstrap, topic, redis_url, log, -1, snapshot_interval=0.2)
+    producer = None
+    try:
+        _wait_for_offset(store, topic, FIRST, proc, log)
+        producer = _produce_in_background(bootstrap, topic, N_DIGITS, rate=1000)
+        _wait_for_offset(store, topic, FIRST + 200, proc, log)
+        child = _train_pid(log)
+        os.kill(child, sig)
+        t0 = time.monotonic()
+        assert proc.wait(timeout=wait) == 1, log.read_text()[-3000:]
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if producer is not None:
+            producer.join(timeout=30)
+    assert "the training process" in log.read_text()
+    assert not _rings(proc.pid)
+    snaps = [store.load(v) for v in store.versions()]
+    last = snaps[-1].manifest["offsets"][f"{topic}:0"]
+    committed = asyncio.run(committed_offsets(bootstrap, "oclust-p", topic))[0]
+    assert committed is not None and committed <= last  # commit after snapshot, still
+    assert all(s.manifest["samples_seen"] == s.manifest["offsets"][f"{topic}:0"] for s in snaps)
+    return child, took, last
+
+
 @pytest.mark.timeout(240)
 def test_training_process_killed_worker_killed_then_sigterm(
     kafka_bootstrap, redis_url, unique_topic, tmp_path
@@ -290,29 +322,9 @@ def test_training_process_killed_worker_killed_then_sigterm(
     total = FIRST + N_DIGITS
 
     # run 1: the training process dies mid-stream: the worker fails at once (exit 1)
-    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, -1, snapshot_interval=0.2)
-    producer = None
-    try:
-        _wait_for_offset(store, unique_topic, FIRST, proc, log)
-        producer = _produce_in_background(kafka_bootstrap, unique_topic, N_DIGITS, rate=1000)
-        _wait_for_offset(store, unique_topic, FIRST + 200, proc, log)
-        os.kill(_train_pid(log), signal.SIGKILL)
-        t0 = time.monotonic()
-        assert proc.wait(timeout=30) == 1, log.read_text()[-3000:]
-        assert time.monotonic() - t0 < 15
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if producer is not None:
-            producer.join(timeout=30)
-    assert "the training process" in log.read_text()
-    assert not _rings(proc.pid)
-    snaps = [store.load(v) for v in store.versions()]
-    last = snaps[-1].manifest["offsets"][f"{unique_topic}:0"]
-    committed = asyncio.run(committed_offsets(kafka_bootstrap, "oclust-p", unique_topic))[0]
-    assert committed is not None and committed <= last  # commit after snapshot, still
-    assert all(s.manifest["samples_seen"] == s.manifest["offsets"][f"{unique_topic}:0"]
-               for s in snaps)
+    _, took, last = _stop_training_midstream(kafka_bootstrap, unique_topic, redis_url, log,
+                                             signal.SIGKILL, wait=30)
+    assert took < 15
 
     # run 2: kill -9 of the worker: its training process exits by itself and unlinks the ring
     # (mid-stream again: N_DIGITS more messages come at 1000/s)

@@ -16,18 +16,15 @@ import pytest
 from oclust.model import datasets
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.devbroker import free_port
-from oclust.training_worker.kafka import committed_offsets
 from oclust.training_worker.producer import replay
 from oclust.training_worker.store import open_store
 from oclust.training_worker.trainproc import ProcessTrainer, TrainProcessDied
 
-from .test_trainproc import _rings, _settings, _train_pid, _trainer, _wait_gone
+from .test_trainproc import _rings, _settings, _stop_training_midstream, _trainer, _wait_gone
 from .test_worker_process import (
     FIRST,
     N_DIGITS,
-    _produce_in_background,
     _wait_for_metric,
-    _wait_for_offset,
     _worker,
 )
 
@@ -69,29 +66,11 @@ def test_a_hung_training_process_fails_the_worker_which_resumes_after(
     total = FIRST + N_DIGITS
 
     # run 1: the training process hangs mid-stream: killed after 10 s, the worker exits 1
-    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, -1, snapshot_interval=0.2)
-    producer = None
-    try:
-        _wait_for_offset(store, unique_topic, FIRST, proc, log)
-        producer = _produce_in_background(kafka_bootstrap, unique_topic, N_DIGITS, rate=1000)
-        _wait_for_offset(store, unique_topic, FIRST + 200, proc, log)
-        child = _train_pid(log)
-        os.kill(child, signal.SIGSTOP)
-        t0 = time.monotonic()
-        assert proc.wait(timeout=60) == 1, log.read_text()[-3000:]
-        assert time.monotonic() - t0 > 9  # from the last answer, a moment before the stop
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if producer is not None:
-            producer.join(timeout=30)
+    child, took, last = _stop_training_midstream(kafka_bootstrap, unique_topic, redis_url, log,
+                                                 signal.SIGSTOP, wait=60)
+    assert took > 9  # from the last answer, a moment before the stop
     assert "did not answer within 10 s (train_timeout): killed" in log.read_text()
     assert _wait_gone(child, timeout=5)
-    assert not _rings(proc.pid)
-    snaps = [store.load(v) for v in store.versions()]
-    last = snaps[-1].manifest["offsets"][f"{unique_topic}:0"]
-    committed = asyncio.run(committed_offsets(kafka_bootstrap, "oclust-p", unique_topic))[0]
-    assert committed is not None and committed <= last  # nothing committed past a snapshot
     assert last < total
 
     # run 2: restarted, it resumes from the last snapshot and trains each message once
