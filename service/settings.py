@@ -11,28 +11,22 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, SecretStr
 
-from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation
+from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation, seconds_field
 
 __all__ = ["ServiceSettings"]
-
-
-def _seconds(default: float, description: str) -> Any:
-    """A field holding a positive duration, in seconds."""
-    return Field(default, gt=0, description=f"seconds {description}")
 
 
 class ServiceSettings(StoreLocation):
     """Everything ``oclust serve`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
 
     # where the snapshots come from (store, namespace: StoreLocation)
-    poll_interval: float = _seconds(1.0, "between polls of the current version (pub/sub fallback)")
-    retry_interval: float = _seconds(2.0, "of the first pause after a failed store attempt "
-                                     "(doubles at each failure, capped)")
-    max_retry_interval: float = _seconds(30.0, "of the longest pause between failed attempts")
+    poll_interval: float = seconds_field(
+        1.0, "between polls of the current version (pub/sub fallback)")
+    retry_interval: float = seconds_field(
+        2.0, "of the first pause after a failed store attempt (doubles at each failure, capped)")
+    max_retry_interval: float = seconds_field(30.0, "of the longest pause between failed attempts")
     device: str = Field(
         "cpu", description="torch device of models served by torch (MLPs run in the CPU kernel)"
     )
@@ -47,8 +41,8 @@ class ServiceSettings(StoreLocation):
     protect_model: bool = Field(True, description="with an API key, /model requires it too")
     protect_stats: bool = Field(True, description="with an API key, /stats* require it too")
     protect_metrics: bool = Field(True, description="with an API key, /metrics requires it too")
-    header_timeout: float = _seconds(10.0, "a client may take to send a request's headers")
-    body_timeout: float = _seconds(30.0, "a client may take to send a request body (else 408)")
+    header_timeout: float = seconds_field(10.0, "a client may take to send a request's headers")
+    body_timeout: float = seconds_field(30.0, "a client may take to send a request body (else 408)")
     keep_alive_timeout: int = Field(
         5, ge=1, description="seconds an idle keep-alive connection stays open"
     )

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -42,12 +42,18 @@ __all__ = [
     "check_regulariser",
     "check_store_url",
     "regulariser_names",
+    "seconds_field",
 ]
 
 DEFAULT_STORE = "file://.oclust/store"
 STORE_SCHEMES = ("redis", "rediss", "unix", "file", "")
 
 MAX_ABS_FEATURE = 1e6  # larger finite features are refused (DLQ out_of_range, HTTP 422)
+
+
+def seconds_field(default: float, description: str) -> Any:
+    """A settings field holding a positive duration; its description starts "seconds …"."""
+    return Field(default, gt=0, description=f"seconds {description}")
 
 
 def check_store_url(url: str) -> str:
@@ -214,10 +220,10 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         True, description="train in a child process fed through shared memory (off: in a "
         "thread of the worker, sharing its interpreter lock with fetch and decode)"
     )
-    train_timeout: float = Field(
-        300.0, gt=0, description="seconds the training process may leave the worker's commands "
-        "(a step, a snapshot, the final export) unanswered before it counts as hung: it is "
-        "killed and the worker exits 1, as when it dies"
+    train_timeout: float = seconds_field(
+        300.0, "the training process may leave the worker's commands (a step, a snapshot, the "
+        "final export) unanswered before it counts as hung: it is killed and the worker exits "
+        "1, as when it dies"
     )
 
     @field_validator("encoder")
@@ -226,9 +232,7 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         return check_encoder(value)
 
     # loop
-    batch_timeout: float = Field(
-        2.0, gt=0, description="seconds before a partial batch trains anyway"
-    )
+    batch_timeout: float = seconds_field(2.0, "before a partial batch trains anyway")
     snapshot_interval: float = Field(
         30.0, ge=0, description="seconds between snapshots (0: after every batch)"
     )
@@ -253,7 +257,7 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="/metrics address (0.0.0.0 to let a scraper on another host in)"
     )
-    lease_ttl: float = Field(10.0, gt=0, description="seconds before an unrenewed lease lapses")
+    lease_ttl: float = seconds_field(10.0, "before an unrenewed lease lapses")
     owner: str | None = Field(None, description="lease owner id (default HOST:PID)")
 
     # faults
