@@ -24,7 +24,6 @@ import torch
 from oclust.model import datasets
 from oclust.training_worker import trainproc
 from oclust.training_worker.batching import Batch
-from oclust.training_worker.devbroker import free_port
 from oclust.training_worker.kafka import committed_offsets
 from oclust.training_worker.monitor import CollapseGuard, WorkerMetrics
 from oclust.training_worker.producer import replay
@@ -39,7 +38,7 @@ from .test_worker_process import (
     FIRST,
     N_DIGITS,
     _produce_in_background,
-    _wait_for_metric,
+    _train_then_sigterm,
     _wait_for_offset,
     _worker,
 )
@@ -346,19 +345,10 @@ def test_training_process_killed_worker_killed_then_sigterm(
     assert not _rings(proc.pid)
 
     # run 3: SIGTERM: final snapshot of everything, committed, training process gone
-    port = free_port()
     before = store.load().manifest["offsets"][f"{unique_topic}:0"]
     assert before < total
-    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, port, snapshot_interval=3600)
-    try:
-        _wait_for_metric(port, "oclust_worker_samples_total", total - before, proc, log)
-        child = _train_pid(log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert _wait_gone(child, timeout=5)
+    proc = _train_then_sigterm(kafka_bootstrap, unique_topic, redis_url, log, total - before)
+    assert _wait_gone(_train_pid(log), timeout=5)
     assert not _rings(proc.pid)
     final = store.load().manifest
     assert final["offsets"] == {f"{unique_topic}:0": total}

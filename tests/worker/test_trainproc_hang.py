@@ -15,7 +15,6 @@ import pytest
 
 from oclust.model import datasets
 from oclust.training_worker.batching import Batch
-from oclust.training_worker.devbroker import free_port
 from oclust.training_worker.producer import replay
 from oclust.training_worker.store import open_store
 from oclust.training_worker.trainproc import ProcessTrainer, TrainProcessDied
@@ -24,8 +23,7 @@ from .test_trainproc import _rings, _settings, _stop_training_midstream, _traine
 from .test_worker_process import (
     FIRST,
     N_DIGITS,
-    _wait_for_metric,
-    _worker,
+    _train_then_sigterm,
 )
 
 
@@ -75,15 +73,7 @@ def test_a_hung_training_process_fails_the_worker_which_resumes_after(
 
     # run 2: restarted, it resumes from the last snapshot and trains each message once
     monkeypatch.delenv("OCLUST_TRAIN_TIMEOUT")
-    port = free_port()
-    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, port, snapshot_interval=3600)
-    try:
-        _wait_for_metric(port, "oclust_worker_samples_total", total - last, proc, log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _train_then_sigterm(kafka_bootstrap, unique_topic, redis_url, log, total - last)
     final = store.load().manifest
     assert final["offsets"] == {f"{unique_topic}:0": total}
     assert final["samples_seen"] == total

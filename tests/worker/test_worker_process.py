@@ -83,6 +83,22 @@ def _produce_in_background(bootstrap: str, topic: str, limit: int, rate: float) 
     return thread
 
 
+def _train_then_sigterm(bootstrap: str, topic: str, store: str, log: Path,
+                        samples: float) -> subprocess.Popen[bytes]:
+    """Run a worker without periodic snapshots until it trained ``samples`` samples, then
+    SIGTERM it: it must exit 0, its final snapshot being its only one. The stopped process."""
+    port = free_port()
+    proc = _worker(bootstrap, topic, store, log, port, snapshot_interval=3600)
+    try:
+        _wait_for_metric(port, "oclust_worker_samples_total", samples, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc
+
+
 @pytest.mark.timeout(180)
 def test_kill_9_then_restart_trains_everything_and_sigterm_snapshots(
     kafka_bootstrap, redis_url, unique_topic, tmp_path
@@ -122,15 +138,7 @@ def test_kill_9_then_restart_trains_everything_and_sigterm_snapshots(
     assert last < total
 
     # run 2: no periodic snapshot (interval 1 h): its only snapshot is the one SIGTERM leaves
-    port = free_port()
-    proc = _worker(kafka_bootstrap, unique_topic, redis_url, log, port, snapshot_interval=3600)
-    try:
-        _wait_for_metric(port, "oclust_worker_samples_total", total - last, proc, log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _train_then_sigterm(kafka_bootstrap, unique_topic, redis_url, log, total - last)
     final = store.load()
     assert final.version == versions[-1] + 1
     m = final.manifest
