@@ -64,6 +64,7 @@ from oclust.training_worker.worker import TrainingWorker
 
 BATCH = 256
 PER_MESSAGE = 256  # samples per multi-sample message
+GROUP_GAP_S = 1e-3  # reports closer than this came in one reply message (a CPU step is ~3 ms)
 
 
 def _consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
@@ -169,14 +170,17 @@ async def worker_rate(
     bootstrap: str, topic: str, n: int, threads: int | None, device: str = "cpu"
 ) -> float:
     """Samples/s of the real worker on the topic, from the end of its first step to the step
-    that completes ``n`` samples (the short batch the stop flushes is not timed)."""
+    that completes ``n`` samples (the short batch the stop flushes is not timed).
+
+    The training process may answer a few steps in one message, so the window starts and ends
+    at whole groups of reports (reports less than ``GROUP_GAP_S`` apart): the steps that
+    arrived with the first are left out with it, and those that arrived with the n-th are in.
+    """
     marks: list[tuple[float, int]] = []
     worker: TrainingWorker | None = None
     loop = asyncio.get_running_loop()
 
     def on_step(report: StepReport, batch: Batch) -> None:
-        if sum(k for _, k in marks) >= n:
-            return  # the partial batch a stop flushes, after up to one fetch timeout: not timed
         marks.append((time.perf_counter(), report.n))
         if sum(k for _, k in marks) >= n:
             loop.call_soon_threadsafe(worker.request_stop)  # type: ignore[union-attr]
@@ -190,9 +194,19 @@ async def worker_rate(
     )
     worker = TrainingWorker(settings, hooks=TrainerHooks(on_step=on_step))
     await worker.run()
-    t_first = marks[0][0]
-    counted = marks[1:]
-    return sum(k for _, k in counted) / (counted[-1][0] - t_first)
+    times = [t for t, _ in marks]
+    first = _group_end(times, 0)
+    last = _group_end(times, next(i for i in range(len(marks))
+                                  if sum(k for _, k in marks[: i + 1]) >= n))
+    counted = marks[first + 1 : last + 1]
+    return sum(k for _, k in counted) / (times[last] - times[first])
+
+
+def _group_end(times: list[float], i: int) -> int:
+    """The last index of the group of reports ``i`` arrived with (gaps under GROUP_GAP_S)."""
+    while i + 1 < len(times) and times[i + 1] - times[i] < GROUP_GAP_S:
+        i += 1
+    return i
 
 
 def multi_decode_rate(seconds: float = 2.0) -> float:

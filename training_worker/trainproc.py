@@ -8,8 +8,8 @@ worker keeps the rest (offsets, commits, the guard, the DLQ, the lease, metrics,
   :mod:`multiprocessing.shared_memory` (one copy in; the child trains on a view of its slot,
   zero-copy); a pipe carries only commands (slot, sample count) and replies (the step's report:
   served labels for the guard, loss, the model's counters and prior). Every command gets one
-  reply, in order, so up to ``STEPS_AHEAD`` steps queue in the child while the worker
-  decodes the next fetch.
+  reply, in order (a few step replies may share one message), so up to ``STEPS_AHEAD`` steps
+  queue in the child while the worker decodes the next fetch.
 * :class:`ProcessTrainer` — a :class:`~oclust.training_worker.trainer.Trainer` whose
   ``run_step`` and ``run_snapshot`` go to the process; the guard, live quality and hooks run on
   the replies, in the event loop's thread. The guard's restore is a command ordered after the
@@ -142,16 +142,16 @@ class TrainProcess:
     def _readable(self) -> None:
         try:
             while self.conn.poll():
-                status, payload = self.conn.recv()
-                fut = self.pending.popleft()
-                if fut.done():
-                    continue
-                if status == "ok":
-                    fut.set_result(payload)
-                else:  # as an exception in the training thread would: the worker stops
-                    error = TrainProcessDied(f"the training process failed:\n{payload}")
-                    self.failure = self.failure or error
-                    fut.set_exception(error)
+                for status, payload in self.conn.recv():  # one or more replies, in order
+                    fut = self.pending.popleft()
+                    if fut.done():
+                        continue
+                    if status == "ok":
+                        fut.set_result(payload)
+                    else:  # as an exception in the training thread would: the worker stops
+                        error = TrainProcessDied(f"the training process failed:\n{payload}")
+                        self.failure = self.failure or error
+                        fut.set_exception(error)
         except (EOFError, OSError, IndexError):
             self._died()
             return

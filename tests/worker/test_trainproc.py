@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import multiprocessing
 import os
 import re
 import select
@@ -31,6 +32,7 @@ from oclust.training_worker.resume import fresh_model
 from oclust.training_worker.ring import RING_PREFIX
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import open_store
+from oclust.training_worker.trainchild import REPLIES_PER_SEND, child_main
 from oclust.training_worker.trainer import Trainer
 from oclust.training_worker.trainproc import ProcessTrainer, TrainProcessDied
 
@@ -106,6 +108,37 @@ def test_process_trainer_trains_as_the_thread_trainer(tmp_path):
     np.testing.assert_array_equal(remote.model.predict(X), local.model.predict(X))
     assert remote.describe()["samples_seen"] == len(X) + 64
     assert not _rings(os.getpid())
+
+
+def test_step_replies_share_a_message_while_steps_wait(tmp_path):
+    """Steps already waiting in the pipe are answered up to REPLIES_PER_SEND per message, in
+    order; the rest go as soon as the pipe is empty; any other command is answered at once."""
+    X = datasets.load("digits")[0][:16].astype(np.float32)
+    ctx = multiprocessing.get_context("forkserver")
+    ours, theirs = ctx.Pipe()
+    n_steps = REPLIES_PER_SEND + 2
+    for _ in range(n_steps):  # all queued before the child reads its first command
+        ours.send(("step", -1, X.shape, X))
+    proc = ctx.Process(target=child_main, args=(theirs, _settings(tmp_path), None), daemon=True)
+    proc.start()
+    theirs.close()
+    try:
+        assert ours.poll(60), "the training process did not start"
+        [(status, facts)] = ours.recv()
+        assert status == "ok" and facts[1] == 0
+        messages = [ours.recv() for _ in range(2)]
+        ours.send(("close", False))
+        bye = ours.recv()
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert [len(m) for m in messages] == [REPLIES_PER_SEND, 2]
+    replies = messages[0] + messages[1]
+    assert all(status == "ok" for status, _ in replies)
+    assert [out[3][1] for _, out in replies] == list(range(1, n_steps + 1))  # steps, in order
+    assert all(out[0].n == len(X) for _, out in replies)
+    assert bye == [("ok", None)] and proc.exitcode == 0
 
 
 def test_batches_too_large_for_the_ring_go_by_pipe(tmp_path, monkeypatch):
