@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +97,26 @@ def run_all(
     jobs: int,
     *per_task: list[Any],
 ) -> list[tuple[Task, dict[str, list[dict]], float]]:
-    """``run_task(task, *its per_task values)`` for every task: in ``jobs`` processes, or in
-    order with a progress line each."""
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            return list(pool.map(run_task, tasks, *per_task))
-    done = []
-    for t, *extra in zip(tasks, *per_task, strict=True):
-        done.append(run_task(t, *extra))
-        print(f"  done {t[0]} {t[1]} {t[2] or 'reference'} in {done[-1][2]:.1f}s",
+    """``run_task(task, *its per_task values)`` for every task, in ``jobs`` processes (or in
+    this one), in the order of ``tasks``; a progress line on stderr as each one finishes."""
+
+    def progress(result: tuple[Task, dict[str, list[dict]], float], k: int) -> None:
+        (d, s, m), _, secs = result
+        print(f"  [{k}/{len(tasks)}] done {d} {s} {m or 'reference'} in {secs:.1f}s",
               file=sys.stderr, flush=True)
-    return done
+
+    args = list(zip(tasks, *per_task, strict=True))
+    if jobs <= 1:
+        done = []
+        for a in args:
+            done.append(run_task(*a))
+            progress(done[-1], len(done))
+        return done
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_task, *a) for a in args]
+        for k, fut in enumerate(as_completed(futures), 1):
+            progress(fut.result(), k)
+        return [fut.result() for fut in futures]
 
 
 def table(rows: dict[str, dict[str, list[dict]]]) -> str:
