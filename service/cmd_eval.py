@@ -33,7 +33,8 @@ def eval_command(
     ] = "ca",
     seeds: Annotated[int, typer.Option(min=1, help="runs per regulariser (seeds 0..N-1)")] = 3,
     epochs: Annotated[int | None, typer.Option(
-        min=1, help="passes over the shuffled data (default: 40; 10 under --protocol paper)"
+        min=1, help="passes over the shuffled data (default: about 400 steps, at most 40 "
+        "epochs: 2 for FashionMNIST; 10 under --protocol paper)"
     )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(help="override the default sigma")] = None,
@@ -80,7 +81,6 @@ def eval_command(
     from oclust.model.presets import PRESETS
     from oclust.model.regularisers import REGULARISERS
 
-    epochs = epochs or default_epochs(protocol)
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGULARISERS]
     if unknown or not names:
@@ -115,6 +115,7 @@ def eval_command(
         )
     if limit is not None and limit < len(X):
         X, y = X[:limit], y[:limit]  # only the size matters here
+    epochs = epochs or default_epochs(protocol, len(X), batch_size)
     n = len(X) if imbalance is None else len(subsample_imbalanced(X, y, imbalance, 0)[1])
     steps = len(names) * seeds * epochs * math.ceil(n / batch_size)
     with tqdm(total=steps, desc=f"eval {dataset}", unit="step", file=sys.stderr) as bar:

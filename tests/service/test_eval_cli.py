@@ -105,3 +105,7 @@ def test_paper_protocol_feeds_fashion_mnist_in_zero_one_and_defaults_to_ten_epoc
     assert not paper_std and lo == 0.0 and hi == 1.0  # ToTensor's pixels, as the authors feed them
     assert default_std and dlo < 0.0  # the default protocol standardises
     assert evaluation.default_epochs("paper") == 10 and evaluation.default_epochs("default") == 40
+    # the default protocol's epochs follow the data's size: ~400 steps, at most 40 epochs
+    assert [evaluation.default_epochs("default", n) for n in (1797, 2310, 10_411, 70_000)] == [
+        40, 40, 10, 2]
+    assert evaluation.default_epochs("paper", 70_000) == 10
