@@ -29,7 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -115,7 +115,7 @@ class TrainingLoop:
 
     def __init__(self, settings: WorkerSettings, trainer: Trainer, ingest: Ingest,
                  ledger: OffsetLedger, consumer: Consumer, dlq: DeadLetters, lease: Lease,
-                 store: SnapshotStore, executor: ThreadPoolExecutor, metrics: WorkerMetrics,
+                 store: SnapshotStore, executor: Executor, metrics: WorkerMetrics,
                  faults: FaultMetrics, stop: asyncio.Event, lease_lost: asyncio.Event,
                  check_offsets: bool = True, last_version: int | None = None) -> None:
         self.settings = settings
@@ -146,7 +146,13 @@ class TrainingLoop:
     async def run(self) -> None:
         """Fetch, ingest, train and checkpoint until stopped (final snapshot) or lease lost."""
         with _steady_process():
-            await self._run()
+            try:
+                await self._run()
+            finally:  # after a failed step the others fail alike: one error is enough
+                for step in self.inflight:
+                    if step.done() and not step.cancelled():
+                        step.exception()
+                    step.cancel()
 
     async def _run(self) -> None:
         s = self.settings

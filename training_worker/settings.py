@@ -222,8 +222,9 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     )
     train_timeout: float = seconds_field(
         300.0, "the training process may leave the worker's commands (a step, a snapshot, the "
-        "final export) unanswered before it counts as hung: it is killed and the worker exits "
-        "1, as when it dies"
+        "final export) unanswered, or the training thread run one call, before it counts as "
+        "hung: the process is killed (a thread is left behind) and the worker exits 1, as when "
+        "it dies"
     )
 
     @field_validator("encoder")

@@ -13,8 +13,10 @@ Life of a worker:
 3. **Loop** — fetch, decode/validate (bad messages → ``<topic>.dlq`` with a reason), queue;
    cut batches by size or age (``batch_timeout``), whichever first; ``partial_fit`` runs in a
    training process fed through shared memory (``train_process``, the default with Kafka;
-   :mod:`oclust.training_worker.trainproc`) or in a thread, pipelined with the next fetch, so
-   heartbeats keep flowing and decoding overlaps the step.
+   :mod:`oclust.training_worker.trainproc`) or in a thread
+   (:mod:`oclust.training_worker.thread`), pipelined with the next fetch, so heartbeats keep
+   flowing and decoding overlaps the step. Either one that hangs for ``train_timeout`` stops
+   the worker (exit 1) as a death would.
 4. **Checkpoint** — every ``snapshot_interval`` seconds: publish a snapshot covering exactly
    the trained (or dead-lettered) messages, then commit those offsets. At-least-once: nothing
    is committed that a stored snapshot does not cover. The collapse guard holds publishing
@@ -55,7 +57,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -81,6 +82,7 @@ from oclust.training_worker.resume import (
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import SnapshotStore, StoreError, open_store
 from oclust.training_worker.stream import Consumer, LocalStream, Producer
+from oclust.training_worker.thread import TrainingThread
 from oclust.training_worker.trainer import Trainer, TrainerHooks
 from oclust.training_worker.trainproc import ProcessTrainer
 
@@ -249,10 +251,8 @@ class TrainingWorker:
 
     # ------------------------------------------------------------------ active phase
     async def _serve(self, lease: Lease) -> None:
-        executor = ThreadPoolExecutor(
-            1, thread_name_prefix="oclust-train", initializer=_init_training_thread,
-            initargs=(self.settings.torch_threads,),
-        )
+        executor = TrainingThread(self.settings.train_timeout, _init_training_thread,
+                                  (self.settings.torch_threads,))
         try:
             await self._serve_with(lease, executor)
         except StoreError as exc:
@@ -265,7 +265,7 @@ class TrainingWorker:
         finally:
             executor.shutdown(wait=True)
 
-    async def _serve_with(self, lease: Lease, executor: ThreadPoolExecutor) -> None:
+    async def _serve_with(self, lease: Lease, executor: TrainingThread) -> None:
         s = self.settings
         in_process = s.train_process and self.stream is None
         trainer = await asyncio.get_running_loop().run_in_executor(
@@ -284,7 +284,7 @@ class TrainingWorker:
             raise
         await remote.close(export=True)  # the final weights come back as trainer.model
 
-    async def _train_with(self, lease: Lease, executor: ThreadPoolExecutor,
+    async def _train_with(self, lease: Lease, executor: TrainingThread,
                           trainer: Trainer) -> None:
         s = self.settings
         shape = trainer.model.input_shape_ if trainer.model.is_fitted else None
