@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in protocols if p not in PRESETS]
     if bad:
         parser.error(f"unknown protocols {bad}; choose from {', '.join(PRESETS)}")
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad:
+        parser.error(f"unknown datasets {bad}; choose from {', '.join(DATASETS)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a positive number of points, got {args.limit}")
 
     extra = [] if args.no_reference else [""]
     tasks: list[Task] = [(d, p, m) for d in datasets for p in protocols for m in [*methods, *extra]]

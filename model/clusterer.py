@@ -97,6 +97,10 @@ class OnlineClusterer(
         hidden: hidden widths (MLP) or channels (convolutional encoders).
         standardize: standardise inputs with running statistics learned from the stream.
         reg_params: keyword arguments of the regulariser (e.g. ``{"lam": 2.0}``).
+        prior_params: keyword arguments of the ``"online"`` prior's estimator
+            (:class:`oclust.model.priors.OnlinePrior`: ``decay``, ``alpha``, ``shrink``,
+            ``max_kl``, the cap on KL(prior ‖ uniform), and ``warmup``; e.g.
+            ``{"max_kl": 0.2}``). Ignored by the other priors.
         latent_norm: ``"layer"`` (default), ``"batch"`` or ``"none"``: normalisation of the
             encoder output. Without it the encoder shrinks every latent onto its centroid and
             the distances stop carrying information.
@@ -143,6 +147,7 @@ class OnlineClusterer(
         init: str = "kmeans",
         seed: int | None = None,
         betas: tuple[float, float] = DEFAULT_BETAS,
+        prior_params: dict[str, float] | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.regulariser = regulariser
@@ -159,6 +164,7 @@ class OnlineClusterer(
         self.latent_norm = latent_norm
         self.init = init
         self.seed = seed
+        self.prior_params = prior_params
 
     # ----------------------------------------------------------------- validation
     def validate_params(self) -> OnlineClusterer:
@@ -249,7 +255,8 @@ class OnlineClusterer(
         self.centroids_.data = self.centroids_.data.to(self.device_)
         self.scaler_ = scaler_for(self.encoder_config_).to(self.device_)
         online = resolve_prior(self.prior, self.n_clusters)[0] == "online"
-        self.prior_estimator_ = OnlinePrior(int(self.n_clusters)) if online else None
+        k = int(self.n_clusters)
+        self.prior_estimator_ = OnlinePrior(k, **(self.prior_params or {})) if online else None
         self.log_prior_ = torch.log(torch.as_tensor(self.prior_, dtype=torch.float32)).to(
             self.device_
         )
@@ -297,8 +304,8 @@ class OnlineClusterer(
         if not self._centroids_ready:
             self._init_centroids(z)
         batch = Batch.build(x, z, self.centroids_, self.sigma, self.log_prior_, self._encode)
+        out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists for served
         served = self._served_labels(z, batch.distances)  # before the step moves anything
-        out = self.reg_(batch)
         self.optimizer_.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer_.step()
@@ -366,7 +373,7 @@ class OnlineClusterer(
     # ----------------------------------------------------------------- inference
     # (the rest in model.predicting; scikit-learn's set_output wraps only the class's own transform)
     def transform(self, X: Any) -> np.ndarray:
-        """Latents f(x), shape (N, latent_dim); float64 for float64 input, else float32."""
+        """Latents f(x), shape (N, latent_dim); float32 for float32 input, else float64."""
         arr = self._checked(X)
         out = np.empty((len(arr), self.latent_dim), dtype=out_dtype(arr))
         for rows, z, _ in self._chunks(arr):

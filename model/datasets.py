@@ -27,6 +27,8 @@ import gzip
 import itertools
 import os
 import pickle
+import tempfile
+import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +38,7 @@ import numpy as np
 __all__ = [
     "DATASETS",
     "HAPT_HZ",
+    "check_installed",
     "convert_hapt",
     "hapt_windows",
     "load",
@@ -113,10 +116,23 @@ def load_daphnet() -> tuple[np.ndarray, np.ndarray]:
     return readings, labels
 
 
+FASHION_MNIST_FILES = tuple(
+    f"{split}-{kind}-ubyte.gz"
+    for split in ("train", "t10k")
+    for kind in ("images-idx3", "labels-idx1")
+)
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """One gzip'd idx file (big-endian header: magic with dtype code and rank, then the sizes)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # missing, unreadable or truncated
+        raise ValueError(
+            f"FashionMNIST file {path} cannot be read ({exc}): reinstall it with "
+            "apt-get install --reinstall dataset-fashion-mnist"
+        ) from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise ValueError(f"{path} is not an idx file of unsigned bytes")
     ndim = raw[3]
@@ -271,8 +287,11 @@ def _cache_dir() -> Path:
 
 def convert_hapt(src: Path, dst: Path) -> None:
     """Read the pandas pickle with the restricted unpickler and write the npz cache."""
-    with gzip.open(src, "rb") as f:
-        users = _RestrictedUnpickler(f).load()
+    try:
+        with gzip.open(src, "rb") as f:
+            users = _RestrictedUnpickler(f).load()
+    except (OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"the HAPT pickle {src} cannot be read: {exc}") from None
     if not isinstance(users, dict):
         raise ValueError("HAPT pickle: expected a dict of users")
     channels = ("acc-x", "acc-y", "acc-z", "gyro-x", "gyro-y", "gyro-z")
@@ -285,19 +304,37 @@ def convert_hapt(src: Path, dst: Path) -> None:
         labels.append(cols["label"].astype(np.int8))
         user_ids.append(np.full(len(cols["label"]), int(user), dtype=np.int16))
         recordings.append(np.full(len(cols["label"]), rec_no, dtype=np.int16))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".tmp.npz")
-    np.savez(tmp, readings=np.concatenate(values), labels=np.concatenate(labels),
-             users=np.concatenate(user_ids), recordings=np.concatenate(recordings))
-    tmp.replace(dst)  # atomic: a reader never sees half a cache
+    arrays = {"readings": np.concatenate(values), "labels": np.concatenate(labels),
+              "users": np.concatenate(user_ids), "recordings": np.concatenate(recordings)}
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # a temporary file of this process's own, then an atomic rename: a reader never sees
+        # half a cache, and processes converting at once each write theirs (the last one stays)
+        with tempfile.NamedTemporaryFile(
+            dir=dst.parent, prefix=f".{dst.stem}.", suffix=".tmp", delete=False
+        ) as fh:
+            np.savez(fh, **arrays)
+        os.replace(fh.name, dst)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write the HAPT cache {dst} ({exc}): point XDG_CACHE_HOME at a writable "
+            "directory"
+        ) from None
 
 
 def _hapt_arrays() -> dict[str, np.ndarray]:
     cache = _cache_dir() / HAPT_CACHE
-    if not cache.is_file():
-        convert_hapt(_hapt_pickle(), cache)
-    with np.load(cache, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    for attempt in range(2):
+        if attempt or not cache.is_file():
+            convert_hapt(_hapt_pickle(), cache)
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            if set(arrays) >= {"readings", "labels", "users", "recordings"}:
+                return arrays
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+            pass  # a truncated or foreign file: convert again, once
+    raise ValueError(f"the HAPT cache {cache} is unreadable after a fresh conversion: delete it")
 
 
 def load_hapt_readings() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -343,6 +380,24 @@ def load_hapt() -> tuple[np.ndarray, np.ndarray]:
     a = _hapt_arrays()
     raw = a["labels"].astype(np.int64)
     return hapt_windows(a["readings"], np.where(raw > 0, raw - 1, -1), a["recordings"])
+
+
+def check_installed(name: str) -> None:
+    """``ValueError`` naming what to install when dataset ``name`` needs a package that is
+    missing (FashionMNIST, HAPT); reads nothing. The bundled data sets always pass.
+
+    >>> check_installed("digits")
+    """
+    key = ALIASES.get(name.lower(), name.lower())
+    if key == "fashion_mnist":
+        missing = [f for f in FASHION_MNIST_FILES if not (FASHION_MNIST_DIR / f).is_file()]
+        if missing:
+            raise ValueError(
+                f"FashionMNIST is not installed ({FASHION_MNIST_DIR / missing[0]} missing): "
+                "apt-get install dataset-fashion-mnist (or make sysdeps)"
+            )
+    elif key == "hapt" and not (_cache_dir() / HAPT_CACHE).is_file():
+        _hapt_pickle()  # raises with the pip line when the package is missing
 
 
 def load(name: str) -> tuple[np.ndarray, np.ndarray]:

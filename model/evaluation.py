@@ -240,11 +240,18 @@ def evaluate(
         )
     if prior not in PRIOR_CHOICES:
         raise ValueError(f"unknown prior {prior!r}; choose from {', '.join(PRIOR_CHOICES)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     X_all, y_all = datasets.load(dataset)
     if limit is not None and limit < len(X_all):
         keep = np.sort(np.random.default_rng(0).choice(len(X_all), size=limit, replace=False))
         X_all, y_all = X_all[keep], y_all[keep]
     k = int(y_all.max()) + 1
+    if reference and batch_size < k:  # MiniBatchKMeans skips every batch smaller than K
+        raise ValueError(
+            f"batch size {batch_size} is smaller than K = {k} classes: the MiniBatchKMeans "
+            f"reference needs batches of at least {k}"
+        )
     epochs = epochs or default_epochs(protocol, len(X_all), batch_size)
     config = presets.preset(protocol, prepare(X_all[:2]).shape[1:], k)
     config = {key: v for key, v in config.items() if key not in ("n_clusters", "regulariser")}

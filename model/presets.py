@@ -26,8 +26,10 @@ Choices made for ``paper``, checked line by line against the released code (its 
   and Adam (the shift is absorbed, and under Adam a scaled input is a rescaled first-layer weight
   that follows the same path), so it changes the figures only by rounding. Windows and vectors
   (no counterpart in the authors' code for our datasets) stay standardised.
-- Encoders. ``lenet`` for 28×28 images, ``lenet1d`` (the same layout in 1-D) for (C, T)
-  windows, an MLP otherwise; raw latents (``latent_norm="none"``); centroids drawn from N(0, 1)
+- Encoders. ``lenet`` for 28×28 images, ``lenet1d`` (the same layers in 1-D: two 5-wide
+  convolutions with BatchNorm, ReLU and 2× max-pooling, then a linear head; 32 and 64 channels,
+  since six raw sensor channels are not one grey channel) for (C, T) windows, an MLP
+  otherwise; raw latents (``latent_norm="none"``); centroids drawn from N(0, 1)
   (``init="normal"``; theirs are float64, ours float32); Adam lr 1e-3; batch 256, reshuffled each
   epoch, the last short batch kept; K = number of classes; :data:`PAPER_EPOCHS` epochs (their
   README's command).

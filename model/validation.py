@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from oclust.model.priors import resolve_prior
+from oclust.model.priors import OnlinePrior, resolve_prior
 
 __all__ = [
     "DEFAULT_BETAS",
@@ -31,6 +31,7 @@ __all__ = [
     "check_input",
     "check_params",
     "check_positive",
+    "check_prior_params",
     "non_finite_distances",
     "out_dtype",
     "to_float64_array",
@@ -109,10 +110,34 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
     if est.reg_params is not None and not isinstance(est.reg_params, dict):
         raise ValueError(f"reg_params must be a dict or None, got {est.reg_params!r}")
     resolve_prior(est.prior, int(k))  # raises ValueError for a bad prior
+    check_prior_params(est.prior_params)
     for name in ("random_state", "seed"):
         state = getattr(est, name)
         if state is not None and not isinstance(state, (numbers.Integral, *_GENERATORS)):
             raise ValueError(f"{name} must be None, an int or a numpy generator, got {state!r}")
+
+
+def check_prior_params(params: Any) -> None:
+    """``ValueError`` unless ``params`` is None or valid keyword arguments of ``OnlinePrior``.
+
+    >>> check_prior_params({"max_kl": -1})
+    Traceback (most recent call last):
+    ...
+    ValueError: prior_params: max_kl must be non-negative, got -1
+    """
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise ValueError(f"prior_params must be a dict or None, got {params!r}")
+    known = ("decay", "alpha", "shrink", "max_kl", "warmup")
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"prior_params: unknown {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(known)}")
+    try:
+        OnlinePrior(2, **params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"prior_params: {exc}") from None
 
 
 def _valid_betas(betas: Any) -> bool:
@@ -149,16 +174,27 @@ def check_input(est: Any, X: Any, reset: bool) -> np.ndarray:
             f"got one sample of shape {shape} without its batch axis. Reshape "
             "your data: X[None] or X.reshape(1, *X.shape) is a batch of that one sample"
         )
-    arr = X if fast else validate_data(
-        est, X, reset=reset, dtype="numeric", allow_nd=True, ensure_all_finite=False
-    )
-    if not reset and est._built and arr.shape[1:] != shape:
-        raise ValueError(
-            f"expected samples of shape {shape} (a batch (N, "
-            f"{', '.join(map(str, shape))})), got an array of shape {arr.shape}"
+    if not reset and est._built and len(shape) > 1 and hasattr(X, "shape"):
+        _check_sample_shape(tuple(X.shape), shape)  # before scikit-learn's "features" count
+    try:
+        arr = X if fast else validate_data(
+            est, X, reset=reset, dtype="numeric", allow_nd=True, ensure_all_finite=False
         )
+    except np.exceptions.DTypePromotionError as exc:  # e.g. a datetime column in a DataFrame
+        raise ValueError(f"X must hold numbers only: {exc}") from None
+    if not reset and est._built:
+        _check_sample_shape(arr.shape, shape)
     check_finite(arr)
     return arr
+
+
+def _check_sample_shape(got: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    """``ValueError`` unless ``got`` is a batch of samples of ``shape``."""
+    if tuple(got[1:]) != tuple(shape):
+        raise ValueError(
+            f"expected samples of shape {shape} (a batch (N, "
+            f"{', '.join(map(str, shape))})), got an array of shape {got}"
+        )
 
 
 def to_float64_array(x: Any, name: str, fortran: bool = False) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from oclust.service.options import SettingsCommand
+from oclust.service.options import SettingsCommand, fail
 
 HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
            "kl_star_soft": "KL* soft", "linear_probe": "linear probe", "knn_probe": "KNN probe"}
@@ -115,15 +115,25 @@ def eval_command(
         )
     if limit is not None and limit < len(X):
         X, y = X[:limit], y[:limit]  # only the size matters here
+    k = int(y.max()) + 1
+    if reference and batch_size < k:
+        raise typer.BadParameter(
+            f"{batch_size} is smaller than K = {k} classes; the MiniBatchKMeans reference "
+            f"needs batches of at least {k} (or pass --no-reference)",
+            param_hint="--batch-size",
+        )
     epochs = epochs or default_epochs(protocol, len(X), batch_size)
     n = len(X) if imbalance is None else len(subsample_imbalanced(X, y, imbalance, 0)[1])
     steps = len(names) * seeds * epochs * math.ceil(n / batch_size)
-    with tqdm(total=steps, desc=f"eval {dataset}", unit="step", file=sys.stderr) as bar:
-        results = evaluate(
-            dataset, names, seeds=seeds, epochs=epochs, batch_size=batch_size,
-            reference=reference, on_step=lambda: bar.update(1), imbalance=imbalance,
-            prior=prior, protocol=protocol, limit=limit, probes=probes, **params,
-        )
+    try:
+        with tqdm(total=steps, desc=f"eval {dataset}", unit="step", file=sys.stderr) as bar:
+            results = evaluate(
+                dataset, names, seeds=seeds, epochs=epochs, batch_size=batch_size,
+                reference=reference, on_step=lambda: bar.update(1), imbalance=imbalance,
+                prior=prior, protocol=protocol, limit=limit, probes=probes, **params,
+            )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     summary = {name: summarise(runs) for name, runs in results.items()}
     columns = METRICS + (PROBES if probes else ())
     if as_json:  # NaN (no soft assignment, no latents) becomes null

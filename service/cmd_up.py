@@ -278,7 +278,7 @@ def up_command(
                                                       "(default: as fast as training)")] = None,
     window_size: Annotated[int | None, Opt(min=2, help="reading streams: readings per window "
                                                        "(daphnet 64, hapt 128)")] = None,
-    devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 2,
+    devices: Annotated[int, Opt(min=1, help="daphnet only: simulated devices")] = 2,
     seed: _SeedOpt = None,
     quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
     log_level: options.LogLevelOpt = "warning",
@@ -289,6 +289,12 @@ def up_command(
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
+    from oclust.model.datasets import check_installed
+
+    try:
+        check_installed(key)  # before the port is bound and the banner printed
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from None
     namespace = namespace or f"up-{key}"
     window = window_size or READING_STREAMS.get(key, 64)
     ws = options.build_settings(WorkerSettings, dict(
@@ -305,6 +311,7 @@ def up_command(
         log_level=log_level,
     ))
     options.setup_logging(log_level, rich=True)
+    devices = devices if key == "daphnet" else 1  # hapt brings its own 30 devices
     code = asyncio.run(run_up(ws, ss, key, rate, devices, display=not quiet))
     raise typer.Exit(code)
 

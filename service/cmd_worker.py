@@ -35,7 +35,7 @@ from oclust.training_worker.settings import KafkaSettings, TrainSettings, Worker
 __all__ = ["produce_command", "register", "train_command", "worker_command"]
 
 Opt = typer.Option
-DATASET_HELP = "digits, segments, basic_motions or daphnet"
+DATASET_HELP = "digits, segments, basic_motions, fashion_mnist, daphnet or hapt (readings)"
 _BootstrapOpt = field_option(KafkaSettings, "bootstrap_servers")
 
 
@@ -67,13 +67,14 @@ def produce_command(
     dataset: Annotated[str, Opt(help=DATASET_HELP)],
     topic: Annotated[str, Opt(help="topic to write to (created if missing)")],
     bootstrap_servers: _BootstrapOpt = None,
-    rate: Annotated[float | None, Opt(min=0.001, help="messages per second (default: max)")] = (
+    rate: Annotated[float | None, Opt(min=0.001, help="messages per second (default: max; "
+                                     "hapt: 1500 is 50 Hz per user while all 30 send)")] = (
         None
     ),
     limit: Annotated[int | None, Opt(min=1, help="stop after this many messages")] = None,
     loop: Annotated[bool, Opt("--loop", help="replay the dataset forever")] = False,
     binary: Annotated[bool, Opt("--binary", help="float32 payloads instead of JSON")] = False,
-    devices: Annotated[int, Opt(min=1, help="daphnet: simulated devices")] = 1,
+    devices: Annotated[int, Opt(min=1, help="daphnet only: simulated devices")] = 1,
     partitions: Annotated[int, Opt(min=1, help="partitions of a new topic")] = 1,
     samples_per_message: Annotated[int, Opt(
         min=1, help="pack this many samples into one float32 message (rows header)")] = 1,
@@ -87,6 +88,13 @@ def produce_command(
     bootstrap_servers = build_settings(
         KafkaSettings, {"bootstrap_servers": bootstrap_servers}
     ).bootstrap_servers
+    stream = dataset.strip().lower()
+    if stream in ("daphnet", "hapt") and samples_per_message > 1:
+        raise typer.BadParameter(f"applies to sample datasets, not the {stream} reading stream",
+                                 param_hint="--samples-per-message")
+    if stream == "hapt" and devices != 1:
+        raise typer.BadParameter("applies to daphnet; hapt replays its 30 users as 30 devices",
+                                 param_hint="--devices")
     try:
         sent = asyncio.run(replay(
             bootstrap_servers, topic, dataset, rate=rate, limit=limit, loop=loop, binary=binary,
@@ -127,7 +135,8 @@ def train_command(settings: TrainSettings) -> None:
             X, y = make_windows(X, y, s.window_size, s.window_hop)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset/--input") from None
-    params = {"latent_dim": s.latent_dim, "sigma": s.sigma, "prior": parse_prior(s.prior)}
+    params = {"latent_dim": s.latent_dim, "sigma": s.sigma, "prior": parse_prior(s.prior),
+              "prior_params": s.prior_params}
     steps = s.epochs * -(-len(X) // s.batch_size)
     try:
         with tqdm(total=steps, desc="train", unit="step", file=sys.stderr) as bar:

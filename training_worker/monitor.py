@@ -20,10 +20,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from oclust.model import metrics as model_metrics
 from oclust.model.validation import check_positive
 
-__all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics"]
+__all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics", "default_threshold"]
 
 PER_CLUSTER = 20  # default guard window: this many samples per cluster (or a batch, if larger)
-MIN_PER_CLUSTER = 10  # the guard abstains until its window holds this many per cluster
+MIN_PER_CLUSTER = 10  # the smallest window, and the guard abstains until it holds this many
+
+
+def default_threshold(prior: np.ndarray) -> float:
+    """The guard's default threshold: half the entropy of the prior, nats.
+
+    Half of log K for the uniform prior; a fixed uneven prior lowers it, so a model whose served
+    shares follow that prior is not judged collapsed.
+
+    >>> round(default_threshold(np.full(4, 0.25)), 3) == round(0.5 * math.log(4), 3)
+    True
+    >>> round(default_threshold(np.array([0.91] + [0.01] * 9)), 3)
+    0.25
+    """
+    return 0.5 * model_metrics.entropy(np.asarray(prior, dtype=np.float64))
 
 
 class CollapseGuard:
@@ -31,9 +45,10 @@ class CollapseGuard:
 
     :meth:`observe_labels` folds in the nearest-centroid (served) labels of the samples just
     trained and judges the hard entropy of the window of the last :meth:`window_size` samples
-    (``window`` if given, else ``20 K``, and never fewer than ``min_window``, the batch size).
-    It abstains while the window holds fewer than ``min(window, 10 K)`` samples, so a short
-    batch, first or last, never decides anything on its own. ``observe(entropy)`` is the
+    (``window`` if given, else ``20 K``; never fewer than ``10 K`` or ``min_window``, the batch
+    size, since a window of n samples cannot show an entropy above log n). It abstains while
+    the window holds fewer than ``max(10 K, min_window)`` samples, so a short batch, first or
+    last, never decides anything on its own. ``observe(entropy)`` is the
     judgement itself: it fires when the entropy stays below ``threshold`` for ``patience``
     judged batches in a row, returns True exactly on the batch that fires, and the streak then
     restarts. ``healthy`` is true while the latest judgement was at or above the threshold and
@@ -75,8 +90,13 @@ class CollapseGuard:
         return self.streak == 0 and not self.collapsed
 
     def window_size(self, n_clusters: int) -> int:
-        """Samples judged: ``window`` (default ``20 K``), at least ``min_window``."""
-        return max(self.window or PER_CLUSTER * n_clusters, self.min_window)
+        """Samples judged: ``window`` (default ``20 K``), at least ``10 K`` and ``min_window``.
+
+        >>> CollapseGuard(1.0, 1, window=8, min_window=8).window_size(100)  # 8 cannot show K=100
+        1000
+        """
+        floor = max(MIN_PER_CLUSTER * n_clusters, self.min_window)
+        return max(self.window or PER_CLUSTER * n_clusters, floor)
 
     def add(self, labels: np.ndarray, n_clusters: int) -> None:
         """Fold served labels into the window (a new K starts a new window)."""
@@ -102,8 +122,7 @@ class CollapseGuard:
     def judging(self) -> bool:
         """The window holds enough samples to be judged."""
         k = self._k
-        need = min(self.window_size(k), max(MIN_PER_CLUSTER * k, self.min_window)) if k else 0
-        return bool(k) and len(self._labels) >= need
+        return bool(k) and len(self._labels) >= max(MIN_PER_CLUSTER * k, self.min_window)
 
     def observe_labels(self, labels: np.ndarray, n_clusters: int) -> bool:
         """Fold in one batch's served labels and judge the window; True when the guard fires."""
@@ -134,7 +153,7 @@ class CollapseGuard:
 
 
 class QualityWindow:
-    """ACC and NMI of the training labels against message labels over the last ``size`` samples.
+    """ACC and NMI of the served labels against message labels over the last ``size`` samples.
 
     Labels outside ``0..max_classes-1`` are ignored for quality (a hostile label must not
     make the Hungarian matching build a huge matrix) and counted in ``ignored`` and, when

@@ -10,7 +10,9 @@ sensors would send them (key = device, so each device stays in order on one part
 ``hapt-user-30``, each user's readings in time order with ``ts`` at 50 Hz, the users interleaved
 as if they recorded at the same time (``devices`` does not apply). Labels: 0-5 the basic
 activities; transitions and unlabelled readings carry no label. Real time is ``rate=1500``
-(30 × 50 Hz); a higher ``rate`` or none replays faster.
+(30 × 50 Hz) while all 30 users send; ``rate`` counts messages, so once the shorter recordings
+end (the shortest after about 640 s) the remaining users replay faster. A higher ``rate`` or
+none replays faster throughout.
 
 Example:
     >>> msgs = list(dataset_messages("daphnet", devices=2, limit=3))
@@ -114,8 +116,10 @@ def dataset_messages(
     if samples_per_message < 1:
         raise ValueError(f"samples_per_message must be at least 1, got {samples_per_message}")
     key = name.lower()
-    if key == "daphnet" and samples_per_message > 1:
-        raise ValueError("samples_per_message applies to sample datasets, not daphnet readings")
+    if key in READING_STREAMS and samples_per_message > 1:
+        raise ValueError(f"samples_per_message applies to sample datasets, not {key} readings")
+    if key == "hapt" and devices != 1:
+        raise ValueError("devices applies to daphnet: hapt replays its 30 users as 30 devices")
 
     def one_pass(repeat: int) -> Iterator[Message]:
         if key == "daphnet":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter
@@ -29,7 +28,12 @@ from prometheus_client import CollectorRegistry, Counter
 from oclust.model import OnlineClusterer, Snapshot, SnapshotError
 from oclust.model.priors import parse_prior
 from oclust.training_worker.kafka import committed_offsets, offset_exists
-from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from oclust.training_worker.monitor import (
+    CollapseGuard,
+    QualityWindow,
+    WorkerMetrics,
+    default_threshold,
+)
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
 from oclust.training_worker.stream import Consumer
@@ -109,7 +113,8 @@ def fresh_model(settings: WorkerSettings, device: str | None = None) -> OnlineCl
     }
     return OnlineClusterer(
         n_clusters=s.n_clusters, regulariser=s.regulariser, lr=s.lr, device=device or s.device,
-        seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), **params,
+        seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), prior_params=s.prior_params,
+        **params,
     ).validate_params()
 
 
@@ -138,10 +143,8 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
             log.warning("the snapshot's model (K=%s, %s) differs from the settings (K=%d, "
                         "%s): the snapshot wins", m.n_clusters, m.regulariser,
                         s.n_clusters, s.regulariser)
-        guard.threshold = (
-            s.collapse_threshold if s.collapse_threshold is not None
-            else 0.5 * np.log(model.n_clusters)
-        )
+    if s.collapse_threshold is None:  # the model's own prior: a resumed snapshot's wins
+        guard.threshold = default_threshold(model.prior_)
     return Trainer(model, guard, metrics, quality, s.collapse_restore, snap, hooks)
 
 

@@ -145,6 +145,9 @@ class ModelSettings(_Env):
     prior: str | None = Field(
         None, description="cluster prior: uniform, online, or K comma-separated probabilities"
     )
+    prior_max_kl: float | None = Field(
+        None, ge=0, description="--prior online: cap on KL(prior || uniform), nats (default 0.1)"
+    )
     sigma: float | None = Field(None, gt=0, description="softmax temperature of a fresh model")
     latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
     seed: int | None = Field(0, description="seed of a fresh model")
@@ -166,6 +169,18 @@ class ModelSettings(_Env):
     def _prior_fits_k(cls, value: str | None, info: ValidationInfo) -> str | None:
         k = info.data.get("n_clusters")
         return value if k is None else check_prior(value, k)
+
+    @field_validator("prior_max_kl")
+    @classmethod
+    def _cap_needs_online(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and (info.data.get("prior") or "").strip() != "online":
+            raise ValueError("the KL cap applies to the online prior only: add --prior online")
+        return value
+
+    @property
+    def prior_params(self) -> dict[str, float] | None:
+        """``OnlineClusterer(prior_params=...)`` of a fresh model: the online prior's cap."""
+        return None if self.prior_max_kl is None else {"max_kl": self.prior_max_kl}
 
 
 class KafkaSettings(_Env):
@@ -241,13 +256,15 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
 
     # collapse guard
     collapse_threshold: float | None = Field(
-        None, ge=0, description="collapse guard threshold in nats (default 0.5 log K)"
+        None, ge=0, description="collapse guard threshold in nats (default half the prior's "
+        "entropy: 0.5 log K for the uniform prior)"
     )
     collapse_patience: int = Field(
         20, ge=1, description="low-entropy batches in a row before the guard fires"
     )
     collapse_window: int | None = Field(
-        None, ge=1, description="served samples the guard judges (default 20 K, at least a batch)"
+        None, ge=1, description="served samples the guard judges (default 20 K; at least 10 K "
+        "and a batch)"
     )
     collapse_restore: bool = Field(
         True, description="restore the last healthy snapshot when the guard fires"
@@ -285,10 +302,16 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
 
     @property
     def collapse_threshold_nats(self) -> float:
-        """The guard's entropy threshold (default half of log K)."""
+        """The guard's entropy threshold: by default half the entropy of the prior (0.5 log K
+        for the uniform and the online prior, less for a fixed uneven one)."""
         if self.collapse_threshold is not None:
             return self.collapse_threshold
-        return 0.5 * math.log(self.n_clusters) if self.n_clusters > 1 else 0.0
+        from oclust.model.priors import parse_prior, resolve_prior
+
+        vector = resolve_prior(parse_prior(self.prior), self.n_clusters)[1]
+        if vector is None:
+            return 0.5 * math.log(self.n_clusters)
+        return -0.5 * sum(p * math.log(p) for p in vector.tolist() if p > 0)
 
 
 class TrainSettings(StoreSettings, ModelSettings):
@@ -300,7 +323,7 @@ class TrainSettings(StoreSettings, ModelSettings):
     """
 
     dataset: str | None = Field(
-        None, description="digits, segments, basic_motions or daphnet"
+        None, description="digits, segments, basic_motions, fashion_mnist, hapt or daphnet"
     )
     input: str | None = Field(None, description="a .npy or .csv file instead of a dataset")
     epochs: int = Field(10, ge=1, description="passes over the shuffled data")

@@ -71,6 +71,19 @@ def test_cm_service_serves_the_training_rule_on_every_point(trained) -> None:
         assert r.status_code == 200 and r.json()["cluster"] == want[i], r.text
 
 
+@pytest.mark.parametrize("name", ["cm", "aecm"])
+def test_cm_served_labels_match_training_labels_from_the_first_step(name) -> None:
+    # The head is built lazily by the first forward pass: the served labels of that step (what
+    # the collapse guard judges) must come from it, not from the untrained linear map.
+    X, _ = datasets.load("digits")
+    X = X.reshape(len(X), -1)[:512]
+    clf = OnlineClusterer(10, name, latent_dim=16, hidden=(32,), seed=0, device="cpu")
+    for start in range(0, len(X), 64):
+        clf.partial_fit(X[start : start + 64])
+        step = clf.last_step_
+        np.testing.assert_array_equal(step.served_labels, step.labels, err_msg=f"step {start}")
+
+
 def _holder(model: LoadedModel) -> ModelHolder:
     holder = ModelHolder()
     holder.swap(model)

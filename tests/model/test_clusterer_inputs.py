@@ -114,6 +114,18 @@ def test_dataframes_with_reordered_and_mixed_columns():
         a.predict(df)
 
 
+def test_clear_errors_for_flattened_images_and_non_numeric_columns():
+    images = np.random.default_rng(3).random((64, 8, 8)).astype(np.float32)
+    clf = OnlineClusterer(3, latent_dim=4, hidden=(4,), seed=0).partial_fit(images)
+    for bad in (images.reshape(64, 64), images[:, None], pd.DataFrame(images.reshape(64, 64))):
+        with pytest.raises(ValueError, match=r"expected samples of shape \(8, 8\)"):
+            clf.predict(bad)
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": pd.to_datetime(["2020-01-01", "2020-01-02"])})
+    vec = _small().partial_fit(np.zeros((8, 2), np.float32) + np.arange(8)[:, None])
+    with pytest.raises(ValueError, match="numbers only"):
+        vec.predict(frame)
+
+
 def _peak_growth_mib(fn, *args) -> tuple[float, np.ndarray]:
     """Peak RSS above the current RSS while ``fn(*args)`` runs, in MiB (Linux: the kernel's
     high-water mark, reset through /proc/self/clear_refs; it counts torch's allocations)."""

