@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.util
 import itertools
 import os
 import pickle
+import sys
 import tempfile
 import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -128,7 +131,7 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:  # missing, unreadable or truncated
+    except (OSError, EOFError, zlib.error) as exc:  # missing, unreadable, truncated, corrupt
         raise ValueError(
             f"FashionMNIST file {path} cannot be read ({exc}): reinstall it with "
             "apt-get install --reinstall dataset-fashion-mnist"
@@ -290,8 +293,17 @@ def convert_hapt(src: Path, dst: Path) -> None:
     try:
         with gzip.open(src, "rb") as f:
             users = _RestrictedUnpickler(f).load()
-    except (OSError, EOFError, pickle.UnpicklingError) as exc:
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError) as exc:
         raise ValueError(f"the HAPT pickle {src} cannot be read: {exc}") from None
+    try:
+        arrays = _hapt_columns(users)
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"the HAPT pickle {src} has an unexpected layout: {exc!r}") from None
+    _write_npz(arrays, dst)
+
+
+def _hapt_columns(users: Any) -> dict[str, np.ndarray]:
+    """The unpickled users' recordings as the cache's four arrays."""
     if not isinstance(users, dict):
         raise ValueError("HAPT pickle: expected a dict of users")
     channels = ("acc-x", "acc-y", "acc-z", "gyro-x", "gyro-y", "gyro-z")
@@ -304,17 +316,25 @@ def convert_hapt(src: Path, dst: Path) -> None:
         labels.append(cols["label"].astype(np.int8))
         user_ids.append(np.full(len(cols["label"]), int(user), dtype=np.int16))
         recordings.append(np.full(len(cols["label"]), rec_no, dtype=np.int16))
-    arrays = {"readings": np.concatenate(values), "labels": np.concatenate(labels),
-              "users": np.concatenate(user_ids), "recordings": np.concatenate(recordings)}
+    return {"readings": np.concatenate(values), "labels": np.concatenate(labels),
+            "users": np.concatenate(user_ids), "recordings": np.concatenate(recordings)}
+
+
+def _write_npz(arrays: dict[str, np.ndarray], dst: Path) -> None:
+    """Write the cache atomically, readable by every user (mode 0644)."""
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         # a temporary file of this process's own, then an atomic rename: a reader never sees
         # half a cache, and processes converting at once each write theirs (the last one stays)
-        with tempfile.NamedTemporaryFile(
-            dir=dst.parent, prefix=f".{dst.stem}.", suffix=".tmp", delete=False
-        ) as fh:
-            np.savez(fh, **arrays)
-        os.replace(fh.name, dst)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the data are public, a cache shared
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
     except OSError as exc:
         raise ValueError(
             f"cannot write the HAPT cache {dst} ({exc}): point XDG_CACHE_HOME at a writable "
@@ -384,7 +404,7 @@ def load_hapt() -> tuple[np.ndarray, np.ndarray]:
 
 def check_installed(name: str) -> None:
     """``ValueError`` naming what to install when dataset ``name`` needs a package that is
-    missing (FashionMNIST, HAPT); reads nothing. The bundled data sets always pass.
+    missing (FashionMNIST, HAPT, and aeon for basic_motions and daphnet); reads nothing.
 
     >>> check_installed("digits")
     """
@@ -398,6 +418,15 @@ def check_installed(name: str) -> None:
             )
     elif key == "hapt" and not (_cache_dir() / HAPT_CACHE).is_file():
         _hapt_pickle()  # raises with the pip line when the package is missing
+    elif key in ("basic_motions", "daphnet") and not _installed("aeon"):
+        _require("aeon", "har")  # raises with the pip line
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported, without importing it."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
 
 
 def load(name: str) -> tuple[np.ndarray, np.ndarray]:

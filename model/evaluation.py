@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "probe_scores",
     "score",
     "subsample_imbalanced",
+    "subset",
     "summarise",
 ]
 
@@ -240,17 +242,12 @@ def evaluate(
         )
     if prior not in PRIOR_CHOICES:
         raise ValueError(f"unknown prior {prior!r}; choose from {', '.join(PRIOR_CHOICES)}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    X_all, y_all = datasets.load(dataset)
-    if limit is not None and limit < len(X_all):
-        keep = np.sort(np.random.default_rng(0).choice(len(X_all), size=limit, replace=False))
-        X_all, y_all = X_all[keep], y_all[keep]
+    X_all, y_all = subset(*datasets.load(dataset), limit)
     k = int(y_all.max()) + 1
-    if reference and batch_size < k:  # MiniBatchKMeans skips every batch smaller than K
+    if reference and min(batch_size, len(X_all)) < k:  # MiniBatchKMeans skips smaller batches
         raise ValueError(
-            f"batch size {batch_size} is smaller than K = {k} classes: the MiniBatchKMeans "
-            f"reference needs batches of at least {k}"
+            f"batches of {min(batch_size, len(X_all))} points are fewer than K = {k} classes: "
+            f"the KMeans and MiniBatchKMeans references need at least {k}"
         )
     epochs = epochs or default_epochs(protocol, len(X_all), batch_size)
     config = presets.preset(protocol, prepare(X_all[:2]).shape[1:], k)
@@ -285,6 +282,22 @@ def evaluate(
             for s, (X, y) in enumerate(data)
         ]
     return results
+
+
+def subset(X: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The protocol's random subset of ``limit`` points (seeded, in data order), or all.
+
+    >>> subset(np.arange(10.0), np.arange(10), 3)[1].tolist()
+    [5, 6, 9]
+    """
+    if limit is None:
+        return X, y
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    if limit >= len(X):
+        return X, y
+    keep = np.sort(np.random.default_rng(0).choice(len(X), size=int(limit), replace=False))
+    return X[keep], y[keep]
 
 
 def _outputs(

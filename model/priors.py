@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -107,14 +108,14 @@ class OnlinePrior:
             raise ValueError(f"shrink must be in [0, 1], got {shrink!r}")
         if not max_kl >= 0:
             raise ValueError(f"max_kl must be non-negative, got {max_kl!r}")
-        if not (isinstance(warmup, int) and warmup >= 0):
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
         self.n_clusters = n_clusters
         self.decay = decay
         self.alpha = alpha
         self.shrink = shrink
         self.max_kl = max_kl
-        self.warmup = warmup
+        self.warmup = int(warmup)
         self.counts = np.zeros(n_clusters, dtype=np.float64)
         self.seen = 0
 

@@ -76,6 +76,7 @@ def eval_command(
         default_epochs,
         evaluate,
         subsample_imbalanced,
+        subset,
         summarise,
     )
     from oclust.model.presets import PRESETS
@@ -113,14 +114,13 @@ def eval_command(
             "daphnet is a reading stream: window it with the worker, not eval",
             param_hint="--dataset",
         )
-    if limit is not None and limit < len(X):
-        X, y = X[:limit], y[:limit]  # only the size matters here
+    X, y = subset(X, y, limit)  # the points evaluate() will take
     k = int(y.max()) + 1
-    if reference and batch_size < k:
+    if reference and min(batch_size, len(X)) < k:
         raise typer.BadParameter(
-            f"{batch_size} is smaller than K = {k} classes; the MiniBatchKMeans reference "
-            f"needs batches of at least {k} (or pass --no-reference)",
-            param_hint="--batch-size",
+            f"batches of {min(batch_size, len(X))} points are fewer than K = {k} classes; the "
+            f"KMeans and MiniBatchKMeans references need at least {k} (or pass --no-reference)",
+            param_hint="--batch-size" if batch_size < k else "--limit",
         )
     epochs = epochs or default_epochs(protocol, len(X), batch_size)
     n = len(X) if imbalance is None else len(subsample_imbalanced(X, y, imbalance, 0)[1])

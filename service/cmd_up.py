@@ -278,7 +278,8 @@ def up_command(
                                                       "(default: as fast as training)")] = None,
     window_size: Annotated[int | None, Opt(min=2, help="reading streams: readings per window "
                                                        "(daphnet 64, hapt 128)")] = None,
-    devices: Annotated[int, Opt(min=1, help="daphnet only: simulated devices")] = 2,
+    devices: Annotated[int | None, Opt(min=1, help="daphnet only: simulated devices "
+                                              "(default 2)")] = None,
     seed: _SeedOpt = None,
     quiet: Annotated[bool, Opt("--quiet", help="no live terminal display")] = False,
     log_level: options.LogLevelOpt = "warning",
@@ -311,7 +312,9 @@ def up_command(
         log_level=log_level,
     ))
     options.setup_logging(log_level, rich=True)
-    devices = devices if key == "daphnet" else 1  # hapt brings its own 30 devices
+    if devices is not None and key != "daphnet":
+        raise typer.BadParameter(f"applies to daphnet only, not {key}", param_hint="--devices")
+    devices = devices or (2 if key == "daphnet" else 1)  # hapt brings its own 30 devices
     code = asyncio.run(run_up(ws, ss, key, rate, devices, display=not quiet))
     raise typer.Exit(code)
 

@@ -92,9 +92,9 @@ def produce_command(
     if stream in ("daphnet", "hapt") and samples_per_message > 1:
         raise typer.BadParameter(f"applies to sample datasets, not the {stream} reading stream",
                                  param_hint="--samples-per-message")
-    if stream == "hapt" and devices != 1:
-        raise typer.BadParameter("applies to daphnet; hapt replays its 30 users as 30 devices",
-                                 param_hint="--devices")
+    if stream != "daphnet" and devices != 1:
+        why = "hapt replays its 30 users as 30 devices" if stream == "hapt" else "not to samples"
+        raise typer.BadParameter(f"applies to daphnet only ({why})", param_hint="--devices")
     try:
         sent = asyncio.run(replay(
             bootstrap_servers, topic, dataset, rate=rate, limit=limit, loop=loop, binary=binary,

@@ -18,6 +18,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from oclust.model import metrics as model_metrics
+from oclust.model.priors import resolve_prior
 from oclust.model.validation import check_positive
 
 __all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics", "default_threshold"]
@@ -26,18 +27,23 @@ PER_CLUSTER = 20  # default guard window: this many samples per cluster (or a ba
 MIN_PER_CLUSTER = 10  # the smallest window, and the guard abstains until it holds this many
 
 
-def default_threshold(prior: np.ndarray) -> float:
-    """The guard's default threshold: half the entropy of the prior, nats.
+def default_threshold(prior: object, n_clusters: int) -> float:
+    """The guard's default threshold: half the entropy of the *configured* prior, nats.
 
-    Half of log K for the uniform prior; a fixed uneven prior lowers it, so a model whose served
-    shares follow that prior is not judged collapsed.
+    ``prior`` as :class:`~oclust.model.OnlineClusterer` takes it. Half of log K for the uniform
+    and the online prior (never the online estimate: a collapsing model would pull it, and the
+    threshold with it, toward its dominant cluster); a fixed uneven prior lowers it, so a model
+    whose served shares follow that prior is not judged collapsed.
 
-    >>> round(default_threshold(np.full(4, 0.25)), 3) == round(0.5 * math.log(4), 3)
+    >>> round(default_threshold("online", 4), 3) == round(0.5 * math.log(4), 3)
     True
-    >>> round(default_threshold(np.array([0.91] + [0.01] * 9)), 3)
+    >>> round(default_threshold([0.91] + [0.01] * 9, 10), 3)
     0.25
     """
-    return 0.5 * model_metrics.entropy(np.asarray(prior, dtype=np.float64))
+    vector = resolve_prior(prior, n_clusters)[1]
+    if vector is None:
+        return 0.5 * math.log(n_clusters)
+    return 0.5 * model_metrics.entropy(vector)
 
 
 class CollapseGuard:

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -146,7 +145,8 @@ class ModelSettings(_Env):
         None, description="cluster prior: uniform, online, or K comma-separated probabilities"
     )
     prior_max_kl: float | None = Field(
-        None, ge=0, description="--prior online: cap on KL(prior || uniform), nats (default 0.1)"
+        None, ge=0, description="--prior online: cap on KL(prior || uniform) of a fresh model, "
+        "nats (default 0.1; a resumed snapshot keeps its own)"
     )
     sigma: float | None = Field(None, gt=0, description="softmax temperature of a fresh model")
     latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
@@ -306,12 +306,10 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         for the uniform and the online prior, less for a fixed uneven one)."""
         if self.collapse_threshold is not None:
             return self.collapse_threshold
-        from oclust.model.priors import parse_prior, resolve_prior
+        from oclust.model.priors import parse_prior
+        from oclust.training_worker.monitor import default_threshold
 
-        vector = resolve_prior(parse_prior(self.prior), self.n_clusters)[1]
-        if vector is None:
-            return 0.5 * math.log(self.n_clusters)
-        return -0.5 * sum(p * math.log(p) for p in vector.tolist() if p > 0)
+        return default_threshold(parse_prior(self.prior), self.n_clusters)
 
 
 class TrainSettings(StoreSettings, ModelSettings):

