@@ -293,12 +293,12 @@ def convert_hapt(src: Path, dst: Path) -> None:
     try:
         with gzip.open(src, "rb") as f:
             users = _RestrictedUnpickler(f).load()
-    except (OSError, EOFError, zlib.error, pickle.UnpicklingError) as exc:
+    except (OSError, EOFError, ValueError, zlib.error, pickle.UnpicklingError) as exc:
         raise ValueError(f"the HAPT pickle {src} cannot be read: {exc}") from None
     try:
         arrays = _hapt_columns(users)
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise ValueError(f"the HAPT pickle {src} has an unexpected layout: {exc!r}") from None
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"the HAPT pickle {src} has an unexpected layout: {exc}") from None
     _write_npz(arrays, dst)
 
 

@@ -245,9 +245,10 @@ def evaluate(
     X_all, y_all = subset(*datasets.load(dataset), limit)
     k = int(y_all.max()) + 1
     if reference and min(batch_size, len(X_all)) < k:  # MiniBatchKMeans skips smaller batches
+        which = "MiniBatchKMeans" if len(X_all) >= k else "KMeans and MiniBatchKMeans"
         raise ValueError(
             f"batches of {min(batch_size, len(X_all))} points are fewer than K = {k} classes: "
-            f"the KMeans and MiniBatchKMeans references need at least {k}"
+            f"the {which} reference needs at least {k}"
         )
     epochs = epochs or default_epochs(protocol, len(X_all), batch_size)
     config = presets.preset(protocol, prepare(X_all[:2]).shape[1:], k)

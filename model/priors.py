@@ -111,10 +111,10 @@ class OnlinePrior:
         if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
         self.n_clusters = n_clusters
-        self.decay = decay
-        self.alpha = alpha
-        self.shrink = shrink
-        self.max_kl = max_kl
+        self.decay = float(decay)  # plain numbers: the state is JSON in the manifest
+        self.alpha = float(alpha)
+        self.shrink = float(shrink)
+        self.max_kl = float(max_kl)
         self.warmup = int(warmup)
         self.counts = np.zeros(n_clusters, dtype=np.float64)
         self.seen = 0

@@ -290,6 +290,8 @@ def up_command(
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
+    if devices is not None and key != "daphnet":
+        raise typer.BadParameter(f"applies to daphnet only, not {key}", param_hint="--devices")
     from oclust.model.datasets import check_installed
 
     try:
@@ -312,8 +314,6 @@ def up_command(
         log_level=log_level,
     ))
     options.setup_logging(log_level, rich=True)
-    if devices is not None and key != "daphnet":
-        raise typer.BadParameter(f"applies to daphnet only, not {key}", param_hint="--devices")
     devices = devices or (2 if key == "daphnet" else 1)  # hapt brings its own 30 devices
     code = asyncio.run(run_up(ws, ss, key, rate, devices, display=not quiet))
     raise typer.Exit(code)

@@ -93,7 +93,8 @@ def produce_command(
         raise typer.BadParameter(f"applies to sample datasets, not the {stream} reading stream",
                                  param_hint="--samples-per-message")
     if stream != "daphnet" and devices != 1:
-        why = "hapt replays its 30 users as 30 devices" if stream == "hapt" else "not to samples"
+        why = "hapt replays its 30 users as 30 devices" if stream == "hapt" else (
+            "not to sample datasets")
         raise typer.BadParameter(f"applies to daphnet only ({why})", param_hint="--devices")
     try:
         sent = asyncio.run(replay(

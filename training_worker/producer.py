@@ -120,6 +120,8 @@ def dataset_messages(
         raise ValueError(f"samples_per_message applies to sample datasets, not {key} readings")
     if key == "hapt" and devices != 1:
         raise ValueError("devices applies to daphnet: hapt replays its 30 users as 30 devices")
+    if key not in READING_STREAMS and devices != 1:
+        raise ValueError(f"devices applies to daphnet, not to the sample dataset {name!r}")
 
     def one_pass(repeat: int) -> Iterator[Message]:
         if key == "daphnet":

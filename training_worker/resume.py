@@ -143,10 +143,13 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
             log.warning("the snapshot's model (K=%s, %s) differs from the settings (K=%d, "
                         "%s): the snapshot wins", m.n_clusters, m.regulariser,
                         s.n_clusters, s.regulariser)
-        if s.prior_params and (model.prior_params or {}).get("max_kl") != s.prior_max_kl:
-            log.warning("the snapshot's online prior keeps its own KL cap %s (--prior-max-kl "
-                        "%s applies to a fresh model)", (model.prior_params or {}).get("max_kl"),
-                        s.prior_max_kl)
+        est = model.prior_estimator_
+        if s.prior_max_kl is not None and est is None:
+            log.warning("the snapshot's prior is not online: --prior online and --prior-max-kl "
+                        "apply to a fresh model only")
+        elif s.prior_max_kl is not None and est.max_kl != s.prior_max_kl:
+            log.warning("the snapshot's online prior keeps its own KL cap %s (--prior-max-kl %s "
+                        "applies to a fresh model)", est.max_kl, s.prior_max_kl)
     if s.collapse_threshold is None:  # the model's configured prior: a resumed snapshot's wins
         guard.threshold = default_threshold(model.prior, model.n_clusters)
     return Trainer(model, guard, metrics, quality, s.collapse_restore, snap, hooks)

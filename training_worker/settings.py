@@ -256,8 +256,8 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
 
     # collapse guard
     collapse_threshold: float | None = Field(
-        None, ge=0, description="collapse guard threshold in nats (default half the prior's "
-        "entropy: 0.5 log K for the uniform prior)"
+        None, ge=0, description="collapse guard threshold in nats (default half the entropy of "
+        "the configured prior: 0.5 log K for uniform and online; a resumed snapshot's prior wins)"
     )
     collapse_patience: int = Field(
         20, ge=1, description="low-entropy batches in a row before the guard fires"

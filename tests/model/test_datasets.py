@@ -248,6 +248,8 @@ def test_produce_refuses_flags_the_hapt_stream_would_ignore():
     assert r.exit_code == 2 and "daphnet only" in r.output and "live page" not in r.output
     with pytest.raises(ValueError, match="30 users as 30 devices"):
         next(dataset_messages("hapt", devices=5))
+    with pytest.raises(ValueError, match="not to the sample dataset"):
+        next(dataset_messages("digits", devices=2))
     with pytest.raises(ValueError, match="not daphnet readings"):
         next(dataset_messages("daphnet", samples_per_message=4))
 

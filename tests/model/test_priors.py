@@ -155,6 +155,11 @@ def test_the_kl_cap_is_configurable_and_survives_a_snapshot():
         clone = OnlineClusterer.from_snapshot(clf.to_snapshot())
         assert clone.prior_params["max_kl"] == cap and clone.prior_estimator_.max_kl == cap
     assert caps[0.0] <= 1e-12 < caps[1.0]  # the tighter cap binds
+    # numpy numbers are plain numbers in the (JSON) manifest
+    clf = OnlineClusterer(3, prior="online", latent_dim=8, hidden=(16,), seed=0,
+                          prior_params={"max_kl": np.float32(0.2), "warmup": np.int64(0)})
+    state = clf.partial_fit(X[:150]).to_snapshot().manifest["prior_state"]
+    assert state["max_kl"] == pytest.approx(0.2) and type(state["max_kl"]) is float
     for bad, match in (({"cap": 1}, "unknown 'cap'"), ({"max_kl": -1}, "non-negative"),
                        ([0.1], "must be a dict")):
         with pytest.raises(ValueError, match=match):

@@ -106,13 +106,13 @@ def test_eval_rejects_batches_smaller_than_k_and_a_bad_limit():
             evaluate("digits", ["ca"], limit=bad)
     few = CliRunner().invoke(app, ["eval", "--dataset", "digits", "--limit", "5"])
     assert few.exit_code == 2 and "--limit" in few.output and "Traceback" not in few.output
-    with pytest.raises(ValueError, match="references need at least 10"):
+    with pytest.raises(ValueError, match="reference needs at least 10"):
         evaluate("digits", ["ca"], seeds=1, epochs=1, limit=5, reference=True)  # 5-point batches
     import numpy as np
 
     out = evaluate("digits", ["ca"], seeds=1, epochs=1, limit=np.int64(200), reference=False)
     assert len(out["ca"]) == 1  # numpy integers are integers
-    with pytest.raises(ValueError, match="MiniBatchKMeans references need at least 10"):
+    with pytest.raises(ValueError, match="MiniBatchKMeans reference needs at least 10"):
         evaluate("digits", ["ca"], seeds=1, epochs=1, batch_size=4, reference=True, limit=100)
 
 

@@ -138,6 +138,37 @@ def test_a_resumed_worker_judges_against_its_configured_prior(tmp_path, prior):
         assert default_threshold(trainer.model.prior_, 10) < trainer.guard.threshold  # estimate
 
 
+def test_a_resumed_snapshot_keeps_its_prior_and_says_so(tmp_path, caplog):
+    import logging
+
+    from oclust.training_worker.resume import FaultMetrics, load_trainer
+    from oclust.training_worker.trainer import TrainerHooks
+
+    X = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
+    caplog.set_level(logging.WARNING, logger="oclust.training_worker.resume")
+    said = {}
+    for name, prior, params, cap in (
+        ("online, other cap", "online", {"max_kl": 0.3}, 0.2),
+        ("online, same cap", "online", {"max_kl": 0.2}, 0.2),
+        ("uniform", None, None, 0.2),
+    ):
+        store = DirectoryStore(str(tmp_path / name.replace(" ", "-").replace(",", "")), "t")
+        clf = OnlineClusterer(4, prior=prior, prior_params=params, latent_dim=4, hidden=(8,),
+                              seed=0).partial_fit(X)
+        store.publish(clf.to_snapshot())
+        s = WorkerSettings(topic="t", n_clusters=4, prior="online", prior_max_kl=cap)
+        metrics = WorkerMetrics()
+        caplog.clear()
+        trainer = load_trainer(s, store, metrics, FaultMetrics(metrics.registry),
+                               TrainerHooks(), "cpu")
+        said[name] = " ".join(r.getMessage() for r in caplog.records)
+        if prior == "online":
+            assert trainer.model.prior_estimator_.max_kl == params["max_kl"]  # the snapshot's
+    assert "keeps its own KL cap 0.3" in said["online, other cap"]
+    assert said["online, same cap"] == ""
+    assert "not online" in said["uniform"] and "None" not in said["uniform"]
+
+
 class _OnePoint(nn.Module):
     """An encoder that maps every input to the same latent point."""
 
