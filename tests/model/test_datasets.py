@@ -193,6 +193,18 @@ def test_aeon_datasets_say_what_to_install(monkeypatch):
         with pytest.raises(ValueError, match=r"oclust\[har\]"):
             datasets.check_installed(name)
     datasets.check_installed("digits")
+    assert not datasets._installed("no_such_package_anywhere")  # find_spec: None
+    assert datasets._installed("numpy")
+
+
+def test_a_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets.np, "savez", full_disk)
+    with pytest.raises(ValueError, match="No space left"):
+        datasets._write_npz({"a": np.zeros(3)}, tmp_path / "c" / "x.npz")
+    assert list((tmp_path / "c").iterdir()) == []
 
 
 def test_hapt_missing_package_names_what_to_install(tmp_path, monkeypatch):
