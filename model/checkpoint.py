@@ -68,14 +68,6 @@ def manifest_of(
     )
 
 
-def _prior_params(state: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The estimator settings an online prior's saved state carries (its ``prior_params``)."""
-    if not state:
-        return None
-    keys = {"decay": float, "alpha": float, "shrink": float, "max_kl": float, "warmup": int}
-    return {k: cast(state[k]) for k, cast in keys.items() if k in state} or None
-
-
 def to_snapshot(
     clf: OnlineClusterer,
     offsets: dict[str, int] | None = None,
@@ -123,7 +115,6 @@ def from_snapshot(
             reg_params=m.reg_params or None,
             latent_norm=enc.latent_norm,
             init=m.init,
-            prior_params=_prior_params(m.prior_state) if m.prior_mode == "online" else None,
         ).validate_params()
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"manifest is missing or has a bad field: {exc}") from exc
@@ -135,6 +126,7 @@ def from_snapshot(
             clf.prior_estimator_ = OnlinePrior.from_state(clf.n_clusters, state)
         except (TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"manifest has a bad online prior state: {exc}") from exc
+        clf.prior_params = clf.prior_estimator_.settings()  # the saved ones, not the defaults
         clf._set_log_prior(clf.prior_estimator_.probs)
     clf.samples_seen_ = m.samples_seen
     clf.steps_ = m.steps

@@ -43,6 +43,7 @@ __all__ = [
     "METRICS",
     "PRIOR_CHOICES",
     "PROBES",
+    "check_reference_batches",
     "default_epochs",
     "evaluate",
     "imbalance_profile",
@@ -244,12 +245,8 @@ def evaluate(
         raise ValueError(f"unknown prior {prior!r}; choose from {', '.join(PRIOR_CHOICES)}")
     X_all, y_all = subset(*datasets.load(dataset), limit)
     k = int(y_all.max()) + 1
-    if reference and min(batch_size, len(X_all)) < k:  # MiniBatchKMeans skips smaller batches
-        which = "MiniBatchKMeans" if len(X_all) >= k else "KMeans and MiniBatchKMeans"
-        raise ValueError(
-            f"batches of {min(batch_size, len(X_all))} points are fewer than K = {k} classes: "
-            f"the {which} reference needs at least {k}"
-        )
+    if reference:
+        check_reference_batches(batch_size, len(X_all), k)
     epochs = epochs or default_epochs(protocol, len(X_all), batch_size)
     config = presets.preset(protocol, prepare(X_all[:2]).shape[1:], k)
     config = {key: v for key, v in config.items() if key not in ("n_clusters", "regulariser")}
@@ -283,6 +280,25 @@ def evaluate(
             for s, (X, y) in enumerate(data)
         ]
     return results
+
+
+def check_reference_batches(batch_size: int, n_points: int, k: int) -> None:
+    """``ValueError`` when the reference rows cannot run: MiniBatchKMeans skips every batch of
+    fewer than K points, KMeans needs K points in all.
+
+    >>> check_reference_batches(256, 100, 10)  # batches of 100: enough
+    >>> check_reference_batches(4, 100, 10)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: batches of 4 points are fewer than K = 10 classes: the MiniBatchKMeans ...
+    """
+    if min(batch_size, n_points) >= k:
+        return
+    which = "MiniBatchKMeans" if n_points >= k else "KMeans and MiniBatchKMeans"
+    raise ValueError(
+        f"batches of {min(batch_size, n_points)} points are fewer than K = {k} classes: "
+        f"the {which} reference needs at least {k}"
+    )
 
 
 def subset(X: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -46,9 +46,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OnlinePrior", "cap_kl_to_uniform", "parse_prior", "resolve_prior"]
+__all__ = ["SETTINGS", "OnlinePrior", "cap_kl_to_uniform", "parse_prior", "resolve_prior"]
 
 STATE_VERSION = 2
+SETTINGS = ("decay", "alpha", "shrink", "max_kl", "warmup")  # OnlinePrior's keyword arguments
 
 
 def _kl_to_uniform(p: np.ndarray) -> float:
@@ -175,16 +176,20 @@ class OnlinePrior:
         """KL(:attr:`probs` || uniform), nats (at most ``max_kl``)."""
         return _kl_to_uniform(self.probs)
 
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this estimator (``OnlineClusterer.prior_params``).
+
+        >>> OnlinePrior(3, max_kl=0.2).settings()["max_kl"]
+        0.2
+        """
+        return {name: getattr(self, name) for name in SETTINGS}
+
     def state(self) -> dict[str, Any]:
         """JSON-able state for a snapshot manifest (``version`` 2)."""
         return {
             "version": STATE_VERSION,
             "method": "soft-em",
-            "decay": self.decay,
-            "alpha": self.alpha,
-            "shrink": self.shrink,
-            "max_kl": self.max_kl,
-            "warmup": self.warmup,
+            **self.settings(),
             "seen": self.seen,
             "counts": self.counts.tolist(),
         }

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from oclust.model.priors import OnlinePrior, resolve_prior
+from oclust.model.priors import SETTINGS, OnlinePrior, resolve_prior
 
 __all__ = [
     "DEFAULT_BETAS",
@@ -129,11 +129,10 @@ def check_prior_params(params: Any) -> None:
         return
     if not isinstance(params, dict):
         raise ValueError(f"prior_params must be a dict or None, got {params!r}")
-    known = ("decay", "alpha", "shrink", "max_kl", "warmup")
-    unknown = sorted(set(params) - set(known))
+    unknown = sorted(set(params) - set(SETTINGS))
     if unknown:
         raise ValueError(f"prior_params: unknown {', '.join(map(repr, unknown))}; "
-                         f"choose from {', '.join(known)}")
+                         f"choose from {', '.join(SETTINGS)}")
     try:
         OnlinePrior(2, **params)
     except (TypeError, ValueError) as exc:

@@ -73,6 +73,7 @@ def eval_command(
         METRICS,
         PRIOR_CHOICES,
         PROBES,
+        check_reference_batches,
         default_epochs,
         evaluate,
         subsample_imbalanced,
@@ -116,12 +117,12 @@ def eval_command(
         )
     X, y = subset(X, y, limit)  # the points evaluate() will take
     k = int(y.max()) + 1
-    if reference and min(batch_size, len(X)) < k:
-        raise typer.BadParameter(
-            f"batches of {min(batch_size, len(X))} points are fewer than K = {k} classes; the "
-            f"KMeans and MiniBatchKMeans references need at least {k} (or pass --no-reference)",
-            param_hint="--batch-size" if batch_size < k else "--limit",
-        )
+    try:
+        if reference:
+            check_reference_batches(batch_size, len(X), k)
+    except ValueError as exc:
+        hint = "--batch-size" if batch_size < k else "--limit"
+        raise typer.BadParameter(f"{exc} (or pass --no-reference)", param_hint=hint) from None
     epochs = epochs or default_epochs(protocol, len(X), batch_size)
     n = len(X) if imbalance is None else len(subsample_imbalanced(X, y, imbalance, 0)[1])
     steps = len(names) * seeds * epochs * math.ceil(n / batch_size)

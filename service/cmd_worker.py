@@ -83,19 +83,15 @@ def produce_command(
     """Stream a bundled dataset into a topic as sample (or reading) messages, labels included."""
     from aiokafka.errors import KafkaError
 
-    from oclust.training_worker.producer import replay
+    from oclust.training_worker.producer import misused_option, replay
 
     bootstrap_servers = build_settings(
         KafkaSettings, {"bootstrap_servers": bootstrap_servers}
     ).bootstrap_servers
-    stream = dataset.strip().lower()
-    if stream in ("daphnet", "hapt") and samples_per_message > 1:
-        raise typer.BadParameter(f"applies to sample datasets, not the {stream} reading stream",
-                                 param_hint="--samples-per-message")
-    if stream != "daphnet" and devices != 1:
-        why = "hapt replays its 30 users as 30 devices" if stream == "hapt" else (
-            "not to sample datasets")
-        raise typer.BadParameter(f"applies to daphnet only ({why})", param_hint="--devices")
+    misused = misused_option(dataset, devices, samples_per_message)
+    if misused:
+        option, why = misused
+        raise typer.BadParameter(why, param_hint="--" + option.replace("_", "-"))
     try:
         sent = asyncio.run(replay(
             bootstrap_servers, topic, dataset, rate=rate, limit=limit, loop=loop, binary=binary,

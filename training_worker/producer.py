@@ -39,7 +39,7 @@ from oclust.training_worker.codec import encode_matrix, encode_reading, encode_s
 from oclust.training_worker.kafka import ensure_topic
 from oclust.training_worker.stream import LocalProducer, LocalStream
 
-__all__ = ["Message", "dataset_messages", "dataset_size", "replay"]
+__all__ = ["Message", "dataset_messages", "dataset_size", "misused_option", "replay"]
 
 DAPHNET_HZ = 64.0
 READING_STREAMS = ("daphnet", "hapt")
@@ -99,6 +99,22 @@ def _hapt_readings(binary: bool, repeat: int = 0) -> Iterator[Message]:
                 yield Message(name.encode(), value, headers)
 
 
+def misused_option(name: str, devices: int, samples_per_message: int) -> tuple[str, str] | None:
+    """``(option, why)`` when an option does not apply to dataset ``name``, else ``None``.
+
+    >>> misused_option("hapt", 5, 1)
+    ('devices', 'applies to daphnet only: hapt replays its 30 users as 30 devices')
+    """
+    key = name.strip().lower()
+    if key in READING_STREAMS and samples_per_message > 1:
+        return "samples_per_message", f"applies to sample datasets, not {key} readings"
+    if key == "hapt" and devices != 1:
+        return "devices", "applies to daphnet only: hapt replays its 30 users as 30 devices"
+    if key not in READING_STREAMS and devices != 1:
+        return "devices", f"applies to daphnet only, not to the sample dataset {name!r}"
+    return None
+
+
 def dataset_messages(
     name: str,
     loop: bool = False,
@@ -115,13 +131,10 @@ def dataset_messages(
         raise ValueError(f"devices must be at least 1, got {devices}")
     if samples_per_message < 1:
         raise ValueError(f"samples_per_message must be at least 1, got {samples_per_message}")
+    misused = misused_option(name, devices, samples_per_message)
+    if misused:
+        raise ValueError(" ".join(misused))
     key = name.lower()
-    if key in READING_STREAMS and samples_per_message > 1:
-        raise ValueError(f"samples_per_message applies to sample datasets, not {key} readings")
-    if key == "hapt" and devices != 1:
-        raise ValueError("devices applies to daphnet: hapt replays its 30 users as 30 devices")
-    if key not in READING_STREAMS and devices != 1:
-        raise ValueError(f"devices applies to daphnet, not to the sample dataset {name!r}")
 
     def one_pass(repeat: int) -> Iterator[Message]:
         if key == "daphnet":
