@@ -28,7 +28,14 @@ from oclust.model.encoders import EncoderConfig
 from oclust.model.exporting import serving_tail
 from oclust.model.inference import SERVING_PREFIX
 from oclust.model.priors import OnlinePrior, resolve_prior
-from oclust.model.snapshot import Manifest, Snapshot, SnapshotError, pack_tensors, unpack_tensors
+from oclust.model.snapshot import (
+    Manifest,
+    Snapshot,
+    SnapshotError,
+    check_finite_weights,
+    pack_tensors,
+    unpack_tensors,
+)
 from oclust.model.validation import DEFAULT_BETAS
 
 if TYPE_CHECKING:
@@ -80,6 +87,8 @@ def to_snapshot(
     tensors |= {f"reg.{k}": v for k, v in clf.reg_.state_dict().items()}
     tensors |= {f"scaler.{k}": v for k, v in clf.scaler_.state_dict().items()}
     tensors |= {SERVING_PREFIX + k: v for k, v in serving_tail(clf).items()}
+    check_finite_weights({k: v.detach().cpu().numpy() for k, v in tensors.items()
+                          if v.is_floating_point()})  # a blown-up model is never published
     for i, p in enumerate(clf._parameters()):
         for key, value in clf.optimizer_.state.get(p, {}).items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)

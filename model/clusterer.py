@@ -176,7 +176,7 @@ class OnlineClusterer(
         >>> OnlineClusterer(sigma=0).validate_params()
         Traceback (most recent call last):
         ...
-        ValueError: sigma must be a positive number, got 0
+        ValueError: sigma must be a positive finite number, got 0
         """
         check_params(self, REGULARISERS)
         return self
@@ -248,6 +248,9 @@ class OnlineClusterer(
             if self._seed is not None:
                 torch.manual_seed(self._seed)
             self.encoder_ = build_encoder(self.encoder_config_).to(self.device_)
+            self._batchnorm = any(  # training and inference pass differ: see _eval_latents
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder_.modules()
+            )
             self.reg_ = make_regulariser(self.regulariser, **(self.reg_params or {}))
             self.reg_.build(self.input_shape_, self.latent_dim, self.n_clusters)
             self.reg_.to(self.device_)
@@ -273,6 +276,11 @@ class OnlineClusterer(
 
     def _init_centroids(self, z: torch.Tensor) -> None:
         """Seed the centroids from the first batch's latents (see :mod:`oclust.model.seeding`)."""
+        if not torch.isfinite(z).all():  # k-means would say "Input X contains NaN"
+            raise ValueError(
+                "the first batch's latents are NaN or infinite: its values are too large for the "
+                "encoder (send features on their usual scale, or keep standardize=True)"
+            )
         self.centroids_.data.copy_(seed_centroids(z, self.n_clusters, self.init, self._rng))
         self._centroids_ready = True
 
@@ -290,25 +298,41 @@ class OnlineClusterer(
         """Train one step on one batch; its report (training and served labels, loss, entropy, KL*)
         is ``last_step_``.
 
-        ``y`` is ignored. Returns ``self``.
+        ``y`` is ignored. Returns ``self``. A batch the model refuses raises ``ValueError``; a
+        step that makes the weights NaN or infinite raises ``FloatingPointError``. A first call
+        that fails leaves the model unfitted.
         """
         arr = X if self._in_fit else self._validated(X, reset=not self._built)
-        if not self._built:
+        first = not self._built
+        if first:
             self._build(arr.shape[1:])
+        try:
+            self._step(arr)
+        except BaseException:
+            if first:  # a first step that failed leaves no half-built model (is_fitted False)
+                self._built = False
+            raise
+        return self
+
+    def _step(self, arr: np.ndarray) -> None:
+        """The training step of :meth:`partial_fit` on a checked batch."""
         x = self._tensor(arr)
         if self.standardize:
             self.scaler_.update(x)
             x = self.scaler_(x)
+        z_served = self._eval_latents(x)  # before the training pass moves BatchNorm's stats
         self.encoder_.train()
         z = self.encoder_(x)
         if not self._centroids_ready:
             self._init_centroids(z)
         batch = Batch.build(x, z, self.centroids_, self.sigma, self.log_prior_, self._encode)
         out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists for served
-        served = self._served_labels(z, batch.distances)  # before the step moves anything
+        served = self._served_labels(  # before the step moves anything
+            z, batch.distances) if z_served is None else self._served_labels(z_served, None)
         self.optimizer_.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer_.step()
+        self._check_weights_finite()
         self.reg_.after_step(self.centroids_.detach())
         self.samples_seen_ += len(arr)
         self.steps_ += 1
@@ -319,14 +343,43 @@ class OnlineClusterer(
             self._set_log_prior(self.prior_estimator_.update_from_distances(d, self.sigma))
         self.last_step_ = report
         self.labels_ = report.served_labels
-        return self
+
+    def _check_weights_finite(self) -> None:
+        """``FloatingPointError`` (not a ``ValueError``: the batch is not at fault) when the step
+        left a weight NaN, infinite or so large that its square overflows float32 (beyond about
+        1.8e19: the next distances would be infinite), e.g. after a learning rate far too high.
+        One sum of squares per parameter and one host sync per step."""
+        with torch.no_grad():
+            total = torch.stack([p.square().sum() for p in self._parameters()]).sum()
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                "the training step blew the model's weights up to NaN, infinity or beyond "
+                "float32 range (a learning rate or inputs far too large); the model is "
+                "unusable: refit it, or load a snapshot"
+            )
 
     @torch.no_grad()
-    def _served_labels(self, z: torch.Tensor, distances: torch.Tensor) -> np.ndarray:
-        """The served rule of :meth:`predict` (:func:`oclust.model.regularisers.serve`) applied to
-        the step's own latents: no second forward pass."""
+    def _eval_latents(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's latents as :meth:`predict` computes them, where the training pass differs:
+        BatchNorm (the convolutional encoders) normalises a training batch by its own statistics
+        and inference by the running ones, and early in training the two label the same batch
+        differently (36% agreement after 19 steps of the paper's LeNet). ``None`` for encoders
+        without BatchNorm (the MLP), whose training latents are the served ones: no second pass.
+        """
+        if not self._batchnorm:
+            return None
+        self.encoder_.eval()
+        return self.encoder_(x)
+
+    @torch.no_grad()
+    def _served_labels(self, z: torch.Tensor, distances: torch.Tensor | None) -> np.ndarray:
+        """The served rule of :meth:`predict` (:func:`oclust.model.regularisers.serve`) on the
+        step's latents ``z``; ``distances`` are the step's own to the trained centroids, reused
+        when those serve (``None``: computed here)."""
         serving = self.reg_.serving_centroids(self.centroids_)
-        d = distances if serving is self.centroids_ else sq_distances(z.detach(), serving)
+        if distances is None or serving is not self.centroids_:
+            distances = sq_distances(z.detach(), serving)
+        d = distances
         labels = serve(z.detach(), d.detach(), self.sigma, self.reg_.serving_head())[0]
         return labels.cpu().numpy().astype(np.int64)
 

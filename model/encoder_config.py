@@ -47,7 +47,17 @@ class EncoderConfig:
         hidden: tuple[int, ...] | None = None,
         latent_norm: str = "layer",
     ) -> EncoderConfig:
-        """Pick the encoder family from the per-sample shape (``kind="auto"``)."""
+        """Pick the encoder family from the per-sample shape (``kind="auto"``).
+
+        (D,) is a vector (``mlp``); (C, T) with C <= 32 channels and more readings than
+        channels, T > C, is a sensor window (``conv1d``); any other (H, W), and every
+        (C, H, W), is an image (``convnet``). A wide image such as (28, 32) therefore reads as a
+        window: send it as (1, 28, 32), or pass ``kind="convnet"``.
+
+        >>> [EncoderConfig.for_shape(s).kind for s in [(64,), (6, 128), (28, 28), (28, 32),
+        ...                                            (1, 28, 32)]]
+        ['mlp', 'conv1d', 'convnet', 'conv1d', 'convnet']
+        """
         shape = tuple(int(s) for s in input_shape)
         if kind == "auto":
             if len(shape) == 1:

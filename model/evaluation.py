@@ -303,9 +303,11 @@ def check_reference_batches(batch_size: int, n_points: int, k: int) -> None:
 
 def subset(X: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The protocol's random subset of ``limit`` points (seeded, in data order), or all.
+    ``ValueError`` when it drops a class: K is the dataset's class count, and KL* against sizes
+    of zero would be meaningless.
 
-    >>> subset(np.arange(10.0), np.arange(10), 3)[1].tolist()
-    [5, 6, 9]
+    >>> subset(np.arange(10.0), np.arange(10) % 2, 3)[1].tolist()
+    [1, 0, 1]
     """
     if limit is None:
         return X, y
@@ -314,6 +316,12 @@ def subset(X: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray,
     if limit >= len(X):
         return X, y
     keep = np.sort(np.random.default_rng(0).choice(len(X), size=int(limit), replace=False))
+    present, classes = len(np.unique(y[keep])), len(np.unique(y))
+    if present < classes:
+        raise ValueError(
+            f"a subset of {limit} points holds {present} of the dataset's {classes} classes; "
+            "raise the limit"
+        )
     return X[keep], y[keep]
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from oclust.model.encoder_config import NORM_EPS, EncoderConfig, mlp_program
 from oclust.model.kernel import Kernel, compile_program
-from oclust.model.snapshot import Snapshot, SnapshotError, unpack_arrays
+from oclust.model.snapshot import Snapshot, SnapshotError, check_finite_weights, unpack_arrays
 
 __all__ = [
     "SERVING_PREFIX",
@@ -174,13 +174,13 @@ def load(
         sigma = float(snapshot.manifest["sigma"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"manifest is missing or has a bad field: {exc!r}") from exc
-    if cfg.kind == "mlp":
-        arrays = unpack_arrays(snapshot.weights)
-        if SERVING_PREFIX + "centroids" in arrays:
-            compiled = CompiledInference.from_arrays(cfg, sigma, arrays)
-            if torch_threads is not None:
-                limit_blas_threads(torch_threads)
-            return compiled
+    arrays = unpack_arrays(snapshot.weights)
+    check_finite_weights(arrays)  # NaN weights would answer 422 "values too large" to everyone
+    if cfg.kind == "mlp" and SERVING_PREFIX + "centroids" in arrays:
+        compiled = CompiledInference.from_arrays(cfg, sigma, arrays)
+        if torch_threads is not None:
+            limit_blas_threads(torch_threads)
+        return compiled
     import torch  # only for what the kernel cannot run
 
     from oclust.model.clusterer import OnlineClusterer

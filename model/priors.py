@@ -84,7 +84,7 @@ class OnlinePrior:
     Args:
         n_clusters: K.
         decay: per-batch discount of the past soft counts, in [0, 1).
-        alpha: symmetric Dirichlet concentration (pseudo-count per cluster), > 0.
+        alpha: symmetric Dirichlet concentration (pseudo-count per cluster), > 0 and finite.
         shrink: weight of the uniform mixed into the estimate, in [0, 1].
         max_kl: cap on KL(prior || uniform), nats, >= 0 (the imb3 profile is 0.15 at K = 10).
         warmup: samples to fold in before the estimate replaces the uniform, >= 0.
@@ -103,8 +103,8 @@ class OnlinePrior:
             raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha!r}")
+        if not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be positive and finite, got {alpha!r}")
         if not 0.0 <= shrink <= 1.0:
             raise ValueError(f"shrink must be in [0, 1], got {shrink!r}")
         if not max_kl >= 0:

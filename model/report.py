@@ -26,9 +26,9 @@ class StepReport:
     The *training* labels are the regulariser's assignment of the batch (CA and SK balance them
     by construction, even for a collapsed encoder). The *served* labels are the nearest
     (serving) centroid of each sample, the rule ``predict`` and ``/assign`` use, computed from
-    the step's own latents (no second forward pass; for an encoder with batch normalisation
-    these are the training-mode latents): collapse shows there first. Entropies and KL* are
-    in nats.
+    the step's own latents (no second forward pass; an encoder with batch normalisation takes
+    one inference-mode pass without gradients, as ``predict`` does): collapse shows there
+    first. Entropies and KL* are in nats.
     """
 
     labels: np.ndarray  # hard training labels of the batch (from the regulariser)

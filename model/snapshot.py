@@ -48,6 +48,7 @@ __all__ = [
     "Manifest",
     "Snapshot",
     "SnapshotError",
+    "check_finite_weights",
     "pack_tensors",
     "unpack_arrays",
     "unpack_tensors",
@@ -92,6 +93,23 @@ def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
         return st_load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise SnapshotError(f"weights are not valid safetensors: {exc}") from exc
+
+
+def check_finite_weights(arrays: dict[str, np.ndarray]) -> None:
+    """:class:`SnapshotError` when a float weight (the optimiser's state aside) is NaN or
+    infinite: such a model answers nothing, so it is neither snapshotted nor served.
+
+    >>> check_finite_weights({"w": np.ones(2), "optim.0.exp_avg": np.array([np.inf])})
+    >>> check_finite_weights({"w": np.array([1.0, np.nan])})
+    Traceback (most recent call last):
+    ...
+    oclust.model.snapshot.SnapshotError: weight 'w' holds NaN or infinite values
+    """
+    for name, value in arrays.items():
+        if name.startswith("optim.") or value.dtype.kind != "f":
+            continue
+        if not np.isfinite(value).all():
+            raise SnapshotError(f"weight {name!r} holds NaN or infinite values")
 
 
 def _integer(value: Any) -> int:

@@ -99,12 +99,12 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
         )
     if est.init not in INITS:
         raise ValueError(f"init must be 'kmeans++', 'kmeans' or 'normal', got {est.init!r}")
-    if not isinstance(est.sigma, numbers.Real) or not est.sigma > 0:
-        raise ValueError(f"sigma must be a positive number, got {est.sigma!r}")
+    if not _positive_finite(est.sigma):
+        raise ValueError(f"sigma must be a positive finite number, got {est.sigma!r}")
     if not isinstance(est.latent_dim, numbers.Integral) or est.latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {est.latent_dim!r}")
-    if not isinstance(est.lr, numbers.Real) or not est.lr > 0:
-        raise ValueError(f"lr must be a positive number, got {est.lr!r}")
+    if not _positive_finite(est.lr):
+        raise ValueError(f"lr must be a positive finite number, got {est.lr!r}")
     if not _valid_betas(est.betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {est.betas!r}")
     if est.reg_params is not None and not isinstance(est.reg_params, dict):
@@ -137,6 +137,15 @@ def check_prior_params(params: Any) -> None:
         OnlinePrior(2, **params)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"prior_params: {exc}") from None
+
+
+def _positive_finite(x: Any) -> bool:
+    """A real number (not a bool) in (0, inf).
+
+    >>> _positive_finite(0.1), _positive_finite(float("inf")), _positive_finite(True)
+    (True, False, False)
+    """
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0.0 < x < math.inf
 
 
 def _valid_betas(betas: Any) -> bool:

@@ -37,8 +37,12 @@ def eval_command(
         "epochs: 2 for FashionMNIST; 10 under --protocol paper)"
     )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
-    sigma: Annotated[float | None, typer.Option(help="override the default sigma")] = None,
-    latent_dim: Annotated[int | None, typer.Option(help="override the latent size")] = None,
+    sigma: Annotated[float | None, typer.Option(
+        help="override the default sigma, in oclust's parametrisation: the CA cost is "
+        "D/(2 sigma) + log(n+1), so the authors' code's sigma 100 is 50 here"
+    )] = None,
+    latent_dim: Annotated[int | None, typer.Option(
+        min=1, help="override the latent size")] = None,
     imbalance: Annotated[
         str | None,
         typer.Option(help="subsample by the paper's profile: imb1, imb2 or imb3 (per seed)"),
@@ -105,6 +109,8 @@ def eval_command(
             f"unknown protocol {protocol!r}; choose from {', '.join(PRESETS)}",
             param_hint="--protocol",
         )
+    if sigma is not None and not 0 < sigma < math.inf:
+        raise typer.BadParameter(f"must be positive and finite, got {sigma}", param_hint="--sigma")
     params = {k: v for k, v in {"sigma": sigma, "latent_dim": latent_dim}.items() if v is not None}
     try:
         X, y = datasets.load(dataset)
@@ -115,7 +121,10 @@ def eval_command(
             "daphnet is a reading stream: window it with the worker, not eval",
             param_hint="--dataset",
         )
-    X, y = subset(X, y, limit)  # the points evaluate() will take
+    try:
+        X, y = subset(X, y, limit)  # the points evaluate() will take
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--limit") from None
     k = int(y.max()) + 1
     try:
         if reference:

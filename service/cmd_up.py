@@ -237,7 +237,9 @@ async def run_up(
                     break  # something ended on its own: shut the rest down
         if display and not console.is_terminal:
             console.line()  # the last render of the table ends without a newline
-        console.print("stopping: final snapshot…")
+        worker_failed = worker_task.done() and not worker_task.cancelled() \
+            and worker_task.exception() is not None
+        console.print("stopping…" if worker_failed else "stopping: final snapshot…")
         replay_task.cancel()
         worker.request_stop()
         code = 0
@@ -285,14 +287,18 @@ def up_command(
     log_level: options.LogLevelOpt = "warning",
 ) -> None:
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
-    key = dataset.lower().replace("-", "_")
-    key = {"fashionmnist": "fashion_mnist"}.get(key, key)
+    from oclust.model.datasets import ALIASES, check_installed
+
+    key = dataset.lower()
+    key = ALIASES.get(key, key).replace("-", "_")  # the names eval, train and produce take
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
     if devices is not None and key != "daphnet":
         raise typer.BadParameter(f"applies to daphnet only, not {key}", param_hint="--devices")
-    from oclust.model.datasets import check_installed
+    if window_size is not None and key not in READING_STREAMS:
+        raise typer.BadParameter(f"applies to the reading streams (daphnet, hapt) only, not "
+                                 f"{key}", param_hint="--window-size")
 
     try:
         check_installed(key)  # before the port is bound and the banner printed

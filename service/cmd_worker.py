@@ -111,11 +111,15 @@ def produce_command(
 def train_command(settings: TrainSettings) -> None:
     """Train offline on a dataset or file and publish the model as a snapshot.
 
-    Every option is also read from OCLUST_<OPTION>; an option given here wins.
+    K defaults to a named dataset's class count; daphnet (a reading stream) is cut into windows
+    of 64 readings, half overlapping, as in ``oclust up``. Every option is also read from
+    OCLUST_<OPTION>; an option given here wins.
     """
     from tqdm import tqdm
 
     from oclust.model.priors import parse_prior
+    from oclust.service.cmd_eval import key_of
+    from oclust.service.cmd_up import DEFAULT_K, READING_STREAMS
     from oclust.training_worker.offline import (
         evaluate,
         load_input,
@@ -126,19 +130,30 @@ def train_command(settings: TrainSettings) -> None:
     from oclust.training_worker.store import StoreError, open_store
 
     s = settings
+    key = key_of(s.dataset) if s.dataset is not None else None
+    windowed = s.window_size is not None or s.window_hop is not None
+    if windowed and key is not None and key != "daphnet":  # hapt loads as labelled windows
+        raise typer.BadParameter(
+            f"cuts a (T, C) reading stream into windows (daphnet, or an --input file); {key} "
+            "loads as samples", param_hint="--window-size/--window-hop")
+    size, hop = s.window_size, s.window_hop
+    if key == "daphnet" and size is None:
+        size, hop = READING_STREAMS[key], hop or READING_STREAMS[key] // 2
     try:
         X, y = load_input(s.dataset, s.input)
-        if s.window_size is not None:
-            X, y = make_windows(X, y, s.window_size, s.window_hop)
+        if size is not None:
+            X, y = make_windows(X, y, size, hop)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset/--input") from None
+    explicit = "n_clusters" in s.model_fields_set  # on the command line or in OCLUST_N_CLUSTERS
+    k = s.n_clusters if explicit or key is None else DEFAULT_K.get(key, s.n_clusters)
     params = {"latent_dim": s.latent_dim, "sigma": s.sigma, "prior": parse_prior(s.prior),
               "prior_params": s.prior_params}
     steps = s.epochs * -(-len(X) // s.batch_size)
     try:
         with tqdm(total=steps, desc="train", unit="step", file=sys.stderr) as bar:
             clf = train_offline(
-                X, s.n_clusters, epochs=s.epochs, batch_size=s.batch_size,
+                X, k, epochs=s.epochs, batch_size=s.batch_size,
                 regulariser=s.regulariser, seed=s.seed, device=s.device,
                 on_step=lambda _r: bar.update(1),
                 **{k: v for k, v in params.items() if v is not None},

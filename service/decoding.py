@@ -186,7 +186,7 @@ def _as_array(raw: Any) -> np.ndarray | None:
         return None
 
 
-def _finite32(arr: np.ndarray, what: str, max_abs: float) -> np.ndarray:
+def _finite32(arr: np.ndarray, what: str, max_abs: float, nan_msg: str = _NAN) -> np.ndarray:
     """float32 copy of ``arr``; :class:`InputError` naming the first non-finite or too-large value.
 
     Too large means beyond ``max_abs`` (error type ``out_of_range``) or beyond float32.
@@ -200,8 +200,8 @@ def _finite32(arr: np.ndarray, what: str, max_abs: float) -> np.ndarray:
     loc = (what, *(int(i) for i in bad))
     value = arr[tuple(bad)]
     if not np.isfinite(value):
-        raise InputError(f"{_where(loc)}: {_NAN}",
-                         [{"loc": list(loc), "msg": _NAN, "type": "finite_number"}])
+        raise InputError(f"{_where(loc)}: {nan_msg}",
+                         [{"loc": list(loc), "msg": nan_msg, "type": "finite_number"}])
     msg = _out_of_range_msg(float(value), max_abs)
     error = {"loc": list(loc), "msg": msg, "type": "out_of_range"}
     raise InputError(f"{_where(loc)}: {msg}", [error])
@@ -332,4 +332,4 @@ def decode_binary(
     if len(body) // row > max_batch:
         raise _too_many(len(body) // row, max_batch)
     arr = np.frombuffer(body, dtype="<f4").reshape((-1, *shape))
-    return _finite32(arr, "items", max_abs)
+    return _finite32(arr, "sample", max_abs, "NaN or infinite float32 value")

@@ -240,6 +240,10 @@ class WorkerMetrics:
             "oclust_worker_step_seconds", "Seconds per partial_fit step", registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.refused = Counter(
+            "oclust_worker_refused_batches", "Batches the model refused (skipped, logged)",
+            registry=r,
+        )
         self.loss = Gauge("oclust_worker_loss", "Loss of the last step", registry=r)
         self.served_hard_entropy, self.served_kl_star = _collapse_gauges(
             "served", "the served (nearest-centroid) labels over the guard's window of recent "

@@ -115,7 +115,8 @@ def check_prior(text: str | None, n_clusters: int) -> str | None:
 
 
 class _Env(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OCLUST_", extra="ignore")
+    # no float setting means anything at inf or NaN (OCLUST_SIGMA=inf would train nothing)
+    model_config = SettingsConfigDict(env_prefix="OCLUST_", extra="ignore", allow_inf_nan=False)
 
 
 class StoreLocation(_Env):

@@ -37,12 +37,16 @@ from oclust.model import metrics as model_metrics
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 
-__all__ = ["Trainer", "TrainerHooks"]
+__all__ = ["ModelBroken", "Trainer", "TrainerHooks"]
 
 log = logging.getLogger(__name__)
 
 QUALITY_EVERY_S = 1.0  # live ACC/NMI gauges refresh at most this often
 SHARE_WINDOW = 2000  # recent served assignments behind the cluster shares of a snapshot
+
+
+class ModelBroken(RuntimeError):
+    """The model refuses every batch (or its weights went NaN): the worker must stop."""
 
 
 @dataclass
@@ -88,6 +92,8 @@ class Trainer:
     last: StepReport | None = field(default=None, init=False)
     steps_since_snapshot: int = field(default=0, init=False)
     failed_steps: int = field(default=0, init=False)
+    refused_in_a_row: int = field(default=0, init=False)
+    max_refused: int = 20  # refusals in a row that mean a broken model: the worker stops
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=SHARE_WINDOW), init=False)
     _quality_at: float = field(default=-math.inf, init=False)
 
@@ -111,13 +117,27 @@ class Trainer:
             executor, self.snapshot, offsets, extra)
 
     def refused(self, n: int, why: str) -> None:
-        """The model refused a batch of ``n`` samples: counted and logged, the batch skipped."""
+        """The model refused a batch of ``n`` samples: counted and logged, the batch skipped.
+
+        ``max_refused`` refusals in a row mean the model, not the data, is at fault (weights
+        blown up by a learning rate far too high): :class:`ModelBroken` then stops the worker
+        before it commits the offsets of a stream it no longer trains on.
+        """
         self.failed_steps += 1
+        self.refused_in_a_row += 1
+        self.metrics.refused.inc()
         log.error("training step on %d samples failed, batch skipped: %s", n, why)
+        if self.refused_in_a_row >= self.max_refused:
+            raise ModelBroken(
+                f"the model refused {self.refused_in_a_row} batches in a row (last: {why}); "
+                "it is broken, not the data: stopping without publishing or committing "
+                "(the last published snapshot and its offsets stand)"
+            )
 
     def observe(self, report: StepReport, batch: Batch, seconds: float) -> StepReport:
         """Metrics, guard, live quality and hooks of one step that took ``seconds``."""
         m = self.metrics
+        self.refused_in_a_row = 0
         m.step_seconds.observe(seconds)
         m.samples.inc(report.n)
         m.batches.inc()

@@ -84,6 +84,22 @@ def test_cm_served_labels_match_training_labels_from_the_first_step(name) -> Non
         np.testing.assert_array_equal(step.served_labels, step.labels, err_msg=f"step {start}")
 
 
+@pytest.mark.parametrize("name", ["ca", "cm"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (6, 64)], ids=["convnet", "conv1d"])
+def test_batchnorm_encoders_report_the_labels_predict_serves(name, shape) -> None:
+    # BatchNorm normalises a training batch by its own statistics and inference by the running
+    # ones: the guard must judge the labels predict (and /assign) gives, not the training pass's
+    X = np.random.default_rng(0).normal(size=(8 * 128, *shape)).astype(np.float32)
+    X += np.repeat(np.arange(4, dtype=np.float32), 256).reshape(-1, *[1] * len(shape))  # groups
+    clf = OnlineClusterer(4, name, latent_dim=16, hidden=(8, 8), standardize=False, seed=0)
+    clf.partial_fit(X[:128])
+    assert clf._batchnorm  # the conv encoders have BatchNorm, so the training pass differs
+    for start in range(128, len(X), 128):
+        before = clf.predict(X[start : start + 128])
+        clf.partial_fit(X[start : start + 128])
+        np.testing.assert_array_equal(clf.last_step_.served_labels, before, err_msg=str(start))
+
+
 def _holder(model: LoadedModel) -> ModelHolder:
     holder = ModelHolder()
     holder.swap(model)

@@ -181,3 +181,31 @@ def test_served_labels_of_a_step_are_what_predict_says(regulariser):
     hist = np.bincount(before, minlength=3) / 64
     hist = hist[hist > 0]
     assert rep.served_hard_entropy == pytest.approx(-(hist * np.log(hist)).sum())
+
+
+def test_a_first_step_that_fails_leaves_the_model_unfitted_with_a_clear_error() -> None:
+    huge = np.full((32, 4), 3e38, dtype=np.float32)  # finite, but the latents overflow
+    clf = OnlineClusterer(n_clusters=2, standardize=False, seed=0)
+    with pytest.raises(ValueError, match="latents are NaN or infinite"):
+        clf.partial_fit(huge)
+    assert not clf.is_fitted  # no half-built model a worker could snapshot
+    clf.partial_fit(np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32))
+    assert clf.is_fitted and clf.steps_ == 1 and clf.samples_seen_ == 32
+
+
+def test_weights_blown_up_by_the_learning_rate_raise_floating_point_error() -> None:
+    X = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    clf = OnlineClusterer(n_clusters=3, lr=1e30, seed=0)  # finite, valid, and far too large
+    with pytest.raises(FloatingPointError, match="weights") as info:
+        clf.partial_fit(X)
+    assert not isinstance(info.value, ValueError)  # the batch is not at fault: not a refusal
+    assert OnlineClusterer(n_clusters=3, lr=1e-3, seed=0).partial_fit(X).steps_ == 1
+
+
+@pytest.mark.parametrize("param", ["sigma", "lr"])
+def test_infinite_sigma_or_lr_is_refused_up_front(param: str) -> None:
+    with pytest.raises(ValueError, match=f"{param} must be a positive finite number"):
+        OnlineClusterer(n_clusters=2, **{param: float("inf")}).validate_params()
+    with pytest.raises(ValueError, match="alpha must be positive and finite"):
+        OnlineClusterer(n_clusters=2, prior="online",
+                        prior_params={"alpha": float("inf")}).validate_params()

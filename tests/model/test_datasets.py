@@ -258,6 +258,10 @@ def test_produce_refuses_flags_the_hapt_stream_would_ignore():
     assert r.exit_code == 2 and "daphnet only" in r.output, r.output
     r = CliRunner().invoke(app, ["up", "--dataset", "hapt", "--devices", "3", "--port", "1"])
     assert r.exit_code == 2 and "daphnet only" in r.output and "live page" not in r.output
+    # a window size only cuts reading streams; the aliases eval, train and produce take work
+    r = CliRunner().invoke(app, ["up", "--dataset", "ImageSegments", "--window-size", "10",
+                                 "--port", "1"])
+    assert r.exit_code == 2 and "reading streams (daphnet, hapt) only, not segments" in r.output
     with pytest.raises(ValueError, match="30 users as 30 devices"):
         next(dataset_messages("hapt", devices=5))
     with pytest.raises(ValueError, match="not to the sample dataset"):

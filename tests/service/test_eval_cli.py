@@ -106,8 +106,13 @@ def test_eval_rejects_batches_smaller_than_k_and_a_bad_limit():
             evaluate("digits", ["ca"], limit=bad)
     few = CliRunner().invoke(app, ["eval", "--dataset", "digits", "--limit", "5"])
     assert few.exit_code == 2 and "--limit" in few.output and "Traceback" not in few.output
-    with pytest.raises(ValueError, match="reference needs at least 10"):
-        evaluate("digits", ["ca"], seeds=1, epochs=1, limit=5, reference=True)  # 5-point batches
+    with pytest.raises(ValueError, match=r"holds [0-9] of the dataset's 10 classes"):
+        evaluate("digits", ["ca"], seeds=1, epochs=1, limit=5)  # K = 10: KL* would be nonsense
+    dropped = CliRunner().invoke(app, ["eval", "--dataset", "digits", "--limit", "12"])
+    assert dropped.exit_code == 2 and "7 of the dataset's 10 classes" in dropped.output
+    for sigma in ("inf", "nan", "0"):
+        bad_sigma = CliRunner().invoke(app, ["eval", "--sigma", sigma])
+        assert bad_sigma.exit_code == 2 and "--sigma" in bad_sigma.output, bad_sigma.output
     import numpy as np
 
     out = evaluate("digits", ["ca"], seeds=1, epochs=1, limit=np.int64(200), reference=False)

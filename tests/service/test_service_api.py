@@ -264,13 +264,14 @@ def test_binary_single_sample(api: Client) -> None:
     (b"", 422, "empty"),
     (b"\0" * 21, 422, "not a whole number of samples"),
     (np.zeros((9, 5), "<f4").tobytes(), 422, "9 items exceed the batch limit of 8"),
-    (np.full((1, 5), np.nan, "<f4").tobytes(), 422, "items[0][0]: NaN"),
+    (np.full((1, 5), np.nan, "<f4").tobytes(), 422, "sample[0][0]: NaN or infinite float32"),
     (np.full((1, 5), 3e38, "<f4").tobytes(), 422, "out_of_range"),
     (np.zeros((300, 5), "<f4").tobytes(), 413, "limit is 4096 bytes"),
 ])
 def test_bad_binary_batches(api: Client, body: bytes, status: int, message: str) -> None:
     r = api.post("/assign/batch", content=body, headers=RAW)
     assert r.status_code == status and message in r.json()["detail"], r.text
+    assert "JSON" not in r.json()["detail"]  # the body was not JSON
 
 
 def test_body_over_the_limit_is_413_by_header(api: Client) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from oclust.model import OnlineClusterer, Snapshot
-from oclust.model.snapshot import SnapshotError, pack_tensors
+from oclust.model.snapshot import SnapshotError, pack_tensors, unpack_arrays
 from oclust.service.loader import LoadedModel, ModelHolder, SnapshotWatcher
 from oclust.training_worker.store import open_store
 
@@ -75,6 +75,24 @@ def test_bad_snapshots_are_refused() -> None:
     bad_prior = Snapshot.create(good.weights, {**manifest, "prior": [1.0, 0.0]})
     with pytest.raises(SnapshotError, match="prior"):
         LoadedModel.from_snapshot(bad_prior)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 12)], ids=["compiled", "torch"])
+def test_a_snapshot_with_nan_weights_is_never_made_nor_served(shape) -> None:
+    clf = _fit(shape)
+    good = clf.to_snapshot()
+    with torch.no_grad():
+        next(clf.encoder_.parameters())[0].fill_(float("nan"))
+    with pytest.raises(SnapshotError, match="NaN or infinite"):
+        clf.to_snapshot()  # the worker never publishes such a model
+    # one written by something else (an older build) is refused like a corrupt one
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in unpack_arrays(good.weights).items()}
+    name = next(k for k in tensors if k.startswith("encoder.") and tensors[k].is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    manifest = {k: v for k, v in good.manifest.items() if k not in ("sha256", "integrity")}
+    nan_snapshot = Snapshot.create(pack_tensors(tensors), manifest)
+    with pytest.raises(SnapshotError, match=f"weight '{name}' holds NaN"):
+        LoadedModel.from_snapshot(nan_snapshot)
 
 
 def test_holder_tells_listeners_before_swapping() -> None:

@@ -72,11 +72,23 @@ def test_train_from_file(tmp_path, suffix):
 
 
 def test_train_daphnet_windows(tmp_path):
-    result = runner.invoke(app, ["train", "--dataset", "daphnet", "--window-size", "64",
-                                 "--window-hop", "32", "--store", f"file://{tmp_path}",
-                                 "--n-clusters", "2", "--epochs", "1", "--latent-dim", "8"])
+    # a reading stream: windows of 64 readings (as oclust up cuts them) and K = 2 by default
+    result = runner.invoke(app, ["train", "--dataset", "daphnet", "--store", f"file://{tmp_path}",
+                                 "--epochs", "1", "--latent-dim", "8"])
     assert result.exit_code == 0, result.output
-    assert open_store(f"file://{tmp_path}", "oclust").load().manifest["input_shape"] == [9, 64]
+    manifest = open_store(f"file://{tmp_path}", "oclust").load().manifest
+    assert manifest["input_shape"] == [9, 64] and manifest["n_clusters"] == 2
+
+
+def test_train_defaults_k_to_the_datasets_classes(tmp_path, monkeypatch):
+    store = f"file://{tmp_path}"
+    args = ["train", "--dataset", "segments", "--store", store, "--epochs", "1",
+            "--latent-dim", "8"]
+    assert runner.invoke(app, [*args, "--namespace", "a"]).exit_code == 0
+    assert open_store(store, "a").load().manifest["n_clusters"] == 7  # segments' classes
+    monkeypatch.setenv("OCLUST_N_CLUSTERS", "3")  # a K given anywhere wins
+    assert runner.invoke(app, [*args, "--namespace", "b"]).exit_code == 0
+    assert open_store(store, "b").load().manifest["n_clusters"] == 3
 
 
 def test_train_rejects_bad_input(tmp_path):
@@ -89,6 +101,8 @@ def test_train_rejects_bad_input(tmp_path):
         (["--dataset", "digits", "--input", str(bad)], "exactly one"),
         ([], "exactly one"),
         (["--dataset", "nope"], "unknown dataset"),
+        (["--dataset", "digits", "--window-size", "8"], "digits loads as samples"),
+        (["--dataset", "hapt", "--window-hop", "8"], "hapt loads as samples"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["train", *args, "--n-clusters", "3",

@@ -212,6 +212,25 @@ def test_a_short_final_batch_never_withholds_the_snapshot(
     assert worker.metrics.registry.get_sample_value("oclust_worker_collapsed") == 0
 
 
+def test_a_model_blown_up_by_its_learning_rate_stops_the_worker_without_publishing(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    """lr 1e30 passes validation (finite) and blows the weights up on the first step: the worker
+    must stop, and neither publish that model nor commit the offsets of the stream it could not
+    train on (they are replayed once the setting is fixed)."""
+    async def main() -> None:
+        await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
+        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url, lr=1e30,
+                                          snapshot_interval=0))
+        with pytest.raises(Exception, match="weights up to NaN, infinity or beyond float32"):
+            await asyncio.wait_for(worker.run(), 60)
+
+    asyncio.run(main())
+    assert open_store(redis_url, "t").versions() == []
+    committed = asyncio.run(committed_offsets(kafka_bootstrap, "oclust-t", unique_topic))
+    assert not committed.get(0)
+
+
 def test_collapse_guard_fires_and_restores_healthy_weights(
     kafka_bootstrap, redis_url, unique_topic
 ):
@@ -408,3 +427,12 @@ def test_worker_settings_from_environment(monkeypatch, kind, tmp_path):
     s = WorkerSettings(batch_size=16)  # the CLI passes given options like this: they win
     assert (s.topic, s.batch_size) == ("from-env", 16)
     assert s.store.startswith(kind)
+
+
+@pytest.mark.parametrize("name", ["OCLUST_SIGMA", "OCLUST_LR", "OCLUST_COLLAPSE_THRESHOLD"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_settings_refuse_infinite_and_nan_numbers(monkeypatch, name, value):
+    # OCLUST_SIGMA=inf used to pass, and the worker then refused every batch and committed them
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="finite number"):
+        WorkerSettings()

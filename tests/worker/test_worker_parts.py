@@ -21,7 +21,7 @@ from oclust.training_worker.monitor import (
 )
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import DirectoryStore, RedisStore
-from oclust.training_worker.trainer import Trainer
+from oclust.training_worker.trainer import ModelBroken, Trainer
 
 
 def test_queue_cuts_batches_across_chunks_and_tracks_pending_offsets():
@@ -213,6 +213,26 @@ def test_guard_fires_on_a_collapsed_encoder_that_ca_training_labels_hide():
     assert max(m["shares"]) == 1.0  # the snapshot's shares are served shares
 
 
+def test_a_model_that_refuses_every_batch_stops_the_worker():
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(32, 4)).astype(np.float32)
+    huge = np.full((32, 4), 3e38, dtype=np.float32)  # finite; the model's distances overflow
+    metrics = WorkerMetrics()
+    clf = OnlineClusterer(n_clusters=2, latent_dim=4, standardize=False, seed=0)
+    trainer = Trainer(clf, CollapseGuard(0.0, 5), metrics, max_refused=3)
+    unlabelled = np.full(32, -1)
+    assert trainer.step(Batch(good, unlabelled)) is not None
+    for _ in range(2):  # refused batches are skipped and counted...
+        assert trainer.step(Batch(huge, unlabelled)) is None
+    assert trainer.step(Batch(good, unlabelled)) is not None  # ...a trained one ends the streak
+    for _ in range(2):
+        assert trainer.step(Batch(huge, unlabelled)) is None
+    with pytest.raises(ModelBroken, match="refused 3 batches in a row"):
+        trainer.step(Batch(huge, unlabelled))  # the third in a row: the model is broken
+    assert metrics.registry.get_sample_value("oclust_worker_refused_batches_total") == 5
+    assert trainer.failed_steps == 5
+
+
 def test_quality_window_scores_only_labelled_samples():
     q = QualityWindow(size=10)
     assert q.scores() == {}
@@ -232,7 +252,7 @@ def test_metric_names_are_the_documented_ones():
         "oclust_worker_train_kl_star_nats", "oclust_worker_consumer_lag",
         "oclust_worker_dlq_messages", "oclust_worker_snapshots_published",
         "oclust_worker_snapshot_version", "oclust_worker_collapse_events",
-        "oclust_worker_collapsed",
+        "oclust_worker_collapsed", "oclust_worker_refused_batches",
     } <= names  # counters are exported with a _total suffix
 
 
