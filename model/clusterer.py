@@ -63,6 +63,7 @@ EXPECTED_FAILED_CHECKS = {
         "check's atol of 1e-7); predict agrees exactly"
     ),
 }
+BATCHNORM_MOMENTUM = 0.1  # BatchNorm's own default, reached after ten steps
 
 
 class OnlineClusterer(
@@ -248,9 +249,9 @@ class OnlineClusterer(
             if self._seed is not None:
                 torch.manual_seed(self._seed)
             self.encoder_ = build_encoder(self.encoder_config_).to(self.device_)
-            self._batchnorm = any(  # training and inference pass differ: see _eval_latents
-                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder_.modules()
-            )
+            self._batchnorm = [  # training and inference pass differ: see _eval_latents
+                m for m in self.encoder_.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
             self.reg_ = make_regulariser(self.regulariser, **(self.reg_params or {}))
             self.reg_.build(self.input_shape_, self.latent_dim, self.n_clusters)
             self.reg_.to(self.device_)
@@ -321,6 +322,7 @@ class OnlineClusterer(
             self.scaler_.update(x)
             x = self.scaler_(x)
         z_served = self._eval_latents(x)  # before the training pass moves BatchNorm's stats
+        self._warm_batchnorm()
         self.encoder_.train()
         z = self.encoder_(x)
         if not self._centroids_ready:
@@ -357,6 +359,19 @@ class OnlineClusterer(
                 "float32 range (a learning rate or inputs far too large); the model is "
                 "unusable: refit it, or load a snapshot"
             )
+
+    def _warm_batchnorm(self) -> None:
+        """Bias-corrected running statistics for inference. BatchNorm's running mean and
+        variance start at 0 and 1 and follow the batches with momentum 0.1, so for the first
+        ten or twenty steps ``predict`` normalises mostly by those initial values, and a fresh
+        model serves nearly every sample to one cluster (K = 2 on sensor windows: 48 of 48 for
+        six steps). A momentum of 1 / (n + 1) on the n-th step, a plain average of the batches
+        so far, until it falls to 0.1, removes that start-up bias (as Adam corrects its
+        moments). Training, which normalises by each batch's own statistics, is unchanged."""
+        momentum = max(BATCHNORM_MOMENTUM, 1.0 / (self.steps_ + 1))
+        for layer in self._batchnorm:
+            if layer.momentum is not None:  # None: already a cumulative average
+                layer.momentum = momentum
 
     @torch.no_grad()
     def _eval_latents(self, x: torch.Tensor) -> torch.Tensor | None:

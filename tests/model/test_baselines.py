@@ -93,11 +93,35 @@ def test_batchnorm_encoders_report_the_labels_predict_serves(name, shape) -> Non
     X += np.repeat(np.arange(4, dtype=np.float32), 256).reshape(-1, *[1] * len(shape))  # groups
     clf = OnlineClusterer(4, name, latent_dim=16, hidden=(8, 8), standardize=False, seed=0)
     clf.partial_fit(X[:128])
-    assert clf._batchnorm  # the conv encoders have BatchNorm, so the training pass differs
+    assert clf._batchnorm  # the conv encoders have BatchNorm layers: the passes differ
     for start in range(128, len(X), 128):
         before = clf.predict(X[start : start + 128])
         clf.partial_fit(X[start : start + 128])
         np.testing.assert_array_equal(clf.last_step_.served_labels, before, err_msg=str(start))
+
+
+def test_batchnorm_running_statistics_carry_no_start_up_bias() -> None:
+    # Inference normalises by BatchNorm's running mean; started at 0 with momentum 0.1 it would
+    # stay mostly 0 for the first steps (a fresh model then serves nearly everything to one
+    # cluster). Until the momentum reaches 0.1 it is the plain average of the batches so far.
+    X = np.random.default_rng(0).normal(loc=50.0, size=(4 * 16, 6, 32)).astype(np.float32)
+    clf = OnlineClusterer(2, latent_dim=8, standardize=False, seed=0)
+    clf.partial_fit(X[:16])
+    layer = clf._batchnorm[0]
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(
+        lambda mod, inp, out: seen.append(inp[0].mean(dim=(0, 2)).detach()) if mod.training
+        else None)
+    before = layer.running_mean.clone()
+    for start in range(16, 48, 16):
+        clf.partial_fit(X[start : start + 16])
+    hook.remove()
+    # steps 2 and 3 weigh 1/2 and 1/3: the mean of the three batches' means
+    expected = (before + seen[0] + seen[1]) / 3.0
+    torch.testing.assert_close(layer.running_mean, expected, rtol=1e-4, atol=1e-4)
+    for _ in range(12):
+        clf.partial_fit(X[:16])
+    assert layer.momentum == pytest.approx(0.1)  # then BatchNorm's usual moving average
 
 
 def _holder(model: LoadedModel) -> ModelHolder:
