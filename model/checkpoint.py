@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from oclust.model.encoders import EncoderConfig
@@ -89,6 +90,12 @@ def to_snapshot(
     tensors |= {SERVING_PREFIX + k: v for k, v in serving_tail(clf).items()}
     check_finite_weights({k: v.detach().cpu().numpy() for k, v in tensors.items()
                           if v.is_floating_point()})  # a blown-up model is never published
+    probe = getattr(clf, "_probe", None)  # the latest trained batch had finite distances
+    if probe is not None and not np.isfinite(clf.assign(probe)[1]).all():
+        raise SnapshotError(
+            "the model answers NaN or infinite distances on its latest training batch (weights "
+            "blown up, e.g. by a learning rate far too high): it is not snapshotted"
+        )
     for i, p in enumerate(clf._parameters()):
         for key, value in clf.optimizer_.state.get(p, {}).items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)

@@ -42,7 +42,7 @@ from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser, ser
 from oclust.model.report import StepReport
 from oclust.model.scaler import RunningScaler, scaler_for
 from oclust.model.seeding import resolve_seed, seed_centroids
-from oclust.model.snapshot import Snapshot
+from oclust.model.snapshot import SQRT_FLOAT32_MAX, Snapshot
 from oclust.model.validation import DEFAULT_BETAS, check_input, check_params, out_dtype
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ EXPECTED_FAILED_CHECKS = {
         "check's atol of 1e-7); predict agrees exactly"
     ),
 }
+PROBE_ROWS = 16  # samples of the latest batch a snapshot is checked on
 BATCHNORM_MOMENTUM = 0.1  # BatchNorm's own default, reached after ten steps
 
 
@@ -268,6 +269,7 @@ class OnlineClusterer(
         self.optimizer_ = torch.optim.Adam(self._parameters(), lr=self.lr, betas=betas)
         self._rng = np.random.default_rng(self._seed)
         self._centroids_ready = False
+        self._probe: np.ndarray | None = None
         self._built = True
 
     def _parameters(self) -> Iterator[nn.Parameter]:
@@ -345,15 +347,16 @@ class OnlineClusterer(
             self._set_log_prior(self.prior_estimator_.update_from_distances(d, self.sigma))
         self.last_step_ = report
         self.labels_ = report.served_labels
+        self._probe = np.array(arr[:PROBE_ROWS], dtype=np.float32)  # see checkpoint.to_snapshot
 
     def _check_weights_finite(self) -> None:
         """``FloatingPointError`` (not a ``ValueError``: the batch is not at fault) when the step
-        left a weight NaN, infinite or so large that its square overflows float32 (beyond about
-        1.8e19: the next distances would be infinite), e.g. after a learning rate far too high.
-        One sum of squares per parameter and one host sync per step."""
+        left a weight NaN, infinite or so large that its square overflows float32 (the rule of
+        :func:`oclust.model.snapshot.check_finite_weights`), e.g. after a learning rate far too
+        high. One maximum per parameter and one host sync per step."""
         with torch.no_grad():
-            total = torch.stack([p.square().sum() for p in self._parameters()]).sum()
-        if not torch.isfinite(total):
+            largest = torch.stack([p.abs().max() for p in self._parameters()]).max()
+        if not bool(largest < SQRT_FLOAT32_MAX):  # NaN compares False
             raise FloatingPointError(
                 "the training step blew the model's weights up to NaN, infinity or beyond "
                 "float32 range (a learning rate or inputs far too large); the model is "
@@ -433,6 +436,9 @@ class OnlineClusterer(
                     self.partial_fit(arr[order[start : start + batch_size]])
                     if callback is not None:
                         callback(self.last_step_)
+        except BaseException:
+            self._built = False  # a failed fit leaves no model behind (nothing to snapshot)
+            raise
         finally:
             self._in_fit = False
         self.labels_ = self._assign(arr)[0]

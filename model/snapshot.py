@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT",
     "LEGACY_FORMAT",
+    "SQRT_FLOAT32_MAX",
     "Manifest",
     "Snapshot",
     "SnapshotError",
@@ -54,6 +55,8 @@ __all__ = [
     "unpack_tensors",
 ]
 
+SQRT_FLOAT32_MAX = float(np.sqrt(np.finfo(np.float32).max))  # about 1.8e19: larger weights
+# square to infinity in float32 (a blown-up model)
 FORMAT = "oclust-snapshot/2"
 LEGACY_FORMAT = "oclust-snapshot/1"  # weights checksum only; read, never written
 
@@ -96,20 +99,21 @@ def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 def check_finite_weights(arrays: dict[str, np.ndarray]) -> None:
-    """:class:`SnapshotError` when a float weight (the optimiser's state aside) is NaN or
-    infinite: such a model answers nothing, so it is neither snapshotted nor served.
+    """:class:`SnapshotError` when a float weight (the optimiser's state aside) is NaN, infinite
+    or beyond :data:`SQRT_FLOAT32_MAX` (its square, and so every distance, would overflow):
+    such a model answers nothing, so it is neither snapshotted nor served.
 
     >>> check_finite_weights({"w": np.ones(2), "optim.0.exp_avg": np.array([np.inf])})
-    >>> check_finite_weights({"w": np.array([1.0, np.nan])})
+    >>> check_finite_weights({"w": np.array([1.0, 1e30])})
     Traceback (most recent call last):
     ...
-    oclust.model.snapshot.SnapshotError: weight 'w' holds NaN or infinite values
+    oclust.model.snapshot.SnapshotError: weight 'w' holds NaN, infinite or overflowing values
     """
     for name, value in arrays.items():
-        if name.startswith("optim.") or value.dtype.kind != "f":
+        if name.startswith("optim.") or value.dtype.kind != "f" or not value.size:
             continue
-        if not np.isfinite(value).all():
-            raise SnapshotError(f"weight {name!r} holds NaN or infinite values")
+        if not float(np.abs(value).max()) < SQRT_FLOAT32_MAX:  # NaN compares False
+            raise SnapshotError(f"weight {name!r} holds NaN, infinite or overflowing values")
 
 
 def _integer(value: Any) -> int:

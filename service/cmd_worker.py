@@ -48,6 +48,7 @@ def worker_command(settings: WorkerSettings, log_level: LogLevelOpt = "info") ->
     from aiokafka.errors import KafkaError
 
     from oclust.training_worker.store import StoreError
+    from oclust.training_worker.trainer import ModelBroken
     from oclust.training_worker.worker import TrainingWorker, WorkerHalt
 
     setup_logging(log_level)
@@ -56,9 +57,9 @@ def worker_command(settings: WorkerSettings, log_level: LogLevelOpt = "info") ->
         code = asyncio.run(worker.run(handle_signals=True))
     except KafkaError as exc:
         raise fail(f"Kafka at {settings.bootstrap_servers}: {exc}") from None
-    except WorkerHalt as exc:
+    except (WorkerHalt, ModelBroken) as exc:
         raise fail(str(exc)) from None
-    except (StoreError, ValueError, OSError) as exc:
+    except (StoreError, ValueError, OSError, FloatingPointError) as exc:
         raise fail(f"{type(exc).__name__}: {exc}") from None
     raise typer.Exit(code)
 
@@ -132,7 +133,7 @@ def train_command(settings: TrainSettings) -> None:
     s = settings
     key = key_of(s.dataset) if s.dataset is not None else None
     windowed = s.window_size is not None or s.window_hop is not None
-    if windowed and key is not None and key != "daphnet":  # hapt loads as labelled windows
+    if windowed and key in DEFAULT_K and key != "daphnet":  # hapt loads as labelled windows
         raise typer.BadParameter(
             f"cuts a (T, C) reading stream into windows (daphnet, or an --input file); {key} "
             "loads as samples", param_hint="--window-size/--window-hop")

@@ -298,6 +298,12 @@ class TrainingLoop:
                         "recent window below %.3f nats)", "final" if final else "periodic",
                         trainer.guard.threshold)
             return
+        if trainer.refused_in_a_row:  # maybe a model blown up to NaN: publish it never
+            log.warning("%s snapshot withheld: the model refused the last %d batch(es); the "
+                        "next trained batch publishes, %d refusals in a row stop the worker",
+                        "final" if final else "periodic", trainer.refused_in_a_row,
+                        trainer.max_refused)
+            return
         extra = {"messages": float(self.messages), "dead_letters": float(self.dlq_count)}
         snap = await trainer.run_snapshot(offsets, extra, self.executor)
         if not await asyncio.to_thread(self.lease.renew):

@@ -115,8 +115,7 @@ def check_prior(text: str | None, n_clusters: int) -> str | None:
 
 
 class _Env(BaseSettings):
-    # no float setting means anything at inf or NaN (OCLUST_SIGMA=inf would train nothing)
-    model_config = SettingsConfigDict(env_prefix="OCLUST_", extra="ignore", allow_inf_nan=False)
+    model_config = SettingsConfigDict(env_prefix="OCLUST_", extra="ignore")
 
 
 class StoreLocation(_Env):
@@ -146,10 +145,13 @@ class ModelSettings(_Env):
         None, description="cluster prior: uniform, online, or K comma-separated probabilities"
     )
     prior_max_kl: float | None = Field(
-        None, ge=0, description="--prior online: cap on KL(prior || uniform) of a fresh model, "
-        "nats (default 0.1; a resumed snapshot keeps its own)"
+        None, ge=0, allow_inf_nan=False,
+        description="--prior online: cap on KL(prior || uniform) of a fresh model, nats "
+        "(default 0.1; a resumed snapshot keeps its own)"
     )
-    sigma: float | None = Field(None, gt=0, description="softmax temperature of a fresh model")
+    sigma: float | None = Field(  # inf would train nothing: every batch refused
+        None, gt=0, allow_inf_nan=False, description="softmax temperature of a fresh model"
+    )
     latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
     seed: int | None = Field(0, description="seed of a fresh model")
     device: str = Field("auto", description="auto, cpu or cuda[:i]")
@@ -228,7 +230,9 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
 
     # model
     encoder: str = Field("auto", description="encoder of a fresh model (auto: by input shape)")
-    lr: float = Field(1e-3, gt=0, description="learning rate of a fresh model")
+    lr: float = Field(
+        1e-3, gt=0, allow_inf_nan=False, description="learning rate of a fresh model"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads of the training step"
     )
@@ -257,8 +261,9 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
 
     # collapse guard
     collapse_threshold: float | None = Field(
-        None, ge=0, description="collapse guard threshold in nats (default half the entropy of "
-        "the configured prior: 0.5 log K for uniform and online; a resumed snapshot's prior wins)"
+        None, ge=0, allow_inf_nan=False,
+        description="collapse guard threshold in nats (default half the entropy of the "
+        "configured prior: 0.5 log K for uniform and online; a resumed snapshot's prior wins)"
     )
     collapse_patience: int = Field(
         20, ge=1, description="low-entropy batches in a row before the guard fires"

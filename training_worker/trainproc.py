@@ -149,7 +149,9 @@ class TrainProcess:
                     if status == "ok":
                         fut.set_result(payload)
                     else:  # as an exception in the training thread would: the worker stops
-                        error = TrainProcessDied(f"the training process failed:\n{payload}")
+                        log.error("the training process failed:\n%s", payload)
+                        last = str(payload).strip().splitlines()[-1:] or ["?"]
+                        error = TrainProcessDied(f"the training process failed: {last[0]}")
                         self.failure = self.failure or error
                         fut.set_exception(error)
         except (EOFError, OSError, IndexError):

@@ -202,6 +202,19 @@ def test_weights_blown_up_by_the_learning_rate_raise_floating_point_error() -> N
     assert OnlineClusterer(n_clusters=3, lr=1e-3, seed=0).partial_fit(X).steps_ == 1
 
 
+def test_a_failed_fit_leaves_no_model_and_a_blown_up_one_is_never_snapshotted() -> None:
+    X = np.random.default_rng(0).normal(size=(256, 5)).astype(np.float32)
+    clf = OnlineClusterer(n_clusters=3, lr=1e30, seed=0)
+    with pytest.raises(FloatingPointError):
+        clf.fit(X)
+    assert not clf.is_fitted  # nothing a worker or a user could snapshot
+    finite = OnlineClusterer(n_clusters=3, lr=1e10, seed=0).partial_fit(X[:64])
+    assert all(np.isfinite(p.detach().numpy()).all() for p in finite.encoder_.parameters())
+    with pytest.raises(SnapshotError, match="NaN or infinite distances on its latest"):
+        finite.to_snapshot()  # finite weights, but every distance overflows
+    OnlineClusterer(n_clusters=3, seed=0).partial_fit(X[:64]).to_snapshot()  # a sane one does
+
+
 @pytest.mark.parametrize("param", ["sigma", "lr"])
 def test_infinite_sigma_or_lr_is_refused_up_front(param: str) -> None:
     with pytest.raises(ValueError, match=f"{param} must be a positive finite number"):

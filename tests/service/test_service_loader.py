@@ -83,7 +83,7 @@ def test_a_snapshot_with_nan_weights_is_never_made_nor_served(shape) -> None:
     good = clf.to_snapshot()
     with torch.no_grad():
         next(clf.encoder_.parameters())[0].fill_(float("nan"))
-    with pytest.raises(SnapshotError, match="NaN or infinite"):
+    with pytest.raises(SnapshotError, match="NaN, infinite or overflowing"):
         clf.to_snapshot()  # the worker never publishes such a model
     # one written by something else (an older build) is refused like a corrupt one
     tensors = {k: torch.from_numpy(v.copy()) for k, v in unpack_arrays(good.weights).items()}

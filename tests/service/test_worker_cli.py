@@ -103,6 +103,7 @@ def test_train_rejects_bad_input(tmp_path):
         (["--dataset", "nope"], "unknown dataset"),
         (["--dataset", "digits", "--window-size", "8"], "digits loads as samples"),
         (["--dataset", "hapt", "--window-hop", "8"], "hapt loads as samples"),
+        (["--dataset", "nope", "--window-size", "8"], "unknown dataset"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["train", *args, "--n-clusters", "3",
@@ -164,3 +165,26 @@ def test_worker_without_kafka_fails_clearly(tmp_path):
                                  "127.0.0.1:1", "--store", f"file://{tmp_path}"])
     assert result.exit_code == 1
     assert "Kafka at 127.0.0.1:1" in _text(result.output)
+
+
+@pytest.mark.parametrize("process", ["--train-process", "--no-train-process"])
+def test_worker_with_a_blown_up_model_exits_1_with_one_error_line(
+    kafka_bootstrap, unique_topic, tmp_path, process
+):
+    import asyncio
+
+    from oclust.training_worker.producer import replay
+
+    asyncio.run(replay(kafka_bootstrap, unique_topic, "digits", limit=640, progress=False))
+    result = runner.invoke(app, [
+        "worker", "--metrics-port", "-1", "--bootstrap-servers", kafka_bootstrap,
+        "--topic", unique_topic, "--store", f"file://{tmp_path}", "--n-clusters", "10",
+        "--batch-size", "64", "--snapshot-interval", "0", "--lr", "1e30", process,
+        "--session-timeout-ms", "1000",
+        "--log-level", "error",
+    ])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "weights up to NaN" in errors[0], result.output
+    assert not isinstance(result.exception, FloatingPointError)  # caught, not a traceback
+    assert open_store(f"file://{tmp_path}", "oclust").versions() == []

@@ -212,17 +212,25 @@ def test_a_short_final_batch_never_withholds_the_snapshot(
     assert worker.metrics.registry.get_sample_value("oclust_worker_collapsed") == 0
 
 
+@pytest.mark.parametrize(("lr", "why"), [
+    (1e30, "weights up to NaN, infinity or beyond float32"),  # the step's own check
+    # finite weights whose distances overflow: the snapshot's probe, or the refusal streak when
+    # the steps ran ahead of the checkpoint
+    (1e10, "NaN or infinite distances on its latest training batch|refused 20 batches in a row"),
+])
+@pytest.mark.parametrize("process", [True, False], ids=["process", "thread"])
 def test_a_model_blown_up_by_its_learning_rate_stops_the_worker_without_publishing(
-    kafka_bootstrap, redis_url, unique_topic
+    kafka_bootstrap, redis_url, unique_topic, lr, why, process
 ):
-    """lr 1e30 passes validation (finite) and blows the weights up on the first step: the worker
+    """A finite, valid, far too large lr blows the weights up on the first step: the worker
     must stop, and neither publish that model nor commit the offsets of the stream it could not
-    train on (they are replayed once the setting is fixed)."""
+    train on (they are replayed once the setting is fixed). At 1e30 the weights overflow; at
+    1e10 they stay finite but every distance does not, which a snapshot checks first."""
     async def main() -> None:
         await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
-        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url, lr=1e30,
-                                          snapshot_interval=0))
-        with pytest.raises(Exception, match="weights up to NaN, infinity or beyond float32"):
+        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url, lr=lr,
+                                          snapshot_interval=0, train_process=process))
+        with pytest.raises(Exception, match=why):
             await asyncio.wait_for(worker.run(), 60)
 
     asyncio.run(main())
@@ -436,3 +444,8 @@ def test_settings_refuse_infinite_and_nan_numbers(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match="finite number"):
         WorkerSettings()
+
+
+def test_settings_where_infinity_means_never_keep_it():
+    s = WorkerSettings(snapshot_interval=math.inf, max_abs_feature=math.inf)
+    assert s.snapshot_interval == math.inf and s.max_abs_feature == math.inf
