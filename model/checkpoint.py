@@ -91,7 +91,7 @@ def to_snapshot(
     check_finite_weights({k: v.detach().cpu().numpy() for k, v in tensors.items()
                           if v.is_floating_point()})  # a blown-up model is never published
     probe = getattr(clf, "_probe", None)  # the latest trained batch had finite distances
-    if probe is not None and not np.isfinite(clf.assign(probe)[1]).all():
+    if probe is not None and not np.isfinite(clf._assign(probe)[1]).all():  # checked input
         raise SnapshotError(
             "the model answers NaN or infinite distances on its latest training batch (weights "
             "blown up, e.g. by a learning rate far too high): it is not snapshotted"
