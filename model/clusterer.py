@@ -368,7 +368,7 @@ class OnlineClusterer(
         variance start at 0 and 1 and follow the batches with momentum 0.1, so for the first
         ten or twenty steps ``predict`` normalises mostly by those initial values, and a fresh
         model serves nearly every sample to one cluster (K = 2 on sensor windows: 48 of 48 for
-        six steps). A momentum of 1 / (n + 1) on the n-th step, a plain average of the batches
+        six steps). A momentum of 1 / (n + 1) on the n-th step, a plain average of the passes
         so far, until it falls to 0.1, removes that start-up bias (as Adam corrects its
         moments). Training, which normalises by each batch's own statistics, is unchanged."""
         momentum = max(BATCHNORM_MOMENTUM, 1.0 / (self.steps_ + 1))

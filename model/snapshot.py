@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 import time
 from collections.abc import Callable, Mapping
@@ -99,11 +100,15 @@ def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 def check_finite_weights(arrays: dict[str, np.ndarray]) -> None:
-    """:class:`SnapshotError` when a float weight (the optimiser's state aside) is NaN, infinite
-    or beyond :data:`SQRT_FLOAT32_MAX` (its square, and so every distance, would overflow):
-    such a model answers nothing, so it is neither snapshotted nor served.
+    """:class:`SnapshotError` when a float weight (the optimiser's state aside) is NaN or
+    infinite, or a trained weight is beyond :data:`SQRT_FLOAT32_MAX` (its square, and so every
+    distance, would overflow): such a model answers nothing, so it is neither snapshotted nor
+    served. Statistics (the input scaler's float64 running sums, BatchNorm's running mean and
+    variance) only need to be finite: a sum of squared deviations legitimately grows past that
+    bound on a long stream.
 
-    >>> check_finite_weights({"w": np.ones(2), "optim.0.exp_avg": np.array([np.inf])})
+    >>> check_finite_weights({"w": np.ones(2), "optim.0.exp_avg": np.array([np.inf]),
+    ...                       "scaler.m2": np.array([1e30])})
     >>> check_finite_weights({"w": np.array([1.0, 1e30])})
     Traceback (most recent call last):
     ...
@@ -112,8 +117,15 @@ def check_finite_weights(arrays: dict[str, np.ndarray]) -> None:
     for name, value in arrays.items():
         if name.startswith("optim.") or value.dtype.kind != "f" or not value.size:
             continue
-        if not float(np.abs(value).max()) < SQRT_FLOAT32_MAX:  # NaN compares False
+        largest = float(np.abs(value).max())
+        bound = math.inf if _is_statistic(name) else SQRT_FLOAT32_MAX
+        if not largest < bound:  # NaN compares False
             raise SnapshotError(f"weight {name!r} holds NaN, infinite or overflowing values")
+
+
+def _is_statistic(name: str) -> bool:
+    """A running statistic, not a trained weight (never squared in float32 by serving)."""
+    return name.startswith("scaler.") or name.rsplit(".", 1)[-1] in ("running_mean", "running_var")
 
 
 def _integer(value: Any) -> int:

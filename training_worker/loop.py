@@ -45,7 +45,7 @@ from oclust.training_worker.resume import FaultMetrics, WorkerHalt, check_offset
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import SnapshotStore, StoreError
 from oclust.training_worker.stream import Consumer
-from oclust.training_worker.trainer import Trainer
+from oclust.training_worker.trainer import MODEL_FAULTS, Trainer
 
 __all__ = ["DLQ_REASONS", "TrainingLoop"]
 
@@ -148,6 +148,9 @@ class TrainingLoop:
         with _steady_process():
             try:
                 await self._run()
+            except MODEL_FAULTS:  # no death of the messages in hand: none of them is poison
+                await asyncio.to_thread(self.ledger.clear)
+                raise
             finally:  # after a failed step the others fail alike: one error is enough
                 for step in self.inflight:
                     if step.done() and not step.cancelled():

@@ -50,9 +50,10 @@ STORE_SCHEMES = ("redis", "rediss", "unix", "file", "")
 MAX_ABS_FEATURE = 1e6  # larger finite features are refused (DLQ out_of_range, HTTP 422)
 
 
-def seconds_field(default: float, description: str) -> Any:
-    """A settings field holding a positive duration; its description starts "seconds …"."""
-    return Field(default, gt=0, description=f"seconds {description}")
+def seconds_field(default: float, description: str, finite: bool = False) -> Any:
+    """A settings field holding a positive duration (``inf`` allowed unless ``finite``); its
+    description starts "seconds …"."""
+    return Field(default, gt=0, allow_inf_nan=not finite, description=f"seconds {description}")
 
 
 def check_store_url(url: str) -> str:
@@ -244,7 +245,7 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         300.0, "the training process may leave the worker's commands (a step, a snapshot, the "
         "final export) unanswered, or the training thread run one call, before it counts as "
         "hung: the process is killed (a thread is left behind) and the worker exits 1, as when "
-        "it dies"
+        "it dies", finite=True,
     )
 
     @field_validator("encoder")
@@ -281,7 +282,7 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="/metrics address (0.0.0.0 to let a scraper on another host in)"
     )
-    lease_ttl: float = seconds_field(10.0, "before an unrenewed lease lapses")
+    lease_ttl: float = seconds_field(10.0, "before an unrenewed lease lapses", finite=True)
     owner: str | None = Field(None, description="lease owner id (default HOST:PID)")
 
     # faults

@@ -13,6 +13,7 @@ dead worker can no longer unlink.
 Example:
     >>> import numpy as np
     >>> from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.trainer import MODEL_FAULTS
     >>> child = ModelOwner(WorkerSettings(n_clusters=2, latent_dim=4, device="cpu"), None)
     >>> report, refusal, seconds, facts = child.step(-1, (8, 3), np.ones((8, 3), np.float32))
     >>> report.n, refusal, facts[:3]
@@ -36,6 +37,7 @@ import numpy as np
 from oclust.model import OnlineClusterer, Snapshot
 from oclust.training_worker.resume import fresh_model
 from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.trainer import MODEL_FAULTS
 
 __all__ = ["REPLIES_PER_SEND", "Facts", "ModelOwner", "child_main"]
 
@@ -118,6 +120,8 @@ def child_main(conn: Connection, settings: WorkerSettings, snapshot: Snapshot | 
             cmd, *args = conn.recv()
             try:
                 status, out = "ok", getattr(child, cmd)(*args)
+            except MODEL_FAULTS as exc:  # the model is broken, not the message: no crash
+                status, out = "fault", (f"{type(exc).__name__}: {exc}", traceback.format_exc())
             except Exception:
                 status, out = "error", traceback.format_exc()
             replies.append((status, out))

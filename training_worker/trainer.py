@@ -32,12 +32,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from oclust.model import OnlineClusterer, Snapshot, StepReport
+from oclust.model import OnlineClusterer, Snapshot, SnapshotError, StepReport
 from oclust.model import metrics as model_metrics
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 
-__all__ = ["ModelBroken", "Trainer", "TrainerHooks"]
+__all__ = ["MODEL_FAULTS", "ModelBroken", "Trainer", "TrainerHooks"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ SHARE_WINDOW = 2000  # recent served assignments behind the cluster shares of a 
 
 class ModelBroken(RuntimeError):
     """The model refuses every batch (or its weights went NaN): the worker must stop."""
+
+
+# The model, not a message, is at fault: the worker stops without counting a crash against the
+# messages in hand (none of them goes to the DLQ as poison)
+MODEL_FAULTS = (ModelBroken, FloatingPointError, SnapshotError)
 
 
 @dataclass

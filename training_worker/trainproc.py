@@ -56,7 +56,7 @@ from oclust.training_worker.resume import WorkerHalt
 from oclust.training_worker.ring import RING_MAX_BYTES, open_ring
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.trainchild import Facts, child_main
-from oclust.training_worker.trainer import Trainer
+from oclust.training_worker.trainer import ModelBroken, Trainer
 
 __all__ = ["ProcessTrainer", "TrainProcess", "TrainProcessDied"]
 
@@ -92,7 +92,7 @@ class TrainProcess:
         self.proc = ctx.Process(target=child_main, args=(self._child_end, settings, snapshot),
                                 name="oclust-train", daemon=True)
         self.pending: deque[asyncio.Future[Any]] = deque()
-        self.failure: TrainProcessDied | None = None
+        self.failure: TrainProcessDied | ModelBroken | None = None
         self.closing = False
         self.ring: SharedMemory | None = None
         self.slots: np.ndarray | None = None
@@ -148,6 +148,11 @@ class TrainProcess:
                         continue
                     if status == "ok":
                         fut.set_result(payload)
+                    elif status == "fault":  # a broken model: the worker stops, no crash
+                        log.error("the model in the training process is broken:\n%s", payload[1])
+                        error = ModelBroken(payload[0])
+                        self.failure = self.failure or error
+                        fut.set_exception(error)
                     else:  # as an exception in the training thread would: the worker stops
                         log.error("the training process failed:\n%s", payload)
                         last = str(payload).strip().splitlines()[-1:] or ["?"]
@@ -308,7 +313,7 @@ class ProcessTrainer(Trainer):
 
     def __init__(self, base: Trainer, proc: TrainProcess, facts: Facts) -> None:
         super().__init__(base.model, base.guard, base.metrics, base.quality, base.restore,
-                         base.healthy, base.hooks)
+                         base.healthy, base.hooks, base.max_refused)
         self.proc = proc
         self.steps_ahead = proc.in_flight  # the ring has a slot for each, and a spare
         self.facts = facts

@@ -89,3 +89,35 @@ def test_a_message_that_keeps_killing_the_worker_is_dead_lettered(
     assert asyncio.run(committed_offsets(kafka_bootstrap, "oclust-t", unique_topic))[0] == N
     assert "taking them one at a time" in caplog.text
     assert "goes to the DLQ as poison" in caplog.text
+
+
+@pytest.mark.parametrize("process", [True, False], ids=["process", "thread"])
+def test_a_broken_model_is_no_crash_its_messages_never_become_poison(
+    kafka_bootstrap, redis_url, unique_topic, process
+):
+    """A model blown up by its learning rate stops the worker again and again; the messages in
+    hand are not at fault, so no restart counts a death against them (none goes to the DLQ) and
+    once the setting is fixed every one of them trains."""
+    max_attempts, n = 2, 96
+
+    async def produce() -> None:
+        from oclust.training_worker.producer import replay
+
+        await replay(kafka_bootstrap, unique_topic, "digits", limit=n, progress=False)
+
+    asyncio.run(produce())
+    for _ in range(2 + max_attempts + 1):  # enough deaths to dead-letter a message if counted
+        w = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url, batch_size=32,
+                                     batch_timeout=0.2, max_attempts=max_attempts, lr=1e30,
+                                     train_process=process, snapshot_interval=0))
+        with pytest.raises(Exception, match="weights up to NaN"):
+            asyncio.run(asyncio.wait_for(w.run(), 60))
+    assert w.metrics.registry.get_sample_value("oclust_worker_poison_messages_total") == 0
+    assert open_store(redis_url, "t").versions() == []
+    count = Counter()
+    fixed = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url, batch_size=32,
+                                     batch_timeout=0.2, max_attempts=max_attempts),
+                           hooks=TrainerHooks(on_step=count))
+    asyncio.run(_run_until(fixed, lambda: count.samples >= n))
+    assert fixed.metrics.registry.get_sample_value("oclust_worker_crash_recoveries_total") == 0
+    assert open_store(redis_url, "t").load().manifest["samples_seen"] == n  # nothing lost

@@ -95,6 +95,17 @@ def test_a_snapshot_with_nan_weights_is_never_made_nor_served(shape) -> None:
         LoadedModel.from_snapshot(nan_snapshot)
 
 
+def test_large_running_statistics_are_no_blown_up_weights() -> None:
+    # the scaler's float64 sum of squared deviations passes 1.8e19 on valid, wide-ranged data:
+    # only trained weights must stay below the bound where their squares overflow float32
+    X = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
+    X[:, 0] *= 1e10
+    clf = OnlineClusterer(n_clusters=3, latent_dim=8, seed=0, device="cpu").partial_fit(X)
+    assert float(clf.scaler_.m2.max()) > 1e19
+    model = LoadedModel.from_snapshot(clf.to_snapshot())
+    assert model.assign(X).labels.tolist() == clf.predict(X).tolist()
+
+
 def test_holder_tells_listeners_before_swapping() -> None:
     holder = ModelHolder()
     seen: list[tuple[int, int | None]] = []

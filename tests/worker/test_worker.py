@@ -437,7 +437,10 @@ def test_worker_settings_from_environment(monkeypatch, kind, tmp_path):
     assert s.store.startswith(kind)
 
 
-@pytest.mark.parametrize("name", ["OCLUST_SIGMA", "OCLUST_LR", "OCLUST_COLLAPSE_THRESHOLD"])
+@pytest.mark.parametrize("name", [
+    "OCLUST_SIGMA", "OCLUST_LR", "OCLUST_COLLAPSE_THRESHOLD", "OCLUST_PRIOR_MAX_KL",
+    "OCLUST_LEASE_TTL", "OCLUST_TRAIN_TIMEOUT",
+])
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_settings_refuse_infinite_and_nan_numbers(monkeypatch, name, value):
     # OCLUST_SIGMA=inf used to pass, and the worker then refused every batch and committed them
