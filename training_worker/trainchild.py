@@ -13,7 +13,6 @@ dead worker can no longer unlink.
 Example:
     >>> import numpy as np
     >>> from oclust.training_worker.settings import WorkerSettings
-from oclust.training_worker.trainer import MODEL_FAULTS
     >>> child = ModelOwner(WorkerSettings(n_clusters=2, latent_dim=4, device="cpu"), None)
     >>> report, refusal, seconds, facts = child.step(-1, (8, 3), np.ones((8, 3), np.float32))
     >>> report.n, refusal, facts[:3]
