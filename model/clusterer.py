@@ -331,8 +331,10 @@ class OnlineClusterer(
             self._init_centroids(z)
         batch = Batch.build(x, z, self.centroids_, self.sigma, self.log_prior_, self._encode)
         out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists for served
-        served = self._served_labels(  # before the step moves anything
-            z, batch.distances) if z_served is None else self._served_labels(z_served, None)
+        if z_served is None:  # before the step moves anything
+            served = self._served_labels(z, batch.distances)
+        else:
+            served = self._served_labels(z_served)
         self.optimizer_.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer_.step()
@@ -390,15 +392,16 @@ class OnlineClusterer(
         return self.encoder_(x)
 
     @torch.no_grad()
-    def _served_labels(self, z: torch.Tensor, distances: torch.Tensor | None) -> np.ndarray:
+    def _served_labels(
+        self, z: torch.Tensor, distances: torch.Tensor | None = None
+    ) -> np.ndarray:
         """The served rule of :meth:`predict` (:func:`oclust.model.regularisers.serve`) on the
         step's latents ``z``; ``distances`` are the step's own to the trained centroids, reused
         when those serve (``None``: computed here)."""
         serving = self.reg_.serving_centroids(self.centroids_)
         if distances is None or serving is not self.centroids_:
             distances = sq_distances(z.detach(), serving)
-        d = distances
-        labels = serve(z.detach(), d.detach(), self.sigma, self.reg_.serving_head())[0]
+        labels = serve(z.detach(), distances.detach(), self.sigma, self.reg_.serving_head())[0]
         return labels.cpu().numpy().astype(np.int64)
 
     def _set_log_prior(self, prior: np.ndarray) -> None:

@@ -287,10 +287,10 @@ def up_command(
     log_level: options.LogLevelOpt = "warning",
 ) -> None:
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
-    from oclust.model.datasets import ALIASES, check_installed
+    from oclust.model.datasets import check_installed
+    from oclust.service.cmd_eval import key_of
 
-    key = dataset.lower()
-    key = ALIASES.get(key, key).replace("-", "_")  # the names eval, train and produce take
+    key = key_of(dataset).replace("-", "_")  # the names eval, train and produce take
     if key not in DEFAULT_K:
         raise typer.BadParameter(f"unknown dataset {dataset!r}; choose one of "
                                  f"{', '.join(DEFAULT_K)}", param_hint="--dataset")
