@@ -67,6 +67,7 @@ def manifest_of(
         lr=float(clf.lr),
         betas=[float(b) for b in clf.betas],
         standardize=bool(clf.standardize),
+        clip=None if clf.scaler_.clip is None else float(clf.scaler_.clip),  # as built
         init=clf.init,
         seed=clf._seed,
         samples_seen=clf.samples_seen_,
@@ -128,6 +129,7 @@ def from_snapshot(
             encoder=enc.kind,
             hidden=enc.hidden,
             standardize=m.required("standardize"),
+            clip=m.clip,
             reg_params=m.reg_params or None,
             latent_norm=enc.latent_norm,
             init=m.init,

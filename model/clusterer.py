@@ -53,6 +53,7 @@ __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "Onlin
 
 DEFAULT_SIGMA = 10.0
 DEFAULT_LATENT_DIM = 128
+DEFAULT_CLIP = 5.0  # standardised inputs beyond ±5 standard deviations are clipped
 
 #: The scikit-learn estimator checks OnlineClusterer is known to fail, with the reason; pass it
 #: as ``check_estimator(..., expected_failed_checks=EXPECTED_FAILED_CHECKS)``.
@@ -98,6 +99,10 @@ class OnlineClusterer(
         encoder: ``"auto"`` (from the input shape) or a kind of :data:`model.encoders.ENCODERS`.
         hidden: hidden widths (MLP) or channels (convolutional encoders).
         standardize: standardise inputs with running statistics learned from the stream.
+        clip: clip the standardised inputs to ±clip standard deviations (default 5); ``None``
+            does not clip. Ignored without ``standardize``. A feature that is nearly always
+            constant (a border pixel, an idle sensor) otherwise standardises to values of
+            20–200 on the rare samples where it moves.
         reg_params: keyword arguments of the regulariser (e.g. ``{"lam": 2.0}``).
         prior_params: keyword arguments of the ``"online"`` prior's estimator
             (:class:`oclust.model.priors.OnlinePrior`: ``decay``, ``alpha``, ``shrink``,
@@ -150,6 +155,7 @@ class OnlineClusterer(
         seed: int | None = None,
         betas: tuple[float, float] = DEFAULT_BETAS,
         prior_params: dict[str, float] | None = None,
+        clip: float | None = DEFAULT_CLIP,
     ) -> None:
         self.n_clusters = n_clusters
         self.regulariser = regulariser
@@ -167,6 +173,7 @@ class OnlineClusterer(
         self.init = init
         self.seed = seed
         self.prior_params = prior_params
+        self.clip = clip
 
     # ----------------------------------------------------------------- validation
     def validate_params(self) -> OnlineClusterer:
@@ -258,7 +265,7 @@ class OnlineClusterer(
             self.reg_.to(self.device_)
         self.centroids_ = nn.Parameter(torch.zeros(self.n_clusters, self.latent_dim))
         self.centroids_.data = self.centroids_.data.to(self.device_)
-        self.scaler_ = scaler_for(self.encoder_config_).to(self.device_)
+        self.scaler_ = scaler_for(self.encoder_config_, self.clip).to(self.device_)
         online = resolve_prior(self.prior, self.n_clusters)[0] == "online"
         k = int(self.n_clusters)
         self.prior_estimator_ = OnlinePrior(k, **(self.prior_params or {})) if online else None

@@ -2,10 +2,10 @@
 :meth:`OnlineClusterer.export <model.clusterer.OnlineClusterer.export>`.
 
 The compiled kernel (:mod:`oclust.model.kernel`) needs, besides the encoder's weights, the serving
-centroids, the method's own linear head (CM/AE-CM) and the scaler's mean/std; they are written
-into every snapshot under :data:`model.inference.SERVING_PREFIX` so that a replica can serve an MLP
-snapshot without torch. A head that is not one linear layer gives an empty tail: such a model is
-served by torch.
+centroids, the method's own linear head (CM/AE-CM) and the scaler's mean, std and clip; they are
+written into every snapshot under :data:`model.inference.SERVING_PREFIX` so that a replica can
+serve an MLP snapshot without torch. A head that is not one linear layer gives an empty tail:
+such a model is served by torch.
 
 Example:
     >>> import numpy as np
@@ -13,7 +13,7 @@ Example:
     >>> X = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
     >>> clf = OnlineClusterer(3, latent_dim=4, random_state=0, device="cpu").fit(X)
     >>> sorted(serving_tail(clf))
-    ['centroids', 'scaler.mean', 'scaler.std']
+    ['centroids', 'scaler.clip', 'scaler.mean', 'scaler.std']
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def serving_tail(clf: OnlineClusterer) -> dict[str, torch.Tensor]:
     stats = clf.scaler_.moments() if clf.standardize else None
     if stats is not None:  # per feature for an MLP: what the kernel standardises with
         tail |= {"scaler.mean": stats[0].float(), "scaler.std": stats[1].float()}
+        if clf.scaler_.clip is not None:  # the built model's (a later set_params builds nothing)
+            tail["scaler.clip"] = torch.tensor([float(clf.scaler_.clip)])
     return {k: v.detach().cpu().contiguous() for k, v in tail.items()}
 
 

@@ -47,8 +47,9 @@ __all__ = [
 
 #: Prefix of the snapshot tensors that describe the served tail: ``serving.centroids`` (K, m),
 #: optional ``serving.scaler.mean`` / ``serving.scaler.std`` (the input standardisation, absent
-#: when it is the identity) and ``serving.head.weight`` (K, m) / ``serving.head.bias`` (K,)
-#: (a method's own linear rule). Without ``serving.centroids`` a snapshot is served by torch.
+#: when it is the identity) with ``serving.scaler.clip`` (1,) (absent: not clipped), and
+#: ``serving.head.weight`` (K, m) / ``serving.head.bias`` (K,) (a method's own linear rule).
+#: Without ``serving.centroids`` a snapshot is served by torch.
 SERVING_PREFIX = "serving."
 
 
@@ -115,8 +116,9 @@ class CompiledInference:
         try:
             ops: list[tuple[str, tuple[np.ndarray, ...]]] = []
             if SERVING_PREFIX + "scaler.mean" in arrays:
+                clip = arrays.get(SERVING_PREFIX + "scaler.clip", np.full(1, np.inf))
                 ops.append(("standardize", (arrays[SERVING_PREFIX + "scaler.mean"],
-                                            arrays[SERVING_PREFIX + "scaler.std"])))
+                                            arrays[SERVING_PREFIX + "scaler.std"], clip)))
             for op, keys in mlp_program(cfg):
                 params = tuple(arrays[encoder_prefix + k] for k in keys)
                 ops.append((op, (*params, np.float32(NORM_EPS)) if "norm" in op else params))

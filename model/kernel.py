@@ -111,10 +111,16 @@ def _forward(
                 for i in range(rows):
                     for j in range(dim):
                         a[i, j] = a[i, j] * params[o1 + j] + params[o2 + j]
-            else:  # STANDARDIZE: (a - mean) / std, mean at o1, std at o2
+            else:  # STANDARDIZE: (a - mean) / std, clipped; mean at o1, std at o2, clip at o3
+                c = params[o3]  # inf: no clip; NaN fails both tests and stays NaN, as in torch
                 for i in range(rows):
                     for j in range(dim):
-                        a[i, j] = (a[i, j] - params[o1 + j]) / params[o2 + j]
+                        v = (a[i, j] - params[o1 + j]) / params[o2 + j]
+                        if v > c:
+                            v = c
+                        elif v < -c:
+                            v = -c
+                        a[i, j] = v
         latents[start : start + rows] = a
         if has_head:  # the method's own rule: logits of a linear head
             head_logits = np.dot(a, head_w)
@@ -191,7 +197,7 @@ def compile_program(
 ) -> Kernel:
     """Lower ``ops`` on flat samples of ``in_dim`` numbers, then centroids (K, m) and the rule.
 
-    Ops: ``("standardize", (mean, std))``, ``("linear", (weight (out, in), bias))``,
+    Ops: ``("standardize", (mean, std[, clip]))``, ``("linear", (weight (out, in), bias))``,
     ``("relu", ())``, ``("layernorm", (eps,))`` (no affine), ``("batchnorm", (running_mean,
     running_var, eps))`` (eval mode, no affine). ``head``: (weight (K, m), bias (K,)) of a
     method's own rule. Raises ``ValueError`` when the shapes do not chain.
@@ -225,7 +231,8 @@ def compile_program(
             scale = 1.0 / np.sqrt(var + eps)
             rows.append([AFFINE, dim, dim, put(scale), put(-mean * scale), 0])
         elif name == "standardize":
-            rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), 0])
+            clip = p[2] if len(p) > 2 else np.inf
+            rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), put(clip)])
         else:
             raise ValueError(f"unknown op {name!r}")
     mu = np.array(centroids, dtype=np.float32, order="C")  # copies: the kernel owns its arrays

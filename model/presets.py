@@ -25,7 +25,8 @@ Choices made for ``paper``, checked line by line against the released code (its 
   norm right after an unpadded first convolution this is equivalent up to the eps of batch norm
   and Adam (the shift is absorbed, and under Adam a scaled input is a rescaled first-layer weight
   that follows the same path), so it changes the figures only by rounding. Windows and vectors
-  (no counterpart in the authors' code for our datasets) stay standardised.
+  (no counterpart in the authors' code for our datasets) stay standardised, and nothing is
+  clipped (``clip=None``; the shipped default clips standardised inputs at ±5).
 - Encoders. ``lenet`` for 28×28 images, ``lenet1d`` (the same layers in 1-D: two 5-wide
   convolutions with BatchNorm, ReLU and 2× max-pooling, then a linear head; 32 and 64 channels,
   since six raw sensor channels are not one grey channel) for (C, T) windows, an MLP
@@ -46,8 +47,8 @@ Example:
     >>> cfg = paper((28, 28), 10)
     >>> cfg["encoder"], cfg["sigma"], cfg["latent_norm"], cfg["init"], cfg["betas"]
     ('lenet', 50.0, 'none', 'normal', (0.9, 0.999))
-    >>> cfg["standardize"], paper((6, 128), 6)["standardize"]
-    (False, True)
+    >>> cfg["standardize"], paper((6, 128), 6)["standardize"], cfg["clip"]
+    (False, True, None)
 
     Two Adams over two parameter sets take the same steps as one Adam over both:
 
@@ -88,7 +89,7 @@ def paper(dataset_shape: tuple[int, ...], n_clusters: int) -> dict[str, Any]:
     """OnlineClusterer keyword arguments of the CA paper's setup for per-sample ``dataset_shape``.
 
     Images (28, 28) / (1, 28, 28) get ``lenet`` and are not standardised, windows (C, T)
-    ``lenet1d``, vectors an MLP.
+    ``lenet1d``, vectors an MLP; nothing is clipped (``clip=None``).
     """
     shape = tuple(int(s) for s in dataset_shape)
     auto = EncoderConfig.for_shape(shape).kind
@@ -101,6 +102,7 @@ def paper(dataset_shape: tuple[int, ...], n_clusters: int) -> dict[str, Any]:
         "lr": 1e-3,
         "betas": PAPER_BETAS,
         "standardize": encoder != "lenet",  # their images: ToTensor's [0, 1], nothing more
+        "clip": None,  # they clip nothing
         "encoder": encoder,
         "latent_norm": "none",
         "init": "normal",

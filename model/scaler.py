@@ -1,12 +1,13 @@
-"""Streaming input standardisation: running mean and variance with Welford's batch update.
+"""Streaming input standardisation: running mean and variance with Welford's batch update,
+then an optional clip of the standardised values (winsorising).
 
 Example:
     >>> import torch
     >>> from oclust.model.scaler import RunningScaler
-    >>> s = RunningScaler((2,), (0,))
+    >>> s = RunningScaler((2,), (0,), clip=5.0)
     >>> s.update(torch.tensor([[0.0, 10.0], [2.0, 30.0]]))
-    >>> s(torch.tensor([[1.0, 20.0]])).tolist()
-    [[0.0, 0.0]]
+    >>> s(torch.tensor([[1.0, 20.0], [100.0, 20.0]])).tolist()
+    [[0.0, 0.0], [5.0, 0.0]]
 """
 
 from __future__ import annotations
@@ -21,11 +22,21 @@ __all__ = ["RunningScaler", "scaler_for"]
 
 
 class RunningScaler(nn.Module):
-    """Streaming per-feature (or per-channel) standardisation with Welford's batch update."""
+    """Streaming per-feature (or per-channel) standardisation with Welford's batch update.
 
-    def __init__(self, stat_shape: tuple[int, ...], reduce_dims: tuple[int, ...]) -> None:
+    ``clip``: standardised values are clipped to ±clip (standard deviations); ``None``: not
+    clipped. A feature that is almost always constant (a border pixel, a rarely-firing sensor)
+    otherwise standardises to values of 20–200 on the rare samples where it moves, and those
+    few inputs dominate the encoder's first layer; a sensor glitch does the same.
+    """
+
+    def __init__(
+        self, stat_shape: tuple[int, ...], reduce_dims: tuple[int, ...],
+        clip: float | None = None,
+    ) -> None:
         super().__init__()
         self.reduce_dims = reduce_dims
+        self.clip = clip
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(stat_shape, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(stat_shape, dtype=torch.float64))
@@ -55,7 +66,9 @@ class RunningScaler(nn.Module):
         stats = self.moments()
         if stats is None:
             return x
-        return (x - self._expand(stats[0]).to(x)) / self._expand(stats[1]).to(x)
+        z = (x - self._expand(stats[0]).to(x)) / self._expand(stats[1]).to(x)
+        clip = getattr(self, "clip", None)  # a module pickled before the attribute: none
+        return z if clip is None else z.clamp(-clip, clip)  # NaN stays NaN
 
     def _expand(self, stat: torch.Tensor) -> torch.Tensor:
         shape = [1] * (len(self.reduce_dims) + stat.dim())
@@ -65,11 +78,11 @@ class RunningScaler(nn.Module):
         return stat.reshape(shape)
 
 
-def scaler_for(cfg: EncoderConfig) -> RunningScaler:
+def scaler_for(cfg: EncoderConfig, clip: float | None = None) -> RunningScaler:
     """The scaler of an encoder's input: per feature, per channel, or one global statistic."""
     shape = cfg.input_shape
     if len(shape) == 1:  # per feature
-        return RunningScaler(shape, (0,))
+        return RunningScaler(shape, (0,), clip)
     if cfg.kind in IMAGE_KINDS and len(shape) == 2:  # single-channel image: one global statistic
-        return RunningScaler((), (0, 1, 2))
-    return RunningScaler((shape[0],), (0, *range(2, len(shape) + 1)))  # per channel
+        return RunningScaler((), (0, 1, 2), clip)
+    return RunningScaler((shape[0],), (0, *range(2, len(shape) + 1)), clip)  # per channel

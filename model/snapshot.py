@@ -204,6 +204,7 @@ class Manifest:
     lr: float | None = None
     betas: list[float] | None = None  # Adam's; absent in manifests older than the field
     standardize: bool | None = None
+    clip: float | None = None  # of the standardised inputs; absent (older manifests): none
     init: str = "kmeans"
     seed: int | None = None
     # training progress and the stream position it covers
@@ -255,8 +256,9 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "format": str, "version": _integer, "created_at": _created, "sha256": str, "integrity": str,
     "regulariser": str, "reg_params": _mapping, "n_clusters": int, "input_shape": _shape,
     "encoder": _mapping, "latent_dim": int, "sigma": float, "prior": _floats,
-    "prior_mode": str, "lr": float, "betas": _floats, "standardize": bool, "init": str,
-    "seed": _integer, "samples_seen": int, "steps": int, "offsets": _offsets, "metrics": _mapping,
+    "prior_mode": str, "lr": float, "betas": _floats, "standardize": bool, "clip": float,
+    "init": str, "seed": _integer, "samples_seen": int, "steps": int, "offsets": _offsets,
+    "metrics": _mapping,
 }
 
 

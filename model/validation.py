@@ -41,6 +41,7 @@ FINITE_CHUNK_ROWS = 4096  # rows converted at once when searching for the bad sa
 _F32_MAX = float(np.finfo(np.float32).max)
 _GENERATORS = (np.random.RandomState, np.random.Generator)
 INITS = ("kmeans++", "kmeans", "normal")
+MAX_CLIP = 1e6  # a larger clip of standardised inputs clips nothing a float32 model can take
 DEFAULT_BETAS = (0.9, 0.99)  # Adam's (beta1, beta2) unless configured
 
 
@@ -101,6 +102,8 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
         raise ValueError(f"init must be 'kmeans++', 'kmeans' or 'normal', got {est.init!r}")
     if not _positive_finite(est.sigma):
         raise ValueError(f"sigma must be a positive finite number, got {est.sigma!r}")
+    if est.clip is not None and not (_positive_finite(est.clip) and est.clip <= MAX_CLIP):
+        raise ValueError(f"clip must be None or a number in (0, {MAX_CLIP:g}], got {est.clip!r}")
     if not isinstance(est.latent_dim, numbers.Integral) or est.latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {est.latent_dim!r}")
     if not _positive_finite(est.lr):

@@ -148,8 +148,8 @@ def train_command(settings: TrainSettings) -> None:
         raise typer.BadParameter(str(exc), param_hint="--dataset/--input") from None
     explicit = "n_clusters" in s.model_fields_set  # on the command line or in OCLUST_N_CLUSTERS
     k = s.n_clusters if explicit or key is None else DEFAULT_K.get(key, s.n_clusters)
-    params = {"latent_dim": s.latent_dim, "sigma": s.sigma, "prior": parse_prior(s.prior),
-              "prior_params": s.prior_params}
+    priors = {"prior": parse_prior(s.prior), "prior_params": s.prior_params}
+    params = {**s.model_params, **{n: v for n, v in priors.items() if v is not None}}
     steps = s.epochs * -(-len(X) // s.batch_size)
     try:
         with tqdm(total=steps, desc="train", unit="step", file=sys.stderr) as bar:
@@ -157,7 +157,7 @@ def train_command(settings: TrainSettings) -> None:
                 X, k, epochs=s.epochs, batch_size=s.batch_size,
                 regulariser=s.regulariser, seed=s.seed, device=s.device,
                 on_step=lambda _r: bar.update(1),
-                **{k: v for k, v in params.items() if v is not None},
+                **params,
             )
     except ValueError as exc:
         raise fail(str(exc)) from None

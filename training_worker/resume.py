@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
@@ -108,13 +107,10 @@ def current_snapshot(store: SnapshotStore) -> Snapshot | None:
 def fresh_model(settings: WorkerSettings, device: str | None = None) -> OnlineClusterer:
     """A new model from the settings (on ``device``, default ``settings.device``)."""
     s = settings
-    params: dict[str, Any] = {
-        k: v for k, v in {"sigma": s.sigma, "latent_dim": s.latent_dim}.items() if v is not None
-    }
     return OnlineClusterer(
         n_clusters=s.n_clusters, regulariser=s.regulariser, lr=s.lr, device=device or s.device,
         seed=s.seed, encoder=s.encoder, prior=parse_prior(s.prior), prior_params=s.prior_params,
-        **params,
+        **s.model_params,
     ).validate_params()
 
 
@@ -150,6 +146,10 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
         elif s.prior_max_kl is not None and est.max_kl != s.prior_max_kl:
             log.warning("the snapshot's online prior keeps its own KL cap %s (--prior-max-kl %s "
                         "applies to a fresh model)", est.max_kl, s.prior_max_kl)
+        clip = s.model_params.get("clip", model.clip)
+        if s.input_clip is not None and clip != model.clip:
+            log.warning("the snapshot's model keeps its own input clip %s (--input-clip %s "
+                        "applies to a fresh model)", model.clip, s.input_clip)
     if s.collapse_threshold is None:  # the model's configured prior: a resumed snapshot's wins
         guard.threshold = default_threshold(model.prior, model.n_clusters)
     return Trainer(model, guard, metrics, quality, s.collapse_restore, snap, hooks)

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -154,6 +155,10 @@ class ModelSettings(_Env):
         None, gt=0, allow_inf_nan=False, description="softmax temperature of a fresh model"
     )
     latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
+    input_clip: float | None = Field(
+        None, gt=0, description="a fresh model clips its standardised inputs to ± this many "
+        "standard deviations (default 5; inf: no clip)"
+    )
     seed: int | None = Field(0, description="seed of a fresh model")
     device: str = Field("auto", description="auto, cpu or cuda[:i]")
     batch_size: int = Field(256, ge=1, description="samples per training step")
@@ -174,12 +179,35 @@ class ModelSettings(_Env):
         k = info.data.get("n_clusters")
         return value if k is None else check_prior(value, k)
 
+    @field_validator("input_clip")
+    @classmethod
+    def _clip_bounded(cls, value: float | None) -> float | None:
+        from oclust.model.validation import MAX_CLIP  # only when given: --help stays light
+
+        if value is not None and MAX_CLIP < value < math.inf:
+            raise ValueError(f"at most {MAX_CLIP:g} standard deviations, or inf (no clip)")
+        return value
+
     @field_validator("prior_max_kl")
     @classmethod
     def _cap_needs_online(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and (info.data.get("prior") or "").strip() != "online":
             raise ValueError("the KL cap applies to the online prior only: add --prior online")
         return value
+
+    @property
+    def model_params(self) -> dict[str, Any]:
+        """The set hyper-parameters of a fresh model, as ``OnlineClusterer`` keywords (the others
+        keep the clusterer's defaults).
+
+        >>> ModelSettings(sigma=5.0, input_clip=float("inf")).model_params
+        {'sigma': 5.0, 'clip': None}
+        """
+        params: dict[str, Any] = {"sigma": self.sigma, "latent_dim": self.latent_dim}
+        params = {k: v for k, v in params.items() if v is not None}
+        if self.input_clip is not None:
+            params["clip"] = None if math.isinf(self.input_clip) else self.input_clip
+        return params
 
     @property
     def prior_params(self) -> dict[str, float] | None:

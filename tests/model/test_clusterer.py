@@ -48,6 +48,11 @@ def test_bad_prior_rejected_before_any_training(prior, match):
         ({"init": "zeros"}, "init"),
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"betas": (0.9,)}, "betas"),
+        ({"clip": 0}, "clip"),
+        ({"clip": -5.0}, "clip"),
+        ({"clip": float("inf")}, "clip"),
+        ({"clip": "5"}, "clip"),
+        ({"clip": 1e7}, "clip"),
     ],
 )
 def test_bad_parameters_rejected_by_fit(params, match):

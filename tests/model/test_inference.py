@@ -80,6 +80,45 @@ def test_snapshot_and_export_answer_as_the_clusterer(
         _assert_same(inf, clf, x)
 
 
+@pytest.mark.parametrize(("shape", "backend"), [((5,), "compiled"), ((2, 12), "torch")])
+def test_standardised_inputs_are_clipped_alike_by_every_path(
+    shape: tuple[int, ...], backend: str
+) -> None:
+    x = np.random.default_rng(4).normal(size=(12, *shape)).astype("float32")
+    far, farther = x.copy(), x.copy()
+    far.reshape(12, -1)[:, 0], farther.reshape(12, -1)[:, 0] = 1e3, 1e4  # both beyond 5 std
+    clipped, unclipped = _fit(shape), _fit(shape, clip=None)
+    assert clipped.clip == 5.0 and clipped.to_snapshot().manifest["clip"] == 5.0
+    np.testing.assert_array_equal(clipped.transform(far), clipped.transform(farther))
+    assert not np.allclose(unclipped.transform(far), unclipped.transform(farther))
+    for clf in (clipped, unclipped):
+        for inf in (load(clf.to_snapshot()), clf.export()):
+            assert inf.backend == backend
+            _assert_same(inf, clf, far)
+    inf = load(clipped.to_snapshot())
+    np.testing.assert_array_equal(inf(far).latents, inf(farther).latents)
+
+
+def test_serving_clips_as_the_built_model_after_set_params() -> None:
+    clf = _fit((5,))
+    clf.set_params(clip=None)  # builds nothing: the model keeps clipping as it was built
+    x = np.random.default_rng(6).normal(size=(8, 5)).astype("float32")
+    x[:, 0] = 1e3
+    assert clf.to_snapshot().manifest["clip"] == 5.0
+    for inf in (load(clf.to_snapshot()), clf.export()):
+        _assert_same(inf, clf, x)
+
+
+def test_a_manifest_without_clip_serves_unclipped_as_it_was_written() -> None:
+    snap = _fit((5,), clip=None).to_snapshot()
+    manifest = {k: v for k, v in snap.manifest.items() if k not in ("sha256", "clip")}
+    old = Snapshot.create(snap.weights, manifest)  # as written before the field existed
+    assert OnlineClusterer.from_snapshot(old).clip is None
+    x = np.random.default_rng(5).normal(size=(8, 5)).astype("float32")
+    x[:, 0] = 1e3
+    np.testing.assert_array_equal(load(old)(x).latents, load(snap)(x).latents)
+
+
 def test_digits_mlp_labels_equal_predict() -> None:
     from oclust.model.datasets import load_digits
 

@@ -72,6 +72,9 @@ def _error_line(args: list[str]) -> str:
         (["train", "--dataset", "digits", "--n-clusters", "3", "--prior", "0.5,0.5"],
          "'--prior': prior must be a vector of length n_clusters=3"),
         (["train", "--dataset", "digits", "--batch-size", "1"], "'--batch-size'"),
+        (["train", "--dataset", "digits", "--input-clip", "0"], "'--input-clip'"),
+        (["worker", "--input-clip", "nan"], "'--input-clip'"),
+        (["worker", "--input-clip", "1e7"], "'--input-clip': at most 1e+06"),
         (["train", "--dataset", "nope"], "unknown dataset 'nope'"),
         (["train", "--dataset", "digits", "--device", "gpu0"], "'--device': unknown device"),
         (["worker", "--encoder", "transformer"], "'--encoder': unknown encoder"),
@@ -89,6 +92,22 @@ def test_bad_arguments_are_one_line_and_exit_2(args: list[str], message: str) ->
     assert line.startswith("oclust") and ": error: " in line, line
     assert args[0] in line.split(": error: ")[0] or "No such command" in line, line
     assert message in line, line
+
+
+def test_input_clip_reaches_a_fresh_model_and_inf_turns_it_off(tmp_path: Path) -> None:
+    from oclust.training_worker.resume import fresh_model
+    from oclust.training_worker.store import open_store
+
+    for value, clip in ((None, 5.0), (3.0, 3.0), (float("inf"), None)):
+        s = WorkerSettings(topic="t", n_clusters=3, input_clip=value)
+        assert fresh_model(s, "cpu").clip == clip
+    store = f"file://{tmp_path}"
+    r = runner.invoke(app, ["train", "--dataset", "digits", "--epochs", "1", "--store", store,
+                            "--input-clip", "inf"])
+    assert r.exit_code == 0, r.output
+    with open_store(store) as st:
+        manifest = st.load().manifest
+    assert "clip" in manifest and manifest["clip"] is None
 
 
 def test_worker_refuses_a_bad_regulariser_before_taking_the_lease(tmp_path: Path) -> None:

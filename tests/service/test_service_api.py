@@ -23,9 +23,10 @@ from oclust.service.settings import ServiceSettings
 K = 3
 
 
-def _fit(shape: tuple[int, ...], seed: int = 0) -> OnlineClusterer:
+def _fit(shape: tuple[int, ...], seed: int = 0, clip: float | None = 5.0) -> OnlineClusterer:
     rng = np.random.default_rng(seed)
-    clf = OnlineClusterer(n_clusters=K, latent_dim=8, hidden=(16,), seed=seed, device="cpu")
+    clf = OnlineClusterer(n_clusters=K, latent_dim=8, hidden=(16,), seed=seed, device="cpu",
+                          clip=clip)
     for _ in range(2):
         clf.partial_fit(rng.normal(size=(64, *shape)).astype("float32"))
     return clf
@@ -198,9 +199,13 @@ def test_bad_batch_input_is_422_with_a_message(api: Client, body: bytes, message
 
 
 def test_values_too_large_for_the_model_are_422_not_500(vector_snapshot: Snapshot) -> None:
-    api = _client(vector_snapshot, max_abs_feature=1e39)  # past the bound, into the model
+    unclipped = _fit((5,), clip=None).to_snapshot().with_version(1)
+    api = _client(unclipped, max_abs_feature=1e39)  # past the bound, into the model
     r = api.post("/assign", json={"features": [1e38] * 5})
     assert r.status_code == 422 and "values too large" in r.json()["detail"]
+    api = _client(vector_snapshot, max_abs_feature=1e39)  # the default clips at 5 std
+    r = api.post("/assign", json={"features": [1e38] * 5})
+    assert r.status_code == 200 and r.json()["distance"] >= 0
 
 
 def test_out_of_range_features_are_422_with_the_error_type(api: Client) -> None:

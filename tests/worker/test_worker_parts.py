@@ -169,6 +169,30 @@ def test_a_resumed_snapshot_keeps_its_prior_and_says_so(tmp_path, caplog):
     assert "not online" in said["uniform"] and "None" not in said["uniform"]
 
 
+def test_a_resumed_snapshot_keeps_its_input_clip_and_says_so(tmp_path, caplog):
+    import logging
+
+    from oclust.training_worker.resume import FaultMetrics, load_trainer
+    from oclust.training_worker.trainer import TrainerHooks
+
+    X = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
+    store = DirectoryStore(str(tmp_path), "t")
+    store.publish(OnlineClusterer(4, latent_dim=4, hidden=(8,), seed=0, clip=3.0)
+                  .partial_fit(X).to_snapshot())
+    caplog.set_level(logging.WARNING, logger="oclust.training_worker.resume")
+    said = {}
+    for value in (None, 3.0, float("inf")):
+        s = WorkerSettings(topic="t", n_clusters=4, input_clip=value)
+        metrics = WorkerMetrics()
+        caplog.clear()
+        trainer = load_trainer(s, store, metrics, FaultMetrics(metrics.registry),
+                               TrainerHooks(), "cpu")
+        assert trainer.model.clip == 3.0 and trainer.model.scaler_.clip == 3.0  # the snapshot's
+        said[value] = " ".join(r.getMessage() for r in caplog.records)
+    assert said[None] == said[3.0] == ""
+    assert "keeps its own input clip 3.0 (--input-clip inf" in said[float("inf")]
+
+
 class _OnePoint(nn.Module):
     """An encoder that maps every input to the same latent point."""
 
