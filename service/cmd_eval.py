@@ -43,6 +43,10 @@ def eval_command(
     )] = None,
     latent_dim: Annotated[int | None, typer.Option(
         min=1, help="override the latent size")] = None,
+    input_clip: Annotated[float | None, typer.Option(
+        help="clip the standardised inputs at ± this many standard deviations (default: the "
+        "protocol's, 5 under default, none under paper; inf: no clip)"
+    )] = None,
     imbalance: Annotated[
         str | None,
         typer.Option(help="subsample by the paper's profile: imb1, imb2 or imb3 (per seed)"),
@@ -86,6 +90,7 @@ def eval_command(
     )
     from oclust.model.presets import PRESETS
     from oclust.model.regularisers import REGULARISERS
+    from oclust.model.validation import MAX_CLIP
 
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGULARISERS]
@@ -112,6 +117,11 @@ def eval_command(
     if sigma is not None and not 0 < sigma < math.inf:
         raise typer.BadParameter(f"must be positive and finite, got {sigma}", param_hint="--sigma")
     params = {k: v for k, v in {"sigma": sigma, "latent_dim": latent_dim}.items() if v is not None}
+    if input_clip is not None:
+        if not (0 < input_clip <= MAX_CLIP or input_clip == math.inf):
+            raise typer.BadParameter(f"must be in (0, {MAX_CLIP:g}] or inf, got {input_clip}",
+                                     param_hint="--input-clip")
+        params["clip"] = None if input_clip == math.inf else input_clip
     try:
         X, y = datasets.load(dataset)
     except ValueError as exc:

@@ -142,3 +142,28 @@ def test_paper_protocol_feeds_fashion_mnist_in_zero_one_and_defaults_to_ten_epoc
     assert [evaluation.default_epochs("default", n) for n in (1797, 2310, 10_411, 70_000)] == [
         40, 40, 10, 2]
     assert evaluation.default_epochs("paper", 70_000) == 10
+
+
+def test_eval_input_clip_reaches_the_model_and_bad_values_are_refused(monkeypatch):
+    from oclust.model import OnlineClusterer, evaluation
+
+    seen = []
+
+    class Spy(OnlineClusterer):
+        def fit(self, X, y=None, **kw):
+            seen.append(self.get_params()["clip"])
+            return super().fit(X, y, **kw)
+
+    monkeypatch.setattr(evaluation, "OnlineClusterer", Spy)
+    runner = CliRunner()
+    for value, clip in ((None, 5.0), ("3", 3.0), ("inf", None)):
+        args = ["eval", "--seeds", "1", "--epochs", "1", "--limit", "300", "--no-reference"]
+        result = runner.invoke(app, args + ([] if value is None else ["--input-clip", value]))
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == clip
+    result = runner.invoke(app, ["eval", "--protocol", "paper", "--seeds", "1", "--epochs", "1",
+                                 "--limit", "300", "--no-reference"])
+    assert result.exit_code == 0 and seen.pop() is None  # the authors clip nothing
+    for bad in ("0", "-1", "1e7", "nan"):
+        result = runner.invoke(app, ["eval", "--input-clip", bad])
+        assert result.exit_code == 2 and "--input-clip" in result.output, (bad, result.output)
