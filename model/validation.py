@@ -120,6 +120,25 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
             raise ValueError(f"{name} must be None, an int or a numpy generator, got {state!r}")
 
 
+def clip_option(value: float) -> float | None:
+    """The ``clip`` of a command-line value: ``inf`` turns clipping off (``None``); ``ValueError``
+    outside (0, :data:`MAX_CLIP`].
+
+    >>> clip_option(5.0), clip_option(float("inf"))
+    (5.0, None)
+    >>> clip_option(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: at most 1e+06 standard deviations and above 0, or inf (no clip); got 0
+    """
+    if value == math.inf:
+        return None
+    if not 0 < value <= MAX_CLIP:
+        raise ValueError(f"at most {MAX_CLIP:g} standard deviations and above 0, or inf "
+                         f"(no clip); got {value}")
+    return value
+
+
 def check_prior_params(params: Any) -> None:
     """``ValueError`` unless ``params`` is None or valid keyword arguments of ``OnlinePrior``.
 

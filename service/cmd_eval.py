@@ -90,7 +90,7 @@ def eval_command(
     )
     from oclust.model.presets import PRESETS
     from oclust.model.regularisers import REGULARISERS
-    from oclust.model.validation import MAX_CLIP
+    from oclust.model.validation import clip_option
 
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGULARISERS]
@@ -118,10 +118,10 @@ def eval_command(
         raise typer.BadParameter(f"must be positive and finite, got {sigma}", param_hint="--sigma")
     params = {k: v for k, v in {"sigma": sigma, "latent_dim": latent_dim}.items() if v is not None}
     if input_clip is not None:
-        if not (0 < input_clip <= MAX_CLIP or input_clip == math.inf):
-            raise typer.BadParameter(f"must be in (0, {MAX_CLIP:g}] or inf, got {input_clip}",
-                                     param_hint="--input-clip")
-        params["clip"] = None if input_clip == math.inf else input_clip
+        try:
+            params["clip"] = clip_option(input_clip)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--input-clip") from None
     try:
         X, y = datasets.load(dataset)
     except ValueError as exc:

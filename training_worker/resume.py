@@ -146,8 +146,7 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
         elif s.prior_max_kl is not None and est.max_kl != s.prior_max_kl:
             log.warning("the snapshot's online prior keeps its own KL cap %s (--prior-max-kl %s "
                         "applies to a fresh model)", est.max_kl, s.prior_max_kl)
-        clip = s.model_params.get("clip", model.clip)
-        if s.input_clip is not None and clip != model.clip:
+        if s.model_params.get("clip", model.clip) != model.clip:  # --input-clip given, and other
             log.warning("the snapshot's model keeps its own input clip %s (--input-clip %s "
                         "applies to a fresh model)", model.clip, s.input_clip)
     if s.collapse_threshold is None:  # the model's configured prior: a resumed snapshot's wins

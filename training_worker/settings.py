@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 from urllib.parse import urlparse
 
@@ -182,10 +181,10 @@ class ModelSettings(_Env):
     @field_validator("input_clip")
     @classmethod
     def _clip_bounded(cls, value: float | None) -> float | None:
-        from oclust.model.validation import MAX_CLIP  # only when given: --help stays light
+        from oclust.model.validation import clip_option  # only when given: --help stays light
 
-        if value is not None and MAX_CLIP < value < math.inf:
-            raise ValueError(f"at most {MAX_CLIP:g} standard deviations, or inf (no clip)")
+        if value is not None:
+            clip_option(value)
         return value
 
     @field_validator("prior_max_kl")
@@ -203,10 +202,12 @@ class ModelSettings(_Env):
         >>> ModelSettings(sigma=5.0, input_clip=float("inf")).model_params
         {'sigma': 5.0, 'clip': None}
         """
+        from oclust.model.validation import clip_option
+
         params: dict[str, Any] = {"sigma": self.sigma, "latent_dim": self.latent_dim}
         params = {k: v for k, v in params.items() if v is not None}
         if self.input_clip is not None:
-            params["clip"] = None if math.isinf(self.input_clip) else self.input_clip
+            params["clip"] = clip_option(self.input_clip)
         return params
 
     @property
