@@ -58,7 +58,7 @@ def manifest_of(
         input_shape=tuple(clf.input_shape_),
         encoder=clf.encoder_config_.to_dict(),
         latent_dim=int(clf.latent_dim),
-        sigma=float(clf.sigma),
+        sigma=clf.sigma_,
         prior=clf.prior_.tolist(),
         prior_mode=resolve_prior(clf.prior, clf.n_clusters)[0],
         prior_state=(
@@ -68,7 +68,7 @@ def manifest_of(
         betas=[float(b) for b in clf.betas],
         standardize=bool(clf.standardize),
         clip=None if clf.scaler_.clip is None else float(clf.scaler_.clip),  # as built
-        init=clf.init,
+        init=clf.init_,
         seed=clf._seed,
         samples_seen=clf.samples_seen_,
         steps=clf.steps_,

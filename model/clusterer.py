@@ -49,9 +49,10 @@ if TYPE_CHECKING:
     from oclust.model.inference import Inference
 
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
-           "RunningScaler", "StepReport"]
+           "RunningScaler", "StepReport", "latent_setup"]
 
-DEFAULT_SIGMA = 10.0
+DEFAULT_SIGMA = 10.0  # normalised latents (the MLP's LayerNorm)
+RAW_SIGMA = 50.0  # raw latents (the convolutional encoders): the CA paper's sigma, in our form
 DEFAULT_LATENT_DIM = 128
 DEFAULT_CLIP = 5.0  # standardised inputs beyond ±5 standard deviations are clipped
 
@@ -66,6 +67,28 @@ EXPECTED_FAILED_CHECKS = {
 }
 PROBE_ROWS = 16  # samples of the latest batch a snapshot is checked on
 BATCHNORM_MOMENTUM = 0.1  # BatchNorm's own default, reached after ten steps
+
+
+def latent_setup(latent_norm: str, init: str, sigma: float | None) -> tuple[str, float]:
+    """The centroid seeding and sigma a model with this (resolved) latent normalisation trains
+    with: ``init="auto"`` and ``sigma=None`` follow the latents.
+
+    Normalised latents (LayerNorm, the MLP's default) take k-means centroids of the first batch
+    and sigma 10. Raw latents (the convolutional encoders' default) take sigma 50, the CA
+    paper's, and centroids that carry nothing of the first batch's partition: random
+    directions around its mean latent (:func:`oclust.model.seeding.centred_directions`).
+    Seeded by k-means, raw latents shrink onto their centroids and the distances stop carrying
+    information.
+
+    >>> latent_setup("layer", "auto", None), latent_setup("none", "auto", None)
+    (('kmeans', 10.0), ('centred', 50.0))
+    >>> latent_setup("none", "kmeans", 5)  # what is set wins
+    ('kmeans', 5.0)
+    """
+    raw = latent_norm == "none"
+    if init == "auto":
+        init = "centred" if raw else "kmeans"
+    return init, float(sigma) if sigma is not None else RAW_SIGMA if raw else DEFAULT_SIGMA
 
 
 class OnlineClusterer(
@@ -90,6 +113,8 @@ class OnlineClusterer(
             uniform, KL-capped, uniform until warmed up; fed back as ``log_prior`` and saved
             in the snapshot manifest).
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
+            ``None`` (default): 10 with normalised latents, 50 with raw ones
+            (:func:`latent_setup`).
         latent_dim: size of the latent space.
         lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
@@ -108,12 +133,14 @@ class OnlineClusterer(
             (:class:`oclust.model.priors.OnlinePrior`: ``decay``, ``alpha``, ``shrink``,
             ``max_kl``, the cap on KL(prior ‖ uniform), and ``warmup``; e.g.
             ``{"max_kl": 0.2}``). Ignored by the other priors.
-        latent_norm: ``"layer"`` (default), ``"batch"`` or ``"none"``: normalisation of the
-            encoder output. Without it the encoder shrinks every latent onto its centroid and
-            the distances stop carrying information.
-        init: centroid seeding on the first batch's latents: ``"kmeans"`` (default, a full
-            k-means on that batch), ``"kmeans++"`` (seeding only) or ``"normal"`` (N(0, 1)
-            draws, as the CA paper's code does).
+        latent_norm: ``"auto"`` (default: ``"layer"`` for the MLP, ``"none"`` for the
+            convolutional encoders of windows and images), ``"layer"``, ``"batch"`` or
+            ``"none"``: normalisation of the encoder output.
+        init: centroid seeding: ``"auto"`` (default: ``"kmeans"`` with normalised latents,
+            ``"centred"`` with raw ones), ``"kmeans"`` (a full k-means on the first batch's
+            latents), ``"kmeans++"`` (seeding only), ``"normal"`` (N(0, 1) draws, as the CA
+            paper's code does) or ``"centred"`` (random directions of length sqrt(latent_dim)
+            around the first batch's mean latent).
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
             both are given.
 
@@ -128,6 +155,8 @@ class OnlineClusterer(
             was a DataFrame with string column names).
         input_shape_: the per-sample shape, ``X.shape[1:]``.
         samples_seen_, steps_: samples and steps trained since ``fit`` (or the first batch).
+        init_, sigma_: the centroid seeding and sigma in use (``"auto"`` and ``None`` resolved);
+            the latent normalisation in use is ``encoder_config_.latent_norm``.
     """
 
     samples_seen_: int = 0  # class defaults: readable before the first batch
@@ -141,7 +170,7 @@ class OnlineClusterer(
         n_clusters: int = 10,
         regulariser: str = "ca",
         prior: np.ndarray | list[float] | str | None = None,
-        sigma: float = DEFAULT_SIGMA,
+        sigma: float | None = None,
         latent_dim: int = DEFAULT_LATENT_DIM,
         lr: float = 1e-3,
         device: str = "auto",
@@ -150,8 +179,8 @@ class OnlineClusterer(
         hidden: tuple[int, ...] | None = None,
         standardize: bool = True,
         reg_params: dict[str, float] | None = None,
-        latent_norm: str = "layer",
-        init: str = "kmeans",
+        latent_norm: str = "auto",
+        init: str = "auto",
         seed: int | None = None,
         betas: tuple[float, float] = DEFAULT_BETAS,
         prior_params: dict[str, float] | None = None,
@@ -185,7 +214,7 @@ class OnlineClusterer(
         >>> OnlineClusterer(sigma=0).validate_params()
         Traceback (most recent call last):
         ...
-        ValueError: sigma must be a positive finite number, got 0
+        ValueError: sigma must be None or a positive finite number, got 0
         """
         check_params(self, REGULARISERS)
         return self
@@ -249,6 +278,9 @@ class OnlineClusterer(
         self.encoder_config_ = EncoderConfig.for_shape(
             input_shape, self.latent_dim, self.encoder, self.hidden, self.latent_norm
         )
+        self.init_, self.sigma_ = latent_setup(
+            self.encoder_config_.latent_norm, self.init, self.sigma
+        )
         self.input_shape_ = tuple(input_shape)
         self._seed = resolve_seed(self.random_state, self.seed)
         self.samples_seen_ = 0
@@ -291,7 +323,7 @@ class OnlineClusterer(
                 "the first batch's latents are NaN or infinite: its values are too large for the "
                 "encoder (send features on their usual scale, or keep standardize=True)"
             )
-        self.centroids_.data.copy_(seed_centroids(z, self.n_clusters, self.init, self._rng))
+        self.centroids_.data.copy_(seed_centroids(z, self.n_clusters, self.init_, self._rng))
         self._centroids_ready = True
 
     # ----------------------------------------------------------------- training
@@ -336,7 +368,7 @@ class OnlineClusterer(
         z = self.encoder_(x)
         if not self._centroids_ready:
             self._init_centroids(z)
-        batch = Batch.build(x, z, self.centroids_, self.sigma, self.log_prior_, self._encode)
+        batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
         out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists for served
         if z_served is None:  # before the step moves anything
             served = self._served_labels(z, batch.distances)
@@ -353,7 +385,7 @@ class OnlineClusterer(
         report = StepReport.build(labels, served, float(out.loss.detach()), self.prior_)
         if self.prior_estimator_ is not None:  # online prior: prior-free soft responsibilities
             d = batch.distances.detach().double().cpu().numpy()
-            self._set_log_prior(self.prior_estimator_.update_from_distances(d, self.sigma))
+            self._set_log_prior(self.prior_estimator_.update_from_distances(d, self.sigma_))
         self.last_step_ = report
         self.labels_ = report.served_labels
         self._probe = np.array(arr[:PROBE_ROWS], dtype=np.float32)  # see checkpoint.to_snapshot
@@ -408,7 +440,7 @@ class OnlineClusterer(
         serving = self.reg_.serving_centroids(self.centroids_)
         if distances is None or serving is not self.centroids_:
             distances = sq_distances(z.detach(), serving)
-        labels = serve(z.detach(), distances.detach(), self.sigma, self.reg_.serving_head())[0]
+        labels = serve(z.detach(), distances.detach(), self.sigma_, self.reg_.serving_head())[0]
         return labels.cpu().numpy().astype(np.int64)
 
     def _set_log_prior(self, prior: np.ndarray) -> None:

@@ -60,7 +60,7 @@ def export(clf: OnlineClusterer) -> Inference:
         arrays = {f"encoder.{k}": v.detach().cpu().numpy()
                   for k, v in clf.encoder_.state_dict().items()}
         arrays |= {SERVING_PREFIX + k: v.numpy() for k, v in tail.items()}
-        return CompiledInference.from_arrays(clf.encoder_config_, float(clf.sigma), arrays)
+        return CompiledInference.from_arrays(clf.encoder_config_, clf.sigma_, arrays)
     with torch.no_grad():
         centroids = clf.reg_.serving_centroids(clf.centroids_).detach().clone()
     head = clf.reg_.serving_head()
@@ -68,7 +68,7 @@ def export(clf: OnlineClusterer) -> Inference:
         copy.deepcopy(clf.scaler_) if clf.standardize else None,
         copy.deepcopy(clf.encoder_).eval(),
         centroids,
-        float(clf.sigma),
+        clf.sigma_,
         copy.deepcopy(head).eval() if head is not None else None,
         clf.input_shape_,
         clf.device_,

@@ -45,7 +45,7 @@ class InferenceMixin:
     # the host's parameters and fitted attributes, declared for readers and type checkers
     n_clusters: int
     latent_dim: int
-    sigma: float
+    sigma_: float
     standardize: bool
     input_shape_: tuple[int, ...]
     encoder_: torch.nn.Module
@@ -95,7 +95,7 @@ class InferenceMixin:
         dists = np.empty(len(arr), dtype=np.float64)
         head = self.reg_.serving_head()
         for rows, z, d in self._chunks(arr):
-            lab, dist, _ = serve(z, d.double(), self.sigma, head)
+            lab, dist, _ = serve(z, d.double(), self.sigma_, head)
             labels[rows], dists[rows] = lab.cpu().numpy(), dist.cpu().numpy()
         return labels, dists
 
@@ -117,6 +117,6 @@ class InferenceMixin:
         out = np.empty((len(arr), self.n_clusters), dtype=np.float64)
         head = self.reg_.serving_head()
         for rows, z, d in self._chunks(arr):
-            logits = serve(z, d.double(), self.sigma, head)[2]
+            logits = serve(z, d.double(), self.sigma_, head)[2]
             out[rows] = torch.softmax(logits.double(), dim=1).cpu().numpy()
         return out

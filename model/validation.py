@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from oclust.model.encoder_config import LATENT_NORMS as ENCODER_LATENT_NORMS
 from oclust.model.priors import SETTINGS, OnlinePrior, resolve_prior
 
 __all__ = [
@@ -40,7 +41,8 @@ __all__ = [
 FINITE_CHUNK_ROWS = 4096  # rows converted at once when searching for the bad samples
 _F32_MAX = float(np.finfo(np.float32).max)
 _GENERATORS = (np.random.RandomState, np.random.Generator)
-INITS = ("kmeans++", "kmeans", "normal")
+INITS = ("auto", "kmeans++", "kmeans", "normal", "centred")
+LATENT_NORMS = ("auto", *ENCODER_LATENT_NORMS)
 MAX_CLIP = 1e6  # a larger clip of standardised inputs clips nothing a float32 model can take
 DEFAULT_BETAS = (0.9, 0.99)  # Adam's (beta1, beta2) unless configured
 
@@ -99,9 +101,13 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
             f"choose from {', '.join(sorted(regularisers))}"
         )
     if est.init not in INITS:
-        raise ValueError(f"init must be 'kmeans++', 'kmeans' or 'normal', got {est.init!r}")
-    if not _positive_finite(est.sigma):
-        raise ValueError(f"sigma must be a positive finite number, got {est.sigma!r}")
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {est.init!r}")
+    if est.latent_norm not in LATENT_NORMS:
+        raise ValueError(
+            f"latent_norm must be one of {', '.join(LATENT_NORMS)}, got {est.latent_norm!r}"
+        )
+    if est.sigma is not None and not _positive_finite(est.sigma):
+        raise ValueError(f"sigma must be None or a positive finite number, got {est.sigma!r}")
     if est.clip is not None and not (_positive_finite(est.clip) and est.clip <= MAX_CLIP):
         raise ValueError(f"clip must be None or a number in (0, {MAX_CLIP:g}], got {est.clip!r}")
     if not isinstance(est.latent_dim, numbers.Integral) or est.latent_dim < 1:

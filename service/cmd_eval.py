@@ -38,8 +38,9 @@ def eval_command(
     )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(
-        help="override the default sigma, in oclust's parametrisation: the CA cost is "
-        "D/(2 sigma) + log(n+1), so the authors' code's sigma 100 is 50 here"
+        help="override the default sigma (10 for vectors, 50 for windows and images), in "
+        "oclust's parametrisation: the CA cost is D/(2 sigma) + log(n+1), so the authors' "
+        "code's sigma 100 is 50 here"
     )] = None,
     latent_dim: Annotated[int | None, typer.Option(
         min=1, help="override the latent size")] = None,

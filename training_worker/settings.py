@@ -151,7 +151,8 @@ class ModelSettings(_Env):
         "(default 0.1; a resumed snapshot keeps its own)"
     )
     sigma: float | None = Field(  # inf would train nothing: every batch refused
-        None, gt=0, allow_inf_nan=False, description="softmax temperature of a fresh model"
+        None, gt=0, allow_inf_nan=False, description="sigma of a fresh model (default 10 for "
+        "vectors, 50 for windows and images, whose encoders train raw latents)"
     )
     latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
     input_clip: float | None = Field(

@@ -46,6 +46,8 @@ def test_bad_prior_rejected_before_any_training(prior, match):
         ({"n_clusters": 0}, "n_clusters"),
         ({"random_state": "x"}, "random_state"),
         ({"init": "zeros"}, "init"),
+        ({"latent_norm": "group"}, "latent_norm"),
+        ({"sigma": "auto"}, "sigma"),
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"betas": (0.9,)}, "betas"),
         ({"clip": 0}, "clip"),
@@ -115,6 +117,28 @@ def test_deterministic_for_a_seed_on_cpu():
     b = _small(device="cpu").fit(X, epochs=2, batch_size=64)
     np.testing.assert_array_equal(a.predict(X), b.predict(X))
     np.testing.assert_array_equal(a.transform(X), b.transform(X))
+
+
+@pytest.mark.parametrize(
+    ("shape", "setup"),
+    [((8,), ("layer", "kmeans", 10.0)), ((3, 40), ("none", "centred", 50.0)),
+     ((8, 8), ("none", "centred", 50.0))],
+)
+def test_latent_setup_follows_the_encoder_unless_set(shape, setup):
+    X = np.random.default_rng(1).normal(size=(64, *shape)).astype(np.float32)
+    clf = _small().partial_fit(X)
+    assert (clf.encoder_config_.latent_norm, clf.init_, clf.sigma_) == setup
+    assert (clf.latent_norm, clf.init, clf.sigma) == ("auto", "auto", None)  # params as given
+    m = clf.to_snapshot().manifest
+    assert (m["encoder"]["latent_norm"], m["init"], m["sigma"]) == setup  # resolved, for serving
+    back = OnlineClusterer.from_snapshot(clf.to_snapshot())
+    assert (back.encoder_config_.latent_norm, back.init_, back.sigma_) == setup
+    # what is set wins; a raw MLP follows its latents (N(0, 1) centroids, sigma 50)
+    pinned = _small(latent_norm="layer", init="kmeans++", sigma=3.0).partial_fit(X)
+    assert (pinned.encoder_config_.latent_norm, pinned.init_, pinned.sigma_) == (
+        "layer", "kmeans++", 3.0)
+    raw = _small(latent_norm="none").partial_fit(X)
+    assert (raw.init_, raw.sigma_) == ("centred", 50.0)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +246,7 @@ def test_a_failed_fit_leaves_no_model_and_a_blown_up_one_is_never_snapshotted() 
 
 @pytest.mark.parametrize("param", ["sigma", "lr"])
 def test_infinite_sigma_or_lr_is_refused_up_front(param: str) -> None:
-    with pytest.raises(ValueError, match=f"{param} must be a positive finite number"):
+    with pytest.raises(ValueError, match=f"{param} must be (None or )?a positive finite number"):
         OnlineClusterer(n_clusters=2, **{param: float("inf")}).validate_params()
     with pytest.raises(ValueError, match="alpha must be positive and finite"):
         OnlineClusterer(n_clusters=2, prior="online",
