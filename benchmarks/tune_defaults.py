@@ -30,7 +30,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "raw_normal_s50": {"latent_norm": "none", "init": "normal", "sigma": 50.0},
     "raw_kmeans_s50": {"latent_norm": "none", "init": "kmeans", "sigma": 50.0},
 }
-EPOCHS = {"digits": 40, "segments": 40, "hapt": 10, "fashion_mnist": 2, "fashion_mnist_flat": 2}
+EPOCHS = {
+    "digits": 40, "segments": 40, "basic_motions": 40, "hapt": 10, "fashion_mnist": 2,
+    "fashion_mnist_flat": 2,
+}
 
 _load = datasets.load
 NORMS = {"layer": "layer", "raw": "none", "batch": "batch"}

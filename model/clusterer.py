@@ -52,7 +52,7 @@ __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "Onlin
            "RunningScaler", "StepReport", "latent_setup"]
 
 DEFAULT_SIGMA = 10.0  # normalised latents (the MLP's LayerNorm)
-RAW_SIGMA = 50.0  # raw latents (the convolutional encoders): the CA paper's sigma, in our form
+RAW_SIGMA = 50.0  # raw latents (the image encoders' default): the CA paper's sigma, in our form
 DEFAULT_LATENT_DIM = 128
 DEFAULT_CLIP = 5.0  # standardised inputs beyond ±5 standard deviations are clipped
 
@@ -73,9 +73,9 @@ def latent_setup(latent_norm: str, init: str, sigma: float | None) -> tuple[str,
     """The centroid seeding and sigma a model with this (resolved) latent normalisation trains
     with: ``init="auto"`` and ``sigma=None`` follow the latents.
 
-    Normalised latents (LayerNorm, the MLP's default) take k-means centroids of the first batch
-    and sigma 10. Raw latents (the convolutional encoders' default) take sigma 50, the CA
-    paper's, and centroids that carry nothing of the first batch's partition: random
+    Normalised latents (LayerNorm, the default for vectors and windows) take k-means centroids
+    of the first batch and sigma 10. Raw latents (the image encoders' default) take sigma 50,
+    the CA paper's, and centroids that carry nothing of the first batch's partition: random
     directions around its mean latent (:func:`oclust.model.seeding.centred_directions`).
     Seeded by k-means, raw latents shrink onto their centroids and the distances stop carrying
     information.
@@ -133,9 +133,9 @@ class OnlineClusterer(
             (:class:`oclust.model.priors.OnlinePrior`: ``decay``, ``alpha``, ``shrink``,
             ``max_kl``, the cap on KL(prior ‖ uniform), and ``warmup``; e.g.
             ``{"max_kl": 0.2}``). Ignored by the other priors.
-        latent_norm: ``"auto"`` (default: ``"layer"`` for the MLP, ``"none"`` for the
-            convolutional encoders of windows and images), ``"layer"``, ``"batch"`` or
-            ``"none"``: normalisation of the encoder output.
+        latent_norm: ``"auto"`` (default: ``"layer"`` for vectors and windows, ``"none"`` for
+            images), ``"layer"``, ``"batch"`` or ``"none"``: normalisation of the encoder
+            output.
         init: centroid seeding: ``"auto"`` (default: ``"kmeans"`` with normalised latents,
             ``"centred"`` with raw ones), ``"kmeans"`` (a full k-means on the first batch's
             latents), ``"kmeans++"`` (seeding only), ``"normal"`` (N(0, 1) draws, as the CA
@@ -155,8 +155,9 @@ class OnlineClusterer(
             was a DataFrame with string column names).
         input_shape_: the per-sample shape, ``X.shape[1:]``.
         samples_seen_, steps_: samples and steps trained since ``fit`` (or the first batch).
-        init_, sigma_: the centroid seeding and sigma in use (``"auto"`` and ``None`` resolved);
-            the latent normalisation in use is ``encoder_config_.latent_norm``.
+        init_, sigma_: the centroid seeding and sigma in use (``"auto"`` and ``None`` resolved;
+            ``sigma_`` follows a later ``set_params(sigma=...)``); the latent normalisation in
+            use is ``encoder_config_.latent_norm``.
     """
 
     samples_seen_: int = 0  # class defaults: readable before the first batch
@@ -247,6 +248,13 @@ class OnlineClusterer(
         return vector
 
     @property
+    def sigma_(self) -> float:
+        """The sigma in use: ``sigma``, or when it is None the default of the model's latents
+        (:func:`latent_setup`)."""
+        self._check_fitted()
+        return latent_setup(self.encoder_config_.latent_norm, "auto", self.sigma)[1]
+
+    @property
     def cluster_centers_(self) -> np.ndarray:
         """The served centroids, in the latent space of ``transform``: (K, latent_dim)."""
         self._check_fitted()
@@ -278,9 +286,7 @@ class OnlineClusterer(
         self.encoder_config_ = EncoderConfig.for_shape(
             input_shape, self.latent_dim, self.encoder, self.hidden, self.latent_norm
         )
-        self.init_, self.sigma_ = latent_setup(
-            self.encoder_config_.latent_norm, self.init, self.sigma
-        )
+        self.init_ = latent_setup(self.encoder_config_.latent_norm, self.init, self.sigma)[0]
         self.input_shape_ = tuple(input_shape)
         self._seed = resolve_seed(self.random_state, self.seed)
         self.samples_seen_ = 0
@@ -424,9 +430,17 @@ class OnlineClusterer(
         and inference by the running ones, and early in training the two label the same batch
         differently (36% agreement after 19 steps of the paper's LeNet). ``None`` for encoders
         without BatchNorm (the MLP), whose training latents are the served ones: no second pass.
+        On a fresh model's first step the running statistics have seen nothing (mean 0,
+        variance 1) and every latent would land near one centroid, so a training-mode pass
+        first sets them to this batch's, as the training pass is about to (momentum 1 on that
+        step). A restored model keeps its own.
         """
         if not self._batchnorm:
             return None
+        if not self._centroids_ready:
+            self._warm_batchnorm()
+            self.encoder_.train()
+            self.encoder_(x)
         self.encoder_.eval()
         return self.encoder_(x)
 

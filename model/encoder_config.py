@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 __all__ = [
-    "AUTO_LATENT_NORM", "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS",
+    "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS",
     "EncoderConfig", "mlp_program",
 ]
 
@@ -25,9 +25,6 @@ DEFAULT_HIDDEN = {
     "lenet1d": (32, 64),
 }
 LATENT_NORMS = ("layer", "batch", "none")
-#: ``latent_norm="auto"``: LayerNorm for the MLP, raw latents for the convolutional encoders
-#: (with N(0, 1) centroids and sigma 50, see :func:`oclust.model.clusterer.latent_setup`).
-AUTO_LATENT_NORM = {"mlp": "layer"}
 NORM_EPS = 1e-5  # eps of the latent LayerNorm / BatchNorm1d
 
 
@@ -51,8 +48,9 @@ class EncoderConfig:
         latent_norm: str = "layer",
     ) -> EncoderConfig:
         """Pick the encoder family from the per-sample shape (``kind="auto"``), and its latent
-        normalisation (``latent_norm="auto"``: ``"layer"`` for the MLP, ``"none"`` for the
-        convolutional encoders).
+        normalisation (``latent_norm="auto"``: raw latents, ``"none"``, for the image encoders
+        of :data:`IMAGE_KINDS`, with centred centroids and sigma 50, see
+        :func:`oclust.model.clusterer.latent_setup`; ``"layer"`` for vectors and windows).
 
         (D,) is a vector (``mlp``); (C, T) with C <= 32 channels and more readings than
         channels, T > C, is a sensor window (``conv1d``); any other (H, W), and every
@@ -62,8 +60,9 @@ class EncoderConfig:
         >>> [EncoderConfig.for_shape(s).kind for s in [(64,), (6, 128), (28, 28), (28, 32),
         ...                                            (1, 28, 32)]]
         ['mlp', 'conv1d', 'convnet', 'conv1d', 'convnet']
-        >>> [EncoderConfig.for_shape(s, latent_norm="auto").latent_norm for s in [(64,), (6, 128)]]
-        ['layer', 'none']
+        >>> [EncoderConfig.for_shape(s, latent_norm="auto").latent_norm
+        ...  for s in [(64,), (6, 128), (28, 28)]]
+        ['layer', 'layer', 'none']
         """
         shape = tuple(int(s) for s in input_shape)
         if kind == "auto":
@@ -78,7 +77,7 @@ class EncoderConfig:
         if kind not in ENCODERS:
             raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
         if latent_norm == "auto":
-            latent_norm = AUTO_LATENT_NORM.get(kind, "none")
+            latent_norm = "none" if kind in IMAGE_KINDS else "layer"
         default_hidden = DEFAULT_HIDDEN[kind]
         return cls(
             kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm

@@ -38,7 +38,8 @@ def eval_command(
     )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(
-        help="override the default sigma (10 for vectors, 50 for windows and images), in "
+        help="override the protocol's sigma (default: 10 for vectors and windows, 50 for "
+        "images; paper: 50), in "
         "oclust's parametrisation: the CA cost is D/(2 sigma) + log(n+1), so the authors' "
         "code's sigma 100 is 50 here"
     )] = None,

@@ -30,7 +30,7 @@ def trained(request: pytest.FixtureRequest) -> tuple[OnlineClusterer, np.ndarray
 def _own_rule(clf: OnlineClusterer, X: np.ndarray) -> np.ndarray:
     """What training computes: the regulariser's labels (argmax gamma) on the latents of X."""
     z = torch.from_numpy(clf.transform(X))
-    batch = Batch.build(torch.from_numpy(X), z, clf.centroids_.detach(), clf.sigma,
+    batch = Batch.build(torch.from_numpy(X), z, clf.centroids_.detach(), clf.sigma_,
                         clf.log_prior_)
     with torch.no_grad():
         return clf.reg_(batch).labels.numpy()
