@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
            "RunningScaler", "StepReport", "latent_setup"]
 
-DEFAULT_SIGMA = 10.0  # normalised latents (the MLP's LayerNorm)
+DEFAULT_SIGMA = 10.0  # normalised latents (LayerNorm, the default for vectors and windows)
 RAW_SIGMA = 50.0  # raw latents (the image encoders' default): the CA paper's sigma, in our form
 DEFAULT_LATENT_DIM = 128
 DEFAULT_CLIP = 5.0  # standardised inputs beyond ±5 standard deviations are clipped
