@@ -197,10 +197,10 @@ def compile_program(
 ) -> Kernel:
     """Lower ``ops`` on flat samples of ``in_dim`` numbers, then centroids (K, m) and the rule.
 
-    Ops: ``("standardize", (mean, std[, clip]))``, ``("linear", (weight (out, in), bias))``,
-    ``("relu", ())``, ``("layernorm", (eps,))`` (no affine), ``("batchnorm", (running_mean,
-    running_var, eps))`` (eval mode, no affine). ``head``: (weight (K, m), bias (K,)) of a
-    method's own rule. Raises ``ValueError`` when the shapes do not chain.
+    Ops: ``("standardize", (mean, std, clip))`` (clip inf: none), ``("linear", (weight (out,
+    in), bias))``, ``("relu", ())``, ``("layernorm", (eps,))`` (no affine), ``("batchnorm",
+    (running_mean, running_var, eps))`` (eval mode, no affine). ``head``: (weight (K, m), bias
+    (K,)) of a method's own rule. Raises ``ValueError`` when the shapes do not chain.
     """
     rows: list[list[int]] = []
     chunks: list[np.ndarray] = []
@@ -231,8 +231,7 @@ def compile_program(
             scale = 1.0 / np.sqrt(var + eps)
             rows.append([AFFINE, dim, dim, put(scale), put(-mean * scale), 0])
         elif name == "standardize":
-            clip = p[2] if len(p) > 2 else np.inf
-            rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), put(clip)])
+            rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), put(p[2])])
         else:
             raise ValueError(f"unknown op {name!r}")
     mu = np.array(centroids, dtype=np.float32, order="C")  # copies: the kernel owns its arrays
