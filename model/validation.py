@@ -108,7 +108,7 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
         )
     if est.sigma is not None and not _positive_finite(est.sigma):
         raise ValueError(f"sigma must be None or a positive finite number, got {est.sigma!r}")
-    if est.clip is not None and not (_positive_finite(est.clip) and est.clip <= MAX_CLIP):
+    if est.clip is not None and not _valid_clip(est.clip):
         raise ValueError(f"clip must be None or a number in (0, {MAX_CLIP:g}], got {est.clip!r}")
     if not isinstance(est.latent_dim, numbers.Integral) or est.latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {est.latent_dim!r}")
@@ -139,7 +139,7 @@ def clip_option(value: float) -> float | None:
     """
     if value == math.inf:
         return None
-    if not 0 < value <= MAX_CLIP:
+    if not _valid_clip(value):
         raise ValueError(f"at most {MAX_CLIP:g} standard deviations and above 0, or inf "
                          f"(no clip); got {value}")
     return value
@@ -165,6 +165,11 @@ def check_prior_params(params: Any) -> None:
         OnlinePrior(2, **params)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"prior_params: {exc}") from None
+
+
+def _valid_clip(x: Any) -> bool:
+    """A clip of standardised inputs: a number in (0, :data:`MAX_CLIP`]."""
+    return _positive_finite(x) and x <= MAX_CLIP
 
 
 def _positive_finite(x: Any) -> bool:
