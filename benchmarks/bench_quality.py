@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     reduced = args.seeds < 5 or args.epochs < DEFAULT_EPOCHS
     print(f"# Quality benchmark: {args.seeds} seed(s), {args.epochs} epoch(s), batch 256"
           + (" — REDUCED SCALE (paper protocol: 5 seeds, 40 epochs)" if reduced else ""))
-    print(f"clusterer defaults: sigma={clusterer.DEFAULT_SIGMA} (raw latents of the image "
-          f"encoder: {clusterer.RAW_SIGMA}), latent_dim={clusterer.DEFAULT_LATENT_DIM}; "
+    print(f"clusterer defaults: sigma={clusterer.DEFAULT_SIGMA} (windows and raw latents of the "
+          f"image encoder: {clusterer.WIDE_SIGMA}), latent_dim={clusterer.DEFAULT_LATENT_DIM}, "
+          "views on for images with ca; "
           f"settings: {', '.join(settings)}\n")
     sys.stdout.flush()
 

@@ -1,10 +1,11 @@
-"""Seeded data augmentations for the regularisers that contrast two views of a batch.
+"""Seeded data augmentations: the views of a batch that training pulls toward the same cluster.
 
-Only methods with ``uses_views = True`` (``drc``, ``tcc``) call these; CA and the other
-regularisers never see an augmented sample. Every function takes an explicit
-``torch.Generator`` (same generator state, same views), keeps the batch's shape, dtype and device,
-and works on standardised inputs (unit scale), so the default strengths are in standard
-deviations.
+The methods that contrast two views (``uses_views = True``: ``drc``, ``tcc``) draw theirs here,
+and so does the clusterer's ``views`` option (on by default for images), which pulls one
+augmented view of each sample to the centroid of the sample's label. Every function takes an
+explicit ``torch.Generator`` (same generator state, same views), keeps the batch's shape, dtype
+and device, and works on standardised inputs (unit scale), so the default strengths are in
+standard deviations.
 
 Three families, picked from the per-sample shape with the same rule as the encoders
 (:func:`kind_for_shape`):
@@ -30,13 +31,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from oclust.model.encoder_config import IMAGE_KINDS, WINDOW_KINDS, EncoderConfig
+
 __all__ = [
     "KINDS",
     "augment",
     "augment_images",
     "augment_vectors",
     "augment_windows",
+    "kind_for_encoder",
     "kind_for_shape",
+    "seeded_generator",
 ]
 
 KINDS = ("vector", "window", "image")
@@ -48,10 +53,29 @@ def kind_for_shape(sample_shape: tuple[int, ...]) -> str:
     >>> kind_for_shape((64,)), kind_for_shape((6, 100)), kind_for_shape((28, 28))
     ('vector', 'window', 'image')
     """
-    from oclust.model.encoders import EncoderConfig
+    return kind_for_encoder(EncoderConfig.for_shape(tuple(sample_shape), kind="auto").kind)
 
-    encoder = EncoderConfig.for_shape(tuple(sample_shape), kind="auto").kind
-    return {"mlp": "vector", "conv1d": "window", "lenet1d": "window"}.get(encoder, "image")
+
+def kind_for_encoder(encoder: str) -> str:
+    """The augmentation family of the input an encoder kind reads.
+
+    >>> kind_for_encoder("mlp"), kind_for_encoder("lenet1d"), kind_for_encoder("convnet")
+    ('vector', 'window', 'image')
+    """
+    return "image" if encoder in IMAGE_KINDS else "window" if encoder in WINDOW_KINDS else "vector"
+
+
+def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of a seeded stream's ``step``-th batch of views: the same (seed, step),
+    the same views, on any device.
+
+    >>> a, b = (seeded_generator(3, 1, torch.device("cpu")) for _ in range(2))
+    >>> torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b))
+    True
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) * 1_000_003 + int(step))
+    return g
 
 
 def _normal(shape: tuple[int, ...], like: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -69,6 +69,7 @@ def manifest_of(
         standardize=bool(clf.standardize),
         clip=None if clf.scaler_.clip is None else float(clf.scaler_.clip),  # as built
         init=clf.init_,
+        views=clf.views_,
         seed=clf._seed,
         samples_seen=clf.samples_seen_,
         steps=clf.steps_,
@@ -133,6 +134,7 @@ def from_snapshot(
             reg_params=m.reg_params or None,
             latent_norm=enc.latent_norm,
             init=m.init,
+            views=m.views,
         ).validate_params()
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"manifest is missing or has a bad field: {exc}") from exc

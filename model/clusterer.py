@@ -35,10 +35,19 @@ from sklearn.utils import Tags
 from torch import nn
 
 from oclust.model import checkpoint
+from oclust.model.augment import augment, kind_for_encoder, seeded_generator
+from oclust.model.encoder_config import IMAGE_KINDS, WINDOW_KINDS
 from oclust.model.encoders import EncoderConfig, build_encoder
 from oclust.model.predicting import INFERENCE_BYTES, INFERENCE_ROWS, InferenceMixin
 from oclust.model.priors import OnlinePrior, resolve_prior
-from oclust.model.regularisers import REGULARISERS, Batch, make_regulariser, serve, sq_distances
+from oclust.model.regularisers import (
+    REGULARISERS,
+    Batch,
+    make_regulariser,
+    pull,
+    serve,
+    sq_distances,
+)
 from oclust.model.report import StepReport
 from oclust.model.scaler import RunningScaler, scaler_for
 from oclust.model.seeding import resolve_seed, seed_centroids
@@ -51,8 +60,8 @@ if TYPE_CHECKING:
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
            "RunningScaler", "StepReport", "latent_setup"]
 
-DEFAULT_SIGMA = 10.0  # normalised latents (LayerNorm, the default for vectors and windows)
-RAW_SIGMA = 50.0  # raw latents (the image encoders' default): the CA paper's sigma, in our form
+DEFAULT_SIGMA = 10.0  # normalised latents of vectors (LayerNorm, the MLP's default)
+WIDE_SIGMA = 50.0  # raw latents (images) and windows: the CA paper's sigma, in our form
 DEFAULT_LATENT_DIM = 128
 DEFAULT_CLIP = 5.0  # standardised inputs beyond ±5 standard deviations are clipped
 
@@ -69,26 +78,32 @@ PROBE_ROWS = 16  # samples of the latest batch a snapshot is checked on
 BATCHNORM_MOMENTUM = 0.1  # BatchNorm's own default, reached after ten steps
 
 
-def latent_setup(latent_norm: str, init: str, sigma: float | None) -> tuple[str, float]:
-    """The centroid seeding and sigma a model with this (resolved) latent normalisation trains
-    with: ``init="auto"`` and ``sigma=None`` follow the latents.
+def latent_setup(config: EncoderConfig, init: str, sigma: float | None) -> tuple[str, float]:
+    """The centroid seeding and sigma a model with this (resolved) encoder configuration trains
+    with: ``init="auto"`` and ``sigma=None`` follow the latents and the input.
 
     Normalised latents (LayerNorm, the default for vectors and windows) take k-means centroids
-    of the first batch and sigma 10. Raw latents (the image encoders' default) take sigma 50,
-    the CA paper's, and centroids that carry nothing of the first batch's partition: random
-    directions around its mean latent (:func:`oclust.model.seeding.centred_directions`).
-    Seeded by k-means, raw latents shrink onto their centroids and the distances stop carrying
-    information.
+    of the first batch. Raw latents (the image encoders' default) take centroids that carry
+    nothing of the first batch's partition: random directions around its mean latent
+    (:func:`oclust.model.seeding.centred_directions`). Seeded by k-means, raw latents shrink
+    onto their centroids and the distances stop carrying information.
 
-    >>> latent_setup("layer", "auto", None), latent_setup("none", "auto", None)
-    (('kmeans', 10.0), ('centred', 50.0))
-    >>> latent_setup("none", "kmeans", 5)  # what is set wins
+    Sigma is 10 for vectors and 50, the CA paper's, for images and windows: on sensor windows
+    sigma 10 leaves the clusters uneven (HAPT: hard KL* 0.09), 50 keeps them even (0.02) there
+    and on BasicMotions.
+
+    >>> from oclust.model.encoder_config import EncoderConfig
+    >>> cfg = {s: EncoderConfig.for_shape(s, latent_norm="auto") for s in [(8,), (6, 128), (8, 8)]}
+    >>> [latent_setup(c, "auto", None) for c in cfg.values()]
+    [('kmeans', 10.0), ('kmeans', 50.0), ('centred', 50.0)]
+    >>> latent_setup(cfg[8, 8], "kmeans", 5)  # what is set wins
     ('kmeans', 5.0)
     """
-    raw = latent_norm == "none"
+    raw = config.latent_norm == "none"
     if init == "auto":
         init = "centred" if raw else "kmeans"
-    return init, float(sigma) if sigma is not None else RAW_SIGMA if raw else DEFAULT_SIGMA
+    wide = raw or config.kind in WINDOW_KINDS
+    return init, float(sigma) if sigma is not None else WIDE_SIGMA if wide else DEFAULT_SIGMA
 
 
 class OnlineClusterer(
@@ -113,7 +128,7 @@ class OnlineClusterer(
             uniform, KL-capped, uniform until warmed up; fed back as ``log_prior`` and saved
             in the snapshot manifest).
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
-            ``None`` (default): 10 with normalised latents, 50 with raw ones
+            ``None`` (default): 10 for vectors, 50 for windows and images
             (:func:`latent_setup`).
         latent_dim: size of the latent space.
         lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
@@ -141,6 +156,12 @@ class OnlineClusterer(
             latents), ``"kmeans++"`` (seeding only), ``"normal"`` (N(0, 1) draws, as the CA
             paper's code does) or ``"centred"`` (random directions of length sqrt(latent_dim)
             around the first batch's mean latent).
+        views: train on an augmented view of each batch too, pulled to the centroid of the
+            label the regulariser gave the clean sample (:mod:`oclust.model.augment`: for
+            images a shift of up to one pixel and pixel noise). ``"auto"`` (default): on for
+            images with CA, the one regulariser it was measured with; off for vectors and
+            windows, where it did not help, and for the other regularisers. Doubles the
+            encoder's work per step.
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
             both are given.
 
@@ -155,9 +176,9 @@ class OnlineClusterer(
             was a DataFrame with string column names).
         input_shape_: the per-sample shape, ``X.shape[1:]``.
         samples_seen_, steps_: samples and steps trained since ``fit`` (or the first batch).
-        init_, sigma_: the centroid seeding and sigma in use (``"auto"`` and ``None`` resolved;
-            ``sigma_`` follows a later ``set_params(sigma=...)``); the latent normalisation in
-            use is ``encoder_config_.latent_norm``.
+        init_, sigma_, views_: the centroid seeding, sigma and views in use (``"auto"`` and
+            ``None`` resolved; ``sigma_`` follows a later ``set_params(sigma=...)``); the latent
+            normalisation in use is ``encoder_config_.latent_norm``.
     """
 
     samples_seen_: int = 0  # class defaults: readable before the first batch
@@ -186,6 +207,7 @@ class OnlineClusterer(
         betas: tuple[float, float] = DEFAULT_BETAS,
         prior_params: dict[str, float] | None = None,
         clip: float | None = DEFAULT_CLIP,
+        views: bool | str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.regulariser = regulariser
@@ -204,6 +226,7 @@ class OnlineClusterer(
         self.seed = seed
         self.prior_params = prior_params
         self.clip = clip
+        self.views = views
 
     # ----------------------------------------------------------------- validation
     def validate_params(self) -> OnlineClusterer:
@@ -252,7 +275,17 @@ class OnlineClusterer(
         """The sigma in use: ``sigma``, or when it is None the default of the model's latents
         (:func:`latent_setup`)."""
         self._check_fitted()
-        return latent_setup(self.encoder_config_.latent_norm, "auto", self.sigma)[1]
+        return latent_setup(self.encoder_config_, "auto", self.sigma)[1]
+
+    @property
+    def views_(self) -> bool:
+        """Whether training pulls augmented views: ``views``, or for ``"auto"`` on for images
+        when the regulariser's views were measured (CA); follows ``set_params(views=...)``."""
+        self._check_fitted()
+        if self.views != "auto":
+            return bool(self.views)
+        default = REGULARISERS[self.regulariser].views_by_default
+        return default and self.encoder_config_.kind in IMAGE_KINDS
 
     @property
     def cluster_centers_(self) -> np.ndarray:
@@ -286,7 +319,7 @@ class OnlineClusterer(
         self.encoder_config_ = EncoderConfig.for_shape(
             input_shape, self.latent_dim, self.encoder, self.hidden, self.latent_norm
         )
-        self.init_ = latent_setup(self.encoder_config_.latent_norm, self.init, self.sigma)[0]
+        self.init_ = latent_setup(self.encoder_config_, self.init, self.sigma)[0]
         self.input_shape_ = tuple(input_shape)
         self._seed = resolve_seed(self.random_state, self.seed)
         self.samples_seen_ = 0
@@ -301,6 +334,8 @@ class OnlineClusterer(
             self.reg_ = make_regulariser(self.regulariser, **(self.reg_params or {}))
             self.reg_.build(self.input_shape_, self.latent_dim, self.n_clusters)
             self.reg_.to(self.device_)
+            self._view_seed = int(torch.randint(0, 2**31 - 1, ()).item())  # drawn last: the
+            # draws before it are those of a model without views
         self.centroids_ = nn.Parameter(torch.zeros(self.n_clusters, self.latent_dim))
         self.centroids_.data = self.centroids_.data.to(self.device_)
         self.scaler_ = scaler_for(self.encoder_config_, self.clip).to(self.device_)
@@ -380,21 +415,42 @@ class OnlineClusterer(
             served = self._served_labels(z, batch.distances)
         else:
             served = self._served_labels(z_served)
+        loss = out.loss
+        if self.views_:  # the mean with the view's pull: CA's loss keeps its scale
+            loss = (loss + self._view_pull(x, out.labels)) / 2
         self.optimizer_.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         self.optimizer_.step()
         self._check_weights_finite()
         self.reg_.after_step(self.centroids_.detach())
         self.samples_seen_ += len(arr)
         self.steps_ += 1
         labels = out.labels.detach().cpu().numpy().astype(np.int64)
-        report = StepReport.build(labels, served, float(out.loss.detach()), self.prior_)
+        report = StepReport.build(labels, served, float(loss.detach()), self.prior_)
         if self.prior_estimator_ is not None:  # online prior: prior-free soft responsibilities
             d = batch.distances.detach().double().cpu().numpy()
             self._set_log_prior(self.prior_estimator_.update_from_distances(d, self.sigma_))
         self.last_step_ = report
         self.labels_ = report.served_labels
         self._probe = np.array(arr[:PROBE_ROWS], dtype=np.float32)  # see checkpoint.to_snapshot
+
+    def _view_pull(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean distance of an augmented view of each (standardised) sample to the centroid of
+        the sample's training label. The views are drawn from the model's seed and step count
+        (a seeded model, restored, continues with the views it would have drawn). BatchNorm
+        normalises the view by its own statistics but keeps the running ones the clean
+        batches', which inference uses."""
+        g = seeded_generator(self._view_seed, self.steps_, x.device)
+        view = augment(x, g, kind_for_encoder(self.encoder_config_.kind))
+        tracked = [layer.track_running_stats for layer in self._batchnorm]
+        for layer in self._batchnorm:
+            layer.track_running_stats = False
+        try:
+            z = self.encoder_(view)
+        finally:
+            for layer, track in zip(self._batchnorm, tracked, strict=True):
+                layer.track_running_stats = track
+        return pull(sq_distances(z, self.centroids_), labels)
 
     def _check_weights_finite(self) -> None:
         """``FloatingPointError`` (not a ``ValueError``: the batch is not at fault) when the step

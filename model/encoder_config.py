@@ -14,12 +14,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 __all__ = [
-    "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS",
+    "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS", "WINDOW_KINDS",
     "EncoderConfig", "mlp_program",
 ]
 
 ENCODERS = ("mlp", "conv1d", "cnn", "convnet", "lenet", "lenet1d")
 IMAGE_KINDS = ("cnn", "convnet", "lenet")  # encoders of (H, W) or (C, H, W) images
+WINDOW_KINDS = ("conv1d", "lenet1d")  # encoders of (C, T) sensor windows
 DEFAULT_HIDDEN = {
     "mlp": (512,), "conv1d": (32, 64), "cnn": (32, 64), "convnet": (16, 32), "lenet": (6, 16),
     "lenet1d": (32, 64),

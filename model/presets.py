@@ -47,8 +47,8 @@ Example:
     >>> cfg = paper((28, 28), 10)
     >>> cfg["encoder"], cfg["sigma"], cfg["latent_norm"], cfg["init"], cfg["betas"]
     ('lenet', 50.0, 'none', 'normal', (0.9, 0.999))
-    >>> cfg["standardize"], paper((6, 128), 6)["standardize"], cfg["clip"]
-    (False, True, None)
+    >>> cfg["standardize"], paper((6, 128), 6)["standardize"], cfg["clip"], cfg["views"]
+    (False, True, None, False)
 
     Two Adams over two parameter sets take the same steps as one Adam over both:
 
@@ -89,7 +89,8 @@ def paper(dataset_shape: tuple[int, ...], n_clusters: int) -> dict[str, Any]:
     """OnlineClusterer keyword arguments of the CA paper's setup for per-sample ``dataset_shape``.
 
     Images (28, 28) / (1, 28, 28) get ``lenet`` and are not standardised, windows (C, T)
-    ``lenet1d``, vectors an MLP; nothing is clipped (``clip=None``).
+    ``lenet1d``, vectors an MLP; nothing is clipped (``clip=None``) and no augmented view is
+    trained on (``views=False``).
     """
     shape = tuple(int(s) for s in dataset_shape)
     auto = EncoderConfig.for_shape(shape).kind
@@ -106,6 +107,7 @@ def paper(dataset_shape: tuple[int, ...], n_clusters: int) -> dict[str, Any]:
         "encoder": encoder,
         "latent_norm": "none",
         "init": "normal",
+        "views": False,  # they train on the images alone
     }
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "cluster_regularisation",
     "make_regulariser",
     "membership_variance",
+    "pull",
     "register",
     "serve",
     "soft_assignment",
@@ -132,7 +133,7 @@ def serve(
     return labels, distances.gather(1, labels[:, None])[:, 0], logits
 
 
-def _pull(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def pull(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean distance of each point to its assigned centroid: the loss all hard methods share."""
     return distances.gather(1, labels[:, None]).mean()
 
@@ -142,6 +143,9 @@ class Regulariser(nn.Module):
 
     name: ClassVar[str] = ""
     uses_views: ClassVar[bool] = False  # True for methods that need augmented views
+    # True where the clusterer's ``views="auto"`` turns views on for images: measured with CA;
+    # the view's pull is on the scale of a pull loss, not of ckm's or the clustering module's
+    views_by_default: ClassVar[bool] = False
 
     def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:
         """Create parameters that depend on the data (a decoder, a head); default: none.
@@ -174,7 +178,7 @@ class NoRegulariser(Regulariser):
 
     def forward(self, batch: Batch) -> Output:
         labels = batch.distances.detach().argmin(dim=1)
-        return Output(labels, _pull(batch.distances, labels))
+        return Output(labels, pull(batch.distances, labels))
 
 
 @register
@@ -186,6 +190,7 @@ class CombinationAssignment(Regulariser):
     """
 
     name = "ca"
+    views_by_default = True
 
     def forward(self, batch: Batch) -> Output:
         # The greedy loop runs on the host in compiled code (one copy of the distances per
@@ -194,7 +199,7 @@ class CombinationAssignment(Regulariser):
             batch.distances.detach(), 2.0 * batch.sigma, batch.log_prior.detach().cpu().numpy()
         )
         labels_t = torch.from_numpy(labels).to(batch.distances.device)
-        return Output(labels_t, _pull(batch.distances, labels_t))
+        return Output(labels_t, pull(batch.distances, labels_t))
 
 
 def sinkhorn(logits: torch.Tensor, log_prior: torch.Tensor, n_iter: int) -> torch.Tensor:
@@ -223,7 +228,7 @@ class SinkhornKnopp(Regulariser):
         logits = -d / (2.0 * batch.sigma * self.epsilon)
         q = sinkhorn(logits, batch.log_prior.to(d), self.n_iter)
         labels = q.argmax(dim=1)
-        return Output(labels, _pull(batch.distances, labels))
+        return Output(labels, pull(batch.distances, labels))
 
 
 class PenalisedPull(Regulariser):
@@ -244,7 +249,7 @@ class PenalisedPull(Regulariser):
     def forward(self, batch: Batch) -> Output:
         labels = batch.distances.detach().argmin(dim=1)
         penalty = self.penalty(batch)
-        loss = _pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * penalty
+        loss = pull(batch.distances, labels) + self.lam * 2.0 * batch.sigma * penalty
         return Output(labels, loss)
 
 

@@ -206,6 +206,7 @@ class Manifest:
     standardize: bool | None = None
     clip: float | None = None  # of the standardised inputs; absent (older manifests): none
     init: str = "kmeans"
+    views: bool = False  # augmented views in training; absent (older manifests): none
     seed: int | None = None
     # training progress and the stream position it covers
     samples_seen: int = 0
@@ -257,8 +258,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "regulariser": str, "reg_params": _mapping, "n_clusters": int, "input_shape": _shape,
     "encoder": _mapping, "latent_dim": int, "sigma": float, "prior": _floats,
     "prior_mode": str, "lr": float, "betas": _floats, "standardize": bool, "clip": float,
-    "init": str, "seed": _integer, "samples_seen": int, "steps": int, "offsets": _offsets,
-    "metrics": _mapping,
+    "init": str, "views": bool, "seed": _integer, "samples_seen": int, "steps": int,
+    "offsets": _offsets, "metrics": _mapping,
 }
 
 

@@ -106,6 +106,9 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
         raise ValueError(
             f"latent_norm must be one of {', '.join(LATENT_NORMS)}, got {est.latent_norm!r}"
         )
+    auto = isinstance(est.views, str) and est.views == "auto"
+    if not (auto or isinstance(est.views, (bool, np.bool_))):
+        raise ValueError(f"views must be 'auto', True or False, got {est.views!r}")
     if est.sigma is not None and not _positive_finite(est.sigma):
         raise ValueError(f"sigma must be None or a positive finite number, got {est.sigma!r}")
     if est.clip is not None and not _valid_clip(est.clip):

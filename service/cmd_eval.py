@@ -38,13 +38,17 @@ def eval_command(
     )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(
-        help="override the protocol's sigma (default: 10 for vectors and windows, 50 for "
+        help="override the protocol's sigma (default: 10 for vectors, 50 for windows and "
         "images; paper: 50), in "
         "oclust's parametrisation: the CA cost is D/(2 sigma) + log(n+1), so the authors' "
         "code's sigma 100 is 50 here"
     )] = None,
     latent_dim: Annotated[int | None, typer.Option(
         min=1, help="override the latent size")] = None,
+    views: Annotated[bool | None, typer.Option(
+        "--views/--no-views", help="override the protocol's augmented views (default: on for "
+        "images with CA; paper: off)"
+    )] = None,
     input_clip: Annotated[float | None, typer.Option(
         help="clip the standardised inputs at ± this many standard deviations (default: the "
         "protocol's, 5 under default, none under paper; inf: no clip)"
@@ -118,7 +122,8 @@ def eval_command(
         )
     if sigma is not None and not 0 < sigma < math.inf:
         raise typer.BadParameter(f"must be positive and finite, got {sigma}", param_hint="--sigma")
-    params = {k: v for k, v in {"sigma": sigma, "latent_dim": latent_dim}.items() if v is not None}
+    given = {"sigma": sigma, "latent_dim": latent_dim, "views": views}
+    params = {k: v for k, v in given.items() if v is not None}
     if input_clip is not None:
         try:
             params["clip"] = clip_option(input_clip)

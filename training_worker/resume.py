@@ -149,6 +149,9 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
         if s.model_params.get("clip", model.clip) != model.clip:  # --input-clip given, and other
             log.warning("the snapshot's model keeps its own input clip %s (--input-clip %s "
                         "applies to a fresh model)", model.clip, s.input_clip)
+        if s.views is not None and s.views != model.views_:
+            log.warning("the snapshot's model keeps its own views setting %s (--views %s "
+                        "applies to a fresh model)", model.views_, s.views)
     if s.collapse_threshold is None:  # the model's configured prior: a resumed snapshot's wins
         guard.threshold = default_threshold(model.prior, model.n_clusters)
     return Trainer(model, guard, metrics, quality, s.collapse_restore, snap, hooks)

@@ -152,12 +152,16 @@ class ModelSettings(_Env):
     )
     sigma: float | None = Field(  # inf would train nothing: every batch refused
         None, gt=0, allow_inf_nan=False, description="sigma of a fresh model (default 10 for "
-        "vectors and windows, 50 for images, whose encoder trains raw latents)"
+        "vectors, 50 for windows and for images, whose encoder trains raw latents)"
     )
     latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
     input_clip: float | None = Field(
         None, gt=0, description="a fresh model clips its standardised inputs to ± this many "
         "standard deviations (default 5; inf: no clip)"
+    )
+    views: bool | None = Field(
+        None, description="a fresh model also trains on an augmented view of each batch "
+        "(default: on for images with the ca regulariser, else off; doubles the encoder's work)"
     )
     seed: int | None = Field(0, description="seed of a fresh model")
     device: str = Field("auto", description="auto, cpu or cuda[:i]")
@@ -205,7 +209,9 @@ class ModelSettings(_Env):
         """
         from oclust.model.validation import clip_option
 
-        params: dict[str, Any] = {"sigma": self.sigma, "latent_dim": self.latent_dim}
+        params: dict[str, Any] = {
+            "sigma": self.sigma, "latent_dim": self.latent_dim, "views": self.views
+        }
         params = {k: v for k, v in params.items() if v is not None}
         if self.input_clip is not None:
             params["clip"] = clip_option(self.input_clip)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oclust.model.augment import augment, kind_for_shape
+from oclust.model.augment import augment, kind_for_shape, seeded_generator
 from oclust.model.regularisers import Batch, Regulariser
 
 __all__ = [
@@ -129,8 +129,7 @@ class _Seeded(Regulariser):
         self.rng_seed.fill_(int(torch.randint(0, 2**31 - 1, ()).item()))
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(self.rng_seed.item()) * 1_000_003 + int(self.rng_step.item()))
+        g = seeded_generator(int(self.rng_seed.item()), int(self.rng_step.item()), device)
         self.rng_step += 1
         return g
 

@@ -55,6 +55,8 @@ def test_bad_prior_rejected_before_any_training(prior, match):
         ({"clip": float("inf")}, "clip"),
         ({"clip": "5"}, "clip"),
         ({"clip": 1e7}, "clip"),
+        ({"views": "yes"}, "views"),
+        ({"views": 1}, "views"),
     ],
 )
 def test_bad_parameters_rejected_by_fit(params, match):
@@ -121,7 +123,7 @@ def test_deterministic_for_a_seed_on_cpu():
 
 @pytest.mark.parametrize(
     ("shape", "setup"),
-    [((8,), ("layer", "kmeans", 10.0)), ((3, 40), ("layer", "kmeans", 10.0)),
+    [((8,), ("layer", "kmeans", 10.0)), ((3, 40), ("layer", "kmeans", 50.0)),
      ((8, 8), ("none", "centred", 50.0))],
 )
 def test_latent_setup_follows_the_encoder_unless_set(shape, setup):
@@ -139,6 +141,59 @@ def test_latent_setup_follows_the_encoder_unless_set(shape, setup):
         "layer", "kmeans++", 3.0)
     raw = _small(latent_norm="none").partial_fit(X)
     assert (raw.init_, raw.sigma_) == ("centred", 50.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "regulariser", "views"),
+    [((8,), "ca", False), ((3, 40), "ca", False), ((8, 8), "ca", True), ((8, 8), "sk", False),
+     ((8, 8), "ckm", False), ((8, 8), "cm", False), ((8, 8), "drc", False)],
+)
+def test_views_are_on_for_images_with_ca(shape, regulariser, views):
+    X = np.random.default_rng(1).normal(size=(64, *shape)).astype(np.float32)
+    clf = _small(regulariser=regulariser).partial_fit(X)
+    assert clf.views == "auto" and clf.views_ is views
+    snap = clf.to_snapshot()
+    assert snap.manifest["views"] is views
+    assert OnlineClusterer.from_snapshot(snap).views_ is views
+    assert _small(regulariser=regulariser, views=not views).partial_fit(X).views_ is not views
+    assert clf.set_params(views=np.bool_(not views)).views_ is not views  # as sigma_ does
+
+
+def test_views_train_and_a_restored_model_draws_the_views_it_would_have_drawn(monkeypatch):
+    import oclust.model.clusterer
+
+    drawn = []
+    real = oclust.model.clusterer.augment
+
+    def recorded(x, g, kind):
+        drawn.append((kind, g.initial_seed()))
+        return real(x, g, kind)
+
+    monkeypatch.setattr(oclust.model.clusterer, "augment", recorded)
+    X = _data(256)
+    clf = _small(views=True).fit(X, epochs=2, batch_size=64)
+    assert [kind for kind, _ in drawn] == ["vector"] * 8  # one view per step, of the encoder's
+    assert len({seed for _, seed in drawn}) == 8  # family, a fresh one each step
+    plain = _small(views=False).fit(X, epochs=2, batch_size=64)
+    assert len(drawn) == 8 and not np.allclose(plain.cluster_centers_, clf.cluster_centers_)
+    clone = OnlineClusterer.from_snapshot(clf.to_snapshot())
+    a, b = clf.partial_fit(X[:64]).last_step_, clone.partial_fit(X[:64]).last_step_
+    assert a.loss == pytest.approx(b.loss, rel=1e-6)
+    np.testing.assert_allclose(clone.cluster_centers_, clf.cluster_centers_, rtol=1e-5)
+
+
+def test_the_view_pass_leaves_batchnorm_running_statistics_to_the_clean_batches():
+    import torch
+    from sklearn.datasets import load_digits
+
+    X = load_digits().images.astype(np.float32)[:128]
+    on, off = (OnlineClusterer(n_clusters=4, random_state=0, views=v).partial_fit(X)
+               for v in (True, False))
+    assert on.views_ and on._batchnorm
+    for a, b in zip(on._batchnorm, off._batchnorm, strict=True):  # what predict normalises by
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+        assert a.num_batches_tracked == b.num_batches_tracked
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -44,13 +44,14 @@ def test_unknown_fields_are_kept_and_the_checksum_still_holds(snap: Snapshot) ->
 
 def test_an_old_manifest_without_the_newer_fields_still_loads(snap: Snapshot) -> None:
     dropped = ("seed", "init", "prior_mode", "prior_state", "reg_params", "offsets", "steps",
-               "integrity")
+               "integrity", "views")
     old = {k: v for k, v in snap.manifest.items() if k not in dropped}
     legacy = Snapshot(snap.weights, {**old, "format": LEGACY_FORMAT})
     m = legacy.meta
     assert (m.seed, m.init, m.prior_mode, m.offsets, m.steps) == (None, "kmeans", None, {}, 0)
     clf = OnlineClusterer.from_snapshot(legacy, device="cpu")
     assert clf.samples_seen_ == 96 and clf.steps_ == 0
+    assert m.views is False and clf.views_ is False  # trained without: continues without
 
 
 def test_adam_betas_are_saved_and_restored() -> None:

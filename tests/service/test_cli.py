@@ -110,6 +110,20 @@ def test_input_clip_reaches_a_fresh_model_and_inf_turns_it_off(tmp_path: Path) -
     assert "clip" in manifest and manifest["clip"] is None
 
 
+def test_views_reach_a_fresh_model(tmp_path: Path) -> None:
+    from oclust.training_worker.resume import fresh_model
+    from oclust.training_worker.store import open_store
+
+    for value, views in ((None, "auto"), (True, True), (False, False)):
+        assert fresh_model(WorkerSettings(topic="t", views=value), "cpu").views == views
+    store = f"file://{tmp_path}"
+    r = runner.invoke(app, ["train", "--dataset", "digits", "--epochs", "1", "--store", store,
+                            "--views"])
+    assert r.exit_code == 0, r.output
+    with open_store(store) as st:
+        assert st.load().manifest["views"] is True  # the MLP's default is off
+
+
 def test_worker_refuses_a_bad_regulariser_before_taking_the_lease(tmp_path: Path) -> None:
     store = f"file://{tmp_path}"
     _error_line(["worker", "--store", store, "--regulariser", "bogus", "--metrics-port", "-1"])

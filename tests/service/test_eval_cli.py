@@ -167,3 +167,23 @@ def test_eval_input_clip_reaches_the_model_and_bad_values_are_refused(monkeypatc
     for bad in ("0", "-1", "1e7", "nan"):
         result = runner.invoke(app, ["eval", "--input-clip", bad])
         assert result.exit_code == 2 and "--input-clip" in result.output, (bad, result.output)
+
+
+def test_eval_views_reach_the_model_over_the_protocol(monkeypatch):
+    from oclust.model import OnlineClusterer, evaluation
+
+    seen = []
+
+    class Spy(OnlineClusterer):
+        def fit(self, X, y=None, **kw):
+            seen.append(self.get_params()["views"])
+            return super().fit(X, y, **kw)
+
+    monkeypatch.setattr(evaluation, "OnlineClusterer", Spy)
+    runner = CliRunner()
+    base = ["eval", "--seeds", "1", "--epochs", "1", "--limit", "300", "--no-reference"]
+    for extra, views in (([], "auto"), (["--views"], True), (["--protocol", "paper"], False),
+                         (["--protocol", "paper", "--views"], True)):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == views, extra

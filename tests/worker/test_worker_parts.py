@@ -169,7 +169,7 @@ def test_a_resumed_snapshot_keeps_its_prior_and_says_so(tmp_path, caplog):
     assert "not online" in said["uniform"] and "None" not in said["uniform"]
 
 
-def test_a_resumed_snapshot_keeps_its_input_clip_and_says_so(tmp_path, caplog):
+def test_a_resumed_snapshot_keeps_its_input_clip_and_views_and_says_so(tmp_path, caplog):
     import logging
 
     from oclust.training_worker.resume import FaultMetrics, load_trainer
@@ -191,6 +191,14 @@ def test_a_resumed_snapshot_keeps_its_input_clip_and_says_so(tmp_path, caplog):
         said[value] = " ".join(r.getMessage() for r in caplog.records)
     assert said[None] == said[3.0] == ""
     assert "keeps its own input clip 3.0 (--input-clip inf" in said[float("inf")]
+    for value in (False, True):
+        s, metrics = WorkerSettings(topic="t", n_clusters=4, views=value), WorkerMetrics()
+        caplog.clear()
+        trainer = load_trainer(s, store, metrics, FaultMetrics(metrics.registry),
+                               TrainerHooks(), "cpu")
+        assert trainer.model.views_ is False  # the snapshot's: vectors train without
+        said[value] = " ".join(r.getMessage() for r in caplog.records)
+    assert said[False] == "" and "keeps its own views setting False (--views True" in said[True]
 
 
 class _OnePoint(nn.Module):
