@@ -18,8 +18,10 @@ from typing import Any
 from oclust.model import datasets, evaluation
 
 CANDIDATES: dict[str, dict[str, Any]] = {
-    # the clusterer's defaults; before 2026-12-06 LayerNorm / k-means / 10 for every encoder,
-    # which the JSONL rows named "shipped" up to then measured (spell it layer_kmeans_s10 now)
+    # the clusterer's defaults when the row ran, so "shipped" rows of the JSONL differ by date:
+    # LayerNorm / k-means / 10 for every encoder up to stop 24 (spell it layer_kmeans_s10 now),
+    # raw latents / centred / 50 for images from stop 25, windows at sigma 50 (layer_kmeans_s50)
+    # and images with augmented views from stop 26
     "shipped": {},
     "reference": {},  # KMeans / MiniBatchKMeans rows only
     "mbk": {},  # the MiniBatchKMeans row only (KMeans with n_init=10 is slow on 70k images)

@@ -1,14 +1,15 @@
 """Seeded data augmentations: the views of a batch that training pulls toward the same cluster.
 
 The methods that contrast two views (``uses_views = True``: ``drc``, ``tcc``) draw theirs here,
-and so does the clusterer's ``views`` option (on by default for images), which pulls one
-augmented view of each sample to the centroid of the sample's label. Every function takes an
-explicit ``torch.Generator`` (same generator state, same views), keeps the batch's shape, dtype
-and device, and works on standardised inputs (unit scale), so the default strengths are in
-standard deviations.
+and so does the clusterer's ``views`` option (on by default for images trained with CA), which
+pulls one augmented view of each sample to the centroid of the sample's label. Every function
+takes an explicit ``torch.Generator`` (same generator state, same views), keeps the batch's
+shape, dtype and device, and works on standardised inputs (unit scale), so the default strengths
+are in standard deviations.
 
-Three families, picked from the per-sample shape with the same rule as the encoders
-(:func:`kind_for_shape`):
+Three families: the contrastive methods pick theirs from the per-sample shape with the same rule
+as the encoders (:func:`kind_for_shape`), the clusterer from its encoder
+(:func:`kind_for_encoder`):
 
 * ``vector`` (D,): additive Gaussian noise and feature dropout.
 * ``window`` (C, T) sensor windows: jitter, scaling, magnitude warp and time shift. Scaling, warp
@@ -67,7 +68,7 @@ def kind_for_encoder(encoder: str) -> str:
 
 def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of a seeded stream's ``step``-th batch of views: the same (seed, step),
-    the same views, on any device.
+    the same views on the same kind of device (CUDA and CPU generators differ).
 
     >>> a, b = (seeded_generator(3, 1, torch.device("cpu")) for _ in range(2))
     >>> torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b))

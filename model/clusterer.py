@@ -128,8 +128,9 @@ class OnlineClusterer(
             uniform, KL-capped, uniform until warmed up; fed back as ``log_prior`` and saved
             in the snapshot manifest).
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
-            ``None`` (default): 10 for vectors, 50 for windows and images
-            (:func:`latent_setup`).
+            ``None`` (default): 10 for vectors, 50 for windows and images with the default
+            ``latent_norm`` (exactly: 50 with raw latents or a window encoder, else 10;
+            :func:`latent_setup`).
         latent_dim: size of the latent space.
         lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
@@ -159,9 +160,10 @@ class OnlineClusterer(
         views: train on an augmented view of each batch too, pulled to the centroid of the
             label the regulariser gave the clean sample (:mod:`oclust.model.augment`: for
             images a shift of up to one pixel and pixel noise). ``"auto"`` (default): on for
-            images with CA, the one regulariser it was measured with; off for vectors and
-            windows, where it did not help, and for the other regularisers. Doubles the
-            encoder's work per step.
+            images with CA, the one regulariser it was measured to help (``sk`` lost NMI;
+            ``cm``, ``ckm`` and ``aecm``, whose losses are on other scales, collapsed); off for
+            vectors and windows, where it did not help. The augmentations assume standardised
+            inputs (``standardize=True``). Doubles the encoder's work per step.
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
             both are given.
 
@@ -437,7 +439,8 @@ class OnlineClusterer(
     def _view_pull(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean distance of an augmented view of each (standardised) sample to the centroid of
         the sample's training label. The views are drawn from the model's seed and step count
-        (a seeded model, restored, continues with the views it would have drawn). BatchNorm
+        (a seeded model, restored on the same kind of device, continues with the views it would
+        have drawn). BatchNorm
         normalises the view by its own statistics but keeps the running ones the clean
         batches', which inference uses."""
         g = seeded_generator(self._view_seed, self.steps_, x.device)

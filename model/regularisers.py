@@ -143,8 +143,8 @@ class Regulariser(nn.Module):
 
     name: ClassVar[str] = ""
     uses_views: ClassVar[bool] = False  # True for methods that need augmented views
-    # True where the clusterer's ``views="auto"`` turns views on for images: measured with CA;
-    # the view's pull is on the scale of a pull loss, not of ckm's or the clustering module's
+    # True where the clusterer's ``views="auto"`` turns views on for images: where they were
+    # measured to help, CA (sk lost NMI; cm, ckm and aecm, with losses on other scales, collapsed)
     views_by_default: ClassVar[bool] = False
 
     def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:

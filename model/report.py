@@ -32,7 +32,7 @@ class StepReport:
     """
 
     labels: np.ndarray  # hard training labels of the batch (from the regulariser)
-    loss: float
+    loss: float  # what the step back-propagated (with views: the mean with the view's pull)
     train_hard_entropy: float  # entropy of the training-label histogram (max log K)
     train_kl_star: float  # KL(training-label histogram || prior)
     n: int

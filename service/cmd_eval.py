@@ -39,7 +39,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(
         help="override the protocol's sigma (default: 10 for vectors, 50 for windows and "
-        "images; paper: 50), in "
+        "images, with the default latent norm; paper: 50), in "
         "oclust's parametrisation: the CA cost is D/(2 sigma) + log(n+1), so the authors' "
         "code's sigma 100 is 50 here"
     )] = None,
