@@ -78,9 +78,13 @@ PROBE_ROWS = 16  # samples of the latest batch a snapshot is checked on
 BATCHNORM_MOMENTUM = 0.1  # BatchNorm's own default, reached after ten steps
 
 
-def latent_setup(config: EncoderConfig, init: str, sigma: float | None) -> tuple[str, float]:
+def latent_setup(
+    config: EncoderConfig, init: str, sigma: float | None, tuned: bool = True
+) -> tuple[str, float]:
     """The centroid seeding and sigma a model with this (resolved) encoder configuration trains
-    with: ``init="auto"`` and ``sigma=None`` follow the latents and the input.
+    with: ``init="auto"`` and ``sigma=None`` follow the latents and the input. ``tuned``: the
+    regulariser is one the per-input defaults were tuned with (CA,
+    :attr:`~oclust.model.regularisers.Regulariser.tuned_defaults`).
 
     Normalised latents (LayerNorm, the default for vectors and windows) take k-means centroids
     of the first batch. Raw latents (the image encoders' default) take centroids that carry
@@ -88,21 +92,24 @@ def latent_setup(config: EncoderConfig, init: str, sigma: float | None) -> tuple
     (:func:`oclust.model.seeding.centred_directions`). Seeded by k-means, raw latents shrink
     onto their centroids and the distances stop carrying information.
 
-    Sigma is 10 for vectors and 50, the CA paper's, for images and windows: on sensor windows
-    sigma 10 leaves the clusters uneven (HAPT: hard KL* 0.09), 50 keeps them even (0.02) there
-    and on BasicMotions.
+    Sigma is 50, the CA paper's, for raw latents, and 10 for normalised ones, except that CA
+    takes 50 on sensor windows too: there sigma 10 leaves its clusters uneven (HAPT: hard KL*
+    0.09), 50 keeps them even (0.02) there and on BasicMotions. The other regularisers keep 10
+    on windows: at 50, sk, drc and ckm grew uneven on HAPT.
 
     >>> from oclust.model.encoder_config import EncoderConfig
     >>> cfg = {s: EncoderConfig.for_shape(s, latent_norm="auto") for s in [(8,), (6, 128), (8, 8)]}
     >>> [latent_setup(c, "auto", None) for c in cfg.values()]
     [('kmeans', 10.0), ('kmeans', 50.0), ('centred', 50.0)]
+    >>> latent_setup(cfg[6, 128], "auto", None, tuned=False)  # e.g. sk on windows
+    ('kmeans', 10.0)
     >>> latent_setup(cfg[8, 8], "kmeans", 5)  # what is set wins
     ('kmeans', 5.0)
     """
     raw = config.latent_norm == "none"
     if init == "auto":
         init = "centred" if raw else "kmeans"
-    wide = raw or config.kind in WINDOW_KINDS
+    wide = raw or (tuned and config.kind in WINDOW_KINDS)
     return init, float(sigma) if sigma is not None else WIDE_SIGMA if wide else DEFAULT_SIGMA
 
 
@@ -128,9 +135,9 @@ class OnlineClusterer(
             uniform, KL-capped, uniform until warmed up; fed back as ``log_prior`` and saved
             in the snapshot manifest).
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
-            ``None`` (default): 10 for vectors, 50 for windows and images with the default
-            ``latent_norm`` (exactly: 50 with raw latents or a window encoder, else 10;
-            :func:`latent_setup`).
+            ``None`` (default): 10 for vectors, 50 for images, and for windows 50 with CA, 10
+            with the other regularisers (exactly: 50 with raw latents, or a window encoder and
+            CA, else 10; :func:`latent_setup`).
         latent_dim: size of the latent space.
         lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
@@ -277,7 +284,8 @@ class OnlineClusterer(
         """The sigma in use: ``sigma``, or when it is None the default of the model's latents
         (:func:`latent_setup`)."""
         self._check_fitted()
-        return latent_setup(self.encoder_config_, "auto", self.sigma)[1]
+        tuned = REGULARISERS[self.regulariser].tuned_defaults
+        return latent_setup(self.encoder_config_, "auto", self.sigma, tuned)[1]
 
     @property
     def views_(self) -> bool:
@@ -286,8 +294,8 @@ class OnlineClusterer(
         self._check_fitted()
         if self.views != "auto":
             return bool(self.views)
-        default = REGULARISERS[self.regulariser].views_by_default
-        return default and self.encoder_config_.kind in IMAGE_KINDS
+        tuned = REGULARISERS[self.regulariser].tuned_defaults
+        return tuned and self.encoder_config_.kind in IMAGE_KINDS
 
     @property
     def cluster_centers_(self) -> np.ndarray:

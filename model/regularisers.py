@@ -143,9 +143,11 @@ class Regulariser(nn.Module):
 
     name: ClassVar[str] = ""
     uses_views: ClassVar[bool] = False  # True for methods that need augmented views
-    # True where the clusterer's ``views="auto"`` turns views on for images: where they were
-    # measured to help, CA (sk lost NMI; cm, ckm and aecm, with losses on other scales, collapsed)
-    views_by_default: ClassVar[bool] = False
+    # True where the clusterer's per-input defaults were tuned with this method: sigma 50 on
+    # windows and an augmented view for images (OnlineClusterer's sigma and views). CA only: on
+    # the HAPT windows sigma 50 left sk, drc and ckm uneven, and on digits images views cost sk
+    # NMI and made cm, ckm and aecm (losses on other scales) collapse
+    tuned_defaults: ClassVar[bool] = False
 
     def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:
         """Create parameters that depend on the data (a decoder, a head); default: none.
@@ -190,7 +192,7 @@ class CombinationAssignment(Regulariser):
     """
 
     name = "ca"
-    views_by_default = True
+    tuned_defaults = True
 
     def forward(self, batch: Batch) -> Output:
         # The greedy loop runs on the host in compiled code (one copy of the distances per

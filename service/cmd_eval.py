@@ -38,8 +38,8 @@ def eval_command(
     )] = None,
     batch_size: Annotated[int, typer.Option(min=2)] = 256,
     sigma: Annotated[float | None, typer.Option(
-        help="override the protocol's sigma (default: 10 for vectors, 50 for windows and "
-        "images, with the default latent norm; paper: 50), in "
+        help="override the protocol's sigma (default: 10 for vectors, 50 for images, and for "
+        "windows 50 with ca, 10 with the others; paper: 50), in "
         "oclust's parametrisation: the CA cost is D/(2 sigma) + log(n+1), so the authors' "
         "code's sigma 100 is 50 here"
     )] = None,

@@ -152,7 +152,8 @@ class ModelSettings(_Env):
     )
     sigma: float | None = Field(  # inf would train nothing: every batch refused
         None, gt=0, allow_inf_nan=False, description="sigma of a fresh model (default 10 for "
-        "vectors, 50 for windows and for images, whose encoder trains raw latents)"
+        "vectors, 50 for images, whose encoder trains raw latents, and for windows 50 with "
+        "ca, 10 with the other regularisers)"
     )
     latent_dim: int | None = Field(None, ge=1, description="latent size of a fresh model")
     input_clip: float | None = Field(

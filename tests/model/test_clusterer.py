@@ -143,11 +143,12 @@ def test_latent_setup_follows_the_encoder_unless_set(shape, setup):
     assert (raw.init_, raw.sigma_) == ("centred", 50.0)
 
 
-def test_sigma_follows_the_latents_and_the_encoder():
+def test_sigma_follows_the_latents_the_encoder_and_the_regulariser():
     rng = np.random.default_rng(1)
     windows = rng.normal(size=(64, 3, 40)).astype(np.float32)
     images = rng.normal(size=(64, 8, 8)).astype(np.float32)
     assert _small(encoder="lenet1d").partial_fit(windows).sigma_ == 50.0  # any window encoder
+    assert _small(regulariser="sk").partial_fit(windows).sigma_ == 10.0  # tuned with CA only
     layer = _small(latent_norm="layer").partial_fit(images)  # images with normalised latents
     assert (layer.encoder_config_.kind, layer.init_, layer.sigma_) == ("convnet", "kmeans", 10.0)
 
