@@ -144,17 +144,23 @@ def test_paper_protocol_feeds_fashion_mnist_in_zero_one_and_defaults_to_ten_epoc
     assert evaluation.default_epochs("paper", 70_000) == 10
 
 
-def test_eval_input_clip_reaches_the_model_and_bad_values_are_refused(monkeypatch):
+def _spied(monkeypatch, param: str) -> list:
+    """The ``param`` of each model ``oclust eval`` fits from now on, in order."""
     from oclust.model import OnlineClusterer, evaluation
 
     seen = []
 
     class Spy(OnlineClusterer):
         def fit(self, X, y=None, **kw):
-            seen.append(self.get_params()["clip"])
+            seen.append(self.get_params()[param])
             return super().fit(X, y, **kw)
 
     monkeypatch.setattr(evaluation, "OnlineClusterer", Spy)
+    return seen
+
+
+def test_eval_input_clip_reaches_the_model_and_bad_values_are_refused(monkeypatch):
+    seen = _spied(monkeypatch, "clip")
     runner = CliRunner()
     for value, clip in ((None, 5.0), ("3", 3.0), ("inf", None)):
         args = ["eval", "--seeds", "1", "--epochs", "1", "--limit", "300", "--no-reference"]
@@ -170,16 +176,7 @@ def test_eval_input_clip_reaches_the_model_and_bad_values_are_refused(monkeypatc
 
 
 def test_eval_views_reach_the_model_over_the_protocol(monkeypatch):
-    from oclust.model import OnlineClusterer, evaluation
-
-    seen = []
-
-    class Spy(OnlineClusterer):
-        def fit(self, X, y=None, **kw):
-            seen.append(self.get_params()["views"])
-            return super().fit(X, y, **kw)
-
-    monkeypatch.setattr(evaluation, "OnlineClusterer", Spy)
+    seen = _spied(monkeypatch, "views")
     runner = CliRunner()
     base = ["eval", "--seeds", "1", "--epochs", "1", "--limit", "300", "--no-reference"]
     for extra, views in (([], "auto"), (["--views"], True), (["--protocol", "paper"], False),
