@@ -334,7 +334,9 @@ class OnlineClusterer(
         self._seed = resolve_seed(self.random_state, self.seed)
         self.samples_seen_ = 0
         self.steps_ = 0
-        with torch.random.fork_rng(devices=[]):
+        # a seed draws from its own stream and leaves the global one as it was; without one,
+        # the global stream is drawn from (and moves on), so unseeded models start differently
+        with torch.random.fork_rng(devices=[], enabled=self._seed is not None):
             if self._seed is not None:
                 torch.manual_seed(self._seed)
             self.encoder_ = build_encoder(self.encoder_config_).to(self.device_)

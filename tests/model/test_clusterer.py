@@ -113,6 +113,20 @@ def test_partial_fit_returns_self_with_its_report_and_single_point_predict():
     assert clf.samples_seen_ == 64 and clf.steps_ == 1
 
 
+def test_unseeded_models_start_from_different_weights():
+    import torch
+
+    X = _data(64)
+    a, b = (OnlineClusterer(n_clusters=3, latent_dim=8, hidden=(16,)).partial_fit(X)
+            for _ in range(2))
+    first = [next(m.parameters()) for m in (a.encoder_, b.encoder_)]
+    assert not torch.equal(*first)
+    assert a._view_seed != b._view_seed
+    state = torch.get_rng_state()  # a seeded model leaves the global stream alone
+    _small().partial_fit(X)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_deterministic_for_a_seed_on_cpu():
     X = _data()
     a = _small(device="cpu").fit(X, epochs=2, batch_size=64)
