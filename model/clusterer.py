@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
            "RunningScaler", "StepReport", "latent_setup"]
 
-DEFAULT_SIGMA = 10.0  # normalised latents of vectors (LayerNorm, the MLP's default)
-WIDE_SIGMA = 50.0  # raw latents (images) and windows: the CA paper's sigma, in our form
+DEFAULT_SIGMA = 10.0  # normalised latents: vectors, and windows but with CA
+WIDE_SIGMA = 50.0  # raw latents (images), and CA's windows: the CA paper's sigma, in our form
 DEFAULT_LATENT_DIM = 128
 DEFAULT_CLIP = 5.0  # standardised inputs beyond ±5 standard deviations are clipped
 
@@ -290,7 +290,7 @@ class OnlineClusterer(
     @property
     def views_(self) -> bool:
         """Whether training pulls augmented views: ``views``, or for ``"auto"`` on for images
-        when the regulariser's views were measured (CA); follows ``set_params(views=...)``."""
+        with a regulariser the defaults were tuned with (CA); follows ``set_params(views=...)``."""
         self._check_fitted()
         if self.views != "auto":
             return bool(self.views)
@@ -450,9 +450,8 @@ class OnlineClusterer(
         """Mean distance of an augmented view of each (standardised) sample to the centroid of
         the sample's training label. The views are drawn from the model's seed and step count
         (a seeded model, restored on the same kind of device, continues with the views it would
-        have drawn). BatchNorm
-        normalises the view by its own statistics but keeps the running ones the clean
-        batches', which inference uses."""
+        have drawn). BatchNorm normalises the view by its own statistics but keeps the running
+        ones the clean batches', which inference uses."""
         g = seeded_generator(self._view_seed, self.steps_, x.device)
         view = augment(x, g, kind_for_encoder(self.encoder_config_.kind))
         tracked = [layer.track_running_stats for layer in self._batchnorm]
