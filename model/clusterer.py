@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
            "RunningScaler", "StepReport", "latent_setup"]
 
-DEFAULT_SIGMA = 10.0  # normalised latents: vectors, and windows but with CA
+DEFAULT_SIGMA = 10.0  # normalised latents: vectors, and windows with any regulariser but CA
 WIDE_SIGMA = 50.0  # raw latents (images), and CA's windows: the CA paper's sigma, in our form
 DEFAULT_LATENT_DIM = 128
 DEFAULT_CLIP = 5.0  # standardised inputs beyond ±5 standard deviations are clipped
