@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from oclust.model.inference import Inference
 
 __all__ = ["EXPECTED_FAILED_CHECKS", "INFERENCE_BYTES", "INFERENCE_ROWS", "OnlineClusterer",
-           "RunningScaler", "StepReport", "latent_setup"]
+           "RunningScaler", "StepReport", "resolve_init", "resolve_sigma"]
 
 DEFAULT_SIGMA = 10.0  # normalised latents: vectors, and windows with any regulariser but CA
 WIDE_SIGMA = 50.0  # raw latents (images), and CA's windows: the CA paper's sigma, in our form
@@ -78,19 +78,33 @@ PROBE_ROWS = 16  # samples of the latest batch a snapshot is checked on
 BATCHNORM_MOMENTUM = 0.1  # BatchNorm's own default, reached after ten steps
 
 
-def latent_setup(
-    config: EncoderConfig, init: str, sigma: float | None, tuned: bool = True
-) -> tuple[str, float]:
-    """The centroid seeding and sigma a model with this (resolved) encoder configuration trains
-    with: ``init="auto"`` and ``sigma=None`` follow the latents and the input. ``tuned``: the
-    regulariser is one the per-input defaults were tuned with (CA,
-    :attr:`~oclust.model.regularisers.Regulariser.tuned_defaults`).
+def resolve_init(config: EncoderConfig, init: str) -> str:
+    """The centroid seeding a model with this (resolved) encoder configuration trains with:
+    ``init="auto"`` follows the latents.
 
     Normalised latents (LayerNorm, the default for vectors and windows) take k-means centroids
     of the first batch. Raw latents (the image encoders' default) take centroids that carry
     nothing of the first batch's partition: random directions around its mean latent
     (:func:`oclust.model.seeding.centred_directions`). Seeded by k-means, raw latents shrink
     onto their centroids and the distances stop carrying information.
+
+    >>> from oclust.model.encoder_config import EncoderConfig
+    >>> vectors, images = (EncoderConfig.for_shape(s, latent_norm="auto") for s in [(8,), (8, 8)])
+    >>> resolve_init(vectors, "auto"), resolve_init(images, "auto")
+    ('kmeans', 'centred')
+    >>> resolve_init(images, "kmeans")  # what is set wins
+    'kmeans'
+    """
+    if init != "auto":
+        return init
+    return "centred" if config.latent_norm == "none" else "kmeans"
+
+
+def resolve_sigma(config: EncoderConfig, sigma: float | None, tuned: bool = True) -> float:
+    """The sigma a model with this (resolved) encoder configuration trains with: ``sigma=None``
+    follows the latents, the input and, through ``tuned``, the regulariser: whether it is one
+    the per-input defaults were tuned with (CA,
+    :attr:`~oclust.model.regularisers.Regulariser.tuned_defaults`).
 
     Sigma is 50, the CA paper's, for raw latents, and 10 for normalised ones, except that CA
     takes 50 on sensor windows too: there sigma 10 leaves its clusters uneven (HAPT: hard KL*
@@ -99,18 +113,17 @@ def latent_setup(
 
     >>> from oclust.model.encoder_config import EncoderConfig
     >>> cfg = {s: EncoderConfig.for_shape(s, latent_norm="auto") for s in [(8,), (6, 128), (8, 8)]}
-    >>> [latent_setup(c, "auto", None) for c in cfg.values()]
-    [('kmeans', 10.0), ('kmeans', 50.0), ('centred', 50.0)]
-    >>> latent_setup(cfg[6, 128], "auto", None, tuned=False)  # e.g. sk on windows
-    ('kmeans', 10.0)
-    >>> latent_setup(cfg[8, 8], "kmeans", 5)  # what is set wins
-    ('kmeans', 5.0)
+    >>> [resolve_sigma(c, None) for c in cfg.values()]
+    [10.0, 50.0, 50.0]
+    >>> resolve_sigma(cfg[6, 128], None, tuned=False)  # e.g. sk on windows
+    10.0
+    >>> resolve_sigma(cfg[8, 8], 5)  # what is set wins
+    5.0
     """
-    raw = config.latent_norm == "none"
-    if init == "auto":
-        init = "centred" if raw else "kmeans"
-    wide = raw or (tuned and config.kind in WINDOW_KINDS)
-    return init, float(sigma) if sigma is not None else WIDE_SIGMA if wide else DEFAULT_SIGMA
+    if sigma is not None:
+        return float(sigma)
+    wide = config.latent_norm == "none" or (tuned and config.kind in WINDOW_KINDS)
+    return WIDE_SIGMA if wide else DEFAULT_SIGMA
 
 
 class OnlineClusterer(
@@ -137,7 +150,7 @@ class OnlineClusterer(
         sigma: isotropic variance; CA trades distance against ``2 sigma log(n_k + 1)``.
             ``None`` (default): 10 for vectors, 50 for images, and for windows 50 with CA, 10
             with the other regularisers (exactly: 50 with raw latents, or a window encoder and
-            CA, else 10; :func:`latent_setup`).
+            CA, else 10; :func:`resolve_sigma`).
         latent_dim: size of the latent space.
         lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
@@ -282,10 +295,10 @@ class OnlineClusterer(
     @property
     def sigma_(self) -> float:
         """The sigma in use: ``sigma``, or when it is None the default of the model's latents
-        (:func:`latent_setup`)."""
+        (:func:`resolve_sigma`)."""
         self._check_fitted()
         tuned = REGULARISERS[self.regulariser].tuned_defaults
-        return latent_setup(self.encoder_config_, "auto", self.sigma, tuned)[1]
+        return resolve_sigma(self.encoder_config_, self.sigma, tuned)
 
     @property
     def views_(self) -> bool:
@@ -329,7 +342,7 @@ class OnlineClusterer(
         self.encoder_config_ = EncoderConfig.for_shape(
             input_shape, self.latent_dim, self.encoder, self.hidden, self.latent_norm
         )
-        self.init_ = latent_setup(self.encoder_config_, self.init, self.sigma)[0]
+        self.init_ = resolve_init(self.encoder_config_, self.init)
         self.input_shape_ = tuple(input_shape)
         self._seed = resolve_seed(self.random_state, self.seed)
         self.samples_seen_ = 0

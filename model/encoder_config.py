@@ -51,7 +51,8 @@ class EncoderConfig:
         """Pick the encoder family from the per-sample shape (``kind="auto"``), and its latent
         normalisation (``latent_norm="auto"``: raw latents, ``"none"``, for the image encoders
         of :data:`IMAGE_KINDS`, with centred centroids and sigma 50, see
-        :func:`oclust.model.clusterer.latent_setup`; ``"layer"`` for vectors and windows).
+        :func:`oclust.model.clusterer.resolve_init` and ``resolve_sigma``; ``"layer"`` for vectors
+        and windows).
 
         (D,) is a vector (``mlp``); (C, T) with C <= 32 channels and more readings than
         channels, T > C, is a sensor window (``conv1d``); any other (H, W), and every

@@ -140,7 +140,7 @@ def test_deterministic_for_a_seed_on_cpu():
     [((8,), ("layer", "kmeans", 10.0)), ((3, 40), ("layer", "kmeans", 50.0)),
      ((8, 8), ("none", "centred", 50.0))],
 )
-def test_latent_setup_follows_the_encoder_unless_set(shape, setup):
+def test_init_and_sigma_follow_the_encoder_unless_set(shape, setup):
     X = np.random.default_rng(1).normal(size=(64, *shape)).astype(np.float32)
     clf = _small().partial_fit(X)
     assert (clf.encoder_config_.latent_norm, clf.init_, clf.sigma_) == setup
