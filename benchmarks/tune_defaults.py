@@ -21,7 +21,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the clusterer's defaults when the row ran, so "shipped" rows of the JSONL differ by date:
     # LayerNorm / k-means / 10 for every encoder up to stop 24 (spell it layer_kmeans_s10 now),
     # raw latents / centred / 50 for images from stop 25, windows at sigma 50 (layer_kmeans_s50)
-    # and images with augmented views from stop 26
+    # and images with augmented views from stop 26, and an MLP with BatchNorm from stop 27
+    # (its rows before that: add _nobn)
     "shipped": {},
     "reference": {},  # KMeans / MiniBatchKMeans rows only
     "mbk": {},  # the MiniBatchKMeans row only (KMeans with n_init=10 is slow on 70k images)
@@ -42,10 +43,11 @@ NORMS = {"layer": "layer", "raw": "none", "batch": "batch"}
 
 
 def candidate(name: str) -> dict[str, Any]:
-    """A named candidate, or one spelled ``NORM_INIT_sSIGMA[_lrLR][_hW-W][_dDIM]``.
+    """A named candidate, or one spelled ``NORM_INIT_sSIGMA[_lrLR][_hW-W][_dDIM][_v][_nobn]``
+    (``_v``: augmented views on; ``_nobn``: an MLP without BatchNorm, the default before stop 27).
 
-    >>> candidate("raw_normal_s25_h256-128")
-    {'latent_norm': 'none', 'init': 'normal', 'sigma': 25.0, 'hidden': (256, 128)}
+    >>> candidate("raw_normal_s25_h256-128_v")
+    {'latent_norm': 'none', 'init': 'normal', 'sigma': 25.0, 'hidden': (256, 128), 'views': True}
     """
     if name in CANDIDATES:
         return CANDIDATES[name]
@@ -58,6 +60,10 @@ def candidate(name: str) -> dict[str, Any]:
             cfg["hidden"] = tuple(int(w) for w in part[1:].split("-"))
         elif part.startswith("d"):
             cfg["latent_dim"] = int(part[1:])
+        elif part == "v":
+            cfg["views"] = True
+        elif part == "nobn":
+            cfg["hidden_norm"] = "none"
         else:
             raise ValueError(f"unknown candidate part {part!r}")
     return cfg
@@ -79,6 +85,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--limit", type=int)
     p.add_argument("--regulariser", default="ca")
+    p.add_argument("--imbalance", help="imb1, imb2 or imb3 (a fresh subsample per seed)")
+    p.add_argument("--prior", default="uniform", help="uniform, true or online")
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. +seeds-1")
     p.add_argument("--out", default="tune_results.jsonl")
     a = p.parse_args()
@@ -99,17 +107,20 @@ def main() -> None:
     else:
         res = evaluation.evaluate(
             a.dataset, [] if ref else [a.regulariser], seeds=a.seeds, epochs=epochs,
-            reference=ref, limit=a.limit, **candidate(a.candidate),
+            reference=ref, limit=a.limit, imbalance=a.imbalance, prior=a.prior,
+            **candidate(a.candidate),
         )
     wall = time.perf_counter() - t0
     for name, runs in res.items():
         s = evaluation.summarise(runs)
         row = {"dataset": a.dataset, "candidate": a.candidate, "method": name, "seeds": a.seeds,
                "first_seed": a.first_seed, "epochs": epochs, "limit": a.limit,
+               "imbalance": a.imbalance, "prior": a.prior,
                "wall_s": round(wall, 1), "runs": runs}
         with open(a.out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        print(f"{a.dataset} {a.candidate} {name} e{epochs} n{a.limit} seeds{a.seeds} "
+        print(f"{a.dataset} {a.imbalance or ''} {a.prior} {a.candidate} {name} e{epochs} "
+              f"n{a.limit} seeds{a.seeds} "
               f"NMI {s['nmi'][0]:.3f} ({s['nmi'][1]:.3f}) ACC {s['acc'][0]:.3f} "
               f"KL {s['kl_star_hard'][0]:.3f} ({s['kl_star_hard'][1]:.3f}) wall {wall:.0f}s",
               flush=True)

@@ -133,6 +133,7 @@ def from_snapshot(
             clip=m.clip,
             reg_params=m.reg_params or None,
             latent_norm=enc.latent_norm,
+            hidden_norm=enc.hidden_norm,
             init=m.init,
             views=m.views,
         ).validate_params()

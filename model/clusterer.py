@@ -172,6 +172,10 @@ class OnlineClusterer(
         latent_norm: ``"auto"`` (default: ``"layer"`` for vectors and windows, ``"none"`` for
             images), ``"layer"``, ``"batch"`` or ``"none"``: normalisation of the encoder
             output.
+        hidden_norm: ``"batch"`` (default): BatchNorm after each hidden layer, as the
+            convolutional encoders always have; ``"none"``: none, for the MLP only (the MLP of
+            snapshots saved before it; on flat FashionMNIST NMI 0.522 against 0.569, on
+            ImageSegments 0.566 against 0.581).
         init: centroid seeding: ``"auto"`` (default: ``"kmeans"`` with normalised latents,
             ``"centred"`` with raw ones), ``"kmeans"`` (a full k-means on the first batch's
             latents), ``"kmeans++"`` (seeding only), ``"normal"`` (N(0, 1) draws, as the CA
@@ -224,6 +228,7 @@ class OnlineClusterer(
         standardize: bool = True,
         reg_params: dict[str, float] | None = None,
         latent_norm: str = "auto",
+        hidden_norm: str = "batch",
         init: str = "auto",
         seed: int | None = None,
         betas: tuple[float, float] = DEFAULT_BETAS,
@@ -244,6 +249,7 @@ class OnlineClusterer(
         self.standardize = standardize
         self.reg_params = reg_params
         self.latent_norm = latent_norm
+        self.hidden_norm = hidden_norm
         self.init = init
         self.seed = seed
         self.prior_params = prior_params
@@ -340,7 +346,8 @@ class OnlineClusterer(
         """Create encoder, centroids, regulariser, scaler and optimiser for this input shape."""
         self.device_ = self._resolve_device()
         self.encoder_config_ = EncoderConfig.for_shape(
-            input_shape, self.latent_dim, self.encoder, self.hidden, self.latent_norm
+            input_shape, self.latent_dim, self.encoder, self.hidden, self.latent_norm,
+            self.hidden_norm,
         )
         self.init_ = resolve_init(self.encoder_config_, self.init)
         self.input_shape_ = tuple(input_shape)
@@ -430,7 +437,7 @@ class OnlineClusterer(
             x = self.scaler_(x)
         z_served = self._eval_latents(x)  # before the training pass moves BatchNorm's stats
         self._warm_batchnorm()
-        self.encoder_.train()
+        self._train_mode(len(arr))
         z = self.encoder_(x)
         if not self._centroids_ready:
             self._init_centroids(z)
@@ -491,6 +498,15 @@ class OnlineClusterer(
                 "unusable: refit it, or load a snapshot"
             )
 
+    def _train_mode(self, n: int) -> None:
+        """The encoder in training mode, except that BatchNorm cannot take statistics from a
+        batch of one sample (an MLP's layer would see one value per feature): such a step
+        normalises by the running statistics and leaves them as they are."""
+        self.encoder_.train()
+        if n == 1:
+            for layer in self._batchnorm:
+                layer.eval()
+
     def _warm_batchnorm(self) -> None:
         """Bias-corrected running statistics for inference. BatchNorm's running mean and
         variance start at 0 and 1 and follow the batches with momentum 0.1, so for the first
@@ -510,15 +526,16 @@ class OnlineClusterer(
         BatchNorm (the convolutional encoders) normalises a training batch by its own statistics
         and inference by the running ones, and early in training the two label the same batch
         differently (36% agreement after 19 steps of the paper's LeNet). ``None`` for encoders
-        without BatchNorm (the MLP), whose training latents are the served ones: no second pass.
-        On a fresh model's first step the running statistics have seen nothing (mean 0,
-        variance 1) and every latent would land near one centroid, so a training-mode pass
-        first sets them to this batch's, as the training pass is about to (momentum 1 on that
-        step). A restored model keeps its own.
+        without BatchNorm (an MLP saved before it had BatchNorm), whose training latents are the
+        served ones: no second pass. On a fresh model's first step the running statistics have
+        seen nothing (mean 0, variance 1) and every latent would land near one centroid, so a
+        training-mode pass first sets them to this batch's, as the training pass is about to
+        (momentum 1 on that step). A restored model keeps its own, and so does a first batch of
+        one sample, which has no statistics to give (see :meth:`_train_mode`).
         """
         if not self._batchnorm:
             return None
-        if not self._centroids_ready:
+        if not self._centroids_ready and len(x) > 1:
             self._warm_batchnorm()
             self.encoder_.train()
             self.encoder_(x)

@@ -6,7 +6,7 @@ modules.
 Example:
     >>> cfg = EncoderConfig.for_shape((64,), latent_dim=16)
     >>> cfg.kind, [op for op, _ in mlp_program(cfg)]
-    ('mlp', ['linear', 'relu', 'linear', 'layernorm'])
+    ('mlp', ['linear', 'batchnorm', 'relu', 'linear', 'layernorm'])
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 __all__ = [
-    "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS", "WINDOW_KINDS",
+    "DEFAULT_HIDDEN", "ENCODERS", "HIDDEN_NORMS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS",
+    "WINDOW_KINDS",
     "EncoderConfig", "mlp_program",
 ]
 
@@ -26,6 +27,7 @@ DEFAULT_HIDDEN = {
     "lenet1d": (32, 64),
 }
 LATENT_NORMS = ("layer", "batch", "none")
+HIDDEN_NORMS = ("batch", "none")  # after each hidden layer; "none" only for the MLP
 NORM_EPS = 1e-5  # eps of the latent LayerNorm / BatchNorm1d
 
 
@@ -38,6 +40,17 @@ class EncoderConfig:
     latent_dim: int = 128
     hidden: tuple[int, ...] = field(default=(512,))
     latent_norm: str = "layer"  # "layer" | "batch" | "none": keeps latents from shrinking
+    # BatchNorm after each hidden layer: every encoder has it, except MLPs saved before the
+    # field existed (their manifests lack it: "none")
+    hidden_norm: str = "batch"
+
+    def __post_init__(self) -> None:
+        if self.hidden_norm not in HIDDEN_NORMS:
+            raise ValueError(f"hidden_norm must be one of {', '.join(HIDDEN_NORMS)}, got "
+                             f"{self.hidden_norm!r}")
+        if self.hidden_norm == "none" and self.kind != "mlp":
+            raise ValueError(f"hidden_norm 'none' is for the MLP only: the {self.kind!r} "
+                             "encoder always has BatchNorm")
 
     @classmethod
     def for_shape(
@@ -47,6 +60,7 @@ class EncoderConfig:
         kind: str = "auto",
         hidden: tuple[int, ...] | None = None,
         latent_norm: str = "layer",
+        hidden_norm: str = "batch",
     ) -> EncoderConfig:
         """Pick the encoder family from the per-sample shape (``kind="auto"``), and its latent
         normalisation (``latent_norm="auto"``: raw latents, ``"none"``, for the image encoders
@@ -82,7 +96,8 @@ class EncoderConfig:
             latent_norm = "none" if kind in IMAGE_KINDS else "layer"
         default_hidden = DEFAULT_HIDDEN[kind]
         return cls(
-            kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm
+            kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm,
+            hidden_norm,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -94,13 +109,16 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> EncoderConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`. Manifests written before a field existed read as the
+        encoder they were saved from: no latent normalisation, and an MLP without BatchNorm."""
+        kind = str(d["kind"])
         return cls(
-            str(d["kind"]),
+            kind,
             tuple(int(s) for s in d["input_shape"]),  # type: ignore[union-attr]
             int(d["latent_dim"]),  # type: ignore[arg-type]
             tuple(int(h) for h in d["hidden"]),  # type: ignore[union-attr]
             str(d.get("latent_norm", "none")),
+            str(d.get("hidden_norm", "none" if kind == "mlp" else "batch")),
         )
 
 
@@ -108,7 +126,8 @@ def mlp_program(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...]]]:
     """The MLP encoder as (op, state-dict keys of its parameters), in order of application.
 
     Ops: ``linear`` (weight (out, in), bias), ``relu``, ``layernorm`` (no parameters) and
-    ``batchnorm`` (running mean and variance, eval mode). The keys are those of
+    ``batchnorm`` (running mean and variance, then weight and bias for the hidden layers' affine
+    BatchNorm; eval mode). The keys are those of
     ``oclust.model.encoders.build_encoder(cfg).state_dict()``: the body is wrapped in a
     ``Sequential`` with its latent normalisation unless that is ``"none"``.
     """
@@ -118,10 +137,17 @@ def mlp_program(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...]]]:
         raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}")
     body = "" if cfg.latent_norm == "none" else "0."
     ops: list[tuple[str, tuple[str, ...]]] = []
-    for i in range(len(cfg.hidden) + 1):  # Linear, ReLU, ..., Linear in MLPEncoder.net
-        ops.append(("linear", (f"{body}net.{2 * i}.weight", f"{body}net.{2 * i}.bias")))
-        if i < len(cfg.hidden):
-            ops.append(("relu", ()))
+    per_layer = 3 if cfg.hidden_norm == "batch" else 2  # Linear, [BatchNorm,] ReLU in .net
+    for i in range(len(cfg.hidden) + 1):  # ..., then the last Linear
+        layer = f"{body}net.{per_layer * i}"
+        ops.append(("linear", (f"{layer}.weight", f"{layer}.bias")))
+        if i == len(cfg.hidden):
+            break
+        if cfg.hidden_norm == "batch":
+            bn = f"{body}net.{per_layer * i + 1}"
+            ops.append(("batchnorm", tuple(f"{bn}.{k}" for k in
+                                           ("running_mean", "running_var", "weight", "bias"))))
+        ops.append(("relu", ()))
     if cfg.latent_norm == "layer":
         ops.append(("layernorm", ()))
     elif cfg.latent_norm == "batch":

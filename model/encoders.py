@@ -1,6 +1,7 @@
 """Encoders: the network f that maps a sample to a latent vector.
 
-Chosen from the per-sample input shape unless configured: ``mlp`` for feature vectors (D,),
+Chosen from the per-sample input shape unless configured: ``mlp`` for feature vectors (D,)
+(Linear, BatchNorm and ReLU per hidden layer),
 ``conv1d`` for multichannel windows (C, T), ``convnet`` for images (H, W) or (C, H, W): 3×3
 convolutions with batch norm, each followed by 2×2 max pooling, then a linear head on the
 flattened maps (28×28 → 14×14 → 7×7, so it trains at a useful rate on a CPU). Also available:
@@ -37,14 +38,16 @@ __all__ = ["DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "EncoderConfig", "build_
 
 
 class MLPEncoder(nn.Module):
-    """Fully connected encoder for feature vectors."""
+    """Fully connected encoder for feature vectors: Linear, BatchNorm, ReLU per hidden layer
+    (without BatchNorm for ``hidden_norm="none"``, the MLP of snapshots saved before it)."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = cfg.input_shape[0]
         for h in cfg.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            norm = [nn.BatchNorm1d(h)] if cfg.hidden_norm == "batch" else []
+            layers += [nn.Linear(width, h), *norm, nn.ReLU()]
             width = h
         layers.append(nn.Linear(width, cfg.latent_dim))
         self.net = nn.Sequential(*layers)

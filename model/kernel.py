@@ -199,8 +199,9 @@ def compile_program(
 
     Ops: ``("standardize", (mean, std, clip))`` (clip inf: none), ``("linear", (weight (out,
     in), bias))``, ``("relu", ())``, ``("layernorm", (eps,))`` (no affine), ``("batchnorm",
-    (running_mean, running_var, eps))`` (eval mode, no affine). ``head``: (weight (K, m), bias
-    (K,)) of a method's own rule. Raises ``ValueError`` when the shapes do not chain.
+    (running_mean, running_var, [weight, bias,] eps))`` (eval mode; affine with weight and
+    bias). ``head``: (weight (K, m), bias (K,)) of a method's own rule. Raises ``ValueError``
+    when the shapes do not chain.
     """
     rows: list[list[int]] = []
     chunks: list[np.ndarray] = []
@@ -226,10 +227,11 @@ def compile_program(
         elif name == "layernorm":
             ones, zeros = np.ones(dim, np.float32), np.zeros(dim, np.float32)
             rows.append([LAYERNORM, dim, dim, put(p[0]), put(ones), put(zeros)])
-        elif name == "batchnorm":  # (x - mean) / sqrt(var + eps) as one affine map
-            mean, var, eps = (np.asarray(v, np.float64) for v in p)
-            scale = 1.0 / np.sqrt(var + eps)
-            rows.append([AFFINE, dim, dim, put(scale), put(-mean * scale), 0])
+        elif name == "batchnorm":  # (x - mean) / sqrt(var + eps) * weight + bias: one affine map
+            mean, var, *affine, eps = (np.asarray(v, np.float64) for v in p)
+            weight, bias = affine or (np.float64(1.0), np.float64(0.0))
+            scale = weight / np.sqrt(var + eps)
+            rows.append([AFFINE, dim, dim, put(scale), put(bias - mean * scale), 0])
         elif name == "standardize":
             rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), put(p[2])])
         else:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from oclust.model.encoder_config import HIDDEN_NORMS
 from oclust.model.encoder_config import LATENT_NORMS as ENCODER_LATENT_NORMS
 from oclust.model.priors import SETTINGS, OnlinePrior, resolve_prior
 
@@ -105,6 +106,10 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
     if est.latent_norm not in LATENT_NORMS:
         raise ValueError(
             f"latent_norm must be one of {', '.join(LATENT_NORMS)}, got {est.latent_norm!r}"
+        )
+    if est.hidden_norm not in HIDDEN_NORMS:
+        raise ValueError(
+            f"hidden_norm must be one of {', '.join(HIDDEN_NORMS)}, got {est.hidden_norm!r}"
         )
     auto = isinstance(est.views, str) and est.views == "auto"
     if not (auto or isinstance(est.views, (bool, np.bool_))):

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from oclust.model import OnlineClusterer, Snapshot, SnapshotError
 from oclust.model.snapshot import FORMAT
@@ -368,3 +369,21 @@ def test_infinite_sigma_or_lr_is_refused_up_front(param: str) -> None:
     with pytest.raises(ValueError, match="alpha must be positive and finite"):
         OnlineClusterer(n_clusters=2, prior="online",
                         prior_params={"alpha": float("inf")}).validate_params()
+
+
+def test_a_one_sample_batch_trains_the_batchnorm_mlp_on_its_running_statistics() -> None:
+    # BatchNorm cannot take statistics from one sample (torch raises for one value per
+    # feature): such a step normalises by the running ones and leaves them as they are
+    X = np.random.default_rng(0).normal(size=(65, 6)).astype("float32")
+    clf = OnlineClusterer(3, latent_dim=4, hidden=(8,), seed=0, device="cpu")
+    clf.partial_fit(X[:1])  # a first batch of one
+    clf.partial_fit(X[1:])
+    bn = clf._batchnorm[0]
+    stats = bn.running_mean.clone(), bn.running_var.clone()
+    weight = clf.encoder_[0].net[0].weight.detach().clone()
+    clf.partial_fit(X[:1])
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert not torch.equal(clf.encoder_[0].net[0].weight, weight)  # but it trained
+    clf.partial_fit(X[1:])
+    assert not torch.equal(bn.running_mean, stats[0])  # the next batch trains as usual
+    assert clf.steps_ == 4 and clf.predict(X).shape == (65,)

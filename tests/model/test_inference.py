@@ -178,9 +178,9 @@ def test_bad_snapshots_are_refused() -> None:
     snap = _fit((5,)).to_snapshot()
     with pytest.raises(SnapshotError, match="sha256"):
         load(Snapshot(snap.weights + b"x", snap.manifest))
-    tensors = {k: v for k, v in unpack_tensors(snap.weights).items() if "net.2" not in k}
+    tensors = {k: v for k, v in unpack_tensors(snap.weights).items() if "net.3" not in k}
     manifest = {k: v for k, v in snap.manifest.items() if k != "sha256"}
-    with pytest.raises(SnapshotError, match=r"net\.2\.weight"):
+    with pytest.raises(SnapshotError, match=r"net\.3\.weight"):  # the last Linear
         load(Snapshot.create(pack_tensors(tensors), manifest))
     with pytest.raises(SnapshotError, match="encoder"):
         load(Snapshot.create(pack_tensors(tensors), {"sigma": 1.0}))
@@ -251,7 +251,10 @@ def test_compiled_kernel_blas_threads_follow_the_setting(tmp_path: Path) -> None
 
 @settings(max_examples=30, deadline=None)
 @given(
-    layers=st.lists(st.sampled_from(["linear", "relu", "layernorm", "batchnorm"]), max_size=5),
+    layers=st.lists(
+        st.sampled_from(["linear", "relu", "layernorm", "batchnorm", "affine_batchnorm"]),
+        max_size=5,
+    ),
     width=st.integers(1, 9),
     k=st.integers(1, 5),
     scale=st.sampled_from([0.01, 1.0, 30.0]),
@@ -270,10 +273,14 @@ def test_kernel_equals_torch(
             mods.append(nn.ReLU())
         elif name == "layernorm":
             mods.append(nn.LayerNorm(width, elementwise_affine=False))
-        else:
-            bn = nn.BatchNorm1d(width, affine=False).eval()
+        else:  # the MLP's hidden layers have an affine BatchNorm, the latent one none
+            bn = nn.BatchNorm1d(width, affine=name == "affine_batchnorm").eval()
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
+            if bn.affine:
+                with torch.no_grad():
+                    bn.weight.uniform_(-2, 2)
+                    bn.bias.uniform_(-1, 1)
             mods.append(bn)
     ops = []
     for m in mods:
@@ -284,7 +291,9 @@ def test_kernel_equals_torch(
         elif isinstance(m, nn.LayerNorm):
             ops.append(("layernorm", (m.eps,)))
         else:
-            ops.append(("batchnorm", (m.running_mean.numpy(), m.running_var.numpy(), m.eps)))
+            affine = (m.weight.detach().numpy(), m.bias.detach().numpy()) if m.affine else ()
+            stats = (m.running_mean.numpy(), m.running_var.numpy())
+            ops.append(("batchnorm", (*stats, *affine, m.eps)))
     enc = nn.Sequential(*mods).eval()
     centroids = torch.randn(k, width)
     lin = nn.Linear(width, k)

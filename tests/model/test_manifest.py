@@ -83,3 +83,64 @@ def test_a_typed_manifest_can_be_published_as_is(snap: Snapshot) -> None:
     assert {k: v for k, v in again.manifest.items() if k not in ("created_at", "integrity")} == {
         k: v for k, v in snap.manifest.items() if k not in ("created_at", "integrity")
     }
+
+
+def _without_hidden_norm(snap: Snapshot, weights: dict | None = None) -> Snapshot:
+    """``snap`` as a manifest without the encoder's ``hidden_norm`` reads it (an older replica,
+    or a snapshot saved before the field), with ``weights`` in place of its own if given."""
+    from oclust.model.snapshot import pack_tensors
+
+    encoder = {k: v for k, v in snap.manifest["encoder"].items() if k != "hidden_norm"}
+    packed = snap.weights if weights is None else pack_tensors(weights)
+    return Snapshot.create(packed, {**snap.manifest, "encoder": encoder})
+
+
+def test_an_mlp_saved_before_hidden_batchnorm_serves_as_it_trained(snap: Snapshot) -> None:
+    from oclust.model.inference import load
+    from oclust.model.snapshot import unpack_tensors
+
+    # the MLP of that time: Linear, ReLU, Linear (no BatchNorm at net.1), no optimiser state
+    renamed = {"encoder.0.net.3.": "encoder.0.net.2."}
+    old = {}
+    for key, value in unpack_tensors(snap.weights).items():
+        if key.startswith(("encoder.0.net.1.", "optim.")):
+            continue
+        for new, was in renamed.items():
+            key = key.replace(new, was)
+        old[key] = value
+    legacy = _without_hidden_norm(snap, old)
+    clf = OnlineClusterer.from_snapshot(legacy, device="cpu")
+    assert clf.encoder_config_.hidden_norm == "none" and not clf._batchnorm
+    X = np.random.default_rng(1).normal(size=(64, 5)).astype("float32")
+    served = load(legacy)
+    assert served.backend == "compiled"
+    np.testing.assert_array_equal(served(X).labels, clf.predict(X))
+    clf.partial_fit(X)  # and it trains on as it was
+
+
+def test_a_new_mlp_read_as_an_old_one_is_refused_not_served_wrongly(snap: Snapshot) -> None:
+    from oclust.model.inference import load
+
+    old_reading = _without_hidden_norm(snap)  # an older replica finds net.3 where it wants net.2
+    with pytest.raises(SnapshotError, match="weights do not fit"):
+        OnlineClusterer.from_snapshot(old_reading, device="cpu")
+    with pytest.raises(SnapshotError, match="weights do not fit"):
+        load(old_reading)
+
+
+def test_hidden_norm_is_checked() -> None:
+    from oclust.model.encoder_config import EncoderConfig
+
+    assert EncoderConfig.for_shape((5,)).hidden_norm == "batch"
+    assert EncoderConfig.from_dict({"kind": "mlp", "input_shape": [5], "latent_dim": 4,
+                                    "hidden": [8]}).hidden_norm == "none"  # saved before it
+    assert EncoderConfig.from_dict({"kind": "convnet", "input_shape": [8, 8], "latent_dim": 4,
+                                    "hidden": [8]}).hidden_norm == "batch"  # convs always had it
+    with pytest.raises(ValueError, match="'none' is for the MLP only: the 'convnet' encoder"):
+        EncoderConfig("convnet", (8, 8), hidden_norm="none")
+    with pytest.raises(ValueError, match="hidden_norm must be one of batch, none, got 'layer'"):
+        EncoderConfig("mlp", (5,), hidden_norm="layer")
+    with pytest.raises(ValueError, match="hidden_norm must be one of"):
+        OnlineClusterer(hidden_norm="layer").validate_params()
+    with pytest.raises(ValueError, match="'none' is for the MLP only"):  # at the first batch
+        OnlineClusterer(2, hidden_norm="none").partial_fit(np.zeros((4, 8, 8)))

