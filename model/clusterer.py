@@ -37,7 +37,7 @@ from torch import nn
 from oclust.model import checkpoint
 from oclust.model.augment import augment, kind_for_encoder, seeded_generator
 from oclust.model.encoder_config import IMAGE_KINDS, WINDOW_KINDS
-from oclust.model.encoders import EncoderConfig, build_encoder
+from oclust.model.encoders import EncoderConfig, build_encoder, split_stem
 from oclust.model.predicting import INFERENCE_BYTES, INFERENCE_ROWS, InferenceMixin
 from oclust.model.priors import OnlinePrior, resolve_prior
 from oclust.model.regularisers import (
@@ -381,6 +381,7 @@ class OnlineClusterer(
         self.optimizer_ = torch.optim.Adam(self._parameters(), lr=self.lr, betas=betas)
         self._rng = np.random.default_rng(self._seed)
         self._centroids_ready = False
+        self._bn_folds = 0  # training passes folded into BatchNorm's running statistics
         self._probe: np.ndarray | None = None
         self._built = True
 
@@ -435,10 +436,14 @@ class OnlineClusterer(
         if self.standardize:
             self.scaler_.update(x)
             x = self.scaler_(x)
-        z_served = self._eval_latents(x)  # before the training pass moves BatchNorm's stats
+        stem, rest = split_stem(self.encoder_)  # the MLP's first layer: the same in both passes
+        h = x if stem is None else stem(x)
+        z_served = self._eval_latents(h, rest)  # before the training pass moves BatchNorm's stats
         self._warm_batchnorm()
         self._train_mode(len(arr))
-        z = self.encoder_(x)
+        z = rest(h)
+        if len(arr) > 1:  # see _train_mode
+            self._bn_folds += 1
         if not self._centroids_ready:
             self._init_centroids(z)
         batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
@@ -470,19 +475,10 @@ class OnlineClusterer(
         """Mean distance of an augmented view of each (standardised) sample to the centroid of
         the sample's training label. The views are drawn from the model's seed and step count
         (a seeded model, restored on the same kind of device, continues with the views it would
-        have drawn). BatchNorm normalises the view by its own statistics but keeps the running
-        ones the clean batches', which inference uses."""
+        have drawn)."""
         g = seeded_generator(self._view_seed, self.steps_, x.device)
         view = augment(x, g, kind_for_encoder(self.encoder_config_.kind))
-        tracked = [layer.track_running_stats for layer in self._batchnorm]
-        for layer in self._batchnorm:
-            layer.track_running_stats = False
-        try:
-            z = self.encoder_(view)
-        finally:
-            for layer, track in zip(self._batchnorm, tracked, strict=True):
-                layer.track_running_stats = track
-        return pull(sq_distances(z, self.centroids_), labels)
+        return pull(sq_distances(self._encode(view), self.centroids_), labels)
 
     def _check_weights_finite(self) -> None:
         """``FloatingPointError`` (not a ``ValueError``: the batch is not at fault) when the step
@@ -514,33 +510,38 @@ class OnlineClusterer(
         model serves nearly every sample to one cluster (K = 2 on sensor windows: 48 of 48 for
         six steps). A momentum of 1 / (n + 1) on the n-th step, a plain average of the passes
         so far, until it falls to 0.1, removes that start-up bias (as Adam corrects its
-        moments). Training, which normalises by each batch's own statistics, is unchanged."""
-        momentum = max(BATCHNORM_MOMENTUM, 1.0 / (self.steps_ + 1))
+        moments). Training, which normalises by each batch's own statistics, is unchanged. The
+        count is of the steps that fed the statistics (not a one-sample step's: see
+        :meth:`_train_mode`); a restored model counts its steps."""
+        momentum = max(BATCHNORM_MOMENTUM, 1.0 / (self._bn_folds + 1))
         for layer in self._batchnorm:
             if layer.momentum is not None:  # None: already a cumulative average
                 layer.momentum = momentum
 
     @torch.no_grad()
-    def _eval_latents(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _eval_latents(self, x: torch.Tensor, encoder: nn.Module) -> torch.Tensor | None:
         """The batch's latents as :meth:`predict` computes them, where the training pass differs:
-        BatchNorm (the convolutional encoders) normalises a training batch by its own statistics
-        and inference by the running ones, and early in training the two label the same batch
-        differently (36% agreement after 19 steps of the paper's LeNet). ``None`` for encoders
-        without BatchNorm (an MLP saved before it had BatchNorm), whose training latents are the
+        BatchNorm normalises a training batch by its own statistics and inference by the running
+        ones, and early in training the two label the same batch differently (36% agreement
+        after 19 steps of the paper's LeNet). ``None`` for encoders without BatchNorm (the MLP
+        with ``hidden_norm="none"``, as saved before it had one), whose training latents are the
         served ones: no second pass. On a fresh model's first step the running statistics have
         seen nothing (mean 0, variance 1) and every latent would land near one centroid, so a
         training-mode pass first sets them to this batch's, as the training pass is about to
-        (momentum 1 on that step). A restored model keeps its own, and so does a first batch of
-        one sample, which has no statistics to give (see :meth:`_train_mode`).
+        (momentum 1 on that step); so does the first batch of more than one sample, where the
+        first batches had one (they have no statistics to give, see :meth:`_train_mode`). A
+        restored model keeps its own. ``encoder`` is
+        what of ``encoder_`` the batch ``x`` has still to go through: all of it, or what follows
+        the MLP's first layer (:func:`oclust.model.encoders.split_stem`).
         """
         if not self._batchnorm:
             return None
-        if not self._centroids_ready and len(x) > 1:
+        if self._bn_folds == 0 and len(x) > 1:
             self._warm_batchnorm()
             self.encoder_.train()
-            self.encoder_(x)
+            encoder(x)
         self.encoder_.eval()
-        return self.encoder_(x)
+        return encoder(x)
 
     @torch.no_grad()
     def _served_labels(
@@ -558,8 +559,18 @@ class OnlineClusterer(
     def _set_log_prior(self, prior: np.ndarray) -> None:
         self.log_prior_ = torch.log(torch.as_tensor(prior, dtype=torch.float32)).to(self.device_)
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder_(x)
+    def _encode(self, views: torch.Tensor) -> torch.Tensor:
+        """f on augmented views (the clusterer's and the contrastive methods'). BatchNorm
+        normalises them by their own statistics but leaves the running ones, which inference
+        uses, to the clean batches."""
+        tracked = [layer.track_running_stats for layer in self._batchnorm]
+        for layer in self._batchnorm:
+            layer.track_running_stats = False
+        try:
+            return self.encoder_(views)
+        finally:
+            for layer, track in zip(self._batchnorm, tracked, strict=True):
+                layer.track_running_stats = track
 
     def fit(
         self,

@@ -34,7 +34,9 @@ from oclust.model.encoder_config import (
     EncoderConfig,
 )
 
-__all__ = ["DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "EncoderConfig", "build_encoder"]
+__all__ = [
+    "DEFAULT_HIDDEN", "ENCODERS", "IMAGE_KINDS", "EncoderConfig", "build_encoder", "split_stem",
+]
 
 
 class MLPEncoder(nn.Module):
@@ -153,3 +155,23 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
     if cfg.latent_norm == "none":
         return body
     raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}; choose batch, layer or none")
+
+
+def split_stem(encoder: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """``encoder`` as (stem, rest), with ``rest(stem(x))`` computing ``encoder(x)``: the stem is
+    the batch-normalised MLP's first Linear layer, which computes the same in training and in
+    inference, so that a training step's two passes (see the clusterer's ``_eval_latents``) can
+    share it; on wide inputs it is most of the MLP's work. ``(None, encoder)`` for the others.
+
+    >>> enc = build_encoder(EncoderConfig.for_shape((64,), latent_dim=16)).eval()
+    >>> stem, rest = split_stem(enc)
+    >>> x = torch.randn(3, 64)
+    >>> torch.equal(rest(stem(x)), enc(x))
+    True
+    """
+    wrapped = isinstance(encoder, nn.Sequential)  # the MLP and its latent normalisation
+    body, tail = (encoder[0], list(encoder)[1:]) if wrapped else (encoder, [])
+    if not (isinstance(body, MLPEncoder) and len(body.net) > 1
+            and isinstance(body.net[1], nn.BatchNorm1d)):
+        return None, encoder
+    return nn.Sequential(nn.Flatten(1), body.net[0]), nn.Sequential(*body.net[1:], *tail)

@@ -229,7 +229,9 @@ def compile_program(
             rows.append([LAYERNORM, dim, dim, put(p[0]), put(ones), put(zeros)])
         elif name == "batchnorm":  # (x - mean) / sqrt(var + eps) * weight + bias: one affine map
             mean, var, *affine, eps = (np.asarray(v, np.float64) for v in p)
-            weight, bias = affine or (np.float64(1.0), np.float64(0.0))
+            weight, bias = affine or (np.ones(dim), np.zeros(dim))
+            if not mean.shape == var.shape == weight.shape == bias.shape == (dim,):
+                raise ValueError(f"batchnorm of shape {mean.shape} on {dim} features")
             scale = weight / np.sqrt(var + eps)
             rows.append([AFFINE, dim, dim, put(scale), put(bias - mean * scale), 0])
         elif name == "standardize":

@@ -89,8 +89,9 @@ def paper(dataset_shape: tuple[int, ...], n_clusters: int) -> dict[str, Any]:
     """OnlineClusterer keyword arguments of the CA paper's setup for per-sample ``dataset_shape``.
 
     Images (28, 28) / (1, 28, 28) get ``lenet`` and are not standardised, windows (C, T)
-    ``lenet1d``, vectors an MLP; nothing is clipped (``clip=None``) and no augmented view is
-    trained on (``views=False``).
+    ``lenet1d``, vectors the default MLP (the paper has no vector data set; its hidden layer
+    keeps the default BatchNorm, as the paper's LeNet has); nothing is clipped (``clip=None``)
+    and no augmented view is trained on (``views=False``).
     """
     shape = tuple(int(s) for s in dataset_shape)
     auto = EncoderConfig.for_shape(shape).kind

@@ -72,7 +72,7 @@ def test_cm_service_serves_the_training_rule_on_every_point(trained) -> None:
 
 
 @pytest.mark.parametrize("name", ["cm", "aecm"])
-def test_cm_served_labels_match_training_labels_from_the_first_step(name) -> None:
+def test_cm_serves_from_its_head_from_the_first_step(name) -> None:
     # The head is built lazily by the first forward pass: the served labels of that step (what
     # the collapse guard judges) must come from it, not from the untrained linear map.
     X, _ = datasets.load("digits")

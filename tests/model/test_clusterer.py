@@ -375,10 +375,17 @@ def test_a_one_sample_batch_trains_the_batchnorm_mlp_on_its_running_statistics()
     # BatchNorm cannot take statistics from one sample (torch raises for one value per
     # feature): such a step normalises by the running ones and leaves them as they are
     X = np.random.default_rng(0).normal(size=(65, 6)).astype("float32")
-    clf = OnlineClusterer(3, latent_dim=4, hidden=(8,), seed=0, device="cpu")
+    clf = OnlineClusterer(3, latent_dim=4, hidden=(8,), seed=0, device="cpu", standardize=False)
     clf.partial_fit(X[:1])  # a first batch of one
-    clf.partial_fit(X[1:])
     bn = clf._batchnorm[0]
+    seen: list[torch.Tensor] = []
+    hook = bn.register_forward_hook(
+        lambda mod, inp, out: seen.append(inp[0].detach()) if mod.training else None)
+    clf.partial_fit(X[1:])
+    hook.remove()
+    # the first batch that has statistics sets them, as a fresh model's first batch does
+    torch.testing.assert_close(bn.running_mean, seen[-1].mean(0))
+    torch.testing.assert_close(bn.running_var, seen[-1].var(0))
     stats = bn.running_mean.clone(), bn.running_var.clone()
     weight = clf.encoder_[0].net[0].weight.detach().clone()
     clf.partial_fit(X[:1])
@@ -387,3 +394,36 @@ def test_a_one_sample_batch_trains_the_batchnorm_mlp_on_its_running_statistics()
     clf.partial_fit(X[1:])
     assert not torch.equal(bn.running_mean, stats[0])  # the next batch trains as usual
     assert clf.steps_ == 4 and clf.predict(X).shape == (65,)
+
+
+def test_sharing_the_mlps_first_layer_between_a_steps_two_passes_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the step runs the MLP's first Linear once for its inference and its training pass
+    from oclust.model import clusterer
+
+    X = np.random.default_rng(0).normal(size=(4 * 64, 12)).astype("float32")
+    runs = {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(clusterer, "split_stem", lambda encoder: (None, encoder))
+        clf = OnlineClusterer(3, latent_dim=4, hidden=(16,), seed=0, device="cpu")
+        served = [clf.partial_fit(X[i : i + 64]).last_step_.served_labels
+                  for i in range(0, 256, 64)]
+        runs[shared] = served, clf.transform(X)
+    for a, b in zip(runs[True][0], runs[False][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])
+
+
+def test_augmented_views_leave_batchnorms_running_statistics_to_the_clean_batches() -> None:
+    # inference normalises by the running statistics: the clusterer's views (images with CA)
+    # and the contrastive methods' two views are normalised by their own statistics only
+    X = np.random.default_rng(0).normal(size=(128, 10)).astype("float32")
+    tracked = {}
+    for name, views in [("ca", False), ("ca", True), ("drc", False), ("tcc", False)]:
+        clf = OnlineClusterer(3, name, latent_dim=4, hidden=(8,), seed=0, views=views)
+        clf.partial_fit(X[:64]).partial_fit(X[64:])
+        tracked[name, views] = [int(bn.num_batches_tracked) for bn in clf._batchnorm]
+    assert tracked["ca", False] == [3]  # the first step's priming pass, then one per step
+    assert all(t == tracked["ca", False] for t in tracked.values()), tracked

@@ -62,9 +62,10 @@ def test_short_run_on_gaussian_mixture_does_not_collapse(name):
 
 
 @pytest.mark.parametrize(("hidden_norm", "none_below"), [("none", 0.6), ("batch", 0.85)])
-def test_none_collapses_where_ca_does_not(hidden_norm: str, none_below: float):
-    # Structureless data: nothing but the regulariser keeps the partition alive. The MLP's
-    # hidden BatchNorm slows the collapse here (none: 0.77 of log 4, 0.49 without it).
+def test_none_loses_the_partition_that_ca_keeps(hidden_norm: str, none_below: float):
+    # Structureless data: nothing but the regulariser keeps the partition alive. Without the
+    # MLP's hidden BatchNorm none collapses (0.49 of log 4); with it, it only loses a cluster
+    # (0.77, 3 of 4 clusters used) in these 10 epochs.
     X = np.random.default_rng(0).normal(size=(1200, 6)).astype(np.float32)
     ratio = {}
     for name in ("none", "ca"):
