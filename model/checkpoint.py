@@ -151,7 +151,6 @@ def from_snapshot(
         clf._set_log_prior(clf.prior_estimator_.probs)
     clf.samples_seen_ = m.samples_seen
     clf.steps_ = m.steps
-    clf._bn_folds = max(m.steps, 1)  # its running statistics are restored: never primed again
     return clf
 
 

@@ -381,7 +381,6 @@ class OnlineClusterer(
         self.optimizer_ = torch.optim.Adam(self._parameters(), lr=self.lr, betas=betas)
         self._rng = np.random.default_rng(self._seed)
         self._centroids_ready = False
-        self._bn_folds = 0  # training passes folded into BatchNorm's running statistics
         self._probe: np.ndarray | None = None
         self._built = True
 
@@ -442,8 +441,6 @@ class OnlineClusterer(
         self._warm_batchnorm()
         self._train_mode(len(arr))
         z = rest(h)
-        if len(arr) > 1:  # see _train_mode
-            self._bn_folds += 1
         if not self._centroids_ready:
             self._init_centroids(z)
         batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
@@ -503,6 +500,15 @@ class OnlineClusterer(
             for layer in self._batchnorm:
                 layer.eval()
 
+    @property
+    def _bn_folds(self) -> int:
+        """Training passes folded into BatchNorm's running statistics, from BatchNorm's own
+        count, which snapshots keep (a fresh model's priming pass adds one; views and
+        one-sample batches add none); 0 without BatchNorm."""
+        if not self._batchnorm:
+            return 0
+        return max(int(self._batchnorm[0].num_batches_tracked) - 1, 0)
+
     def _warm_batchnorm(self) -> None:
         """Bias-corrected running statistics for inference. BatchNorm's running mean and
         variance start at 0 and 1 and follow the batches with momentum 0.1, so for the first
@@ -512,7 +518,7 @@ class OnlineClusterer(
         so far, until it falls to 0.1, removes that start-up bias (as Adam corrects its
         moments). Training, which normalises by each batch's own statistics, is unchanged. The
         count is of the steps that fed the statistics (not a one-sample step's: see
-        :meth:`_train_mode`); a restored model counts its steps."""
+        :meth:`_train_mode`)."""
         momentum = max(BATCHNORM_MOMENTUM, 1.0 / (self._bn_folds + 1))
         for layer in self._batchnorm:
             if layer.momentum is not None:  # None: already a cumulative average

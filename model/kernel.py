@@ -230,8 +230,10 @@ def compile_program(
         elif name == "batchnorm":  # (x - mean) / sqrt(var + eps) * weight + bias: one affine map
             mean, var, *affine, eps = (np.asarray(v, np.float64) for v in p)
             weight, bias = affine or (np.ones(dim), np.zeros(dim))
-            if not mean.shape == var.shape == weight.shape == bias.shape == (dim,):
-                raise ValueError(f"batchnorm of shape {mean.shape} on {dim} features")
+            shapes = [v.shape for v in (mean, var, weight, bias)]
+            if any(shape != (dim,) for shape in shapes):
+                raise ValueError(f"batchnorm of shapes {shapes} (mean, variance, weight, "
+                                 f"bias) on {dim} features")
             scale = weight / np.sqrt(var + eps)
             rows.append([AFFINE, dim, dim, put(scale), put(bias - mean * scale), 0])
         elif name == "standardize":

@@ -410,6 +410,7 @@ def test_sharing_the_mlps_first_layer_between_a_steps_two_passes_changes_nothing
         clf = OnlineClusterer(3, latent_dim=4, hidden=(16,), seed=0, device="cpu")
         served = [clf.partial_fit(X[i : i + 64]).last_step_.served_labels
                   for i in range(0, 256, 64)]
+        assert (clusterer.split_stem(clf.encoder_)[0] is not None) == shared
         runs[shared] = served, clf.transform(X)
     for a, b in zip(runs[True][0], runs[False][0], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -427,3 +428,16 @@ def test_augmented_views_leave_batchnorms_running_statistics_to_the_clean_batche
         tracked[name, views] = [int(bn.num_batches_tracked) for bn in clf._batchnorm]
     assert tracked["ca", False] == [3]  # the first step's priming pass, then one per step
     assert all(t == tracked["ca", False] for t in tracked.values()), tracked
+
+
+def test_a_restored_model_continues_batchnorms_average_as_the_original_would() -> None:
+    # the running statistics' plain average counts the passes that fed them, which the
+    # snapshot keeps (BatchNorm's own count): one-sample steps in between do not shift it
+    X = np.random.default_rng(0).normal(size=(200, 6)).astype("float32")
+    clf = OnlineClusterer(3, latent_dim=4, hidden=(8,), seed=0, device="cpu")
+    clf.partial_fit(X[:64]).partial_fit(X[64:65]).partial_fit(X[65:66])
+    back = OnlineClusterer.from_snapshot(clf.to_snapshot(), device="cpu")
+    for model in (clf, back):
+        model.partial_fit(X[66:130])
+    torch.testing.assert_close(back._batchnorm[0].running_mean, clf._batchnorm[0].running_mean)
+    np.testing.assert_array_equal(back.transform(X), clf.transform(X))

@@ -330,3 +330,11 @@ def test_kernel_refuses_shapes_that_do_not_chain() -> None:
         compile_program([("linear", (w, np.zeros(4, np.float32)))], 5, np.zeros((2, 4)), 1.0)
     with pytest.raises(ValueError, match="centroids"):
         compile_program([("linear", (w, np.zeros(4, np.float32)))], 3, np.zeros((2, 3)), 1.0)
+    stats, eps = (np.zeros(4), np.ones(4)), 1e-5
+    linear = ("linear", (w, np.zeros(4, np.float32)))
+    with pytest.raises(ValueError, match=r"batchnorm of shapes \[\(4,\), \(4,\), \(3,\)"):
+        compile_program([linear, ("batchnorm", (*stats, np.ones(3), np.zeros(4), eps))], 3,
+                        np.zeros((2, 4)), 1.0)
+    with pytest.raises(ValueError, match="batchnorm of shapes"):  # a scalar would broadcast
+        compile_program([linear, ("batchnorm", (np.zeros(1), np.ones(4), eps))], 3,
+                        np.zeros((2, 4)), 1.0)
