@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from bench_assign import time_call  # this folder is on sys.path
 from torch import nn
 
 from oclust.model import OnlineClusterer, clusterer
@@ -62,15 +63,7 @@ def serving_seconds(X: np.ndarray, hidden_norm: str) -> tuple[float, float]:
     serve = clf.partial_fit(X[:BATCH]).partial_fit(X[BATCH : 2 * BATCH]).export()
     one, many = X[:1], X[:4096]
 
-    def median(fn: Callable[[], object], n: int) -> float:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return float(np.median(times))
-
-    return median(lambda: serve(one), 2000), median(lambda: serve(many), 20)
+    return time_call(lambda: serve(one), 2000), time_call(lambda: serve(many), 20)
 
 
 def main() -> None:
