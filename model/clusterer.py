@@ -536,9 +536,9 @@ class OnlineClusterer(
         training-mode pass first sets them to this batch's, as the training pass is about to
         (momentum 1 on that step); so does the first batch of more than one sample, where the
         first batches had one (they have no statistics to give, see :meth:`_train_mode`). A
-        restored model keeps its own. ``encoder`` is
-        what of ``encoder_`` the batch ``x`` has still to go through: all of it, or what follows
-        the MLP's first layer (:func:`oclust.model.encoders.split_stem`).
+        restored model keeps its own. ``encoder`` is what of ``encoder_`` the batch ``x`` has
+        still to go through: all of it, or what follows the MLP's first layer
+        (:func:`oclust.model.encoders.split_stem`).
         """
         if not self._batchnorm:
             return None

@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 __all__ = [
     "DEFAULT_HIDDEN", "ENCODERS", "HIDDEN_NORMS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS",
-    "WINDOW_KINDS",
-    "EncoderConfig", "mlp_program",
+    "WINDOW_KINDS", "EncoderConfig", "mlp_program",
 ]
 
 ENCODERS = ("mlp", "conv1d", "cnn", "convnet", "lenet", "lenet1d")
@@ -137,17 +136,17 @@ def mlp_program(cfg: EncoderConfig) -> list[tuple[str, tuple[str, ...]]]:
         raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}")
     body = "" if cfg.latent_norm == "none" else "0."
     ops: list[tuple[str, tuple[str, ...]]] = []
-    per_layer = 3 if cfg.hidden_norm == "batch" else 2  # Linear, [BatchNorm,] ReLU in .net
-    for i in range(len(cfg.hidden) + 1):  # ..., then the last Linear
-        layer = f"{body}net.{per_layer * i}"
+    step = 3 if cfg.hidden_norm == "batch" else 2  # Linear, [BatchNorm,] ReLU per hidden layer
+    for i in range(len(cfg.hidden)):
+        layer = f"{body}net.{step * i}"
         ops.append(("linear", (f"{layer}.weight", f"{layer}.bias")))
-        if i == len(cfg.hidden):
-            break
         if cfg.hidden_norm == "batch":
-            bn = f"{body}net.{per_layer * i + 1}"
-            ops.append(("batchnorm", tuple(f"{bn}.{k}" for k in
-                                           ("running_mean", "running_var", "weight", "bias"))))
+            bn = f"{body}net.{step * i + 1}."
+            keys = ("running_mean", "running_var", "weight", "bias")
+            ops.append(("batchnorm", tuple(bn + k for k in keys)))
         ops.append(("relu", ()))
+    last = f"{body}net.{step * len(cfg.hidden)}"
+    ops.append(("linear", (f"{last}.weight", f"{last}.bias")))
     if cfg.latent_norm == "layer":
         ops.append(("layernorm", ()))
     elif cfg.latent_norm == "batch":
