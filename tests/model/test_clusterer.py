@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from oclust.model import OnlineClusterer, Snapshot, SnapshotError
+from oclust.model import OnlineClusterer, Snapshot, SnapshotError, clusterer
 from oclust.model.snapshot import FORMAT
 
 
@@ -400,8 +400,6 @@ def test_sharing_the_mlps_first_layer_between_a_steps_two_passes_changes_nothing
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # the step runs the MLP's first Linear once for its inference and its training pass
-    from oclust.model import clusterer
-
     X = np.random.default_rng(0).normal(size=(4 * 64, 12)).astype("float32")
     runs = {}
     for shared in (True, False):

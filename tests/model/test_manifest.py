@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from oclust.model import OnlineClusterer
-from oclust.model.snapshot import FORMAT, LEGACY_FORMAT, Manifest, Snapshot, SnapshotError
+from oclust.model.encoder_config import EncoderConfig
+from oclust.model.inference import load
+from oclust.model.snapshot import (
+    FORMAT,
+    LEGACY_FORMAT,
+    Manifest,
+    Snapshot,
+    SnapshotError,
+    pack_tensors,
+    unpack_tensors,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,26 +98,16 @@ def test_a_typed_manifest_can_be_published_as_is(snap: Snapshot) -> None:
 def _without_hidden_norm(snap: Snapshot, weights: dict | None = None) -> Snapshot:
     """``snap`` as a manifest without the encoder's ``hidden_norm`` reads it (an older replica,
     or a snapshot saved before the field), with ``weights`` in place of its own if given."""
-    from oclust.model.snapshot import pack_tensors
-
     encoder = {k: v for k, v in snap.manifest["encoder"].items() if k != "hidden_norm"}
     packed = snap.weights if weights is None else pack_tensors(weights)
     return Snapshot.create(packed, {**snap.manifest, "encoder": encoder})
 
 
 def test_an_mlp_saved_before_hidden_batchnorm_serves_as_it_trained(snap: Snapshot) -> None:
-    from oclust.model.inference import load
-    from oclust.model.snapshot import unpack_tensors
-
     # the MLP of that time: Linear, ReLU, Linear (no BatchNorm at net.1), no optimiser state
-    renamed = {"encoder.0.net.3.": "encoder.0.net.2."}
-    old = {}
-    for key, value in unpack_tensors(snap.weights).items():
-        if key.startswith(("encoder.0.net.1.", "optim.")):
-            continue
-        for new, was in renamed.items():
-            key = key.replace(new, was)
-        old[key] = value
+    old = {key.replace("encoder.0.net.3.", "encoder.0.net.2."): value
+           for key, value in unpack_tensors(snap.weights).items()
+           if not key.startswith(("encoder.0.net.1.", "optim."))}
     legacy = _without_hidden_norm(snap, old)
     clf = OnlineClusterer.from_snapshot(legacy, device="cpu")
     assert clf.encoder_config_.hidden_norm == "none" and not clf._batchnorm
@@ -119,8 +119,6 @@ def test_an_mlp_saved_before_hidden_batchnorm_serves_as_it_trained(snap: Snapsho
 
 
 def test_a_new_mlp_read_as_an_old_one_is_refused_not_served_wrongly(snap: Snapshot) -> None:
-    from oclust.model.inference import load
-
     old_reading = _without_hidden_norm(snap)  # an older replica finds net.3 where it wants net.2
     with pytest.raises(SnapshotError, match="weights do not fit"):
         OnlineClusterer.from_snapshot(old_reading, device="cpu")
@@ -129,8 +127,6 @@ def test_a_new_mlp_read_as_an_old_one_is_refused_not_served_wrongly(snap: Snapsh
 
 
 def test_hidden_norm_is_checked() -> None:
-    from oclust.model.encoder_config import EncoderConfig
-
     assert EncoderConfig.for_shape((5,)).hidden_norm == "batch"
     assert EncoderConfig.from_dict({"kind": "mlp", "input_shape": [5], "latent_dim": 4,
                                     "hidden": [8]}).hidden_norm == "none"  # saved before it
