@@ -185,16 +185,14 @@ def test_views_are_on_for_images_with_ca(shape, regulariser, views):
 
 
 def test_views_train_and_a_restored_model_draws_the_views_it_would_have_drawn(monkeypatch):
-    import oclust.model.clusterer
-
     drawn = []
-    real = oclust.model.clusterer.augment
+    real = clusterer.augment
 
     def recorded(x, g, kind):
         drawn.append((kind, g.initial_seed()))
         return real(x, g, kind)
 
-    monkeypatch.setattr(oclust.model.clusterer, "augment", recorded)
+    monkeypatch.setattr(clusterer, "augment", recorded)
     X = _data(256)
     clf = _small(views=True).fit(X, epochs=2, batch_size=64)
     assert [kind for kind, _ in drawn] == ["vector"] * 8  # one view per step, of the encoder's
