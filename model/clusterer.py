@@ -178,9 +178,11 @@ class OnlineClusterer(
             ImageSegments 0.566 against 0.581).
         init: centroid seeding: ``"auto"`` (default: ``"kmeans"`` with normalised latents,
             ``"centred"`` with raw ones), ``"kmeans"`` (a full k-means on the first batch's
-            latents), ``"kmeans++"`` (seeding only), ``"normal"`` (N(0, 1) draws, as the CA
-            paper's code does) or ``"centred"`` (random directions of length sqrt(latent_dim)
-            around the first batch's mean latent).
+            latents), ``"inputs"`` (the mean latents of a k-means partition of the first batch's
+            standardised inputs, balanced to the prior; on ImageSegments NMI 0.636 against
+            0.581, but 0.524 against 0.569 on flat FashionMNIST), ``"kmeans++"`` (seeding
+            only), ``"normal"`` (N(0, 1) draws, as the CA paper's code does) or ``"centred"``
+            (random directions of length sqrt(latent_dim) around the first batch's mean latent).
         views: train on an augmented view of each batch too, pulled to the centroid of the
             label the regulariser gave the clean sample (:mod:`oclust.model.augment`: for
             images a shift of up to one pixel and pixel noise). ``"auto"`` (default): on for
@@ -389,14 +391,17 @@ class OnlineClusterer(
         yield self.centroids_
         yield from self.reg_.parameters()
 
-    def _init_centroids(self, z: torch.Tensor) -> None:
-        """Seed the centroids from the first batch's latents (see :mod:`oclust.model.seeding`)."""
+    def _init_centroids(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        """Seed the centroids from the first batch: its latents ``z`` and, for ``"inputs"``,
+        its (standardised) inputs ``x`` (see :mod:`oclust.model.seeding`)."""
         if not torch.isfinite(z).all():  # k-means would say "Input X contains NaN"
             raise ValueError(
                 "the first batch's latents are NaN or infinite: its values are too large for the "
                 "encoder (send features on their usual scale, or keep standardize=True)"
             )
-        self.centroids_.data.copy_(seed_centroids(z, self.n_clusters, self.init_, self._rng))
+        self.centroids_.data.copy_(
+            seed_centroids(z, self.n_clusters, self.init_, self._rng, x, self.prior_)
+        )
         self._centroids_ready = True
 
     # ----------------------------------------------------------------- training
@@ -442,7 +447,7 @@ class OnlineClusterer(
         self._train_mode(len(arr))
         z = rest(h)
         if not self._centroids_ready:
-            self._init_centroids(z)
+            self._init_centroids(x, z)
         batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
         out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists for served
         if z_served is None:  # before the step moves anything

@@ -14,7 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["centred_directions", "kmeans_pp", "resolve_seed", "seed_centroids"]
+__all__ = [
+    "balanced_partition", "centred_directions", "kmeans_pp", "part_sizes", "resolve_seed",
+    "seed_centroids",
+]
+
+SEED_POINTS = 1024  # "inputs" seeds from at most this many points of the first batch
 
 
 def resolve_seed(
@@ -35,14 +40,21 @@ def resolve_seed(
 
 
 def seed_centroids(
-    z: torch.Tensor, n_clusters: int, init: str, rng: np.random.Generator
+    z: torch.Tensor,
+    n_clusters: int,
+    init: str,
+    rng: np.random.Generator,
+    x: torch.Tensor | None = None,
+    prior: np.ndarray | None = None,
 ) -> torch.Tensor:
     """K initial centroids, shape (K, latent_dim), in ``z``'s dtype (device of ``z``, or CPU
     for ``"normal"``).
 
     ``"normal"`` draws N(0, 1), independent of the data (the CA paper's code); ``"centred"``
     (:func:`centred_directions`) spreads them around the batch's mean latent; ``"kmeans"`` runs
-    a full k-means on the batch when it has at least K distinct latents; otherwise, and for
+    a full k-means on the batch's latents, and ``"inputs"`` takes the mean latent of each part of
+    :func:`balanced_partition` of the batch's inputs ``x`` (parts sized by ``prior``, uniform
+    when None), both when the batch has at least K distinct rows; otherwise, and for
     ``"kmeans++"``, k-means++ seeding (:func:`kmeans_pp`). Every random number comes from ``rng``.
     """
     from sklearn.cluster import KMeans
@@ -53,11 +65,71 @@ def seed_centroids(
     if init == "centred":
         return centred_directions(z, n_clusters, rng)
     zs = z.detach().double().cpu().numpy()
+    if init == "inputs" and x is not None:
+        xs = x.detach().reshape(len(x), -1).double().cpu().numpy()
+        if len(np.unique(xs, axis=0)) >= n_clusters:
+            if len(xs) > SEED_POINTS:  # bounds the assignment's N^2 cost table
+                keep = rng.choice(len(xs), SEED_POINTS, replace=False)
+                xs, zs = xs[keep], zs[keep]
+            p = np.full(n_clusters, 1.0 / n_clusters) if prior is None else np.asarray(prior)
+            labels = balanced_partition(xs, p, rng)
+            means = np.stack([zs[labels == j].mean(0) for j in range(n_clusters)])
+            return torch.as_tensor(means, dtype=z.dtype, device=z.device)
     if init == "kmeans" and len(np.unique(zs, axis=0)) >= n_clusters:
         seed = int(rng.integers(2**31))
         km = KMeans(n_clusters, n_init=4, random_state=seed).fit(zs)
         return torch.as_tensor(km.cluster_centers_, dtype=z.dtype)
     return kmeans_pp(z, n_clusters, rng)
+
+
+def balanced_partition(x: np.ndarray, prior: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Labels of a k-means partition of ``x`` (N, D), N >= K, balanced to the prior: part k
+    holds :func:`part_sizes` points. k-means places the K centres, and the parts take them in
+    order of size (the largest part the centre of the largest k-means cluster); then each point
+    takes one place of a part, at the least total squared distance (an optimal assignment,
+    scipy's ``linear_sum_assignment``, over one column per place).
+
+    >>> x = np.array([[0.0], [0.1], [0.2], [0.3], [9.0], [9.1]])
+    >>> balanced_partition(x, np.array([2 / 3, 1 / 3]), np.random.default_rng(0)).tolist()
+    [0, 0, 0, 0, 1, 1]
+    >>> balanced_partition(x, np.array([0.5, 0.5]), np.random.default_rng(0)).tolist()
+    [1, 1, 1, 0, 0, 0]
+
+    (k-means splits 4 against 2; under the uniform prior 0.3, the point it costs least to
+    move, joins the far part.)
+    """
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.cluster import KMeans
+
+    k = len(prior)
+    km = KMeans(k, n_init=4, random_state=int(rng.integers(2**31))).fit(x)
+    sizes = part_sizes(len(x), prior)
+    by_rank = np.empty(k, dtype=np.int64)  # the largest k-means cluster's centre for the
+    by_rank[np.argsort(sizes, kind="stable")] = np.argsort(np.bincount(km.labels_, minlength=k),
+                                                           kind="stable")  # largest part, ...
+    c = km.cluster_centers_[by_rank]  # part j's centre
+    cost = (x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None]  # (N, K) squared distances
+    rows, places = linear_sum_assignment(np.repeat(cost, sizes, axis=1))
+    labels = np.empty(len(x), dtype=np.int64)
+    labels[rows] = np.repeat(np.arange(k), sizes)[places]
+    return labels
+
+
+def part_sizes(n: int, prior: np.ndarray) -> np.ndarray:
+    """K sizes that sum to ``n`` (>= K), each at least 1 and as close to ``n * prior`` as that
+    allows (the floors, then one more for the parts left furthest under their share).
+
+    >>> part_sizes(10, np.array([0.5, 0.3, 0.2])).tolist()
+    [5, 3, 2]
+    >>> part_sizes(4, np.array([0.97, 0.01, 0.01, 0.01])).tolist()
+    [1, 1, 1, 1]
+    """
+    exact = n * np.asarray(prior, dtype=np.float64)
+    sizes = np.maximum(np.floor(exact), 1).astype(np.int64)
+    while sizes.sum() > n:  # the one place every part keeps overshot: take from the most over
+        sizes[np.argmax(np.where(sizes > 1, sizes - exact, -np.inf))] -= 1
+    sizes[np.argsort(sizes - exact, kind="stable")[: n - sizes.sum()]] += 1
+    return sizes
 
 
 def centred_directions(

@@ -49,6 +49,10 @@ def eval_command(
         "--views/--no-views", help="override the protocol's augmented views (default: on for "
         "images with CA; paper: off)"
     )] = None,
+    init: Annotated[str | None, typer.Option(
+        help="override the centroid seeding: kmeans, inputs (a balanced k-means of the first "
+        "batch's inputs), kmeans++, normal or centred (default: the protocol's)"
+    )] = None,
     input_clip: Annotated[float | None, typer.Option(
         help="clip the standardised inputs at ± this many standard deviations (default: the "
         "protocol's, 5 under default, none under paper; inf: no clip)"
@@ -96,7 +100,7 @@ def eval_command(
     )
     from oclust.model.presets import PRESETS
     from oclust.model.regularisers import REGULARISERS
-    from oclust.model.validation import clip_option
+    from oclust.model.validation import INITS, clip_option
 
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGULARISERS]
@@ -122,7 +126,11 @@ def eval_command(
         )
     if sigma is not None and not 0 < sigma < math.inf:
         raise typer.BadParameter(f"must be positive and finite, got {sigma}", param_hint="--sigma")
-    given = {"sigma": sigma, "latent_dim": latent_dim, "views": views}
+    if init is not None and init not in INITS:
+        raise typer.BadParameter(
+            f"unknown seeding {init!r}; choose from {', '.join(INITS)}", param_hint="--init"
+        )
+    given = {"sigma": sigma, "latent_dim": latent_dim, "views": views, "init": init}
     params = {k: v for k, v in given.items() if v is not None}
     if input_clip is not None:
         try:

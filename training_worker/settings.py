@@ -164,6 +164,11 @@ class ModelSettings(_Env):
         None, description="a fresh model also trains on an augmented view of each batch "
         "(default: on for images with the ca regulariser, else off; doubles the encoder's work)"
     )
+    init: str | None = Field(
+        None, description="centroid seeding of a fresh model: kmeans, inputs (a balanced "
+        "k-means of the first batch's inputs), kmeans++, normal or centred (default: kmeans "
+        "for vectors and windows, centred for images)"
+    )
     seed: int | None = Field(0, description="seed of a fresh model")
     device: str = Field("auto", description="auto, cpu or cuda[:i]")
     batch_size: int = Field(256, ge=1, description="samples per training step")
@@ -193,6 +198,15 @@ class ModelSettings(_Env):
             clip_option(value)
         return value
 
+    @field_validator("init")
+    @classmethod
+    def _init_known(cls, value: str | None) -> str | None:
+        from oclust.model.validation import INITS
+
+        if value is not None and value not in INITS:
+            raise ValueError(f"unknown seeding {value!r}; choose from {', '.join(INITS)}")
+        return value
+
     @field_validator("prior_max_kl")
     @classmethod
     def _cap_needs_online(cls, value: float | None, info: ValidationInfo) -> float | None:
@@ -211,7 +225,8 @@ class ModelSettings(_Env):
         from oclust.model.validation import clip_option
 
         params: dict[str, Any] = {
-            "sigma": self.sigma, "latent_dim": self.latent_dim, "views": self.views
+            "sigma": self.sigma, "latent_dim": self.latent_dim, "views": self.views,
+            "init": self.init,
         }
         params = {k: v for k, v in params.items() if v is not None}
         if self.input_clip is not None:

@@ -168,6 +168,46 @@ def test_sigma_follows_the_latents_the_encoder_and_the_regulariser():
     assert (layer.encoder_config_.kind, layer.init_, layer.sigma_) == ("convnet", "kmeans", 10.0)
 
 
+def test_inputs_seeding_takes_the_mean_latents_of_a_balanced_partition_of_the_inputs():
+    from oclust.model import seeding
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (48, 3)), rng.normal(8, 0.1, (16, 3))])  # 48 + 16
+    z = torch.as_tensor(rng.normal(size=(64, 5)))
+    labels = seeding.balanced_partition(x, np.array([0.5, 0.5]), np.random.default_rng(1))
+    assert sorted(np.bincount(labels)) == [32, 32]  # the uniform prior's sizes
+    small = labels[48]
+    assert (labels[48:] == small).all()  # the small blob whole, topped up with the 16 points of
+    toward = x[:48] @ (x[48:].mean(0) - x[:48].mean(0))  # the big one cheapest to move
+    assert set(np.flatnonzero(labels[:48] == small)) == set(np.argsort(-toward)[:16])
+    mu = seeding.seed_centroids(z, 2, "inputs", np.random.default_rng(1), torch.as_tensor(x))
+    torch.testing.assert_close(mu, torch.stack([z[torch.as_tensor(labels == j)].mean(0)
+                                                for j in range(2)]))
+    by_prior = seeding.balanced_partition(x, np.array([0.75, 0.25]), np.random.default_rng(1))
+    assert len(set(by_prior[:48])) == 1 and (by_prior[48:] != by_prior[0]).all()  # the blobs
+    same = torch.zeros(64, 3)  # fewer distinct inputs than K: k-means++ on the latents
+    assert seeding.seed_centroids(z, 2, "inputs", rng, same).shape == (2, 5)
+    many = torch.as_tensor(rng.normal(size=(seeding.SEED_POINTS + 300, 3)))  # seeds from a
+    mu = seeding.seed_centroids(torch.as_tensor(rng.normal(size=(len(many), 5))), 4, "inputs",
+                                rng, many)  # subset of SEED_POINTS
+    assert mu.shape == (4, 5) and torch.isfinite(mu).all()
+
+
+def test_inputs_seeding_serves_the_input_partition_sized_by_the_prior_from_the_first_step():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([1, 0, 2], [48, 96, 48])  # the prior's large cluster is blob 0
+    X = (rng.normal(size=(192, 8)) * 0.3 + 4 * np.eye(8)[truth]).astype(np.float32)
+    clf = OnlineClusterer(n_clusters=3, random_state=0, init="inputs", prior=[0.5, 0.25, 0.25])
+    clf.partial_fit(X)
+    served = clf.last_step_.served_labels
+    assert adjusted_rand_score(truth, served) == 1.0
+    assert (served[truth == 0] == 0).all()  # the prior's 0.5 went to the 96-point blob
+    assert clf.init_ == "inputs" and clf.to_snapshot().manifest["init"] == "inputs"
+    assert OnlineClusterer.from_snapshot(clf.to_snapshot()).init_ == "inputs"
+
+
 @pytest.mark.parametrize(
     ("shape", "regulariser", "views"),
     [((8,), "ca", False), ((3, 40), "ca", False), ((8, 8), "ca", True), ((8, 8), "sk", False),

@@ -78,7 +78,7 @@ def test_paper_preset_builds_the_lenet_encoder_with_raw_latents_and_normal_centr
     assert clf.scaler_.count.item() == 0  # images go in as given: no running standardisation
     fresh = OnlineClusterer(**presets.paper(X.shape[1:], 10), seed=0)
     fresh._build(X.shape[1:])
-    fresh._init_centroids(torch.zeros(4, 128))
+    fresh._init_centroids(torch.zeros(4, 1, 28, 28), torch.zeros(4, 128))
     c = fresh.centroids_.detach().numpy()
     assert abs(c.mean()) < 0.1 and 0.9 < c.std() < 1.1  # N(0, 1), not data-driven
 
@@ -184,3 +184,17 @@ def test_eval_views_reach_the_model_over_the_protocol(monkeypatch):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 0, result.output
         assert seen.pop() == views, extra
+
+
+def test_eval_init_reaches_the_model_and_bad_values_are_refused(monkeypatch):
+    seen = _spied(monkeypatch, "init")
+    runner = CliRunner()
+    base = ["eval", "--seeds", "1", "--epochs", "1", "--limit", "300", "--no-reference"]
+    for extra, init in (([], "auto"), (["--init", "inputs"], "inputs"),
+                        (["--protocol", "paper"], "normal"),
+                        (["--protocol", "paper", "--init", "kmeans"], "kmeans")):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == init, extra
+    result = runner.invoke(app, ["eval", "--init", "spectral"])
+    assert result.exit_code == 2 and "--init" in result.output and "inputs" in result.output

@@ -326,3 +326,14 @@ def test_file_lease_is_exclusive_until_released(tmp_path):
     assert a.holder() == "a"
     a.release()
     assert b.try_acquire() and not a.try_acquire()
+
+
+def test_init_reaches_a_fresh_model_and_unknown_seedings_are_refused():
+    from pydantic import ValidationError
+
+    from oclust.training_worker.resume import fresh_model
+
+    assert fresh_model(WorkerSettings(topic="t", init="inputs"), "cpu").init == "inputs"
+    assert fresh_model(WorkerSettings(topic="t"), "cpu").init == "auto"  # the model's default
+    with pytest.raises(ValidationError, match="unknown seeding 'spectral'; choose from"):
+        WorkerSettings(topic="t", init="spectral")
