@@ -3,7 +3,8 @@
 Runs the evaluation protocol's ``fit`` (standardised data, shuffled batches of 256, a new order
 every epoch) for each seed, and scores every point (nearest centroid, labels only score) at
 the end of the epochs named by ``--marks``. Prints NMI and hard KL* per seed and their mean
-over seeds per epoch; ``--json`` prints them as one JSON object.
+over seeds per epoch; ``--json`` prints them as one JSON object instead, and ``--out F`` appends
+that object to the JSONL file F.
 
 Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/trace_epochs.py
 --dataset segments --candidate shipped``
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--marks", default="1,2,3,5,10,20,40,80", help="epochs to score after")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--out", help="append the JSON object to this JSONL file")
     a = p.parse_args()
     marks = sorted({int(m) for m in a.marks.split(",")})
     if marks[0] < 1:
@@ -59,9 +61,13 @@ def main() -> None:
     runs = [trace(X, y, candidate(a.candidate), seed, marks) for seed in range(a.seeds)]
     mean = {key: [float(np.mean([r[i][key] for r in runs])) for i in range(len(marks))]
             for key in ("nmi", "kl_star_hard")}
+    record = {"dataset": a.dataset, "candidate": a.candidate, "marks": marks, "runs": runs,
+              "mean": mean}
+    if a.out:
+        with open(a.out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
     if a.json:
-        print(json.dumps({"dataset": a.dataset, "candidate": a.candidate, "marks": marks,
-                          "runs": runs, "mean": mean}))
+        print(json.dumps(record))
         return
     print("epoch      " + " ".join(f"{m:>6d}" for m in marks))
     for seed, r in enumerate(runs):

@@ -87,7 +87,8 @@ def main() -> None:
     p.add_argument("--regulariser", default="ca")
     p.add_argument("--imbalance", help="imb1, imb2 or imb3 (a fresh subsample per seed)")
     p.add_argument("--prior", default="uniform", help="uniform, true or online")
-    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. +seeds-1")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed .. +seeds-1 (not for the reference rows, seeds 0..)")
     p.add_argument("--out", default="tune_results.jsonl")
     a = p.parse_args()
     datasets.load = _load_flat
@@ -101,8 +102,9 @@ def main() -> None:
     if a.candidate == "mbk":
         X, y = datasets.load(a.dataset)
         X, k = evaluation.prepare(X), int(y.max()) + 1
+        seeds = range(a.first_seed, a.first_seed + a.seeds)
         res = {"MiniBatchKMeans": [
-            evaluation._minibatch_kmeans(X, y, k, s, epochs, 256) for s in range(a.seeds)
+            evaluation._minibatch_kmeans(X, y, k, s, epochs, 256) for s in seeds
         ]}
     else:
         res = evaluation.evaluate(

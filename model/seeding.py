@@ -1,4 +1,5 @@
-"""Seeds of a run: its int seed, and the centroids seeded on the first batch's latents.
+"""Seeds of a run: its int seed, and the centroids seeded on the first batch (its latents, or
+for ``init="inputs"`` its inputs).
 
 Example:
     >>> import numpy as np, torch
@@ -16,7 +17,7 @@ import torch
 
 __all__ = [
     "balanced_partition", "centred_directions", "kmeans_pp", "part_sizes", "resolve_seed",
-    "seed_centroids",
+    "seed_centroids", "seed_from_inputs",
 ]
 
 SEED_POINTS = 1024  # "inputs" seeds from at most this many points of the first batch
@@ -52,10 +53,11 @@ def seed_centroids(
 
     ``"normal"`` draws N(0, 1), independent of the data (the CA paper's code); ``"centred"``
     (:func:`centred_directions`) spreads them around the batch's mean latent; ``"kmeans"`` runs
-    a full k-means on the batch's latents, and ``"inputs"`` takes the mean latent of each part of
-    :func:`balanced_partition` of the batch's inputs ``x`` (parts sized by ``prior``, uniform
-    when None), both when the batch has at least K distinct rows; otherwise, and for
-    ``"kmeans++"``, k-means++ seeding (:func:`kmeans_pp`). Every random number comes from ``rng``.
+    a full k-means on the batch's latents when it has at least K distinct ones, and
+    ``"inputs"`` (:func:`seed_from_inputs`) partitions the batch's inputs ``x`` into parts sized
+    by ``prior`` (uniform when None) when they hold at least K distinct rows; otherwise, and
+    for ``"kmeans++"``, k-means++ seeding (:func:`kmeans_pp`). Every random number comes from
+    ``rng``.
     """
     from sklearn.cluster import KMeans
 
@@ -64,22 +66,46 @@ def seed_centroids(
         return torch.as_tensor(draw, dtype=z.dtype)
     if init == "centred":
         return centred_directions(z, n_clusters, rng)
+    if init == "inputs":
+        if x is None:
+            raise ValueError('init="inputs" seeds from the batch\'s inputs: pass x')
+        p = np.full(n_clusters, 1.0 / n_clusters) if prior is None else np.asarray(prior)
+        seeded = seed_from_inputs(z, x, p, rng)
+        return kmeans_pp(z, n_clusters, rng) if seeded is None else seeded
     zs = z.detach().double().cpu().numpy()
-    if init == "inputs" and x is not None:
-        xs = x.detach().reshape(len(x), -1).double().cpu().numpy()
-        if len(np.unique(xs, axis=0)) >= n_clusters:
-            if len(xs) > SEED_POINTS:  # bounds the assignment's N^2 cost table
-                keep = rng.choice(len(xs), SEED_POINTS, replace=False)
-                xs, zs = xs[keep], zs[keep]
-            p = np.full(n_clusters, 1.0 / n_clusters) if prior is None else np.asarray(prior)
-            labels = balanced_partition(xs, p, rng)
-            means = np.stack([zs[labels == j].mean(0) for j in range(n_clusters)])
-            return torch.as_tensor(means, dtype=z.dtype, device=z.device)
     if init == "kmeans" and len(np.unique(zs, axis=0)) >= n_clusters:
         seed = int(rng.integers(2**31))
         km = KMeans(n_clusters, n_init=4, random_state=seed).fit(zs)
         return torch.as_tensor(km.cluster_centers_, dtype=z.dtype)
     return kmeans_pp(z, n_clusters, rng)
+
+
+def seed_from_inputs(
+    z: torch.Tensor, x: torch.Tensor, prior: np.ndarray, rng: np.random.Generator
+) -> torch.Tensor | None:
+    """The mean latent (``z``) of each part of :func:`balanced_partition` of the inputs ``x``
+    (flattened; as the model sees them, standardised unless ``standardize=False``), parts sized
+    by ``prior``; None when the rows used hold fewer than K distinct inputs. A batch of more
+    than ``max(SEED_POINTS, K)`` rows is seeded from that many, drawn at random: the
+    assignment's cost table is N × N.
+
+    >>> z = torch.tensor([[1.0], [2.0], [3.0], [10.0]])
+    >>> x = torch.tensor([[0.0], [0.1], [5.0], [5.1]])
+    >>> seed_from_inputs(z, x, np.array([0.5, 0.5]), np.random.default_rng(0)).flatten().tolist()
+    [1.5, 6.5]
+    """
+    k = len(prior)
+    keep = max(SEED_POINTS, k)
+    if len(x) > keep:
+        rows = torch.as_tensor(rng.choice(len(x), keep, replace=False), device=x.device)
+        x, z = x[rows], z[rows]
+    xs = x.detach().reshape(len(x), -1).double().cpu().numpy()
+    if len(np.unique(xs, axis=0)) < k:
+        return None
+    labels = balanced_partition(xs, prior, rng) if k > 1 else np.zeros(len(xs), dtype=np.int64)
+    zs = z.detach().double().cpu().numpy()
+    means = np.stack([zs[labels == j].mean(0) for j in range(k)])
+    return torch.as_tensor(means, dtype=z.dtype, device=z.device)
 
 
 def balanced_partition(x: np.ndarray, prior: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -104,9 +130,9 @@ def balanced_partition(x: np.ndarray, prior: np.ndarray, rng: np.random.Generato
     k = len(prior)
     km = KMeans(k, n_init=4, random_state=int(rng.integers(2**31))).fit(x)
     sizes = part_sizes(len(x), prior)
-    by_rank = np.empty(k, dtype=np.int64)  # the largest k-means cluster's centre for the
-    by_rank[np.argsort(sizes, kind="stable")] = np.argsort(np.bincount(km.labels_, minlength=k),
-                                                           kind="stable")  # largest part, ...
+    counts = np.bincount(km.labels_, minlength=k)
+    by_rank = np.empty(k, dtype=np.int64)  # the largest part takes the largest cluster's centre
+    by_rank[np.argsort(sizes, kind="stable")] = np.argsort(counts, kind="stable")
     c = km.cluster_centers_[by_rank]  # part j's centre
     cost = (x**2).sum(1)[:, None] - 2 * x @ c.T + (c**2).sum(1)[None]  # (N, K) squared distances
     rows, places = linear_sum_assignment(np.repeat(cost, sizes, axis=1))

@@ -50,8 +50,8 @@ def eval_command(
         "images with CA; paper: off)"
     )] = None,
     init: Annotated[str | None, typer.Option(
-        help="override the centroid seeding: kmeans, inputs (a balanced k-means of the first "
-        "batch's inputs), kmeans++, normal or centred (default: the protocol's)"
+        help="override the centroid seeding: auto, kmeans, inputs (a balanced k-means of the "
+        "first batch's inputs), kmeans++, normal or centred (default: the protocol's)"
     )] = None,
     input_clip: Annotated[float | None, typer.Option(
         help="clip the standardised inputs at ± this many standard deviations (default: the "

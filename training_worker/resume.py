@@ -149,6 +149,9 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
         if s.model_params.get("clip", model.clip) != model.clip:  # --input-clip given, and other
             log.warning("the snapshot's model keeps its own input clip %s (--input-clip %s "
                         "applies to a fresh model)", model.clip, s.input_clip)
+        if s.init is not None and s.init != model.init:
+            log.warning("the snapshot's model is seeded already (init %s; --init %s applies "
+                        "to a fresh model)", model.init, s.init)
         if s.views is not None and s.views != model.views_:
             log.warning("the snapshot's model keeps its own views setting %s (--views %s "
                         "applies to a fresh model)", model.views_, s.views)

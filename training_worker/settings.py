@@ -165,9 +165,9 @@ class ModelSettings(_Env):
         "(default: on for images with the ca regulariser, else off; doubles the encoder's work)"
     )
     init: str | None = Field(
-        None, description="centroid seeding of a fresh model: kmeans, inputs (a balanced "
-        "k-means of the first batch's inputs), kmeans++, normal or centred (default: kmeans "
-        "for vectors and windows, centred for images)"
+        None, description="centroid seeding of a fresh model: auto, kmeans, inputs (a "
+        "balanced k-means of the first batch's inputs), kmeans++, normal or centred (default "
+        "auto: kmeans for vectors and windows, centred for images)"
     )
     seed: int | None = Field(0, description="seed of a fresh model")
     device: str = Field("auto", description="auto, cpu or cuda[:i]")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from oclust.model import OnlineClusterer, Snapshot, SnapshotError, clusterer
+from oclust.model import OnlineClusterer, Snapshot, SnapshotError, clusterer, seeding
 from oclust.model.snapshot import FORMAT
 
 
@@ -169,8 +169,6 @@ def test_sigma_follows_the_latents_the_encoder_and_the_regulariser():
 
 
 def test_inputs_seeding_takes_the_mean_latents_of_a_balanced_partition_of_the_inputs():
-    from oclust.model import seeding
-
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 0.1, (48, 3)), rng.normal(8, 0.1, (16, 3))])  # 48 + 16
     z = torch.as_tensor(rng.normal(size=(64, 5)))
@@ -185,12 +183,34 @@ def test_inputs_seeding_takes_the_mean_latents_of_a_balanced_partition_of_the_in
                                                 for j in range(2)]))
     by_prior = seeding.balanced_partition(x, np.array([0.75, 0.25]), np.random.default_rng(1))
     assert len(set(by_prior[:48])) == 1 and (by_prior[48:] != by_prior[0]).all()  # the blobs
-    same = torch.zeros(64, 3)  # fewer distinct inputs than K: k-means++ on the latents
-    assert seeding.seed_centroids(z, 2, "inputs", rng, same).shape == (2, 5)
-    many = torch.as_tensor(rng.normal(size=(seeding.SEED_POINTS + 300, 3)))  # seeds from a
-    mu = seeding.seed_centroids(torch.as_tensor(rng.normal(size=(len(many), 5))), 4, "inputs",
-                                rng, many)  # subset of SEED_POINTS
-    assert mu.shape == (4, 5) and torch.isfinite(mu).all()
+    one = seeding.seed_centroids(z, 1, "inputs", rng, torch.as_tensor(x))
+    torch.testing.assert_close(one, z.mean(0, keepdim=True))
+    with pytest.raises(ValueError, match="pass x"):
+        seeding.seed_centroids(z, 2, "inputs", rng)
+
+
+def test_inputs_seeding_falls_back_to_kmeans_pp_and_bounds_its_rows(monkeypatch):
+    rng = np.random.default_rng(0)
+    z = torch.as_tensor(rng.normal(size=(500, 4)))
+    same = torch.zeros(64, 3)  # fewer distinct inputs than K: k-means++ on the latents, as
+    torch.testing.assert_close(  # "kmeans" does
+        seeding.seed_centroids(z[:64], 2, "inputs", np.random.default_rng(3), same),
+        seeding.kmeans_pp(z[:64], 2, np.random.default_rng(3)))
+    sizes = []
+    real = seeding.balanced_partition
+    monkeypatch.setattr(seeding, "balanced_partition",
+                        lambda x, prior, g: sizes.append(len(x)) or real(x, prior, g))
+    monkeypatch.setattr(seeding, "SEED_POINTS", 50)
+    x = torch.as_tensor(rng.normal(size=(500, 3)))
+    assert seeding.seed_centroids(z, 4, "inputs", rng, x).shape == (4, 4)
+    assert sizes == [50]  # a larger batch is seeded from SEED_POINTS of its rows
+    mu = seeding.seed_centroids(z, 60, "inputs", rng, x)  # K > SEED_POINTS: K rows, one per part
+    assert sizes[-1] == 60 and mu.shape == (60, 4)
+    assert all(bool((z == row).all(1).any()) for row in mu)
+    dup = torch.zeros(500, 3)
+    dup[0], dup[1] = 1.0, 2.0  # 3 distinct rows in the batch, 1 in the 50 drawn with this seed
+    mu = seeding.seed_centroids(z, 3, "inputs", np.random.default_rng(0), dup)
+    assert len(sizes) == 2 and all(bool((z == row).all(1).any()) for row in mu)  # k-means++
 
 
 def test_inputs_seeding_serves_the_input_partition_sized_by_the_prior_from_the_first_step():

@@ -328,12 +328,27 @@ def test_file_lease_is_exclusive_until_released(tmp_path):
     assert b.try_acquire() and not a.try_acquire()
 
 
-def test_init_reaches_a_fresh_model_and_unknown_seedings_are_refused():
+def test_init_reaches_a_fresh_model_not_a_resumed_one_and_unknown_seedings_are_refused(
+    tmp_path, caplog
+):
+    import logging
+
     from pydantic import ValidationError
 
-    from oclust.training_worker.resume import fresh_model
+    from oclust.training_worker.resume import FaultMetrics, fresh_model, load_trainer
+    from oclust.training_worker.trainer import TrainerHooks
 
     assert fresh_model(WorkerSettings(topic="t", init="inputs"), "cpu").init == "inputs"
     assert fresh_model(WorkerSettings(topic="t"), "cpu").init == "auto"  # the model's default
     with pytest.raises(ValidationError, match="unknown seeding 'spectral'; choose from"):
         WorkerSettings(topic="t", init="spectral")
+    X = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
+    store = DirectoryStore(str(tmp_path), "t")
+    store.publish(OnlineClusterer(4, latent_dim=4, hidden=(8,), seed=0).partial_fit(X)
+                  .to_snapshot())
+    caplog.set_level(logging.WARNING, logger="oclust.training_worker.resume")
+    metrics = WorkerMetrics()
+    trainer = load_trainer(WorkerSettings(topic="t", n_clusters=4, init="inputs"), store,
+                           metrics, FaultMetrics(metrics.registry), TrainerHooks(), "cpu")
+    assert trainer.model.init == "kmeans"  # the snapshot's
+    assert "seeded already (init kmeans; --init inputs applies to a fresh model)" in caplog.text
