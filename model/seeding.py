@@ -20,7 +20,7 @@ __all__ = [
     "seed_centroids", "seed_from_inputs",
 ]
 
-SEED_POINTS = 1024  # "inputs" seeds from at most this many points of the first batch
+SEED_POINTS = 1024  # "inputs" seeds from at most max(this, K) rows of the first batch
 
 
 def resolve_seed(
