@@ -48,8 +48,8 @@ def seed_centroids(
     x: torch.Tensor | None = None,
     prior: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """K initial centroids, shape (K, latent_dim), in ``z``'s dtype (device of ``z``, or CPU
-    for ``"normal"``).
+    """K initial centroids, shape (K, latent_dim), in ``z``'s dtype (on ``z``'s device for
+    ``"inputs"`` and k-means++, on the CPU otherwise: the caller copies them into place).
 
     ``"normal"`` draws N(0, 1), independent of the data (the CA paper's code); ``"centred"``
     (:func:`centred_directions`) spreads them around the batch's mean latent; ``"kmeans"`` runs

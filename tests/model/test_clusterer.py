@@ -196,21 +196,21 @@ def test_inputs_seeding_falls_back_to_kmeans_pp_and_bounds_its_rows(monkeypatch)
     torch.testing.assert_close(  # "kmeans" does
         seeding.seed_centroids(z[:64], 2, "inputs", np.random.default_rng(3), same),
         seeding.kmeans_pp(z[:64], 2, np.random.default_rng(3)))
-    sizes = []
+    seen = []
     real = seeding.balanced_partition
     monkeypatch.setattr(seeding, "balanced_partition",
-                        lambda x, prior, g: sizes.append(len(x)) or real(x, prior, g))
+                        lambda x, prior, g: seen.append(x) or real(x, prior, g))
     monkeypatch.setattr(seeding, "SEED_POINTS", 50)
     x = torch.as_tensor(rng.normal(size=(500, 3)))
     assert seeding.seed_centroids(z, 4, "inputs", rng, x).shape == (4, 4)
-    assert sizes == [50]  # a larger batch is seeded from SEED_POINTS of its rows
-    mu = seeding.seed_centroids(z, 60, "inputs", rng, x)  # K > SEED_POINTS: K rows, one per part
-    assert sizes[-1] == 60 and mu.shape == (60, 4)
-    assert all(bool((z == row).all(1).any()) for row in mu)
+    assert len(seen[0]) == 50  # a larger batch is seeded from SEED_POINTS of its rows
+    mu = seeding.seed_centroids(2 * x, 60, "inputs", rng, x)  # K > SEED_POINTS: K rows, one
+    assert len(seen[1]) == 60 and mu.shape == (60, 3)  # per part, each row's own latent
+    torch.testing.assert_close(mu.sort(0).values, torch.as_tensor(2 * seen[1]).sort(0).values)
     dup = torch.zeros(500, 3)
-    dup[0], dup[1] = 1.0, 2.0  # 3 distinct rows in the batch, 1 in the 50 drawn with this seed
+    dup[0], dup[1] = 1.0, 2.0  # 3 distinct rows in the batch, 2 in the 50 drawn with this seed
     mu = seeding.seed_centroids(z, 3, "inputs", np.random.default_rng(0), dup)
-    assert len(sizes) == 2 and all(bool((z == row).all(1).any()) for row in mu)  # k-means++
+    assert len(seen) == 2 and all(bool((z == row).all(1).any()) for row in mu)  # k-means++
 
 
 def test_inputs_seeding_serves_the_input_partition_sized_by_the_prior_from_the_first_step():
