@@ -20,12 +20,10 @@ Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_paper.py --jobs 2`` (
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,8 +32,10 @@ from bench_quality import (
     add_common_arguments,
     cell,
     check_methods,
+    check_scores_file,
     names,
     run_all,
+    write_scores,
 )
 
 from oclust.model.evaluation import METRICS, PROBES, evaluate, summarise
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be a positive number of points, got {args.limit}")
 
+    meta = {"seeds": args.seeds, "epochs": args.epochs, "hapt_epochs": args.hapt_epochs,
+            "limit": args.limit}
+    check_scores_file(args.json, meta)
     extra = [] if args.no_reference else [""]
     tasks: list[Task] = [(d, p, m) for d in datasets for p in protocols for m in [*methods, *extra]]
     epochs = {"hapt": args.hapt_epochs}
@@ -143,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(paper_beside_ours(rows) + "\n")
     print(f"total {time.perf_counter() - start:.0f} s with {args.jobs} job(s)")
     if args.json is not None:
-        payload: dict[str, Any] = {
-            "seeds": args.seeds, "epochs": args.epochs, "hapt_epochs": args.hapt_epochs,
-            "results": {f"{d}|{p}": rows for (d, p), rows in results.items()},
-        }
-        args.json.write_text(json.dumps(payload, indent=1))
+        write_scores(args.json, meta, {f"{d}|{p}": rows for (d, p), rows in results.items()})
     return 0
 
 

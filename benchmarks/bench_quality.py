@@ -14,7 +14,7 @@ the stream).
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_quality.py`` (full: 5 seeds, 40
 epochs; slow on 2 cores). Reduced: ``--seeds 3 --epochs 20``; ``--json out.json`` also writes
-every per-seed score.
+every per-seed score, merged into the file if it exists (a re-run method replaces its rows).
 """
 
 from __future__ import annotations
@@ -76,7 +76,38 @@ def add_common_arguments(
     parser.add_argument("--methods", default=",".join(methods))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
-    parser.add_argument("--json", type=Path, default=None, help="write per-seed scores here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write per-seed scores here, merged into the file if it exists")
+
+
+def check_scores_file(path: Path | None, meta: dict[str, Any]) -> None:
+    """Refuse, before any run, a ``--json`` file written with other settings (``meta``: seeds,
+    epochs, ...): its rows and this run's could not share one table."""
+    if path is None or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    other = {key: old.get(key) for key in meta if old.get(key) != meta[key]}
+    if other:
+        raise SystemExit(f"{path} holds runs with {other}, this run has "
+                         f"{ {key: meta[key] for key in other} }: write to another file")
+
+
+def write_scores(path: Path, meta: dict[str, Any], results: dict[str, dict[str, list]]) -> None:
+    """Write ``meta`` and the per-seed ``results`` (by table key, then method) to ``path``; if it
+    exists, merge: this run's methods replace theirs, every other row is kept.
+
+    >>> import tempfile
+    >>> f = Path(tempfile.mkdtemp()) / "scores.json"
+    >>> write_scores(f, {"seeds": 1}, {"digits|balanced": {"ca": [1], "sk": [2]}})
+    >>> write_scores(f, {"seeds": 1}, {"digits|balanced": {"ca": [3]}, "segments|balanced": {}})
+    >>> json.loads(f.read_text())["results"]
+    {'digits|balanced': {'ca': [3], 'sk': [2]}, 'segments|balanced': {}}
+    """
+    check_scores_file(path, meta)
+    merged = json.loads(path.read_text())["results"] if path.exists() else {}
+    for key, rows in results.items():
+        merged.setdefault(key, {}).update(rows)
+    path.write_text(json.dumps({**meta, "results": merged}, indent=1))
 
 
 def names(arg: str) -> list[str]:
@@ -155,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     datasets, methods, settings = names(args.datasets), names(args.methods), names(args.settings)
     check_methods(parser, methods)
 
+    meta = {"seeds": args.seeds, "epochs": args.epochs}
+    check_scores_file(args.json, meta)
     tasks: list[Task] = [(d, s, m) for d in datasets for s in settings for m in [*methods, ""]]
     reduced = args.seeds < 5 or args.epochs < DEFAULT_EPOCHS
     print(f"# Quality benchmark: {args.seeds} seed(s), {args.epochs} epoch(s), batch 256"
@@ -186,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {time.perf_counter() - start:.0f}s; slowest: "
           + ", ".join(f"{d}/{s}/{m or 'reference'} {t:.0f}s" for (d, s, m), t in slowest))
     if args.json is not None:
-        payload: dict[str, Any] = {
-            "seeds": args.seeds, "epochs": args.epochs,
-            "results": {f"{d}|{s}": rows for (d, s), rows in results.items()},
-        }
-        args.json.write_text(json.dumps(payload, indent=1))
+        write_scores(args.json, meta, {f"{d}|{s}": rows for (d, s), rows in results.items()})
     return 0
 
 
