@@ -12,11 +12,16 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from sklearn.cluster import KMeans
+
 __all__ = [
-    "balanced_partition", "centred_directions", "kmeans_pp", "part_sizes", "resolve_seed",
+    "balanced_partition", "centred_directions", "kmeans", "kmeans_pp", "part_sizes", "resolve_seed",
     "seed_centroids", "seed_from_inputs",
 ]
 
@@ -59,8 +64,6 @@ def seed_centroids(
     for ``"kmeans++"``, k-means++ seeding (:func:`kmeans_pp`). Every random number comes from
     ``rng``.
     """
-    from sklearn.cluster import KMeans
-
     if init == "normal":  # the CA paper's code: N(0, 1), independent of the data
         draw = rng.standard_normal((n_clusters, z.shape[1]))
         return torch.as_tensor(draw, dtype=z.dtype)
@@ -74,10 +77,15 @@ def seed_centroids(
         return kmeans_pp(z, n_clusters, rng) if seeded is None else seeded
     zs = z.detach().double().cpu().numpy()
     if init == "kmeans" and len(np.unique(zs, axis=0)) >= n_clusters:
-        seed = int(rng.integers(2**31))
-        km = KMeans(n_clusters, n_init=4, random_state=seed).fit(zs)
-        return torch.as_tensor(km.cluster_centers_, dtype=z.dtype)
+        return torch.as_tensor(kmeans(zs, n_clusters, rng).cluster_centers_, dtype=z.dtype)
     return kmeans_pp(z, n_clusters, rng)
+
+
+def kmeans(points: np.ndarray, n_clusters: int, rng: np.random.Generator) -> KMeans:
+    """scikit-learn's k-means of ``points``, fitted with 4 starts seeded from ``rng``."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters, n_init=4, random_state=int(rng.integers(2**31))).fit(points)
 
 
 def seed_from_inputs(
@@ -125,10 +133,9 @@ def balanced_partition(x: np.ndarray, prior: np.ndarray, rng: np.random.Generato
     move, joins the far part.)
     """
     from scipy.optimize import linear_sum_assignment
-    from sklearn.cluster import KMeans
 
     k = len(prior)
-    km = KMeans(k, n_init=4, random_state=int(rng.integers(2**31))).fit(x)
+    km = kmeans(x, k, rng)
     sizes = part_sizes(len(x), prior)
     counts = np.bincount(km.labels_, minlength=k)
     by_rank = np.empty(k, dtype=np.int64)  # the largest part takes the largest cluster's centre
