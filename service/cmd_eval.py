@@ -100,7 +100,8 @@ def eval_command(
     )
     from oclust.model.presets import PRESETS
     from oclust.model.regularisers import REGULARISERS
-    from oclust.model.validation import INITS, clip_option
+    from oclust.model.validation import clip_option
+    from oclust.training_worker.settings import check_init
 
     names = [n.strip() for n in regulariser.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGULARISERS]
@@ -126,10 +127,11 @@ def eval_command(
         )
     if sigma is not None and not 0 < sigma < math.inf:
         raise typer.BadParameter(f"must be positive and finite, got {sigma}", param_hint="--sigma")
-    if init is not None and init not in INITS:
-        raise typer.BadParameter(
-            f"unknown seeding {init!r}; choose from {', '.join(INITS)}", param_hint="--init"
-        )
+    if init is not None:
+        try:
+            check_init(init)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--init") from None
     given = {"sigma": sigma, "latent_dim": latent_dim, "views": views, "init": init}
     params = {k: v for k, v in given.items() if v is not None}
     if input_clip is not None:

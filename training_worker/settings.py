@@ -37,6 +37,7 @@ __all__ = [
     "WorkerSettings",
     "check_device",
     "check_encoder",
+    "check_init",
     "check_prior",
     "check_regulariser",
     "check_store_url",
@@ -105,6 +106,15 @@ def check_encoder(encoder: str) -> str:
     if encoder != "auto" and encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose from auto, {', '.join(ENCODERS)}")
     return encoder
+
+
+def check_init(init: str) -> str:
+    """``init`` if it is a centroid seeding the clusterer knows (``auto`` among them)."""
+    from oclust.model.validation import INITS
+
+    if init not in INITS:
+        raise ValueError(f"unknown seeding {init!r}; choose from {', '.join(INITS)}")
+    return init
 
 
 def check_prior(text: str | None, n_clusters: int) -> str | None:
@@ -201,11 +211,7 @@ class ModelSettings(_Env):
     @field_validator("init")
     @classmethod
     def _init_known(cls, value: str | None) -> str | None:
-        from oclust.model.validation import INITS
-
-        if value is not None and value not in INITS:
-            raise ValueError(f"unknown seeding {value!r}; choose from {', '.join(INITS)}")
-        return value
+        return value if value is None else check_init(value)
 
     @field_validator("prior_max_kl")
     @classmethod
