@@ -2,9 +2,10 @@
 
 Runs the evaluation protocol's ``fit`` (standardised data, shuffled batches of 256, a new order
 every epoch) for each seed, and scores every point (nearest centroid, labels only score) at
-the end of the epochs named by ``--marks``. Prints NMI and hard KL* per seed and their mean
-over seeds per epoch; ``--json`` prints them as one JSON object instead, and ``--out F`` appends
-that object to the JSONL file F.
+the end of the epochs named by ``--marks``. ``fashion_mnist_flat`` is FashionMNIST as flat
+784-value vectors (the MLP encoder), as in ``tune_defaults.py``. Prints NMI and hard KL* per
+seed and their mean over seeds per epoch; ``--json`` prints them as one JSON object instead,
+and ``--out F`` appends that object to the JSONL file F.
 
 Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/trace_epochs.py
 --dataset segments --candidate shipped``
@@ -16,7 +17,7 @@ import argparse
 import json
 
 import numpy as np
-from tune_defaults import candidate  # this folder is on sys.path
+from tune_defaults import _load_flat, candidate  # this folder is on sys.path
 
 from oclust.model import OnlineClusterer, datasets, evaluation
 from oclust.model.report import StepReport
@@ -46,7 +47,8 @@ def trace(X: np.ndarray, y: np.ndarray, params: dict, seed: int, marks: list[int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="segments", choices=datasets.DATASETS)
+    p.add_argument("--dataset", default="segments",
+                   choices=[*datasets.DATASETS, "fashion_mnist_flat"])
     p.add_argument("--candidate", default="shipped", help="as tune_defaults.py's")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--marks", default="1,2,3,5,10,20,40,80", help="epochs to score after")
@@ -56,7 +58,7 @@ def main() -> None:
     marks = sorted({int(m) for m in a.marks.split(",")})
     if marks[0] < 1:
         p.error("--marks are epochs, counted from 1")
-    X, y = datasets.load(a.dataset)
+    X, y = _load_flat(a.dataset)  # datasets.load, plus FashionMNIST as flat vectors
     X = evaluation.prepare(X)
     runs = [trace(X, y, candidate(a.candidate), seed, marks) for seed in range(a.seeds)]
     mean = {key: [float(np.mean([r[i][key] for r in runs])) for i in range(len(marks))]

@@ -148,6 +148,9 @@ class Regulariser(nn.Module):
     # the HAPT windows sigma 50 left sk, drc and ckm uneven, and on digits images views cost sk
     # NMI and made cm, ckm and aecm (losses on other scales) collapse
     tuned_defaults: ClassVar[bool] = False
+    # True where training on augmented views (OnlineClusterer(views=True)) was measured to
+    # collapse: the view's pull, a squared distance, outweighs a loss on another scale
+    collapses_with_views: ClassVar[bool] = False
 
     def build(self, input_shape: tuple[int, ...], latent_dim: int, n_clusters: int) -> None:
         """Create parameters that depend on the data (a decoder, a head); default: none.

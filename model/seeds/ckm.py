@@ -26,6 +26,7 @@ class ConcreteKMeans(_Reconstructs, _Seeded):
     """
 
     name = "ckm"
+    collapses_with_views = True  # 8×8 digits with views=True: one cluster
 
     def __init__(
         self, lam: float = 0.1, beta: float = 1.0, tau: float = 0.5, hidden: int = 512

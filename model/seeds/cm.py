@@ -89,6 +89,7 @@ class ClusteringModule(Regulariser):
     """
 
     name = "cm"
+    collapses_with_views = True  # 8×8 digits with views=True: one cluster
 
     def __init__(
         self, alpha: float = 2.0, lam: float = 1.0, ema: float = 0.95, scale2: float = 0.0

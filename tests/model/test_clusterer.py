@@ -1,6 +1,7 @@
 """OnlineClusterer: bad input, determinism, snapshots, shapes of every encoder."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -233,6 +234,7 @@ def test_inputs_seeding_serves_the_input_partition_sized_by_the_prior_from_the_f
     [((8,), "ca", False), ((3, 40), "ca", False), ((8, 8), "ca", True), ((8, 8), "sk", False),
      ((8, 8), "ckm", False), ((8, 8), "cm", False), ((8, 8), "drc", False)],
 )
+@pytest.mark.filterwarnings("ignore:views=True with regulariser")  # cm, ckm: tested below
 def test_views_are_on_for_images_with_ca(shape, regulariser, views):
     X = np.random.default_rng(1).normal(size=(64, *shape)).astype(np.float32)
     clf = _small(regulariser=regulariser).partial_fit(X)
@@ -242,6 +244,19 @@ def test_views_are_on_for_images_with_ca(shape, regulariser, views):
     assert OnlineClusterer.from_snapshot(snap).views_ is views
     assert _small(regulariser=regulariser, views=not views).partial_fit(X).views_ is not views
     assert clf.set_params(views=np.bool_(not views)).views_ is not views  # as sigma_ does
+
+
+@pytest.mark.parametrize("regulariser", ["cm", "ckm", "aecm"])
+def test_views_on_with_a_regulariser_they_collapse_warns(regulariser):
+    X = np.random.default_rng(1).normal(size=(64, 8, 8)).astype(np.float32)
+    with pytest.warns(UserWarning, match=f"views=True with regulariser '{regulariser}'") as rec:
+        _small(regulariser=regulariser, views=True).partial_fit(X)
+    assert rec[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where views are off or were measured to help
+        _small(regulariser=regulariser).partial_fit(X)
+        _small(regulariser="ca", views=True).partial_fit(X)
+        _small(regulariser="sk", views=True).partial_fit(X)
 
 
 def test_views_train_and_a_restored_model_draws_the_views_it_would_have_drawn(monkeypatch):
