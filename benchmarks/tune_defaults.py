@@ -15,6 +15,8 @@ import json
 import time
 from typing import Any
 
+import numpy as np
+
 from oclust.model import datasets, evaluation
 
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -36,6 +38,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 EPOCHS = {
     "digits": 40, "segments": 40, "basic_motions": 40, "hapt": 10, "fashion_mnist": 2,
     "fashion_mnist_flat": 2,
+    # held out (stop 29): small tabular sets that ship with scikit-learn and River, kept out of
+    # every tuning choice, to test a claim about tabular vectors made on the sets above
+    "iris": 40, "wine": 40, "breast_cancer": 40, "phishing": 40, "bananas": 40,
 }
 
 _load = datasets.load
@@ -69,11 +74,37 @@ def candidate(name: str) -> dict[str, Any]:
     return cfg
 
 
+def _river(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A classification set that ships in River's wheel, as float32 features and labels 0..C-1."""
+    from river import datasets as river_datasets
+
+    rows = list(getattr(river_datasets, name)())
+    X = np.array([[float(v) for v in x.values()] for x, _ in rows], dtype=np.float32)
+    return X, np.unique(np.array([t for _, t in rows]), return_inverse=True)[1]
+
+
+def _held_out(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One of the held-out tabular sets (installed with scikit-learn and River; no download)."""
+    from sklearn import datasets as sk_datasets
+
+    if name in ("phishing", "bananas"):
+        X, y = _river(name.capitalize())
+    else:
+        X, y = getattr(sk_datasets, f"load_{name}")(return_X_y=True)
+    return np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.int64)
+
+
+HELD_OUT = ("iris", "wine", "breast_cancer", "phishing", "bananas")
+
+
 def _load_flat(name: str) -> tuple:
-    """``datasets.load``, plus ``fashion_mnist_flat``: the images as 784-value vectors."""
+    """``datasets.load``, plus ``fashion_mnist_flat`` (the images as 784-value vectors) and the
+    held-out tabular sets."""
     if name == "fashion_mnist_flat":
         X, y = _load("fashion_mnist")
         return X.reshape(len(X), -1), y
+    if name in HELD_OUT:
+        return _held_out(name)
     return _load(name)
 
 
