@@ -336,11 +336,16 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     )
 
     # operations
-    metrics_port: int = Field(9100, ge=-1, description="/metrics port (0: any free, -1: off)")
+    metrics_port: int = Field(
+        9100, ge=-1, le=65535, description="/metrics port (0: any free, -1: off)"
+    )
     metrics_host: str = Field(
         "127.0.0.1", description="/metrics address (0.0.0.0 to let a scraper on another host in)"
     )
-    lease_ttl: float = seconds_field(10.0, "before an unrenewed lease lapses", finite=True)
+    lease_ttl: float = Field(  # Redis refuses an expiry under 1 ms; renewed every third of it
+        10.0, ge=1.0, allow_inf_nan=False,
+        description="seconds before an unrenewed lease lapses (at least 1)",
+    )
     owner: str | None = Field(None, description="lease owner id (default HOST:PID)")
 
     # faults

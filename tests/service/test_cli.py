@@ -82,6 +82,8 @@ def _error_line(args: list[str]) -> str:
         (["up", "--store", "ftp://x"], "unknown store URL scheme"),
         (["up", "--dataset", "mnist"], "unknown dataset 'mnist'"),
         (["serve", "--port", "70000"], "'--port'"),
+        (["worker", "--metrics-port", "70000"], "'--metrics-port'"),
+        (["worker", "--lease-ttl", "0.0001"], "'--lease-ttl'"),  # Redis: "invalid expire time"
         (["eval", "-r", "ca,bogus"], "bogus"),
         (["snapshots", "list", "--store", "ftp://x"], "unknown store URL scheme"),
         (["no-such-command"], "No such command"),

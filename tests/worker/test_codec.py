@@ -181,6 +181,15 @@ def test_bad_readings_rejected(value, reason):
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize("ts", [b"nan", b"inf", b"-inf", b"NaN"])
+def test_a_binary_readings_ts_header_must_be_finite_as_in_json(ts):
+    value = np.ones(3, "<f4").tobytes()
+    headers = [*F32, ("device", b"a"), ("ts", ts)]
+    assert _reason(ReadingDecoder(channels=3), value, headers) == "non_finite"
+    ok = ReadingDecoder(channels=3).decode(value, [*F32, ("device", b"a"), ("ts", b"2.5")])
+    assert ok.ts == 2.5
+
+
 def test_encoders_produce_what_decoders_read():
     value, headers = encode_sample(np.ones((2, 3)), label=2)
     arr, label = SampleDecoder().decode(value, headers)

@@ -297,7 +297,10 @@ def _set_pointer(store: SnapshotStore, raw: bytes) -> None:
         (store.path / "current").write_bytes(raw)
 
 
-@pytest.mark.parametrize("raw", [b"abc", b"", b"-1", b"1.5", b"\xff\x00", b"9" * 40])
+@pytest.mark.parametrize(
+    "raw",
+    [b"abc", b"", b"-1", b"1.5", b"\xff\x00", b"9" * 40, "²".encode(), "١".encode()],
+)  # the last two are digits to str.isdigit() that int() refuses or reads as another number
 def test_a_garbled_pointer_is_a_clear_store_error_and_rollback_repairs_it(
     make_store: StoreFactory, raw: bytes
 ) -> None:

@@ -94,9 +94,9 @@ class ReadingDecoder(base.Decoder):
             ts = obj.get("ts")
             if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)):
                 raise DecodeError("bad_schema", f"'ts' must be a number, got {ts!r}")
-            if ts is not None and not math.isfinite(ts):
-                raise DecodeError("non_finite", "'ts' is not finite")
             label = base.label(obj.get("label"))
+        if ts is not None and not math.isfinite(ts):  # JSON's NaN or a header's "inf"
+            raise DecodeError("non_finite", "'ts' is not finite")
         values = base.bounded(values, "values", self.max_abs)
         if device is None:
             if not key:

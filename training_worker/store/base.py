@@ -52,7 +52,7 @@ class CorruptPointer(StoreError):
 def _pointer(raw: bytes | str, where: str) -> int:
     """Parse a stored current-version pointer; :class:`CorruptPointer` unless it is a version."""
     text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-    if text.strip().isdigit() and len(text) < 20:
+    if text.strip().isascii() and text.strip().isdigit() and len(text) < 20:  # not '²'
         return int(text)
     raise CorruptPointer(
         f"the current-version pointer {where} holds {text[:40]!r}, not a version number "
