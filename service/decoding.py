@@ -132,7 +132,11 @@ def _too_long(shape: tuple[int, ...], n: int) -> str:
 
 
 def _out_of_range_msg(x: float, max_abs: float) -> str:
-    return (f"out_of_range: {float(x):.4g} exceeds the feature bound ±{max_abs:g} "
+    try:
+        shown = f"{float(x):.4g}"
+    except OverflowError:  # an integer beyond a float's range (JSON integers are unbounded)
+        shown = f"~{'-' if x < 0 else ''}1e+{len(str(abs(int(x)))) - 1}"  # its magnitude
+    return (f"out_of_range: {shown} exceeds the feature bound ±{max_abs:g} "
             "(OCLUST_MAX_ABS_FEATURE)")
 
 

@@ -278,6 +278,14 @@ class SnapshotWatcher:
             return self._failed(f"reading the store failed: {exc!r}", None)
         self.holder.store_up = True
         if pointed is None or pointed == self._attempted:
+            if pointed is not None and self.holder.current is None:
+                # the pointed version was rejected and no fallback served yet: try again,
+                # backing off, so a failed listing or a store blip is not final
+                why = self.holder.last_error or f"snapshot {pointed} rejected"
+                if self._fall_back(pointed, why):
+                    return True
+                self.failures += 1
+                return False
             self.failures = 0
             if pointed is None and self.holder.current is None:
                 self.holder.last_error = "no snapshot published yet in the store"
@@ -335,6 +343,10 @@ class SnapshotWatcher:
                 continue
             try:
                 model = self._load(version)
+            except StoreError as exc:
+                if not isinstance(exc, VersionNotFound):  # the store failed, not the version:
+                    return False  # the next attempt starts again from the newest
+                continue
             except Exception:
                 continue
             target = "the pointer" if pointed is None else f"pointed version {pointed}"
@@ -348,7 +360,8 @@ class SnapshotWatcher:
         """Seconds to pause before the next attempt: 0 after a success, else exponential."""
         if self.failures == 0:
             return 0.0
-        return min(self.retry_interval * 2 ** (self.failures - 1), self.max_retry_interval)
+        doublings = min(self.failures - 1, 32)  # 2.0 ** 1024 would overflow a float
+        return min(self.retry_interval * 2.0**doublings, self.max_retry_interval)
 
     def start(self) -> None:
         """Start the background thread (idempotent)."""
@@ -369,7 +382,11 @@ class SnapshotWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.check(wait=self.poll_interval)
-            pause = self.backoff()
+            try:
+                self.check(wait=self.poll_interval)
+                pause = self.backoff()
+            except Exception:  # check never raises; should it, the watcher still never stops
+                log.exception("snapshot watcher: unexpected error; retrying")
+                pause = self.max_retry_interval
             if pause:
                 self._stop.wait(pause)

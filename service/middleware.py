@@ -33,7 +33,7 @@ __all__ = ["ENDPOINTS", "LimitsMiddleware", "json_response"]
 
 ENDPOINTS = frozenset(
     ["/", "/assign", "/assign/batch", "/model", "/healthz", "/readyz", "/metrics", "/stats",
-     "/docs", "/openapi.json"]
+     "/stats/map", "/docs", "/openapi.json"]
 )
 JSON = "application/json"
 

@@ -11,7 +11,9 @@ Example:
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
 
 from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation, seconds_field
 
@@ -22,11 +24,13 @@ class ServiceSettings(StoreLocation):
     """Everything ``oclust serve`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
 
     # where the snapshots come from (store, namespace: StoreLocation)
-    poll_interval: float = seconds_field(
-        1.0, "between polls of the current version (pub/sub fallback)")
+    poll_interval: float = seconds_field(  # finite: the watcher waits on these
+        1.0, "between polls of the current version (pub/sub fallback)", finite=True)
     retry_interval: float = seconds_field(
-        2.0, "of the first pause after a failed store attempt (doubles at each failure, capped)")
-    max_retry_interval: float = seconds_field(30.0, "of the longest pause between failed attempts")
+        2.0, "of the first pause after a failed store attempt (doubles at each failure, capped)",
+        finite=True)
+    max_retry_interval: float = seconds_field(
+        30.0, "of the longest pause between failed attempts", finite=True)
     device: str = Field(
         "cpu", description="torch device of models served by torch (MLPs run in the CPU kernel)"
     )
@@ -51,7 +55,9 @@ class ServiceSettings(StoreLocation):
         16 * 1024 * 1024, ge=64, description="largest accepted request body in bytes (else 413)"
     )
     access_log: bool = Field(False, description="log every request (costs throughput)")
-    log_level: str = Field("info", description="log level: debug, info, warning or error")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="log level: debug, info, warning or error"
+    )
 
     # inference and monitoring
     torch_threads: int = Field(
@@ -67,3 +73,8 @@ class ServiceSettings(StoreLocation):
         MAX_ABS_FEATURE, gt=0, description="largest accepted feature magnitude (else 422 "
         "out_of_range)"
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value

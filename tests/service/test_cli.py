@@ -82,6 +82,9 @@ def _error_line(args: list[str]) -> str:
         (["up", "--store", "ftp://x"], "unknown store URL scheme"),
         (["up", "--dataset", "mnist"], "unknown dataset 'mnist'"),
         (["serve", "--port", "70000"], "'--port'"),
+        (["serve", "--log-level", "verbose"], "'--log-level'"),  # was uvicorn's KeyError
+        (["serve", "--retry-interval", "inf"], "'--retry-interval'"),  # killed the watcher
+        (["serve", "--poll-interval", "inf"], "'--poll-interval'"),
         (["worker", "--metrics-port", "70000"], "'--metrics-port'"),
         (["worker", "--lease-ttl", "0.0001"], "'--lease-ttl'"),  # Redis: "invalid expire time"
         (["eval", "-r", "ca,bogus"], "bogus"),

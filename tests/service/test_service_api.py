@@ -145,6 +145,9 @@ BAD_SINGLE = [
     (b'{"features": [1, 2, 3, 4, 1e39]}', "out_of_range: 1e+39 exceeds the feature bound"),
     (b'{"features": [1, 2, 3, 4, 2000000]}', "features[4]: out_of_range"),
     (b'{"features": [1, 2, 3, 4, 1e400]}', "features[4]: NaN or infinite"),
+    (b'{"features": [1, 2, 3, 4, 1' + b"0" * 400 + b']}',  # beyond a float: was a 500
+     "features[4]: out_of_range: ~1e+400 exceeds"),
+    (b'{"features": [1, 2, 3, 4, -1' + b"0" * 400 + b']}', "out_of_range: ~-1e+400 exceeds"),
     (b'{"features": [1, 2, 3, 4, "5"]}', "features[4]: Input should be a valid number"),
     (b'{"features": [1, 2, true, 4, 5]}', "features[2]: Input should be a valid number"),
     (b'{"features": [1, 2, 3, 4, null]}', "features[4]: Input should be a valid number"),
@@ -188,6 +191,7 @@ BAD_BATCH = [
     (json.dumps({"items": [[0.0] * 5] * 9}).encode(), "9 items exceed the batch limit of 8"),
     (json.dumps({"items": [[0.0] * 5] * 8 + [[True] * 5]}).encode(), "exceed the batch limit"),
     (b'{"items": [[1e38, 1e38, 1e38, 1e38, 1e38]]}', "items[0][0]: out_of_range"),
+    (b'{"items": [[1, 2, 3, 4, 9' + b"9" * 400 + b']]}', "items[0][4]: out_of_range"),
 ]
 
 
@@ -335,6 +339,18 @@ def _requests(app: Any) -> dict[tuple[str, str], float]:
     return {(s.labels["endpoint"], s.labels["status"]): s.value
             for f in text_string_to_metric_families(text) if f.name == "oclust_http_requests"
             for s in f.samples if s.name.endswith("_total")}
+
+
+def test_every_routed_path_is_counted_under_its_own_endpoint(vector_snapshot: Snapshot) -> None:
+    from oclust.service.middleware import ENDPOINTS
+
+    app = create_app(ServiceSettings(), _holder(vector_snapshot))
+    routed = {getattr(r, "path", None) for r in app.routes} - {None}
+    assert routed - {"/docs/oauth2-redirect", "/redoc"} <= ENDPOINTS  # /stats/map was "other"
+    api = Client(app)
+    assert api.get("/stats/map").status_code == 200 and api.get("/nowhere").status_code == 404
+    counts = _requests(app)
+    assert counts[("/stats/map", "2xx")] == 1 and counts[("other", "4xx")] == 1
 
 
 def test_client_disconnect_mid_body_is_499_not_5xx(vector_snapshot: Snapshot) -> None:

@@ -11,7 +11,7 @@ import torch
 from oclust.model import OnlineClusterer, Snapshot
 from oclust.model.snapshot import SnapshotError, pack_tensors, unpack_arrays
 from oclust.service.loader import LoadedModel, ModelHolder, SnapshotWatcher
-from oclust.training_worker.store import open_store
+from oclust.training_worker.store import StoreError, open_store
 
 
 def _fit(shape: tuple[int, ...], seed: int = 0, k: int = 3, **kw: object) -> OnlineClusterer:
@@ -192,6 +192,94 @@ def test_watcher_backs_off_on_a_garbled_pointer_and_falls_back(tmp_path: Path) -
     store.rollback(1)  # the repair
     assert watcher.check() is True and holder.current.version == 1
     assert holder.fallback is None and holder.last_error is None and watcher.backoff() == 0.0
+
+
+def test_the_back_off_stays_capped_after_any_number_of_failures() -> None:
+    watcher = SnapshotWatcher(None, ModelHolder(), retry_interval=2.0, max_retry_interval=30.0)
+    pauses = {}
+    for failures in (1, 2, 4, 5, 1025, 10**6):  # 2 ** 1024 overflowed and killed the thread
+        watcher.failures = failures
+        pauses[failures] = watcher.backoff()
+    assert pauses == {1: 2.0, 2: 4.0, 4: 16.0, 5: 30.0, 1025: 30.0, 10**6: 30.0}
+
+
+def _corrupt_newest(tmp_path: Path, namespace: str):
+    """A store with two valid versions and a pointed third that fails its checksum."""
+    store = open_store(f"file://{tmp_path}", namespace=namespace)
+    store.publish(_fit((5,), seed=1).to_snapshot())
+    store.publish(_fit((5,), seed=2).to_snapshot())
+    snap = _fit((5,), seed=3).to_snapshot()
+    store.publish(Snapshot(b"garbage", snap.manifest))
+    return store
+
+
+def test_a_fresh_replica_retries_a_fallback_that_failed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _corrupt_newest(tmp_path, "f")
+    real = store.versions
+    calls = []
+
+    def flaky() -> list[int]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise StoreError("a blip")  # injected: the listing fails once
+        return real()
+
+    monkeypatch.setattr(store, "versions", flaky)
+    holder = ModelHolder()
+    watcher = SnapshotWatcher(store, holder)
+    assert watcher.check() is False and holder.current is None
+    assert "snapshot 3 rejected" in holder.last_error and watcher.backoff() > 0
+    assert watcher.check() is True  # the pointer has not moved, and the fallback is retried
+    assert holder.current.version == 2 and "fallback" in holder.fallback
+
+
+def test_a_store_error_during_the_fallback_never_settles_for_an_older_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _corrupt_newest(tmp_path, "o")
+    real = store.load
+    failed = []
+
+    def flaky(version: int | None = None) -> Snapshot:
+        if version == 2 and not failed:
+            failed.append(version)
+            raise StoreError("a blip")  # injected: reading version 2 fails once
+        return real(version)
+
+    monkeypatch.setattr(store, "load", flaky)
+    holder = ModelHolder()
+    watcher = SnapshotWatcher(store, holder)
+    assert watcher.check() is False and holder.current is None  # not version 1
+    assert failed == [2]
+    assert watcher.check() is True and holder.current.version == 2
+
+
+def test_the_watcher_thread_survives_an_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(f"file://{tmp_path}", namespace="s")
+    store.publish(_fit((5,)).to_snapshot())
+    holder = ModelHolder()
+    watcher = SnapshotWatcher(store, holder, poll_interval=0.05, retry_interval=0.05,
+                              max_retry_interval=0.05)
+    real = watcher.check
+    raised = []
+
+    def once(wait: float = 0.0) -> bool:
+        if not raised:
+            raised.append(1)
+            raise RuntimeError("unforeseen")
+        return real(wait)
+
+    monkeypatch.setattr(watcher, "check", once)
+    watcher.start()
+    try:
+        assert holder.wait_for_version(1, 10), "the watcher died on the first error"
+    finally:
+        watcher.stop()
+    assert raised == [1]
 
 
 def test_watcher_without_a_pointer_serves_the_newest_valid_version(tmp_path: Path) -> None:

@@ -170,6 +170,7 @@ def test_readings_json_and_binary():
         (b'{"device": "a", "values": [[1, 2, 3]]}', "bad_schema"),
         (b'{"device": "a", "ts": "now", "values": [1, 2, 3]}', "bad_schema"),
         (b'{"device": "a", "ts": NaN, "values": [1, 2, 3]}', "non_finite"),
+        (b'{"device": "a", "ts": 1' + b"0" * 400 + b', "values": [1, 2, 3]}', "out_of_range"),
         (b'{"device": "a", "values": [1, NaN, 3]}', "non_finite"),
         (b'{"device": "a"}', "bad_schema"),
         (b'{"device": ["a"], "values": [1, 2, 3]}', "bad_schema"),

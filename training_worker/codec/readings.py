@@ -94,6 +94,8 @@ class ReadingDecoder(base.Decoder):
             ts = obj.get("ts")
             if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)):
                 raise DecodeError("bad_schema", f"'ts' must be a number, got {ts!r}")
+            if isinstance(ts, int) and abs(ts) > 2**63:  # JSON integers are unbounded
+                raise DecodeError("out_of_range", "'ts' is an integer beyond 64 bits")
             label = base.label(obj.get("label"))
         if ts is not None and not math.isfinite(ts):  # JSON's NaN or a header's "inf"
             raise DecodeError("non_finite", "'ts' is not finite")
