@@ -16,9 +16,15 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    OffsetOutOfRangeError,
+    RecordListTooLargeError,
+)
 
 __all__ = [
+    "DLQ_HEADROOM",
     "DeadLetters",
     "committed_offsets",
     "dead_letter_headers",
@@ -108,17 +114,28 @@ def dead_letter_headers(
     ]
 
 
+DLQ_HEADROOM = 64 * 1024  # bytes a dead letter may add to the largest accepted message
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)  # the producer's or the broker's
+
+
+def _value_dropped(headers: list[tuple[str, bytes]], value: bytes) -> list[tuple[str, bytes]]:
+    return [*headers, ("value_dropped", str(len(value)).encode())]
+
+
 class DeadLetters:
     """Send rejected messages, bytes unchanged, to the dead-letter topic.
 
     ``send`` queues a message; ``flush`` waits until every queued one is acknowledged (the
     worker flushes before a snapshot, so committed offsets never skip an unsent dead letter).
+    A dead letter too large for the producer or the broker goes without its value, with a
+    ``value_dropped`` header holding the value's size in bytes: the worker never dies on one.
     """
 
     def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
         self.producer = producer
         self.topic = topic
-        self._pending: list[asyncio.Future[object]] = []
+        self._pending: list[tuple[asyncio.Future[object], bytes | None, bytes | None,
+                                  list[tuple[str, bytes]]]] = []
 
     async def send(
         self,
@@ -127,12 +144,25 @@ class DeadLetters:
         headers: list[tuple[str, bytes]],
     ) -> None:
         """Queue one dead letter."""
-        fut = await self.producer.send(self.topic, value=value, key=key, headers=headers)
-        self._pending.append(fut)
+        try:
+            fut = await self.producer.send(self.topic, value=value, key=key, headers=headers)
+        except TOO_LARGE:  # over the producer's max_request_size, found before sending
+            if value is None:
+                raise
+            headers, value = _value_dropped(headers, value), None
+            fut = await self.producer.send(self.topic, value=None, key=key, headers=headers)
+        self._pending.append((fut, key, value, headers))
 
     async def flush(self) -> int:
         """Wait for all queued dead letters; return how many were acknowledged."""
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        results = await asyncio.gather(*(p[0] for p in pending), return_exceptions=True)
+        resent = []
+        for (_, key, value, headers), result in zip(pending, results, strict=True):
+            if isinstance(result, TOO_LARGE) and value is not None:  # the broker refused it
+                resent.append(await self.producer.send(
+                    self.topic, value=None, key=key, headers=_value_dropped(headers, value)))
+            elif isinstance(result, BaseException):
+                raise result
+        await asyncio.gather(*resent)
         return len(pending)

@@ -67,7 +67,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from oclust.training_worker.ingest import make_ingest
-from oclust.training_worker.kafka import DeadLetters, ensure_topic
+from oclust.training_worker.kafka import DLQ_HEADROOM, DeadLetters, ensure_topic
 from oclust.training_worker.lease import Lease, make_lease, make_progress_log
 from oclust.training_worker.ledger import OffsetLedger
 from oclust.training_worker.loop import DLQ_REASONS, TrainingLoop
@@ -299,7 +299,10 @@ class TrainingWorker:
         else:
             with contextlib.suppress(KafkaError):
                 await ensure_topic(s.bootstrap_servers, s.dlq_topic_name)
-            producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=5)
+            producer = AIOKafkaProducer(  # room for a dead letter of the largest message
+                bootstrap_servers=s.bootstrap_servers, linger_ms=5,
+                max_request_size=max(1 << 20, s.max_message_bytes + DLQ_HEADROOM),
+            )
         await _started(producer)
         try:
             if self.stream is not None:

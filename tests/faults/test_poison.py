@@ -16,7 +16,7 @@ from safetensors.numpy import load as load_tensors
 
 from oclust.model import datasets
 from oclust.training_worker.codec import CONTENT_TYPE_F32, encode_reading, encode_sample
-from oclust.training_worker.kafka import ensure_topic
+from oclust.training_worker.kafka import DeadLetters, dead_letter_headers, ensure_topic
 from oclust.training_worker.store import open_store
 from oclust.training_worker.trainer import TrainerHooks
 from oclust.training_worker.worker import DLQ_REASONS, TrainingWorker
@@ -109,6 +109,60 @@ def test_hostile_samples_are_dead_lettered_and_training_goes_on(
                                 {"reason": "out_of_range"}) == 5
     assert reg.get_sample_value("oclust_worker_dlq_messages_total", {"reason": "too_deep"}) == 2
     assert reg.get_sample_value("oclust_worker_quality_labels_ignored_total") == 1
+
+
+def test_a_bad_message_near_the_size_limit_is_a_dead_letter_not_a_dead_worker(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    X, _ = datasets.load("digits")
+    n_good = 80
+    big = b"x" * (1_048_576 - 200)  # under --max-message-bytes; with its reason headers, over
+
+    async def main() -> tuple[list[Any], int]:
+        await ensure_topic(kafka_bootstrap, unique_topic)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=4 << 20)
+        await producer.start()
+        for i in range(n_good):
+            if i == n_good // 2:
+                offset = (await producer.send_and_wait(unique_topic, big)).offset
+            await producer.send(unique_topic, encode_sample(X[i])[0])
+        await producer.stop()
+        count = Counter()
+        worker = TrainingWorker(  # one death would dead-letter the message as poison
+            _settings(kafka_bootstrap, unique_topic, redis_url, batch_size=20, max_attempts=1),
+            hooks=TrainerHooks(on_step=count),
+        )
+        assert await _run_until(worker, lambda: count.samples >= n_good) == 0
+        return await _dead_letters(kafka_bootstrap, unique_topic, 1), offset
+
+    (letter,), offset = asyncio.run(main())
+    headers = dict(letter.headers)
+    assert headers["reason"] == b"not_json" and int(headers["source_offset"]) == offset
+    # kept whole where the broker takes it; else sent without its value, its size noted
+    assert letter.value == big or (letter.value is None
+                                   and headers["value_dropped"] == str(len(big)).encode())
+    assert open_store(redis_url, "t").load().manifest["samples_seen"] == n_good
+
+
+def test_a_dead_letter_too_large_to_send_goes_without_its_value(kafka_bootstrap, unique_topic):
+    async def main() -> list[Any]:
+        await ensure_topic(kafka_bootstrap, f"{unique_topic}.dlq")
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=4096)
+        await producer.start()
+        try:
+            dlq = DeadLetters(producer, f"{unique_topic}.dlq")
+            headers = dead_letter_headers(None, "not_json", "x", unique_topic, 0, 7)
+            await dlq.send(b"k", b"y" * 20_000, headers)  # over the producer's request size
+            await dlq.send(b"k", b"small", headers)
+            assert await dlq.flush() == 2
+        finally:
+            await producer.stop()
+        return await _dead_letters(kafka_bootstrap, unique_topic, 2)
+
+    big, small = asyncio.run(main())
+    assert big.value is None and dict(big.headers)["value_dropped"] == b"20000"
+    assert dict(big.headers)["reason"] == b"not_json" and big.key == b"k"
+    assert small.value == b"small" and "value_dropped" not in dict(small.headers)
 
 
 def test_hostile_readings_are_dead_lettered_and_windows_go_on(
