@@ -64,8 +64,8 @@ def manifest_of(
         prior_state=(
             clf.prior_estimator_.state() if clf.prior_estimator_ is not None else None
         ),
-        lr=float(clf.lr),
-        betas=[float(b) for b in clf.betas],
+        lr=float(clf.optimizer_.param_groups[0]["lr"]),  # as built (set_params does not
+        betas=[float(b) for b in clf.optimizer_.param_groups[0]["betas"]],  # move the optimiser)
         standardize=bool(clf.standardize),
         clip=None if clf.scaler_.clip is None else float(clf.scaler_.clip),  # as built
         init=clf.init_,
@@ -139,7 +139,10 @@ def from_snapshot(
         ).validate_params()
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"manifest is missing or has a bad field: {exc}") from exc
-    clf._build(enc.input_shape)
+    try:
+        clf._build(enc.input_shape)
+    except (TypeError, ValueError) as exc:  # e.g. reg_params the regulariser does not take
+        raise SnapshotError(f"manifest describes a model that cannot be built: {exc}") from exc
     load_tensors(clf, unpack_tensors(snapshot.weights))
     if clf.prior_estimator_ is not None:
         try:
@@ -154,13 +157,29 @@ def from_snapshot(
     return clf
 
 
+def _check_adam_state(i: int, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    """:class:`SnapshotError` unless ``state`` is Adam's for parameter ``p``: a scalar step and
+    moments of ``p``'s shape (else the first step after loading fails on a shape mismatch)."""
+    moments = {"exp_avg", "exp_avg_sq"}
+    if set(state) != {"step", *moments} or state["step"].numel() != 1 or any(
+        state[k].shape != p.shape for k in moments
+    ):
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        raise SnapshotError(f"optimiser state {i} does not fit its parameter of shape "
+                            f"{tuple(p.shape)}: {shapes}")
+
+
 def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor]) -> None:
     """Load a snapshot's tensors into a built clusterer (``SnapshotError`` if they do not fit)."""
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
 
+    check_finite_weights({k: v.numpy() for k, v in t.items()})
     try:
+        if t["centroids"].shape != clf.centroids_.shape:  # copy_ would broadcast one row to K
+            raise RuntimeError(f"centroids of shape {tuple(t['centroids'].shape)}, expected "
+                               f"{tuple(clf.centroids_.shape)}")
         clf.centroids_.data.copy_(t["centroids"])
         clf.encoder_.load_state_dict(part("encoder."))
         clf.reg_.load_state_dict(part("reg."))
@@ -170,6 +189,7 @@ def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor]) -> None:
     for i, p in enumerate(clf._parameters()):
         state = part(f"optim.{i}.")
         if state:
+            _check_adam_state(i, p, state)
             state = {k: (v if k == "step" else v.to(clf.device_)) for k, v in state.items()}
             clf.optimizer_.state[p] = state
     clf._centroids_ready = True

@@ -447,23 +447,32 @@ class OnlineClusterer(
     def _step(self, arr: np.ndarray) -> None:
         """The training step of :meth:`partial_fit` on a checked batch."""
         x = self._tensor(arr)
-        if self.standardize:
-            self.scaler_.update(x)
-            x = self.scaler_(x)
-        stem, rest = split_stem(self.encoder_)  # the MLP's first layer: the same in both passes
-        h = x if stem is None else stem(x)
-        z_served = self._eval_latents(h, rest)  # before the training pass moves BatchNorm's stats
-        self._warm_batchnorm()
-        self._train_mode(len(arr))
-        z = rest(h)
-        if not self._centroids_ready:
-            self._init_centroids(x, z)
-        batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
-        out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists for served
-        if z_served is None:  # before the step moves anything
-            served = self._served_labels(z, batch.distances)
-        else:
-            served = self._served_labels(z_served)
+        # a batch refused below (ValueError: e.g. distances that overflow) leaves the scaler's
+        # and BatchNorm's running statistics as they were, not poisoned by its values
+        held = [(b, b.clone()) for m in (self.scaler_, self.encoder_) for b in m.buffers()]
+        try:
+            if self.standardize:
+                self.scaler_.update(x)
+                x = self.scaler_(x)
+            stem, rest = split_stem(self.encoder_)  # the MLP's first layer: the same in both
+            h = x if stem is None else stem(x)
+            z_served = self._eval_latents(h, rest)  # before training moves BatchNorm's stats
+            self._warm_batchnorm()
+            self._train_mode(len(arr))
+            z = rest(h)
+            if not self._centroids_ready:
+                self._init_centroids(x, z)
+            batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
+            out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists
+            if z_served is None:  # before the step moves anything
+                served = self._served_labels(z, batch.distances)
+            else:
+                served = self._served_labels(z_served)
+        except ValueError:
+            with torch.no_grad():
+                for buffer, before in held:
+                    buffer.copy_(before)
+            raise
         loss = out.loss
         if self.views_:  # the mean with the view's pull: CA's loss keeps its scale
             loss = (loss + self._view_pull(x, out.labels)) / 2

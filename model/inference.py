@@ -174,6 +174,8 @@ def load(
     try:
         cfg = EncoderConfig.from_dict(snapshot.manifest["encoder"])
         sigma = float(snapshot.manifest["sigma"])
+        if not 0.0 < sigma < math.inf:  # 0 divides by zero; negative or NaN inverts soft labels
+            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"manifest is missing or has a bad field: {exc!r}") from exc
     arrays = unpack_arrays(snapshot.weights)

@@ -339,7 +339,10 @@ def make_regulariser(name: str, **params: float) -> Regulariser:
         raise ValueError(
             f"unknown regulariser {name!r}; choose from {', '.join(sorted(REGULARISERS))}"
         ) from None
-    return cls(**params)
+    try:
+        return cls(**params)
+    except TypeError as exc:  # an unknown or missing keyword: a bad reg_params, not a bug
+        raise ValueError(f"bad reg_params for regulariser {name!r}: {exc}") from None
 
 
 # the methods of model.seeds register themselves; importing them here (last, once every name

@@ -134,6 +134,19 @@ def _integer(value: Any) -> int:
     return int(value)
 
 
+def _count(value: Any) -> int:
+    count = _integer(value)
+    if count < 0:
+        raise ValueError(f"expected a count (>= 0), got {value!r}")
+    return count
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):  # bool("false") is True
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _mapping(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"expected a JSON object, got {value!r}")
@@ -141,11 +154,11 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 def _offsets(value: Any) -> dict[str, int]:
-    return {str(k): int(v) for k, v in _mapping(value).items()}
+    return {str(k): _count(v) for k, v in _mapping(value).items()}
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in value)
+    return tuple(_count(s) for s in value)
 
 
 def _floats(value: Any) -> list[float]:
@@ -255,10 +268,10 @@ class Manifest:
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "format": str, "version": _integer, "created_at": _created, "sha256": str, "integrity": str,
-    "regulariser": str, "reg_params": _mapping, "n_clusters": int, "input_shape": _shape,
-    "encoder": _mapping, "latent_dim": int, "sigma": float, "prior": _floats,
-    "prior_mode": str, "lr": float, "betas": _floats, "standardize": bool, "clip": float,
-    "init": str, "views": bool, "seed": _integer, "samples_seen": int, "steps": int,
+    "regulariser": str, "reg_params": _mapping, "n_clusters": _count, "input_shape": _shape,
+    "encoder": _mapping, "latent_dim": _count, "sigma": float, "prior": _floats,
+    "prior_mode": str, "lr": float, "betas": _floats, "standardize": _flag, "clip": float,
+    "init": str, "views": _flag, "seed": _integer, "samples_seen": _count, "steps": _count,
     "offsets": _offsets, "metrics": _mapping,
 }
 

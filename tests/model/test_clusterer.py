@@ -413,6 +413,21 @@ def test_a_first_step_that_fails_leaves_the_model_unfitted_with_a_clear_error() 
     assert clf.is_fitted and clf.steps_ == 1 and clf.samples_seen_ == 32
 
 
+def test_a_refused_batch_leaves_the_running_statistics_as_they_were() -> None:
+    X = np.random.default_rng(0).normal(size=(256, 6)).astype(np.float32)
+    clf = OnlineClusterer(n_clusters=4, latent_dim=8, standardize=False, seed=0)  # as "paper"
+    for i in range(3):
+        clf.partial_fit(X[i * 64:(i + 1) * 64])
+    before = {k: v.clone() for k, v in clf.encoder_.named_buffers()}
+    labels, steps = clf.predict(X), clf.steps_
+    with pytest.raises(ValueError, match="distances must be finite"):
+        clf.partial_fit(np.full((64, 6), 1e38, np.float32))  # finite, but it overflows
+    after = dict(clf.encoder_.named_buffers())
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # BatchNorm's went NaN
+    assert clf.steps_ == steps and (clf.predict(X) == labels).all()
+    clf.partial_fit(X[192:]).to_snapshot()  # trains and snapshots on, as before the batch
+
+
 def test_weights_blown_up_by_the_learning_rate_raise_floating_point_error() -> None:
     X = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
     clf = OnlineClusterer(n_clusters=3, lr=1e30, seed=0)  # finite, valid, and far too large

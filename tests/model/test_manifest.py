@@ -140,3 +140,58 @@ def test_hidden_norm_is_checked() -> None:
         OnlineClusterer(hidden_norm="layer").validate_params()
     with pytest.raises(ValueError, match="'none' is for the MLP only"):  # at the first batch
         OnlineClusterer(2, hidden_norm="none").partial_fit(np.zeros((4, 8, 8)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("standardize", "false"), ("views", "no"), ("n_clusters", 4.9), ("steps", "5"),
+     ("samples_seen", -3), ("offsets", {"t:0": -1}), ("input_shape", [5.5])],
+)
+def test_a_field_of_the_wrong_type_is_refused_not_coerced(snap: Snapshot, field, value) -> None:
+    with pytest.raises(SnapshotError, match=f"'{field}' is bad"):  # bool("false") was True
+        Manifest.from_dict({**snap.manifest, field: value})
+
+
+def _with_tensors(snap: Snapshot, **changes: object) -> Snapshot:
+    tensors = unpack_tensors(snap.weights) | changes
+    return Snapshot.create(pack_tensors(tensors), {**snap.manifest})
+
+
+def test_weights_that_do_not_fit_are_refused_when_resuming(snap: Snapshot) -> None:
+    import torch
+
+    t = unpack_tensors(snap.weights)
+    bad = {
+        "centroids of one row": {"centroids": t["centroids"][:1]},  # copy_ broadcast it to K
+        "moments of another shape": {"optim.0.exp_avg": torch.zeros(3)},
+        "a step that is not a scalar": {"optim.0.step": torch.zeros(2)},
+        "NaN weights": {"encoder.0.net.0.weight": torch.full_like(
+            t["encoder.0.net.0.weight"], float("nan"))},
+    }
+    for what, change in bad.items():
+        with pytest.raises(SnapshotError):
+            OnlineClusterer.from_snapshot(_with_tensors(snap, **change), device="cpu")
+            pytest.fail(f"{what} loaded")
+    OnlineClusterer.from_snapshot(_with_tensors(snap), device="cpu")  # unchanged: it loads
+
+
+def test_the_manifest_records_the_optimiser_that_trains(snap: Snapshot) -> None:
+    clf = OnlineClusterer.from_snapshot(snap, device="cpu").set_params(lr=0.05, betas=(0.5, 0.6))
+    m = clf.to_snapshot().manifest  # set_params does not move a built model's optimiser
+    assert (m["lr"], m["betas"]) == (1e-3, [0.9, 0.99])
+
+
+def test_bad_reg_params_are_value_errors_and_snapshot_errors(snap: Snapshot) -> None:
+    X = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
+    with pytest.raises(ValueError, match="bad reg_params for regulariser 'ca'"):
+        OnlineClusterer(3, reg_params={"bogus": 1.0}).partial_fit(X)  # was a TypeError
+    hostile = Snapshot.create(snap.weights, {**snap.manifest, "reg_params": {"bogus": 1.0}})
+    with pytest.raises(SnapshotError, match="bogus"):
+        OnlineClusterer.from_snapshot(hostile, device="cpu")
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_served_snapshot_needs_a_positive_finite_sigma(snap: Snapshot, sigma: float) -> None:
+    hostile = Snapshot.create(snap.weights, {**snap.manifest, "sigma": sigma})
+    with pytest.raises(SnapshotError, match="sigma"):  # 0 was a ZeroDivisionError
+        load(hostile)
