@@ -67,6 +67,7 @@ class _Entry:
 class _Device:
     buffer: list[_Entry] = field(default_factory=list)
     emitted: bool = False
+    last_out: _Entry | None = None  # the newest reading a window took out of the buffer
     skip: int = 0  # readings still to drop when hop > size
     last_push: int = 0
 
@@ -111,11 +112,13 @@ class WindowAssembler:
         key = float("inf") if reading.ts is None else reading.ts
         entry = _Entry(key, self._seq, reading, source)
         buf = state.buffer
-        if state.emitted and buf and entry < buf[0]:
+        # late: older than the open window, or (none open: hop >= size) than the last window
+        floor = buf[0] if buf else state.last_out
+        if state.emitted and floor is not None and entry < floor:
             raise DecodeError(
                 "late_reading",
                 f"reading at ts={reading.ts} for device {reading.device!r} is older than its "
-                f"open window (starting at ts={buf[0].reading.ts})",
+                f"{'open' if buf else 'last'} window (ts={floor.reading.ts})",
             )
         if state.skip:
             state.skip -= 1
@@ -126,6 +129,7 @@ class WindowAssembler:
             out.append(self._window(reading.device, buf[: self.size]))
             state.emitted = True
             drop = min(self.hop, len(buf))
+            state.last_out = buf[drop - 1]
             del buf[:drop]
             state.skip = self.hop - drop
         if self.idle_after is not None and self._pushes % self.idle_after == 0:

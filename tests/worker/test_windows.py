@@ -59,14 +59,18 @@ def test_readings_without_time_keep_arrival_order():
     assert out[0].data.tolist() == [[5.0, 3.0, 4.0]] and out[0].start_ts is None
 
 
-def test_late_reading_is_rejected():
-    asm = WindowAssembler(size=2, hop=1)
+@pytest.mark.parametrize("hop", [1, 3, 5])  # overlapping, the default (= size), a gap
+def test_late_reading_is_rejected(hop):
+    asm = WindowAssembler(size=3, hop=hop)
+    out = []
     for t in range(3):
-        asm.push(Reading("a", float(t), np.zeros(1, np.float32)))
+        out += asm.push(Reading("a", float(t), np.zeros(1, np.float32)))
+    assert len(out) == 1  # with hop >= size nothing is left open: the last window is the floor
     with pytest.raises(DecodeError) as info:
         asm.push(Reading("a", 0.5, np.zeros(1, np.float32)))
     assert info.value.reason == "late_reading"
     asm.push(Reading("b", 0.5, np.zeros(1, np.float32)))  # other devices are unaffected
+    asm.push(Reading("a", 2.0, np.zeros(1, np.float32)))  # a tie with the floor is not late
 
 
 def test_window_label_is_majority_and_sources_are_min_offsets():
