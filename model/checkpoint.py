@@ -31,6 +31,7 @@ from oclust.model.inference import SERVING_PREFIX
 from oclust.model.priors import OnlinePrior, resolve_prior
 from oclust.model.snapshot import (
     Manifest,
+    OffsetState,
     Snapshot,
     SnapshotError,
     check_finite_weights,
@@ -49,6 +50,7 @@ def manifest_of(
     clf: OnlineClusterer,
     offsets: dict[str, int] | None = None,
     metrics: dict[str, Any] | None = None,
+    offset_state: OffsetState | None = None,
 ) -> Manifest:
     """The manifest of a built clusterer (the envelope is stamped by ``Snapshot.create``)."""
     return Manifest(
@@ -74,6 +76,7 @@ def manifest_of(
         samples_seen=clf.samples_seen_,
         steps=clf.steps_,
         offsets=dict(offsets or {}),
+        offset_state=dict(offset_state or {}),
         metrics=dict(metrics or {}),
     )
 
@@ -82,6 +85,7 @@ def to_snapshot(
     clf: OnlineClusterer,
     offsets: dict[str, int] | None = None,
     metrics: dict[str, Any] | None = None,
+    offset_state: OffsetState | None = None,
 ) -> Snapshot:
     """Weights, centroids, optimiser state and a manifest, ready for a store."""
     clf._check_fitted()
@@ -101,7 +105,7 @@ def to_snapshot(
     for i, p in enumerate(clf._parameters()):
         for key, value in clf.optimizer_.state.get(p, {}).items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-    return Snapshot.create(pack_tensors(tensors), manifest_of(clf, offsets, metrics))
+    return Snapshot.create(pack_tensors(tensors), manifest_of(clf, offsets, metrics, offset_state))
 
 
 def from_snapshot(

@@ -52,7 +52,7 @@ from oclust.model.regularisers import (
 from oclust.model.report import StepReport
 from oclust.model.scaler import RunningScaler, scaler_for
 from oclust.model.seeding import resolve_seed, seed_centroids
-from oclust.model.snapshot import SQRT_FLOAT32_MAX, Snapshot
+from oclust.model.snapshot import SQRT_FLOAT32_MAX, OffsetState, Snapshot
 from oclust.model.validation import DEFAULT_BETAS, check_input, check_params, out_dtype
 
 if TYPE_CHECKING:
@@ -654,10 +654,12 @@ class OnlineClusterer(
         self,
         offsets: dict[str, int] | None = None,
         metrics: dict[str, float | list[float]] | None = None,
+        offset_state: OffsetState | None = None,
     ) -> Snapshot:
         """Weights, centroids, optimiser state and a manifest, ready for a store
-        (:func:`oclust.model.checkpoint.to_snapshot`)."""
-        return checkpoint.to_snapshot(self, offsets, metrics)
+        (:func:`oclust.model.checkpoint.to_snapshot`); ``offsets`` and ``offset_state`` are the
+        stream position it covers (:class:`oclust.model.snapshot.Manifest`)."""
+        return checkpoint.to_snapshot(self, offsets, metrics, offset_state)
 
     def export(self) -> Inference:
         """The frozen inference-only serving pipeline (scaler -> encoder -> serving centroids

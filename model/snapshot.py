@@ -48,6 +48,7 @@ __all__ = [
     "LEGACY_FORMAT",
     "SQRT_FLOAT32_MAX",
     "Manifest",
+    "OffsetState",
     "Snapshot",
     "SnapshotError",
     "check_finite_weights",
@@ -60,6 +61,11 @@ SQRT_FLOAT32_MAX = float(np.sqrt(np.finfo(np.float32).max))  # about 1.8e19: lar
 # square to infinity in float32 (a blown-up model)
 FORMAT = "oclust-snapshot/2"
 LEGACY_FORMAT = "oclust-snapshot/1"  # weights checksum only; read, never written
+# What a model holds beyond a stream offset, per "topic:partition" (a training worker's): the
+# first "rows" of the multi-sample message at the offset (cut between two batches), or, of the
+# messages in [offset, "until"), all but those in the "waiting" [lo, hi) spans (readings not yet
+# in a trained window). A resumed worker skips what is held.
+OffsetState = dict[str, dict[str, Any]]
 
 
 class SnapshotError(ValueError):
@@ -157,6 +163,22 @@ def _offsets(value: Any) -> dict[str, int]:
     return {str(k): _count(v) for k, v in _mapping(value).items()}
 
 
+def _offset_state(value: Any) -> OffsetState:
+    out: OffsetState = {}
+    for key, state in _mapping(value).items():
+        state = _mapping(state)
+        if set(state) - {"rows", "until", "waiting"}:
+            raise ValueError(f"unknown keys in {state!r}")
+        checked: dict[str, Any] = {k: _count(state[k]) for k in ("rows", "until") if k in state}
+        if "waiting" in state:
+            spans = [[_count(lo), _count(hi)] for lo, hi in state["waiting"]]
+            if any(lo >= hi for lo, hi in spans):
+                raise ValueError(f"empty span in {state['waiting']!r}")
+            checked["waiting"] = spans
+        out[str(key)] = checked
+    return out
+
+
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(_count(s) for s in value)
 
@@ -225,6 +247,9 @@ class Manifest:
     samples_seen: int = 0
     steps: int = 0
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset
+    # "topic:partition" -> what the model holds beyond that offset, which a resumed worker skips
+    # (see OffsetState)
+    offset_state: OffsetState = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # float or list of floats each
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -272,7 +297,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "encoder": _mapping, "latent_dim": _count, "sigma": float, "prior": _floats,
     "prior_mode": str, "lr": float, "betas": _floats, "standardize": _flag, "clip": float,
     "init": str, "views": _flag, "seed": _integer, "samples_seen": _count, "steps": _count,
-    "offsets": _offsets, "metrics": _mapping,
+    "offsets": _offsets, "offset_state": _offset_state, "metrics": _mapping,
 }
 
 

@@ -43,20 +43,20 @@ class _Chunk:
     pins: list[dict[int, int]] | None  # per sample: partition -> min offset (windows)
     partition: int  # samples: one partition per chunk ...
     offsets: np.ndarray | None  # ... and one offset per sample
+    held: list[tuple[tuple[int, int], ...]] | None = None  # windows: every (partition, offset)
 
     def __len__(self) -> int:
         return len(self.x)
 
     def split(self, n: int) -> tuple[_Chunk, _Chunk]:
-        head = _Chunk(
-            self.x[:n], self.labels[:n], self.pins[:n] if self.pins is not None else None,
-            self.partition, self.offsets[:n] if self.offsets is not None else None,
-        )
-        rest = _Chunk(
-            self.x[n:], self.labels[n:], self.pins[n:] if self.pins is not None else None,
-            self.partition, self.offsets[n:] if self.offsets is not None else None,
-        )
-        return head, rest
+        def cut(part: slice) -> _Chunk:
+            return _Chunk(
+                self.x[part], self.labels[part], self.pins[part] if self.pins is not None else None,
+                self.partition, self.offsets[part] if self.offsets is not None else None,
+                self.held[part] if self.held is not None else None,
+            )
+
+        return cut(slice(None, n)), cut(slice(n, None))
 
     def pending(self) -> dict[int, int]:
         if self.offsets is not None:
@@ -74,7 +74,7 @@ class _Chunk:
         if not keep:
             return None
         return _Chunk(self.x[keep], self.labels[keep], [self.pins[i] for i in keep],  # type: ignore[index]
-                      -1, None)
+                      -1, None, [self.held[i] for i in keep] if self.held is not None else None)
 
 
 class SampleQueue:
@@ -88,6 +88,7 @@ class SampleQueue:
         self._chunks: deque[_Chunk] = deque()
         self._size = 0
         self.first_at: float | None = None
+        self._split: dict[int, tuple[int, int]] = {}  # partition -> (offset, rows taken)
 
     def __len__(self) -> int:
         return self._size
@@ -111,9 +112,21 @@ class SampleQueue:
         self._add(_Chunk(x, np.asarray(labels, np.int64), None, partition,
                          np.asarray(offsets, np.int64)))
 
-    def put_pinned(self, x: np.ndarray, labels: np.ndarray, pins: list[dict[int, int]]) -> None:
-        """Queue samples (windows) each pinned to offsets of possibly several partitions."""
-        self._add(_Chunk(x, np.asarray(labels, np.int64), list(pins), -1, None))
+    def put_pinned(
+        self,
+        x: np.ndarray,
+        labels: np.ndarray,
+        pins: list[dict[int, int]],
+        held: list[tuple[tuple[int, int], ...]] | None = None,
+    ) -> None:
+        """Queue samples (windows) each pinned to offsets of possibly several partitions;
+        ``held``: per sample, the (partition, offset) of every message it was made of."""
+        self._add(_Chunk(x, np.asarray(labels, np.int64), list(pins), -1, None,
+                         list(held) if held is not None else None))
+
+    def held(self) -> list[tuple[int, int]]:
+        """(partition, offset) of every message a waiting window was made of."""
+        return [src for c in self._chunks for window in c.held or () for src in window]
 
     def take(self, n: int) -> Batch:
         """Remove and return up to ``n`` samples, oldest first."""
@@ -124,6 +137,7 @@ class SampleQueue:
             if len(chunk) > need:
                 chunk, rest = chunk.split(need)
                 self._chunks.appendleft(rest)
+                self._note_split(chunk, rest)
             parts.append(chunk)
             need -= len(chunk)
         self._size -= n - need
@@ -134,6 +148,29 @@ class SampleQueue:
             return Batch(parts[0].x, parts[0].labels)
         return Batch(np.concatenate([c.x for c in parts]),
                      np.concatenate([c.labels for c in parts]))
+
+    def _note_split(self, head: _Chunk, rest: _Chunk) -> None:
+        """Count the rows taken of a multi-sample message that ``head`` and ``rest`` share."""
+        if head.offsets is None or rest.offsets is None or rest.offsets[0] != head.offsets[-1]:
+            return
+        offset = int(head.offsets[-1])
+        rows = len(head) - int(np.searchsorted(head.offsets, offset))
+        before = self._split.get(head.partition)
+        if before is not None and before[0] == offset:  # split again: a third batch
+            rows += before[1]
+        self._split[head.partition] = (offset, rows)
+
+    def taken_before(self, partition: int, offset: int, rows: int) -> None:
+        """The first ``rows`` of the message at ``offset`` were taken before these (by the
+        model a snapshot resumed), so :meth:`split_rows` counts them too."""
+        self._split[partition] = (offset, rows)
+
+    def split_rows(self) -> dict[int, tuple[int, int]]:
+        """Per partition whose oldest waiting message lost its first rows to earlier batches:
+        ``(its offset, rows already taken)``. A snapshot covers those rows though its offset
+        stops at the message."""
+        waiting = self.pending()
+        return {p: s for p, s in self._split.items() if waiting.get(p) == s[0]}
 
     def pending(self) -> dict[int, int]:
         """Per partition, the smallest offset among the waiting samples."""
@@ -147,6 +184,7 @@ class SampleQueue:
         """Drop waiting samples from ``partitions`` (revoked in a rebalance)."""
         kept = [c for c in (ch.without(partitions) for ch in self._chunks) if c is not None]
         self._chunks = deque(kept)
+        self._split = {p: s for p, s in self._split.items() if p not in partitions}
         self._size = sum(len(c) for c in kept)
         if self._size == 0:
             self.first_at = None

@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,6 +51,17 @@ class Ingest(Protocol):
         """Per partition, the smallest offset fetched but not trained yet."""
         ...
 
+    def resume_state(self, covered: dict[int, int], consumed: dict[int, int]
+                     ) -> dict[int, dict[str, Any]]:
+        """Per partition, what the trained model holds beyond its ``covered`` offset (fetched up
+        to ``consumed``), for a resumed worker to skip (``OffsetState`` of the snapshot)."""
+        ...
+
+    def resume_from(self, partition: int, offset: int, state: dict[str, Any] | None) -> None:
+        """The partition restarts at ``offset`` from a snapshot holding ``state`` beyond it:
+        skip that when it comes (``None``: nothing to skip)."""
+        ...
+
     def forget_partitions(self, partitions: set[int]) -> None:
         """Drop what waits from ``partitions`` (revoked in a rebalance)."""
         ...
@@ -60,6 +73,7 @@ class SampleIngest:
     def __init__(self, decoder: SampleDecoder, queue: SampleQueue) -> None:
         self.decoder = decoder
         self.queue = queue
+        self._skip: dict[int, tuple[int, int]] = {}  # partition -> (offset, rows to drop)
 
     def decode(self, partition: int, msgs: list[Any]) -> Rejects:
         """Queue the samples of ``msgs`` (in order); return the rejected messages."""
@@ -72,8 +86,44 @@ class SampleIngest:
         if len(batch.index):
             # one offset per sample: a multi-sample message's rows share its offset
             offsets = np.fromiter((m.offset for m in msgs), np.int64, len(msgs))[batch.index]
-            self.queue.put(batch.features, batch.labels, partition, offsets)
+            keep = self._unskipped(partition, offsets, msgs[-1].offset)
+            self.queue.put(batch.features[keep], batch.labels[keep], partition, offsets[keep])
         return [(msgs[i], err) for i, err in batch.rejects]
+
+    def _unskipped(self, partition: int, offsets: np.ndarray, last: int) -> slice | np.ndarray:
+        """The samples to queue: all but the first rows of a message a snapshot holds in part."""
+        skip = self._skip.get(partition)
+        if skip is None:
+            return slice(None)
+        offset, rows = skip
+        if last >= offset:  # the message was in this fetch (or is gone): skip once
+            del self._skip[partition]
+        first = int(np.searchsorted(offsets, offset))
+        if first == len(offsets) or offsets[first] != offset:
+            return slice(None)
+        keep = np.ones(len(offsets), bool)
+        keep[first : first + rows] = False
+        self.queue.taken_before(partition, offset, rows)  # a later cut of it adds to them
+        log.info("skipping the first %d rows of message %d of partition %d: the resumed "
+                 "snapshot holds them", rows, offset, partition)
+        return keep
+
+    def resume_state(self, covered: dict[int, int], consumed: dict[int, int]
+                     ) -> dict[int, dict[str, Any]]:
+        """``{"rows": r}`` where the first r rows of the message at the covered offset are
+        trained (a multi-sample message cut between batches), or were, by the resumed snapshot,
+        and the message has not come again yet."""
+        held = {**self._skip, **self.queue.split_rows()}
+        return {p: {"rows": rows} for p, (offset, rows) in held.items()
+                if covered.get(p) == offset}
+
+    def resume_from(self, partition: int, offset: int, state: dict[str, Any] | None) -> None:
+        """Drop the first ``state["rows"]`` rows of the message at ``offset`` when it comes."""
+        rows = (state or {}).get("rows", 0)
+        if rows > 0:
+            self._skip[partition] = (offset, rows)
+        else:
+            self._skip.pop(partition, None)
 
     def _decode_each(self, msgs: list[Any]) -> DecodedBatch:
         """One message at a time; any exception is that message's ``decode_failed``."""
@@ -103,6 +153,7 @@ class SampleIngest:
     def forget_partitions(self, partitions: set[int]) -> None:
         """Drop what waits from ``partitions``."""
         self.queue.forget_partitions(partitions)
+        self._skip = {p: s for p, s in self._skip.items() if p not in partitions}
 
 
 class ReadingIngest:
@@ -113,11 +164,17 @@ class ReadingIngest:
         self.decoder = decoder
         self.assembler = assembler
         self.queue = queue
+        self._replay: dict[int, tuple[int, list[list[int]]]] = {}  # partition -> (until, spans)
 
     def decode(self, partition: int, msgs: list[Any]) -> Rejects:
         """Queue the windows ``msgs`` complete; return the rejected messages."""
         windows, rejects = [], []
+        replay = self._replay.get(partition)
+        if replay is not None and msgs and msgs[-1].offset + 1 >= replay[0]:
+            del self._replay[partition]  # this fetch reaches past what the snapshot held
         for m in msgs:
+            if replay is not None and m.offset < replay[0] and not _within(m.offset, replay[1]):
+                continue  # in a window the resumed snapshot trained (or dead-lettered before)
             try:
                 reading = self.decoder.decode(m.value, m.headers, m.key)
                 windows += self.assembler.push(reading, (partition, m.offset))
@@ -130,6 +187,7 @@ class ReadingIngest:
                 np.stack([w.data for w in windows]),
                 np.array([w.label for w in windows], np.int64),
                 [w.sources for w in windows],
+                [w.held for w in windows],
             )
         return rejects
 
@@ -140,10 +198,55 @@ class ReadingIngest:
             waiting[p] = min(o, waiting.get(p, o))
         return waiting
 
+    def resume_state(self, covered: dict[int, int], consumed: dict[int, int]
+                     ) -> dict[int, dict[str, Any]]:
+        """``{"until": consumed, "waiting": spans}`` where readings fetched above the covered
+        offset went into trained windows: only those in the ``[lo, hi)`` spans (in a device's
+        buffer or a queued window) still wait; the others are trained, dead-lettered or dropped.
+        """
+        waiting: dict[int, set[int]] = {}
+        for p, o in (*self.assembler.buffered_sources(), *self.queue.held()):
+            waiting.setdefault(p, set()).add(o)
+        out = {}
+        for p, lo in covered.items():
+            until = consumed.get(p, lo)
+            spans = _spans(sorted(waiting.get(p, ())))
+            if p in self._replay:  # the resumed snapshot's account of what is not fetched yet
+                old_until, old_spans = self._replay[p]
+                spans += [[max(a, until), b] for a, b in old_spans if b > until]
+                until = max(until, old_until)
+            if until > lo:  # something fetched above the covered offset
+                out[p] = {"until": until, "waiting": spans}
+        return out
+
+    def resume_from(self, partition: int, offset: int, state: dict[str, Any] | None) -> None:
+        """Of the messages in ``[offset, state["until"])``, decode only the waiting ones."""
+        if state and "until" in state:
+            self._replay[partition] = (int(state["until"]), list(state.get("waiting", [])))
+        else:
+            self._replay.pop(partition, None)
+
     def forget_partitions(self, partitions: set[int]) -> None:
         """Drop queued windows and buffered readings from ``partitions``."""
+        self._replay = {p: r for p, r in self._replay.items() if p not in partitions}
         self.queue.forget_partitions(partitions)
         self.assembler.forget_partitions(partitions)
+
+
+def _spans(offsets: list[int]) -> list[list[int]]:
+    """Sorted offsets as ``[lo, hi)`` runs: ``[3, 4, 5, 9]`` -> ``[[3, 6], [9, 10]]``."""
+    spans: list[list[int]] = []
+    for o in offsets:
+        if spans and spans[-1][1] == o:
+            spans[-1][1] = o + 1
+        else:
+            spans.append([o, o + 1])
+    return spans
+
+
+def _within(offset: int, spans: list[list[int]]) -> bool:
+    i = bisect.bisect_right(spans, [offset, math.inf]) - 1
+    return i >= 0 and spans[i][0] <= offset < spans[i][1]
 
 
 def make_ingest(settings: WorkerSettings, shape: tuple[int, ...] | None) -> Ingest:

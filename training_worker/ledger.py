@@ -6,7 +6,8 @@ Per partition of the topic, the ledger knows
 * ``skip_below`` — the resumed snapshot's offset: fetched messages below it are already in the
   model (a crash between publishing a snapshot and committing its offsets replays them);
 * ``checkpoint`` — ``{"topic:partition": next offset}`` of the last published snapshot, which
-  is also what may be committed;
+  is also what may be committed, and ``checkpoint_state``, what that snapshot holds beyond its
+  offsets (:data:`oclust.model.snapshot.OffsetState`), which a resumed ingest skips;
 * the crash-loop marks: the offsets in hand that no snapshot covers are written to the store's
   :class:`~oclust.training_worker.lease.ProgressLog` before they are touched; the next holder of the
   lease reads them back (:meth:`OffsetLedger.read_crash_marks`) and isolates the spans, or
@@ -50,7 +51,8 @@ class OffsetLedger:
     """
 
     def __init__(self, topic: str, checkpoint: dict[str, int] | None = None,
-                 progress: ProgressLog | None = None, max_attempts: int = 3) -> None:
+                 progress: ProgressLog | None = None, max_attempts: int = 3,
+                 checkpoint_state: dict[str, dict[str, Any]] | None = None) -> None:
         self.topic = topic
         self.progress = progress
         self.max_attempts = max_attempts
@@ -58,6 +60,7 @@ class OffsetLedger:
         self.skip_below: dict[int, int] = {}
         self.rewind: dict[int, int] = {}  # partition -> snapshot offset, until its first fetch
         self.checkpoint: dict[str, int] = dict(checkpoint or {})
+        self.checkpoint_state: dict[str, dict[str, Any]] = dict(checkpoint_state or {})
         self.mark_lo: dict[int, int] = {}  # per partition: first offset in hand
         self.marked: dict[str, tuple[int, int]] = {}  # what the progress log holds now
         self.isolate: dict[int, tuple[int, int]] = {}  # suspect span per partition
@@ -116,6 +119,7 @@ class OffsetLedger:
     def reset_partition(self, partition: int, start: int) -> None:
         """A new incarnation of the partition's log: the snapshot's offset no longer applies."""
         self.checkpoint.pop(self.key(partition), None)
+        self.checkpoint_state.pop(self.key(partition), None)
         self.skip_below.pop(partition, None)
         self.rewind.pop(partition, None)
         self.mark_lo[partition] = start

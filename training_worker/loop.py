@@ -286,6 +286,20 @@ class TrainingLoop:
     def _covered(self) -> dict[str, int]:
         return self.ledger.covered(self.ingest.pending())
 
+    def _covered_state(self, offsets: dict[str, int]) -> dict[str, dict[str, Any]]:
+        """What the model holds beyond ``offsets``, per "topic:partition" (``OffsetState``)."""
+        covered = {}
+        for key, offset in offsets.items():
+            topic, _, p = key.rpartition(":")
+            if topic == self.settings.topic:
+                covered[int(p)] = offset
+        found = self.ingest.resume_state(covered, self.ledger.consumed)
+        state = {self.ledger.key(p): s for p, s in found.items()}
+        for key, held in self.ledger.checkpoint_state.items():  # a partition not taken over
+            if key not in state and offsets.get(key) == self.ledger.checkpoint.get(key):
+                state[key] = held
+        return state
+
     async def checkpoint(self, final: bool = False) -> None:
         """Publish a snapshot of the trained state, then commit the offsets it covers."""
         await self.await_steps()
@@ -308,7 +322,8 @@ class TrainingLoop:
                         trainer.max_refused)
             return
         extra = {"messages": float(self.messages), "dead_letters": float(self.dlq_count)}
-        snap = await trainer.run_snapshot(offsets, extra, self.executor)
+        beyond = self._covered_state(offsets)
+        snap = await trainer.run_snapshot(offsets, extra, self.executor, beyond)
         if not await asyncio.to_thread(self.lease.renew):
             self.lease_lost.set()
             log.error("lease lost before publishing: snapshot dropped")
@@ -321,6 +336,7 @@ class TrainingLoop:
             return
         trainer.published(snap.with_version(version))
         self.ledger.checkpoint = offsets
+        self.ledger.checkpoint_state = beyond
         self.last_version = version
         self.metrics.published.inc()
         self.metrics.version.set(version)
@@ -372,6 +388,8 @@ class TrainingLoop:
             ours[tp] = snap_off
             self.ledger.skip_below[tp.partition] = snap_off
             self.ledger.rewind[tp.partition] = snap_off
+            held = self.ledger.checkpoint_state.get(f"{tp.topic}:{tp.partition}")
+            self.ingest.resume_from(tp.partition, snap_off, held)  # skip what it holds beyond
         skips = {}
         for tp, snap_off in ours.items():
             if self.check_offsets:
@@ -384,6 +402,7 @@ class TrainingLoop:
                 if start is not None:
                     self.consumer.seek(tp, start)  # a new incarnation: all of it is new
                     self.ledger.reset_partition(tp.partition, start)
+                    self.ingest.resume_from(tp.partition, start, None)
                     continue
             skips[tp.partition] = snap_off
         log.info("partitions assigned: %s; starting at the committed offsets, skipping what "

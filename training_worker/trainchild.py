@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from oclust.model import OnlineClusterer, Snapshot
+from oclust.model.snapshot import OffsetState
 from oclust.training_worker.resume import fresh_model
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.trainer import MODEL_FAULTS
@@ -77,8 +78,9 @@ class ModelOwner:
             return None, str(exc), 0.0, _facts(self.model)
         return report, None, time.perf_counter() - t0, _facts(self.model)
 
-    def snapshot(self, offsets: dict[str, int], metrics: dict[str, Any]) -> Snapshot:
-        return self.model.to_snapshot(offsets=offsets, metrics=metrics)
+    def snapshot(self, offsets: dict[str, int], metrics: dict[str, Any],
+                 offset_state: OffsetState | None = None) -> Snapshot:
+        return self.model.to_snapshot(offsets=offsets, metrics=metrics, offset_state=offset_state)
 
     def restore(self, weights_path: str, manifest: str) -> Facts:
         snapshot = Snapshot.from_parts(Path(weights_path).read_bytes(), manifest)

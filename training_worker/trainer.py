@@ -34,6 +34,7 @@ import numpy as np
 
 from oclust.model import OnlineClusterer, Snapshot, SnapshotError, StepReport
 from oclust.model import metrics as model_metrics
+from oclust.model.snapshot import OffsetState
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
 
@@ -116,10 +117,11 @@ class Trainer:
         return await asyncio.get_running_loop().run_in_executor(executor, self.step, batch)
 
     async def run_snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None,
-                           executor: Executor | None) -> Snapshot:
+                           executor: Executor | None,
+                           offset_state: OffsetState | None = None) -> Snapshot:
         """:meth:`snapshot` on ``executor``, the one thread that owns the model."""
         return await asyncio.get_running_loop().run_in_executor(
-            executor, self.snapshot, offsets, extra)
+            executor, self.snapshot, offsets, extra, offset_state)
 
     def refused(self, n: int, why: str) -> None:
         """The model refused a batch of ``n`` samples: counted and logged, the batch skipped.
@@ -245,9 +247,12 @@ class Trainer:
         counts = np.bincount(np.fromiter(self.recent, np.int64, len(self.recent)), minlength=k)
         return (counts[:k] / counts.sum()).round(6).tolist()
 
-    def snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None = None) -> Snapshot:
-        """The model as a snapshot covering ``offsets`` (``{"topic:partition": next}``)."""
-        return self.model.to_snapshot(offsets=offsets, metrics=self.snapshot_metrics(extra))
+    def snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None = None,
+                 offset_state: OffsetState | None = None) -> Snapshot:
+        """The model as a snapshot covering ``offsets`` (``{"topic:partition": next}``), and
+        ``offset_state`` beyond them (:data:`oclust.model.snapshot.OffsetState`)."""
+        return self.model.to_snapshot(offsets=offsets, metrics=self.snapshot_metrics(extra),
+                                      offset_state=offset_state)
 
     def published(self, snapshot: Snapshot) -> None:
         """Remember a published (healthy) snapshot as the one to restore."""

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from oclust.model import OnlineClusterer, Snapshot, StepReport
+from oclust.model.snapshot import OffsetState
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.resume import WorkerHalt
 from oclust.training_worker.ring import RING_MAX_BYTES, open_ring
@@ -342,8 +343,8 @@ class ProcessTrainer(Trainer):
         """Not here: the model is in the training process (``await run_step(batch, None)``)."""
         raise TypeError("a ProcessTrainer trains in its process: await run_step()")
 
-    def snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None = None
-                 ) -> Snapshot:
+    def snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None = None,
+                 offset_state: OffsetState | None = None) -> Snapshot:
         """Not here: the weights are in the training process (``await run_snapshot(...)``)."""
         raise TypeError("a ProcessTrainer's weights are in its process: await run_snapshot()")
 
@@ -360,9 +361,11 @@ class ProcessTrainer(Trainer):
                 return self.observe(report, batch, seconds)
 
     async def run_snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None,
-                           executor: Executor | None) -> Snapshot:
+                           executor: Executor | None,
+                           offset_state: OffsetState | None = None) -> Snapshot:
         """The child's model as a snapshot covering ``offsets``, with this side's metrics."""
-        snap: Snapshot = await self.proc.call("snapshot", offsets, self.snapshot_metrics(extra))
+        snap: Snapshot = await self.proc.call("snapshot", offsets, self.snapshot_metrics(extra),
+                                              offset_state)
         return snap
 
     def restore_healthy(self, healthy: Snapshot) -> OnlineClusterer:

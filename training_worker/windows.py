@@ -41,7 +41,8 @@ class Window:
     """``data`` (C, T) float32 from ``device`` covering ``start_ts``..``end_ts``.
 
     ``label`` is the majority label of the readings (-1 if none had one); ``sources`` maps each
-    Kafka partition the readings came from to the smallest offset among them.
+    Kafka partition the readings came from to the smallest offset among them, and ``held``
+    lists the (partition, offset) of every reading that had a source.
     """
 
     device: str
@@ -50,6 +51,7 @@ class Window:
     end_ts: float | None
     label: int = -1
     sources: dict[int, int] = field(default_factory=dict)
+    held: tuple[Source, ...] = ()
 
 
 @dataclass
@@ -145,7 +147,9 @@ class WindowAssembler:
             if e.source is not None:
                 p, o = e.source
                 sources[p] = min(o, sources.get(p, o))
-        return Window(device, data, entries[0].reading.ts, entries[-1].reading.ts, label, sources)
+        held = tuple(e.source for e in entries if e.source is not None)
+        return Window(device, data, entries[0].reading.ts, entries[-1].reading.ts, label, sources,
+                      held)
 
     def _drop_idle(self) -> None:
         limit = self.idle_after or 0
@@ -162,6 +166,10 @@ class WindowAssembler:
                     p, o = e.source
                     out[p] = min(o, out.get(p, o))
         return out
+
+    def buffered_sources(self) -> list[Source]:
+        """(partition, offset) of every buffered reading that has a source."""
+        return [e.source for s in self._devices.values() for e in s.buffer if e.source is not None]
 
     def forget_partitions(self, partitions: set[int]) -> None:
         """Drop buffered readings that came from ``partitions`` (after they were revoked)."""

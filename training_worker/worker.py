@@ -290,7 +290,9 @@ class TrainingWorker:
         shape = trainer.model.input_shape_ if trainer.model.is_fitted else None
         ingest = make_ingest(s, shape)
         checkpoint = trainer.healthy.meta.offsets if trainer.healthy else {}
-        ledger = OffsetLedger(s.topic, checkpoint, make_progress_log(self.store), s.max_attempts)
+        beyond = trainer.healthy.meta.offset_state if trainer.healthy else {}
+        ledger = OffsetLedger(s.topic, checkpoint, make_progress_log(self.store), s.max_attempts,
+                              beyond)
         await asyncio.to_thread(ledger.read_crash_marks, self.faults.crash_recoveries.inc)
         producer: Producer
         consumer: Consumer

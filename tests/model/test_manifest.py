@@ -195,3 +195,12 @@ def test_a_served_snapshot_needs_a_positive_finite_sigma(snap: Snapshot, sigma: 
     hostile = Snapshot.create(snap.weights, {**snap.manifest, "sigma": sigma})
     with pytest.raises(SnapshotError, match="sigma"):  # 0 was a ZeroDivisionError
         load(hostile)
+
+
+def test_offset_state_is_read_strictly(snap: Snapshot) -> None:
+    good = {"t:0": {"rows": 4}, "t:1": {"until": 9, "waiting": [[3, 5], [7, 8]]}}
+    assert Manifest.from_dict({**snap.manifest, "offset_state": good}).offset_state == good
+    for bad in ({"t:0": {"rows": -1}}, {"t:0": {"until": 9, "waiting": [[5, 5]]}},
+                {"t:0": {"skip": 1}}, {"t:0": 3}):
+        with pytest.raises(SnapshotError, match="'offset_state' is bad"):
+            Manifest.from_dict({**snap.manifest, "offset_state": bad})

@@ -181,3 +181,52 @@ def test_produce_command_sends_matrices(kafka_bootstrap, unique_topic):
     np.testing.assert_array_equal(batch.features, X.astype(np.float32))
     assert batch.labels.tolist() == y.tolist()
     assert batch.index.tolist() == [0] * 500 + [1] * 500 + [2] * 500 + [3] * 297
+
+
+def test_a_message_cut_between_batches_is_not_trained_twice_after_a_crash(tmp_path) -> None:
+    from oclust.training_worker.settings import WorkerSettings
+    from oclust.training_worker.stream import LocalStream
+
+    X = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+
+    def settings(**kw: Any) -> WorkerSettings:
+        base = dict(topic="t", store=f"file://{tmp_path}", namespace="ns", n_clusters=2,
+                    batch_size=4, batch_timeout=3600, snapshot_interval=0, metrics_port=-1,
+                    train_process=False, seed=0, device="cpu")
+        return WorkerSettings(**(base | kw))
+
+    async def main() -> tuple[Any, list[Any], Any]:
+        stream = LocalStream()
+        value, headers = encode_matrix(X)
+        await stream.producer().send_and_wait("t", value, headers=headers)  # one message, 6 rows
+        store = open_store(f"file://{tmp_path}", namespace="ns")
+        real, loop, first = store.publish, asyncio.get_running_loop(), []
+
+        def publish(snap: Any) -> int:  # the real store, then a crash: no final snapshot
+            version = real(snap)
+            first.append(snap.meta)
+            loop.call_soon_threadsafe(crash.cancel)
+            return version
+
+        store.publish = publish  # type: ignore[method-assign]
+        crash = asyncio.ensure_future(TrainingWorker(settings(), store=store, stream=stream).run())
+        with pytest.raises(asyncio.CancelledError):
+            await crash
+        batches: list[np.ndarray] = []
+        count = Counter()
+
+        def on_step(report: Any, batch: Any) -> None:
+            batches.append(batch.x.copy())
+            count(report, batch)
+
+        again = TrainingWorker(settings(batch_timeout=0.01), stream=stream,
+                               hooks=TrainerHooks(on_step=on_step))
+        assert await _run_until(again, lambda: count.samples >= 2) == 0
+        return first[0], batches, open_store(f"file://{tmp_path}", namespace="ns").load().meta
+
+    first, batches, last = asyncio.run(main())
+    # the first batch took 4 of the message's 6 rows; the snapshot says so beside its offset
+    assert (first.samples_seen, first.offsets) == (4, {"t:0": 0})
+    assert first.offset_state == {"t:0": {"rows": 4}}
+    np.testing.assert_array_equal(np.concatenate(batches), X[4:])  # only the rows it lacked
+    assert (last.samples_seen, last.offsets, last.offset_state) == (6, {"t:0": 1}, {})

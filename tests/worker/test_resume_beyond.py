@@ -1,0 +1,99 @@
+"""What a snapshot holds beyond its offsets is never trained twice after a restart.
+
+Readings mode: the committed offset stops at the oldest reading still in some device's buffer,
+so readings above it that went into trained windows are replayed after a restart; the snapshot
+lists the readings that still wait, and the resumed worker decodes only those. (Samples mode,
+a multi-sample message cut between two batches: ``tests/worker/test_multisample.py``.)
+In-process stream and directory store: the logic above the broker and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oclust.training_worker.codec import encode_reading
+from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.store import open_store
+from oclust.training_worker.stream import LocalStream
+from oclust.training_worker.trainer import TrainerHooks
+from oclust.training_worker.worker import TrainingWorker
+from tests.worker.test_worker import _run_until
+
+
+def _settings(tmp_path: Path) -> WorkerSettings:
+    return WorkerSettings(
+        topic="t", store=f"file://{tmp_path}", namespace="ns", mode="readings", window_size=10,
+        n_clusters=2, batch_size=4, batch_timeout=0.01, snapshot_interval=3600, metrics_port=-1,
+        train_process=False, seed=0, device="cpu",
+    )
+
+
+def test_windows_trained_above_a_slow_devices_offset_are_not_trained_again(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(10, 3)).astype(np.float32)  # device a: one reading now, nine later
+    b = rng.normal(size=(100, 3)).astype(np.float32)  # device b: ten windows at once
+
+    async def run(stream: LocalStream, windows: int) -> list[np.ndarray]:
+        trained: list[np.ndarray] = []
+
+        def on_step(_report: Any, batch: Any) -> None:
+            trained.extend(batch.x)
+
+        worker = TrainingWorker(_settings(tmp_path), stream=stream,
+                                hooks=TrainerHooks(on_step=on_step))
+        assert await _run_until(worker, lambda: len(trained) >= windows) == 0  # clean stop
+        return trained
+
+    async def main() -> tuple[list[np.ndarray], Any, list[np.ndarray], Any]:
+        stream = LocalStream()
+        producer = stream.producer()
+        await producer.send_and_wait("t", encode_reading("a", a[0], ts=0.0)[0])
+        for t, row in enumerate(b):
+            await producer.send_and_wait("t", encode_reading("b", row, ts=float(t))[0])
+        first = await run(stream, 10)
+        after_first = open_store(f"file://{tmp_path}", namespace="ns").load().meta
+        for t, row in enumerate(a[1:], start=1):
+            await producer.send_and_wait("t", encode_reading("a", row, ts=float(t))[0])
+        second = await run(stream, 1)
+        return first, after_first, second, open_store(f"file://{tmp_path}", "ns").load().meta
+
+    first, after_first, second, last = asyncio.run(main())
+    assert len(first) == 10 and after_first.samples_seen == 10
+    # a's reading (offset 0) holds the offset back; the readings above it are in b's windows
+    assert after_first.offsets == {"t:0": 0}
+    assert after_first.offset_state == {"t:0": {"until": 101, "waiting": [[0, 1]]}}
+    # the restart replays from offset 0, but trains only a's window: b's ten are not repeated
+    assert len(second) == 1 and last.samples_seen == 11
+    np.testing.assert_array_equal(second[0], a.T)
+    assert last.offsets == {"t:0": 110} and last.offset_state == {}
+
+
+def test_a_second_snapshot_before_the_replay_ends_keeps_the_first_ones_account() -> None:
+    from types import SimpleNamespace as Msg
+
+    from oclust.training_worker.batching import SampleQueue
+    from oclust.training_worker.codec import ReadingDecoder, SampleDecoder, encode_matrix
+    from oclust.training_worker.ingest import ReadingIngest, SampleIngest
+    from oclust.training_worker.windows import WindowAssembler
+
+    readings = ReadingIngest(ReadingDecoder(), WindowAssembler(10), SampleQueue())
+    readings.resume_from(0, 0, {"until": 101, "waiting": [[0, 1], [90, 92]]})
+    msgs = [Msg(offset=o, value=encode_reading("a" if o == 0 else "b", [1.0, 2.0],
+                                               ts=float(o))[0], headers=[], key=None)
+            for o in range(51)]
+    assert readings.decode(0, msgs) == [] and len(readings.queue) == 0  # b's 1..50: skipped
+    # offset 0 is buffered again; 51..100 not fetched yet: the old account of them stands
+    assert readings.resume_state({0: 0}, {0: 51}) == {0: {"until": 101,
+                                                          "waiting": [[0, 1], [90, 92]]}}
+
+    samples = SampleIngest(SampleDecoder(), SampleQueue())
+    samples.resume_from(0, 5, {"rows": 2})
+    assert samples.resume_state({0: 5}, {}) == {0: {"rows": 2}}  # message 5 not fetched yet
+    value, headers = encode_matrix(np.arange(8, dtype=np.float32).reshape(4, 2))
+    samples.decode(0, [Msg(offset=5, value=value, headers=headers)])
+    assert samples.queue.take(4).x[:, 0].tolist() == [4.0, 6.0]  # its first 2 rows skipped
+    assert samples.resume_state({0: 6}, {0: 6}) == {}
