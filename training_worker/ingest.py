@@ -169,6 +169,9 @@ class ReadingIngest:
     def decode(self, partition: int, msgs: list[Any]) -> Rejects:
         """Queue the windows ``msgs`` complete; return the rejected messages."""
         windows, rejects = [], []
+        if self.decoder.channels is None and len(msgs) > 1:
+            self.decoder.settle_channels([m.value for m in msgs], [m.headers for m in msgs],
+                                         [m.key for m in msgs])
         replay = self._replay.get(partition)
         if replay is not None and msgs and msgs[-1].offset + 1 >= replay[0]:
             del self._replay[partition]  # this fetch reaches past what the snapshot held

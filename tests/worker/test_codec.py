@@ -226,3 +226,22 @@ def test_max_abs_bounds_features_and_readings():
     with pytest.raises(DecodeError) as info:
         ReadingDecoder(max_abs=10.0).decode(b'{"device": "a", "values": [1, -11]}')
     assert info.value.reason == "out_of_range"
+
+
+def test_a_fresh_decoder_takes_the_shape_most_of_its_first_batch_has():
+    bad = b'{"features": [1.0]}'  # one malformed message ahead of the stream
+    good = [json.dumps({"features": [float(i)] * 8}).encode() for i in range(5)]
+    dec = SampleDecoder()
+    batch = dec.decode_batch([bad, *good])
+    assert dec.shape == (8,) and batch.features.shape == (5, 8)
+    assert [(i, e.reason) for i, e in batch.rejects] == [(0, "wrong_length")]
+    tie = SampleDecoder()
+    tie.decode_batch([bad, good[0]])
+    assert tie.shape == (1,)  # a tie: the first message's, as before
+
+    readings = [b'{"device": "a", "values": [1]}',
+                *(b'{"device": "a", "values": [1, 2, 3]}' for _ in range(3))]
+    rdec = ReadingDecoder()
+    rdec.settle_channels(readings, [None] * 4, [None] * 4)
+    assert rdec.channels == 3
+    assert _reason(rdec, readings[0]) == "wrong_length"

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,9 @@ class ReadingDecoder(base.Decoder):
     """Decode and validate reading messages ``{"device", "ts", "values"}`` (or binary).
 
     Args:
-        channels: expected C, or ``None`` to learn it from the first valid reading.
+        channels: expected C, or ``None`` to learn it: from the first batch with
+            :meth:`settle_channels` (the count most of its valid readings have), else from the
+            first valid reading.
         max_bytes: larger messages are rejected as ``too_large``.
         encoding: ``"auto"`` (by header), ``"json"`` or ``"f32"``.
         max_abs: larger magnitudes are rejected as ``out_of_range``.
@@ -61,6 +64,24 @@ class ReadingDecoder(base.Decoder):
     ) -> None:
         super().__init__(max_bytes, encoding, max_abs)
         self.channels = channels
+
+    def settle_channels(
+        self, values: Sequence[bytes | None], headers: Sequence[Headers | None],
+        keys: Sequence[bytes | None],
+    ) -> None:
+        """Learn C from a first batch: the count most of its valid readings have (the first's
+        on a tie), so one malformed reading ahead of the stream does not decide it."""
+        if self.channels is not None:
+            return
+        counts: Counter[int] = Counter()
+        for v, h, k in zip(values, headers, keys, strict=True):
+            try:
+                counts[ReadingDecoder(None, self.max_bytes, self.encoding, self.max_abs)
+                       .decode(v, h, k).values.shape[0]] += 1
+            except DecodeError:
+                continue
+        if counts:
+            self.channels = counts.most_common(1)[0][0]
 
     @base.guarded
     def decode(

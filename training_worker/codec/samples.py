@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,8 +75,10 @@ class SampleDecoder(base.Decoder):
     """Decode and validate sample messages into float32 arrays of one shape.
 
     The shape is ``shape`` when given (e.g. the model's input shape), else it is fixed by the
-    first valid message. A batch of well-formed JSON (or binary) messages decodes in one
-    vectorised pass; a batch with any bad message falls back to a strict per-message pass.
+    first batch: the shape most of its valid messages have (the first message's on a tie), so
+    one malformed message ahead of the stream does not send every good one to the DLQ. A batch
+    of well-formed JSON (or binary) messages decodes in one vectorised pass; a batch with any
+    bad message falls back to a strict per-message pass.
 
     Args:
         shape: expected per-sample shape, or ``None`` to learn it from the stream.
@@ -127,6 +130,8 @@ class SampleDecoder(base.Decoder):
     ) -> DecodedBatch:
         """Decode many messages; good ones stacked in input order, bad ones in ``rejects``."""
         headers = headers if headers is not None else [None] * len(values)
+        if self.shape is None and len(values) > 1:
+            self.shape = self._common_shape(values, headers)
         if any(_has_rows(h) for h in headers):
             return self._decode_multi(values, headers)
         try:
@@ -152,6 +157,23 @@ class SampleDecoder(base.Decoder):
             np.asarray(index, dtype=np.int64),
             rejects,
         )
+
+    def _common_shape(
+        self, values: Sequence[bytes | None], headers: Sequence[Headers | None]
+    ) -> tuple[int, ...] | None:
+        """The per-sample shape most of the valid messages have (the first's on a tie)."""
+        shapes: Counter[tuple[int, ...]] = Counter()
+        for v, h in zip(values, headers, strict=True):
+            probe = SampleDecoder(None, self.max_bytes, self.encoding, self.max_abs)
+            try:
+                if _has_rows(h):
+                    rows = decode_matrix(v, h, None, self.max_bytes, self.max_abs)[0]
+                    shapes[rows.shape[1:]] += 1
+                else:
+                    shapes[probe.decode(v, h)[0].shape] += 1
+            except DecodeError:
+                continue
+        return shapes.most_common(1)[0][0] if shapes else None
 
     def _decode_multi(
         self, values: Sequence[bytes | None], headers: Sequence[Headers | None]
