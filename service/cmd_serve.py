@@ -56,11 +56,7 @@ def run_server(settings: ServiceSettings) -> None:
     except StoreError as exc:
         raise typer.BadParameter(str(exc), param_hint="--store") from None
     holder = ModelHolder()
-    watcher = SnapshotWatcher(
-        store, holder, device=settings.device, poll_interval=settings.poll_interval,
-        retry_interval=settings.retry_interval, max_retry_interval=settings.max_retry_interval,
-        torch_threads=settings.torch_threads,
-    )
+    watcher = SnapshotWatcher.for_settings(store, holder, settings)
     app = create_app(settings, holder, background=[watcher])
     try:
         uvicorn.Server(uvicorn_config(app, settings)).run()

@@ -200,8 +200,8 @@ async def run_up(
         stream.bound(ws.topic, max(20 * ws.batch_size, 5000))
     stats = LiveStats(ws.n_clusters)
     holder = ModelHolder()
-    watcher = SnapshotWatcher(open_store(ss.store, ss.namespace, poll_interval=ss.poll_interval),
-                              holder, poll_interval=ss.poll_interval)
+    served = open_store(ss.store, ss.namespace, poll_interval=ss.poll_interval)
+    watcher = SnapshotWatcher.for_settings(served, holder, ss)  # as oclust serve runs it
     app = create_app(ss, holder, background=[watcher])
     # the worker's metrics join the service's registry: one /metrics shows both
     worker = TrainingWorker(ws, store=store, metrics=WorkerMetrics(app.state.metrics.registry),
@@ -253,6 +253,8 @@ async def run_up(
         server.should_exit = True
         await server_task
         stopped.cancel()
+    served.close()
+    store.close()
     console.print(f"stopped; last snapshot version {worker.last_version or '—'} in {ws.store}")
     return code
 

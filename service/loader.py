@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from oclust.model.inference import Assignment, Inference, load
 from oclust.model.priors import resolve_prior
 from oclust.model.snapshot import Snapshot, SnapshotError
 from oclust.training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
+
+if TYPE_CHECKING:
+    from oclust.service.settings import ServiceSettings
 
 __all__ = ["Assignment", "LoadedModel", "ModelHolder", "SnapshotWatcher"]
 
@@ -257,6 +260,17 @@ class SnapshotWatcher:
     _thread: threading.Thread | None = field(default=None, init=False)
     _attempted: int | None = field(default=None, init=False)  # last pointed version tried
     _logged: str | None = field(default=None, init=False)  # each distinct error is logged once
+
+    @classmethod
+    def for_settings(
+        cls, store: SnapshotStore, holder: ModelHolder, settings: ServiceSettings
+    ) -> SnapshotWatcher:
+        """The watcher ``oclust serve`` (and ``oclust up``) runs for these service settings."""
+        return cls(
+            store, holder, device=settings.device, poll_interval=settings.poll_interval,
+            retry_interval=settings.retry_interval,
+            max_retry_interval=settings.max_retry_interval, torch_threads=settings.torch_threads,
+        )
 
     def __post_init__(self) -> None:
         self.max_retry_interval = max(self.max_retry_interval, self.retry_interval)

@@ -348,3 +348,19 @@ def test_a_replica_serving_an_mlp_snapshot_never_imports_torch(tmp_path: Path) -
         out, _ = proc.communicate(timeout=20)
     modules = json.loads(out.strip().splitlines()[-1])["modules"]
     assert modules == ["numba"]  # neither torch nor scikit-learn
+
+
+def test_serve_and_up_build_the_watcher_from_every_watcher_setting(tmp_path: Path) -> None:
+    import inspect
+
+    from oclust.service import cmd_serve, cmd_up
+    from oclust.service.settings import ServiceSettings
+
+    s = ServiceSettings(poll_interval=0.2, retry_interval=0.5, max_retry_interval=4.0,
+                        torch_threads=2, device="cpu")
+    w = SnapshotWatcher.for_settings(open_store(f"file://{tmp_path}", "s"), ModelHolder(), s)
+    assert (w.poll_interval, w.retry_interval, w.max_retry_interval, w.torch_threads,
+            w.device) == (0.2, 0.5, 4.0, 2, "cpu")
+    for module in (cmd_serve, cmd_up):  # up ignored the retry intervals, threads and device
+        assert "SnapshotWatcher.for_settings(" in inspect.getsource(module)
+        assert "SnapshotWatcher(" not in inspect.getsource(module)
