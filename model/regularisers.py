@@ -225,8 +225,11 @@ class SinkhornKnopp(Regulariser):
 
     def __init__(self, epsilon: float = 1.0, n_iter: int = 3) -> None:
         super().__init__()
+        if not epsilon > 0 or n_iter < 1 or int(n_iter) != n_iter:  # epsilon 0: one cluster
+            raise ValueError(f"sk needs epsilon > 0 and a whole n_iter >= 1, got epsilon="
+                             f"{epsilon!r}, n_iter={n_iter!r}")
         self.epsilon = epsilon
-        self.n_iter = n_iter
+        self.n_iter = int(n_iter)
 
     def forward(self, batch: Batch) -> Output:
         d = batch.distances.detach()
@@ -339,6 +342,10 @@ def make_regulariser(name: str, **params: float) -> Regulariser:
         raise ValueError(
             f"unknown regulariser {name!r}; choose from {', '.join(sorted(REGULARISERS))}"
         ) from None
+    for key, value in params.items():  # NaN or inf trained on to a FloatingPointError
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"bad reg_params for regulariser {name!r}: {key}={value!r} is not "
+                             "a finite number")
     try:
         return cls(**params)
     except TypeError as exc:  # an unknown or missing keyword: a bad reg_params, not a bug

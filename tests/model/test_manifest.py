@@ -181,10 +181,22 @@ def test_the_manifest_records_the_optimiser_that_trains(snap: Snapshot) -> None:
     assert (m["lr"], m["betas"]) == (1e-3, [0.9, 0.99])
 
 
-def test_bad_reg_params_are_value_errors_and_snapshot_errors(snap: Snapshot) -> None:
+@pytest.mark.parametrize(
+    ("regulariser", "params", "message"),
+    [("ca", {"bogus": 1.0}, "unexpected keyword"),  # was a TypeError
+     ("ent", {"lam": float("nan")}, "lam=nan is not a finite number"),  # a FloatingPointError
+     ("sk", {"epsilon": 0.0}, "epsilon > 0"),  # trained silently to one cluster
+     ("sk", {"n_iter": 0}, "n_iter >= 1")],
+)
+def test_bad_reg_params_are_value_errors(regulariser: str, params: dict, message: str) -> None:
     X = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
-    with pytest.raises(ValueError, match="bad reg_params for regulariser 'ca'"):
-        OnlineClusterer(3, reg_params={"bogus": 1.0}).partial_fit(X)  # was a TypeError
+    with pytest.raises(ValueError, match=f"bad reg_params for regulariser '{regulariser}'|"
+                                         f"{regulariser} needs") as info:
+        OnlineClusterer(3, regulariser=regulariser, reg_params=params).partial_fit(X)
+    assert message in str(info.value)
+
+
+def test_bad_reg_params_in_a_snapshot_are_snapshot_errors(snap: Snapshot) -> None:
     hostile = Snapshot.create(snap.weights, {**snap.manifest, "reg_params": {"bogus": 1.0}})
     with pytest.raises(SnapshotError, match="bogus"):
         OnlineClusterer.from_snapshot(hostile, device="cpu")
