@@ -217,7 +217,9 @@ async def check_offset(consumer: Consumer, settings: WorkerSettings, faults: Fau
     policy ``reset`` (default) treats it as a new incarnation: train it from its start
     (returned), never skip it; ``exit`` raises :class:`WorkerHalt`. Below the log start:
     retention deleted messages no snapshot holds; they are gone, training goes on from the
-    log start (``None``: the snapshot's offset still applies).
+    log start (returned: a seek to the snapshot's offset would be out of range, which
+    ``--auto-offset-reset latest`` answers with the log's end, skipping what is left).
+    ``None``: the snapshot's offset still applies.
     """
     bounds = await _log_bounds(consumer, tp)
     if bounds is None:
@@ -242,4 +244,5 @@ async def check_offset(consumer: Consumer, settings: WorkerSettings, faults: Fau
         log.error("offset regression on %s: messages %d..%d were deleted from the log "
                   "before any snapshot held them; going on from %d", key, snap_off,
                   start - 1, start)
+        return start
     return None

@@ -97,3 +97,30 @@ def test_a_second_snapshot_before_the_replay_ends_keeps_the_first_ones_account()
     samples.decode(0, [Msg(offset=5, value=value, headers=headers)])
     assert samples.queue.take(4).x[:, 0].tolist() == [4.0, 6.0]  # its first 2 rows skipped
     assert samples.resume_state({0: 6}, {0: 6}) == {}
+
+
+def test_a_snapshot_offset_below_the_log_start_resumes_at_the_log_start() -> None:
+    from aiokafka import TopicPartition
+    from prometheus_client import CollectorRegistry
+
+    from oclust.training_worker.resume import FaultMetrics, check_offset
+
+    async def main() -> tuple[int | None, int | None, float | None]:
+        stream = LocalStream()
+        stream.start_at("t", 100)  # retention deleted 0..99
+        await stream.producer().send_and_wait("t", b"x")
+        consumer = stream.consumer("g")
+        consumer.subscribe(["t"])
+        await consumer.start()
+        s = WorkerSettings(topic="t", store="file:///unused", auto_offset_reset="latest")
+        faults = FaultMetrics(CollectorRegistry())
+        tp = TopicPartition("t", 0)
+        below = await check_offset(consumer, s, faults, tp, 50)
+        inside = await check_offset(consumer, s, faults, tp, 100)
+        counted = faults.registry.get_sample_value(
+            "oclust_worker_offset_regressions_total", {"kind": "before_start"})
+        return below, inside, counted
+
+    below, inside, counted = asyncio.run(main())
+    # a seek to 50 would be out of range, which "latest" answers with the log's end
+    assert below == 100 and inside is None and counted == 1
