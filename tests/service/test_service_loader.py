@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -213,20 +214,27 @@ def _corrupt_newest(tmp_path: Path, namespace: str):
     return store
 
 
+def _fail_once(monkeypatch: pytest.MonkeyPatch, store: object, method: str,
+               when: Callable[..., bool] = lambda *args: True) -> list[tuple]:
+    """Make the first call of ``store.method`` for which ``when(*args)`` holds raise a
+    ``StoreError`` (an injected blip of the real store); returns the failed calls' args."""
+    real, failed = getattr(store, method), []
+
+    def flaky(*args: object) -> object:
+        if not failed and when(*args):
+            failed.append(args)
+            raise StoreError("a blip")
+        return real(*args)
+
+    monkeypatch.setattr(store, method, flaky)
+    return failed
+
+
 def test_a_fresh_replica_retries_a_fallback_that_failed_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = _corrupt_newest(tmp_path, "f")
-    real = store.versions
-    calls = []
-
-    def flaky() -> list[int]:
-        calls.append(1)
-        if len(calls) == 1:
-            raise StoreError("a blip")  # injected: the listing fails once
-        return real()
-
-    monkeypatch.setattr(store, "versions", flaky)
+    _fail_once(monkeypatch, store, "versions")  # the listing fails once
     holder = ModelHolder()
     watcher = SnapshotWatcher(store, holder)
     assert watcher.check() is False and holder.current is None
@@ -239,20 +247,11 @@ def test_a_store_error_during_the_fallback_never_settles_for_an_older_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = _corrupt_newest(tmp_path, "o")
-    real = store.load
-    failed = []
-
-    def flaky(version: int | None = None) -> Snapshot:
-        if version == 2 and not failed:
-            failed.append(version)
-            raise StoreError("a blip")  # injected: reading version 2 fails once
-        return real(version)
-
-    monkeypatch.setattr(store, "load", flaky)
+    failed = _fail_once(monkeypatch, store, "load", lambda version=None: version == 2)
     holder = ModelHolder()
     watcher = SnapshotWatcher(store, holder)
     assert watcher.check() is False and holder.current is None  # not version 1
-    assert failed == [2]
+    assert failed == [(2,)]
     assert watcher.check() is True and holder.current.version == 2
 
 
