@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -93,6 +94,11 @@ async def offset_exists(
         await consumer.stop()
 
 
+log = logging.getLogger(__name__)
+
+DLQ_HEADERS = ("reason", "reason_detail", "source_topic", "source_partition", "source_offset")
+
+
 def dead_letter_headers(
     headers: Sequence[tuple[str, bytes]] | None,
     reason: str,
@@ -102,8 +108,7 @@ def dead_letter_headers(
     offset: int,
 ) -> list[tuple[str, bytes]]:
     """Original headers (minus any old reason) followed by the dead-letter headers."""
-    ours = ("reason", "reason_detail", "source_topic", "source_partition", "source_offset")
-    kept = [(k, v) for k, v in (headers or ()) if k not in ours]
+    kept = [(k, v) for k, v in (headers or ()) if k not in DLQ_HEADERS]
     return [
         *kept,
         ("reason", reason.encode()),
@@ -116,10 +121,29 @@ def dead_letter_headers(
 
 DLQ_HEADROOM = 64 * 1024  # bytes a dead letter may add to the largest accepted message
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)  # the producer's or the broker's
+Letter = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
 
 
-def _value_dropped(headers: list[tuple[str, bytes]], value: bytes) -> list[tuple[str, bytes]]:
-    return [*headers, ("value_dropped", str(len(value)).encode())]
+def _smaller(letter: Letter, stage: int) -> Letter:
+    """The dead letter at ``stage``: 0 whole; 1 with an empty value; 2 with only the dead-letter
+    headers, what was dropped noted by size (``value_dropped``, ``key_dropped``,
+    ``headers_dropped``). Empty, not null: Kafka needs a key or a value."""
+    key, value, headers = letter
+    if stage == 0:
+        return letter
+    dropped = [("value_dropped", str(len(value or b"")).encode())]
+    if stage == 1:
+        return key, b"", [*headers, *dropped]
+    others = sum(len(k) + len(v) for k, v in headers if k not in DLQ_HEADERS)
+    return None, b"", [*((k, v) for k, v in headers if k in DLQ_HEADERS), *dropped,
+                        ("key_dropped", str(len(key or b"")).encode()),
+                        ("headers_dropped", str(others).encode())]
+
+
+def _not_sent(letter: Letter) -> None:
+    reason = dict(letter[2]).get("reason", b"?").decode(errors="replace")
+    log.error("a dead letter (reason %s) is too large even with only its dead-letter headers: "
+              "not sent", reason)
 
 
 class DeadLetters:
@@ -127,15 +151,17 @@ class DeadLetters:
 
     ``send`` queues a message; ``flush`` waits until every queued one is acknowledged (the
     worker flushes before a snapshot, so committed offsets never skip an unsent dead letter).
-    A dead letter too large for the producer or the broker goes without its value, with a
-    ``value_dropped`` header holding the value's size in bytes: the worker never dies on one.
+    A dead letter too large for the producer or the broker goes with an empty value (a
+    ``value_dropped`` header holds its size), and if still too large, with only the dead-letter
+    headers (``key_dropped``, ``headers_dropped``): the worker never dies on one.
     """
+
+    LAST_STAGE = 2
 
     def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
         self.producer = producer
         self.topic = topic
-        self._pending: list[tuple[asyncio.Future[object], bytes | None, bytes | None,
-                                  list[tuple[str, bytes]]]] = []
+        self._pending: list[tuple[asyncio.Future[object], Letter, int]] = []
 
     async def send(
         self,
@@ -144,25 +170,35 @@ class DeadLetters:
         headers: list[tuple[str, bytes]],
     ) -> None:
         """Queue one dead letter."""
-        try:
-            fut = await self.producer.send(self.topic, value=value, key=key, headers=headers)
-        except TOO_LARGE:  # over the producer's max_request_size, found before sending
-            if value is None:
-                raise
-            headers, value = _value_dropped(headers, value), None
-            fut = await self.producer.send(self.topic, value=None, key=key, headers=headers)
-        self._pending.append((fut, key, value, headers))
+        await self._queue((key, value, headers), 0)
+
+    async def _queue(self, letter: Letter, stage: int) -> None:
+        while True:
+            key, value, headers = _smaller(letter, stage)
+            try:
+                fut = await self.producer.send(self.topic, value=value, key=key, headers=headers)
+            except TOO_LARGE:  # over the producer's max_request_size, found before sending
+                if stage == self.LAST_STAGE:
+                    _not_sent(letter)
+                    return
+                stage += 1
+                continue
+            self._pending.append((fut, letter, stage))
+            return
 
     async def flush(self) -> int:
-        """Wait for all queued dead letters; return how many were acknowledged."""
-        pending, self._pending = self._pending, []
-        results = await asyncio.gather(*(p[0] for p in pending), return_exceptions=True)
-        resent = []
-        for (_, key, value, headers), result in zip(pending, results, strict=True):
-            if isinstance(result, TOO_LARGE) and value is not None:  # the broker refused it
-                resent.append(await self.producer.send(
-                    self.topic, value=None, key=key, headers=_value_dropped(headers, value)))
-            elif isinstance(result, BaseException):
-                raise result
-        await asyncio.gather(*resent)
-        return len(pending)
+        """Wait for all queued dead letters; return how many were sent."""
+        sent = 0
+        while self._pending:
+            pending, self._pending = self._pending, []
+            results = await asyncio.gather(*(p[0] for p in pending), return_exceptions=True)
+            for (_, letter, stage), result in zip(pending, results, strict=True):
+                if isinstance(result, TOO_LARGE) and stage < self.LAST_STAGE:
+                    await self._queue(letter, stage + 1)  # the broker refused it: smaller
+                elif isinstance(result, TOO_LARGE):
+                    _not_sent(letter)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    sent += 1
+        return sent

@@ -139,7 +139,7 @@ def test_a_bad_message_near_the_size_limit_is_a_dead_letter_not_a_dead_worker(
     headers = dict(letter.headers)
     assert headers["reason"] == b"not_json" and int(headers["source_offset"]) == offset
     # kept whole where the broker takes it; else sent without its value, its size noted
-    assert letter.value == big or (letter.value is None
+    assert letter.value == big or (letter.value == b""
                                    and headers["value_dropped"] == str(len(big)).encode())
     assert open_store(redis_url, "t").load().manifest["samples_seen"] == n_good
 
@@ -154,15 +154,23 @@ def test_a_dead_letter_too_large_to_send_goes_without_its_value(kafka_bootstrap,
             headers = dead_letter_headers(None, "not_json", "x", unique_topic, 0, 7)
             await dlq.send(b"k", b"y" * 20_000, headers)  # over the producer's request size
             await dlq.send(b"k", b"small", headers)
-            assert await dlq.flush() == 2
+            huge = dead_letter_headers([("trace", b"z" * 9_000)], "bad_schema", "x",
+                                       unique_topic, 0, 8)  # the headers alone are too large
+            await dlq.send(b"k", b"v", huge)
+            assert await dlq.flush() == 3
         finally:
             await producer.stop()
-        return await _dead_letters(kafka_bootstrap, unique_topic, 2)
+        return await _dead_letters(kafka_bootstrap, unique_topic, 3)
 
-    big, small = asyncio.run(main())
-    assert big.value is None and dict(big.headers)["value_dropped"] == b"20000"
+    big, small, bare = asyncio.run(main())
+    assert big.value == b"" and dict(big.headers)["value_dropped"] == b"20000"
     assert dict(big.headers)["reason"] == b"not_json" and big.key == b"k"
     assert small.value == b"small" and "value_dropped" not in dict(small.headers)
+    h = dict(bare.headers)  # only the dead-letter headers, and what was dropped
+    assert bare.value == b"" and bare.key is None and "trace" not in h
+    assert (h["reason"], h["source_offset"], h["value_dropped"], h["key_dropped"]) == (
+        b"bad_schema", b"8", b"1", b"1")
+    assert int(h["headers_dropped"]) == len("trace") + 9_000
 
 
 def test_hostile_readings_are_dead_lettered_and_windows_go_on(
