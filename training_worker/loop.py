@@ -43,7 +43,7 @@ from oclust.training_worker.ledger import OffsetLedger
 from oclust.training_worker.monitor import WorkerMetrics
 from oclust.training_worker.resume import FaultMetrics, WorkerHalt, check_offset
 from oclust.training_worker.settings import WorkerSettings
-from oclust.training_worker.store import SnapshotStore, StoreError
+from oclust.training_worker.store import LeaseLost, SnapshotStore, StoreError
 from oclust.training_worker.stream import Consumer
 from oclust.training_worker.trainer import MODEL_FAULTS, Trainer
 
@@ -328,8 +328,12 @@ class TrainingLoop:
             self.lease_lost.set()
             log.error("lease lost before publishing: snapshot dropped")
             return
-        try:
-            version = await asyncio.to_thread(self.store.publish, snap)
+        try:  # fenced: published only while the lease is still ours, in one atomic step
+            version = await asyncio.to_thread(self.store.publish, snap, self.lease.owner)
+        except LeaseLost as exc:
+            self.lease_lost.set()
+            log.error("%s", exc)
+            return
         except StoreError as exc:
             log.error("publishing failed, offsets not committed; retrying at the next "
                       "checkpoint: %s", exc)

@@ -202,8 +202,8 @@ def test_a_message_cut_between_batches_is_not_trained_twice_after_a_crash(tmp_pa
         store = open_store(f"file://{tmp_path}", namespace="ns")
         real, loop, first = store.publish, asyncio.get_running_loop(), []
 
-        def publish(snap: Any) -> int:  # the real store, then a crash: no final snapshot
-            version = real(snap)
+        def publish(snap: Any, owner: str | None = None) -> int:  # the real store, then a crash
+            version = real(snap, owner)
             first.append(snap.meta)
             loop.call_soon_threadsafe(crash.cancel)
             return version

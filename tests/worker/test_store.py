@@ -335,3 +335,21 @@ def test_an_edited_manifest_is_refused(make_store: StoreFactory) -> None:
     edited = Snapshot(snap.weights, {**snap.manifest, "n_clusters": 4})
     with pytest.raises(SnapshotError, match="integrity"):
         edited.verify()
+
+
+def test_a_publish_fenced_by_a_lost_lease_writes_nothing(redis_url):
+    from oclust.training_worker.lease import make_lease
+    from oclust.training_worker.store import LeaseLost
+
+    store = RedisStore(redis_url, namespace="fence")
+    mine, theirs = make_lease(store, "a", ttl=30), make_lease(store, "b", ttl=30)
+    assert mine.try_acquire()
+    assert store.publish(_snap(1.0), owner="a") == 1  # still ours: published
+    mine.release()  # paused past the TTL: the lease lapsed, and a successor took it
+    assert theirs.try_acquire()
+    assert store.publish(_snap(2.0), owner="b") == 2
+    with pytest.raises(LeaseLost, match="held by 'b'"):
+        store.publish(_snap(3.0), owner="a")  # the paused worker wakes and publishes
+    assert store.current_version() == 2 and store.versions() == [1, 2]
+    assert store.publish(_snap(4.0)) == 4  # unfenced (oclust train): no lease asked
+    store.close()

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlparse
 from oclust.training_worker.store.base import (
     DEFAULT_KEEP,
     CorruptPointer,
+    LeaseLost,
     SnapshotError,
     SnapshotStore,
     StoreError,
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_KEEP",
     "CorruptPointer",
     "DirectoryStore",
+    "LeaseLost",
     "RedisStore",
     "SnapshotError",
     "SnapshotStore",

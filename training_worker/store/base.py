@@ -42,6 +42,10 @@ class VersionNotFound(StoreError, LookupError):
     """The requested snapshot version (or any current version) does not exist."""
 
 
+class LeaseLost(StoreError):
+    """A publish fenced by a lease owner found the lease held by another (or by none)."""
+
+
 class CorruptPointer(StoreError):
     """The current-version pointer holds something other than a version number.
 
@@ -89,8 +93,15 @@ class SnapshotStore(ABC):
         self.poll_interval = poll_interval
 
     @abstractmethod
-    def publish(self, snapshot: Snapshot) -> int:
-        """Store ``snapshot`` as the next version, make it current, announce it; return it."""
+    def publish(self, snapshot: Snapshot, owner: str | None = None) -> int:
+        """Store ``snapshot`` as the next version, make it current, announce it; return it.
+
+        ``owner``: publish only while the namespace's lease is this owner's, checked in the
+        same atomic step as the write (:class:`LeaseLost` otherwise), so a worker paused past
+        its lease between renewing it and publishing cannot overwrite its successor's
+        snapshots. A directory store ignores it: its lease is an ``flock`` the holder keeps for
+        as long as it lives.
+        """
 
     @abstractmethod
     def current_version(self) -> int | None:

@@ -97,7 +97,7 @@ class DirectoryStore(SnapshotStore):
             self.path / f"manifest-{version}.json",
         )
 
-    def publish(self, snapshot: Snapshot) -> int:
+    def publish(self, snapshot: Snapshot, owner: str | None = None) -> int:
         try:
             with self._locked() as d:
                 stored = self.versions()

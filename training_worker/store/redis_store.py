@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from oclust.model.snapshot import Snapshot
 from oclust.training_worker.store.base import (
     DEFAULT_KEEP,
+    LeaseLost,
     SnapshotStore,
     StoreError,
     VersionNotFound,
@@ -37,6 +38,20 @@ if top[2] ~= nil and seq <= tonumber(top[2]) then
   redis.call('SET', KEYS[1], seq)
 end
 return seq
+"""
+
+# KEYS: lease, weights:v, manifest:v, versions, current, events;
+# ARGV: owner ('' for no fence), version, weights, manifest, notice
+_PUBLISH = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[2])
+redis.call('SET', KEYS[5], ARGV[2])
+redis.call('PUBLISH', KEYS[6], ARGV[5])
+return 1
 """
 
 # KEYS: current, versions; ARGV: prefix, keep
@@ -100,6 +115,7 @@ class RedisStore(SnapshotStore):
         except ValueError as exc:
             raise StoreError(f"bad Redis URL {self.url}: {exc}") from None
         self._allocate = self.client.register_script(_ALLOCATE)
+        self._publish = self.client.register_script(_PUBLISH)
         self._prune = self.client.register_script(_PRUNE)
         self._rollback = self.client.register_script(_ROLLBACK)
 
@@ -121,22 +137,31 @@ class RedisStore(SnapshotStore):
         except RedisError as exc:
             raise StoreError(f"Redis at {self.url} failed while {doing}: {exc}") from exc
 
-    def publish(self, snapshot: Snapshot) -> int:
+    def publish(self, snapshot: Snapshot, owner: str | None = None) -> int:
         k = self.key
         with self._errors("publishing a snapshot"):
             version = int(self._allocate(keys=[k("seq"), k("versions")]))
             snap = snapshot.with_version(version)
             notice = json.dumps({"version": version})
-            with self.client.pipeline(transaction=True) as pipe:  # MULTI ... EXEC
-                pipe.set(k("weights", version), snap.weights)
-                pipe.set(k("manifest", version), snap.manifest_json())
-                pipe.zadd(k("versions"), {str(version): version})
-                pipe.set(k("current"), version)
-                pipe.publish(k("events"), notice)
-                pipe.execute()
+            done = self._publish(  # one atomic script: the lease check, then every write
+                keys=[k("lease"), k("weights", version), k("manifest", version), k("versions"),
+                      k("current"), k("events")],
+                args=[owner or "", version, snap.weights, snap.manifest_json(), notice],
+            )
+            if not done:
+                raise LeaseLost(
+                    f"the lease {k('lease')} at {self.url} is no longer {owner!r}'s "
+                    f"(held by {self._holder()!r}): snapshot not published"
+                )
             if self.keep is not None:
                 self._prune(keys=[k("current"), k("versions")], args=[k(""), self.keep])
         return version
+
+    def _holder(self) -> str | None:
+        with contextlib.suppress(RedisError):
+            raw = self.client.get(self.key("lease"))
+            return None if raw is None else raw.decode(errors="replace")
+        return None
 
     def current_version(self) -> int | None:
         with self._errors("reading the current version"):
