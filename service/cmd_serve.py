@@ -47,19 +47,21 @@ def run_server(settings: ServiceSettings) -> None:
     import uvicorn
 
     from oclust.service.app import create_app
-    from oclust.service.http import uvicorn_config
+    from oclust.service.http import bind_socket, uvicorn_config
     from oclust.service.loader import ModelHolder, SnapshotWatcher
     from oclust.training_worker.store import StoreError, open_store
 
+    sock = bind_socket(settings.host, settings.port)  # a taken port: exit 2, before any work
     try:
         store = open_store(settings.store, settings.namespace, poll_interval=settings.poll_interval)
     except StoreError as exc:
+        sock.close()
         raise typer.BadParameter(str(exc), param_hint="--store") from None
     holder = ModelHolder()
     watcher = SnapshotWatcher.for_settings(store, holder, settings)
     app = create_app(settings, holder, background=[watcher])
     try:
-        uvicorn.Server(uvicorn_config(app, settings)).run()
+        uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
     finally:
         store.close()
 

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -139,21 +138,6 @@ def _server(config: Any) -> Any:
     return _Server(config)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound now so that a taken port is a clear error, not a crash."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror}; "
-                                 "pick another with --port", param_hint="--port") from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 @contextlib.contextmanager
 def _signals(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
@@ -178,26 +162,31 @@ async def run_up(
     from rich.live import Live
 
     from oclust.service.app import create_app
-    from oclust.service.http import uvicorn_config
+    from oclust.service.http import bind_socket, uvicorn_config
     from oclust.service.loader import ModelHolder, SnapshotWatcher
     from oclust.training_worker.monitor import WorkerMetrics
     from oclust.training_worker.producer import replay
-    from oclust.training_worker.store import VersionNotFound, open_store
+    from oclust.training_worker.store import StoreError, VersionNotFound, open_store
     from oclust.training_worker.stream import LocalStream
     from oclust.training_worker.trainer import TrainerHooks
     from oclust.training_worker.worker import TrainingWorker
 
     ws, ss = worker_settings, service_settings
-    sock = _bind(ss.host, ss.port)
+    sock = bind_socket(ss.host, ss.port)
     url = f"http://{ss.host}:{sock.getsockname()[1]}"
-    store = open_store(ws.store, ws.namespace, keep=ws.keep)
     stream = None
-    if ws.bootstrap_servers == IN_PROCESS:
-        stream = LocalStream()
-        with contextlib.suppress(VersionNotFound):  # go on where the last snapshot ended
-            offsets = store.load().meta.offsets
-            stream.start_at(ws.topic, int(offsets.get(f"{ws.topic}:0", 0)), ws.consumer_group)
-        stream.bound(ws.topic, max(20 * ws.batch_size, 5000))
+    try:
+        store = open_store(ws.store, ws.namespace, keep=ws.keep)
+        if ws.bootstrap_servers == IN_PROCESS:
+            stream = LocalStream()
+            with contextlib.suppress(VersionNotFound):  # go on where the last snapshot ended
+                offsets = store.load().meta.offsets
+                stream.start_at(ws.topic, int(offsets.get(f"{ws.topic}:0", 0)),
+                                ws.consumer_group)
+            stream.bound(ws.topic, max(20 * ws.batch_size, 5000))
+    except StoreError as exc:  # e.g. Redis not running: one line, exit 1, as worker and serve
+        sock.close()
+        raise options.fail(f"cannot use the store: {exc}") from None
     stats = LiveStats(ws.n_clusters)
     holder = ModelHolder()
     served = open_store(ss.store, ss.namespace, poll_interval=ss.poll_interval)

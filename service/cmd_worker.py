@@ -119,6 +119,7 @@ def train_command(settings: TrainSettings) -> None:
     from tqdm import tqdm
 
     from oclust.model.priors import parse_prior
+    from oclust.model.snapshot import SnapshotError
     from oclust.service.cmd_eval import key_of
     from oclust.service.cmd_up import DEFAULT_K, READING_STREAMS
     from oclust.training_worker.offline import (
@@ -166,7 +167,7 @@ def train_command(settings: TrainSettings) -> None:
         with open_store(s.store, namespace=s.namespace, keep=s.keep) as st:
             version = publish_model(st, clf, metrics)
             url = st.url
-    except StoreError as exc:
+    except (StoreError, SnapshotError) as exc:  # SnapshotError: a model that answers NaN
         raise fail(str(exc)) from None
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     typer.echo(f"published version {version} to {url} namespace {s.namespace!r}: {shown}")

@@ -15,7 +15,12 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 
-from oclust.training_worker.settings import MAX_ABS_FEATURE, StoreLocation, seconds_field
+from oclust.training_worker.settings import (
+    MAX_ABS_FEATURE,
+    StoreLocation,
+    check_device,
+    seconds_field,
+)
 
 __all__ = ["ServiceSettings"]
 
@@ -78,3 +83,8 @@ class ServiceSettings(StoreLocation):
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:  # else every torch snapshot is refused, forever
+        return check_device(value)

@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from oclust.model import OnlineClusterer, StepReport, datasets
 from oclust.model import metrics as model_metrics
+from oclust.training_worker.settings import MAX_ABS_FEATURE
 from oclust.training_worker.store import SnapshotStore
 
 __all__ = ["evaluate", "load_input", "make_windows", "publish_model", "train_offline"]
@@ -81,6 +82,9 @@ def load_input(
         raise ValueError(f"{path}: expected N samples × features, got shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError(f"{path} contains NaN or infinite values")
+    if np.abs(X).max() > MAX_ABS_FEATURE:  # as the worker and the service refuse them
+        raise ValueError(f"{path} holds values beyond ±{MAX_ABS_FEATURE:g}, the feature bound "
+                         "of the worker and the service (scale them first)")
     return X, None
 
 

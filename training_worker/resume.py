@@ -176,7 +176,7 @@ async def refuse_fresh_start(settings: WorkerSettings, store: SnapshotStore) -> 
             f"Kafka at {s.bootstrap_servers}: cannot check consumer group {s.consumer_group!r} "
             f"for committed offsets ({exc}) while the store {store.url} namespace "
             f"{s.namespace!r} is empty: refusing a fresh model; retry when Kafka answers, or "
-            "pass --allow-fresh to start one"
+            "pass --allow-fresh (OCLUST_ALLOW_FRESH=true) to start one"
         ) from None
     done = {p: o for p, o in committed.items() if o}
     if done:
@@ -184,8 +184,8 @@ async def refuse_fresh_start(settings: WorkerSettings, store: SnapshotStore) -> 
             f"the store {store.url} namespace {s.namespace!r} holds no snapshot, but "
             f"consumer group {s.consumer_group!r} has committed offsets {done} on topic "
             f"{s.topic!r}: the trained model was lost (an emptied or wrong store?). "
-            "Restore the store, or pass --allow-fresh to start a new model from those "
-            "offsets (snapshot versions restart at 1)")
+            "Restore the store, or pass --allow-fresh (OCLUST_ALLOW_FRESH=true) to start a new "
+            "model from those offsets (snapshot versions restart at 1)")
 
 
 async def _log_bounds(consumer: Consumer, tp: TopicPartition) -> tuple[int, int] | None:

@@ -88,15 +88,37 @@ def check_regulariser(name: str) -> str:
 
 
 def check_device(device: str) -> str:
-    """``device`` if it is ``auto`` or a device name torch understands (``cpu``, ``cuda:1``)."""
-    if device != "auto":
-        import torch
+    """``device`` if it is ``auto``, ``cpu``, or a device torch understands and, for CUDA, has
+    (``cuda:1`` on a machine with two GPUs). ``auto`` and ``cpu`` never import torch.
 
-        try:
-            torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:i]") from exc
+    >>> check_device("cpu"), check_device("auto")
+    ('cpu', 'auto')
+    """
+    if device in ("auto", "cpu"):
+        return device
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:i]") from exc
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"device {device!r} is not available: torch sees {count} CUDA "
+                             "device(s) here (use auto or cpu)")
     return device
+
+
+def check_namespace(namespace: str) -> str:
+    """``namespace`` if a store takes it (``ValueError`` otherwise: a settings check)."""
+    from oclust.training_worker.store.base import StoreError
+    from oclust.training_worker.store.base import check_namespace as store_check
+
+    try:
+        return store_check(namespace)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def check_encoder(encoder: str) -> str:
@@ -140,6 +162,11 @@ class StoreLocation(_Env):
     def _store_opens(cls, value: str) -> str:
         return check_store_url(value)
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_valid(cls, value: str) -> str:
+        return check_namespace(value)
+
 
 class StoreSettings(StoreLocation):
     """A store that is written to."""
@@ -179,7 +206,9 @@ class ModelSettings(_Env):
         "balanced k-means of the first batch's inputs), kmeans++, normal or centred (default "
         "auto: kmeans for vectors and windows, centred for images)"
     )
-    seed: int | None = Field(0, description="seed of a fresh model")
+    seed: int | None = Field(
+        0, ge=0, le=2**32 - 1, description="seed of a fresh model (0 to 2**32 - 1)"
+    )
     device: str = Field("auto", description="auto, cpu or cuda[:i]")
     batch_size: int = Field(256, ge=1, description="samples per training step")
 
@@ -328,7 +357,7 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         20, ge=1, description="low-entropy batches in a row before the guard fires"
     )
     collapse_window: int | None = Field(
-        None, ge=1, description="served samples the guard judges (default 20 K; at least 10 K "
+        None, ge=1, description="served samples the guard judges (default 20 × K; at least 10 × K "
         "and a batch)"
     )
     collapse_restore: bool = Field(
@@ -343,8 +372,8 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         "127.0.0.1", description="/metrics address (0.0.0.0 to let a scraper on another host in)"
     )
     lease_ttl: float = Field(  # Redis refuses an expiry under 1 ms; renewed every third of it
-        10.0, ge=1.0, allow_inf_nan=False,
-        description="seconds before an unrenewed lease lapses (at least 1)",
+        10.0, ge=1.0, le=86_400.0, allow_inf_nan=False,
+        description="seconds before an unrenewed lease lapses (1 to 86,400)",
     )
     owner: str | None = Field(None, description="lease owner id (default HOST:PID)")
 

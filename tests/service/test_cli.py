@@ -87,6 +87,15 @@ def _error_line(args: list[str]) -> str:
         (["serve", "--poll-interval", "inf"], "'--poll-interval'"),
         (["worker", "--metrics-port", "70000"], "'--metrics-port'"),
         (["worker", "--lease-ttl", "0.0001"], "'--lease-ttl'"),  # Redis: "invalid expire time"
+        (["worker", "--lease-ttl", "1e300"], "'--lease-ttl'"),  # Redis: "out of range"
+        # these trained first and failed after (or never, for serve)
+        (["train", "--dataset", "digits", "--seed", "-1"], "'--seed'"),
+        (["train", "--dataset", "digits", "--seed", str(2**70)], "'--seed'"),
+        (["train", "--dataset", "digits", "--device", "cuda:9"], "is not available"),
+        (["serve", "--device", "bogus"], "'--device': unknown device"),
+        (["train", "--dataset", "digits", "--namespace", "a/b"], "'--namespace'"),
+        (["worker", "--namespace", "a b"], "'--namespace'"),
+        (["serve", "--namespace", "a b"], "'--namespace'"),
         (["eval", "-r", "ca,bogus"], "bogus"),
         (["snapshots", "list", "--store", "ftp://x"], "unknown store URL scheme"),
         (["no-such-command"], "No such command"),
@@ -154,3 +163,29 @@ def test_environment_still_sets_what_the_command_line_leaves_out() -> None:
     result = runner.invoke(app, ["train", "--dataset", "digits"],
                            env={"OCLUST_REGULARISER": "bogus"})
     assert result.exit_code == 2 and "unknown regulariser 'bogus'" in result.output
+
+
+def test_a_taken_port_or_bad_host_is_a_one_line_error_for_serve_and_up(tmp_path: Path) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = str(taken.getsockname()[1])
+    try:
+        store = f"file://{tmp_path}"
+        for command in ("serve", "up"):  # serve exited 3 after loading, uvicorn's own code
+            line = _error_line([command, "--store", store, "--port", port])
+            assert "--port: cannot listen on" in line, line
+        line = _error_line(["up", "--store", store, "--host", "999.1.1.1", "--port", "0"])
+        assert "--host: cannot listen on 999.1.1.1" in line, line  # it named --port
+    finally:
+        taken.close()
+
+
+def test_up_with_an_unreachable_store_is_one_error_line_not_a_traceback() -> None:
+    result = runner.invoke(app, ["up", "--quiet", "--port", "0", "--store",
+                                 "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot use the store"), result.output

@@ -95,7 +95,9 @@ def test_train_rejects_bad_input(tmp_path):
     bad = tmp_path / "obj.npy"
     bad.write_bytes(pickle.dumps({"not": "an array"}))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "huge.npy", np.full((100, 4), 1e30, np.float32))  # trained, then crashed
     cases = [
+        (["--input", str(tmp_path / "huge.npy")], "beyond ±1e+06"),
         (["--input", str(tmp_path / "missing.npy")], "does not exist"),
         (["--input", str(tmp_path / "objects.npy")], "not a plain numeric"),
         (["--dataset", "digits", "--input", str(bad)], "exactly one"),

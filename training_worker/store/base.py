@@ -24,10 +24,12 @@ from oclust.model.snapshot import Snapshot, SnapshotError
 __all__ = [
     "DEFAULT_KEEP",
     "CorruptPointer",
+    "LeaseLost",
     "SnapshotError",
     "SnapshotStore",
     "StoreError",
     "VersionNotFound",
+    "check_namespace",
 ]
 
 DEFAULT_KEEP = 5
@@ -64,7 +66,8 @@ def _pointer(raw: bytes | str, where: str) -> int:
     )
 
 
-def _check_namespace(namespace: str) -> str:
+def check_namespace(namespace: str) -> str:
+    """``namespace`` if a store can use it as a key prefix and a directory name."""
     if not _NAMESPACE_RE.match(namespace or ""):
         raise StoreError(
             f"namespace must be 1-64 characters of letters, digits, '_', '-' or '.', "
@@ -88,7 +91,7 @@ class SnapshotStore(ABC):
     def __init__(self, namespace: str, keep: int | None, poll_interval: float) -> None:
         """Check and set what every store has: its namespace, the versions to keep and the
         seconds between polls in :meth:`wait_for_change`."""
-        self.namespace = _check_namespace(namespace)
+        self.namespace = check_namespace(namespace)
         self.keep = _check_keep(keep)
         self.poll_interval = poll_interval
 
