@@ -88,3 +88,10 @@ class ServiceSettings(StoreLocation):
     @classmethod
     def _device_known(cls, value: str) -> str:  # else every torch snapshot is refused, forever
         return check_device(value)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():  # it turned auth off
+            raise ValueError("OCLUST_API_KEY is set but empty: unset it to serve without a key")
+        return value

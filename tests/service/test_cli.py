@@ -189,3 +189,10 @@ def test_up_with_an_unreachable_store_is_one_error_line_not_a_traceback() -> Non
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot use the store"), result.output
+
+
+def test_an_empty_api_key_is_refused_not_taken_for_no_key() -> None:
+    for value in ("", "  "):  # an unset secret mapped to the variable: auth was silently off
+        result = runner.invoke(app, ["serve"], env={"OCLUST_API_KEY": value})
+        assert result.exit_code == 2, result.output
+        assert "OCLUST_API_KEY is set but empty" in result.output, result.output
