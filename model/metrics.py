@@ -50,10 +50,14 @@ def soft_distribution(q: np.ndarray) -> np.ndarray:
 
 
 def entropy(p: np.ndarray) -> float:
-    """Shannon entropy of a distribution (0 log 0 = 0)."""
+    """Shannon entropy of a distribution (0 log 0 = 0); one cluster gives 0.0, not -0.0.
+
+    >>> entropy(np.array([1.0, 0.0])), round(entropy(np.array([0.5, 0.5])), 4)
+    (0.0, 0.6931)
+    """
     p = np.asarray(p, dtype=np.float64)
     nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum())
+    return max(0.0, float(-(nz * np.log(nz)).sum()))  # -(1 log 1) is -0.0: shown "-0.000"
 
 
 def hard_entropy(labels: np.ndarray, k: int) -> float:

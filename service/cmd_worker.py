@@ -149,6 +149,9 @@ def train_command(settings: TrainSettings) -> None:
         raise typer.BadParameter(str(exc), param_hint="--dataset/--input") from None
     explicit = "n_clusters" in s.model_fields_set  # on the command line or in OCLUST_N_CLUSTERS
     k = s.n_clusters if explicit or key is None else DEFAULT_K.get(key, s.n_clusters)
+    if k > len(X):  # more clusters than samples: most would stay empty, KL* meaningless
+        raise typer.BadParameter(f"{k} clusters for {len(X)} samples: give at most "
+                                 f"{len(X)} (or more data)", param_hint="--n-clusters")
     priors = {"prior": parse_prior(s.prior), "prior_params": s.prior_params}
     params = {**s.model_params, **{n: v for n, v in priors.items() if v is not None}}
     steps = s.epochs * -(-len(X) // s.batch_size)

@@ -96,6 +96,7 @@ def test_train_rejects_bad_input(tmp_path):
     bad.write_bytes(pickle.dumps({"not": "an array"}))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save(tmp_path / "huge.npy", np.full((100, 4), 1e30, np.float32))  # trained, then crashed
+    np.save(tmp_path / "one.npy", np.ones((1, 4), np.float32))
     cases = [
         (["--input", str(tmp_path / "huge.npy")], "beyond ±1e+06"),
         (["--input", str(tmp_path / "missing.npy")], "does not exist"),
@@ -106,6 +107,7 @@ def test_train_rejects_bad_input(tmp_path):
         (["--dataset", "digits", "--window-size", "8"], "digits loads as samples"),
         (["--dataset", "hapt", "--window-hop", "8"], "hapt loads as samples"),
         (["--dataset", "nope", "--window-size", "8"], "unknown dataset"),
+        (["--input", str(tmp_path / "one.npy")], "3 clusters for 1 samples"),  # was published
     ]
     for args, message in cases:
         result = runner.invoke(app, ["train", *args, "--n-clusters", "3",
