@@ -459,6 +459,8 @@ def _bring_up(stack: Stack, procs: list[subprocess.Popen[bytes]]) -> None:
     def after_traffic() -> dict[str, object]:
         return {
             "assigned": stack.scalar("sum(oclust_assignments_total)"),
+            # the bad request comes last: a scrape between it and the assignments raced it
+            "bad requests": stack.scalar('sum(oclust_http_requests_total{status="4xx"})'),
             "worker samples": stack.scalar("sum(oclust_worker_samples_total)"),
             "fewest up samples": stack.scalar("min(count_over_time(up[1m]))"),
             "targets": stack.scalar("count(count_over_time(up[1m]))"),
@@ -469,7 +471,8 @@ def _bring_up(stack: Stack, procs: list[subprocess.Popen[bytes]]) -> None:
             ][:5],
         }
 
-    want = {"assigned": warmup + ASSIGNED, "worker samples": 64 + 128, "targets": 3}
+    want = {"assigned": warmup + ASSIGNED, "bad requests": 2, "worker samples": 64 + 128,
+            "targets": 3}
 
     def settled() -> bool:
         seen = after_traffic()
