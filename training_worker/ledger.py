@@ -28,12 +28,14 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from oclust.training_worker.lease import ProgressLog
 
 __all__ = ["RANGE_CRASHES_BEFORE_ISOLATING", "OffsetLedger"]
+
+V = TypeVar("V")
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,19 @@ class OffsetLedger:
     def key(self, partition: int) -> str:
         """``"topic:partition"``."""
         return f"{self.topic}:{partition}"
+
+    def own(self, keyed: Mapping[str, V]) -> dict[int, V]:
+        """The entries of ``keyed`` (by "topic:partition") that are this topic's, by partition.
+
+        >>> OffsetLedger("t").own({"t:0": 5, "u:1": 7, "t:x": 9})
+        {0: 5}
+        """
+        out = {}
+        for key, value in keyed.items():
+            topic, _, p = key.rpartition(":")
+            if topic == self.topic and p.isdigit():
+                out[int(p)] = value
+        return out
 
     # ------------------------------------------------------------------ fetch
     def unseen(self, partition: int, msgs: list[Any]) -> list[Any]:
@@ -183,12 +198,11 @@ class OffsetLedger:
         if self.progress is None:
             return
         progress = self.progress
-        for key, (lo, hi) in progress.read().items():
-            t, _, p = key.rpartition(":")
+        for part, (lo, hi) in self.own(progress.read()).items():
+            key = self.key(part)
             lo = max(lo, int(self.checkpoint.get(key, lo)))  # the snapshot holds those
-            if t != self.topic or not p.isdigit() or hi <= lo:
+            if hi <= lo:
                 continue
-            part = int(p)
             on_recovery()
             if hi - lo == 1:
                 n = progress.bump(f"msg:{key}:{lo}")

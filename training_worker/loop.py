@@ -288,12 +288,7 @@ class TrainingLoop:
 
     def _covered_state(self, offsets: dict[str, int]) -> dict[str, dict[str, Any]]:
         """What the model holds beyond ``offsets``, per "topic:partition" (``OffsetState``)."""
-        covered = {}
-        for key, offset in offsets.items():
-            topic, _, p = key.rpartition(":")
-            if topic == self.settings.topic:
-                covered[int(p)] = offset
-        found = self.ingest.resume_state(covered, self.ledger.consumed)
+        found = self.ingest.resume_state(self.ledger.own(offsets), self.ledger.consumed)
         state = {self.ledger.key(p): s for p, s in found.items()}
         for key, held in self.ledger.checkpoint_state.items():  # a partition not taken over
             if key not in state and offsets.get(key) == self.ledger.checkpoint.get(key):
@@ -350,14 +345,10 @@ class TrainingLoop:
                  snap.meta.samples_seen, offsets, " [final]" if final else "")
 
     async def _commit(self, offsets: dict[str, int]) -> None:
-        topic = self.settings.topic
         assigned = self.consumer.assignment()
-        commit = {}
-        for key, off in offsets.items():
-            t, _, p = key.rpartition(":")
-            tp = TopicPartition(t, int(p))
-            if t == topic and tp in assigned:
-                commit[tp] = off
+        commit = {TopicPartition(self.settings.topic, p): off
+                  for p, off in self.ledger.own(offsets).items()}
+        commit = {tp: off for tp, off in commit.items() if tp in assigned}
         if not commit:
             return
         try:

@@ -164,12 +164,12 @@ class SampleDecoder(base.Decoder):
         """The per-sample shape most of the valid messages have (the first's on a tie)."""
         shapes: Counter[tuple[int, ...]] = Counter()
         for v, h in zip(values, headers, strict=True):
-            probe = SampleDecoder(None, self.max_bytes, self.encoding, self.max_abs)
             try:
                 if _has_rows(h):
                     rows = decode_matrix(v, h, None, self.max_bytes, self.max_abs)[0]
                     shapes[rows.shape[1:]] += 1
-                else:
+                else:  # a fresh decoder: each message judged on its own
+                    probe = SampleDecoder(None, self.max_bytes, self.encoding, self.max_abs)
                     shapes[probe.decode(v, h)[0].shape] += 1
             except DecodeError:
                 continue
