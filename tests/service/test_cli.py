@@ -191,6 +191,14 @@ def test_up_with_an_unreachable_store_is_one_error_line_not_a_traceback() -> Non
     assert len(lines) == 1 and lines[0].startswith("error: cannot use the store"), result.output
 
 
+@pytest.mark.parametrize("store", ["redis://127.0.0.1:1/0", "file:///dev/null/store"])
+def test_train_with_an_unusable_store_fails_before_training(store: str) -> None:
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--store", store])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()  # no progress bar: it failed after every epoch
+    assert len(lines) == 1 and lines[0].startswith("error: cannot use the store"), result.output
+
+
 def test_an_empty_api_key_is_refused_not_taken_for_no_key() -> None:
     for value in ("", "  "):  # an unset secret mapped to the variable: auth was silently off
         result = runner.invoke(app, ["serve"], env={"OCLUST_API_KEY": value})
