@@ -126,6 +126,15 @@ def ari(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(adjusted_rand_score(y_true, y_pred))
 
 
+def _bins(k: int, y_true: np.ndarray | None) -> int:
+    """Bins to compare over: the clusters, or the classes where there are more of those (with
+    fewer clusters than classes the class histogram over k bins dropped the other classes and
+    renormalised, so one cluster against ten classes scored 0)."""
+    if y_true is None:
+        return k
+    return max(k, int(np.max(np.asarray(y_true, dtype=np.int64), initial=-1)) + 1)
+
+
 def _reference(k: int, y_true: np.ndarray | None, prior: np.ndarray | None) -> np.ndarray:
     if y_true is not None:
         return cluster_distribution(y_true, k)
@@ -153,9 +162,17 @@ def kl_star_hard(
     y_true: np.ndarray | None = None,
     prior: np.ndarray | None = None,
 ) -> float:
-    """KL* of the hard-label histogram against the class frequencies (or the prior, or uniform)."""
-    q = _align(cluster_distribution(y_pred, k), y_true, y_pred)
-    return kl_star(q, _reference(k, y_true, prior))
+    """KL* of the hard-label histogram against the class frequencies (or the prior, or uniform).
+
+    Against classes, over as many bins as there are clusters or classes, whichever is more:
+
+    >>> import numpy as np
+    >>> round(kl_star_hard(np.zeros(10, int), 1, np.arange(10)), 3)  # log 10: all in one
+    2.303
+    """
+    n = _bins(k, y_true)
+    q = _align(cluster_distribution(y_pred, n), y_true, y_pred)
+    return kl_star(q, _reference(n, y_true, prior))
 
 
 def kl_star_soft(
@@ -164,7 +181,7 @@ def kl_star_soft(
     prior: np.ndarray | None = None,
 ) -> float:
     """KL* of the summed soft assignments against the class frequencies (or the prior)."""
-    k = q_soft.shape[1]
+    n = _bins(q_soft.shape[1], y_true)
     y_pred = np.asarray(q_soft).argmax(axis=1)
-    q = _align(soft_distribution(q_soft), y_true, y_pred)
-    return kl_star(q, _reference(k, y_true, prior))
+    q = np.pad(soft_distribution(q_soft), (0, n - q_soft.shape[1]))
+    return kl_star(_align(q, y_true, y_pred), _reference(n, y_true, prior))

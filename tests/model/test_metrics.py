@@ -52,3 +52,13 @@ def test_kl_star_hard_aligns_clusters_to_imbalanced_classes():
     perfect_but_permuted = (y + 1) % 3
     assert metrics.kl_star_hard(perfect_but_permuted, 3, y) == pytest.approx(0.0)
     assert metrics.kl_star_hard(np.zeros_like(y), 3, y) > 0.5
+
+
+def test_kl_star_counts_every_class_when_there_are_fewer_clusters() -> None:
+    y = np.repeat(np.arange(10), 5)  # ten balanced classes
+    one = np.zeros_like(y)  # one cluster: all of the mass in one of ten classes
+    assert metrics.kl_star_hard(one, 1, y) == pytest.approx(math.log(10))  # it was 0
+    assert metrics.kl_star_soft(np.ones((50, 1)), y) == pytest.approx(math.log(10))
+    five = y // 2  # five clusters, two classes each: half of the classes get nothing
+    assert metrics.kl_star_hard(five, 5, y) == pytest.approx(math.log(2))
+    assert metrics.kl_star_hard(y, 10, y) == pytest.approx(0.0)  # as many: unchanged
