@@ -106,6 +106,7 @@ class LocalRecord:
 @dataclass
 class _Log:
     base: int = 0  # offset of records[0]
+    begun: bool = False  # made to continue another stream's offsets (start_at)
     records: list[LocalRecord] = field(default_factory=list)
     max_backlog: int | None = None
 
@@ -146,8 +147,15 @@ class LocalStream:
         if log.records:
             raise ValueError(f"topic {topic!r} already holds records")
         log.base = offset
+        log.begun = True
         if group_id is not None:
             self._committed.setdefault(group_id, {})[topic] = offset
+
+    def continues(self, topic: str) -> bool:
+        """``topic`` was made to continue the offsets of an earlier stream (``start_at``): the
+        records from its first offset on are new, whatever a snapshot says it held of the old
+        stream's records there."""
+        return self._log(topic).begun
 
     def end_offset(self, topic: str) -> int:
         """The next offset to be written to ``topic``."""

@@ -291,6 +291,8 @@ class TrainingWorker:
         ingest = make_ingest(s, shape)
         checkpoint = trainer.healthy.meta.offsets if trainer.healthy else {}
         beyond = trainer.healthy.meta.offset_state if trainer.healthy else {}
+        if self.stream is not None and self.stream.continues(s.topic):
+            beyond = {}  # what the snapshot held beyond its offsets went with the old stream
         ledger = OffsetLedger(s.topic, checkpoint, make_progress_log(self.store), s.max_attempts,
                               beyond)
         await asyncio.to_thread(ledger.read_crash_marks, self.faults.crash_recoveries.inc)

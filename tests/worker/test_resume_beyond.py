@@ -124,3 +124,38 @@ def test_a_snapshot_offset_below_the_log_start_resumes_at_the_log_start() -> Non
     below, inside, counted = asyncio.run(main())
     # a seek to 50 would be out of range, which "latest" answers with the log's end
     assert below == 100 and inside is None and counted == 1
+
+
+def test_a_new_embedded_stream_trains_all_of_its_records_whatever_the_snapshot_held(
+    tmp_path: Path,
+) -> None:
+    # `oclust up` restarted: its new in-process stream continues the snapshot's offsets with new
+    # readings, so what the snapshot held beyond its offset (a slow device's window) is gone
+    rng = np.random.default_rng(0)
+    s = _settings(tmp_path)
+
+    async def run(stream: LocalStream, windows: int) -> list[np.ndarray]:
+        trained: list[np.ndarray] = []
+        hooks = TrainerHooks(on_step=lambda _r, batch: trained.extend(batch.x))
+        worker = TrainingWorker(s, stream=stream, hooks=hooks)
+        assert await _run_until(worker, lambda: len(trained) >= windows) == 0  # clean stop
+        return trained
+
+    async def main() -> tuple[dict[str, Any], int]:
+        stream = LocalStream()
+        p = stream.producer()
+        await p.send_and_wait("t", encode_reading("a", rng.normal(size=3), ts=0.0)[0])
+        for t in range(100):
+            await p.send_and_wait("t", encode_reading("b", rng.normal(size=3), ts=float(t))[0])
+        await run(stream, 10)
+        meta = open_store(f"file://{tmp_path}", namespace="ns").load().meta
+        fresh = LocalStream()  # as oclust up starts it
+        fresh.start_at("t", int(meta.offsets["t:0"]), s.consumer_group)
+        p = fresh.producer()
+        for t in range(100):
+            await p.send_and_wait("t", encode_reading("c", rng.normal(size=3), ts=float(t))[0])
+        return meta.offset_state, len(await run(fresh, 10))
+
+    held, second = asyncio.run(main())
+    assert held["t:0"]["until"] > 1  # the first run's snapshot held readings beyond its offset
+    assert second == 10  # was 0: every new reading skipped as already trained
