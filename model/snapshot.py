@@ -174,6 +174,9 @@ def _offset_state(value: Any) -> OffsetState:
             spans = [[_count(lo), _count(hi)] for lo, hi in state["waiting"]]
             if any(lo >= hi for lo, hi in spans):
                 raise ValueError(f"empty span in {state['waiting']!r}")
+            ends = [b for span in spans for b in span]  # looked up by bisection: in order
+            if ends != sorted(ends) or ends[-1:] > [checked.get("until", ends[-1])]:
+                raise ValueError(f"spans out of order or past 'until' in {state!r}")
             checked["waiting"] = spans
         out[str(key)] = checked
     return out

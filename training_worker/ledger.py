@@ -75,13 +75,13 @@ class OffsetLedger:
     def own(self, keyed: Mapping[str, V]) -> dict[int, V]:
         """The entries of ``keyed`` (by "topic:partition") that are this topic's, by partition.
 
-        >>> OffsetLedger("t").own({"t:0": 5, "u:1": 7, "t:x": 9})
+        >>> OffsetLedger("t").own({"t:0": 5, "u:1": 7, "t:x": 9, "t:²": 3})
         {0: 5}
         """
         out = {}
         for key, value in keyed.items():
             topic, _, p = key.rpartition(":")
-            if topic == self.topic and p.isdigit():
+            if topic == self.topic and p.isascii() and p.isdigit():
                 out[int(p)] = value
         return out
 

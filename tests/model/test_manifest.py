@@ -213,6 +213,10 @@ def test_offset_state_is_read_strictly(snap: Snapshot) -> None:
     good = {"t:0": {"rows": 4}, "t:1": {"until": 9, "waiting": [[3, 5], [7, 8]]}}
     assert Manifest.from_dict({**snap.manifest, "offset_state": good}).offset_state == good
     for bad in ({"t:0": {"rows": -1}}, {"t:0": {"until": 9, "waiting": [[5, 5]]}},
-                {"t:0": {"skip": 1}}, {"t:0": 3}):
+                {"t:0": {"skip": 1}}, {"t:0": 3},
+                # looked up by bisection: spans out of order or overlapping lost readings
+                {"t:0": {"until": 99, "waiting": [[90, 91], [0, 1]]}},
+                {"t:0": {"until": 99, "waiting": [[0, 5], [3, 8]]}},
+                {"t:0": {"until": 9, "waiting": [[3, 12]]}}):
         with pytest.raises(SnapshotError, match="'offset_state' is bad"):
             Manifest.from_dict({**snap.manifest, "offset_state": bad})
