@@ -43,6 +43,16 @@ class Ingest(Protocol):
 
     queue: SampleQueue
 
+    @property
+    def settled(self) -> bool:
+        """The input layout (sample shape, channel count) is known."""
+        ...
+
+    def settle(self, msgs: list[Any]) -> None:
+        """A fresh model's input layout from its first fetch, every partition's messages: the
+        one most of the valid ones have."""
+        ...
+
     def decode(self, partition: int, msgs: list[Any]) -> Rejects:
         """Queue the samples of ``msgs`` (in order); return the rejected messages."""
         ...
@@ -74,6 +84,15 @@ class SampleIngest:
         self.decoder = decoder
         self.queue = queue
         self._skip: dict[int, tuple[int, int]] = {}  # partition -> (offset, rows to drop)
+
+    @property
+    def settled(self) -> bool:
+        """The sample shape is known."""
+        return self.decoder.shape is not None
+
+    def settle(self, msgs: list[Any]) -> None:
+        """Settle the sample shape on the one most of ``msgs`` have."""
+        self.decoder.settle_shape([m.value for m in msgs], [m.headers for m in msgs])
 
     def decode(self, partition: int, msgs: list[Any]) -> Rejects:
         """Queue the samples of ``msgs`` (in order); return the rejected messages."""
@@ -166,12 +185,21 @@ class ReadingIngest:
         self.queue = queue
         self._replay: dict[int, tuple[int, list[list[int]]]] = {}  # partition -> (until, spans)
 
+    @property
+    def settled(self) -> bool:
+        """The channel count is known."""
+        return self.decoder.channels is not None
+
+    def settle(self, msgs: list[Any]) -> None:
+        """Settle the channel count on the one most of ``msgs`` have."""
+        self.decoder.settle_channels([m.value for m in msgs], [m.headers for m in msgs],
+                                     [m.key for m in msgs])
+
     def decode(self, partition: int, msgs: list[Any]) -> Rejects:
         """Queue the windows ``msgs`` complete; return the rejected messages."""
         windows, rejects = [], []
         if self.decoder.channels is None and len(msgs) > 1:
-            self.decoder.settle_channels([m.value for m in msgs], [m.headers for m in msgs],
-                                         [m.key for m in msgs])
+            self.settle(msgs)
         replay = self._replay.get(partition)
         if replay is not None and msgs and msgs[-1].offset + 1 >= replay[0]:
             del self._replay[partition]  # this fetch reaches past what the snapshot held

@@ -207,6 +207,11 @@ class TrainingLoop:
         his = {tp.partition: msgs[-1].offset + 1 for tp, msgs in fetched.items() if msgs}
         firsts = {tp.partition: msgs[0].offset for tp, msgs in fetched.items() if msgs}
         await asyncio.to_thread(ledger.mark, his, firsts)
+        if not self.ingest.settled:  # a fresh model: the majority's layout, all partitions
+            plain = [m for msgs in fetched.values() for m in msgs  # never probe a suspect
+                     if not (ledger.is_poison(m) or ledger.is_suspect(m))]
+            if len(plain) > 1:
+                self.ingest.settle(plain)
         for tp, msgs in fetched.items():
             if not msgs:
                 continue

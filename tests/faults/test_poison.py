@@ -212,3 +212,36 @@ def test_hostile_readings_are_dead_lettered_and_windows_go_on(
         assert reg.get_sample_value("oclust_worker_dlq_messages_total",
                                     {"reason": reason}) == want
     assert reg.get_sample_value("oclust_worker_samples_total") == n // size
+
+
+def test_a_stray_first_message_on_one_partition_does_not_decide_the_shape(
+    kafka_bootstrap, redis_url, unique_topic
+):
+    # the first fetch: one 3-feature message on one partition, the stream's 64-feature samples
+    # on the other; settled partition by partition, the stray one fixed the shape and all the
+    # good ones went to the DLQ whenever its partition came first in the fetch
+    X, _ = datasets.load("digits")
+    n_good = 60
+    STRAY = 1
+
+    async def main() -> tuple[int, list[Any]]:
+        await ensure_topic(kafka_bootstrap, unique_topic, partitions=2)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        await producer.send_and_wait(unique_topic, encode_sample([1.0, 2.0, 3.0])[0],
+                                     partition=STRAY)
+        for i in range(n_good):
+            value, headers = encode_sample(X[i])
+            await producer.send(unique_topic, value, headers=headers, partition=1 - STRAY)
+        await producer.stop()
+        count = Counter()
+        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url,
+                                          batch_size=20, snapshot_interval=0),
+                                hooks=TrainerHooks(on_step=count))
+        assert await _run_until(worker, lambda: count.samples >= n_good, timeout=60) == 0
+        return count.samples, await _dead_letters(kafka_bootstrap, unique_topic, 1)
+
+    trained, got = asyncio.run(main())
+    assert trained == n_good
+    assert len(got) == 1 and dict(got[0].headers)["reason"] == b"wrong_length"
+    assert dict(got[0].headers)["source_partition"] == str(STRAY).encode()

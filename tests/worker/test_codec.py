@@ -245,3 +245,28 @@ def test_a_fresh_decoder_takes_the_shape_most_of_its_first_batch_has():
     rdec.settle_channels(readings, [None] * 4, [None] * 4)
     assert rdec.channels == 3
     assert _reason(rdec, readings[0]) == "wrong_length"
+
+
+def test_an_ingest_settles_on_the_layout_of_a_whole_fetch_then_decodes_each_partition():
+    from types import SimpleNamespace as Msg
+
+    from oclust.training_worker.batching import SampleQueue
+    from oclust.training_worker.ingest import ReadingIngest, SampleIngest
+    from oclust.training_worker.windows import WindowAssembler
+
+    def msgs(values: list[bytes]) -> list[Msg]:
+        return [Msg(offset=i, value=v, headers=None, key=None) for i, v in enumerate(values)]
+
+    stray = msgs([b'{"features": [1.0]}'])  # alone on its partition, decoded first
+    good = msgs([json.dumps({"features": [float(i)] * 8}).encode() for i in range(5)])
+    ingest = SampleIngest(SampleDecoder(), SampleQueue())
+    assert not ingest.settled
+    ingest.settle(stray + good)
+    assert ingest.settled and ingest.decoder.shape == (8,)
+    assert [e.reason for _, e in ingest.decode(0, stray)] == ["wrong_length"]
+    assert ingest.decode(1, good) == [] and len(ingest.queue) == 5
+
+    readings = ReadingIngest(ReadingDecoder(), WindowAssembler(4), SampleQueue())
+    readings.settle(msgs([b'{"device": "a", "values": [1]}',
+                          *(b'{"device": "b", "values": [1, 2, 3]}' for _ in range(3))]))
+    assert readings.settled and readings.decoder.channels == 3

@@ -131,7 +131,7 @@ class SampleDecoder(base.Decoder):
         """Decode many messages; good ones stacked in input order, bad ones in ``rejects``."""
         headers = headers if headers is not None else [None] * len(values)
         if self.shape is None and len(values) > 1:
-            self.shape = self._common_shape(values, headers)
+            self.settle_shape(values, headers)
         if any(_has_rows(h) for h in headers):
             return self._decode_multi(values, headers)
         try:
@@ -157,6 +157,14 @@ class SampleDecoder(base.Decoder):
             np.asarray(index, dtype=np.int64),
             rejects,
         )
+
+    def settle_shape(
+        self, values: Sequence[bytes | None], headers: Sequence[Headers | None]
+    ) -> None:
+        """Learn the shape from a first batch: the one most of its valid messages have (the
+        first's on a tie), so one malformed message ahead of the stream does not decide it."""
+        if self.shape is None:
+            self.shape = self._common_shape(values, headers)
 
     def _common_shape(
         self, values: Sequence[bytes | None], headers: Sequence[Headers | None]
