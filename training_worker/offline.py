@@ -78,7 +78,7 @@ def load_input(
         X = _read_csv(path)
     else:
         raise ValueError(f"input must be a .npy or .csv file, got {path.name}")
-    if X.ndim < 2 or len(X) == 0:
+    if X.ndim < 2 or X.size == 0:  # no samples, or samples of no features
         raise ValueError(f"{path}: expected N samples × features, got shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError(f"{path} contains NaN or infinite values")

@@ -97,7 +97,9 @@ def test_train_rejects_bad_input(tmp_path):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save(tmp_path / "huge.npy", np.full((100, 4), 1e30, np.float32))  # trained, then crashed
     np.save(tmp_path / "one.npy", np.ones((1, 4), np.float32))
+    np.save(tmp_path / "none.npy", np.ones((5, 0), np.float32))  # was numpy's reduction error
     cases = [
+        (["--input", str(tmp_path / "none.npy")], "expected N samples × features"),
         (["--input", str(tmp_path / "huge.npy")], "beyond ±1e+06"),
         (["--input", str(tmp_path / "missing.npy")], "does not exist"),
         (["--input", str(tmp_path / "objects.npy")], "not a plain numeric"),
