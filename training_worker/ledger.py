@@ -131,6 +131,23 @@ class OffsetLedger:
             self.skip_below.pop(p, None)
             self.rewind.pop(p, None)
 
+    def hold(self, offsets: dict[str, int], state: dict[str, dict[str, Any]]) -> None:
+        """The model holds ``offsets`` (and ``state`` beyond them) though no published snapshot
+        does: the checkpoint taken as they were revoked was withheld or failed. A partition
+        taken up again skips them as it skips a resumed snapshot's, not training them twice.
+
+        >>> ledger = OffsetLedger("t", checkpoint={"t:0": 5})
+        >>> ledger.hold({"t:0": 9}, {"t:0": {"rows": 2}})
+        >>> ledger.checkpoint, ledger.checkpoint_state
+        ({'t:0': 9}, {'t:0': {'rows': 2}})
+        """
+        for key, offset in offsets.items():
+            self.checkpoint[key] = offset
+            if key in state:
+                self.checkpoint_state[key] = state[key]
+            else:
+                self.checkpoint_state.pop(key, None)
+
     def reset_partition(self, partition: int, start: int) -> None:
         """A new incarnation of the partition's log: the snapshot's offset no longer applies."""
         self.checkpoint.pop(self.key(partition), None)

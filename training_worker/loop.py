@@ -369,6 +369,10 @@ class TrainingLoop:
         async with self.lock:
             await self.checkpoint()
             parts = {tp.partition for tp in revoked if tp.topic == self.settings.topic}
+            held = {self.ledger.key(p): o for p, o in self.ledger.own(self._covered()).items()
+                    if p in parts}
+            if any(o != self.ledger.checkpoint.get(k) for k, o in held.items()):  # not published
+                self.ledger.hold(held, self._covered_state(held))
             self.ingest.forget_partitions(parts)
             self.ledger.forget_partitions(parts)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
