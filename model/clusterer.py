@@ -388,6 +388,9 @@ class OnlineClusterer(
         self._centroids_ready = False
         self._probe: np.ndarray | None = None
         self._built = True
+
+    def _warn_views(self) -> None:
+        """At the start of training (not at a restore): views the regulariser collapses with."""
         if self.views != "auto" and bool(self.views) and self.reg_.collapses_with_views:
             warnings.warn(
                 f"views=True with regulariser {self.regulariser!r}: training on augmented views "
@@ -436,6 +439,7 @@ class OnlineClusterer(
         first = not self._built
         if first:
             self._build(arr.shape[1:])
+            self._warn_views()
         try:
             self._step(arr)
         except BaseException:
@@ -622,6 +626,7 @@ class OnlineClusterer(
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         arr = self._validated(X, reset=True)
         self._build(arr.shape[1:])  # a new network, centroids and optimiser: fit starts over
+        self._warn_views()
         rng = np.random.default_rng(self._seed)
         self._in_fit = True  # the batches below are slices of the checked X
         try:

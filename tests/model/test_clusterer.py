@@ -250,10 +250,11 @@ def test_views_are_on_for_images_with_ca(shape, regulariser, views):
 def test_views_on_with_a_regulariser_they_collapse_warns(regulariser):
     X = np.random.default_rng(1).normal(size=(64, 8, 8)).astype(np.float32)
     with pytest.warns(UserWarning, match=f"views=True with regulariser '{regulariser}'") as rec:
-        _small(regulariser=regulariser, views=True).partial_fit(X)
+        snap = _small(regulariser=regulariser, views=True).partial_fit(X).to_snapshot()
     assert rec[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning where views are off or were measured to help
+        OnlineClusterer.from_snapshot(snap)  # nor at every restore (a replica's hot load)
         _small(regulariser=regulariser).partial_fit(X)
         _small(regulariser="ca", views=True).partial_fit(X)
         _small(regulariser="sk", views=True).partial_fit(X)
