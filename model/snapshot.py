@@ -175,7 +175,7 @@ def _offset_state(value: Any) -> OffsetState:
             if any(lo >= hi for lo, hi in spans):
                 raise ValueError(f"empty span in {state['waiting']!r}")
             ends = [b for span in spans for b in span]  # looked up by bisection: in order
-            if ends != sorted(ends) or ends[-1:] > [checked.get("until", ends[-1])]:
+            if ends != sorted(ends) or (ends and ends[-1] > checked.get("until", ends[-1])):
                 raise ValueError(f"spans out of order or past 'until' in {state!r}")
             checked["waiting"] = spans
         out[str(key)] = checked
@@ -270,7 +270,7 @@ class Manifest:
             convert = _CONVERT.get(f.name, _same)
             try:
                 values[f.name] = convert(data[f.name])
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, LookupError) as exc:  # never another exception
                 raise SnapshotError(f"manifest field {f.name!r} is bad: {exc}") from exc
         known = {f.name for f in fields(cls)} - {"extra"}
         extra = {k: v for k, v in data.items() if k not in known}

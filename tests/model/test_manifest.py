@@ -210,7 +210,8 @@ def test_a_served_snapshot_needs_a_positive_finite_sigma(snap: Snapshot, sigma: 
 
 
 def test_offset_state_is_read_strictly(snap: Snapshot) -> None:
-    good = {"t:0": {"rows": 4}, "t:1": {"until": 9, "waiting": [[3, 5], [7, 8]]}}
+    good = {"t:0": {"rows": 4}, "t:1": {"until": 9, "waiting": [[3, 5], [7, 8]]},
+            "t:2": {"until": 30, "waiting": []}}  # a replay with all its waiting trained
     assert Manifest.from_dict({**snap.manifest, "offset_state": good}).offset_state == good
     for bad in ({"t:0": {"rows": -1}}, {"t:0": {"until": 9, "waiting": [[5, 5]]}},
                 {"t:0": {"skip": 1}}, {"t:0": 3},

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from oclust.model.snapshot import Manifest
 from oclust.training_worker.codec import encode_reading
 from oclust.training_worker.settings import WorkerSettings
 from oclust.training_worker.store import open_store
@@ -89,6 +90,18 @@ def test_a_second_snapshot_before_the_replay_ends_keeps_the_first_ones_account()
     # offset 0 is buffered again; 51..100 not fetched yet: the old account of them stands
     assert readings.resume_state({0: 0}, {0: 51}) == {0: {"until": 101,
                                                           "waiting": [[0, 1], [90, 92]]}}
+
+    # the waiting window trained again before the fetch reaches 'until': nothing waits, and
+    # the manifest takes that account back (an empty span list broke every later load)
+    pairs = ReadingIngest(ReadingDecoder(), WindowAssembler(2), SampleQueue())
+    pairs.resume_from(0, 10, {"until": 30, "waiting": [[10, 12]]})
+    msgs = [Msg(offset=o, value=encode_reading("a" if o < 12 else "b", [1.0, 2.0],
+                                               ts=float(o))[0], headers=[], key=None)
+            for o in range(10, 20)]
+    assert pairs.decode(0, msgs) == [] and len(pairs.queue.take(1)) == 1  # a's window only
+    state = pairs.resume_state({0: 20}, {0: 20})
+    assert state == {0: {"until": 30, "waiting": []}}
+    assert Manifest.from_dict({"offset_state": {"t:0": state[0]}}).offset_state["t:0"] == state[0]
 
     samples = SampleIngest(SampleDecoder(), SampleQueue())
     samples.resume_from(0, 5, {"rows": 2})
