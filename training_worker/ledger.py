@@ -61,7 +61,8 @@ class OffsetLedger:
         self.consumed: dict[int, int] = {}
         self.skip_below: dict[int, int] = {}
         self.rewind: dict[int, int] = {}  # partition -> snapshot offset, until its first fetch
-        self.checkpoint: dict[str, int] = dict(checkpoint or {})
+        self.checkpoint: dict[str, int] = dict(checkpoint or {})  # published or held
+        self.published: dict[str, int] = dict(checkpoint or {})  # the last snapshot's
         self.checkpoint_state: dict[str, dict[str, Any]] = dict(checkpoint_state or {})
         self.mark_lo: dict[int, int] = {}  # per partition: first offset in hand
         self.marked: dict[str, tuple[int, int]] = {}  # what the progress log holds now
@@ -133,8 +134,9 @@ class OffsetLedger:
 
     def hold(self, offsets: dict[str, int], state: dict[str, dict[str, Any]]) -> None:
         """The model holds ``offsets`` (and ``state`` beyond them) though no published snapshot
-        does: the checkpoint taken as they were revoked was withheld or failed. A partition
-        taken up again skips them as it skips a resumed snapshot's, not training them twice.
+        does: the checkpoint taken as they were revoked was withheld or failed (after one that
+        was published: nothing changes). A partition taken up again skips them as it skips a
+        resumed snapshot's, not training them twice.
 
         >>> ledger = OffsetLedger("t", checkpoint={"t:0": 5})
         >>> ledger.hold({"t:0": 9}, {"t:0": {"rows": 2}})
@@ -151,6 +153,7 @@ class OffsetLedger:
     def reset_partition(self, partition: int, start: int) -> None:
         """A new incarnation of the partition's log: the snapshot's offset no longer applies."""
         self.checkpoint.pop(self.key(partition), None)
+        self.published.pop(self.key(partition), None)
         self.checkpoint_state.pop(self.key(partition), None)
         self.skip_below.pop(partition, None)
         self.rewind.pop(partition, None)

@@ -308,7 +308,7 @@ class TrainingLoop:
         offsets = self._covered()
         if not trainer.can_snapshot:
             return
-        if trainer.steps_since_snapshot == 0 and offsets == self.ledger.checkpoint:
+        if trainer.steps_since_snapshot == 0 and offsets == self.ledger.published:
             return  # nothing new
         if not trainer.guard.healthy:
             log.warning("collapse guard: %s snapshot withheld (served hard entropy over the "
@@ -339,7 +339,7 @@ class TrainingLoop:
                       "checkpoint: %s", exc)
             return
         trainer.published(snap.with_version(version))
-        self.ledger.checkpoint = offsets
+        self.ledger.checkpoint, self.ledger.published = offsets, dict(offsets)
         self.ledger.checkpoint_state = beyond
         self.last_version = version
         self.metrics.published.inc()
@@ -370,9 +370,8 @@ class TrainingLoop:
             await self.checkpoint()
             parts = {tp.partition for tp in revoked if tp.topic == self.settings.topic}
             held = {self.ledger.key(p): o for p, o in self.ledger.own(self._covered()).items()
-                    if p in parts}
-            if any(o != self.ledger.checkpoint.get(k) for k, o in held.items()):  # not published
-                self.ledger.hold(held, self._covered_state(held))
+                    if p in parts}  # what the model holds of them, published or not
+            self.ledger.hold(held, self._covered_state(held))
             self.ingest.forget_partitions(parts)
             self.ledger.forget_partitions(parts)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))

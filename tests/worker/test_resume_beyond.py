@@ -172,3 +172,111 @@ def test_a_new_embedded_stream_trains_all_of_its_records_whatever_the_snapshot_h
     held, second = asyncio.run(main())
     assert held["t:0"]["until"] > 1  # the first run's snapshot held readings beyond its offset
     assert second == 10  # was 0: every new reading skipped as already trained
+
+
+def test_a_rebalance_whose_checkpoint_fails_keeps_what_moved_beyond_a_pinned_offset(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    # a slow device pins the offset at 0, so between two checkpoints only the offset_state
+    # moves; a rebalance whose checkpoint fails must keep that state, or the partition, back
+    # at the committed offset, replays the newer windows into the model that trained them
+    from aiokafka import TopicPartition
+
+    from oclust.training_worker.store import StoreError
+
+    rng = np.random.default_rng(0)
+    s = _settings(tmp_path)
+    stream = LocalStream()
+    trained: list[bytes] = []
+    tp = TopicPartition("t", 0)
+
+    async def send(device: str, times: range) -> None:
+        for t in times:
+            value = encode_reading(device, rng.normal(size=3), ts=float(t))[0]
+            await stream.producer().send_and_wait("t", value)
+
+    async def until(done: Any) -> None:  # a condition of the running worker, polled
+        async with asyncio.timeout(30):
+            while not done():
+                await asyncio.sleep(0.01)
+
+    def down(*_args: Any, **_kw: Any) -> int:
+        raise StoreError("the store is down")
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        hooks = TrainerHooks(on_step=lambda _r, batch: trained.extend(x.tobytes()
+                                                                      for x in batch.x))
+        worker = TrainingWorker(s, stream=stream, hooks=hooks)
+        run = asyncio.create_task(worker.run())
+        await send("a", range(1))  # the slow device: its one reading waits for ever
+        await send("b", range(40))
+        await until(lambda: len(trained) == 4)
+        loop = worker.active
+        async with loop.lock:
+            await loop.checkpoint()  # published: offset 0, b's windows held beyond it
+        first = loop.store.load().meta.offset_state
+        await send("b", range(40, 80))
+        await until(lambda: len(trained) == 8 and not loop.inflight)
+        with monkeypatch.context() as m:
+            m.setattr(loop.store, "publish", down)
+            await loop.on_revoked({tp})  # its checkpoint fails
+        loop.consumer.seek(tp, stream.committed(s.consumer_group, "t"))  # as Kafka does
+        await loop.on_assigned({tp})
+        await until(lambda: loop.ledger.consumed.get(0) == stream.end_offset("t"))
+        worker.request_stop()
+        assert await run == 0
+        return first, loop.ledger.checkpoint_state
+
+    first, held = asyncio.run(main())
+    assert first["t:0"]["until"] == 41 and held["t:0"]["until"] == 81  # the offset stayed 0
+    assert len(trained) == len(set(trained)) == 8  # b's windows 5 to 8 trained twice before
+
+
+def test_dead_letters_after_a_failed_rebalance_checkpoint_are_still_published(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    # the offsets kept at the failed checkpoint are not published ones: the final snapshot
+    # must still publish and commit the dead letters' offsets, with no training step since
+    from aiokafka import TopicPartition
+
+    from oclust.training_worker.codec import encode_sample
+    from oclust.training_worker.store import StoreError
+
+    s = _settings(tmp_path).model_copy(update={"mode": "samples", "batch_size": 10})
+    stream = LocalStream()
+    tp = TopicPartition("t", 0)
+
+    async def until(done: Any) -> None:  # a condition of the running worker, polled
+        async with asyncio.timeout(30):
+            while not done():
+                await asyncio.sleep(0.01)
+
+    def down(*_args: Any, **_kw: Any) -> int:
+        raise StoreError("the store is down")
+
+    async def main() -> tuple[dict[str, int], int | None]:
+        producer = stream.producer()
+        for x in np.random.default_rng(0).normal(size=(20, 4)):
+            await producer.send_and_wait("t", encode_sample(x)[0])
+        worker = TrainingWorker(s, stream=stream)
+        run = asyncio.create_task(worker.run())
+        await until(lambda: worker.active is not None and worker.trainer.model.is_fitted
+                    and worker.active.ledger.consumed.get(0) == 20 and not worker.active.inflight)
+        loop = worker.active
+        async with loop.lock:
+            await loop.checkpoint()  # published at 20
+        for _ in range(5):
+            await producer.send_and_wait("t", b"not json")  # dead letters: no step
+        await until(lambda: loop.ledger.consumed.get(0) == 25)
+        with monkeypatch.context() as m:
+            m.setattr(loop.store, "publish", down)
+            await loop.on_revoked({tp})  # its checkpoint fails; the store is back after
+        loop.consumer.seek(tp, stream.committed(s.consumer_group, "t"))
+        await loop.on_assigned({tp})
+        await until(lambda: loop.ledger.consumed.get(0) == 25)
+        worker.request_stop()
+        assert await run == 0
+        return loop.store.load().meta.offsets, stream.committed(s.consumer_group, "t")
+
+    offsets, committed = asyncio.run(main())
+    assert offsets == {"t:0": 25} and committed == 25  # was 20: taken for nothing new
