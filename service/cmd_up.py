@@ -180,9 +180,9 @@ async def run_up(
         if ws.bootstrap_servers == IN_PROCESS:
             stream = LocalStream()
             with contextlib.suppress(VersionNotFound):  # go on where the last snapshot ended
-                offsets = store.load().meta.offsets
-                stream.start_at(ws.topic, int(offsets.get(f"{ws.topic}:0", 0)),
-                                ws.consumer_group)
+                last = store.load()
+                stream.start_at(ws.topic, int(last.meta.offsets.get(f"{ws.topic}:0", 0)),
+                                ws.consumer_group, snapshot=last.version)
             stream.bound(ws.topic, max(20 * ws.batch_size, 5000))
     except StoreError as exc:  # e.g. Redis not running: one line, exit 1, as worker and serve
         sock.close()

@@ -106,7 +106,7 @@ class LocalRecord:
 @dataclass
 class _Log:
     base: int = 0  # offset of records[0]
-    begun: bool = False  # made to continue another stream's offsets (start_at)
+    continues: int | None = None  # the snapshot version whose offsets it continues
     records: list[LocalRecord] = field(default_factory=list)
     max_backlog: int | None = None
 
@@ -137,25 +137,27 @@ class LocalStream:
         """Make producers of ``topic`` wait while a reader lags by more than ``max_backlog``."""
         self._log(topic).max_backlog = max_backlog
 
-    def start_at(self, topic: str, offset: int, group_id: str | None = None) -> None:
+    def start_at(self, topic: str, offset: int, group_id: str | None = None,
+                 snapshot: int | None = None) -> None:
         """Let an empty ``topic`` begin at ``offset`` (and ``group_id`` have committed it).
 
         The embedded mode resumes this way: a new in-process stream continues the offsets
-        of the snapshot it resumes from, so nothing new looks already trained.
+        of the snapshot it resumes from (version ``snapshot``), so nothing new looks already
+        trained.
         """
         log = self._log(topic)
         if log.records:
             raise ValueError(f"topic {topic!r} already holds records")
         log.base = offset
-        log.begun = True
+        log.continues = snapshot
         if group_id is not None:
             self._committed.setdefault(group_id, {})[topic] = offset
 
-    def continues(self, topic: str) -> bool:
-        """``topic`` was made to continue the offsets of an earlier stream (``start_at``): the
-        records from its first offset on are new, whatever a snapshot says it held of the old
-        stream's records there."""
-        return self._log(topic).begun
+    def continues(self, topic: str, version: int) -> bool:
+        """``topic`` was made to continue the offsets of snapshot ``version`` (``start_at``):
+        its records are new, whatever that snapshot says it held of the old stream's records
+        beyond its offsets (a later snapshot's account is of this stream's records)."""
+        return self._log(topic).continues == version
 
     def end_offset(self, topic: str) -> int:
         """The next offset to be written to ``topic``."""

@@ -291,7 +291,8 @@ class TrainingWorker:
         ingest = make_ingest(s, shape)
         checkpoint = trainer.healthy.meta.offsets if trainer.healthy else {}
         beyond = trainer.healthy.meta.offset_state if trainer.healthy else {}
-        if self.stream is not None and self.stream.continues(s.topic):
+        if (self.stream is not None and trainer.healthy is not None
+                and self.stream.continues(s.topic, trainer.healthy.version)):
             beyond = {}  # what the snapshot held beyond its offsets went with the old stream
         ledger = OffsetLedger(s.topic, checkpoint, make_progress_log(self.store), s.max_attempts,
                               beyond)

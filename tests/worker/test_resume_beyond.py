@@ -163,7 +163,10 @@ def test_a_new_embedded_stream_trains_all_of_its_records_whatever_the_snapshot_h
         await run(stream, 10)
         meta = open_store(f"file://{tmp_path}", namespace="ns").load().meta
         fresh = LocalStream()  # as oclust up starts it
-        fresh.start_at("t", int(meta.offsets["t:0"]), s.consumer_group)
+        fresh.start_at("t", int(meta.offsets["t:0"]), s.consumer_group, snapshot=meta.version)
+        # only that snapshot's account is of the old stream: one published later (a lease
+        # taken again in the same process) holds this stream's records, and is kept
+        assert fresh.continues("t", meta.version) and not fresh.continues("t", meta.version + 1)
         p = fresh.producer()
         for t in range(100):
             await p.send_and_wait("t", encode_reading("c", rng.normal(size=3), ts=float(t))[0])
