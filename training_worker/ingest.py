@@ -203,12 +203,14 @@ class ReadingIngest:
         replay = self._replay.get(partition)
         if replay is not None and msgs and msgs[-1].offset + 1 >= replay[0]:
             del self._replay[partition]  # this fetch reaches past what the snapshot held
+        until, spans = replay if replay is not None else (-1, [])
         for m in msgs:
-            if replay is not None and m.offset < replay[0] and not _within(m.offset, replay[1]):
+            replayed = m.offset < until
+            if replayed and not _within(m.offset, spans):
                 continue  # in a window the resumed snapshot trained (or dead-lettered before)
             try:
                 reading = self.decoder.decode(m.value, m.headers, m.key)
-                windows += self.assembler.push(reading, (partition, m.offset))
+                windows += self.assembler.push(reading, (partition, m.offset), replayed)
             except DecodeError as err:
                 rejects.append((m, err))
             except Exception as exc:

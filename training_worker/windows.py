@@ -105,9 +105,17 @@ class WindowAssembler:
         state = self._devices.get(device)
         return len(state.buffer) if state else 0
 
-    def push(self, reading: Reading, source: Source | None = None) -> list[Window]:
-        """Add one reading; return the windows it completes (oldest first)."""
+    def push(self, reading: Reading, source: Source | None = None,
+             replayed: bool = False) -> list[Window]:
+        """Add one reading; return the windows it completes (oldest first).
+
+        ``replayed``: a reading a resumed worker replays because it was still waiting (in a
+        buffer or an untrained window) is never part of a gap between windows (``hop > size``):
+        the gap's readings are not replayed, so the count would swallow the waiting ones.
+        """
         state = self._devices.setdefault(reading.device, _Device())
+        if replayed:
+            state.skip = 0
         self._pushes += 1
         self._seq += 1
         state.last_push = self._pushes

@@ -283,3 +283,40 @@ def test_dead_letters_after_a_failed_rebalance_checkpoint_are_still_published(
 
     offsets, committed = asyncio.run(main())
     assert offsets == {"t:0": 25} and committed == 25  # was 20: taken for nothing new
+
+
+def test_a_resumed_worker_with_gaps_between_windows_loses_no_waiting_window() -> None:
+    # windows of 2 readings every 5: a resume replays only the waiting readings, so the gap
+    # counter of the first re-formed window swallowed the next waiting one (trained never,
+    # committed still)
+    from types import SimpleNamespace as Msg
+
+    from oclust.training_worker.batching import SampleQueue
+    from oclust.training_worker.codec import ReadingDecoder
+    from oclust.training_worker.ingest import ReadingIngest
+    from oclust.training_worker.windows import WindowAssembler
+
+    def msgs(lo: int, hi: int) -> list[Msg]:  # channel 0 names the reading's offset
+        return [Msg(offset=o, value=encode_reading("d", [float(o), 1.0], ts=float(o))[0],
+                    headers=[], key=None) for o in range(lo, hi)]
+
+    def ingest() -> ReadingIngest:
+        return ReadingIngest(ReadingDecoder(), WindowAssembler(2, hop=5), SampleQueue())
+
+    def firsts(queue: SampleQueue) -> list[int]:
+        return [int(w[0, 0]) for w in queue.take(len(queue)).x]
+
+    whole = ingest()
+    whole.decode(0, msgs(0, 40))
+    expected = firsts(whole.queue)
+    assert expected == [0, 5, 10, 15, 20, 25, 30, 35]
+
+    first = ingest()
+    first.decode(0, msgs(0, 27))
+    assert [int(w[0, 0]) for w in first.queue.take(4).x] == [0, 5, 10, 15]  # trained
+    held = first.resume_state({0: 20}, {0: 27})[0]  # what a checkpoint then records
+    assert held == {"until": 27, "waiting": [[20, 22], [25, 27]]}  # two windows still queued
+    resumed = ingest()
+    resumed.resume_from(0, 20, held)
+    resumed.decode(0, msgs(20, 40))
+    assert firsts(resumed.queue) == [20, 25, 30, 35]  # 25 was lost
