@@ -138,13 +138,6 @@ def train_command(settings: TrainSettings) -> None:
         raise typer.BadParameter(
             f"cuts a (T, C) reading stream into windows (daphnet, or an --input file); {key} "
             "loads as samples", param_hint="--window-size/--window-hop")
-    try:  # before any work: a store that cannot take the snapshot failed after training
-        with open_store(s.store, namespace=s.namespace, keep=s.keep) as st:
-            usable, url = st.ping(), st.url
-    except StoreError as exc:
-        raise fail(f"cannot use the store: {exc}") from None
-    if not usable:
-        raise fail(f"cannot use the store {url}: it does not answer or cannot be written")
     size, hop = s.window_size, s.window_hop
     if key == "daphnet" and size is None:
         size, hop = READING_STREAMS[key], hop or READING_STREAMS[key] // 2
@@ -159,6 +152,13 @@ def train_command(settings: TrainSettings) -> None:
     if k > len(X):  # more clusters than samples: most would stay empty, KL* meaningless
         raise typer.BadParameter(f"{k} clusters for {len(X)} samples: give at most "
                                  f"{len(X)} (or more data)", param_hint="--n-clusters")
+    try:  # before training: a store that cannot take the snapshot failed after training
+        with open_store(s.store, namespace=s.namespace, keep=s.keep) as st:
+            usable, url = st.ping(), st.url
+    except StoreError as exc:
+        raise fail(f"cannot use the store: {exc}") from None
+    if not usable:
+        raise fail(f"cannot use the store {url}: it does not answer or cannot be written")
     priors = {"prior": parse_prior(s.prior), "prior_params": s.prior_params}
     params = {**s.model_params, **{n: v for n, v in priors.items() if v is not None}}
     steps = s.epochs * -(-len(X) // s.batch_size)

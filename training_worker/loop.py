@@ -210,8 +210,11 @@ class TrainingLoop:
         if not self.ingest.settled:  # a fresh model: the majority's layout, all partitions
             plain = [m for msgs in fetched.values() for m in msgs  # never probe a suspect
                      if not (ledger.is_poison(m) or ledger.is_suspect(m))]
-            if len(plain) > 1:
-                self.ingest.settle(plain)
+            try:
+                if len(plain) > 1:
+                    self.ingest.settle(plain)
+            except Exception:  # the decoders promise DecodeError only; never die on a message
+                log.exception("settling the input layout failed: the first valid message sets it")
         for tp, msgs in fetched.items():
             if not msgs:
                 continue

@@ -116,6 +116,7 @@ def test_train_rejects_bad_input(tmp_path):
                                      "--store", f"file://{tmp_path}"])
         assert result.exit_code == 2, (args, result.output)
         assert message in _text(result.output), (args, result.output)
+    assert not (tmp_path / "oclust").exists()  # bad input leaves no empty store behind
 
 
 def test_produce_streams_a_dataset_with_labels(kafka_bootstrap, unique_topic):
