@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 from typing import Any, Protocol
@@ -199,15 +200,17 @@ class ReadingIngest:
         """Queue the windows ``msgs`` complete; return the rejected messages."""
         windows, rejects = [], []
         if self.decoder.channels is None and len(msgs) > 1:
-            self.settle(msgs)
+            with contextlib.suppress(Exception):  # never die on a message: each is judged below
+                self.settle(msgs)
         replay = self._replay.get(partition)
         if replay is not None and msgs and msgs[-1].offset + 1 >= replay[0]:
             del self._replay[partition]  # this fetch reaches past what the snapshot held
         until, spans = replay if replay is not None else (-1, [])
         for m in msgs:
             replayed = m.offset < until
-            if replayed and not _within(m.offset, spans):
-                continue  # in a window the resumed snapshot trained (or dead-lettered before)
+            if replayed and not _within(m.offset, spans):  # trained (or dead-lettered) before
+                self._pass_over(m)
+                continue
             try:
                 reading = self.decoder.decode(m.value, m.headers, m.key)
                 windows += self.assembler.push(reading, (partition, m.offset), replayed)
@@ -223,6 +226,15 @@ class ReadingIngest:
                 [w.held for w in windows],
             )
         return rejects
+
+    def _pass_over(self, m: Any) -> None:
+        """A replayed reading that waits in no window: with gaps between windows it may have
+        been one of a gap's readings, and counts as one again (a waiting window formed again
+        reopens its gap, which those readings closed)."""
+        if self.assembler.hop <= self.assembler.size:
+            return  # no gaps: nothing to count
+        with contextlib.suppress(Exception):  # judged (or dead-lettered) the first time
+            self.assembler.pass_over(self.decoder.decode(m.value, m.headers, m.key))
 
     def pending(self) -> dict[int, int]:
         """Per partition, the smallest offset in a queued window or a device's buffer."""

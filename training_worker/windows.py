@@ -146,6 +146,19 @@ class WindowAssembler:
             self._drop_idle()
         return out
 
+    def pass_over(self, reading: Reading) -> None:
+        """Count ``reading`` into its device's gap between windows (``hop > size``) without
+        taking it: a resumed worker's replay of a reading the gap dropped the first time. A
+        reading that was late then is not counted, as it was not then.
+        """
+        state = self._devices.get(reading.device)
+        if state is None or not state.skip:
+            return
+        key = float("inf") if reading.ts is None else reading.ts
+        floor = state.buffer[0] if state.buffer else state.last_out
+        if not (state.emitted and floor is not None and key < floor.key):
+            state.skip -= 1
+
     def _window(self, device: str, entries: list[_Entry]) -> Window:
         data = np.stack([e.reading.values for e in entries], axis=1).astype(np.float32)
         labels = [e.reading.label for e in entries if e.reading.label >= 0]

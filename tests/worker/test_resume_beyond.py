@@ -320,3 +320,33 @@ def test_a_resumed_worker_with_gaps_between_windows_loses_no_waiting_window() ->
     resumed.resume_from(0, 20, held)
     resumed.decode(0, msgs(20, 40))
     assert firsts(resumed.queue) == [20, 25, 30, 35]  # 25 was lost
+
+    # the fetch ended inside the gap after a waiting window: the gap's replayed readings
+    # close it again (they were dropped by the replay, and the gap then took 25 and 26)
+    first = ingest()
+    first.decode(0, msgs(0, 24))
+    first.queue.take(4)
+    held = first.resume_state({0: 20}, {0: 24})[0]
+    assert held == {"until": 24, "waiting": [[20, 22]]}
+    resumed = ingest()
+    resumed.resume_from(0, 20, held)
+    resumed.decode(0, msgs(20, 40))
+    assert firsts(resumed.queue) == [20, 25, 30, 35]  # was [20, 27, 32, 37]
+
+
+def test_a_failing_channel_settle_never_stops_the_readings_ingest(monkeypatch: Any) -> None:
+    from types import SimpleNamespace as Msg
+
+    from oclust.training_worker.batching import SampleQueue
+    from oclust.training_worker.codec import ReadingDecoder
+    from oclust.training_worker.ingest import ReadingIngest
+    from oclust.training_worker.windows import WindowAssembler
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("a decoder bug")
+
+    monkeypatch.setattr(ReadingDecoder, "settle_channels", broken)
+    ingest = ReadingIngest(ReadingDecoder(), WindowAssembler(2), SampleQueue())
+    msgs = [Msg(offset=o, value=encode_reading("d", [1.0, 2.0], ts=float(o))[0], headers=[],
+                key=None) for o in range(4)]
+    assert ingest.decode(0, msgs) == [] and len(ingest.queue) == 2  # each message judged
