@@ -166,7 +166,8 @@ async def run_up(
     from oclust.service.loader import ModelHolder, SnapshotWatcher
     from oclust.training_worker.monitor import WorkerMetrics
     from oclust.training_worker.producer import replay
-    from oclust.training_worker.store import StoreError, VersionNotFound, open_store
+    from oclust.training_worker.resume import current_snapshot
+    from oclust.training_worker.store import StoreError, open_store
     from oclust.training_worker.stream import LocalStream
     from oclust.training_worker.trainer import TrainerHooks
     from oclust.training_worker.worker import TrainingWorker
@@ -179,8 +180,8 @@ async def run_up(
         store = open_store(ws.store, ws.namespace, keep=ws.keep)
         if ws.bootstrap_servers == IN_PROCESS:
             stream = LocalStream()
-            with contextlib.suppress(VersionNotFound):  # go on where the last snapshot ended
-                last = store.load()
+            last = current_snapshot(store)  # the one the worker resumes from (a corrupt
+            if last is not None:  # current one falls back), where its stream goes on
                 stream.start_at(ws.topic, int(last.meta.offsets.get(f"{ws.topic}:0", 0)),
                                 ws.consumer_group, snapshot=last.version)
             stream.bound(ws.topic, max(20 * ws.batch_size, 5000))

@@ -203,3 +203,38 @@ def test_up_runs_the_same_on_kafka_and_redis(
     final = open_store(redis_url, namespace="up-real").load()
     assert not (tmp_path / ".oclust").exists()  # nothing went to the default directory store
     assert final.manifest["offsets"][f"{unique_topic}:0"] > 0
+
+
+def test_up_resumes_past_a_corrupt_current_snapshot(tmp_path: Path) -> None:
+    # the worker falls back to the newest snapshot that loads; up read the current one itself
+    # for its stream's start, and a corrupt one was a traceback before anything started
+    from typer.testing import CliRunner
+
+    from oclust.service.cli import app
+
+    store_url = f"file://{tmp_path / '.oclust' / 'store'}"
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["train", "--dataset", "digits", "--epochs", "1",
+                                          "--store", store_url, "--namespace", "up-digits"])
+        assert result.exit_code == 0, result.output
+    with (tmp_path / ".oclust" / "store" / "up-digits" / "weights-2.safetensors").open("ab") as fh:
+        fh.write(b"garbage")  # the current snapshot no longer matches its manifest
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oclust", "up", "--port", str(port), "--quiet"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    running = Up(proc, f"http://127.0.0.1:{port}", tmp_path)
+    try:
+        ready = _wait_ready(running, READY_TIMEOUT_S)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    text = " ".join(out.split())  # the log wraps its lines
+    assert "current snapshot is unusable" in text and "Traceback" not in text, out
+    assert ready["version"] != 2  # the newest that loads (1), or one the worker published since
