@@ -18,7 +18,7 @@ import numpy as np
 from oclust.model.snapshot import Manifest
 from oclust.training_worker.codec import encode_reading
 from oclust.training_worker.settings import WorkerSettings
-from oclust.training_worker.store import open_store
+from oclust.training_worker.store import StoreError, open_store
 from oclust.training_worker.stream import LocalStream
 from oclust.training_worker.trainer import TrainerHooks
 from oclust.training_worker.worker import TrainingWorker
@@ -31,6 +31,17 @@ def _settings(tmp_path: Path) -> WorkerSettings:
         n_clusters=2, batch_size=4, batch_timeout=0.01, snapshot_interval=3600, metrics_port=-1,
         train_process=False, seed=0, device="cpu",
     )
+
+
+async def _until(done: Any) -> None:
+    """Wait for a condition of the running worker (polled: it has no event for it)."""
+    async with asyncio.timeout(30):
+        while not done():
+            await asyncio.sleep(0.01)
+
+
+def _store_down(*_args: Any, **_kw: Any) -> int:
+    raise StoreError("the store is down")
 
 
 def test_windows_trained_above_a_slow_devices_offset_are_not_trained_again(tmp_path) -> None:
@@ -185,8 +196,6 @@ def test_a_rebalance_whose_checkpoint_fails_keeps_what_moved_beyond_a_pinned_off
     # at the committed offset, replays the newer windows into the model that trained them
     from aiokafka import TopicPartition
 
-    from oclust.training_worker.store import StoreError
-
     rng = np.random.default_rng(0)
     s = _settings(tmp_path)
     stream = LocalStream()
@@ -198,14 +207,6 @@ def test_a_rebalance_whose_checkpoint_fails_keeps_what_moved_beyond_a_pinned_off
             value = encode_reading(device, rng.normal(size=3), ts=float(t))[0]
             await stream.producer().send_and_wait("t", value)
 
-    async def until(done: Any) -> None:  # a condition of the running worker, polled
-        async with asyncio.timeout(30):
-            while not done():
-                await asyncio.sleep(0.01)
-
-    def down(*_args: Any, **_kw: Any) -> int:
-        raise StoreError("the store is down")
-
     async def main() -> tuple[dict[str, Any], dict[str, Any]]:
         hooks = TrainerHooks(on_step=lambda _r, batch: trained.extend(x.tobytes()
                                                                       for x in batch.x))
@@ -213,19 +214,19 @@ def test_a_rebalance_whose_checkpoint_fails_keeps_what_moved_beyond_a_pinned_off
         run = asyncio.create_task(worker.run())
         await send("a", range(1))  # the slow device: its one reading waits for ever
         await send("b", range(40))
-        await until(lambda: len(trained) == 4)
+        await _until(lambda: len(trained) == 4)
         loop = worker.active
         async with loop.lock:
             await loop.checkpoint()  # published: offset 0, b's windows held beyond it
         first = loop.store.load().meta.offset_state
         await send("b", range(40, 80))
-        await until(lambda: len(trained) == 8 and not loop.inflight)
+        await _until(lambda: len(trained) == 8 and not loop.inflight)
         with monkeypatch.context() as m:
-            m.setattr(loop.store, "publish", down)
+            m.setattr(loop.store, "publish", _store_down)
             await loop.on_revoked({tp})  # its checkpoint fails
         loop.consumer.seek(tp, stream.committed(s.consumer_group, "t"))  # as Kafka does
         await loop.on_assigned({tp})
-        await until(lambda: loop.ledger.consumed.get(0) == stream.end_offset("t"))
+        await _until(lambda: loop.ledger.consumed.get(0) == stream.end_offset("t"))
         worker.request_stop()
         assert await run == 0
         return first, loop.ledger.checkpoint_state
@@ -243,19 +244,10 @@ def test_dead_letters_after_a_failed_rebalance_checkpoint_are_still_published(
     from aiokafka import TopicPartition
 
     from oclust.training_worker.codec import encode_sample
-    from oclust.training_worker.store import StoreError
 
     s = _settings(tmp_path).model_copy(update={"mode": "samples", "batch_size": 10})
     stream = LocalStream()
     tp = TopicPartition("t", 0)
-
-    async def until(done: Any) -> None:  # a condition of the running worker, polled
-        async with asyncio.timeout(30):
-            while not done():
-                await asyncio.sleep(0.01)
-
-    def down(*_args: Any, **_kw: Any) -> int:
-        raise StoreError("the store is down")
 
     async def main() -> tuple[dict[str, int], int | None]:
         producer = stream.producer()
@@ -263,20 +255,20 @@ def test_dead_letters_after_a_failed_rebalance_checkpoint_are_still_published(
             await producer.send_and_wait("t", encode_sample(x)[0])
         worker = TrainingWorker(s, stream=stream)
         run = asyncio.create_task(worker.run())
-        await until(lambda: worker.active is not None and worker.trainer.model.is_fitted
+        await _until(lambda: worker.active is not None and worker.trainer.model.is_fitted
                     and worker.active.ledger.consumed.get(0) == 20 and not worker.active.inflight)
         loop = worker.active
         async with loop.lock:
             await loop.checkpoint()  # published at 20
         for _ in range(5):
             await producer.send_and_wait("t", b"not json")  # dead letters: no step
-        await until(lambda: loop.ledger.consumed.get(0) == 25)
+        await _until(lambda: loop.ledger.consumed.get(0) == 25)
         with monkeypatch.context() as m:
-            m.setattr(loop.store, "publish", down)
+            m.setattr(loop.store, "publish", _store_down)
             await loop.on_revoked({tp})  # its checkpoint fails; the store is back after
         loop.consumer.seek(tp, stream.committed(s.consumer_group, "t"))
         await loop.on_assigned({tp})
-        await until(lambda: loop.ledger.consumed.get(0) == 25)
+        await _until(lambda: loop.ledger.consumed.get(0) == 25)
         worker.request_stop()
         assert await run == 0
         return loop.store.load().meta.offsets, stream.committed(s.consumer_group, "t")
