@@ -203,7 +203,8 @@ class ReadingIngest:
             with contextlib.suppress(Exception):  # never die on a message: each is judged below
                 self.settle(msgs)
         replay = self._replay.get(partition)
-        if replay is not None and msgs and msgs[-1].offset + 1 >= replay[0]:
+        ended = replay is not None and bool(msgs) and msgs[-1].offset + 1 >= replay[0]
+        if ended:
             del self._replay[partition]  # this fetch reaches past what the snapshot held
         until, spans = replay if replay is not None else (-1, [])
         for m in msgs:
@@ -218,6 +219,8 @@ class ReadingIngest:
                 rejects.append((m, err))
             except Exception as exc:
                 rejects.append((m, DecodeError("decode_failed", type(exc).__name__)))
+        if ended:
+            self.assembler.end_replay(partition)
         if windows:
             self.queue.put_pinned(
                 np.stack([w.data for w in windows]),

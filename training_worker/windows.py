@@ -60,6 +60,7 @@ class _Entry:
     seq: int
     reading: Reading
     source: Source | None
+    replayed: bool = False  # a resumed worker's waiting reading, until its replay ends
 
     def __lt__(self, other: _Entry) -> bool:
         return (self.key, self.seq) < (other.key, other.seq)
@@ -120,7 +121,7 @@ class WindowAssembler:
         self._seq += 1
         state.last_push = self._pushes
         key = float("inf") if reading.ts is None else reading.ts
-        entry = _Entry(key, self._seq, reading, source)
+        entry = _Entry(key, self._seq, reading, source, replayed)
         buf = state.buffer
         # late: older than the open window, or (none open: hop >= size) than the last window
         floor = buf[0] if buf else state.last_out
@@ -174,9 +175,18 @@ class WindowAssembler:
 
     def _drop_idle(self) -> None:
         limit = self.idle_after or 0
-        idle = [d for d, s in self._devices.items() if self._pushes - s.last_push >= limit]
+        idle = [d for d, s in self._devices.items() if self._pushes - s.last_push >= limit
+                and not any(e.replayed for e in s.buffer)]  # its window comes again: keep it
         for d in idle:
             self.dropped_idle += len(self._devices.pop(d).buffer)
+
+    def end_replay(self, partition: int) -> None:
+        """``partition``'s replay is over: its replayed readings may go idle like the others
+        (kept until then, since a window they were in before the resume must form again)."""
+        for state in self._devices.values():
+            for e in state.buffer:
+                if e.source is not None and e.source[0] == partition:
+                    e.replayed = False
 
     def pending(self) -> dict[int, int]:
         """Per partition, the smallest offset of a reading still waiting in some buffer."""

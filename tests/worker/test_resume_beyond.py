@@ -342,3 +342,42 @@ def test_a_failing_channel_settle_never_stops_the_readings_ingest(monkeypatch: A
     msgs = [Msg(offset=o, value=encode_reading("d", [1.0, 2.0], ts=float(o))[0], headers=[],
                 key=None) for o in range(4)]
     assert ingest.decode(0, msgs) == [] and len(ingest.queue) == 2  # each message judged
+
+
+def test_a_resumed_worker_keeps_an_idle_devices_waiting_window_until_it_forms_again() -> None:
+    # the replay passes over trained readings, so its idle checks fall elsewhere than the
+    # first run's; a device whose buffer held a waiting window's first reading was dropped as
+    # idle, and that window was committed, never trained
+    from types import SimpleNamespace as Msg
+
+    from oclust.training_worker.batching import SampleQueue
+    from oclust.training_worker.codec import ReadingDecoder
+    from oclust.training_worker.ingest import ReadingIngest
+    from oclust.training_worker.windows import WindowAssembler
+
+    devices = ["d1", "d0", "d1", "d0", "d0", "d1", "d1"]
+    msgs = [Msg(offset=o, value=encode_reading(d, [float(o)], ts=float(o))[0], headers=[],
+                key=None) for o, d in enumerate(devices)]
+
+    def ingest() -> ReadingIngest:
+        return ReadingIngest(ReadingDecoder(), WindowAssembler(2, hop=1, idle_after=2),
+                             SampleQueue())
+
+    def windows(queue: SampleQueue, n: int) -> list[tuple[int, ...]]:
+        return [tuple(int(v) for v in w[0]) for w in queue.take(n).x]
+
+    whole = ingest()
+    for m in msgs:
+        whole.decode(0, [m])
+    expected = windows(whole.queue, len(whole.queue))
+    assert expected == [(0, 2), (1, 3), (3, 4), (2, 5), (5, 6)]
+    first = ingest()
+    for m in msgs[:6]:
+        first.decode(0, [m])
+    assert windows(first.queue, 1) == [(0, 2)]  # trained; (1, 3), (3, 4), (2, 5) wait
+    held = first.resume_state({0: 1}, {0: 6})[0]
+    resumed = ingest()
+    resumed.resume_from(0, 1, held)
+    for m in msgs[1:]:
+        resumed.decode(0, [m])
+    assert windows(resumed.queue, len(resumed.queue)) == expected[1:]  # (2, 5) was lost
