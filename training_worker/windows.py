@@ -75,6 +75,18 @@ class _Device:
     last_push: int = 0
 
 
+def _key(reading: Reading) -> float:
+    """A reading's place in its device's buffer: its time (no time: after every timed one)."""
+    return float("inf") if reading.ts is None else reading.ts
+
+
+def _late_against(state: _Device, entry: _Entry) -> _Entry | None:
+    """The reading ``entry`` is late against (``None``: not late): older than the open window,
+    or, none open (hop >= size), than the last window."""
+    floor = state.buffer[0] if state.buffer else state.last_out
+    return floor if state.emitted and floor is not None and entry < floor else None
+
+
 class WindowAssembler:
     """Assemble per-device sliding windows of ``size`` readings, advancing by ``hop``.
 
@@ -120,12 +132,10 @@ class WindowAssembler:
         self._pushes += 1
         self._seq += 1
         state.last_push = self._pushes
-        key = float("inf") if reading.ts is None else reading.ts
-        entry = _Entry(key, self._seq, reading, source, replayed)
+        entry = _Entry(_key(reading), self._seq, reading, source, replayed)
         buf = state.buffer
-        # late: older than the open window, or (none open: hop >= size) than the last window
-        floor = buf[0] if buf else state.last_out
-        if state.emitted and floor is not None and entry < floor:
+        floor = _late_against(state, entry)
+        if floor is not None:
             raise DecodeError(
                 "late_reading",
                 f"reading at ts={reading.ts} for device {reading.device!r} is older than its "
@@ -155,9 +165,7 @@ class WindowAssembler:
         state = self._devices.get(reading.device)
         if state is None or not state.skip:
             return
-        key = float("inf") if reading.ts is None else reading.ts
-        floor = state.buffer[0] if state.buffer else state.last_out
-        if not (state.emitted and floor is not None and key < floor.key):
+        if _late_against(state, _Entry(_key(reading), self._seq + 1, reading, None)) is None:
             state.skip -= 1
 
     def _window(self, device: str, entries: list[_Entry]) -> Window:
