@@ -52,6 +52,9 @@ def worker_command(settings: WorkerSettings, log_level: LogLevelOpt = "info") ->
     from oclust.training_worker.worker import TrainingWorker, WorkerHalt
 
     setup_logging(log_level)
+    # a directory store is checked now: waiting for it, as for a Redis not up yet, never
+    # makes it writable
+    check_store(settings.store, settings.namespace, settings.keep, directory_only=True)
     worker = TrainingWorker(settings)
     try:
         code = asyncio.run(worker.run(handle_signals=True))
@@ -152,13 +155,8 @@ def train_command(settings: TrainSettings) -> None:
     if k > len(X):  # more clusters than samples: most would stay empty, KL* meaningless
         raise typer.BadParameter(f"{k} clusters for {len(X)} samples: give at most "
                                  f"{len(X)} (or more data)", param_hint="--n-clusters")
-    try:  # before training: a store that cannot take the snapshot failed after training
-        with open_store(s.store, namespace=s.namespace, keep=s.keep) as st:
-            usable, url = st.ping(), st.url
-    except StoreError as exc:
-        raise fail(f"cannot use the store: {exc}") from None
-    if not usable:
-        raise fail(f"cannot use the store {url}: it does not answer or cannot be written")
+    # before training: a store that cannot take the snapshot failed after training
+    check_store(s.store, s.namespace, s.keep)
     priors = {"prior": parse_prior(s.prior), "prior_params": s.prior_params}
     params = {**s.model_params, **{n: v for n, v in priors.items() if v is not None}}
     steps = s.epochs * -(-len(X) // s.batch_size)
@@ -181,6 +179,23 @@ def train_command(settings: TrainSettings) -> None:
         raise fail(str(exc)) from None
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     typer.echo(f"published version {version} to {url} namespace {s.namespace!r}: {shown}")
+
+
+def check_store(url: str, namespace: str, keep: int | None, directory_only: bool = False
+                ) -> None:
+    """Exit 1 with one ``error: cannot use the store`` line unless the store at ``url``
+    answers and takes writes (``directory_only``: check a ``file://`` store only)."""
+    from oclust.training_worker.store import DirectoryStore, StoreError, open_store
+
+    try:
+        with open_store(url, namespace=namespace, keep=keep) as store:
+            if directory_only and not isinstance(store, DirectoryStore):
+                return
+            usable, where = store.ping(), store.url
+    except StoreError as exc:
+        raise fail(f"cannot use the store: {exc}") from None
+    if not usable:
+        raise fail(f"cannot use the store {where}: it does not answer or cannot be written")
 
 
 def register(app: typer.Typer) -> None:

@@ -174,6 +174,16 @@ def test_worker_without_kafka_fails_clearly(tmp_path):
     assert "Kafka at 127.0.0.1:1" in _text(result.output)
 
 
+def test_worker_with_an_unwritable_directory_store_fails_at_once(tmp_path):
+    # it waited for the store forever, logging "retrying", as for a Redis not up yet
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(app, ["worker", "--metrics-port", "-1", "--bootstrap-servers",
+                                 "127.0.0.1:1", "--store", f"file://{tmp_path}/file/store"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot use the store"), result.output
+
+
 @pytest.mark.parametrize("process", ["--train-process", "--no-train-process"])
 def test_worker_with_a_blown_up_model_exits_1_with_one_error_line(
     kafka_bootstrap, unique_topic, tmp_path, process
