@@ -5,7 +5,9 @@ Example:
     >>> [guard.observe(h) for h in (2.0, 0.5, 0.4)]
     [False, False, True]
     >>> guard.healthy, guard.observe(2.0), guard.healthy, guard.events
-    (False, False, True, 1)
+    (False, False, False, 1)
+    >>> [guard.observe(2.0) for _ in range(2)], guard.healthy  # RECOVERY good ones in a row
+    ([False, False], True)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics", "default_threshold
 
 PER_CLUSTER = 20  # default guard window: this many samples per cluster (or a batch, if larger)
 MIN_PER_CLUSTER = 10  # the smallest window, and the guard abstains until it holds this many
+RECOVERY = 3  # judgements in a row at or above the threshold that clear a low one
+MIN_SHORT = 8  # an abstaining guard still withholds a collapsed window of at least this many
 
 
 def default_threshold(prior: object, n_clusters: int) -> float:
@@ -57,8 +61,14 @@ class CollapseGuard:
     last, never decides anything on its own. ``observe(entropy)`` is the
     judgement itself: it fires when the entropy stays below ``threshold`` for ``patience``
     judged batches in a row, returns True exactly on the batch that fires, and the streak then
-    restarts. ``healthy`` is true while the latest judgement was at or above the threshold and
-    no collapse is outstanding; the worker publishes only healthy snapshots.
+    restarts.
+
+    ``healthy`` decides what the worker publishes. It is false from a judgement below the
+    threshold until :data:`RECOVERY` judgements in a row at or above it (a collapsed model whose
+    entropy peaks for one batch is not published), and while the guard abstains it asks a
+    window of n ≥ max(K, :data:`MIN_SHORT`) samples for an entropy of at least
+    ``min(threshold, ½ log n)`` (a model never judged, fresh or just restored, is not published
+    on a collapsed start; fewer samples than that tell a collapse from luck too rarely).
 
     Example:
         >>> g = CollapseGuard(threshold=0.5 * math.log(4), patience=2, min_window=8)
@@ -87,13 +97,20 @@ class CollapseGuard:
         self.streak = 0
         self.events = 0
         self.collapsed = False
+        self.owed = 0  # judgements at or above the threshold still owed since a low one
         self._k = 0
         self._labels: deque[int] = deque(maxlen=1)
 
     @property
     def healthy(self) -> bool:
-        """The latest judgement was at or above the threshold and no collapse is outstanding."""
-        return self.streak == 0 and not self.collapsed
+        """Publishable: no low judgement left unanswered by :data:`RECOVERY` good ones, no
+        collapse outstanding, and, while abstaining, a window not collapsed for its size."""
+        if self.owed or self.collapsed:
+            return False
+        n = len(self._labels)
+        if self.judging or n < max(self._k, MIN_SHORT):  # too few to tell a collapse from luck
+            return True
+        return self.window_entropy() >= min(self.threshold, 0.5 * math.log(n))
 
     def window_size(self, n_clusters: int) -> int:
         """Samples judged: ``window`` (default ``20 K``), at least ``10 K`` and ``min_window``.
@@ -141,9 +158,11 @@ class CollapseGuard:
         """Record one judgement; True when it completes a collapse streak."""
         if hard_entropy >= self.threshold:
             self.streak = 0
-            self.collapsed = False
+            self.owed = max(self.owed - 1, 0)
+            self.collapsed = self.collapsed and self.owed > 0
             return False
         self.streak += 1
+        self.owed = RECOVERY
         if self.streak >= self.patience:
             self.events += 1
             self.collapsed = True
@@ -154,6 +173,7 @@ class CollapseGuard:
     def reset(self) -> None:
         """Forget the current streak and the window (after restoring healthy weights)."""
         self.streak = 0
+        self.owed = 0
         self.collapsed = False
         self._labels.clear()
 
@@ -269,7 +289,8 @@ class WorkerMetrics:
             "oclust_worker_collapse_events", "Times the collapse guard fired", registry=r
         )
         self.collapsed = Gauge(
-            "oclust_worker_collapsed", "1 while the guard holds publishing back", registry=r
+            "oclust_worker_collapsed", "1 while the guard holds publishing back (not healthy)",
+            registry=r,
         )
         self.acc = Gauge(
             "oclust_worker_window_acc", "ACC of served labels vs message labels (window)",

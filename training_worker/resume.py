@@ -33,7 +33,7 @@ from oclust.training_worker.monitor import (
     WorkerMetrics,
     default_threshold,
 )
-from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.settings import WorkerSettings, check_threshold
 from oclust.training_worker.store import CorruptPointer, SnapshotStore, StoreError, VersionNotFound
 from oclust.training_worker.stream import Consumer
 from oclust.training_worker.trainer import Trainer, TrainerHooks
@@ -157,6 +157,11 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
                         "applies to a fresh model)", model.views_, s.views)
     if s.collapse_threshold is None:  # the model's configured prior: a resumed snapshot's wins
         guard.threshold = default_threshold(model.prior, model.n_clusters)
+    else:  # checked against the settings' K; a resumed snapshot's K wins
+        try:
+            check_threshold(s.collapse_threshold, model.n_clusters)
+        except ValueError as exc:
+            raise WorkerHalt(f"the resumed snapshot's model: {exc}") from None
     return Trainer(model, guard, metrics, quality, s.collapse_restore, snap, hooks)
 
 

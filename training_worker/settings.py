@@ -20,10 +20,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -274,6 +275,23 @@ class ModelSettings(_Env):
         return None if self.prior_max_kl is None else {"max_kl": self.prior_max_kl}
 
 
+def check_threshold(threshold: float | None, n_clusters: int) -> None:
+    """``ValueError`` unless a set collapse threshold is below log K, the entropy of K equal
+    clusters: at or above it no window is ever healthy, and nothing would be published.
+
+    >>> try:
+    ...     check_threshold(3.0, 10)
+    ... except ValueError as exc:
+    ...     print(str(exc)[:64])
+    collapse_threshold 3 nats is at or above log K = 2.303 (K = 10):
+    """
+    if threshold is not None and threshold >= math.log(n_clusters) and n_clusters > 1:
+        raise ValueError(
+            f"collapse_threshold {threshold:g} nats is at or above log K = "
+            f"{math.log(n_clusters):.3f} (K = {n_clusters}): no served window can reach it, so "
+            "no snapshot would ever be published; give less (default 0.5 log K)")
+
+
 class KafkaSettings(_Env):
     """Where Kafka is (``oclust worker`` and ``oclust produce``)."""
 
@@ -310,7 +328,9 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         100_000, ge=1, description="readings after which a silent device's buffer is dropped"
     )
     max_abs_feature: float = Field(
-        MAX_ABS_FEATURE, gt=0, description="features beyond ± this go to the DLQ as out_of_range"
+        MAX_ABS_FEATURE, gt=0, le=float.fromhex("0x1.fffffep+127"), allow_inf_nan=False,
+        description="features beyond ± this go to the DLQ as out_of_range (finite, at most "
+        "float32's largest value)"
     )
     max_label_classes: int = Field(
         1024, ge=1, description="labels at or above are ignored by the live ACC/NMI (counted)"
@@ -388,6 +408,11 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         False, description="start a fresh model although the consumer group has committed "
         "offsets (the store was emptied)"
     )
+
+    @model_validator(mode="after")
+    def _threshold_reachable(self) -> WorkerSettings:
+        check_threshold(self.collapse_threshold, self.n_clusters)
+        return self
 
     @property
     def dlq_topic_name(self) -> str:

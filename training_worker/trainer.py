@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 QUALITY_EVERY_S = 1.0  # live ACC/NMI gauges refresh at most this often
 SHARE_WINDOW = 2000  # recent served assignments behind the cluster shares of a snapshot
+# restores of one healthy snapshot with no publish between: when its weights keep collapsing on
+# the stream (the stream changed: a new sensor gain), restoring again would discard every
+# adaptation, and snapshots would stay withheld for good
+MAX_RESTORES = 3
 
 
 class ModelBroken(RuntimeError):
@@ -81,7 +85,8 @@ class Trainer:
         guard: the collapse guard.
         metrics: Prometheus metrics to update.
         quality: window for live ACC/NMI (created if omitted).
-        restore: put the last healthy snapshot back when the guard fires.
+        restore: put the last healthy snapshot back when the guard fires (at most
+            :data:`MAX_RESTORES` times until the next publish).
         healthy: the last healthy snapshot (e.g. the one the worker resumed from).
         hooks: callbacks for tests and embedding.
     """
@@ -100,6 +105,7 @@ class Trainer:
     failed_steps: int = field(default=0, init=False)
     refused_in_a_row: int = field(default=0, init=False)
     max_refused: int = 20  # refusals in a row that mean a broken model: the worker stops
+    restores: int = field(default=0, init=False)  # restores since the last publish
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=SHARE_WINDOW), init=False)
     _quality_at: float = field(default=-math.inf, init=False)
 
@@ -169,7 +175,7 @@ class Trainer:
             self.hooks.on_step(report, batch)
         if fired:
             self._collapsed(report)
-        m.collapsed.set(1 if self.guard.collapsed else 0)
+        m.collapsed.set(0 if self.guard.healthy else 1)
         return report
 
     def served_kl_star(self) -> float:
@@ -194,9 +200,10 @@ class Trainer:
             g.window_entropy(), self.model_max_entropy(), report.train_hard_entropy,
         )
         restored, model = None, self.model
-        if self.restore and self.healthy is not None:
+        if self.restore and self.healthy is not None and self.restores < MAX_RESTORES:
             model = self.restore_healthy(self.healthy)
             restored = self.healthy
+            self.restores += 1
             g.reset()
             self.steps_since_snapshot = 0
             log.warning(
@@ -204,6 +211,12 @@ class Trainer:
                 "(samples_seen %d); training continues from them",
                 self.healthy.version, self.healthy.meta.samples_seen,
             )
+        elif self.restore and self.healthy is not None:
+            log.warning(
+                "collapse guard: the weights of snapshot version %d collapsed again after %d "
+                "restores, so the stream itself has changed; training goes on without "
+                "restoring, and publishing resumes once the served labels are healthy",
+                self.healthy.version, self.restores)
         elif self.restore:
             log.warning("collapse guard: no healthy snapshot to restore yet")
         if self.hooks.on_collapse is not None:
@@ -258,6 +271,7 @@ class Trainer:
         """Remember a published (healthy) snapshot as the one to restore."""
         self.healthy = snapshot
         self.steps_since_snapshot = 0
+        self.restores = 0
 
     @property
     def failure(self) -> BaseException | None:

@@ -66,8 +66,9 @@ def test_a_rebalance_while_the_snapshot_is_withheld_trains_nothing_twice(
                     loop.call_soon_threadsafe(event.set)
 
         s = _settings(kafka_bootstrap, unique_topic, redis_url, n_clusters=4, batch_size=20,
-                      batch_timeout=0.2, collapse_threshold=100.0, collapse_patience=10**6,
-                      collapse_restore=False)  # never healthy: every snapshot withheld
+                      batch_timeout=0.2, collapse_patience=10**6, collapse_restore=False)
+        # above log K (settings refuse it): never healthy, so every snapshot is withheld
+        s = s.model_copy(update={"collapse_threshold": 100.0})
         worker = TrainingWorker(s, hooks=TrainerHooks(on_step=on_step))
         events = _Events()
         logger = logging.getLogger("oclust.training_worker.loop")

@@ -440,7 +440,7 @@ def test_worker_settings_from_environment(monkeypatch, kind, tmp_path):
 
 @pytest.mark.parametrize("name", [
     "OCLUST_SIGMA", "OCLUST_LR", "OCLUST_COLLAPSE_THRESHOLD", "OCLUST_PRIOR_MAX_KL",
-    "OCLUST_LEASE_TTL", "OCLUST_TRAIN_TIMEOUT",
+    "OCLUST_LEASE_TTL", "OCLUST_TRAIN_TIMEOUT", "OCLUST_MAX_ABS_FEATURE",
 ])
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_settings_refuse_infinite_and_nan_numbers(monkeypatch, name, value):
@@ -451,5 +451,12 @@ def test_settings_refuse_infinite_and_nan_numbers(monkeypatch, name, value):
 
 
 def test_settings_where_infinity_means_never_keep_it():
-    s = WorkerSettings(snapshot_interval=math.inf, max_abs_feature=math.inf)
-    assert s.snapshot_interval == math.inf and s.max_abs_feature == math.inf
+    s = WorkerSettings(snapshot_interval=math.inf)
+    assert s.snapshot_interval == math.inf
+
+
+def test_the_feature_bound_is_at_most_the_largest_float32():
+    # a bound beyond float32 let values through that the cast turns into inf
+    with pytest.raises(ValueError, match="less than or equal"):
+        WorkerSettings(max_abs_feature=1e39)
+    assert WorkerSettings(max_abs_feature=float(np.finfo(np.float32).max)).max_abs_feature > 3e38

@@ -14,6 +14,7 @@ from oclust.model import OnlineClusterer
 from oclust.training_worker.batching import Batch, SampleQueue
 from oclust.training_worker.lease import FileLease, RedisLease, make_lease
 from oclust.training_worker.monitor import (
+    RECOVERY,
     CollapseGuard,
     QualityWindow,
     WorkerMetrics,
@@ -54,11 +55,45 @@ def test_guard_fires_after_patience_and_can_fire_again():
     g = CollapseGuard(threshold=1.0, patience=3)
     fired = [g.observe(h) for h in [2.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 2.0]]
     assert fired == [False, False, False, True, False, False, True, False]
-    assert g.events == 2 and g.healthy
+    assert g.events == 2 and not g.healthy  # one good judgement does not clear a collapse
+    for _ in range(RECOVERY - 1):
+        g.observe(2.0)
+    assert g.healthy
     g.observe(0.1)
     assert not g.healthy  # a single low batch already withholds the next snapshot
     g.reset()
     assert g.healthy
+
+
+def test_a_collapsed_model_whose_entropy_peaks_for_a_batch_is_not_published():
+    # low judgements with a lone peak between them: publishable on every peak before
+    g = CollapseGuard(threshold=1.0, patience=20)
+    verdicts = []
+    for i in range(100):
+        g.observe(1.5 if i % 7 == 6 else 0.2)
+        verdicts.append(g.healthy)
+    assert not any(verdicts)
+    for _ in range(RECOVERY):
+        g.observe(1.5)
+    assert g.healthy
+
+
+def test_a_window_too_short_to_judge_still_withholds_a_collapsed_start():
+    # the guard abstains below 10 K samples; a model serving them all to one cluster was
+    # published anyway (a slow stream: one sample per batch)
+    k = 10
+    g = CollapseGuard(threshold=0.5 * math.log(k), patience=20, min_window=256)
+    for _ in range(15):
+        g.observe_labels(np.zeros(1, np.int64), k)
+    assert not g.judging and not g.healthy
+    g.reset()
+    for i in range(15):
+        g.observe_labels(np.array([i % k]), k)
+    assert not g.judging and g.healthy  # 15 samples spread over the clusters
+    g.reset()
+    for _ in range(k - 1):
+        g.observe_labels(np.zeros(1, np.int64), k)
+    assert g.healthy  # fewer than K samples tell a collapse from luck too rarely
     with pytest.raises(ValueError):
         CollapseGuard(1.0, 0)
 
@@ -70,7 +105,9 @@ def test_guard_judges_a_window_of_served_labels_not_the_latest_batch():
     assert CollapseGuard(1.0, 1, window=50, min_window=64).window_size(k) == 100  # >= 10 K
     assert CollapseGuard(1.0, 1, window=50, min_window=128).window_size(k) == 128  # >= a batch
     assert not g.observe_labels(np.zeros(5, np.int64), k)  # too few samples: abstains
-    assert g.healthy and not g.judging
+    assert not g.judging and g.healthy  # and 5 (< K) cannot tell a collapse from luck
+    assert not g.observe_labels(np.zeros(10, np.int64), k)
+    assert not g.judging and not g.healthy  # but 15 in one cluster are not published
     balanced = np.arange(256) % k
     for _ in range(3):
         assert not g.observe_labels(balanced, k)
@@ -244,6 +281,60 @@ def test_guard_fires_on_a_collapsed_encoder_that_ca_training_labels_hide():
     m = trainer.snapshot_metrics()
     assert m["hard_entropy"] == 0 and m["train_hard_entropy"] > 0.99 * math.log(k)
     assert max(m["shares"]) == 1.0  # the snapshot's shares are served shares
+
+
+def test_restores_stop_when_the_restored_weights_keep_collapsing_on_a_changed_stream():
+    # A lasting change of the stream (a sensor's gain falls to 1 %) collapses the served labels
+    # of the healthy weights too: restoring them at every firing threw each adaptation away (13
+    # firings and 2 of 26 checkpoints publishable in 400 batches). And the gauge behind the
+    # critical alert read 0 throughout: it showed the outstanding collapse, which a restore
+    # clears in the same step, not the withheld publishing.
+    from oclust.model import datasets
+    from oclust.training_worker.trainer import MAX_RESTORES, TrainerHooks
+
+    X = datasets.load("digits")[0].reshape(-1, 64).astype(np.float32)
+    rng = np.random.default_rng(0)
+    restored: list[int] = []
+    hooks = TrainerHooks(on_collapse=lambda _m, snap: restored.append(snap is not None))
+    trainer = Trainer(OnlineClusterer(n_clusters=10, seed=0),
+                      CollapseGuard(default_threshold("uniform", 10), 20, min_window=256),
+                      WorkerMetrics(), hooks=hooks)
+
+    def step(gain: float) -> float:
+        trainer.step(Batch(X[rng.choice(len(X), 256)] * gain, np.full(256, -1)))
+        return trainer.metrics.registry.get_sample_value("oclust_worker_collapsed")
+
+    for _ in range(30):
+        step(1.0)
+    assert trainer.guard.healthy
+    trainer.published(trainer.snapshot({"t:0": 1}).with_version(1))
+    gauge = [step(0.01) for _ in range(300)]
+    healthy = trainer.guard.healthy
+    assert restored[:MAX_RESTORES] == [True] * MAX_RESTORES and not any(restored[MAX_RESTORES:])
+    assert healthy and gauge[-1] == 0  # adapted to the new gain: publishable again
+    assert sum(gauge) > 20  # 1 while publishing was held back
+
+
+def test_a_collapse_threshold_no_window_can_reach_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from oclust.service.cli import app
+    from oclust.training_worker.resume import FaultMetrics, WorkerHalt, load_trainer
+    from oclust.training_worker.trainer import TrainerHooks
+
+    result = CliRunner().invoke(app, ["worker", "--metrics-port", "-1", "--n-clusters", "10",
+                                      "--collapse-threshold", "2.4"])  # log 10 = 2.303
+    assert result.exit_code == 2 and "at or above log K" in result.output, result.output
+    assert WorkerSettings(topic="t", n_clusters=10, collapse_threshold=2.2)
+    # a resumed snapshot's K wins over the settings': checked against it too
+    clf = OnlineClusterer(n_clusters=4, latent_dim=4, seed=0)
+    clf.partial_fit(np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32))
+    store = DirectoryStore(str(tmp_path), "t")
+    store.publish(clf.to_snapshot())
+    s = WorkerSettings(topic="t", n_clusters=10, collapse_threshold=2.0)  # log 4 = 1.386
+    with pytest.raises(WorkerHalt, match="resumed snapshot"):
+        load_trainer(s, store, WorkerMetrics(), FaultMetrics(WorkerMetrics().registry),
+                     TrainerHooks())
 
 
 def test_a_model_that_refuses_every_batch_stops_the_worker():
