@@ -40,8 +40,12 @@ class _Events(logging.Handler):
 
 
 def test_a_rebalance_while_the_snapshot_is_withheld_trains_nothing_twice(
-    kafka_bootstrap, redis_url, unique_topic
+    kafka_bootstrap, redis_url, unique_topic, monkeypatch
 ):
+    from oclust.training_worker.monitor import CollapseGuard
+
+    # the guard never finds the served labels healthy: every snapshot is withheld
+    monkeypatch.setattr(CollapseGuard, "healthy", property(lambda _self: False))
     first, more = 300, 100
     rng = np.random.default_rng(0)
 
@@ -67,8 +71,6 @@ def test_a_rebalance_while_the_snapshot_is_withheld_trains_nothing_twice(
 
         s = _settings(kafka_bootstrap, unique_topic, redis_url, n_clusters=4, batch_size=20,
                       batch_timeout=0.2, collapse_patience=10**6, collapse_restore=False)
-        # above log K (settings refuse it): never healthy, so every snapshot is withheld
-        s = s.model_copy(update={"collapse_threshold": 100.0})
         worker = TrainingWorker(s, hooks=TrainerHooks(on_step=on_step))
         events = _Events()
         logger = logging.getLogger("oclust.training_worker.loop")
