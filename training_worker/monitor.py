@@ -171,9 +171,11 @@ class CollapseGuard:
         return False
 
     def reset(self) -> None:
-        """Forget the current streak and the window (after restoring healthy weights)."""
+        """Forget the current streak and the window (after restoring healthy weights), and
+        withhold until a judgement of the restored weights is at or above the threshold: they
+        collapsed on this stream before, so they are not published again unjudged."""
         self.streak = 0
-        self.owed = 0
+        self.owed = 1
         self.collapsed = False
         self._labels.clear()
 

@@ -61,7 +61,9 @@ def test_guard_fires_after_patience_and_can_fire_again():
     assert g.healthy
     g.observe(0.1)
     assert not g.healthy  # a single low batch already withholds the next snapshot
-    g.reset()
+    g.reset()  # restored weights: not published again until judged
+    assert not g.healthy
+    g.observe(2.0)
     assert g.healthy
 
 
@@ -86,11 +88,11 @@ def test_a_window_too_short_to_judge_still_withholds_a_collapsed_start():
     for _ in range(15):
         g.observe_labels(np.zeros(1, np.int64), k)
     assert not g.judging and not g.healthy
-    g.reset()
+    g = CollapseGuard(threshold=0.5 * math.log(k), patience=20, min_window=256)
     for i in range(15):
         g.observe_labels(np.array([i % k]), k)
     assert not g.judging and g.healthy  # 15 samples spread over the clusters
-    g.reset()
+    g = CollapseGuard(threshold=0.5 * math.log(k), patience=20, min_window=256)
     for _ in range(k - 1):
         g.observe_labels(np.zeros(1, np.int64), k)
     assert g.healthy  # fewer than K samples tell a collapse from luck too rarely
@@ -120,7 +122,9 @@ def test_guard_judges_a_window_of_served_labels_not_the_latest_batch():
     assert g.observe_labels(np.zeros(256, np.int64), k)
     assert g.events == 1 and not g.healthy and g.window_shares()[0] == 1.0
     g.reset()  # after a restore: a fresh window, judged again once refilled
-    assert g.healthy and not g.judging
+    assert not g.healthy and not g.judging  # the restored weights are withheld until then
+    assert not g.observe_labels(balanced, k)
+    assert g.judging and g.healthy
 
 
 def test_a_window_set_below_k_is_raised_so_a_balanced_stream_never_fires():
