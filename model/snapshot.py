@@ -376,6 +376,8 @@ class Snapshot:
             manifest = json.loads(manifest_json)
         except (ValueError, TypeError) as exc:
             raise SnapshotError(f"manifest is not JSON: {exc}") from exc
+        except RecursionError:  # b"[" * 100000: the parser recurses per nesting level
+            raise SnapshotError("manifest is not JSON: nested too deeply") from None
         if not isinstance(manifest, dict):
             raise SnapshotError("manifest must be a JSON object")
         return cls(bytes(weights), manifest)

@@ -126,7 +126,8 @@ class Assigner:
 
         def work() -> Assignment:
             if binary:
-                return _infer(model, decode_binary(body, model.input_shape, 1, self.max_abs))
+                return _infer(model, decode_binary(body, model.input_shape, 1, self.max_abs,
+                                                   single=True))
             return _infer(model, decode_features(body, model.input_shape, self.max_abs))
 
         try:

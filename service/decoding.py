@@ -9,7 +9,12 @@ value. Either way the result is a float32 batch of the model's per-sample shape,
 :func:`decode_binary`.
 
 Accepted sample layouts: exactly the model's per-sample shape (a flat vector for vector models,
-a C×T nested list for window models), or a flat list of the same numbers in row-major order.
+a C×T nested list for window models, C×H×W for image models), or a flat list of the same numbers
+in row-major order.
+
+The feature bound (``max_abs``, at most float32's largest value) is checked on the values as
+sent (float64 for JSON, float32 for a raw body) before they are cast to float32, as the worker
+checks them, so a value the cast would round down to the bound is refused all the same.
 
 Example:
     >>> decode_features(b'{"features": [1, 2, 3]}', (3,)).shape
@@ -62,6 +67,7 @@ EXPLAIN_BYTES = 64 * 1024  # bodies the fast parser refuses are re-read to name 
 CHUNK = 256  # batch rows handed to NumPy at a time (each call holds the GIL)
 _NOT_ARRAY, _NOT_NUMBER = "Input should be a valid array", "Input should be a valid number"
 _NAN = "NaN or infinite value (JSON allows only finite numbers)"
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # no bound is larger: the values become float32
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -84,39 +90,35 @@ class _Problems:
             return self.add(loc, _NOT_NUMBER, "float_type")
         if isinstance(x, float) and not math.isfinite(x):
             return self.add(loc, _NAN, "finite_number")
-        if abs(x) > max_abs:
-            return self.add(loc, _out_of_range_msg(x, max_abs), "out_of_range")
+        bound = min(max_abs, FLOAT32_MAX)
+        if abs(x) > bound:
+            return self.add(loc, _out_of_range_msg(x, bound), "out_of_range")
         return False
 
     def sample(
         self, value: Any, loc: tuple[Any, ...], max_abs: float, shape: tuple[int, ...]
     ) -> bool:
-        """Walk one sample (a vector, or a C×T matrix when its first element is a list).
+        """Walk one sample: nested lists down to the depth of ``shape`` (at least 2, so that a
+        vector model's nested sample gets its shape error), or a flat list.
 
-        A sample (or row) longer than the model's flat size is one error, found before looking
-        at its values, so the walk costs at most about size² steps per sample.
+        A list longer than the model's flat size is one error, found before looking at its
+        values; below that, every step reads a value of the body, which
+        :func:`_check_size` bounded.
         """
+        return self._nested(value, loc, max_abs, shape, max(len(shape), 2))
+
+    def _nested(
+        self, value: Any, loc: tuple[Any, ...], max_abs: float, shape: tuple[int, ...],
+        depth: int,
+    ) -> bool:
         if not isinstance(value, list):
             return self.add(loc, _NOT_ARRAY, "list_type")
-        size = math.prod(shape)
-        if len(value) > size:
+        if len(value) > math.prod(shape):
             return self.add(loc, _too_long(shape, len(value)), "shape")
-        matrix = bool(value) and isinstance(value[0], list)
-        for i, row in enumerate(value):
-            if not matrix:
-                if self.number(row, (*loc, i), max_abs):
-                    return True
-            elif not isinstance(row, list):
-                if self.add((*loc, i), _NOT_ARRAY, "list_type"):
-                    return True
-            elif len(row) > size:
-                if self.add((*loc, i), _too_long(shape, len(row)), "shape"):
-                    return True
-            else:
-                for j, x in enumerate(row):
-                    if self.number(x, (*loc, i, j), max_abs):
-                        return True
-        return False
+        if depth > 1 and value and isinstance(value[0], list):  # rows, each a list
+            return any(self._nested(row, (*loc, i), max_abs, shape, depth - 1)
+                       for i, row in enumerate(value))
+        return any(self.number(x, (*loc, i), max_abs) for i, x in enumerate(value))
 
     def raise_if_any(self) -> None:
         if not self.errors:
@@ -133,7 +135,7 @@ def _too_long(shape: tuple[int, ...], n: int) -> str:
 
 def _out_of_range_msg(x: float, max_abs: float) -> str:
     try:
-        shown = f"{float(x):.4g}"
+        shown = f"{float(x):.10g}"  # 1000000.03 is not shown as the bound 1e+06 it exceeds
     except OverflowError:  # an integer beyond a float's range (JSON integers are unbounded)
         shown = f"~{'-' if x < 0 else ''}1e+{len(str(abs(int(x)))) - 1}"  # its magnitude
     return (f"out_of_range: {shown} exceeds the feature bound ±{max_abs:g} "
@@ -193,20 +195,23 @@ def _as_array(raw: Any) -> np.ndarray | None:
 def _finite32(arr: np.ndarray, what: str, max_abs: float, nan_msg: str = _NAN) -> np.ndarray:
     """float32 copy of ``arr``; :class:`InputError` naming the first non-finite or too-large value.
 
-    Too large means beyond ``max_abs`` (error type ``out_of_range``) or beyond float32.
+    Too large means beyond ``max_abs`` (error type ``out_of_range``) or beyond float32, judged
+    on ``arr`` as sent, before the cast (which could round a value down to the bound).
     """
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(np.float32)
-    # min/max propagate NaN, which compares False: one pass catches NaN, inf and too large
-    if out.size == 0 or (-max_abs <= float(out.min()) and float(out.max()) <= max_abs):
-        return out
-    bad = np.argwhere(~np.isfinite(out) | (np.abs(out) > max_abs))[0]
+    bound = min(max_abs, FLOAT32_MAX)
+    if arr.size == 0:
+        return arr.astype(np.float32)
+    # min/max propagate NaN: two values tell whether every one is finite and within the bound
+    low, high = float(arr.min()), float(arr.max())
+    if math.isfinite(low) and math.isfinite(high) and -bound <= low and high <= bound:
+        return arr.astype(np.float32)
+    bad = np.argwhere(~np.isfinite(arr) | (np.abs(arr) > bound))[0]
     loc = (what, *(int(i) for i in bad))
     value = arr[tuple(bad)]
     if not np.isfinite(value):
         raise InputError(f"{_where(loc)}: {nan_msg}",
                          [{"loc": list(loc), "msg": nan_msg, "type": "finite_number"}])
-    msg = _out_of_range_msg(float(value), max_abs)
+    msg = _out_of_range_msg(float(value), bound)
     error = {"loc": list(loc), "msg": msg, "type": "out_of_range"}
     raise InputError(f"{_where(loc)}: {msg}", [error])
 
@@ -315,11 +320,13 @@ def decode_items(
 
 
 def decode_binary(
-    body: bytes, shape: tuple[int, ...], max_batch: int, max_abs: float = MAX_ABS_FEATURE
+    body: bytes, shape: tuple[int, ...], max_batch: int, max_abs: float = MAX_ABS_FEATURE,
+    single: bool = False,
 ) -> np.ndarray:
     """A raw little-endian float32 body (rows back to back) as a float32 batch (N, *shape).
 
-    The number of rows is the body length divided by the bytes of one sample (4 · prod(shape)).
+    The number of rows is the body length divided by the bytes of one sample (4 · prod(shape));
+    ``single``: the body must hold exactly one (``POST /assign``).
 
     Example:
         >>> decode_binary(np.arange(6, dtype="<f4").tobytes(), (3,), 10).tolist()
@@ -333,6 +340,9 @@ def decode_binary(
             f"body: {len(body)} bytes is not a whole number of samples (one sample is "
             f"{math.prod(shape)} little-endian float32 values = {row} bytes, shape {list(shape)})"
         )
+    if single and len(body) > row:
+        raise InputError(f"body: {len(body) // row} samples, but /assign takes one sample; "
+                         "send several to /assign/batch")
     if len(body) // row > max_batch:
         raise _too_many(len(body) // row, max_batch)
     arr = np.frombuffer(body, dtype="<f4").reshape((-1, *shape))

@@ -71,7 +71,7 @@ def info_router(
     @router.get(
         "/readyz",
         summary="Readiness: 200 once a snapshot is loaded (`fallback` says when it is not the "
-        "pointed version, which could not be loaded), 503 with the reason before",
+        "pointed version, `reason` the last failed load, if any), 503 with the reason before",
         response_model=NotReadyResponse,
         responses={503: {"model": NotReadyResponse, "description": "no snapshot loaded yet"}},
     )
@@ -79,8 +79,8 @@ def info_router(
         model = holder.current
         if model is None:
             return Response(not_ready(holder)[1], status_code=503, media_type=JSON)
-        payload = {"status": "ready", "reason": None, "version": model.version,
-                   "fallback": holder.fallback}
+        payload = {"status": "ready", "reason": holder.last_error, "version": model.version,
+                   "fallback": holder.fallback}  # ready: it serves, whatever failed since
         return Response(pydantic_core.to_json(payload), media_type=JSON)
 
     @router.get("/metrics", summary="Prometheus metrics (text exposition format)",

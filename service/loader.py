@@ -159,7 +159,10 @@ class ModelHolder:
     store_up = _Status()
     """Whether the store answered the last attempt (``None``: no store attached yet)."""
     last_error = _Status()
-    """Why the latest load attempt failed (cleared by a successful swap)."""
+    """Why the latest load attempt failed (cleared by a successful swap, or once the store
+    answers again with the served version still pointed)."""
+    fallback = _Status()
+    """Why the served model is not the pointed version (``None``: it is)."""
 
     def _change(self, attribute: str, value: object) -> None:
         """Set a status attribute and wake :meth:`wait_until`'s waiters, when it changes."""
@@ -167,11 +170,6 @@ class ModelHolder:
             with self._changed:
                 setattr(self, attribute, value)
                 self._changed.notify_all()
-
-    @property
-    def fallback(self) -> str | None:
-        """Why the served model is not the pointed version (``None``: it is)."""
-        return self._fallback
 
     def subscribe(self, listener: Callable[[LoadedModel], None]) -> None:
         """Call ``listener(model)`` before each swap (and now, if a model is loaded)."""
@@ -236,8 +234,11 @@ class SnapshotWatcher:
     pointer or a corrupt snapshot each back off exponentially, are logged once per distinct
     error, and leave the last good model serving. A snapshot that fails verification is
     recorded in ``holder.last_error`` and skipped until the pointer moves again. A watcher with
-    nothing to serve yet falls back to the newest stored version that loads, and says so in
-    ``holder.fallback``.
+    nothing to serve yet falls back to the newest stored version that loads; whenever the served
+    model is not the pointed one (that one was rejected, the pointer is garbled or missing),
+    ``holder.fallback`` says so. A served snapshot is known by its version and its weights'
+    sha256, and a pointer that disappears (a store reset) is forgotten, so a new snapshot that
+    reuses an old version number is loaded.
 
     Example:
         >>> import tempfile
@@ -259,6 +260,7 @@ class SnapshotWatcher:
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _attempted: int | None = field(default=None, init=False)  # last pointed version tried
+    _on_pointer: bool = field(default=False, init=False)  # ... and it is the one served
     _logged: str | None = field(default=None, init=False)  # each distinct error is logged once
 
     @classmethod
@@ -291,6 +293,8 @@ class SnapshotWatcher:
         except Exception as exc:  # never let the thread die or spin on something unforeseen
             return self._failed(f"reading the store failed: {exc!r}", None)
         self.holder.store_up = True
+        if pointed is None:
+            self._attempted = None  # a reset store numbers its snapshots from 1 again
         if pointed is None or pointed == self._attempted:
             if pointed is not None and self.holder.current is None:
                 # the pointed version was rejected and no fallback served yet: try again,
@@ -301,22 +305,49 @@ class SnapshotWatcher:
                 self.failures += 1
                 return False
             self.failures = 0
-            if pointed is None and self.holder.current is None:
-                self.holder.last_error = "no snapshot published yet in the store"
-                return self._fall_back(None, "the store has no current-version pointer")
+            if pointed is None:
+                why = "the store has no current-version pointer"
+                if self.holder.current is None:
+                    self.holder.last_error = "no snapshot published yet in the store"
+                    return self._fall_back(None, why)
+                self._not_pointed(None, why)
+            elif self._on_pointer:  # the store answers again, and the served version is pointed
+                self._on_pointed()
             return False
         try:
             model = self._load(pointed)
         except StoreError as exc:
             if not isinstance(exc, VersionNotFound):
                 self.holder.store_up = False
-                return self._failed(f"snapshot store unavailable: {exc}", None, fall_back=False)
+                message = f"snapshot store unavailable: {exc}"
+                self._not_pointed(pointed, message)  # retried, not skipped: no _attempted
+                return self._failed(message, None, fall_back=False)
             return self._failed(f"snapshot {pointed} rejected: {exc}", pointed)
         except Exception as exc:  # SnapshotError, or a manifest the model code cannot rebuild
             return self._failed(f"snapshot {pointed} rejected: {exc}", pointed)
-        self._attempted = pointed
+        self._attempted, self._on_pointer = pointed, True
+        served = self.holder.current
+        if served is not None and (served.version, served.sha256) == (model.version,
+                                                                       model.sha256):
+            self._on_pointed()  # the pointer came back to the served snapshot: no swap
+            return False
         self._serve(model, None)
         return True
+
+    def _on_pointed(self) -> None:
+        """The served model is the pointed one: clear what earlier failures reported."""
+        self.failures = 0
+        self._logged = None
+        self.holder.fallback = None
+        self.holder.last_error = None
+
+    def _not_pointed(self, pointed: int | None, why: str) -> None:
+        """Say in ``holder.fallback`` that the served model (if any) is not the pointed one."""
+        served = self.holder.current
+        if served is not None:
+            target = "the pointer" if pointed is None else f"pointed version {pointed}"
+            self.holder.fallback = (f"fallback: {target} cannot be loaded ({why}); serving "
+                                    f"version {served.version} (sha256 {served.sha256[:12]})")
 
     def _load(self, version: int) -> LoadedModel:
         # the store verifies the checksums as it reads; the snapshot is not verified again
@@ -336,6 +367,9 @@ class SnapshotWatcher:
         """Record a failed attempt; with nothing served yet, try the newest valid version."""
         if pointed is not None:
             self._attempted = pointed  # skipped until the pointer moves again
+            self._on_pointer = False
+        if fall_back:  # a store that does not answer names no pointer
+            self._not_pointed(pointed, message)
         self.holder.last_error = message
         self.failures += 1
         if message != self._logged:

@@ -34,7 +34,7 @@ import inspect
 import logging
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
@@ -104,8 +104,11 @@ def field_option(cls: type[BaseModel], name: str, **override: Any) -> Any:
     return Annotated[annotation | None, typer.Option(*decls, **kwargs)]
 
 
-def _one_line(exc: ValidationError, cls: type[BaseModel]) -> ClickException:
-    """The first problem of a settings validation, phrased as a usage error of its option."""
+def _one_line(
+    exc: ValidationError, cls: type[BaseModel], options: Iterable[str]
+) -> ClickException:
+    """The first problem of a settings validation, phrased as a usage error of its option (or
+    of its environment variable, for a field the command has no option for)."""
     err = exc.errors()[0]
     field = str(err["loc"][0]) if err["loc"] else ""
     msg = err["msg"].removeprefix("Value error, ")
@@ -113,15 +116,21 @@ def _one_line(exc: ValidationError, cls: type[BaseModel]) -> ClickException:
     if err["type"] == "missing":
         return MissingParameter(ctx=ctx, param_hint=f"'{_flag(field)}'", param_type="option")
     hint = f"'{_flag(field)}'" if field else None
+    if field and field not in options:  # e.g. OCLUST_API_KEY: there is no --api-key
+        hint = (str(cls.model_config.get("env_prefix") or "") + field).upper()
     return typer.BadParameter(" ".join(msg.split()), ctx=ctx, param_hint=hint)
 
 
 def build_settings(cls: type[S], values: dict[str, Any]) -> S:
-    """``cls(**values)`` without the ``None`` values; a bad value is a one-line usage error."""
+    """``cls(**values)`` without the ``None`` values; a bad value is a one-line usage error.
+
+    ``values`` holds one entry (maybe ``None``) per option of the command: a bad value of any
+    other field came from its environment variable, and the error names that.
+    """
     try:
         return cls(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
-        raise _one_line(exc, cls) from None
+        raise _one_line(exc, cls, values) from None
 
 
 def settings_command(

@@ -113,11 +113,14 @@ class NotReadyResponse(BaseModel):
     """Answer of /readyz and of /assign* before a snapshot is loaded."""
 
     status: str = Field(description="`ready` or `not ready`", examples=["not ready"])
-    reason: str | None = Field(None, description="why not ready", examples=["no snapshot loaded"])
+    reason: str | None = Field(
+        None, description="why not ready; when ready, why the latest load attempt failed (e.g. "
+        "a rejected snapshot), if it did", examples=["no snapshot loaded"])
     version: int | None = Field(None, description="loaded snapshot version when ready")
     fallback: str | None = Field(
         None, description="set when the served version is not the one the store points at "
-        "(that one could not be loaded): which, why, and what is served instead"
+        "(that one could not be loaded, or nothing is pointed): which, why, and what is served "
+        "instead"
     )
 
 

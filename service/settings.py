@@ -24,6 +24,8 @@ from oclust.training_worker.settings import (
 
 __all__ = ["ServiceSettings"]
 
+FLOAT32_MAX = float.fromhex("0x1.fffffep+127")  # float32's largest value (no numpy import here)
+
 
 class ServiceSettings(StoreLocation):
     """Everything ``oclust serve`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
@@ -75,8 +77,9 @@ class ServiceSettings(StoreLocation):
     )
     window: int = Field(1000, ge=1, description="sliding window of recent assignments (monitor)")
     max_abs_feature: float = Field(
-        MAX_ABS_FEATURE, gt=0, description="largest accepted feature magnitude (else 422 "
-        "out_of_range)"
+        MAX_ABS_FEATURE, gt=0, le=FLOAT32_MAX, allow_inf_nan=False,
+        description="largest accepted feature magnitude (else 422 out_of_range; finite, at most "
+        "float32's largest value)"
     )
 
     @field_validator("log_level", mode="before")

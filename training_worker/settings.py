@@ -66,9 +66,15 @@ def check_store_url(url: str) -> str:
     """
     if not url:
         raise ValueError("no store given: pass redis://HOST:PORT/DB or file://DIR")
-    scheme = urlparse(url).scheme
-    if scheme not in STORE_SCHEMES:
-        raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}: use redis:// or file://")
+    parsed = urlparse(url)
+    if parsed.scheme not in STORE_SCHEMES:
+        raise ValueError(f"unknown store URL scheme {parsed.scheme!r} in {url!r}: use redis:// or "
+                         "file://")
+    if parsed.scheme in ("redis", "rediss"):
+        try:
+            _ = parsed.hostname, parsed.port  # both parse lazily: a bad one raises here
+        except ValueError as exc:  # redis-py's own ValueError was a traceback
+            raise ValueError(f"bad host or port in the Redis URL: {exc}") from None
     return url
 
 

@@ -87,6 +87,12 @@ def test_missing_or_mistyped_fields_are_snapshot_errors(snap: Snapshot) -> None:
     assert Manifest.from_dict({"created_at": "yesterday"}).created_at is None  # shown as unknown
 
 
+@pytest.mark.parametrize("stored", [b"[" * 100000, b'{"a": ' * 100000, "[" * 100000])
+def test_a_manifest_nested_too_deeply_is_a_snapshot_error(snap: Snapshot, stored) -> None:
+    with pytest.raises(SnapshotError, match="not JSON: nested too deeply"):  # a RecursionError
+        Snapshot.from_parts(snap.weights, stored)
+
+
 def test_a_typed_manifest_can_be_published_as_is(snap: Snapshot) -> None:
     again = Snapshot.create(snap.weights, snap.meta)
     again.verify()

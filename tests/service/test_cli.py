@@ -98,6 +98,17 @@ def _error_line(args: list[str]) -> str:
         (["serve", "--namespace", "a b"], "'--namespace'"),
         (["eval", "-r", "ca,bogus"], "bogus"),
         (["snapshots", "list", "--store", "ftp://x"], "unknown store URL scheme"),
+        # a bad Redis port or host: redis-py's ValueError was a traceback (exit 1)
+        (["serve", "--store", "redis://127.0.0.1:abc/0", "--namespace", "ns"],
+         "Invalid value for '--store': bad host or port in the Redis URL"),
+        (["serve", "--store", "redis://127.0.0.1:99999/0"], "'--store': bad host or port"),
+        (["serve", "--store", "redis://[zz]:1/0"], "'--store': 'zz' does not appear"),
+        (["snapshots", "list", "--store", "redis://127.0.0.1:abc/0"], "'--store': bad host"),
+        (["snapshots", "show", "--store", "redis://127.0.0.1:99999/0"], "'--store': bad host"),
+        (["up", "--store", "redis://127.0.0.1:99999/0"], "'--store': bad host or port"),
+        (["worker", "--store", "redis://127.0.0.1:abc/0"], "'--store': bad host or port"),
+        (["train", "--dataset", "digits", "--store", "redis://127.0.0.1:99999/0"],
+         "'--store': bad host or port"),
         (["no-such-command"], "No such command"),
     ],
 )
@@ -204,3 +215,7 @@ def test_an_empty_api_key_is_refused_not_taken_for_no_key() -> None:
         result = runner.invoke(app, ["serve"], env={"OCLUST_API_KEY": value})
         assert result.exit_code == 2, result.output
         assert "OCLUST_API_KEY is set but empty" in result.output, result.output
+        assert "Invalid value for OCLUST_API_KEY:" in result.output  # there is no --api-key
+        assert "--api-key" not in result.output, result.output
+    result = runner.invoke(app, ["snapshots", "list"], env={"OCLUST_MAX_BATCH": "0"})
+    assert result.exit_code == 2 and "Invalid value for OCLUST_MAX_BATCH:" in result.output

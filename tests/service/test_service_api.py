@@ -17,10 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from oclust.model import OnlineClusterer, Snapshot
 from oclust.service.app import create_app
+from oclust.service.decoding import InputError, decode_binary, decode_features
 from oclust.service.loader import LoadedModel, ModelHolder
 from oclust.service.settings import ServiceSettings
 
 K = 3
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _fit(shape: tuple[int, ...], seed: int = 0, clip: float | None = 5.0) -> OnlineClusterer:
@@ -72,6 +74,11 @@ class Client:
 
 def _client(snapshot: Snapshot | None, **overrides: Any) -> Client:
     return Client(create_app(ServiceSettings(**overrides), _holder(snapshot)))
+
+
+@pytest.fixture(scope="module")
+def image_snapshot() -> Snapshot:
+    return _fit((1, 8, 8)).to_snapshot().with_version(4)
 
 
 @pytest.fixture
@@ -129,6 +136,29 @@ def test_window_model_takes_nested_or_flat_samples(
     assert wrong.status_code == 422 and "shape [2, 12]" in wrong.json()["detail"]
 
 
+def test_image_samples_with_optional_fields_are_assigned(image_snapshot: Snapshot) -> None:
+    # any string or true/false/null in the body sends it to the element-wise check, which
+    # knew vectors and C×T matrices only: a C×H×W sample was refused as "not a number"
+    api = _client(image_snapshot)
+    x = np.random.default_rng(8).normal(size=(1, 8, 8)).round(3).tolist()
+    want = api.post("/assign", json={"features": x}).json()
+    for extra in ({"id": "s-17"}, {"label": None}, {"label": 3, "ok": True}):
+        r = api.post("/assign", json={"features": x, **extra})
+        assert r.status_code == 200 and r.json() == want, (extra, r.text)
+    flat = api.post("/assign", json={"features": np.ravel(x).tolist(), "id": "s-17"})
+    assert flat.status_code == 200 and flat.json() == want
+    batch = api.post("/assign/batch", json={"items": [x, x], "id": "b"})
+    assert batch.status_code == 200 and batch.json()["clusters"] == [want["cluster"]] * 2
+    bad = [[row[:] for row in x[0]]]
+    bad[0][2][5] = "7"
+    r = api.post("/assign", json={"features": bad, "id": "s-17"})
+    assert r.status_code == 422 and "features[0][2][5]: Input should be a valid number" in (
+        r.json()["detail"])
+    r = api.post("/assign", json={"features": [x], "id": "s-17"})  # one level too deep
+    assert r.status_code == 422 and "features[0][0][0]: Input should be a valid number" in (
+        r.json()["detail"])
+
+
 def test_model_healthz_readyz(api: Client, vector_snapshot: Snapshot) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz")
@@ -154,6 +184,11 @@ BAD_SINGLE = [
     (b'{"features": [1, 2, 3, 4]}', "must have shape [5] (or be a flat list of 5 numbers)"),
     (b'{"features": [1, 2, 3, 4, 5, 6]}', "got shape [6]"),
     (b'{"features": [[1, 2, 3, 4, 5]]}', "got shape [1, 5]"),
+    (b'{"features": [[1, 2, 3, 4, 5]], "id": "x"}', "got shape [1, 5]"),
+    (b'{"features": [[[1, 2, 3, 4, 5]]], "id": "x"}', "features[0][0]: Input should be a valid"),
+    # the bound is checked on the value sent, not on its float32 rounding (1e6 exactly)
+    (b'{"features": [1000000.03, 2, 3, 4, 5]}', "features[0]: out_of_range: 1000000.03"),
+    (b'{"features": [1000000.03, 2, 3, 4, 5], "id": "x"}', "features[0]: out_of_range"),
     (b'{"features": [[1, 2], [3]]}', "rows of a C×T sample must all have the same length"),
     (b'{"features": [[1, 2], 3]}', "features[1]: Input should be a valid array"),
     (b'{"features": []}', "features: empty"),
@@ -204,12 +239,29 @@ def test_bad_batch_input_is_422_with_a_message(api: Client, body: bytes, message
 
 def test_values_too_large_for_the_model_are_422_not_500(vector_snapshot: Snapshot) -> None:
     unclipped = _fit((5,), clip=None).to_snapshot().with_version(1)
-    api = _client(unclipped, max_abs_feature=1e39)  # past the bound, into the model
+    api = _client(unclipped, max_abs_feature=F32_MAX)  # past the bound, into the model
     r = api.post("/assign", json={"features": [1e38] * 5})
     assert r.status_code == 422 and "values too large" in r.json()["detail"]
-    api = _client(vector_snapshot, max_abs_feature=1e39)  # the default clips at 5 std
+    api = _client(vector_snapshot, max_abs_feature=F32_MAX)  # the default clips at 5 std
     r = api.post("/assign", json={"features": [1e38] * 5})
     assert r.status_code == 200 and r.json()["distance"] >= 0
+
+
+@pytest.mark.parametrize("bound", [math.inf, math.nan, 1e39, "Infinity"])
+def test_the_feature_bound_is_finite_and_within_float32(bound: object) -> None:
+    with pytest.raises(ValueError, match=r"finite number|less than or equal"):
+        ServiceSettings(max_abs_feature=bound)  # inf served Infinity and 1e39 (clipped)
+
+
+def test_infinite_values_are_422_whatever_the_bound(vector_snapshot: Snapshot) -> None:
+    # finiteness is its own check, not a side effect of the bound
+    model = LoadedModel.from_snapshot(vector_snapshot)
+    for body in (b'{"features": [Infinity, 2, 3, 4, 5]}', b'{"features": [1e39, 2, 3, 4, 5]}'):
+        with pytest.raises(InputError, match=r"features\[0\]: (NaN or infinite|out_of_range)"):
+            decode_features(body, model.input_shape, math.inf)
+    raw = np.array([[np.inf, 2, 3, 4, 5]], "<f4").tobytes()
+    with pytest.raises(InputError, match="NaN or infinite float32"):
+        decode_binary(raw, model.input_shape, 8, math.inf)
 
 
 def test_out_of_range_features_are_422_with_the_error_type(api: Client) -> None:
@@ -267,6 +319,9 @@ def test_binary_single_sample(api: Client) -> None:
     r = api.post("/assign", content=x.tobytes(), headers=RAW)
     assert r.status_code == 200
     assert r.json() == api.post("/assign", json={"features": x.tolist()}).json()
+    two = api.post("/assign", content=np.zeros((2, 5), "<f4").tobytes(), headers=RAW)
+    assert two.status_code == 422 and "batch limit" not in two.json()["detail"]
+    assert "/assign takes one sample; send several to /assign/batch" in two.json()["detail"]
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [

@@ -154,6 +154,23 @@ def test_corrupt_versions_are_listed_and_refused_as_rollback_targets(store_url: 
     store.close()
 
 
+def test_a_deeply_nested_manifest_is_listed_as_corrupt(store_url: str) -> None:
+    store = open_store(store_url, namespace="cli")
+    store.client.set("cli:manifest:1", b"[" * 100000)  # json.loads: a RecursionError
+    args = ("--store", store_url, "--namespace", "cli")
+    code, out = _run("snapshots", "list", "--json", *args)
+    assert code == 0, out
+    row = json.loads(out)["versions"][0]
+    assert row["valid"] is False and "nested too deeply" in row["error"]
+    code, out = _run("snapshots", "list", *args)
+    assert code == 0 and "corrupt" in out
+    for command in ("show", "rollback"):
+        code, out = _run("snapshots", command, "1", *args)
+        assert code == 1 and out.startswith("error: manifest is not JSON"), out
+    assert store.current_version() == 2
+    store.close()
+
+
 def test_serve_runs_the_service_from_a_store(tmp_path: Path) -> None:
     store = open_store(f"file://{tmp_path}", namespace="srv")
     store.publish(_snapshot(0))

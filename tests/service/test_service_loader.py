@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
 from oclust.model import OnlineClusterer, Snapshot
 from oclust.model.snapshot import SnapshotError, pack_tensors, unpack_arrays
+from oclust.service.app import create_app
 from oclust.service.loader import LoadedModel, ModelHolder, SnapshotWatcher
+from oclust.service.settings import ServiceSettings
 from oclust.training_worker.store import StoreError, open_store
 
 
@@ -288,6 +293,63 @@ def test_watcher_without_a_pointer_serves_the_newest_valid_version(tmp_path: Pat
     holder = ModelHolder()
     assert SnapshotWatcher(store, holder).check() is True
     assert holder.current.version == 1 and "no current-version pointer" in holder.fallback
+
+
+def _get(app: object, path: str) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            return await client.get(path)
+
+    return asyncio.run(go())
+
+
+def test_a_serving_replica_says_when_it_cannot_load_the_pointed_version(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}", namespace="p")
+    store.publish(_fit((5,), seed=1).to_snapshot())
+    holder = ModelHolder()
+    app = create_app(ServiceSettings(), holder)
+    watcher = SnapshotWatcher(store, holder)
+    assert watcher.check() is True and holder.fallback is None
+    snap = _fit((5,), seed=2).to_snapshot()
+    flipped = snap.weights[:-1] + bytes([snap.weights[-1] ^ 1])  # one weight byte flipped
+    store.publish(Snapshot(flipped, snap.manifest))
+    assert watcher.check() is False and holder.current.version == 1
+    ready = _get(app, "/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"  # it still serves
+    assert ready.json()["version"] == 1 and "snapshot 2 rejected" in ready.json()["reason"]
+    assert "pointed version 2 cannot be loaded" in ready.json()["fallback"]  # was None
+    assert "oclust_snapshot_fallback 1.0" in _get(app, "/metrics").text  # was 0
+    assert watcher.check() is False and holder.fallback is not None  # still not the pointed one
+    store.rollback(1)  # back on the served snapshot: no swap, nothing left to report
+    assert watcher.check() is False and holder.current.version == 1
+    assert _get(app, "/readyz").json() == {"status": "ready", "reason": None, "version": 1,
+                                           "fallback": None}
+    assert "oclust_snapshot_fallback 0.0" in _get(app, "/metrics").text
+
+
+def test_a_reset_store_whose_new_snapshot_reuses_the_version_number_is_loaded(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"file://{tmp_path}", namespace="reset")
+    a, b = _fit((5,), seed=1).to_snapshot(), _fit((5,), seed=2).to_snapshot()
+    store.publish(a)
+    holder = ModelHolder()
+    watcher = SnapshotWatcher(store, holder)
+    assert watcher.check() is True and holder.current.sha256 == a.sha256
+    shutil.rmtree(store.path)  # the store is reset (a new directory, a flushed Redis)
+    assert watcher.check() is False and holder.current.sha256 == a.sha256
+    assert "no current-version pointer" in holder.fallback  # served, but pointed by nothing
+    assert store.publish(b) == 1  # numbered from 1 again
+    assert watcher.check() is True  # the old model was served forever
+    assert (holder.current.version, holder.current.sha256) == (1, b.sha256)
+    assert holder.fallback is None and holder.last_error is None
+    seen: list[int] = []
+    holder.subscribe(lambda m: seen.append(m.version))
+    (store.path / "current").unlink()
+    assert watcher.check() is False and holder.fallback is not None
+    store.rollback(1)  # the pointer comes back to the served snapshot: nothing to swap
+    assert watcher.check() is False and holder.fallback is None and seen == [1]
 
 
 _SERVE = """

@@ -277,7 +277,11 @@ def test_open_store_by_scheme(url, kind):
 @pytest.mark.parametrize(
     ("url", "namespace", "keep", "match"),
     [("ftp://x", "ns", 5, "unknown store URL scheme"), ("", "ns", 5, "no store given"),
-     ("file:///tmp/x", "a b", 5, "namespace"), ("file:///tmp/x", "ns", 0, "keep")],
+     ("file:///tmp/x", "a b", 5, "namespace"), ("file:///tmp/x", "ns", 0, "keep"),
+     # redis-py's ValueError, then the message's url raised it again: a traceback
+     ("redis://127.0.0.1:abc/0", "ns", 5, r"bad Redis URL redis://127\.0\.0\.1:abc/0: Port"),
+     ("redis://u:pw@127.0.0.1:99999/0", "ns", 5,
+      r"^bad Redis URL redis://127\.0\.0\.1:99999/0: Port out of range")],
 )
 def test_open_store_rejects_bad_arguments(url, namespace, keep, match):
     with pytest.raises(StoreError, match=match):

@@ -122,9 +122,8 @@ class RedisStore(SnapshotStore):
     @property
     def url(self) -> str:
         parsed = urlparse(self._url)
-        host = parsed.hostname or ""
-        port = f":{parsed.port}" if parsed.port else ""
-        return f"{parsed.scheme}://{host}{port}{parsed.path}"
+        host = parsed.netloc.rpartition("@")[2]  # never the password; a bad port as written
+        return f"{parsed.scheme}://{host}{parsed.path}"
 
     def key(self, *parts: object) -> str:
         """``NS:part1:part2``."""
