@@ -53,26 +53,30 @@ def manifest_of(
     offset_state: OffsetState | None = None,
 ) -> Manifest:
     """The manifest of a built clusterer (the envelope is stamped by ``Snapshot.create``)."""
+    built = clf._as_built  # the model as built: a later set_params changes nothing in it
     return Manifest(
-        regulariser=clf.regulariser,
-        reg_params=dict(clf.reg_params or {}),
-        n_clusters=int(clf.n_clusters),
+        regulariser=built("regulariser"),
+        reg_params=dict(built("reg_params") or {}),
+        n_clusters=len(clf.centroids_),
         input_shape=tuple(clf.input_shape_),
         encoder=clf.encoder_config_.to_dict(),
-        latent_dim=int(clf.latent_dim),
+        latent_dim=clf.encoder_config_.latent_dim,
         sigma=clf.sigma_,
         prior=clf.prior_.tolist(),
-        prior_mode=resolve_prior(clf.prior, clf.n_clusters)[0],
+        prior_mode=resolve_prior(built("prior"), len(clf.centroids_))[0],
         prior_state=(
             clf.prior_estimator_.state() if clf.prior_estimator_ is not None else None
         ),
         lr=float(clf.optimizer_.param_groups[0]["lr"]),  # as built (set_params does not
         betas=[float(b) for b in clf.optimizer_.param_groups[0]["betas"]],  # move the optimiser)
-        standardize=bool(clf.standardize),
+        standardize=bool(built("standardize")),
         clip=None if clf.scaler_.clip is None else float(clf.scaler_.clip),  # as built
         init=clf.init_,
         views=clf.views_,
         seed=clf._seed,
+        feature_names=(
+            [str(n) for n in clf.feature_names_in_] if hasattr(clf, "feature_names_in_") else None
+        ),
         samples_seen=clf.samples_seen_,
         steps=clf.steps_,
         offsets=dict(offsets or {}),
@@ -148,6 +152,12 @@ def from_snapshot(
     except (TypeError, ValueError) as exc:  # e.g. reg_params the regulariser does not take
         raise SnapshotError(f"manifest describes a model that cannot be built: {exc}") from exc
     load_tensors(clf, unpack_tensors(snapshot.weights))
+    clf.n_features_in_ = enc.input_shape[0]  # as the fitted model had them: inference checks
+    if m.feature_names is not None:  # a DataFrame's columns by their names
+        if len(m.feature_names) != clf.n_features_in_:
+            raise SnapshotError(f"manifest has {len(m.feature_names)} feature names for "
+                                f"{clf.n_features_in_} features")
+        clf.feature_names_in_ = np.asarray(m.feature_names, dtype=object)
     if clf.prior_estimator_ is not None:
         try:
             state = m.prior_state or {"counts": [0.0] * clf.n_clusters}
@@ -155,6 +165,7 @@ def from_snapshot(
         except (TypeError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"manifest has a bad online prior state: {exc}") from exc
         clf.prior_params = clf.prior_estimator_.settings()  # the saved ones, not the defaults
+        clf._params_at_build["prior_params"] = dict(clf.prior_params)  # what it is built with
         clf._set_log_prior(clf.prior_estimator_.probs)
     clf.samples_seen_ = m.samples_seen
     clf.steps_ = m.steps

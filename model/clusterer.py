@@ -19,6 +19,7 @@ It is a scikit-learn estimator (``clone``, pipelines, ``fit_predict``, ``fit_tra
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,7 +54,13 @@ from oclust.model.report import StepReport
 from oclust.model.scaler import RunningScaler, scaler_for
 from oclust.model.seeding import resolve_seed, seed_centroids
 from oclust.model.snapshot import SQRT_FLOAT32_MAX, OffsetState, Snapshot
-from oclust.model.validation import DEFAULT_BETAS, check_input, check_params, out_dtype
+from oclust.model.validation import (
+    DEFAULT_BETAS,
+    check_input,
+    check_live_params,
+    check_params,
+    out_dtype,
+)
 
 if TYPE_CHECKING:
     from oclust.model.inference import Inference
@@ -76,7 +83,20 @@ EXPECTED_FAILED_CHECKS = {
     ),
 }
 PROBE_ROWS = 16  # samples of the latest batch a snapshot is checked on
+LIVE_PARAMS = ("sigma", "views")  # the parameters a built model follows (set_params)
 BATCHNORM_MOMENTUM = 0.1  # BatchNorm's own default, reached after ten steps
+
+
+def _same(before: Any, now: Any) -> bool:
+    """Whether a parameter kept its value (arrays compared by value)."""
+    if before is now:
+        return True
+    if isinstance(before, np.ndarray) or isinstance(now, np.ndarray):
+        return bool(np.array_equal(before, now))
+    try:
+        return bool(before == now)
+    except (TypeError, ValueError):  # e.g. a dict holding arrays
+        return False
 
 
 def resolve_init(config: EncoderConfig, init: str) -> str:
@@ -135,9 +155,12 @@ class OnlineClusterer(
     A scikit-learn estimator: parameters are stored as given and checked by ``fit`` and the
     first ``partial_fit``; nothing is built until the first batch arrives (which fixes the
     per-sample input shape). ``fit`` starts over, ``partial_fit`` trains one step on one batch;
-    both return ``self``. Every method takes any array-like of numbers (lists, strided or
-    reversed views, pandas DataFrames, float64 or integer data) and answers as it would on a
-    contiguous float32 copy; inference runs in chunks of bounded memory.
+    both return ``self``. A built model follows a later ``set_params`` of ``sigma`` and
+    ``views`` only: ``partial_fit`` refuses one whose other parameters changed (``fit``
+    builds anew), and inference and snapshots answer as built. Every method takes any
+    array-like of numbers (lists, strided or reversed views, pandas DataFrames, float64 or
+    integer data) and answers as it would on a contiguous float32 copy; inference runs in
+    chunks of bounded memory.
 
     Args:
         n_clusters: K.
@@ -152,14 +175,17 @@ class OnlineClusterer(
             ``None`` (default): 10 for vectors, 50 for images, and for windows 50 with CA, 10
             with the other regularisers (exactly: 50 with raw latents, or a window encoder and
             CA, else 10; :func:`resolve_sigma`).
-        latent_dim: size of the latent space.
+        latent_dim: size of the latent space (at least 3 with LayerNorm latents, which map
+            every latent of 1 or 2 dimensions onto 1 or 2 points).
         lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
         random_state: an int (or a ``numpy`` random generator to draw one from) that makes CPU
             training deterministic: network initialisation, centroid seeding and ``fit``'s
             shuffling. Saved in the snapshot manifest as ``seed``.
-        encoder: ``"auto"`` (from the input shape) or a kind of :data:`model.encoders.ENCODERS`.
-        hidden: hidden widths (MLP) or channels (convolutional encoders).
+        encoder: ``"auto"`` (from the input shape) or a kind of :data:`model.encoders.ENCODERS`
+            that takes it (the MLP flattens any sample).
+        hidden: hidden widths (MLP) or channels (convolutional encoders): a non-empty sequence
+            of positive integers, or ``None`` for the encoder's default.
         standardize: standardise inputs with running statistics learned from the stream.
         clip: clip the standardised inputs to ±clip standard deviations (default 5); ``None``
             does not clip. Ignored without ``standardize``. A feature that is nearly always
@@ -274,6 +300,13 @@ class OnlineClusterer(
         ValueError: sigma must be None or a positive finite number, got 0
         """
         check_params(self, REGULARISERS)
+        make_regulariser(self.regulariser, **(self.reg_params or {}))  # bad reg_params: now,
+        # not after fit has begun to replace the model
+        try:
+            torch.device(self.device if self.device != "auto" else "cpu")
+        except RuntimeError:
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}"
+                             ) from None
         return self
 
     @property
@@ -298,9 +331,10 @@ class OnlineClusterer(
         estimator = getattr(self, "prior_estimator_", None)
         if estimator is not None:
             return estimator.probs
-        vector = resolve_prior(self.prior, self.n_clusters)[1]
+        k = self._as_built("n_clusters")
+        vector = resolve_prior(self._as_built("prior"), k)[1]
         if vector is None:
-            return np.full(self.n_clusters, 1.0 / self.n_clusters)
+            return np.full(k, 1.0 / k)
         return vector
 
     @property
@@ -308,8 +342,7 @@ class OnlineClusterer(
         """The sigma in use: ``sigma``, or when it is None the default of the model's latents
         (:func:`resolve_sigma`)."""
         self._check_fitted()
-        tuned = REGULARISERS[self.regulariser].tuned_defaults
-        return resolve_sigma(self.encoder_config_, self.sigma, tuned)
+        return resolve_sigma(self.encoder_config_, self.sigma, self.reg_.tuned_defaults)
 
     @property
     def views_(self) -> bool:
@@ -318,8 +351,7 @@ class OnlineClusterer(
         self._check_fitted()
         if self.views != "auto":
             return bool(self.views)
-        tuned = REGULARISERS[self.regulariser].tuned_defaults
-        return tuned and self.encoder_config_.kind in IMAGE_KINDS
+        return self.reg_.tuned_defaults and self.encoder_config_.kind in IMAGE_KINDS
 
     @property
     def cluster_centers_(self) -> np.ndarray:
@@ -349,6 +381,7 @@ class OnlineClusterer(
 
     def _build(self, input_shape: tuple[int, ...]) -> None:
         """Create encoder, centroids, regulariser, scaler and optimiser for this input shape."""
+        self._record_params()
         self.device_ = self._resolve_device()
         self.encoder_config_ = EncoderConfig.for_shape(
             input_shape, self.latent_dim, self.encoder, self.hidden, self.latent_norm,
@@ -388,6 +421,32 @@ class OnlineClusterer(
         self._centroids_ready = False
         self._probe: np.ndarray | None = None
         self._built = True
+
+    def _record_params(self) -> None:
+        """Note the parameters the model is being built with (:meth:`_check_params_unchanged`)."""
+        self._params_at_build = {
+            name: copy.deepcopy(value) if isinstance(value, (list, dict, np.ndarray)) else value
+            for name, value in self.get_params(deep=False).items()
+        }
+
+    def _as_built(self, name: str) -> Any:
+        """Parameter ``name`` as the built model has it (as set, before the first batch)."""
+        return self._params_at_build[name] if self._built else getattr(self, name)
+
+    def _check_params_unchanged(self) -> None:
+        """``ValueError`` naming the parameters set since the model was built that it cannot
+        follow (all but ``sigma`` and ``views``, which it follows live and are checked here)."""
+        built = self._params_at_build
+        changed = [name for name, value in built.items() if not _same(value, getattr(self, name))]
+        if "sigma" in changed or "views" in changed:
+            check_live_params(self)
+        changed = [name for name in changed if name not in LIVE_PARAMS]
+        if changed:
+            raise ValueError(
+                f"{', '.join(changed)} changed after the model was built, which it cannot "
+                "follow (it follows sigma and views only): call fit to build a new model, or "
+                "set them back"
+            )
 
     def _warn_views(self) -> None:
         """At the start of training (not at a restore): views the regulariser collapses with."""
@@ -433,8 +492,11 @@ class OnlineClusterer(
 
         ``y`` is ignored. Returns ``self``. A batch the model refuses raises ``ValueError``; a
         step that makes the weights NaN or infinite raises ``FloatingPointError``. A first call
-        that fails leaves the model unfitted.
+        that fails leaves the model unfitted. After the first call, parameters other than
+        ``sigma`` and ``views`` cannot change (``set_params``) without a ``fit``: ``ValueError``.
         """
+        if self._built and not self._in_fit:
+            self._check_params_unchanged()
         arr = X if self._in_fit else self._validated(X, reset=not self._built)
         first = not self._built
         if first:
@@ -583,12 +645,27 @@ class OnlineClusterer(
     ) -> np.ndarray:
         """The served rule of :meth:`predict` (:func:`oclust.model.regularisers.serve`) on the
         step's latents ``z``; ``distances`` are the step's own to the trained centroids, reused
-        when those serve (``None``: computed here)."""
+        when those serve (``None``: computed here). ``ValueError`` when the step's training pass
+        has made BatchNorm's running statistics infinite or NaN."""
         serving = self.reg_.serving_centroids(self.centroids_)
         if distances is None or serving is not self.centroids_:
             distances = sq_distances(z.detach(), serving)
         labels = serve(z.detach(), distances.detach(), self.sigma_, self.reg_.serving_head())[0]
-        return labels.cpu().numpy().astype(np.int64)
+        if not self._batchnorm:
+            return labels.cpu().numpy().astype(np.int64)
+        # BatchNorm's running statistics, which this step's training pass has fed, checked in
+        # the labels' copy to the host (no wait of its own): a batch of values so large that
+        # they overflow is refused (ValueError), and the step puts them back as they were
+        stats = torch.cat([s for m in self._batchnorm for s in (m.running_mean, m.running_var)])
+        finite = torch.isfinite(stats).all().to(labels.dtype)[None]
+        host = torch.cat([labels, finite]).cpu().numpy().astype(np.int64)
+        if not host[-1]:
+            raise ValueError(
+                "the batch's values are too large for the encoder: BatchNorm's running "
+                "statistics overflow to infinity (send features on their usual scale, or keep "
+                "standardize=True)"
+            )
+        return host[:-1]
 
     def _set_log_prior(self, prior: np.ndarray) -> None:
         self.log_prior_ = torch.log(torch.as_tensor(prior, dtype=torch.float32)).to(self.device_)
@@ -618,18 +695,19 @@ class OnlineClusterer(
         """Start over: ``epochs`` shuffled passes over X, one step per batch; returns self.
 
         ``labels_`` is then ``predict(X)``. ``callback`` gets each step's report. ``y`` is
-        ignored.
+        ignored. A fit refused for its parameters leaves the model as it was; one that fails
+        after that leaves it unfitted.
         """
-        if not isinstance(epochs, numbers.Integral) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        arr = self._validated(X, reset=True)
-        self._build(arr.shape[1:])  # a new network, centroids and optimiser: fit starts over
-        self._warn_views()
-        rng = np.random.default_rng(self._seed)
-        self._in_fit = True  # the batches below are slices of the checked X
+        for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.validate_params()
         try:
+            arr = self._validated(X, reset=True)
+            self._build(arr.shape[1:])  # a new network, centroids and optimiser: fit starts over
+            self._warn_views()
+            rng = np.random.default_rng(self._seed)
+            self._in_fit = True  # the batches below are slices of the checked X
             for _ in range(epochs):
                 order = rng.permutation(len(arr))
                 for start in range(0, len(arr), batch_size):
@@ -649,7 +727,7 @@ class OnlineClusterer(
     def transform(self, X: Any) -> np.ndarray:
         """Latents f(x), shape (N, latent_dim); float32 for float32 input, else float64."""
         arr = self._checked(X)
-        out = np.empty((len(arr), self.latent_dim), dtype=out_dtype(arr))
+        out = np.empty((len(arr), self.encoder_config_.latent_dim), dtype=out_dtype(arr))
         for rows, z, _ in self._chunks(arr):
             out[rows] = z.cpu().numpy()
         return out

@@ -449,8 +449,15 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standardize(X: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance per feature (per channel for windows), constant features kept."""
+    """Zero mean, unit variance per feature (per channel for windows), constant features kept:
+    those whose spread is at most a millionth of their mean's magnitude (or below float32's
+    smallest normal number), as the model's running scaler counts them, on any scale.
+
+    >>> standardize(np.array([[1e-7, 5.0], [3e-7, 5.0]], dtype=np.float32)).round(3).tolist()
+    [[-1.0, 0.0], [1.0, 0.0]]
+    """
     axes = (0,) if X.ndim == 2 else (0, *range(2, X.ndim))
     mean = X.mean(axis=axes, keepdims=True)
     std = X.std(axis=axes, keepdims=True)
-    return ((X - mean) / np.where(std < 1e-6, 1.0, std)).astype(np.float32)
+    constant = std <= np.maximum(1e-6 * np.abs(mean), np.finfo(np.float32).tiny)
+    return ((X - mean) / np.where(constant, 1.0, std)).astype(np.float32)

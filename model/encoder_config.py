@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 __all__ = [
-    "DEFAULT_HIDDEN", "ENCODERS", "HIDDEN_NORMS", "IMAGE_KINDS", "LATENT_NORMS", "NORM_EPS",
-    "WINDOW_KINDS", "EncoderConfig", "mlp_program",
+    "DEFAULT_HIDDEN", "ENCODERS", "HIDDEN_NORMS", "IMAGE_KINDS", "LATENT_NORMS",
+    "MIN_LAYER_NORM_DIM", "NORM_EPS", "WINDOW_KINDS", "EncoderConfig", "mlp_program",
 ]
 
 ENCODERS = ("mlp", "conv1d", "cnn", "convnet", "lenet", "lenet1d")
@@ -28,6 +28,8 @@ DEFAULT_HIDDEN = {
 LATENT_NORMS = ("layer", "batch", "none")
 HIDDEN_NORMS = ("batch", "none")  # after each hidden layer; "none" only for the MLP
 NORM_EPS = 1e-5  # eps of the latent LayerNorm / BatchNorm1d
+# LayerNorm (no affine) maps every latent of 1 dimension to 0 and of 2 to (-1, 1) or (1, -1)
+MIN_LAYER_NORM_DIM = 3
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,9 @@ class EncoderConfig:
         (D,) is a vector (``mlp``); (C, T) with C <= 32 channels and more readings than
         channels, T > C, is a sensor window (``conv1d``); any other (H, W), and every
         (C, H, W), is an image (``convnet``). A wide image such as (28, 32) therefore reads as a
-        window: send it as (1, 28, 32), or pass ``kind="convnet"``.
+        window: send it as (1, 28, 32), or pass ``kind="convnet"``. The MLP takes any shape
+        (flattened); ``ValueError`` for a kind that does not take the shape, and for LayerNorm
+        latents of fewer than :data:`MIN_LAYER_NORM_DIM` dimensions.
 
         >>> [EncoderConfig.for_shape(s).kind for s in [(64,), (6, 128), (28, 28), (28, 32),
         ...                                            (1, 28, 32)]]
@@ -91,8 +95,18 @@ class EncoderConfig:
                 raise ValueError(f"no encoder for per-sample shape {shape}")
         if kind not in ENCODERS:
             raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
+        ranks = (2,) if kind in WINDOW_KINDS else (2, 3) if kind in IMAGE_KINDS else None
+        if ranks is not None and len(shape) not in ranks:
+            takes = "windows (C, T)" if kind in WINDOW_KINDS else "images (H, W) or (C, H, W)"
+            raise ValueError(f"encoder {kind!r} takes {takes}, got per-sample shape {shape}")
         if latent_norm == "auto":
             latent_norm = "none" if kind in IMAGE_KINDS else "layer"
+        if latent_norm == "layer" and latent_dim < MIN_LAYER_NORM_DIM:
+            raise ValueError(
+                f"latent_dim must be at least {MIN_LAYER_NORM_DIM} with LayerNorm latents (the "
+                f"default for vectors and windows), got {latent_dim}: LayerNorm maps every latent "
+                "of 1 or 2 dimensions onto 1 or 2 points (use latent_norm 'batch' or 'none')"
+            )
         default_hidden = DEFAULT_HIDDEN[kind]
         return cls(
             kind, shape, int(latent_dim), tuple(hidden) if hidden else default_hidden, latent_norm,

@@ -46,7 +46,7 @@ class MLPEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        width = cfg.input_shape[0]
+        width = math.prod(cfg.input_shape)  # the flattened sample (a window, an image)
         for h in cfg.hidden:
             norm = [nn.BatchNorm1d(h)] if cfg.hidden_norm == "batch" else []
             layers += [nn.Linear(width, h), *norm, nn.ReLU()]

@@ -43,6 +43,7 @@ __all__ = [
     "METRICS",
     "PRIOR_CHOICES",
     "PROBES",
+    "RESERVED_PARAMS",
     "check_reference_batches",
     "default_epochs",
     "evaluate",
@@ -68,6 +69,8 @@ IMBALANCE_PROFILES: dict[str, tuple[float, ...]] = {
     "imb3": tuple(round(1.0 - 0.1 * i, 2) for i in range(10)),  # 1, .9, ..., .1
 }
 PRIOR_CHOICES = ("uniform", "true", "online")
+#: OnlineClusterer parameters :func:`evaluate` sets for each run, which its ``params`` cannot
+RESERVED_PARAMS = ("n_clusters", "regulariser", "seed", "random_state")
 
 
 def imbalance_profile(name: str, k: int) -> np.ndarray:
@@ -230,11 +233,16 @@ def evaluate(
 
     ``epochs`` defaults to :func:`default_epochs` for the dataset's size (after ``limit``).
     ``reference=True`` adds ``KMeans`` and ``MiniBatchKMeans`` rows. ``params`` go to
-    :class:`OnlineClusterer` (e.g. ``sigma``, ``latent_dim``). ``imbalance`` (``imb1``, ``imb2``,
+    :class:`OnlineClusterer` (e.g. ``sigma``, ``latent_dim``), except those the protocol sets
+    for each run (:data:`RESERVED_PARAMS`: ``ValueError``). ``imbalance`` (``imb1``, ``imb2``,
     ``imb3``) subsamples the dataset by the paper's profile, a fresh subsample per seed;
     ``prior`` is ``uniform``, ``true`` (the class frequencies of the evaluated data) or
     ``online`` (estimated from the stream).
     """
+    reserved = sorted(set(params) & set(RESERVED_PARAMS))
+    if reserved:
+        raise ValueError(f"evaluate sets {', '.join(reserved)} itself (K: the dataset's classes; "
+                         "the seed: 0, 1, ... per run; the regulariser: from regularisers)")
     if datasets.ALIASES.get(dataset, dataset) == "daphnet":
         raise ValueError("daphnet is a reading stream: window it with the worker, not eval")
     if imbalance is not None and imbalance not in IMBALANCE_PROFILES:

@@ -43,8 +43,11 @@ def serving_tail(clf: OnlineClusterer) -> dict[str, torch.Tensor]:
         if not isinstance(head, nn.Linear) or head.bias is None:
             return {}
         tail |= {"head.weight": head.weight.float(), "head.bias": head.bias.float()}
-    stats = clf.scaler_.moments() if clf.standardize else None
+    stats = clf.scaler_.moments() if clf._as_built("standardize") else None
     if stats is not None:  # per feature for an MLP: what the kernel standardises with
+        if clf.encoder_config_.kind == "mlp":  # of the flattened sample (per channel: repeated)
+            shape = (1, *clf.input_shape_)
+            stats = tuple(clf.scaler_._expand(s).expand(shape).reshape(-1) for s in stats)
         tail |= {"scaler.mean": stats[0].float(), "scaler.std": stats[1].float()}
         if clf.scaler_.clip is not None:  # the built model's (a later set_params builds nothing)
             tail["scaler.clip"] = torch.tensor([float(clf.scaler_.clip)])
@@ -65,7 +68,7 @@ def export(clf: OnlineClusterer) -> Inference:
         centroids = clf.reg_.serving_centroids(clf.centroids_).detach().clone()
     head = clf.reg_.serving_head()
     return TorchInference(
-        copy.deepcopy(clf.scaler_) if clf.standardize else None,
+        copy.deepcopy(clf.scaler_) if clf._as_built("standardize") else None,
         copy.deepcopy(clf.encoder_).eval(),
         centroids,
         clf.sigma_,

@@ -237,6 +237,9 @@ def compile_program(
             scale = weight / np.sqrt(var + eps)
             rows.append([AFFINE, dim, dim, put(scale), put(bias - mean * scale), 0])
         elif name == "standardize":
+            if np.size(p[0]) != dim or np.size(p[1]) != dim:
+                raise ValueError(f"standardize of {np.size(p[0])} means and {np.size(p[1])} "
+                                 f"standard deviations on {dim} features")
             rows.append([STANDARDIZE, dim, dim, put(p[0]), put(p[1]), put(p[2])])
         else:
             raise ValueError(f"unknown op {name!r}")

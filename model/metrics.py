@@ -103,13 +103,30 @@ def hungarian_map(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, int]:
 
 
 def cluster_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Clustering accuracy after the best one-to-one matching of clusters to classes."""
-    y_true = np.asarray(y_true, dtype=np.int64)
+    """Clustering accuracy after the best one-to-one matching of clusters to classes.
+
+    Any labels (negative, sparse, strings): only which samples share one counts.
+
+    >>> cluster_acc([-1, -1, 0, 0], [0, 0, 1, 1]), cluster_acc([0, 0, 10**6], [5, 5, -1])
+    (1.0, 1.0)
+    """
+    y_true, y_pred = _same_length(y_true, y_pred)
     if y_true.size == 0:
         return 0.0
-    mapping = hungarian_map(y_true, y_pred)
-    mapped = np.array([mapping[int(c)] for c in np.asarray(y_pred)], dtype=np.int64)
-    return float((mapped == y_true).mean())
+    classes = np.unique(y_true, return_inverse=True)[1]  # 0..C-1, as many as there are
+    clusters = np.unique(y_pred, return_inverse=True)[1]
+    mapping = hungarian_map(classes, clusters)
+    mapped = np.array([mapping[int(c)] for c in clusters], dtype=np.int64)
+    return float((mapped == classes).mean())
+
+
+def _same_length(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both label arrays (1-D), ``ValueError`` unless there is one label of each per sample."""
+    y_true, y_pred = np.asarray(y_true).ravel(), np.asarray(y_pred).ravel()
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} labels and y_pred {len(y_pred)}: one of "
+                         "each per sample")
+    return y_true, y_pred
 
 
 def nmi(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -124,6 +141,12 @@ def ari(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     from sklearn.metrics import adjusted_rand_score  # lazy, as above
 
     return float(adjusted_rand_score(y_true, y_pred))
+
+
+def _check_classes(y_true: np.ndarray) -> None:
+    """``ValueError`` for a negative class (the classes are histogram bins, 0, 1, ...)."""
+    if y_true.size and y_true.min() < 0:
+        raise ValueError(f"y_true must hold classes 0, 1, ... (non-negative), got {y_true.min()}")
 
 
 def _bins(k: int, y_true: np.ndarray | None) -> int:
@@ -169,7 +192,16 @@ def kl_star_hard(
     >>> import numpy as np
     >>> round(kl_star_hard(np.zeros(10, int), 1, np.arange(10)), 3)  # log 10: all in one
     2.303
+
+    ``ValueError`` for a cluster outside 0..k-1 or a negative class (the histograms count
+    labels as bins).
     """
+    y_pred = np.asarray(y_pred)
+    if y_pred.size and (y_pred.min() < 0 or y_pred.max() >= k):
+        raise ValueError(f"y_pred holds clusters outside 0..{k - 1}: "
+                         f"{y_pred.min()}..{y_pred.max()}")
+    if y_true is not None:
+        _check_classes(_same_length(y_true, y_pred)[0])
     n = _bins(k, y_true)
     q = _align(cluster_distribution(y_pred, n), y_true, y_pred)
     return kl_star(q, _reference(n, y_true, prior))
@@ -180,8 +212,11 @@ def kl_star_soft(
     y_true: np.ndarray | None = None,
     prior: np.ndarray | None = None,
 ) -> float:
-    """KL* of the summed soft assignments against the class frequencies (or the prior)."""
-    n = _bins(q_soft.shape[1], y_true)
+    """KL* of the summed soft assignments against the class frequencies (or the prior);
+    ``ValueError`` for a negative class."""
     y_pred = np.asarray(q_soft).argmax(axis=1)
+    if y_true is not None:
+        _check_classes(_same_length(y_true, y_pred)[0])
+    n = _bins(q_soft.shape[1], y_true)
     q = np.pad(soft_distribution(q_soft), (0, n - q_soft.shape[1]))
     return kl_star(_align(q, y_true, y_pred), _reference(n, y_true, prior))

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,21 +38,19 @@ class InferenceMixin:
     forward pass ``transform`` uses.
 
     The host class provides the fitted attributes (``encoder_``, ``encoder_config_``,
-    ``centroids_``, ``reg_``, ``scaler_``, ``input_shape_``), ``_tensor``, ``_validated`` and
-    ``__sklearn_is_fitted__``.
+    ``centroids_``, ``reg_``, ``scaler_``, ``input_shape_``), ``_tensor``, ``_validated``,
+    ``_as_built`` (a parameter as the model was built with it) and ``__sklearn_is_fitted__``.
     """
 
-    # the host's parameters and fitted attributes, declared for readers and type checkers
-    n_clusters: int
-    latent_dim: int
+    # the host's fitted attributes, declared for readers and type checkers
     sigma_: float
-    standardize: bool
     input_shape_: tuple[int, ...]
     encoder_: torch.nn.Module
     centroids_: torch.nn.Parameter
     reg_: Any
     scaler_: torch.nn.Module
     encoder_config_: Any
+    _as_built: Callable[[str], Any]
 
     def _check_fitted(self) -> None:
         if not self.__sklearn_is_fitted__():
@@ -78,9 +76,10 @@ class InferenceMixin:
         self.encoder_.eval()
         centroids = self.reg_.serving_centroids(self.centroids_)
         step = self._chunk_rows()
+        standardize = self._as_built("standardize")  # a later set_params changes nothing
         for start in range(0, len(arr), step):
             x = self._tensor(arr[start : start + step])
-            if self.standardize:
+            if standardize:
                 x = self.scaler_(x)
             z = self.encoder_(x)
             yield slice(start, start + len(x)), z, sq_distances(z, centroids)
@@ -114,7 +113,7 @@ class InferenceMixin:
         """Soft assignments, float64, shape (N, K): softmax(-D / (2 sigma)), or the method's
         own (CM/AE-CM: gamma)."""
         arr = self._checked(X)
-        out = np.empty((len(arr), self.n_clusters), dtype=np.float64)
+        out = np.empty((len(arr), len(self.centroids_)), dtype=np.float64)
         head = self.reg_.serving_head()
         for rows, z, d in self._chunks(arr):
             logits = serve(z, d.double(), self.sigma_, head)[2]

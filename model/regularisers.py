@@ -24,7 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -335,21 +337,37 @@ class MarginalVariance(PenalisedPull):
 
 
 def make_regulariser(name: str, **params: float) -> Regulariser:
-    """Build a registered regulariser by name, e.g. ``make_regulariser("sk", n_iter=3)``."""
+    """Build a registered regulariser by name, e.g. ``make_regulariser("sk", n_iter=3)``.
+
+    ``ValueError`` for an unknown name or keyword, a NaN or infinite number, or something other
+    than a number for a keyword whose default is one:
+
+    >>> make_regulariser("ent", lam="x")
+    Traceback (most recent call last):
+    ...
+    ValueError: bad reg_params for regulariser 'ent': lam='x' is not a finite number
+    """
     try:
         cls = REGULARISERS[name]
     except KeyError:
         raise ValueError(
             f"unknown regulariser {name!r}; choose from {', '.join(sorted(REGULARISERS))}"
         ) from None
-    for key, value in params.items():  # NaN or inf trained on to a FloatingPointError
-        if isinstance(value, float) and not math.isfinite(value):
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    for key, value in params.items():  # NaN or inf trained on to a FloatingPointError, a
+        number = _is_number(value)  # string to a TypeError mid-step
+        if (_is_number(defaults.get(key)) and not number) or (number and not math.isfinite(value)):
             raise ValueError(f"bad reg_params for regulariser {name!r}: {key}={value!r} is not "
                              "a finite number")
     try:
         return cls(**params)
     except TypeError as exc:  # an unknown or missing keyword: a bad reg_params, not a bug
         raise ValueError(f"bad reg_params for regulariser {name!r}: {exc}") from None
+
+
+def _is_number(value: object) -> bool:
+    """A real number, not a bool: a keyword whose default is one takes only numbers."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # the methods of model.seeds register themselves; importing them here (last, once every name

@@ -18,15 +18,23 @@ from torch import nn
 
 from oclust.model.encoders import IMAGE_KINDS, EncoderConfig
 
-__all__ = ["RunningScaler", "scaler_for"]
+__all__ = ["CONSTANT_SPREAD", "RunningScaler", "scaler_for"]
+
+#: A feature whose standard deviation is at most this fraction of its mean's magnitude (float32
+#: cannot tell its values apart) counts as constant, and passes through unscaled, as does one
+#: whose spread is below float32's smallest normal number. Relative, so that data on any scale
+#: (1e-7 as 1e7) is standardised
+CONSTANT_SPREAD = 1e-6
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 class RunningScaler(nn.Module):
     """Streaming per-feature (or per-channel) standardisation with Welford's batch update.
 
-    ``clip``: standardised values are clipped to ±clip (standard deviations); ``None``: not
-    clipped. A feature that is almost always constant (a border pixel, a rarely-firing sensor)
-    otherwise standardises to values of 20–200 on the rare samples where it moves, and those
+    A constant feature (:data:`CONSTANT_SPREAD`) passes through unscaled. ``clip``:
+    standardised values are clipped to ±clip (standard deviations); ``None``: not clipped. A
+    feature that is almost always constant (a border pixel, a rarely-firing sensor) otherwise
+    standardises to values of 20–200 on the rare samples where it moves, and those
     few inputs dominate the encoder's first layer; a sensor glitch does the same.
     """
 
@@ -59,7 +67,8 @@ class RunningScaler(nn.Module):
         if self.count.item() < 2:
             return None
         std = (self.m2 / (self.count - 1)).sqrt()
-        std = torch.where(std < 1e-6, torch.ones_like(std), std)  # constant features pass through
+        constant = std <= (self.mean.abs() * CONSTANT_SPREAD).clamp_min(FLOAT32_TINY)
+        std = torch.where(constant, torch.ones_like(std), std)  # constant features pass through
         return self.mean, std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

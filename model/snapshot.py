@@ -190,6 +190,12 @@ def _floats(value: Any) -> list[float]:
     return [float(p) for p in value]
 
 
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"expected a list of strings, got {value!r}")
+    return list(value)
+
+
 def _created(value: Any) -> float | None:
     """A creation time that is not a number reads as unknown (``None``), never as an error."""
     return float(value) if isinstance(value, int | float) else None
@@ -246,6 +252,9 @@ class Manifest:
     init: str = "kmeans"
     views: bool = False  # augmented views in training; absent (older manifests): none
     seed: int | None = None
+    # the column names of the DataFrame the model was fitted on (its feature_names_in_, which
+    # inference checks); None: fitted on unnamed data, or a manifest older than the field
+    feature_names: list[str] | None = None
     # training progress and the stream position it covers
     samples_seen: int = 0
     steps: int = 0
@@ -299,7 +308,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "regulariser": str, "reg_params": _mapping, "n_clusters": _count, "input_shape": _shape,
     "encoder": _mapping, "latent_dim": _count, "sigma": float, "prior": _floats,
     "prior_mode": str, "lr": float, "betas": _floats, "standardize": _flag, "clip": float,
-    "init": str, "views": _flag, "seed": _integer, "samples_seen": _count, "steps": _count,
+    "init": str, "views": _flag, "seed": _integer, "feature_names": _strings,
+    "samples_seen": _count, "steps": _count,
     "offsets": _offsets, "offset_state": _offset_state, "metrics": _mapping,
 }
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from oclust.model.encoder_config import HIDDEN_NORMS
+from oclust.model.encoder_config import ENCODERS, HIDDEN_NORMS, MIN_LAYER_NORM_DIM
 from oclust.model.encoder_config import LATENT_NORMS as ENCODER_LATENT_NORMS
 from oclust.model.priors import SETTINGS, OnlinePrior, resolve_prior
 
@@ -31,6 +31,7 @@ __all__ = [
     "check_assignment_inputs",
     "check_finite",
     "check_input",
+    "check_live_params",
     "check_params",
     "check_positive",
     "check_prior_params",
@@ -94,7 +95,7 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
     """Check an :class:`~oclust.model.clusterer.OnlineClusterer`'s parameters; ``ValueError`` if
     bad."""
     k = est.n_clusters
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+    if not _whole(k) or k < 1:
         raise ValueError(f"n_clusters must be a positive integer, got {k!r}")
     if not isinstance(est.regulariser, str) or est.regulariser not in regularisers:
         raise ValueError(
@@ -111,27 +112,55 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
         raise ValueError(
             f"hidden_norm must be one of {', '.join(HIDDEN_NORMS)}, got {est.hidden_norm!r}"
         )
-    auto = isinstance(est.views, str) and est.views == "auto"
-    if not (auto or isinstance(est.views, (bool, np.bool_))):
-        raise ValueError(f"views must be 'auto', True or False, got {est.views!r}")
-    if est.sigma is not None and not _positive_finite(est.sigma):
-        raise ValueError(f"sigma must be None or a positive finite number, got {est.sigma!r}")
+    check_live_params(est)
     if est.clip is not None and not _valid_clip(est.clip):
         raise ValueError(f"clip must be None or a number in (0, {MAX_CLIP:g}], got {est.clip!r}")
-    if not isinstance(est.latent_dim, numbers.Integral) or est.latent_dim < 1:
+    if not _whole(est.latent_dim) or est.latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {est.latent_dim!r}")
+    if est.latent_norm == "layer" and est.latent_dim < MIN_LAYER_NORM_DIM:
+        raise ValueError(
+            f"latent_dim must be at least {MIN_LAYER_NORM_DIM} with latent_norm 'layer', got "
+            f"{est.latent_dim!r}: LayerNorm maps every latent of 1 or 2 dimensions onto 1 or 2 "
+            "points (use latent_norm 'batch' or 'none')"
+        )
+    if not (isinstance(est.encoder, str) and est.encoder in ("auto", *ENCODERS)):
+        raise ValueError(f"encoder must be 'auto' or one of {', '.join(ENCODERS)}, got "
+                         f"{est.encoder!r}")
+    hidden = est.hidden
+    if hidden is not None and not (
+        isinstance(hidden, (tuple, list)) and hidden and all(_whole(h) and h > 0 for h in hidden)
+    ):
+        raise ValueError(f"hidden must be None or a non-empty sequence of positive integers, got "
+                         f"{hidden!r}")
+    if not isinstance(est.device, str):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {est.device!r}")
+    if not isinstance(est.standardize, (bool, np.bool_)):
+        raise ValueError(f"standardize must be True or False, got {est.standardize!r}")
     if not _positive_finite(est.lr):
         raise ValueError(f"lr must be a positive finite number, got {est.lr!r}")
     if not _valid_betas(est.betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {est.betas!r}")
-    if est.reg_params is not None and not isinstance(est.reg_params, dict):
-        raise ValueError(f"reg_params must be a dict or None, got {est.reg_params!r}")
+    if est.reg_params is not None and not (
+        isinstance(est.reg_params, dict) and all(isinstance(k, str) for k in est.reg_params)
+    ):
+        raise ValueError(f"reg_params must be a dict of keyword arguments or None, got "
+                         f"{est.reg_params!r}")
     resolve_prior(est.prior, int(k))  # raises ValueError for a bad prior
     check_prior_params(est.prior_params)
     for name in ("random_state", "seed"):
         state = getattr(est, name)
         if state is not None and not isinstance(state, (numbers.Integral, *_GENERATORS)):
             raise ValueError(f"{name} must be None, an int or a numpy generator, got {state!r}")
+
+
+def check_live_params(est: Any) -> None:
+    """``ValueError`` unless ``sigma`` and ``views``, the parameters a built
+    :class:`~oclust.model.clusterer.OnlineClusterer` follows live, are valid."""
+    auto = isinstance(est.views, str) and est.views == "auto"
+    if not (auto or isinstance(est.views, (bool, np.bool_))):
+        raise ValueError(f"views must be 'auto', True or False, got {est.views!r}")
+    if est.sigma is not None and not _positive_finite(est.sigma):
+        raise ValueError(f"sigma must be None or a positive finite number, got {est.sigma!r}")
 
 
 def clip_option(value: float) -> float | None:
@@ -178,6 +207,11 @@ def check_prior_params(params: Any) -> None:
 def _valid_clip(x: Any) -> bool:
     """A clip of standardised inputs: a number in (0, :data:`MAX_CLIP`]."""
     return _positive_finite(x) and x <= MAX_CLIP
+
+
+def _whole(x: Any) -> bool:
+    """An integer, not a bool (``True`` is an ``Integral`` to Python)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _positive_finite(x: Any) -> bool:

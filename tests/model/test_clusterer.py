@@ -59,6 +59,21 @@ def test_bad_prior_rejected_before_any_training(prior, match):
         ({"clip": 1e7}, "clip"),
         ({"views": "yes"}, "views"),
         ({"views": 1}, "views"),
+        ({"hidden": (0,)}, "hidden"),  # an IndexError inside torch
+        ({"hidden": (-3,)}, "hidden"),  # a RuntimeError
+        ({"hidden": (8.5,)}, "hidden"),  # a TypeError
+        ({"hidden": 8}, "hidden"),  # a TypeError
+        ({"hidden": ()}, "hidden"),  # silently the default
+        ({"hidden": (True,)}, "hidden"),
+        ({"device": "tpu"}, "device"),  # a RuntimeError
+        ({"device": 0}, "device"),  # a RuntimeError
+        ({"encoder": "foo"}, "encoder"),
+        ({"standardize": "no"}, "standardize"),  # accepted, and taken as True
+        ({"latent_dim": True}, "latent_dim"),  # accepted as 1
+        ({"latent_dim": 2, "latent_norm": "layer"}, "latent_dim must be at least 3"),
+        ({"regulariser": "ent", "reg_params": {"lam": "x"}}, "lam='x'"),  # a TypeError mid-step
+        ({"reg_params": {"n_iter": 5}}, "n_iter"),  # not one of ca's: refused by _build only
+        ({"reg_params": {1: 5}}, "reg_params"),
     ],
 )
 def test_bad_parameters_rejected_by_fit(params, match):
@@ -66,6 +81,113 @@ def test_bad_parameters_rejected_by_fit(params, match):
         OnlineClusterer(**params).fit(_data(8))
     with pytest.raises(ValueError, match=match):
         OnlineClusterer(**params).validate_params()
+
+
+@pytest.mark.parametrize(
+    ("shape", "params", "match"),
+    [((8,), {"encoder": "convnet"}, "encoder 'convnet' takes images"),  # RuntimeErrors in torch
+     ((3, 16), {"encoder": "lenet1d", "latent_norm": "none"}, None),
+     ((8,), {"encoder": "conv1d"}, "encoder 'conv1d' takes windows"),
+     ((2, 3, 4, 5), {"encoder": "lenet"}, "encoder 'lenet' takes images"),
+     ((8,), {"latent_dim": 2}, "latent_dim must be at least 3 with LayerNorm"),  # collapsed
+     ((3, 40), {"latent_dim": 1}, "latent_dim must be at least 3 with LayerNorm"),
+     ((8,), {"latent_dim": 2, "latent_norm": "none"}, None),
+     ((8, 8), {"latent_dim": 2}, None)],  # images: raw latents
+)
+def test_fit_refuses_an_encoder_that_cannot_take_the_data(shape, params, match):
+    X = np.random.default_rng(0).normal(size=(32, *shape)).astype(np.float32)
+    clf = OnlineClusterer(n_clusters=2, random_state=0, **{"hidden": (4,), **params})
+    if match is None:
+        assert clf.fit(X).predict(X).shape == (32,)
+        return
+    with pytest.raises(ValueError, match=match):
+        clf.fit(X)
+    assert not clf.is_fitted
+    with pytest.raises(ValueError, match=match):
+        clf.partial_fit(X)
+    assert not clf.is_fitted
+
+
+def test_the_mlp_takes_windows_flattened():
+    X = np.random.default_rng(0).normal(size=(64, 3, 16)).astype(np.float32)
+    clf = _small(encoder="mlp").fit(X)  # was a shape error: a first layer 3 wide, not 48
+    assert clf.encoder_[0].net[0].in_features == 48
+    np.testing.assert_array_equal(clf.export()(X).labels, clf.predict(X))  # the compiled kernel
+    np.testing.assert_array_equal(OnlineClusterer.from_snapshot(clf.to_snapshot()).predict(X),
+                                  clf.predict(X))
+
+
+@pytest.mark.parametrize("bad", [{"epochs": True}, {"batch_size": True}])
+def test_fit_refuses_bools_for_counts(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _small().fit(_data(8), **bad)
+
+
+def test_a_refit_refused_for_its_parameters_leaves_the_model_as_it_was():
+    X = _data(64)
+    clf = _small().fit(X)
+    before, steps = clf.predict(X), clf.steps_
+    clf.set_params(reg_params={"n_iter": 5})  # sk's, not ca's
+    with pytest.raises(ValueError, match="unexpected keyword argument 'n_iter'"):
+        clf.validate_params()  # it passed, and fit swapped in a fresh encoder before failing
+    with pytest.raises(ValueError, match="n_iter"):
+        clf.fit(X)
+    assert clf.is_fitted and clf.steps_ == steps
+    np.testing.assert_array_equal(clf.predict(X), before)
+    in_adam = {id(p) for group in clf.optimizer_.param_groups for p in group["params"]}
+    assert all(id(p) in in_adam for p in clf.encoder_.parameters())  # it trains what it serves
+    clf.set_params(reg_params=None).partial_fit(X).to_snapshot()
+
+
+def test_a_refit_that_fails_to_build_leaves_the_model_unfitted():
+    rng = np.random.default_rng(0)
+    clf = OnlineClusterer(n_clusters=3, encoder="lenet", hidden=(4, 4), random_state=0)
+    clf.fit(rng.normal(size=(32, 16, 16)).astype(np.float32))
+    with pytest.raises(ValueError, match="too small"):  # two 5x5 convolutions: 8x8 is too small
+        clf.fit(rng.normal(size=(32, 8, 8)).astype(np.float32))
+    assert not clf.is_fitted  # it was, with the new encoder config and the old encoder
+    with pytest.raises(ValueError, match="not seen any data"):
+        clf.to_snapshot()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("n_clusters", 5), ("n_clusters", 0), ("latent_dim", 6), ("hidden", (4,)),
+     ("regulariser", "sk"), ("reg_params", {"bogus": 1}), ("prior", [0.5, 0.3, 0.2]),
+     ("prior", "online"), ("prior_params", {"max_kl": 0.1}), ("lr", 0.5), ("betas", (0.5, 0.6)),
+     ("clip", 1.0), ("standardize", False), ("device", "cpu"), ("encoder", "mlp"),
+     ("latent_norm", "none"), ("hidden_norm", "none"), ("init", "normal"), ("random_state", 1),
+     ("seed", 1)],
+)
+def test_partial_fit_refuses_parameters_set_that_the_built_model_cannot_follow(name, value):
+    X = _data(64)
+    clf = _small().fit(X)
+    before, prior, steps = clf.predict(X), clf.prior_, clf.steps_
+    clf.set_params(**{name: value})
+    with pytest.raises(ValueError, match=f"^{name} changed after the model was built.*call fit"):
+        clf.partial_fit(X)  # it was ignored, or broke on shapes, or divided by K = 0
+    assert clf.steps_ == steps
+    # inference and snapshots answer as the model was built
+    np.testing.assert_array_equal(clf.predict(X), before)
+    np.testing.assert_array_equal(clf.prior_, prior)  # what CA trains with, as is the manifest's
+    assert clf.transform(X).shape == (64, 8) and clf.soft_assign(X).shape == (64, 3)
+    manifest = clf.to_snapshot().manifest
+    assert (manifest["n_clusters"], manifest["prior"]) == (3, prior.tolist())
+    assert manifest["regulariser"] == "ca" and manifest["standardize"] is True
+    if value != 0 and name != "reg_params":  # valid: fit builds the model they describe
+        assert clf.fit(X).partial_fit(X).steps_ == 2
+
+
+def test_partial_fit_follows_sigma_and_views_set_on_a_built_model():
+    X = _data(64)
+    clf = OnlineClusterer.from_snapshot(  # a restored online prior keeps its saved settings
+        _small(prior="online", prior_params={"max_kl": 0.1}).fit(X).to_snapshot())
+    clf.set_params(sigma=3.0, views=True).partial_fit(X)
+    assert clf.sigma_ == 3.0 and clf.views_ and clf.steps_ == 2
+    with pytest.raises(ValueError, match="sigma must be None or a positive finite number"):
+        clf.set_params(sigma=-1.0).partial_fit(X)
+    with pytest.raises(ValueError, match="views must be"):
+        clf.set_params(sigma=None, views="yes").partial_fit(X)
 
 
 def test_bad_batches_raise_clear_value_errors():
@@ -427,6 +549,20 @@ def test_a_refused_batch_leaves_the_running_statistics_as_they_were() -> None:
     assert all(torch.equal(after[k], v) for k, v in before.items())  # BatchNorm's went NaN
     assert clf.steps_ == steps and (clf.predict(X) == labels).all()
     clf.partial_fit(X[192:]).to_snapshot()  # trains and snapshots on, as before the batch
+
+
+def test_a_batch_that_overflows_batchnorms_statistics_is_refused() -> None:
+    X = _data(64, 5)
+    clf = OnlineClusterer(n_clusters=3, latent_dim=4, standardize=False, seed=0).fit(X, epochs=3)
+    before = {k: v.clone() for k, v in clf.encoder_.named_buffers()}
+    labels, steps = clf.predict(X), clf.steps_
+    huge = np.vstack([X[:10], np.full((2, 5), 1e20, np.float32)])  # finite, latents normalised
+    with pytest.raises(ValueError, match="BatchNorm's running statistics overflow"):
+        clf.partial_fit(huge)  # the running variance went inf: predict served one cluster
+    after = dict(clf.encoder_.named_buffers())
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert clf.steps_ == steps and (clf.predict(X) == labels).all()
+    clf.partial_fit(X).to_snapshot()  # trains and snapshots on (the snapshot was refused)
 
 
 def test_weights_blown_up_by_the_learning_rate_raise_floating_point_error() -> None:

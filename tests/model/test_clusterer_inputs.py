@@ -114,6 +114,22 @@ def test_dataframes_with_reordered_and_mixed_columns():
         a.predict(df)
 
 
+def test_a_restored_model_checks_the_columns_it_was_fitted_on():
+    df = pd.DataFrame(np.random.default_rng(2).normal(size=(80, D)), columns=list("abcde"))
+    clf = _small().fit(df)
+    back = OnlineClusterer.from_snapshot(clf.to_snapshot())  # it had neither
+    assert back.n_features_in_ == D
+    np.testing.assert_array_equal(back.feature_names_in_, list("abcde"))
+    np.testing.assert_array_equal(back.get_feature_names_out(), clf.get_feature_names_out())
+    with pytest.raises(ValueError, match="Feature names must be in the same order"):
+        back.predict(df[list("edcba")])  # was accepted, and misread
+    np.testing.assert_array_equal(back.predict(df), clf.predict(df))
+    plain = OnlineClusterer.from_snapshot(_small().fit(df.to_numpy()).to_snapshot())
+    assert plain.n_features_in_ == D and not hasattr(plain, "feature_names_in_")
+    with pytest.raises(ValueError, match="X has 4 features"):
+        plain.predict(df.to_numpy()[:, :4].tolist())
+
+
 def test_clear_errors_for_flattened_images_and_non_numeric_columns():
     images = np.random.default_rng(3).random((64, 8, 8)).astype(np.float32)
     clf = OnlineClusterer(3, latent_dim=4, hidden=(4,), seed=0).partial_fit(images)

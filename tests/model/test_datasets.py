@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
-from oclust.model import datasets
+from oclust.model import OnlineClusterer, datasets, metrics
+from oclust.model.scaler import RunningScaler
 
 
 @pytest.mark.parametrize(
@@ -33,6 +35,29 @@ def test_standardize_per_channel():
     Z = datasets.standardize(X)
     np.testing.assert_allclose(Z.mean(axis=(0, 2)), 0, atol=1e-5)
     np.testing.assert_allclose(Z.std(axis=(0, 2)), 1, atol=1e-4)
+
+
+def test_constant_features_are_relative_to_their_level():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 3)).astype(np.float32)
+    X[:, 1], X[:, 2] = 7.0, 0.0  # constant: kept as they are, centred
+    for scale in (1.0, 1e-7, 1e7):  # 1e-7: its spread was under the absolute 1e-6, kept raw
+        Z = datasets.standardize((X * scale).astype(np.float32))
+        np.testing.assert_allclose(Z.std(axis=0), [1, 0, 0], atol=1e-4)
+        scaler = RunningScaler((3,), (0,))
+        scaler.update(torch.from_numpy((X * scale).astype(np.float32)))
+        np.testing.assert_allclose(scaler.moments()[1], [X[:, 0].std(ddof=1) * scale, 1, 1],
+                                   rtol=1e-4)
+
+
+def test_data_on_a_small_scale_clusters_as_on_its_own():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    X = (rng.normal(size=(3, 5))[y] * 4 + rng.normal(size=(600, 5))).astype(np.float32)
+    for scale in (1.0, 1e-7):  # 1e-7: ACC at chance (0.37), the scaler left it unscaled
+        Xs = (X * scale).astype(np.float32)
+        clf = OnlineClusterer(n_clusters=3, latent_dim=8, random_state=0).fit(Xs, epochs=3)
+        assert metrics.cluster_acc(y, clf.predict(Xs)) > 0.95
 
 
 # ----------------------------------------------------------------------------- FashionMNIST

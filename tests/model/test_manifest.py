@@ -54,7 +54,7 @@ def test_unknown_fields_are_kept_and_the_checksum_still_holds(snap: Snapshot) ->
 
 def test_an_old_manifest_without_the_newer_fields_still_loads(snap: Snapshot) -> None:
     dropped = ("seed", "init", "prior_mode", "prior_state", "reg_params", "offsets", "steps",
-               "integrity", "views")
+               "integrity", "views", "feature_names")
     old = {k: v for k, v in snap.manifest.items() if k not in dropped}
     legacy = Snapshot(snap.weights, {**old, "format": LEGACY_FORMAT})
     m = legacy.meta
@@ -79,6 +79,8 @@ def test_adam_betas_are_saved_and_restored() -> None:
 def test_missing_or_mistyped_fields_are_snapshot_errors(snap: Snapshot) -> None:
     with pytest.raises(SnapshotError, match="'offsets' is bad"):
         Manifest.from_dict({**snap.manifest, "offsets": [1, 2]})
+    with pytest.raises(SnapshotError, match="'feature_names' is bad"):
+        Manifest.from_dict({**snap.manifest, "feature_names": "abc"})
     with pytest.raises(SnapshotError, match="'version' is bad"):
         int(Snapshot(snap.weights, {**snap.manifest, "version": "three"}).version)
     no_sigma = {k: v for k, v in snap.manifest.items() if k != "sigma"}

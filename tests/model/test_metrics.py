@@ -62,3 +62,28 @@ def test_kl_star_counts_every_class_when_there_are_fewer_clusters() -> None:
     five = y // 2  # five clusters, two classes each: half of the classes get nothing
     assert metrics.kl_star_hard(five, 5, y) == pytest.approx(math.log(2))
     assert metrics.kl_star_hard(y, 10, y) == pytest.approx(0.0)  # as many: unchanged
+
+
+def test_acc_takes_any_labels_and_needs_one_of_each_per_sample() -> None:
+    perfect = [([-1, -1, 0, 0], [0, 0, 1, 1]),  # was 0.5: np.add.at wrapped -1 round
+               ([0, 0, 1, 1], [-1, -1, 5, 5]),  # a KeyError
+               ([0, 10**6], [0, 1]),  # a MemoryError: a 10**6 x 10**6 matrix
+               (["a", "b"], [0, 1])]
+    for y_true, y_pred in perfect:
+        assert metrics.cluster_acc(np.array(y_true), np.array(y_pred)) == 1.0
+    assert metrics.cluster_acc(np.array([7, 7, 7, 3]), np.array([-2, 9, 9, 9])) == 0.5
+    with pytest.raises(ValueError, match="y_true has 3 labels and y_pred 2"):  # an IndexError
+        metrics.cluster_acc(np.array([0, 1, 1]), np.array([0, 1]))
+
+
+def test_kl_star_refuses_labels_outside_its_bins() -> None:
+    with pytest.raises(ValueError, match=r"clusters outside 0\.\.1"):  # 5s were dropped silently
+        metrics.kl_star_hard(np.array([0, 0, 5, 5]), 2)
+    with pytest.raises(ValueError, match=r"clusters outside 0\.\.1"):
+        metrics.kl_star_hard(np.array([-1, 0]), 2)
+    with pytest.raises(ValueError, match="non-negative"):  # a bincount error
+        metrics.kl_star_hard(np.array([0, 0, 1, 1]), 2, np.array([-1, -1, 0, 0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.kl_star_soft(np.full((4, 2), 0.5), np.array([-1, -1, 0, 0]))
+    with pytest.raises(ValueError, match="y_true has 3 labels and y_pred 4"):
+        metrics.kl_star_hard(np.array([0, 0, 1, 1]), 2, np.array([0, 1, 1]))

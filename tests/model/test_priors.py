@@ -242,6 +242,13 @@ def test_evaluate_rejects_bad_imbalance_and_prior():
         evaluate("segments", ["ca"], seeds=1, epochs=1, prior="guess")
 
 
+@pytest.mark.parametrize("param", ["random_state", "seed", "n_clusters", "regulariser"])
+def test_evaluate_refuses_the_parameters_it_sets_for_each_run(param):
+    # random_state=0 made every seed's run the same (std 0); the others raised TypeErrors
+    with pytest.raises(ValueError, match=f"evaluate sets {param} itself"):
+        evaluate("segments", ["ca"], seeds=2, epochs=1, **{param: 3})
+
+
 def test_eval_cli_accepts_imbalance_prior_and_the_seed_methods():
     result = CliRunner().invoke(
         app,
