@@ -209,6 +209,9 @@ class ReadingIngest:
         until, spans = replay if replay is not None else (-1, [])
         for m in msgs:
             replayed = m.offset < until
+            if ended and not replayed:  # the replay ends here, not at the end of the fetch
+                self.assembler.end_replay(partition)
+                ended = False
             if replayed and not _within(m.offset, spans):  # trained (or dead-lettered) before
                 self._pass_over(m)
                 continue
@@ -231,11 +234,11 @@ class ReadingIngest:
         return rejects
 
     def _pass_over(self, m: Any) -> None:
-        """A replayed reading that waits in no window: with gaps between windows it may have
-        been one of a gap's readings, and counts as one again (a waiting window formed again
-        reopens its gap, which those readings closed)."""
-        if self.assembler.hop <= self.assembler.size:
-            return  # no gaps: nothing to count
+        """A replayed reading that waits in no window counts as a push again: for the idle
+        devices, and with gaps between windows it may have been one of a gap's readings (a
+        waiting window formed again reopens its gap, which those readings closed)."""
+        if self.assembler.hop <= self.assembler.size and self.assembler.idle_after is None:
+            return  # no gaps, no idle devices: nothing to count
         with contextlib.suppress(Exception):  # judged (or dead-lettered) the first time
             self.assembler.pass_over(self.decoder.decode(m.value, m.headers, m.key))
 

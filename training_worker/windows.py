@@ -60,7 +60,8 @@ class _Entry:
     seq: int
     reading: Reading
     source: Source | None
-    replayed: bool = False  # a resumed worker's waiting reading, until its replay ends
+    replayed: bool = False  # a resumed worker's waiting reading, until its replay ends or it
+    # is in a window again
 
     def __lt__(self, other: _Entry) -> bool:
         return (self.key, self.seq) < (other.key, other.seq)
@@ -95,7 +96,8 @@ class WindowAssembler:
         hop: readings between window starts (default ``size``: no overlap).
         idle_after: drop a device's partial buffer when it has received nothing during this
             many pushes to the assembler (``None``: never), so a silent device does not hold
-            the committed offsets back forever.
+            the committed offsets back forever. A resumed worker's replay counts the readings
+            it passes over (:meth:`pass_over`), as they were pushes the first time.
     """
 
     def __init__(self, size: int, hop: int | None = None, idle_after: int | None = None) -> None:
@@ -124,17 +126,19 @@ class WindowAssembler:
 
         ``replayed``: a reading a resumed worker replays because it was still waiting (in a
         buffer or an untrained window) is never part of a gap between windows (``hop > size``):
-        the gap's readings are not replayed, so the count would swallow the waiting ones.
+        the gap's readings are not replayed, so the count would swallow the waiting ones. Nor
+        is it late: it was taken in the first time, and the windows cut since the resume (from
+        other partitions' readings first, say) may have passed it.
         """
-        state = self._devices.setdefault(reading.device, _Device())
+        state = self._pushed(reading.device)
+        if state is None:
+            state = self._devices[reading.device] = _Device(last_push=self._pushes)
         if replayed:
             state.skip = 0
-        self._pushes += 1
         self._seq += 1
-        state.last_push = self._pushes
         entry = _Entry(_key(reading), self._seq, reading, source, replayed)
         buf = state.buffer
-        floor = _late_against(state, entry)
+        floor = None if replayed else _late_against(state, entry)
         if floor is not None:
             raise DecodeError(
                 "late_reading",
@@ -148,21 +152,22 @@ class WindowAssembler:
         out = []
         while len(buf) >= self.size:
             out.append(self._window(reading.device, buf[: self.size]))
+            for e in buf[: self.size]:
+                e.replayed = False  # its window formed again: it may go idle like the others
             state.emitted = True
             drop = min(self.hop, len(buf))
             state.last_out = buf[drop - 1]
             del buf[:drop]
             state.skip = self.hop - drop
-        if self.idle_after is not None and self._pushes % self.idle_after == 0:
-            self._drop_idle()
         return out
 
     def pass_over(self, reading: Reading) -> None:
-        """Count ``reading`` into its device's gap between windows (``hop > size``) without
-        taking it: a resumed worker's replay of a reading the gap dropped the first time. A
-        reading that was late then is not counted, as it was not then.
+        """Count ``reading`` as a push without taking it: a resumed worker's replay of a reading
+        trained, dropped or dead-lettered the first time. It was a push then, which its device's
+        idle count and the idle checks saw, and may have been one of its device's gap between
+        windows (``hop > size``): it counts into that gap again, unless it was late then.
         """
-        state = self._devices.get(reading.device)
+        state = self._pushed(reading.device)
         if state is None or not state.skip:
             return
         if _late_against(state, _Entry(_key(reading), self._seq + 1, reading, None)) is None:
@@ -181,16 +186,38 @@ class WindowAssembler:
         return Window(device, data, entries[0].reading.ts, entries[-1].reading.ts, label, sources,
                       held)
 
-    def _drop_idle(self) -> None:
-        limit = self.idle_after or 0
-        idle = [d for d, s in self._devices.items() if self._pushes - s.last_push >= limit
-                and not any(e.replayed for e in s.buffer)]  # its window comes again: keep it
+    def _pushed(self, device: str) -> _Device | None:
+        """Count a push for ``device`` and drop the devices idle since; ``device``'s state, if
+        it has one, now the last of ``_devices`` (which runs from the least recently pushed).
+
+        Checked at every push, not every ``idle_after``: where a device goes idle then depends
+        on the pushes alone, so a resumed worker's replay drops it where the first run did.
+        """
+        self._pushes += 1
+        state = self._devices.pop(device, None)
+        if state is not None:
+            state.last_push = self._pushes
+            self._devices[device] = state
+        oldest = next(iter(self._devices.values()), None)
+        if self.idle_after is None or oldest is None or (
+                self._pushes - oldest.last_push < self.idle_after):
+            return state  # none idle
+        idle, kept = [], []
+        for d, s in self._devices.items():
+            if self._pushes - s.last_push < self.idle_after:
+                break
+            # a replayed reading's window has to form again: kept, and looked at after the others
+            (kept if any(e.replayed for e in s.buffer) else idle).append(d)
         for d in idle:
             self.dropped_idle += len(self._devices.pop(d).buffer)
+        for d in kept:
+            self._devices[d] = self._devices.pop(d)
+        return state
 
     def end_replay(self, partition: int) -> None:
         """``partition``'s replay is over: its replayed readings may go idle like the others
-        (kept until then, since a window they were in before the resume must form again)."""
+        (kept until then, or until they are in a window again: a window they were in before the
+        resume must form again, though other partitions' pushes come between differently)."""
         for state in self._devices.values():
             for e in state.buffer:
                 if e.source is not None and e.source[0] == partition:

@@ -44,6 +44,47 @@ def _store_down(*_args: Any, **_kw: Any) -> int:
     raise StoreError("the store is down")
 
 
+def _whole_and_resumed(readings: list[tuple[str, float | None]], assembler: Any,
+                       interrupt: int, trained: int, fetch: int = 1,
+                       ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The windows (their readings' offsets) trained by an uninterrupted readings ingest, and
+    by one stopped after ``interrupt`` messages with ``trained`` of its windows trained (the
+    rest of its queue lost: a crash after the snapshot), then resumed from that snapshot.
+
+    ``readings``: (device, ts) per message, fetched ``fetch`` at a time; ``assembler()``: a
+    fresh :class:`WindowAssembler`.
+    """
+    from types import SimpleNamespace as Msg
+
+    from oclust.training_worker.batching import SampleQueue
+    from oclust.training_worker.codec import ReadingDecoder
+    from oclust.training_worker.ingest import ReadingIngest
+
+    msgs = [Msg(offset=o, value=encode_reading(d, [float(o)], ts=ts)[0], headers=[], key=None)
+            for o, (d, ts) in enumerate(readings)]
+
+    def run(ingest: ReadingIngest, lo: int, hi: int) -> ReadingIngest:
+        for start in range(lo, hi, fetch):
+            ingest.decode(0, msgs[start : min(start + fetch, hi)])
+        return ingest
+
+    def windows(ingest: ReadingIngest, n: int | None = None) -> list[tuple[int, ...]]:
+        n = len(ingest.queue) if n is None else n
+        return [tuple(int(v) for v in w[0]) for w in ingest.queue.take(n).x] if n else []
+
+    def ingest() -> ReadingIngest:
+        return ReadingIngest(ReadingDecoder(), assembler(), SampleQueue())
+
+    whole = windows(run(ingest(), 0, len(msgs)))
+    first = run(ingest(), 0, interrupt)
+    before = windows(first, trained)
+    covered = min(interrupt, first.pending().get(0, interrupt))
+    held = first.resume_state({0: covered}, {0: interrupt}).get(0)
+    resumed = ingest()
+    resumed.resume_from(0, covered, held)
+    return whole, before + windows(run(resumed, covered, len(msgs)))
+
+
 def test_windows_trained_above_a_slow_devices_offset_are_not_trained_again(tmp_path) -> None:
     rng = np.random.default_rng(0)
     a = rng.normal(size=(10, 3)).astype(np.float32)  # device a: one reading now, nine later
@@ -345,7 +386,7 @@ def test_a_failing_channel_settle_never_stops_the_readings_ingest(monkeypatch: A
 
 
 def test_a_resumed_worker_keeps_an_idle_devices_waiting_window_until_it_forms_again() -> None:
-    # the replay passes over trained readings, so its idle checks fall elsewhere than the
+    # the replay passes over trained readings, so its idle checks fell elsewhere than the
     # first run's; a device whose buffer held a waiting window's first reading was dropped as
     # idle, and that window was committed, never trained
     from types import SimpleNamespace as Msg
@@ -356,28 +397,102 @@ def test_a_resumed_worker_keeps_an_idle_devices_waiting_window_until_it_forms_ag
     from oclust.training_worker.windows import WindowAssembler
 
     devices = ["d1", "d0", "d1", "d0", "d0", "d1", "d1"]
-    msgs = [Msg(offset=o, value=encode_reading(d, [float(o)], ts=float(o))[0], headers=[],
-                key=None) for o, d in enumerate(devices)]
+    whole, resumed = _whole_and_resumed([(d, float(o)) for o, d in enumerate(devices)],
+                                        lambda: WindowAssembler(2, hop=1, idle_after=2),
+                                        interrupt=6, trained=1)
+    assert whole == resumed == [(0, 2), (1, 3), (3, 4), (5, 6)]  # d1 idle at 4: (2, 5) never
+
+    # with several partitions the replay's pushes come between a waiting window's readings
+    # otherwise than the first run's did: the device is kept until that window forms again
+    ingest = ReadingIngest(ReadingDecoder(), WindowAssembler(2, idle_after=2), SampleQueue())
+    ingest.resume_from(0, 0, {"until": 2, "waiting": [[0, 2]]})  # a's window (0, 1) waits
+    ingest.resume_from(1, 0, {"until": 2, "waiting": [[0, 2]]})  # and b's (100, 101)
+
+    def msgs(partition: int, device: str, offsets: range) -> list[Msg]:
+        return [Msg(offset=o, value=encode_reading(device, [100.0 * partition + o],
+                                                   ts=float(o))[0], headers=[], key=None)
+                for o in offsets]
+
+    ingest.decode(0, msgs(0, "a", range(1)))
+    ingest.decode(1, msgs(1, "b", range(2)))  # a received nothing during 2 pushes
+    ingest.decode(0, msgs(0, "a", range(1, 2)))
+    assert [tuple(w[0]) for w in ingest.queue.take(2).x] == [(100, 101), (0, 1)]
+
+
+def test_a_resumed_worker_drops_idle_devices_where_the_first_run_did() -> None:
+    from oclust.training_worker.windows import WindowAssembler
+
+    # checked every idle_after pushes, counted from 0 again by the resumed worker: the checks
+    # fell elsewhere, and a, holding the reading 2 of the waiting window (2, 5), went idle at
+    # the first check after the replay (committed, never trained)
+    readings = [("b", 1.0), ("b", 2.0), ("a", 1.0), ("b", 3.0), ("b", 4.0), ("a", 2.0)]
+    whole, resumed = _whole_and_resumed(readings, lambda: WindowAssembler(2, 1, idle_after=2),
+                                        interrupt=3, trained=1)
+    assert whole == resumed == [(0, 1), (1, 3), (3, 4)]  # a idle at 4 (nothing at 3 and 4)
+
+    # the replay did not count the readings it passes over: a's late reading 5 (dead-lettered)
+    # kept a from going idle in the first run, not in the resumed one, and a's waiting reading
+    # 3 was dropped
+    readings = [("a", 0.0), ("a", 1.0), ("b", 0.0), ("a", 2.0), ("b", 1.0), ("a", 1.0),
+                ("b", 2.0), ("a", 3.0)]
+    whole, resumed = _whole_and_resumed(readings, lambda: WindowAssembler(2, idle_after=2),
+                                        interrupt=6, trained=0)
+    assert whole == resumed == [(0, 1), (2, 4), (3, 7)]
+
+
+def test_a_resumed_worker_keeps_no_device_the_first_run_dropped_as_idle() -> None:
+    from oclust.training_worker.windows import WindowAssembler
+
+    # a's reading 2 is in the waiting window (0, 1, 2) and stays for the next (hop 2), until
+    # a goes idle at 4; the resumed worker kept it until the replay ended, so a cut (2, 6, 7)
+    # and 8, of the waiting window (6, 7, 8), went idle with 7 (committed, never trained)
+    readings = [("a", 0.0), ("a", 1.0), ("a", 2.0), ("b", 0.0), ("b", 1.0), ("b", 2.0),
+                ("a", 3.0), ("a", 4.0), ("a", 5.0), ("b", 3.0), ("b", 4.0), ("b", 5.0),
+                ("b", 6.0)]
+    whole, resumed = _whole_and_resumed(readings, lambda: WindowAssembler(3, 2, idle_after=2),
+                                        interrupt=9, trained=0)
+    assert whole == resumed == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
+
+    # the replay ended with the fetch that reached past it, not where it did: a's waiting
+    # reading 0 was kept through the new readings 1 to 3, then a cut (0, 4), and 5 went idle
+    readings = [("a", 0.0), ("b", 0.0), ("b", 1.0), ("b", 2.0), ("a", 1.0), ("a", 2.0),
+                ("b", 3.0), ("b", 4.0)]
+    whole, resumed = _whole_and_resumed(readings, lambda: WindowAssembler(2, idle_after=2),
+                                        interrupt=1, trained=0, fetch=8)
+    assert whole == resumed == [(1, 2), (4, 5), (6, 7)]
+
+
+def test_a_replayed_waiting_reading_is_never_late() -> None:
+    # device d's window (100, 2) waits, made of a reading of each partition; resumed, partition
+    # 0 is fetched first, d's newer readings 3 and 4 cut a window, and 100 was rejected as
+    # late (dead-lettered, committed: its waiting window never formed again)
+    from types import SimpleNamespace as Msg
+
+    from oclust.training_worker.batching import SampleQueue
+    from oclust.training_worker.codec import ReadingDecoder
+    from oclust.training_worker.ingest import ReadingIngest
+    from oclust.training_worker.windows import WindowAssembler
+
+    ts = {(0, 0): 1.0, (0, 1): 2.0, (0, 2): 5.0, (0, 3): 6.0, (0, 4): 7.0, (1, 0): 4.0}
+
+    def msgs(partition: int, offsets: range) -> list[Msg]:
+        return [Msg(offset=o, value=encode_reading("d", [100.0 * partition + o],
+                                                   ts=ts[partition, o])[0], headers=[], key=None)
+                for o in offsets]
 
     def ingest() -> ReadingIngest:
-        return ReadingIngest(ReadingDecoder(), WindowAssembler(2, hop=1, idle_after=2),
-                             SampleQueue())
+        return ReadingIngest(ReadingDecoder(), WindowAssembler(2), SampleQueue())
 
-    def windows(queue: SampleQueue, n: int) -> list[tuple[int, ...]]:
-        return [tuple(int(v) for v in w[0]) for w in queue.take(n).x]
-
-    whole = ingest()
-    for m in msgs:
-        whole.decode(0, [m])
-    expected = windows(whole.queue, len(whole.queue))
-    assert expected == [(0, 2), (1, 3), (3, 4), (2, 5), (5, 6)]
     first = ingest()
-    for m in msgs[:6]:
-        first.decode(0, [m])
-    assert windows(first.queue, 1) == [(0, 2)]  # trained; (1, 3), (3, 4), (2, 5) wait
-    held = first.resume_state({0: 1}, {0: 6})[0]
+    for partition, offsets in [(0, range(2)), (1, range(1)), (0, range(2, 3))]:
+        assert first.decode(partition, msgs(partition, offsets)) == []
+    assert [tuple(w[0]) for w in first.queue.take(1).x] == [(0, 1)]  # trained; (100, 2) waits
+    covered = first.pending()
+    assert covered == {0: 2, 1: 0}
+    held = first.resume_state(covered, {0: 3, 1: 1})
     resumed = ingest()
-    resumed.resume_from(0, 1, held)
-    for m in msgs[1:]:
-        resumed.decode(0, [m])
-    assert windows(resumed.queue, len(resumed.queue)) == expected[1:]  # (2, 5) was lost
+    for partition in (0, 1):
+        resumed.resume_from(partition, covered[partition], held[partition])
+    assert resumed.decode(0, msgs(0, range(2, 5))) == []
+    assert resumed.decode(1, msgs(1, range(1))) == []  # was late_reading
+    assert [tuple(w[0]) for w in resumed.queue.take(2).x] == [(2, 3), (100, 4)]

@@ -101,8 +101,22 @@ def test_idle_devices_are_dropped():
     asm.push(Reading("quiet", 0.0, np.zeros(1, np.float32)), source=(0, 0))
     for t in range(10):
         asm.push(Reading("busy", float(t), np.zeros(1, np.float32)), source=(0, t + 1))
-    assert asm.buffered("quiet") == 0 and asm.dropped_idle == 1
+    assert asm.buffered("quiet") == 0  # nothing during 3 pushes
     assert asm.pending() == {}
+
+
+@pytest.mark.parametrize("before", range(3))
+def test_a_device_goes_idle_after_idle_after_pushes_wherever_the_count_stands(before):
+    # checked every idle_after pushes, a device lasted 3 to 5 of them here, by where the count
+    # stood: a resumed worker, counting from 0, dropped devices the first run kept
+    asm = WindowAssembler(size=10, idle_after=3)
+    for t in range(before):
+        asm.push(Reading("other", float(t), np.zeros(1, np.float32)))
+    asm.push(Reading("quiet", 0.0, np.zeros(1, np.float32)))
+    for t in range(3):
+        assert asm.buffered("quiet") == 1
+        asm.push(Reading("busy", float(t), np.zeros(1, np.float32)))
+    assert asm.buffered("quiet") == 0  # nothing during 3 pushes
 
 
 @pytest.mark.parametrize(("size", "hop"), [(0, 1), (3, 0)])
