@@ -241,8 +241,7 @@ class WindowAssembler:
         """Drop buffered readings that came from ``partitions`` (after they were revoked)."""
         for d in list(self._devices):
             state = self._devices[d]
-            state.buffer = [
-                e for e in state.buffer if e.source is None or e.source[0] not in partitions
-            ]
-            if not state.buffer:
-                del self._devices[d]
+            kept = [e for e in state.buffer if e.source is None or e.source[0] not in partitions]
+            if len(kept) < len(state.buffer) and not kept:
+                del self._devices[d]  # a device of the revoked partitions only
+            state.buffer = kept

@@ -96,6 +96,19 @@ def test_pending_tracks_buffered_readings_per_partition():
     assert asm.devices == 1
 
 
+def test_a_revocation_keeps_the_state_of_the_other_partitions_devices():
+    # every device with an empty buffer was dropped: its late floor with it, so a late reading
+    # of a partition still held was taken in after each rebalance
+    asm = WindowAssembler(size=2)
+    asm.push(Reading("a", 0.0, np.zeros(1, np.float32)), source=(0, 0))
+    assert asm.push(Reading("a", 1.0, np.zeros(1, np.float32)), source=(0, 1))  # emitted
+    asm.push(Reading("b", 0.0, np.zeros(1, np.float32)), source=(1, 0))
+    asm.forget_partitions({1})
+    assert asm.devices == 1  # b's only reading was revoked; a keeps its (empty) state
+    with pytest.raises(DecodeError, match="late"):
+        asm.push(Reading("a", 0.5, np.zeros(1, np.float32)), source=(0, 2))
+
+
 def test_idle_devices_are_dropped():
     asm = WindowAssembler(size=10, idle_after=5)
     asm.push(Reading("quiet", 0.0, np.zeros(1, np.float32)), source=(0, 0))
