@@ -109,7 +109,8 @@ def load_basic_motions() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_daphnet() -> tuple[np.ndarray, np.ndarray]:
-    """Daphnet S06R02E0 reading stream: (7040, 9) accelerometer readings at 64 Hz and 0/1 labels."""
+    """Daphnet S06R02E0 reading stream: (7040, 9) accelerometer readings at 64 Hz and their
+    labels (the dataset's 0 no freeze, 1 freeze; this recording holds no freeze: all 0)."""
     _require("aeon", "har")
     path = resources.files("aeon.datasets").joinpath("data/Daphnet_S06R02E0/S06R02E0.csv")
     with path.open() as f:

@@ -44,6 +44,7 @@ __all__ = [
     "PRIOR_CHOICES",
     "PROBES",
     "RESERVED_PARAMS",
+    "check_model_params",
     "check_reference_batches",
     "default_epochs",
     "evaluate",
@@ -256,9 +257,7 @@ def evaluate(
     if reference:
         check_reference_batches(batch_size, len(X_all), k)
     epochs = epochs or default_epochs(protocol, len(X_all), batch_size)
-    config = presets.preset(protocol, prepare(X_all[:2]).shape[1:], k)
-    config = {key: v for key, v in config.items() if key not in ("n_clusters", "regulariser")}
-    config |= params
+    config = _model_config(protocol, prepare(X_all[:2]).shape[1:], k, params)
     standardize = bool(config.get("standardize", True))  # the paper's images: as loaded
     data = []
     for seed in range(seeds):
@@ -288,6 +287,33 @@ def evaluate(
             for s, (X, y) in enumerate(data)
         ]
     return results
+
+
+def _model_config(protocol: str, shape: tuple[int, ...], k: int, params: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """The protocol's ``OnlineClusterer`` keywords for samples of ``shape``, ``params`` over
+    them (K and the regulariser are set per run)."""
+    config = presets.preset(protocol, shape, k)
+    config = {key: v for key, v in config.items() if key not in ("n_clusters", "regulariser")}
+    return config | params
+
+
+def check_model_params(protocol: str, X: np.ndarray, k: int, **params: Any) -> None:
+    """``ValueError`` unless the protocol's model, ``params`` over its own, can be built for the
+    samples ``X`` with ``k`` clusters: checked before any training, as :func:`evaluate` builds it
+    only at its first batch.
+
+    >>> check_model_params("default", np.zeros((4, 64), np.float32), 10, latent_dim=2)
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: latent_dim must be at least 3 with LayerNorm latents (...), got 2: ...
+    """
+    shape = prepare(X[:2]).shape[1:]
+    clf = OnlineClusterer(n_clusters=k, **_model_config(protocol, shape, k, params))
+    clf.validate_params()
+    EncoderConfig.for_shape(shape, clf.latent_dim, clf.encoder, clf.hidden, clf.latent_norm,
+                            clf.hidden_norm)
 
 
 def check_reference_batches(batch_size: int, n_points: int, k: int) -> None:

@@ -18,6 +18,8 @@ from oclust.service.options import SettingsCommand, fail
 
 HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
            "kl_star_soft": "KL* soft", "linear_probe": "linear probe", "knn_probe": "KNN probe"}
+MODEL_OPTIONS = {"sigma": "'--sigma'", "latent_dim": "'--latent-dim'", "views": "'--views'",
+                 "init": "'--init'", "clip": "'--input-clip'"}  # model parameter: its option
 
 
 def _cell(mean: float, std: float) -> str:
@@ -91,6 +93,7 @@ def eval_command(
         METRICS,
         PRIOR_CHOICES,
         PROBES,
+        check_model_params,
         check_reference_batches,
         default_epochs,
         evaluate,
@@ -153,6 +156,11 @@ def eval_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--limit") from None
     k = int(y.max()) + 1
+    try:  # the model is built at its first batch: a bad parameter failed after loading
+        check_model_params(protocol, X, k, **params)
+    except ValueError as exc:
+        name = next((n for n in params if str(exc).startswith(n)), None)
+        raise typer.BadParameter(str(exc), param_hint=MODEL_OPTIONS.get(name or "")) from None
     try:
         if reference:
             check_reference_batches(batch_size, len(X), k)

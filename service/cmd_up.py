@@ -5,9 +5,9 @@ With no options it needs neither Kafka nor Redis: an in-process stream
 worker, snapshots go to a directory store (``./.oclust/store``), and the service answers on
 ``http://127.0.0.1:8000`` (the live page at ``/``). Only the stream and the store differ from a
 deployment: ``--bootstrap-servers HOST:PORT --store redis://...`` runs the very same worker,
-producer and service on real components. Ctrl-C (or SIGTERM) stops the replay, trains what is
-queued, publishes a final snapshot and exits 0. Started again on the same store, training goes
-on from the last snapshot.
+producer and service on real components. Ctrl-C (or SIGTERM), during start-up too, stops the
+replay, trains what is queued, publishes a final snapshot and exits 0. Started again on the
+same store, training goes on from the last snapshot.
 
 Example:
     $ oclust up                                   # digits, K=10, http://127.0.0.1:8000
@@ -31,7 +31,7 @@ import typer
 
 from oclust.service import options
 from oclust.service.settings import ServiceSettings
-from oclust.training_worker.settings import WorkerSettings
+from oclust.training_worker.settings import IN_PROCESS, WorkerSettings
 
 __all__ = ["LiveStats", "register", "run_up", "up_command"]
 
@@ -46,7 +46,6 @@ _SeedOpt = options.field_option(WorkerSettings, "seed")
 _HostOpt = options.field_option(ServiceSettings, "host")
 _PortOpt = options.field_option(ServiceSettings, "port")
 
-IN_PROCESS = "in-process"
 DEFAULT_K = {"digits": 10, "segments": 7, "basic_motions": 4, "daphnet": 2, "fashion_mnist": 10,
              "hapt": 6}
 READING_STREAMS = {"daphnet": 64, "hapt": 128}  # reading streams and their window sizes
@@ -90,6 +89,11 @@ class LiveStats:
         )
 
 
+def _number(value: float, decimals: int) -> str:
+    """``value`` to ``decimals`` places; a dash while it is undefined (NaN)."""
+    return "—" if math.isnan(value) else f"{value:.{decimals}f}"
+
+
 def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Any:
     from rich.console import Group
     from rich.table import Table
@@ -110,10 +114,12 @@ def _render(stats: LiveStats, worker: Any, url: str, started: float) -> Any:
     for name in ("samples trained", "steps", "samples/s", "loss", "served entropy ratio",
                  "served KL*", "snapshot"):
         facts.add_column(name, justify="right")
-    style = "red" if ratio < 0.5 else "yellow" if ratio < 0.8 else "green"
+    # NaN (no served window yet, as the gauges read before the first step): a dash, no colour
+    style = "dim" if math.isnan(ratio) else "red" if ratio < 0.5 else "yellow" if ratio < 0.8 \
+        else "green"
     facts.add_row(
-        f"{v.samples:,}", f"{v.steps:,}", f"{v.samples / elapsed:,.0f}", f"{v.loss:.4f}",
-        f"[{style}]{ratio:.3f}[/]", f"{kl:.4f}", str(worker.last_version or "—"),
+        f"{v.samples:,}", f"{v.steps:,}", f"{v.samples / elapsed:,.0f}", _number(v.loss, 4),
+        f"[{style}]{_number(ratio, 3)}[/]", _number(kl, 4), str(worker.last_version or "—"),
     )
     sizes = Table(title="served cluster sizes (last batches)", show_header=True, box=None)
     sizes.add_column("cluster", justify="right")
@@ -156,8 +162,19 @@ async def run_up(
 ) -> int:
     """Run replay, worker and service until SIGINT/SIGTERM; returns the exit code.
 
-    ``worker_settings.bootstrap_servers == IN_PROCESS`` selects the in-process stream.
+    ``worker_settings.bootstrap_servers == IN_PROCESS`` selects the in-process stream. The
+    signal handlers come first: a Ctrl-C during start-up stops as one after it does.
     """
+    stop = asyncio.Event()
+    with _signals(stop):
+        return await _run_up(worker_settings, service_settings, dataset, rate, devices, display,
+                             stop)
+
+
+async def _run_up(
+    worker_settings: Any, service_settings: Any, dataset: str, rate: float | None,
+    devices: int, display: bool, stop: asyncio.Event,
+) -> int:
     from rich.console import Console
     from rich.live import Live
 
@@ -199,50 +216,48 @@ async def run_up(
     config = uvicorn_config(app, ss)  # the same header and keep-alive timeouts as serve
     config.access_log, config.lifespan = False, "on"
     server = _server(config)
-    stop = asyncio.Event()
     started = time.monotonic()
     console = Console(stderr=True)
     source = "in-process stream" if stream else f"Kafka {ws.bootstrap_servers} topic {ws.topic}"
     console.print(f"[bold]oclust up[/]: {dataset} → {source} → worker ({ws.regulariser}, "
                   f"K={ws.n_clusters}) → {ws.store} → {url}  (live page {url}/, API docs "
                   f"{url}/docs)", highlight=False)
-    with _signals(stop):
-        server_task = asyncio.create_task(server.serve(sockets=[sock]))
-        worker_task = asyncio.create_task(worker.run())
-        replay_task = asyncio.create_task(replay(
-            ws.bootstrap_servers, ws.topic, dataset, rate=rate, loop=True,
-            devices=devices, progress=False, stream=stream,
-        ))
-        stopped = asyncio.create_task(stop.wait())
-        tasks = {server_task, worker_task, replay_task, stopped}
-        with Live(_render(stats, worker, url, started), console=console,
-                  refresh_per_second=2, transient=False) if display \
-                else contextlib.nullcontext() as live:
-            while not stopped.done():
-                done, _ = await asyncio.wait(tasks, timeout=0.5,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if live is not None:
-                    live.update(_render(stats, worker, url, started))
-                if done - {stopped}:
-                    break  # something ended on its own: shut the rest down
-        if display and not console.is_terminal:
-            console.line()  # the last render of the table ends without a newline
-        worker_failed = worker_task.done() and not worker_task.cancelled() \
-            and worker_task.exception() is not None
-        console.print("stopping…" if worker_failed else "stopping: final snapshot…")
-        replay_task.cancel()
-        worker.request_stop()
-        code = 0
-        for name, task in (("replay", replay_task), ("worker", worker_task)):
-            with contextlib.suppress(asyncio.CancelledError):
-                try:
-                    await task
-                except Exception as exc:  # reported, and the exit code says so
-                    log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
-                    code = 1
-        server.should_exit = True
-        await server_task
-        stopped.cancel()
+    server_task = asyncio.create_task(server.serve(sockets=[sock]))
+    worker_task = asyncio.create_task(worker.run())
+    replay_task = asyncio.create_task(replay(
+        ws.bootstrap_servers, ws.topic, dataset, rate=rate, loop=True,
+        devices=devices, progress=False, stream=stream,
+    ))
+    stopped = asyncio.create_task(stop.wait())
+    tasks = {server_task, worker_task, replay_task, stopped}
+    with Live(_render(stats, worker, url, started), console=console,
+              refresh_per_second=2, transient=False) if display \
+            else contextlib.nullcontext() as live:
+        while not stopped.done():
+            done, _ = await asyncio.wait(tasks, timeout=0.5,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if live is not None:
+                live.update(_render(stats, worker, url, started))
+            if done - {stopped}:
+                break  # something ended on its own: shut the rest down
+    if display and not console.is_terminal:
+        console.line()  # the last render of the table ends without a newline
+    worker_failed = worker_task.done() and not worker_task.cancelled() \
+        and worker_task.exception() is not None
+    console.print("stopping…" if worker_failed else "stopping: final snapshot…")
+    replay_task.cancel()
+    worker.request_stop()
+    code = 0
+    for name, task in (("replay", replay_task), ("worker", worker_task)):
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await task
+            except Exception as exc:  # reported, and the exit code says so
+                log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+                code = 1
+    server.should_exit = True
+    await server_task
+    stopped.cancel()
     served.close()
     store.close()
     console.print(f"stopped; last snapshot version {worker.last_version or '—'} in {ws.store}")
@@ -281,6 +296,7 @@ def up_command(
     """Replay a dataset, train on it and serve it, in one process: no Kafka, no Redis needed."""
     from oclust.model.datasets import check_installed
     from oclust.service.cmd_eval import key_of
+    from oclust.service.cmd_worker import check_store
 
     key = key_of(dataset).replace("-", "_")  # the names eval, train and produce take
     if key not in DEFAULT_K:
@@ -312,6 +328,9 @@ def up_command(
         log_level=log_level,
     ))
     options.setup_logging(log_level, rich=True)
+    # a directory store is checked before the port is bound: waiting for it, as for a Redis not
+    # up yet, never makes it writable
+    check_store(ws.store, ws.namespace, ws.keep, directory_only=True)
     devices = devices or (2 if key == "daphnet" else 1)  # hapt brings its own 30 devices
     code = asyncio.run(run_up(ws, ss, key, rate, devices, display=not quiet))
     raise typer.Exit(code)

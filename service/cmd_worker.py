@@ -87,23 +87,33 @@ def produce_command(
     """Stream a bundled dataset into a topic as sample (or reading) messages, labels included."""
     from aiokafka.errors import KafkaError
 
+    from oclust.model.datasets import DATASETS, check_installed
+    from oclust.service.cmd_eval import key_of
     from oclust.training_worker.producer import misused_option, replay
 
     bootstrap_servers = build_settings(
         KafkaSettings, {"bootstrap_servers": bootstrap_servers}
     ).bootstrap_servers
+    # the dataset's own errors, before any work: a later ValueError is not the dataset's
+    if key_of(dataset) not in DATASETS:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; choose from "
+                                 f"{', '.join(DATASETS)}", param_hint="--dataset")
     misused = misused_option(dataset, devices, samples_per_message)
     if misused:
         option, why = misused
         raise typer.BadParameter(why, param_hint="--" + option.replace("_", "-"))
+    try:
+        check_installed(dataset)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from None
     try:
         sent = asyncio.run(replay(
             bootstrap_servers, topic, dataset, rate=rate, limit=limit, loop=loop, binary=binary,
             devices=devices, partitions=partitions, progress=not quiet,
             samples_per_message=samples_per_message,
         ))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+    except ValueError as exc:  # e.g. a dataset file that cannot be read
+        raise fail(str(exc)) from None
     except KafkaError as exc:
         raise fail(f"Kafka at {bootstrap_servers}: {exc}") from None
     except KeyboardInterrupt:
@@ -132,6 +142,7 @@ def train_command(settings: TrainSettings) -> None:
         publish_model,
         train_offline,
     )
+    from oclust.training_worker.settings import check_prior
     from oclust.training_worker.store import StoreError, open_store
 
     s = settings
@@ -144,14 +155,21 @@ def train_command(settings: TrainSettings) -> None:
     size, hop = s.window_size, s.window_hop
     if key == "daphnet" and size is None:
         size, hop = READING_STREAMS[key], hop or READING_STREAMS[key] // 2
+    if hop is not None and size is None:  # an --input file has no window size of its own
+        raise typer.BadParameter("needs --window-size: the readings per window",
+                                 param_hint="'--window-hop'")
+    # K given (on the command line or in OCLUST_N_CLUSTERS), else the dataset's classes, else 10
+    k = s.n_clusters or DEFAULT_K.get(key or "", 10)
+    try:  # the settings checked a prior against a given K only
+        check_prior(s.prior, k)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--prior'") from None
     try:
         X, y = load_input(s.dataset, s.input)
         if size is not None:
             X, y = make_windows(X, y, size, hop)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset/--input") from None
-    explicit = "n_clusters" in s.model_fields_set  # on the command line or in OCLUST_N_CLUSTERS
-    k = s.n_clusters if explicit or key is None else DEFAULT_K.get(key, s.n_clusters)
     if k > len(X):  # more clusters than samples: most would stay empty, KL* meaningless
         raise typer.BadParameter(f"{k} clusters for {len(X)} samples: give at most "
                                  f"{len(X)} (or more data)", param_hint="--n-clusters")

@@ -234,11 +234,19 @@ class QualityWindow:
         }
 
 
+def _undefined(gauge: Gauge) -> Gauge:
+    """``gauge`` set to NaN: undefined until the first step sets it (0 would read as a
+    collapse, or a perfect loss), as the service exports its own undefined figures."""
+    gauge.set(math.nan)
+    return gauge
+
+
 def _collapse_gauges(source: str, labels: str, r: CollectorRegistry) -> tuple[Gauge, Gauge]:
     """The hard-label entropy and KL* gauges of one source of labels (served or training)."""
     name = f"oclust_worker_{source}"
-    return (Gauge(f"{name}_hard_entropy_nats", f"Entropy of {labels}", registry=r),
-            Gauge(f"{name}_kl_star_nats", f"KL(shares of {labels} || prior)", registry=r))
+    return (_undefined(Gauge(f"{name}_hard_entropy_nats", f"Entropy of {labels}", registry=r)),
+            _undefined(Gauge(f"{name}_kl_star_nats", f"KL(shares of {labels} || prior)",
+                             registry=r)))
 
 
 class WorkerMetrics:
@@ -249,6 +257,8 @@ class WorkerMetrics:
         >>> m.samples.inc(3)
         >>> m.registry.get_sample_value("oclust_worker_samples_total")
         3.0
+        >>> m.registry.get_sample_value("oclust_worker_served_hard_entropy_nats")  # no data yet
+        nan
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -266,7 +276,7 @@ class WorkerMetrics:
             "oclust_worker_refused_batches", "Batches the model refused (skipped, logged)",
             registry=r,
         )
-        self.loss = Gauge("oclust_worker_loss", "Loss of the last step", registry=r)
+        self.loss = _undefined(Gauge("oclust_worker_loss", "Loss of the last step", registry=r))
         self.served_hard_entropy, self.served_kl_star = _collapse_gauges(
             "served", "the served (nearest-centroid) labels over the guard's window of recent "
             "samples: what the collapse guard judges", r)
@@ -294,14 +304,14 @@ class WorkerMetrics:
             "oclust_worker_collapsed", "1 while the guard holds publishing back (not healthy)",
             registry=r,
         )
-        self.acc = Gauge(
+        self.acc = _undefined(Gauge(
             "oclust_worker_window_acc", "ACC of served labels vs message labels (window)",
             registry=r,
-        )
-        self.nmi = Gauge(
+        ))
+        self.nmi = _undefined(Gauge(
             "oclust_worker_window_nmi", "NMI of served labels vs message labels (window)",
             registry=r,
-        )
+        ))
         self.active = Gauge(
             "oclust_worker_active", "1 while this worker holds the training lease", registry=r
         )

@@ -151,12 +151,16 @@ def dataset_messages(
 
 
 def dataset_size(name: str, devices: int = 1, samples_per_message: int = 1) -> int:
-    """Messages in one pass over ``name``."""
+    """Messages in one pass over ``name`` (``samples_per_message`` samples to a message).
+
+    >>> dataset_size("digits"), dataset_size("digits", samples_per_message=256)  # 1797 samples
+    (1797, 8)
+    """
     if name.lower() == "daphnet":
         return (len(datasets.load_daphnet()[0]) // devices) * devices
     if name.lower() == "hapt":
         return len(datasets.load_hapt_readings()[0])
-    return len(datasets.load(name)[0])
+    return -(-len(datasets.load(name)[0]) // samples_per_message)
 
 
 async def replay(

@@ -21,14 +21,16 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_STORE",
+    "IN_PROCESS",
     "MAX_ABS_FEATURE",
     "KafkaSettings",
     "ModelSettings",
@@ -36,6 +38,7 @@ __all__ = [
     "StoreSettings",
     "TrainSettings",
     "WorkerSettings",
+    "check_bootstrap_servers",
     "check_device",
     "check_encoder",
     "check_init",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 DEFAULT_STORE = "file://.oclust/store"
+IN_PROCESS = "in-process"  # the bootstrap servers of ``oclust up``'s in-process stream
 STORE_SCHEMES = ("redis", "rediss", "unix", "file", "")
 
 MAX_ABS_FEATURE = 1e6  # larger finite features are refused (DLQ out_of_range, HTTP 422)
@@ -75,7 +79,36 @@ def check_store_url(url: str) -> str:
             _ = parsed.hostname, parsed.port  # both parse lazily: a bad one raises here
         except ValueError as exc:  # redis-py's own ValueError was a traceback
             raise ValueError(f"bad host or port in the Redis URL: {exc}") from None
+        if not re.fullmatch(r"/?[0-9]*", parsed.path):  # redis-py took /abc for database 0
+            raise ValueError(f"the Redis database {parsed.path[1:]!r} is not a non-negative "
+                             "integer: use redis://HOST:PORT/DB")
     return url
+
+
+def check_bootstrap_servers(servers: str) -> str:
+    """``servers`` if it is comma-separated HOST:PORT, each port 1 to 65535 (an IPv6 address
+    in brackets), or :data:`IN_PROCESS`, the stream of ``oclust up``.
+
+    >>> check_bootstrap_servers("kafka-0:9092,[::1]:9093")
+    'kafka-0:9092,[::1]:9093'
+    >>> check_bootstrap_servers("127.0.0.1:99999")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: '127.0.0.1:99999' is not HOST:PORT with a port from 1 to 65535 (Port out of ...)
+    """
+    if servers == IN_PROCESS:
+        return servers
+    for server in (s.strip() for s in servers.split(",")):
+        why = ""
+        try:  # aiokafka's own parsing raised OverflowError or blamed something else
+            parts = urlsplit("//" + server)
+            ok = bool(parts.hostname) and parts.netloc == server and "@" not in server \
+                and 1 <= (parts.port or 0) <= 65535
+        except ValueError as exc:  # a port that is no number or out of range, a bad [address]
+            ok, why = False, f" ({exc})"
+        if not ok:
+            raise ValueError(f"{server!r} is not HOST:PORT with a port from 1 to 65535{why}")
+    return servers
 
 
 def regulariser_names() -> list[str]:
@@ -303,6 +336,11 @@ class KafkaSettings(_Env):
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka HOST:PORT[,HOST:PORT]")
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers_parse(cls, value: str) -> str:
+        return check_bootstrap_servers(value)
+
 
 class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
     """Everything ``oclust worker`` reads; each field is also ``OCLUST_<FIELD>`` in the env."""
@@ -452,6 +490,11 @@ class TrainSettings(StoreSettings, ModelSettings):
 
     dataset: str | None = Field(
         None, description="digits, segments, basic_motions, fashion_mnist, hapt or daphnet"
+    )
+    # K comes from the dataset when not given: a --prior is checked against it then, not here
+    n_clusters: int | None = Field(  # type: ignore[assignment]
+        None, ge=1, description="K, the number of clusters (default: a named dataset's "
+        "classes, else 10)"
     )
     input: str | None = Field(None, description="a .npy or .csv file instead of a dataset")
     epochs: int = Field(10, ge=1, description="passes over the shuffled data")

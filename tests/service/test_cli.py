@@ -109,6 +109,17 @@ def _error_line(args: list[str]) -> str:
         (["worker", "--store", "redis://127.0.0.1:abc/0"], "'--store': bad host or port"),
         (["train", "--dataset", "digits", "--store", "redis://127.0.0.1:99999/0"],
          "'--store': bad host or port"),
+        # a database that is not a number was Redis's database 0, silently
+        (["serve", "--store", "redis://127.0.0.1:6379/abc"],
+         "'--store': the Redis database 'abc' is not a non-negative integer"),
+        (["up", "--store", "redis://127.0.0.1:6379/1/2"], "'--store': the Redis database '1/2'"),
+        # Kafka addresses: a 165-line OverflowError, or a ValueError blamed on --dataset
+        (["produce", "--dataset", "digits", "--topic", "t", "--bootstrap-servers",
+          "127.0.0.1:99999"], "'--bootstrap-servers': '127.0.0.1:99999' is not HOST:PORT"),
+        (["produce", "--dataset", "digits", "--topic", "t", "--bootstrap-servers",
+          "host:notaport"], "'--bootstrap-servers': 'host:notaport' is not HOST:PORT"),
+        (["up", "--port", "0", "--bootstrap-servers", "host:notaport"],  # failed after its banner
+         "'--bootstrap-servers': 'host:notaport' is not HOST:PORT"),
         (["no-such-command"], "No such command"),
     ],
 )
@@ -155,6 +166,20 @@ def test_worker_refuses_a_bad_regulariser_before_taking_the_lease(tmp_path: Path
     assert list(tmp_path.iterdir()) == []  # no lease file, no namespace directory
 
 
+@pytest.mark.parametrize("servers", ["127.0.0.1:99999", "host:notaport", "host:0", "kafka",
+                                     "a:9092,", "[zz]:9092"])
+def test_worker_refuses_bad_bootstrap_servers_before_taking_the_lease(
+    servers: str, tmp_path: Path
+) -> None:
+    # it took the lease, then failed with a traceback (OverflowError) or `error: ValueError`
+    line = _error_line(["worker", "--store", f"file://{tmp_path}", "--metrics-port", "-1",
+                        "--bootstrap-servers", servers])
+    assert "Invalid value for '--bootstrap-servers'" in line and "HOST:PORT" in line, line
+    assert list(tmp_path.iterdir()) == []
+    for good in ("127.0.0.1:9092", "kafka-0:9092, kafka-1:9093", "[::1]:9092"):
+        assert WorkerSettings(bootstrap_servers=good).bootstrap_servers == good
+
+
 @pytest.mark.parametrize(
     ("command", "cls", "left_out"),
     [("worker", WorkerSettings, set()), ("train", TrainSettings, set()),
@@ -197,6 +222,27 @@ def test_a_taken_port_or_bad_host_is_a_one_line_error_for_serve_and_up(tmp_path:
 def test_up_with_an_unreachable_store_is_one_error_line_not_a_traceback() -> None:
     result = runner.invoke(app, ["up", "--quiet", "--port", "0", "--store",
                                  "redis://127.0.0.1:1/0"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot use the store"), result.output
+
+
+def test_up_with_an_unwritable_directory_store_fails_before_binding_the_port(
+    tmp_path: Path,
+) -> None:
+    # up served while its worker retried the store forever; the port it asks for is taken, so
+    # only a store checked first is the error
+    import socket
+
+    (tmp_path / "file").write_text("")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        result = runner.invoke(app, ["up", "--quiet", "--port", str(taken.getsockname()[1]),
+                                     "--store", f"file://{tmp_path}/file/store"])
+    finally:
+        taken.close()
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot use the store"), result.output

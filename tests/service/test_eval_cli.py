@@ -198,3 +198,15 @@ def test_eval_init_reaches_the_model_and_bad_values_are_refused(monkeypatch):
         assert seen.pop() == init, extra
     result = runner.invoke(app, ["eval", "--init", "spectral"])
     assert result.exit_code == 2 and "--init" in result.output and "inputs" in result.output
+
+
+def test_eval_refuses_a_model_parameter_the_protocol_cannot_build_before_any_work():
+    # a latent of 2 under LayerNorm failed at the first batch: exit 1 after loading, bar shown
+    result = CliRunner().invoke(app, ["eval", "--latent-dim", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "eval digits" not in result.output, result.output
+    assert "Invalid value for '--latent-dim': latent_dim must be at least 3" in result.output
+    ok = CliRunner().invoke(app, ["eval", "--latent-dim", "2", "--protocol", "paper", "--json",
+                                  "--seeds", "1", "--epochs", "1", "--limit", "300",
+                                  "--no-reference"])
+    assert ok.exit_code == 0, ok.output  # the paper's raw latents take any size

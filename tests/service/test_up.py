@@ -238,3 +238,44 @@ def test_up_resumes_past_a_corrupt_current_snapshot(tmp_path: Path) -> None:
     text = " ".join(out.split())  # the log wraps its lines
     assert "current snapshot is unusable" in text and "Traceback" not in text, out
     assert ready["version"] != 2  # the newest that loads (1), or one the worker published since
+
+
+def test_ctrl_c_during_start_up_stops_cleanly(tmp_path: Path) -> None:
+    # the signal handlers came after the app was built: a Ctrl-C in those 1-2 s was a 45-line
+    # traceback (KeyboardInterrupt, CancelledError) and exit 130
+    code = (
+        "import os, signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal\n"
+        "import oclust.service.app as appmod\n"
+        "build = appmod.create_app\n"
+        "def create_app(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while up builds its app\n"
+        "    return build(*args, **kwargs)\n"
+        "appmod.create_app = create_app\n"
+        "from oclust.service.cli import app\n"
+        "app(['up', '--port', '0', '--quiet'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+    assert "stopped; last snapshot version" in " ".join(proc.stderr.split()), proc.stderr
+
+
+def test_live_table_shows_a_dash_before_the_first_step() -> None:
+    # a fresh worker's served entropy read 0: a red 0.000, a total collapse, before any data
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from oclust.service.cmd_up import LiveStats, _render
+    from oclust.training_worker.monitor import WorkerMetrics
+
+    worker = SimpleNamespace(metrics=WorkerMetrics(), last_version=None)
+    console = Console(record=True, width=200, color_system="truecolor")
+    console.print(_render(LiveStats(n_clusters=10), worker, "http://x", time.monotonic()))
+    facts = console.export_text().splitlines()[2]  # the row under the figures' header
+    assert facts.split()[-4:] == ["—", "—", "—", "—"], facts  # loss, ratio, KL*, snapshot
+    assert "0.000" not in console.export_text() and "red" not in console.export_html()

@@ -91,6 +91,23 @@ def test_train_defaults_k_to_the_datasets_classes(tmp_path, monkeypatch):
     assert open_store(store, "b").load().manifest["n_clusters"] == 3
 
 
+def test_train_checks_a_prior_against_the_datasets_k(tmp_path):
+    # K comes from the dataset when not given (basic_motions: 4): the prior was checked
+    # against the settings' default K = 10, refusing 4 values and taking 10 (then exit 1)
+    store = f"file://{tmp_path}"
+    args = ["train", "--dataset", "basic_motions", "--store", store, "--epochs", "1",
+            "--latent-dim", "8"]
+    result = runner.invoke(app, [*args, "--prior", ",".join(["0.1"] * 10)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1, result.output  # before loading or training
+    assert "Invalid value for '--prior': prior must be a vector of length n_clusters=4" \
+        in _text(result.output)
+    result = runner.invoke(app, [*args, "--prior", "0.4,0.2,0.2,0.2"])
+    assert result.exit_code == 0, result.output
+    manifest = open_store(store, "oclust").load().manifest
+    assert manifest["n_clusters"] == 4
+
+
 def test_train_rejects_bad_input(tmp_path):
     bad = tmp_path / "obj.npy"
     bad.write_bytes(pickle.dumps({"not": "an array"}))
@@ -98,6 +115,7 @@ def test_train_rejects_bad_input(tmp_path):
     np.save(tmp_path / "huge.npy", np.full((100, 4), 1e30, np.float32))  # trained, then crashed
     np.save(tmp_path / "one.npy", np.ones((1, 4), np.float32))
     np.save(tmp_path / "none.npy", np.ones((5, 0), np.float32))  # was numpy's reduction error
+    np.save(tmp_path / "readings.npy", np.ones((500, 3), np.float32))
     cases = [
         (["--input", str(tmp_path / "none.npy")], "expected N samples × features"),
         (["--input", str(tmp_path / "huge.npy")], "beyond ±1e+06"),
@@ -110,6 +128,9 @@ def test_train_rejects_bad_input(tmp_path):
         (["--dataset", "hapt", "--window-hop", "8"], "hapt loads as samples"),
         (["--dataset", "nope", "--window-size", "8"], "unknown dataset"),
         (["--input", str(tmp_path / "one.npy")], "3 clusters for 1 samples"),  # was published
+        # a hop without a size was ignored: 500 samples of 3 features trained, no windows
+        (["--input", str(tmp_path / "readings.npy"), "--window-hop", "8"],
+         "'--window-hop': needs --window-size"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["train", *args, "--n-clusters", "3",
@@ -148,6 +169,20 @@ def test_produce_unknown_dataset_is_a_clear_error(kafka_bootstrap):
                                  "--bootstrap-servers", kafka_bootstrap])
     assert result.exit_code == 2
     assert "unknown dataset" in _text(result.output)
+
+
+def test_produce_blames_dataset_only_for_the_datasets_own_errors(monkeypatch):
+    # every ValueError of the replay was "Invalid value for --dataset"
+    from oclust.training_worker import producer
+
+    async def replay(*_args, **_kwargs):
+        raise ValueError("something else broke")
+
+    monkeypatch.setattr(producer, "replay", replay)
+    result = runner.invoke(app, ["produce", "--dataset", "digits", "--topic", "x",
+                                 "--bootstrap-servers", "127.0.0.1:1"])
+    assert result.exit_code == 1, result.output
+    assert result.output == "error: something else broke\n"
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from oclust.training_worker.codec import (
     encode_sample,
 )
 from oclust.training_worker.kafka import ensure_topic
-from oclust.training_worker.producer import dataset_messages
+from oclust.training_worker.producer import dataset_messages, dataset_size
 from oclust.training_worker.store import open_store
 from oclust.training_worker.trainer import TrainerHooks
 from oclust.training_worker.worker import TrainingWorker
@@ -112,6 +112,7 @@ def test_producer_packs_samples_per_message() -> None:
     X, y = datasets.load("digits")
     msgs = list(dataset_messages("digits", samples_per_message=500))
     assert len(msgs) == math.ceil(len(X) / 500)
+    assert dataset_size("digits", samples_per_message=500) == len(msgs)  # the bar's total
     x, labels = decode_matrix(msgs[-1].value, msgs[-1].headers, X.shape[1:])
     np.testing.assert_array_equal(x, X[1500:].astype(np.float32))
     assert labels.tolist() == y[1500:].tolist()
@@ -169,10 +170,11 @@ def test_produce_command_sends_matrices(kafka_bootstrap, unique_topic):
     from tests.service.test_worker_cli import _consume
 
     result = CliRunner().invoke(app, ["produce", "--dataset", "digits", "--topic", unique_topic,
-                                      "--bootstrap-servers", kafka_bootstrap, "--quiet",
+                                      "--bootstrap-servers", kafka_bootstrap,
                                       "--samples-per-message", "500"])
     assert result.exit_code == 0, result.output
     assert "sent 4 messages" in result.output
+    assert "| 4/4 [" in result.output  # the progress bar counts messages: it ended at 4/1797
     msgs = _consume(kafka_bootstrap, unique_topic, 4)
     X, y = datasets.load("digits")
     batch = SampleDecoder(shape=(64,)).decode_batch([m.value for m in msgs],

@@ -384,6 +384,20 @@ def test_metric_names_are_the_documented_ones():
     } <= names  # counters are exported with a _total suffix
 
 
+def test_undefined_gauges_read_nan_until_a_step_defines_them():
+    # a fresh worker's served entropy read 0, a total collapse, before any data
+    gauges = ("loss", "served_hard_entropy_nats", "served_kl_star_nats",
+              "train_hard_entropy_nats", "train_kl_star_nats", "window_acc", "window_nmi")
+    metrics = WorkerMetrics()
+    reg = metrics.registry
+    assert all(math.isnan(reg.get_sample_value(f"oclust_worker_{g}")) for g in gauges)
+    X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    clf = OnlineClusterer(n_clusters=2, latent_dim=4, hidden=(8,), seed=0, device="cpu")
+    trainer = Trainer(clf, CollapseGuard(0.1, 5), metrics)
+    assert trainer.step(Batch(X, np.arange(64) % 2)) is not None
+    assert all(math.isfinite(reg.get_sample_value(f"oclust_worker_{g}")) for g in gauges)
+
+
 def test_redis_lease_is_exclusive_renewable_and_lapses(redis_url):
     store = RedisStore(redis_url, namespace="ns")
     a = make_lease(store, "a", ttl=0.3)
