@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from oclust.training_worker.settings import MAX_ABS_FEATURE
+from oclust.training_worker.settings import FLOAT32_MAX, MAX_ABS_FEATURE
 
 __all__ = [
     "BodyTooLarge",
@@ -67,7 +67,6 @@ EXPLAIN_BYTES = 64 * 1024  # bodies the fast parser refuses are re-read to name 
 CHUNK = 256  # batch rows handed to NumPy at a time (each call holds the GIL)
 _NOT_ARRAY, _NOT_NUMBER = "Input should be a valid array", "Input should be a valid number"
 _NAN = "NaN or infinite value (JSON allows only finite numbers)"
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # no bound is larger: the values become float32
 
 
 def _where(loc: tuple[Any, ...]) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from oclust.training_worker.settings import (
+    FLOAT32_MAX,
     MAX_ABS_FEATURE,
     StoreLocation,
     check_device,
@@ -23,8 +24,6 @@ from oclust.training_worker.settings import (
 )
 
 __all__ = ["ServiceSettings"]
-
-FLOAT32_MAX = float.fromhex("0x1.fffffep+127")  # float32's largest value (no numpy import here)
 
 
 class ServiceSettings(StoreLocation):

@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_STORE",
+    "FLOAT32_MAX",
     "IN_PROCESS",
     "MAX_ABS_FEATURE",
     "KafkaSettings",
@@ -54,6 +55,7 @@ IN_PROCESS = "in-process"  # the bootstrap servers of ``oclust up``'s in-process
 STORE_SCHEMES = ("redis", "rediss", "unix", "file", "")
 
 MAX_ABS_FEATURE = 1e6  # larger finite features are refused (DLQ out_of_range, HTTP 422)
+FLOAT32_MAX = float.fromhex("0x1.fffffep+127")  # float32's largest value (no numpy here)
 
 
 def seconds_field(default: float, description: str, finite: bool = False) -> Any:
@@ -372,7 +374,7 @@ class WorkerSettings(StoreSettings, ModelSettings, KafkaSettings):
         100_000, ge=1, description="readings after which a silent device's buffer is dropped"
     )
     max_abs_feature: float = Field(
-        MAX_ABS_FEATURE, gt=0, le=float.fromhex("0x1.fffffep+127"), allow_inf_nan=False,
+        MAX_ABS_FEATURE, gt=0, le=FLOAT32_MAX, allow_inf_nan=False,
         description="features beyond ± this go to the DLQ as out_of_range (finite, at most "
         "float32's largest value)"
     )
