@@ -198,10 +198,8 @@ class WindowAssembler:
         if state is not None:
             state.last_push = self._pushes
             self._devices[device] = state
-        oldest = next(iter(self._devices.values()), None)
-        if self.idle_after is None or oldest is None or (
-                self._pushes - oldest.last_push < self.idle_after):
-            return state  # none idle
+        if self.idle_after is None:
+            return state
         idle, kept = [], []
         for d, s in self._devices.items():
             if self._pushes - s.last_push < self.idle_after:
