@@ -319,7 +319,6 @@ class ProcessTrainer(Trainer):
         self.steps_ahead = proc.in_flight  # the ring has a slot for each, and a spare
         self.facts = facts
         self.generation = 0  # bumped by each restore: steps sent before it are sent again
-        self.unjudged = False  # restored, and no step on the restored weights judged yet
 
     @classmethod
     async def start(cls, base: Trainer, settings: WorkerSettings,
@@ -357,7 +356,6 @@ class ProcessTrainer(Trainer):
             if report is None:
                 return self.refused(len(batch), refusal or "refused")
             if generation == self.generation:
-                self.unjudged = False
                 return self.observe(report, batch, seconds)
 
     async def run_snapshot(self, offsets: dict[str, int], extra: dict[str, float] | None,
@@ -374,7 +372,6 @@ class ProcessTrainer(Trainer):
         The weights go by temporary file: a large send would block until the busy child reads.
         """
         self.generation += 1
-        self.unjudged = True
         fd, path = tempfile.mkstemp(prefix="oclust-restore-", suffix=".safetensors")
         with os.fdopen(fd, "wb") as f:
             f.write(healthy.weights)
@@ -395,8 +392,9 @@ class ProcessTrainer(Trainer):
 
     @property
     def can_snapshot(self) -> bool:
-        """The child's model has trained, and the guard judged it since any restore."""
-        return self.facts[2] and not self.unjudged
+        """The child's model has trained (restored weights wait for the guard's judgement:
+        :meth:`oclust.training_worker.monitor.CollapseGuard.reset`)."""
+        return self.facts[2]
 
     def describe(self) -> dict[str, Any]:
         """A few facts for logs."""
