@@ -286,6 +286,7 @@ def stack(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
     worker.served_kl_star.set(0.1)
     worker.train_hard_entropy.set(1.5)
     worker.train_kl_star.set(0.05)
+    worker.reservoir_hard_entropy.set(1.4)
     worker.lag.labels("0").set(10)
     worker.dlq.labels("decode").inc()
     worker.published.inc()

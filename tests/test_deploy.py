@@ -62,6 +62,7 @@ WORKER_METRICS = frozenset(
         "oclust_worker_served_kl_star_nats",
         "oclust_worker_train_hard_entropy_nats",
         "oclust_worker_train_kl_star_nats",
+        "oclust_worker_reservoir_hard_entropy_nats",
         "oclust_worker_consumer_lag",
         "oclust_worker_dlq_messages_total",
         "oclust_worker_snapshots_published_total",

@@ -327,6 +327,12 @@ class TrainingLoop:
         extra = {"messages": float(self.messages), "dead_letters": float(self.dlq_count)}
         beyond = self._covered_state(offsets)
         snap = await trainer.run_snapshot(offsets, extra, self.executor, beyond)
+        if not await asyncio.to_thread(trainer.publishable, snap):
+            log.warning("collapse guard: %s snapshot withheld (it serves a sample of the older "
+                        "inputs with hard entropy below %.3f nats, though the recent window "
+                        "looks healthy: it learned a burst)", "final" if final else "periodic",
+                        trainer.guard.threshold)
+            return
         if not await asyncio.to_thread(self.lease.renew):
             self.lease_lost.set()
             log.error("lease lost before publishing: snapshot dropped")

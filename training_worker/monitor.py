@@ -23,12 +23,15 @@ from oclust.model import metrics as model_metrics
 from oclust.model.priors import resolve_prior
 from oclust.model.validation import check_positive
 
-__all__ = ["CollapseGuard", "QualityWindow", "WorkerMetrics", "default_threshold"]
+__all__ = ["CollapseGuard", "InputReservoir", "QualityWindow", "WorkerMetrics", "default_threshold"]
 
 PER_CLUSTER = 20  # default guard window: this many samples per cluster (or a batch, if larger)
 MIN_PER_CLUSTER = 10  # the smallest window, and the guard abstains until it holds this many
 RECOVERY = 3  # judgements in a row at or above the threshold that clear a low one
 MIN_SHORT = 8  # an abstaining guard still withholds a collapsed window of at least this many
+RESERVOIR_ROWS = 1024  # inputs kept to judge a snapshot before it is published
+RESERVOIR_BYTES = 64 << 20  # ... or fewer, when that many would take more memory than this
+RESERVOIR_WINDOWS = 100  # the inputs kept span about this many guard windows of recent samples
 
 
 def default_threshold(prior: object, n_clusters: int) -> float:
@@ -180,6 +183,70 @@ class CollapseGuard:
         self._labels.clear()
 
 
+class InputReservoir:
+    """A random sample of the recent inputs, reaching further back than the guard's window.
+
+    Each input trained on replaces a random kept one with probability ``rows / horizon`` (once
+    ``rows`` are kept), so the sample spans about the last ``horizon`` inputs: an input ``a``
+    inputs old is still there with probability about exp(−a / horizon). A burst of b inputs
+    fills about 1 − exp(−b / horizon) of it, and a lasting change of the stream takes it over
+    at the same rate. Draws come from ``seed``: the same inputs, the same sample.
+
+    The worker judges a snapshot on it before publishing (:meth:`Trainer.publishable
+    <oclust.training_worker.trainer.Trainer.publishable>`): a model that learned a burst of
+    outliers can serve the burst's own inputs well spread, which is all the guard's window
+    sees, while it serves the stream's usual inputs to one cluster.
+
+    Example:
+        >>> r = InputReservoir(rows=4, horizon=8)
+        >>> r.add(np.arange(4, dtype=np.float32).reshape(4, 1))
+        >>> len(r), r.inputs().ravel().tolist()  # the first 4 fill it
+        (4, [0.0, 1.0, 2.0, 3.0])
+        >>> r.add(np.full((1000, 1), 9.0, np.float32)); len(r), set(r.inputs().ravel().tolist())
+        (4, {9.0})
+    """
+
+    def __init__(self, rows: int = RESERVOIR_ROWS, horizon: int = RESERVOIR_ROWS,
+                 seed: int = 0) -> None:
+        check_positive(rows=rows, horizon=horizon)
+        self.rows = rows
+        self.horizon = horizon
+        self.seed = seed
+        self._kept: np.ndarray | None = None
+        self._n = 0
+        self._rng: np.random.Generator | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, x: np.ndarray) -> None:
+        """Offer a batch of inputs (N, ...); a new per-sample shape starts a new sample."""
+        x = np.asarray(x, dtype=np.float32)
+        if not len(x):
+            return
+        if self._kept is None or self._kept.shape[1:] != x.shape[1:]:
+            fit = max(RESERVOIR_BYTES // max(x[0].nbytes, 1), 1)
+            self._kept = np.empty((min(self.rows, fit), *x.shape[1:]), np.float32)
+            self._n = 0
+            self._rng = np.random.default_rng(self.seed)
+        room = min(len(self._kept) - self._n, len(x))
+        self._kept[self._n : self._n + room] = x[:room]
+        self._n += room
+        rest = x[room:]
+        if not len(rest):
+            return
+        assert self._rng is not None
+        chance = min(len(self._kept) / self.horizon, 1.0)
+        taken = rest[self._rng.random(len(rest)) < chance]
+        self._kept[self._rng.integers(0, len(self._kept), len(taken))] = taken
+
+    def inputs(self) -> np.ndarray:
+        """The kept inputs (a copy), (n, ...)."""
+        if self._kept is None:
+            return np.empty((0,), np.float32)
+        return self._kept[: self._n].copy()
+
+
 class QualityWindow:
     """ACC and NMI of the served labels against message labels over the last ``size`` samples.
 
@@ -304,6 +371,11 @@ class WorkerMetrics:
             "oclust_worker_collapsed", "1 while the guard holds publishing back (not healthy)",
             registry=r,
         )
+        self.reservoir_hard_entropy = _undefined(Gauge(
+            "oclust_worker_reservoir_hard_entropy_nats",
+            "Entropy of the labels the last snapshot judged for publishing serves to a random "
+            "sample of older inputs (about the last 100 guard windows)", registry=r,
+        ))
         self.acc = _undefined(Gauge(
             "oclust_worker_window_acc", "ACC of served labels vs message labels (window)",
             registry=r,

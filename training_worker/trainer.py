@@ -36,7 +36,14 @@ from oclust.model import OnlineClusterer, Snapshot, SnapshotError, StepReport
 from oclust.model import metrics as model_metrics
 from oclust.model.snapshot import OffsetState
 from oclust.training_worker.batching import Batch
-from oclust.training_worker.monitor import CollapseGuard, QualityWindow, WorkerMetrics
+from oclust.training_worker.monitor import (
+    MIN_PER_CLUSTER,
+    RESERVOIR_WINDOWS,
+    CollapseGuard,
+    InputReservoir,
+    QualityWindow,
+    WorkerMetrics,
+)
 
 __all__ = ["MODEL_FAULTS", "ModelBroken", "Trainer", "TrainerHooks"]
 
@@ -107,6 +114,8 @@ class Trainer:
     max_refused: int = 20  # refusals in a row that mean a broken model: the worker stops
     restores: int = field(default=0, init=False)  # restores since the last publish
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=SHARE_WINDOW), init=False)
+    reservoir: InputReservoir | None = field(default=None, init=False)  # sized at the first step
+    judged_unhealthy: bool = field(default=False, init=False)  # the last snapshot judged failed
     _quality_at: float = field(default=-math.inf, init=False)
 
     def step(self, batch: Batch) -> StepReport | None:
@@ -160,6 +169,7 @@ class Trainer:
         self.last = report
         self.steps_since_snapshot += 1
         self.recent.extend(report.served_labels.tolist())
+        self._keep_inputs(batch.x)
         fired = self.guard.observe_labels(report.served_labels, self.model.n_clusters)
         self.quality.add(batch.labels, report.served_labels)  # quality of what is served
         m.served_hard_entropy.set(self.guard.window_entropy())
@@ -175,8 +185,45 @@ class Trainer:
             self.hooks.on_step(report, batch)
         if fired:
             self._collapsed(report)
-        m.collapsed.set(0 if self.guard.healthy else 1)
+        m.collapsed.set(0 if self.guard.healthy and not self.judged_unhealthy else 1)
         return report
+
+    def _keep_inputs(self, x: np.ndarray) -> None:
+        """Offer the batch's inputs to the reservoir that :meth:`publishable` judges on."""
+        if self.reservoir is None:
+            window = self.guard.window_size(self.model.n_clusters)
+            self.reservoir = InputReservoir(horizon=RESERVOIR_WINDOWS * window)
+        self.reservoir.add(x)
+
+    def publishable(self, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot`` may be published: the labels it serves to the reservoir of older
+        inputs (about the last :data:`RESERVOIR_WINDOWS` guard windows) are not collapsed.
+
+        The guard judges the labels served while training, over its short window. A model that
+        learned a burst of outliers (a sensor fault 10⁴ times the usual, inside the feature
+        bound) serves the burst well spread, and the guard passes it; that model serves the
+        stream's usual inputs to one cluster, and the reservoir shows it. The rule is the
+        guard's: an entropy of at least min(threshold, ½ log n) on the n kept inputs, judged
+        once they are at least as many as the guard's smallest window. Runs in the caller's
+        thread (a CPU copy of the snapshot's model), never in the model's own."""
+        k = self.model.n_clusters
+        x = self.reservoir.inputs() if self.reservoir is not None else None
+        if x is None or len(x) < max(MIN_PER_CLUSTER * k, self.guard.min_window):
+            self.judged_unhealthy = False
+            return True
+        try:
+            model = OnlineClusterer.from_snapshot(snapshot, device="cpu", verify=False)
+            labels = model.predict(x)
+        except ValueError as exc:  # it trained on them, so this is unexpected: the guard decides
+            log.warning("could not judge the snapshot on the reservoir of older inputs: %s", exc)
+            self.judged_unhealthy = False
+            return True
+        entropy = model_metrics.entropy(np.bincount(labels, minlength=k) / len(labels))
+        self.metrics.reservoir_hard_entropy.set(entropy)
+        self.judged_unhealthy = entropy < min(self.guard.threshold, 0.5 * math.log(len(x)))
+        if self.judged_unhealthy:
+            self.metrics.collapsed.set(1)
+        return not self.judged_unhealthy
 
     def served_kl_star(self) -> float:
         """KL(served-label shares of the guard's window || the model's prior), nats."""
@@ -272,6 +319,7 @@ class Trainer:
         self.healthy = snapshot
         self.steps_since_snapshot = 0
         self.restores = 0
+        self.judged_unhealthy = False
 
     @property
     def failure(self) -> BaseException | None:

@@ -105,6 +105,48 @@ def test_digits_stream_to_redis_snapshot(kafka_bootstrap, redis_url, unique_topi
     assert reg.get_sample_value("oclust_worker_snapshot_version") == 1
 
 
+def test_a_burst_of_outliers_is_not_published(kafka_bootstrap, redis_url, unique_topic, caplog):
+    """Digits, then 640 of them 10^4 times the usual (inside the feature bound): the model that
+    learned them serves the burst well spread, so the guard's window passes it, and the usual
+    digits to one cluster. The worker judges each snapshot on a sample of older inputs first,
+    and keeps the one from before the burst in the store."""
+    from oclust.model import metrics as model_metrics
+
+    X, y = datasets.load("digits")
+    n_burst = 640
+    total = N_DIGITS + n_burst
+
+    async def main() -> TrainingWorker:
+        await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        for i in range(n_burst):
+            value, headers = encode_sample(X[i] * 1e4, label=int(y[i]))
+            await producer.send(unique_topic, value, headers=headers)
+        await producer.flush()
+        await producer.stop()
+        count = Counter()
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, snapshot_interval=0),
+            hooks=TrainerHooks(on_step=count))
+        assert await _run_until(worker, lambda: count.samples >= total - total % 64) == 0
+        return worker
+
+    with caplog.at_level(logging.WARNING, logger="oclust"):
+        worker = asyncio.run(main())
+    snap = open_store(redis_url, "t").load()
+    labels = OnlineClusterer.from_snapshot(snap, device="cpu").predict(X)
+    assert model_metrics.entropy(np.bincount(labels, minlength=10) / N_DIGITS) > 2.0
+    assert snap.manifest["samples_seen"] < total  # the last one before the burst took over
+    assert worker.trainer is not None
+    final = worker.trainer.model.predict(X)  # what the worker holds: the burst's model
+    assert model_metrics.entropy(np.bincount(final, minlength=10) / N_DIGITS) < 0.5
+    reg = worker.metrics.registry
+    assert reg.get_sample_value("oclust_worker_reservoir_hard_entropy_nats") < 0.5
+    assert reg.get_sample_value("oclust_worker_collapsed") == 1
+    assert any("learned a burst" in r.getMessage() for r in caplog.records)
+
+
 POISON: list[tuple[bytes, list[tuple[str, bytes]], str]] = [
     (b'{"features": [1, NaN, 3]}', [], "non_finite"),
     (b'{"features": [1, 2, 3]}', [], "wrong_length"),

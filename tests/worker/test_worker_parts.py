@@ -16,6 +16,7 @@ from oclust.training_worker.lease import FileLease, RedisLease, make_lease
 from oclust.training_worker.monitor import (
     RECOVERY,
     CollapseGuard,
+    InputReservoir,
     QualityWindow,
     WorkerMetrics,
     default_threshold,
@@ -319,6 +320,89 @@ def test_restores_stop_when_the_restored_weights_keep_collapsing_on_a_changed_st
     assert sum(gauge) > 20  # 1 while publishing was held back
 
 
+def test_the_input_reservoir_keeps_a_sample_that_decays_over_its_horizon():
+    r = InputReservoir(rows=200, horizon=2000, seed=0)
+    r.add(np.zeros((200, 3), np.float32))
+    assert len(r) == 200 and not r.inputs().any()
+    r.add(np.ones((2000, 3), np.float32))  # one horizon later: about 1 - 1/e replaced
+    replaced = float(r.inputs()[:, 0].mean())
+    assert 0.55 < replaced < 0.72, replaced
+    r.add(np.ones((10, 3), np.float32))  # a short burst takes a small share
+    r.add(np.full((20_000, 3), 2.0, np.float32))  # a lasting change takes it all
+    assert set(r.inputs().ravel().tolist()) == {2.0}
+    r.add(np.zeros((5, 2, 2), np.float32))  # a new per-sample shape starts a new sample
+    assert r.inputs().shape == (5, 2, 2)
+    r.add(np.empty((0, 2, 2), np.float32))
+    assert len(r) == 5
+
+
+def test_the_input_reservoir_is_bounded_in_memory():
+    from oclust.training_worker.monitor import RESERVOIR_BYTES
+
+    r = InputReservoir(rows=10_000, horizon=10_000)
+    r.add(np.zeros((3, 4096), np.float32))
+    assert r._kept is not None and r._kept.nbytes <= RESERVOIR_BYTES
+    assert len(r._kept) == RESERVOIR_BYTES // (4096 * 4)
+
+
+def test_a_model_that_learned_a_burst_of_outliers_is_not_published():
+    # A sensor fault: ten batches of digits 10^4 times the usual, inside the feature bound. The
+    # model learns them (its scaler's variance is inflated for good) and serves the burst well
+    # spread, so the guard's window passes it; it serves the usual digits to one cluster. The
+    # worker published it, and the guard then restored it, not the model before the burst.
+    from oclust.model import datasets
+    from oclust.model import metrics as model_metrics
+
+    X = datasets.load("digits")[0].reshape(-1, 64).astype(np.float32)
+    rng = np.random.default_rng(0)
+    trainer = Trainer(OnlineClusterer(n_clusters=10, seed=0),
+                      CollapseGuard(default_threshold("uniform", 10), 20, min_window=256),
+                      WorkerMetrics())
+    published: list[int] = []
+
+    def step(gain: float) -> None:
+        trainer.step(Batch(X[rng.choice(len(X), 256)] * gain, np.full(256, -1)))
+
+    def checkpoint() -> bool:
+        if not trainer.guard.healthy:
+            return False
+        snap = trainer.snapshot({"t:0": 1})
+        if not trainer.publishable(snap):
+            return False
+        published.append(len(published) + 1)
+        trainer.published(snap.with_version(published[-1]))
+        return True
+
+    def served_entropy() -> float:
+        assert trainer.healthy is not None
+        labels = OnlineClusterer.from_snapshot(trainer.healthy).predict(X)
+        return model_metrics.entropy(np.bincount(labels, minlength=10) / len(labels))
+
+    reg = trainer.metrics.registry
+    for _ in range(30):
+        step(1.0)
+    assert checkpoint() and served_entropy() > 2.0
+    before = published[-1]
+    burst = []
+    for _ in range(10):
+        step(1e4)
+        guard_passed = trainer.guard.healthy
+        burst.append((guard_passed, checkpoint()))
+    assert all(guard for guard, _ in burst)  # the window alone would have published it
+    assert not any(ok for _, ok in burst)  # the reservoir of older digits did not
+    assert reg.get_sample_value("oclust_worker_collapsed") == 1
+    assert reg.get_sample_value("oclust_worker_reservoir_hard_entropy_nats") < 0.5
+    assert published[-1] == before and served_entropy() > 2.0
+    recovered = None
+    for i in range(60):  # the usual digits again: the guard fires and restores `before`
+        step(1.0)
+        if checkpoint() and recovered is None:
+            recovered = i
+    assert trainer.guard.events == 1 and recovered is not None
+    assert served_entropy() > 2.0 and len(published) > before
+    assert reg.get_sample_value("oclust_worker_collapsed") == 0
+
+
 def test_a_collapse_threshold_no_window_can_reach_is_refused(tmp_path):
     from typer.testing import CliRunner
 
@@ -381,6 +465,7 @@ def test_metric_names_are_the_documented_ones():
         "oclust_worker_dlq_messages", "oclust_worker_snapshots_published",
         "oclust_worker_snapshot_version", "oclust_worker_collapse_events",
         "oclust_worker_collapsed", "oclust_worker_refused_batches",
+        "oclust_worker_reservoir_hard_entropy_nats",
     } <= names  # counters are exported with a _total suffix
 
 
