@@ -32,6 +32,7 @@ MIN_SHORT = 8  # an abstaining guard still withholds a collapsed window of at le
 RESERVOIR_ROWS = 1024  # inputs kept to judge a snapshot before it is published
 RESERVOIR_BYTES = 64 << 20  # ... or fewer, when that many would take more memory than this
 RESERVOIR_WINDOWS = 100  # the inputs kept span about this many guard windows of recent samples
+RESERVOIR_REACH = 50_000  # ... and at most about this many samples (K = 100: not 200,000)
 
 
 def default_threshold(prior: object, n_clusters: int) -> float:
@@ -219,6 +220,12 @@ class InputReservoir:
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def capacity(self) -> int:
+        """Inputs it can keep: ``rows``, or fewer where that many would exceed
+        :data:`RESERVOIR_BYTES` (known once the first batch has shown the input size)."""
+        return self.rows if self._kept is None else len(self._kept)
+
     def add(self, x: np.ndarray) -> None:
         """Offer a batch of inputs (N, ...); a new per-sample shape starts a new sample."""
         x = np.asarray(x, dtype=np.float32)
@@ -368,8 +375,8 @@ class WorkerMetrics:
             "oclust_worker_collapse_events", "Times the collapse guard fired", registry=r
         )
         self.collapsed = Gauge(
-            "oclust_worker_collapsed", "1 while the guard holds publishing back (not healthy)",
-            registry=r,
+            "oclust_worker_collapsed", "1 while the guard holds publishing back (not healthy, "
+            "or the snapshot judged on older inputs serves them collapsed)", registry=r,
         )
         self.reservoir_hard_entropy = _undefined(Gauge(
             "oclust_worker_reservoir_hard_entropy_nats",

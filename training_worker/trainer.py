@@ -38,6 +38,9 @@ from oclust.model.snapshot import OffsetState
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.monitor import (
     MIN_PER_CLUSTER,
+    RECOVERY,
+    RESERVOIR_REACH,
+    RESERVOIR_ROWS,
     RESERVOIR_WINDOWS,
     CollapseGuard,
     InputReservoir,
@@ -115,7 +118,9 @@ class Trainer:
     restores: int = field(default=0, init=False)  # restores since the last publish
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=SHARE_WINDOW), init=False)
     reservoir: InputReservoir | None = field(default=None, init=False)  # sized at the first step
-    judged_unhealthy: bool = field(default=False, init=False)  # the last snapshot judged failed
+    judged_unhealthy: bool = field(default=False, init=False)  # judged collapsed, not cleared
+    judge_owed: int = field(default=0, init=False)  # passing judgements owed since a failed one
+    judge_off_logged: bool = field(default=False, init=False)
     _quality_at: float = field(default=-math.inf, init=False)
 
     def step(self, batch: Batch) -> StepReport | None:
@@ -185,45 +190,74 @@ class Trainer:
             self.hooks.on_step(report, batch)
         if fired:
             self._collapsed(report)
-        m.collapsed.set(0 if self.guard.healthy and not self.judged_unhealthy else 1)
+        self._set_collapsed_gauge()
         return report
+
+    def _set_collapsed_gauge(self) -> None:
+        """``oclust_worker_collapsed``: 1 while the guard or the snapshot judge holds back."""
+        self.metrics.collapsed.set(0 if self.guard.healthy and not self.judged_unhealthy else 1)
+
+    def _judge_floor(self) -> int:
+        """Inputs the judge needs: as many as the guard's smallest judged window."""
+        return max(MIN_PER_CLUSTER * self.model.n_clusters, self.guard.min_window)
 
     def _keep_inputs(self, x: np.ndarray) -> None:
         """Offer the batch's inputs to the reservoir that :meth:`publishable` judges on."""
         if self.reservoir is None:
             window = self.guard.window_size(self.model.n_clusters)
-            self.reservoir = InputReservoir(horizon=RESERVOIR_WINDOWS * window)
+            reach = min(RESERVOIR_WINDOWS * window, RESERVOIR_REACH)
+            rows = max(RESERVOIR_ROWS, self._judge_floor())
+            self.reservoir = InputReservoir(rows=rows, horizon=max(reach, rows))
         self.reservoir.add(x)
 
     def publishable(self, snapshot: Snapshot) -> bool:
         """Whether ``snapshot`` may be published: the labels it serves to the reservoir of older
-        inputs (about the last :data:`RESERVOIR_WINDOWS` guard windows) are not collapsed.
+        inputs (about the last :data:`RESERVOIR_WINDOWS` guard windows, at most about
+        :data:`RESERVOIR_REACH` samples) are not collapsed.
 
         The guard judges the labels served while training, over its short window. A model that
         learned a burst of outliers (a sensor fault 10⁴ times the usual, inside the feature
         bound) serves the burst well spread, and the guard passes it; that model serves the
         stream's usual inputs to one cluster, and the reservoir shows it. The rule is the
         guard's: an entropy of at least min(threshold, ½ log n) on the n kept inputs, judged
-        once they are at least as many as the guard's smallest window. Runs in the caller's
-        thread (a CPU copy of the snapshot's model), never in the model's own."""
+        once they are at least as many as the guard's smallest window, and after a failed
+        judgement :data:`RECOVERY` passing ones in a row. Runs in the caller's thread (a CPU
+        copy of the snapshot's model), never in the model's own."""
+        verdict = self._judge(snapshot)
+        if verdict is None:  # cannot judge: the guard decides
+            self.judged_unhealthy, self.judge_owed = False, 0
+        elif not verdict:
+            self.judged_unhealthy, self.judge_owed = True, RECOVERY
+        elif self.judge_owed:
+            self.judge_owed -= 1
+            self.judged_unhealthy = self.judge_owed > 0
+        else:
+            self.judged_unhealthy = False
+        self._set_collapsed_gauge()
+        return not self.judged_unhealthy
+
+    def _judge(self, snapshot: Snapshot) -> bool | None:
+        """True when ``snapshot`` serves the reservoir healthy, False when collapsed, None when
+        it cannot be judged (too few inputs kept, or the judging failed: logged)."""
         k = self.model.n_clusters
         x = self.reservoir.inputs() if self.reservoir is not None else None
-        if x is None or len(x) < max(MIN_PER_CLUSTER * k, self.guard.min_window):
-            self.judged_unhealthy = False
-            return True
+        if x is None or len(x) < self._judge_floor():
+            full = self.reservoir is not None and len(self.reservoir) >= self.reservoir.capacity
+            if full and not self.judge_off_logged:  # full, yet too few: inputs too large
+                self.judge_off_logged = True
+                log.warning("snapshots are not judged on older inputs: %d inputs of this size "
+                            "fit the reservoir's memory, the judge needs %d",
+                            len(x), self._judge_floor())
+            return None
         try:
             model = OnlineClusterer.from_snapshot(snapshot, device="cpu", verify=False)
             labels = model.predict(x)
-        except ValueError as exc:  # it trained on them, so this is unexpected: the guard decides
+        except Exception as exc:  # it trained on them, so this is unexpected: the guard decides
             log.warning("could not judge the snapshot on the reservoir of older inputs: %s", exc)
-            self.judged_unhealthy = False
-            return True
+            return None
         entropy = model_metrics.entropy(np.bincount(labels, minlength=k) / len(labels))
         self.metrics.reservoir_hard_entropy.set(entropy)
-        self.judged_unhealthy = entropy < min(self.guard.threshold, 0.5 * math.log(len(x)))
-        if self.judged_unhealthy:
-            self.metrics.collapsed.set(1)
-        return not self.judged_unhealthy
+        return entropy >= min(self.guard.threshold, 0.5 * math.log(len(x)))
 
     def served_kl_star(self) -> float:
         """KL(served-label shares of the guard's window || the model's prior), nats."""
@@ -319,7 +353,7 @@ class Trainer:
         self.healthy = snapshot
         self.steps_since_snapshot = 0
         self.restores = 0
-        self.judged_unhealthy = False
+        self._set_collapsed_gauge()
 
     @property
     def failure(self) -> BaseException | None:

@@ -403,6 +403,36 @@ def test_a_model_that_learned_a_burst_of_outliers_is_not_published():
     assert reg.get_sample_value("oclust_worker_collapsed") == 0
 
 
+def test_the_snapshot_judge_needs_passes_in_a_row_after_a_failure_and_sets_the_gauge(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    trainer = Trainer(OnlineClusterer(n_clusters=2, seed=0, hidden=(8,), latent_dim=4),
+                      CollapseGuard(0.0, 5), WorkerMetrics())
+    trainer.step(Batch(X, np.full(64, -1)))
+    snap = trainer.snapshot({"t:0": 64})
+    verdicts = iter([True, False, True, True, None, False, True, True, True, True])
+    monkeypatch.setattr(trainer, "_judge", lambda _snap: next(verdicts))
+    gauge = trainer.metrics.registry
+    got = []
+    for _ in range(10):
+        got.append(trainer.publishable(snap))
+        assert gauge.get_sample_value("oclust_worker_collapsed") == (0 if got[-1] else 1)
+    # a failure owes RECOVERY passes in a row; a judgement that cannot be made leaves it to the
+    # guard
+    assert got == [True, False, False, False, True, False, False, False, True, True]
+    assert RECOVERY == 3
+
+
+def test_the_reservoir_holds_enough_inputs_to_judge_a_large_k():
+    X = np.random.default_rng(0).normal(size=(128, 4)).astype(np.float32)
+    trainer = Trainer(OnlineClusterer(n_clusters=120, seed=0, hidden=(8,), latent_dim=4),
+                      CollapseGuard(1.0, 5, min_window=128), WorkerMetrics())
+    trainer.step(Batch(X, np.full(128, -1)))
+    assert trainer.reservoir is not None and trainer.reservoir.capacity == 1200  # 10 K
+    assert trainer.reservoir.horizon == 50_000  # 100 windows of 2,400 would be 240,000
+
+
 def test_a_collapse_threshold_no_window_can_reach_is_refused(tmp_path):
     from typer.testing import CliRunner
 
