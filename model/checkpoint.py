@@ -73,6 +73,7 @@ def manifest_of(
         clip=None if clf.scaler_.clip is None else float(clf.scaler_.clip),  # as built
         init=clf.init_,
         views=clf.views_,
+        input_guide=clf.input_guide_,
         seed=clf._seed,
         feature_names=(
             [str(n) for n in clf.feature_names_in_] if hasattr(clf, "feature_names_in_") else None
@@ -98,6 +99,8 @@ def to_snapshot(
     tensors |= {f"reg.{k}": v for k, v in clf.reg_.state_dict().items()}
     tensors |= {f"scaler.{k}": v for k, v in clf.scaler_.state_dict().items()}
     tensors |= {SERVING_PREFIX + k: v for k, v in serving_tail(clf).items()}
+    if clf.guide_ is not None and clf.steps_ < clf.guide_.steps:  # still guiding
+        tensors |= {f"guide.{k}": v for k, v in clf.guide_.state().items()}
     check_finite_weights({k: v.detach().cpu().numpy() for k, v in tensors.items()
                           if v.is_floating_point()})  # a blown-up model is never published
     probe = getattr(clf, "_probe", None)  # the latest trained batch had finite distances
@@ -144,6 +147,7 @@ def from_snapshot(
             hidden_norm=enc.hidden_norm,
             init=m.init,
             views=m.views,
+            input_guide=m.input_guide,
         ).validate_params()
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"manifest is missing or has a bad field: {exc}") from exc
@@ -199,7 +203,10 @@ def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor]) -> None:
         clf.encoder_.load_state_dict(part("encoder."))
         clf.reg_.load_state_dict(part("reg."))
         clf.scaler_.load_state_dict(part("scaler."))
-    except (KeyError, RuntimeError) as exc:
+        if clf.guide_ is not None:
+            size = int(np.prod(clf.input_shape_))
+            clf.guide_.load(part("guide."), (clf.n_clusters, size), clf.device_)
+    except (KeyError, RuntimeError, ValueError) as exc:
         raise SnapshotError(f"weights do not fit the manifest's model: {exc}") from exc
     for i, p in enumerate(clf._parameters()):
         state = part(f"optim.{i}.")

@@ -40,6 +40,8 @@ from oclust.model import checkpoint
 from oclust.model.augment import augment, kind_for_encoder, seeded_generator
 from oclust.model.encoder_config import IMAGE_KINDS, WINDOW_KINDS
 from oclust.model.encoders import EncoderConfig, build_encoder, split_stem
+from oclust.model.guide import STEPS as GUIDE_STEPS
+from oclust.model.guide import InputGuide
 from oclust.model.predicting import INFERENCE_BYTES, INFERENCE_ROWS, InferenceMixin
 from oclust.model.priors import OnlinePrior, resolve_prior
 from oclust.model.regularisers import (
@@ -219,6 +221,13 @@ class OnlineClusterer(
             with them warns); off for vectors and windows, where it did not help. The
             augmentations assume standardised inputs (``standardize=True``). Doubles the
             encoder's work per step.
+        input_guide: the model's first steps whose CA assignment also weighs each
+            (standardised) input's distance to its cluster's mean input, blended out linearly
+            over them (:mod:`oclust.model.guide`; no gradient, the loss is unchanged, served
+            labels never see it). ``"auto"`` (default): 200 for the MLP encoder with CA and
+            standardised inputs, where it was tuned (ImageSegments NMI 0.615 against 0.581,
+            flat FashionMNIST 0.587 against 0.569, digits 0.705 against 0.710), else 0
+            (never). CA only.
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
             both are given.
 
@@ -233,7 +242,8 @@ class OnlineClusterer(
             was a DataFrame with string column names).
         input_shape_: the per-sample shape, ``X.shape[1:]``.
         samples_seen_, steps_: samples and steps trained since ``fit`` (or the first batch).
-        init_, sigma_, views_: the centroid seeding, sigma and views in use (``"auto"`` and
+        init_, sigma_, views_, input_guide_: the centroid seeding, sigma, views and guided
+            steps in use (``"auto"`` and
             ``None`` resolved; ``sigma_`` follows a later ``set_params(sigma=...)``); the latent
             normalisation in use is ``encoder_config_.latent_norm``.
     """
@@ -266,6 +276,7 @@ class OnlineClusterer(
         prior_params: dict[str, float] | None = None,
         clip: float | None = DEFAULT_CLIP,
         views: bool | str = "auto",
+        input_guide: int | str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.regulariser = regulariser
@@ -286,6 +297,7 @@ class OnlineClusterer(
         self.prior_params = prior_params
         self.clip = clip
         self.views = views
+        self.input_guide = input_guide
 
     # ----------------------------------------------------------------- validation
     def validate_params(self) -> OnlineClusterer:
@@ -352,6 +364,21 @@ class OnlineClusterer(
         if self.views != "auto":
             return bool(self.views)
         return self.reg_.tuned_defaults and self.encoder_config_.kind in IMAGE_KINDS
+
+    @property
+    def input_guide_(self) -> int:
+        """The guided steps in use: ``input_guide``, or for ``"auto"`` :data:`~oclust.model.
+        guide.STEPS` for the MLP encoder with CA and standardised inputs (0 otherwise)."""
+        self._check_fitted()
+        return self._guide_steps()
+
+    def _guide_steps(self) -> int:
+        """:attr:`input_guide_` of a built model (before its centroids are seeded too)."""
+        guide = self._as_built("input_guide")
+        if guide != "auto":
+            return int(guide)
+        tuned = self.reg_.tuned_defaults and self.encoder_config_.kind == "mlp"
+        return GUIDE_STEPS if tuned and self._as_built("standardize") else 0
 
     @property
     def cluster_centers_(self) -> np.ndarray:
@@ -421,6 +448,8 @@ class OnlineClusterer(
         self._centroids_ready = False
         self._probe: np.ndarray | None = None
         self._built = True
+        steps = self._guide_steps()
+        self.guide_ = InputGuide(steps) if steps else None
 
     def _record_params(self) -> None:
         """Note the parameters the model is being built with (:meth:`_check_params_unchanged`)."""
@@ -475,6 +504,9 @@ class OnlineClusterer(
             seed_centroids(z, self.n_clusters, self.init_, self._rng, x, self.prior_)
         )
         self._centroids_ready = True
+        if self.guide_ is not None:  # the mean input of each seeded cluster
+            seeded = sq_distances(z.detach(), self.centroids_.detach()).argmin(1)
+            self.guide_.start(x, z, seeded, self.n_clusters)
 
     # ----------------------------------------------------------------- training
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
@@ -529,6 +561,8 @@ class OnlineClusterer(
             if not self._centroids_ready:
                 self._init_centroids(x, z)
             batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
+            if self.guide_ is not None:
+                batch.guide = self.guide_.costs(x, self.steps_)
             out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists
             if z_served is None:  # before the step moves anything
                 served = self._served_labels(z, batch.distances)
@@ -547,6 +581,8 @@ class OnlineClusterer(
         self.optimizer_.step()
         self._check_weights_finite()
         self.reg_.after_step(self.centroids_.detach())
+        if batch.guide is not None and self.guide_ is not None:
+            self.guide_.update(x, out.labels)
         self.samples_seen_ += len(arr)
         self.steps_ += 1
         labels = out.labels.detach().cpu().numpy().astype(np.int64)

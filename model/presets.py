@@ -90,8 +90,9 @@ def paper(dataset_shape: tuple[int, ...], n_clusters: int) -> dict[str, Any]:
 
     Images (28, 28) / (1, 28, 28) get ``lenet`` and are not standardised, windows (C, T)
     ``lenet1d``, vectors the default MLP (the paper has no vector data set; its hidden layer
-    keeps the default BatchNorm, as the paper's LeNet has); nothing is clipped (``clip=None``)
-    and no augmented view is trained on (``views=False``).
+    keeps the default BatchNorm, as the paper's LeNet has); nothing is clipped (``clip=None``),
+    no augmented view is trained on (``views=False``) and CA's assignment is not guided by the
+    inputs (``input_guide=0``).
     """
     shape = tuple(int(s) for s in dataset_shape)
     auto = EncoderConfig.for_shape(shape).kind
@@ -109,6 +110,7 @@ def paper(dataset_shape: tuple[int, ...], n_clusters: int) -> dict[str, Any]:
         "latent_norm": "none",
         "init": "normal",
         "views": False,  # they train on the images alone
+        "input_guide": 0,  # their assignment weighs latent distances only
     }
 
 

@@ -78,6 +78,7 @@ class Batch:
     sigma: float
     log_prior: torch.Tensor  # K
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None  # f, for methods with views
+    guide: torch.Tensor | None = None  # N×K extra assignment cost, no gradient (model.guide)
 
     @classmethod
     def build(
@@ -91,6 +92,12 @@ class Batch:
     ) -> Batch:
         """Compute the distance matrix and bundle everything."""
         return cls(x, z, centroids, sq_distances(z, centroids), sigma, log_prior, encode)
+
+    def assign_costs(self) -> torch.Tensor:
+        """The distances an assignment weighs (no gradient): ``distances``, plus the input
+        guide's term while the model has one (:mod:`oclust.model.guide`; CA only)."""
+        d = self.distances.detach()
+        return d if self.guide is None else d + self.guide
 
 
 @dataclass
@@ -203,7 +210,7 @@ class CombinationAssignment(Regulariser):
         # The greedy loop runs on the host in compiled code (one copy of the distances per
         # batch, made cluster-major: the kernel's layout, so it needs no transposing copy).
         labels = combination_assignment(
-            batch.distances.detach(), 2.0 * batch.sigma, batch.log_prior.detach().cpu().numpy()
+            batch.assign_costs(), 2.0 * batch.sigma, batch.log_prior.detach().cpu().numpy()
         )
         labels_t = torch.from_numpy(labels).to(batch.distances.device)
         return Output(labels_t, pull(batch.distances, labels_t))

@@ -251,6 +251,7 @@ class Manifest:
     clip: float | None = None  # of the standardised inputs; absent (older manifests): none
     init: str = "kmeans"
     views: bool = False  # augmented views in training; absent (older manifests): none
+    input_guide: int = 0  # CA's guided first steps (model.guide); absent (older manifests): none
     seed: int | None = None
     # the column names of the DataFrame the model was fitted on (its feature_names_in_, which
     # inference checks); None: fitted on unnamed data, or a manifest older than the field
@@ -308,7 +309,8 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
     "regulariser": str, "reg_params": _mapping, "n_clusters": _count, "input_shape": _shape,
     "encoder": _mapping, "latent_dim": _count, "sigma": float, "prior": _floats,
     "prior_mode": str, "lr": float, "betas": _floats, "standardize": _flag, "clip": float,
-    "init": str, "views": _flag, "seed": _integer, "feature_names": _strings,
+    "init": str, "views": _flag, "input_guide": _count, "seed": _integer,
+    "feature_names": _strings,
     "samples_seen": _count, "steps": _count,
     "offsets": _offsets, "offset_state": _offset_state, "metrics": _mapping,
 }

@@ -145,6 +145,13 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
     ):
         raise ValueError(f"reg_params must be a dict of keyword arguments or None, got "
                          f"{est.reg_params!r}")
+    guide = est.input_guide
+    if guide != "auto" and not (_whole(guide) and not isinstance(guide, bool) and guide >= 0):
+        raise ValueError(f"input_guide must be 'auto' or a whole number of steps >= 0, got "
+                         f"{guide!r}")
+    if guide != "auto" and guide > 0 and est.regulariser != "ca":
+        raise ValueError(f"input_guide leans CA's assignment on the inputs; regulariser "
+                         f"{est.regulariser!r} assigns otherwise: use input_guide=0 or 'auto'")
     resolve_prior(est.prior, int(k))  # raises ValueError for a bad prior
     check_prior_params(est.prior_params)
     for name in ("random_state", "seed"):

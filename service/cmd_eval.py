@@ -19,7 +19,8 @@ from oclust.service.options import SettingsCommand, fail
 HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
            "kl_star_soft": "KL* soft", "linear_probe": "linear probe", "knn_probe": "KNN probe"}
 MODEL_OPTIONS = {"sigma": "'--sigma'", "latent_dim": "'--latent-dim'", "views": "'--views'",
-                 "init": "'--init'", "clip": "'--input-clip'"}  # model parameter: its option
+                 "init": "'--init'", "clip": "'--input-clip'",
+                 "input_guide": "'--input-guide'"}  # model parameter: its option
 
 
 def _cell(mean: float, std: float) -> str:
@@ -58,6 +59,11 @@ def eval_command(
     input_clip: Annotated[float | None, typer.Option(
         help="clip the standardised inputs at ± this many standard deviations (default: the "
         "protocol's, 5 under default, none under paper; inf: no clip)"
+    )] = None,
+    input_guide: Annotated[int | None, typer.Option(
+        min=0, help="steps over which CA's assignment also weighs each input's distance to "
+        "its cluster's mean input, blended out (default: the protocol's: 200 for vectors "
+        "under default, 0 otherwise and under paper)"
     )] = None,
     imbalance: Annotated[
         str | None,
@@ -135,7 +141,8 @@ def eval_command(
             check_init(init)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--init") from None
-    given = {"sigma": sigma, "latent_dim": latent_dim, "views": views, "init": init}
+    given = {"sigma": sigma, "latent_dim": latent_dim, "views": views, "init": init,
+             "input_guide": input_guide}
     params = {k: v for k, v in given.items() if v is not None}
     if input_clip is not None:
         try:
@@ -157,7 +164,8 @@ def eval_command(
         raise typer.BadParameter(str(exc), param_hint="--limit") from None
     k = int(y.max()) + 1
     try:  # the model is built at its first batch: a bad parameter failed after loading
-        check_model_params(protocol, X, k, **params)
+        for name in names:
+            check_model_params(protocol, X, k, regulariser=name, **params)
     except ValueError as exc:
         name = next((n for n in params if str(exc).startswith(n)), None)
         raise typer.BadParameter(str(exc), param_hint=MODEL_OPTIONS.get(name or "")) from None

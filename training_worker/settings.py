@@ -248,6 +248,11 @@ class ModelSettings(_Env):
         "balanced k-means of the first batch's inputs), kmeans++, normal or centred (default "
         "auto: kmeans for vectors and windows, centred for images)"
     )
+    input_guide: int | None = Field(
+        None, ge=0, description="a fresh model's ca assignment also weighs each input's "
+        "distance to its cluster's mean input over its first N steps, blended out (default: "
+        "200 for vectors with ca and standardised inputs, else 0: never)"
+    )
     seed: int | None = Field(
         0, ge=0, le=2**32 - 1, description="seed of a fresh model (0 to 2**32 - 1)"
     )
@@ -284,6 +289,14 @@ class ModelSettings(_Env):
     def _init_known(cls, value: str | None) -> str | None:
         return value if value is None else check_init(value)
 
+    @field_validator("input_guide")
+    @classmethod
+    def _guide_needs_ca(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and info.data.get("regulariser", "ca") != "ca":
+            raise ValueError("the input guide leans ca's assignment on the inputs; other "
+                             "regularisers assign otherwise: leave it out, or set 0")
+        return value
+
     @field_validator("prior_max_kl")
     @classmethod
     def _cap_needs_online(cls, value: float | None, info: ValidationInfo) -> float | None:
@@ -303,7 +316,7 @@ class ModelSettings(_Env):
 
         params: dict[str, Any] = {
             "sigma": self.sigma, "latent_dim": self.latent_dim, "views": self.views,
-            "init": self.init,
+            "init": self.init, "input_guide": self.input_guide,
         }
         params = {k: v for k, v in params.items() if v is not None}
         if self.input_clip is not None:
