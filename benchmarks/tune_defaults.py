@@ -23,8 +23,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the clusterer's defaults when the row ran, so "shipped" rows of the JSONL differ by date:
     # LayerNorm / k-means / 10 for every encoder up to stop 24 (spell it layer_kmeans_s10 now),
     # raw latents / centred / 50 for images from stop 25, windows at sigma 50 (layer_kmeans_s50)
-    # and images with augmented views from stop 26, and an MLP with BatchNorm from stop 27
-    # (its rows before that: add _nobn)
+    # and images with augmented views from stop 26, an MLP with BatchNorm from stop 27
+    # (its rows before that: add _nobn), and vectors with CA's input guide from stop 32 (its
+    # rows before that: layer_kmeans_s10_ng)
     "shipped": {},
     "reference": {},  # KMeans / MiniBatchKMeans rows only
     "mbk": {},  # the MiniBatchKMeans row only (KMeans with n_init=10 is slow on 70k images)
@@ -48,8 +49,9 @@ NORMS = {"layer": "layer", "raw": "none", "batch": "batch"}
 
 
 def candidate(name: str) -> dict[str, Any]:
-    """A named candidate, or one spelled ``NORM_INIT_sSIGMA[_lrLR][_hW-W][_dDIM][_v][_nobn]``
-    (``_v``: augmented views on; ``_nobn``: an MLP without BatchNorm, the default before stop 27).
+    """A named candidate, or one spelled ``NORM_INIT_sSIGMA[_lrLR][_hW-W][_dDIM][_v][_nobn][_ng]``
+    (``_v``: augmented views on; ``_nobn``: an MLP without BatchNorm, the default before stop 27;
+    ``_ng``: no input guide, the default before stop 32).
 
     >>> candidate("raw_normal_s25_h256-128_v")
     {'latent_norm': 'none', 'init': 'normal', 'sigma': 25.0, 'hidden': (256, 128), 'views': True}
@@ -69,6 +71,8 @@ def candidate(name: str) -> dict[str, Any]:
             cfg["views"] = True
         elif part == "nobn":
             cfg["hidden_norm"] = "none"
+        elif part == "ng":
+            cfg["input_guide"] = 0
         else:
             raise ValueError(f"unknown candidate part {part!r}")
     return cfg
