@@ -173,10 +173,11 @@ def train_command(settings: TrainSettings) -> None:
     if k > len(X):  # more clusters than samples: most would stay empty, KL* meaningless
         raise typer.BadParameter(f"{k} clusters for {len(X)} samples: give at most "
                                  f"{len(X)} (or more data)", param_hint="--n-clusters")
-    # before training: a store that cannot take the snapshot failed after training
-    check_store(s.store, s.namespace, s.keep)
     priors = {"prior": parse_prior(s.prior), "prior_params": s.prior_params}
     params = {**s.model_params, **{n: v for n, v in priors.items() if v is not None}}
+    check_train_params(X.shape[1:], k, s, params)  # the model is built at its first batch
+    # before training: a store that cannot take the snapshot failed after training
+    check_store(s.store, s.namespace, s.keep)
     steps = s.epochs * -(-len(X) // s.batch_size)
     try:
         with tqdm(total=steps, desc="train", unit="step", file=sys.stderr) as bar:
@@ -197,6 +198,25 @@ def train_command(settings: TrainSettings) -> None:
         raise fail(str(exc)) from None
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     typer.echo(f"published version {version} to {url} namespace {s.namespace!r}: {shown}")
+
+
+def check_train_params(shape: tuple[int, ...], k: int, s: TrainSettings,
+                       params: dict[str, object]) -> None:
+    """Exit 2 naming the option unless ``oclust train``'s model can be built for samples of
+    ``shape`` (e.g. ``--latent-dim 2`` with the LayerNorm latents of vectors), before any
+    training."""
+    from oclust.model import OnlineClusterer
+    from oclust.model.encoder_config import EncoderConfig
+    from oclust.service.cmd_eval import MODEL_OPTIONS
+
+    try:
+        clf = OnlineClusterer(n_clusters=k, regulariser=s.regulariser, seed=s.seed,
+                              device=s.device, **params).validate_params()  # type: ignore[arg-type]
+        EncoderConfig.for_shape(shape, clf.latent_dim, clf.encoder, clf.hidden,
+                                clf.latent_norm, clf.hidden_norm)
+    except ValueError as exc:
+        name = next((n for n in MODEL_OPTIONS if str(exc).startswith(n)), "")
+        raise typer.BadParameter(str(exc), param_hint=MODEL_OPTIONS.get(name)) from None
 
 
 def check_store(url: str, namespace: str, keep: int | None, directory_only: bool = False

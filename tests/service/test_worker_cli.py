@@ -240,3 +240,16 @@ def test_worker_with_a_blown_up_model_exits_1_with_one_error_line(
     assert len(errors) == 1 and "weights up to NaN" in errors[0], result.output
     assert not isinstance(result.exception, FloatingPointError)  # caught, not a traceback
     assert open_store(f"file://{tmp_path}", "oclust").versions() == []
+
+
+def test_train_refuses_a_model_it_cannot_build_before_training_or_touching_the_store(tmp_path):
+    # a latent of 2 under the LayerNorm latents of vectors failed at the first batch: exit 1
+    store = tmp_path / "store"
+    for extra, option in ((["--latent-dim", "2"], "'--latent-dim'"),
+                          (["--regulariser", "sk", "--input-guide", "5"], "'--input-guide'")):
+        result = runner.invoke(app, ["train", "--dataset", "digits", "--store",
+                                     f"file://{store}", *extra])
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for {option}" in result.output, result.output
+        assert "train" not in result.output.split("Invalid value")[1]  # no progress bar
+    assert not store.exists()  # refused before the store check makes it
