@@ -155,7 +155,7 @@ def from_snapshot(
         clf._build(enc.input_shape)
     except (TypeError, ValueError) as exc:  # e.g. reg_params the regulariser does not take
         raise SnapshotError(f"manifest describes a model that cannot be built: {exc}") from exc
-    load_tensors(clf, unpack_tensors(snapshot.weights))
+    load_tensors(clf, unpack_tensors(snapshot.weights), m.steps)
     clf.n_features_in_ = enc.input_shape[0]  # as the fitted model had them: inference checks
     if m.feature_names is not None:  # a DataFrame's columns by their names
         if len(m.feature_names) != clf.n_features_in_:
@@ -188,8 +188,10 @@ def _check_adam_state(i: int, p: torch.Tensor, state: dict[str, torch.Tensor]) -
                             f"{tuple(p.shape)}: {shapes}")
 
 
-def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor]) -> None:
-    """Load a snapshot's tensors into a built clusterer (``SnapshotError`` if they do not fit)."""
+def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor], steps: int = 0) -> None:
+    """Load a snapshot's tensors into a built clusterer (``SnapshotError`` if they do not fit);
+    ``steps``: the steps the snapshot's model had trained (a model still in its input guide's
+    steps must hold the guide's state)."""
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
@@ -204,8 +206,12 @@ def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor]) -> None:
         clf.reg_.load_state_dict(part("reg."))
         clf.scaler_.load_state_dict(part("scaler."))
         if clf.guide_ is not None:
+            guide = part("guide.")
+            if not guide and 0 < steps < clf.guide_.steps:  # still guiding: kept
+                raise ValueError(f"the model is in its guided steps ({steps} of "
+                                 f"{clf.guide_.steps}) but the weights hold no input guide")
             size = int(np.prod(clf.input_shape_))
-            clf.guide_.load(part("guide."), (clf.n_clusters, size), clf.device_)
+            clf.guide_.load(guide, (clf.n_clusters, size), clf.device_)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise SnapshotError(f"weights do not fit the manifest's model: {exc}") from exc
     for i, p in enumerate(clf._parameters()):

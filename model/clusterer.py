@@ -224,8 +224,9 @@ class OnlineClusterer(
         input_guide: the model's first steps whose CA assignment also weighs each
             (standardised) input's distance to its cluster's mean input, blended out linearly
             over them (:mod:`oclust.model.guide`; no gradient, the loss is unchanged, served
-            labels never see it). ``"auto"`` (default): 200 for the MLP encoder with CA and
-            standardised inputs, where it was tuned (ImageSegments NMI 0.615 against 0.581,
+            labels never see it). ``"auto"`` (default): 200 for the MLP encoder (vectors, or
+            any input with ``encoder="mlp"``) with CA and standardised inputs, where it was
+            tuned (ImageSegments NMI 0.615 against 0.581,
             flat FashionMNIST 0.587 against 0.569, digits 0.705 against 0.710), else 0
             (never). CA only.
         seed: the former name of ``random_state``, still accepted; ``random_state`` wins when
@@ -504,9 +505,14 @@ class OnlineClusterer(
             seed_centroids(z, self.n_clusters, self.init_, self._rng, x, self.prior_)
         )
         self._centroids_ready = True
-        if self.guide_ is not None:  # the mean input of each seeded cluster
-            seeded = sq_distances(z.detach(), self.centroids_.detach()).argmin(1)
-            self.guide_.start(x, z, seeded, self.n_clusters)
+        if self.guide_ is not None:
+            self._start_guide(x, z)
+
+    def _start_guide(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        """Seed the input guide: the mean input of each centroid's nearest latents."""
+        assert self.guide_ is not None
+        nearest = sq_distances(z.detach(), self.centroids_.detach()).argmin(1)
+        self.guide_.start(x, z, nearest, self.n_clusters)
 
     # ----------------------------------------------------------------- training
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
@@ -562,6 +568,9 @@ class OnlineClusterer(
                 self._init_centroids(x, z)
             batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
             if self.guide_ is not None:
+                if not self.guide_.started and len(x) > 1 and self.steps_ < self.guide_.steps:
+                    # a first batch of one row could not seed it
+                    self._start_guide(x, z)
                 batch.guide = self.guide_.costs(x, self.steps_)
             out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists
             if z_served is None:  # before the step moves anything

@@ -31,11 +31,13 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from oclust.model.regularisers import sq_distances
 
-__all__ = ["STEPS", "WEIGHT", "InputGuide"]
+__all__ = ["RATE", "STEPS", "WEIGHT", "InputGuide"]
 
 STEPS = 200  # the default's guided steps (MLP encoder with CA; tuned on digits and ImageSegments)
 WEIGHT = 2.0  # the inputs' spread against the latents', at the first step
@@ -65,15 +67,22 @@ class InputGuide:
               n_clusters: int) -> None:
         """Seed the mean inputs from the first batch ``x`` (standardised) and its seeded labels,
         and the scale from its latents ``z``; a cluster the seeding left empty starts at the
-        batch's mean."""
+        batch's mean. A batch whose inputs do not spread (one row) leaves the scale 0:
+        :attr:`started` stays False, and the model starts it again on a later batch."""
         flat = x.detach().reshape(len(x), -1)
-        self.scale = self.weight * _spread(z.detach()) / max(_spread(flat), 1e-12)
+        spread = _spread(flat)  # 0 for one row, or identical ones: nothing to scale by yet
+        self.scale = self.weight * _spread(z.detach()) / spread if spread > 1e-12 else 0.0
         means = flat.mean(0).repeat(n_clusters, 1)
         for k in range(n_clusters):
             mine = labels == k
             if mine.any():
                 means[k] = flat[mine].mean(0)
         self.means = means
+
+    @property
+    def started(self) -> bool:
+        """Seeded from a batch whose inputs spread (until then the term is 0)."""
+        return self.means is not None and self.scale > 0
 
     def costs(self, x: torch.Tensor, step: int) -> torch.Tensor | None:
         """The N x K term to add to the assignment cost at ``step``; None once blended out (or
@@ -103,10 +112,14 @@ class InputGuide:
         leaves the guide unstarted; ``ValueError`` for tensors that do not fit."""
         if not state:
             return
-        if set(state) != {"means", "scale"} or tuple(state["means"].shape) != shape or (
-            state["scale"].numel() != 1
-        ):
-            found = {k: tuple(v.shape) for k, v in state.items()}
-            raise ValueError(f"input guide tensors {found} do not fit means of shape {shape}")
-        self.means = state["means"].to(device=device, dtype=torch.float32).clone()
-        self.scale = float(state["scale"])
+        found = {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
+        if set(state) != {"means", "scale"}:
+            raise ValueError(f"input guide tensors {found}: expected 'means' and 'scale'")
+        means, scale = state["means"], state["scale"]
+        if tuple(means.shape) != shape or scale.numel() != 1 or not (
+            means.is_floating_point() and scale.is_floating_point()
+        ) or not 0 <= float(scale) < math.inf:
+            raise ValueError(f"input guide tensors {found} do not fit: means of shape {shape} "
+                             "and one finite scale >= 0, both floating point")
+        self.means = means.to(device=device, dtype=torch.float32).clone()
+        self.scale = float(scale)

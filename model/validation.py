@@ -151,7 +151,8 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
                          f"{guide!r}")
     if guide != "auto" and guide > 0 and est.regulariser != "ca":
         raise ValueError(f"input_guide leans CA's assignment on the inputs; regulariser "
-                         f"{est.regulariser!r} assigns otherwise: use input_guide=0 or 'auto'")
+                         f"{est.regulariser!r} assigns otherwise: leave it at its default, or "
+                         "set it to 0")
     resolve_prior(est.prior, int(k))  # raises ValueError for a bad prior
     check_prior_params(est.prior_params)
     for name in ("random_state", "seed"):

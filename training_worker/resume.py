@@ -155,6 +155,10 @@ def load_trainer(settings: WorkerSettings, store: SnapshotStore, metrics: Worker
         if s.views is not None and s.views != model.views_:
             log.warning("the snapshot's model keeps its own views setting %s (--views %s "
                         "applies to a fresh model)", model.views_, s.views)
+        if s.input_guide is not None and s.input_guide != model.input_guide_:
+            log.warning("the snapshot's model keeps its own input guide of %d steps "
+                        "(--input-guide %d applies to a fresh model)", model.input_guide_,
+                        s.input_guide)
     if s.collapse_threshold is None:  # the model's configured prior: a resumed snapshot's wins
         guard.threshold = default_threshold(model.prior, model.n_clusters)
     else:  # checked against the settings' K; a resumed snapshot's K wins

@@ -131,3 +131,39 @@ def test_guide_tensors_that_do_not_fit_are_refused():
     bad = Snapshot.create(pack_tensors(tensors), dict(snap.manifest))
     with pytest.raises(SnapshotError, match="input guide tensors"):
         OnlineClusterer.from_snapshot(bad, device="cpu")
+    only_means = {k: v for k, v in tensors.items() if k != "guide.scale"}
+    with pytest.raises(SnapshotError, match="expected 'means' and 'scale'"):
+        OnlineClusterer.from_snapshot(
+            Snapshot.create(pack_tensors(only_means), dict(snap.manifest)), device="cpu")
+
+
+def test_a_first_batch_of_one_row_leaves_the_guide_to_start_on_the_next():
+    X = _blobs(129)
+    m = OnlineClusterer(n_clusters=4, seed=0, **SMALL).partial_fit(X[:1])
+    assert m.guide_ is not None and not m.guide_.started  # one row: no spread to scale by
+    m.partial_fit(X[1:])
+    assert m.guide_.started and m.guide_.scale > 0 and m.input_guide_ == STEPS
+
+
+def test_a_guided_snapshot_without_the_guides_state_is_refused():
+    X = _blobs(128)
+    snap = OnlineClusterer(n_clusters=4, seed=0, **SMALL).partial_fit(X).to_snapshot()
+    tensors = {k: v for k, v in unpack_tensors(snap.weights).items()
+               if not k.startswith("guide.")}
+    bad = Snapshot.create(pack_tensors(tensors), dict(snap.manifest))
+    with pytest.raises(SnapshotError, match="hold no input guide"):
+        OnlineClusterer.from_snapshot(bad, device="cpu")
+
+
+@pytest.mark.parametrize("change", [
+    {"guide.scale": torch.tensor(-5.0, dtype=torch.float64)},
+    {"guide.scale": torch.tensor(5)},
+    {"guide.means": torch.zeros(4, 6, dtype=torch.int64)},
+])
+def test_guide_tensors_of_a_bad_value_or_type_are_refused(change: dict) -> None:
+    X = _blobs(128)
+    snap = OnlineClusterer(n_clusters=4, seed=0, **SMALL).partial_fit(X).to_snapshot()
+    tensors = unpack_tensors(snap.weights) | change
+    bad = Snapshot.create(pack_tensors(tensors), dict(snap.manifest))
+    with pytest.raises(SnapshotError, match="input guide tensors"):
+        OnlineClusterer.from_snapshot(bad, device="cpu")

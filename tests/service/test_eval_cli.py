@@ -200,6 +200,22 @@ def test_eval_init_reaches_the_model_and_bad_values_are_refused(monkeypatch):
     assert result.exit_code == 2 and "--init" in result.output and "inputs" in result.output
 
 
+def test_eval_input_guide_reaches_the_model_and_is_refused_for_other_regularisers(monkeypatch):
+    seen = _spied(monkeypatch, "input_guide")
+    runner = CliRunner()
+    base = ["eval", "--seeds", "1", "--epochs", "1", "--limit", "300", "--no-reference"]
+    for extra, guide in (([], "auto"), (["--input-guide", "0"], 0),
+                         (["--protocol", "paper"], 0),
+                         (["--protocol", "paper", "--input-guide", "5"], 5)):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == guide, extra
+    result = runner.invoke(app, ["eval", "-r", "ca,sk", "--input-guide", "5"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--input-guide'" in result.output and "'sk'" in result.output
+    assert "eval digits" not in result.output  # before any work
+
+
 def test_eval_refuses_a_model_parameter_the_protocol_cannot_build_before_any_work():
     # a latent of 2 under LayerNorm failed at the first batch: exit 1 after loading, bar shown
     result = CliRunner().invoke(app, ["eval", "--latent-dim", "2"])
