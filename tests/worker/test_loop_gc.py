@@ -24,8 +24,12 @@ def test_the_heap_is_frozen_while_loops_run_and_released_after() -> None:
         young = [object()]
         assert _tracked(young)  # what the loop allocates is collected as usual
         assert sys.getswitchinterval() <= loop.SWITCH_INTERVAL_S
-        with loop._steady_process():  # a second loop in the process changes nothing
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen  # the first loop still runs
+        # a second loop in the process changes nothing: it freezes nothing more (the count
+        # can only fall, when another thread of the test process frees a frozen object) and
+        # its end thaws nothing
+        with loop._steady_process():
+            assert gc.get_freeze_count() <= frozen and _tracked(young)
+        assert not _tracked(old) and _tracked(young)  # the first loop still runs
+        assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0 and _tracked(old)
     assert sys.getswitchinterval() == before
