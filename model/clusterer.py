@@ -301,8 +301,11 @@ class OnlineClusterer(
         self.input_guide = input_guide
 
     # ----------------------------------------------------------------- validation
-    def validate_params(self) -> OnlineClusterer:
+    def validate_params(self, input_shape: tuple[int, ...] | None = None) -> OnlineClusterer:
         """Check the parameters (``fit`` and the first ``partial_fit`` do it); return self.
+        With ``input_shape``, the per-sample shape of the data to come, check too that the
+        encoder can be built for it (e.g. ``latent_dim=2`` with the LayerNorm latents of
+        vectors), which the first batch otherwise finds.
 
         Raises ``ValueError`` with a clear message, so a caller can reject a bad configuration
         before any data arrives.
@@ -311,6 +314,10 @@ class OnlineClusterer(
         Traceback (most recent call last):
         ...
         ValueError: sigma must be None or a positive finite number, got 0
+        >>> OnlineClusterer(latent_dim=2).validate_params((64,))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: latent_dim must be at least 3 with LayerNorm latents (...), got 2: ...
         """
         check_params(self, REGULARISERS)
         make_regulariser(self.regulariser, **(self.reg_params or {}))  # bad reg_params: now,
@@ -320,6 +327,9 @@ class OnlineClusterer(
         except RuntimeError:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}"
                              ) from None
+        if input_shape is not None:
+            EncoderConfig.for_shape(tuple(input_shape), self.latent_dim, self.encoder,
+                                    self.hidden, self.latent_norm, self.hidden_norm)
         return self
 
     @property
@@ -505,8 +515,6 @@ class OnlineClusterer(
             seed_centroids(z, self.n_clusters, self.init_, self._rng, x, self.prior_)
         )
         self._centroids_ready = True
-        if self.guide_ is not None:
-            self._start_guide(x, z)
 
     def _start_guide(self, x: torch.Tensor, z: torch.Tensor) -> None:
         """Seed the input guide: the mean input of each centroid's nearest latents."""
@@ -568,8 +576,10 @@ class OnlineClusterer(
                 self._init_centroids(x, z)
             batch = Batch.build(x, z, self.centroids_, self.sigma_, self.log_prior_, self._encode)
             if self.guide_ is not None:
-                if not self.guide_.started and len(x) > 1 and self.steps_ < self.guide_.steps:
-                    # a first batch of one row could not seed it
+                g = self.guide_
+                if self.steps_ < g.steps and (g.means is None or (not g.started and len(x) > 1)):
+                    # at the first batch, and again at the first larger one after a first
+                    # batch of one row, whose inputs have no spread to scale by
                     self._start_guide(x, z)
                 batch.guide = self.guide_.costs(x, self.steps_)
             out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists

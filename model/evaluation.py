@@ -310,10 +310,8 @@ def check_model_params(protocol: str, X: np.ndarray, k: int, **params: Any) -> N
     ValueError: latent_dim must be at least 3 with LayerNorm latents (...), got 2: ...
     """
     shape = prepare(X[:2]).shape[1:]
-    clf = OnlineClusterer(n_clusters=k, **_model_config(protocol, shape, k, params))
-    clf.validate_params()
-    EncoderConfig.for_shape(shape, clf.latent_dim, clf.encoder, clf.hidden, clf.latent_norm,
-                            clf.hidden_norm)
+    OnlineClusterer(n_clusters=k, **_model_config(protocol, shape, k, params)).validate_params(
+        shape)
 
 
 def check_reference_batches(batch_size: int, n_points: int, k: int) -> None:

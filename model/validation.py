@@ -31,6 +31,7 @@ __all__ = [
     "check_assignment_inputs",
     "check_finite",
     "check_input",
+    "check_input_guide",
     "check_live_params",
     "check_params",
     "check_positive",
@@ -145,20 +146,33 @@ def check_params(est: Any, regularisers: Container[str]) -> None:
     ):
         raise ValueError(f"reg_params must be a dict of keyword arguments or None, got "
                          f"{est.reg_params!r}")
-    guide = est.input_guide
-    if guide != "auto" and not (_whole(guide) and not isinstance(guide, bool) and guide >= 0):
-        raise ValueError(f"input_guide must be 'auto' or a whole number of steps >= 0, got "
-                         f"{guide!r}")
-    if guide != "auto" and guide > 0 and est.regulariser != "ca":
-        raise ValueError(f"input_guide leans CA's assignment on the inputs; regulariser "
-                         f"{est.regulariser!r} assigns otherwise: leave it at its default, or "
-                         "set it to 0")
+    check_input_guide(est.input_guide, est.regulariser)
     resolve_prior(est.prior, int(k))  # raises ValueError for a bad prior
     check_prior_params(est.prior_params)
     for name in ("random_state", "seed"):
         state = getattr(est, name)
         if state is not None and not isinstance(state, (numbers.Integral, *_GENERATORS)):
             raise ValueError(f"{name} must be None, an int or a numpy generator, got {state!r}")
+
+
+def check_input_guide(guide: Any, regulariser: str) -> None:
+    """``ValueError`` unless ``guide`` is ``"auto"`` or a whole number of steps >= 0, and
+    more than 0 only with CA, the assignment it leans on the inputs.
+
+    >>> check_input_guide(5, "sk")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: input_guide leans CA's assignment on the inputs; regulariser 'sk' assigns ...
+    """
+    if guide == "auto":
+        return
+    if not (_whole(guide) and not isinstance(guide, bool) and guide >= 0):
+        raise ValueError(f"input_guide must be 'auto' or a whole number of steps >= 0, got "
+                         f"{guide!r}")
+    if guide > 0 and regulariser != "ca":
+        raise ValueError(f"input_guide leans CA's assignment on the inputs; regulariser "
+                         f"{regulariser!r} assigns otherwise: leave it at its default, or set "
+                         "it to 0")
 
 
 def check_live_params(est: Any) -> None:

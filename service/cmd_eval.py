@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Iterable
 from typing import Annotated
 
 import typer
@@ -21,6 +22,13 @@ HEADERS = {"acc": "ACC", "nmi": "NMI", "ari": "ARI", "kl_star_hard": "KL* hard",
 MODEL_OPTIONS = {"sigma": "'--sigma'", "latent_dim": "'--latent-dim'", "views": "'--views'",
                  "init": "'--init'", "clip": "'--input-clip'",
                  "input_guide": "'--input-guide'"}  # model parameter: its option
+
+
+def model_option(exc: ValueError, given: Iterable[str] = MODEL_OPTIONS) -> str | None:
+    """The option behind a model parameter's ``ValueError`` (its message starts with the
+    parameter's name), among the parameters ``given``; None when none is named."""
+    return next((MODEL_OPTIONS[n] for n in given if n in MODEL_OPTIONS
+                 and str(exc).startswith(n)), None)
 
 
 def _cell(mean: float, std: float) -> str:
@@ -167,8 +175,7 @@ def eval_command(
         for name in names:
             check_model_params(protocol, X, k, regulariser=name, **params)
     except ValueError as exc:
-        name = next((n for n in params if str(exc).startswith(n)), None)
-        raise typer.BadParameter(str(exc), param_hint=MODEL_OPTIONS.get(name or "")) from None
+        raise typer.BadParameter(str(exc), param_hint=model_option(exc, params)) from None
     try:
         if reference:
             check_reference_batches(batch_size, len(X), k)

@@ -206,17 +206,13 @@ def check_train_params(shape: tuple[int, ...], k: int, s: TrainSettings,
     ``shape`` (e.g. ``--latent-dim 2`` with the LayerNorm latents of vectors), before any
     training."""
     from oclust.model import OnlineClusterer
-    from oclust.model.encoder_config import EncoderConfig
-    from oclust.service.cmd_eval import MODEL_OPTIONS
+    from oclust.service.cmd_eval import model_option
 
     try:
-        clf = OnlineClusterer(n_clusters=k, regulariser=s.regulariser, seed=s.seed,
-                              device=s.device, **params).validate_params()  # type: ignore[arg-type]
-        EncoderConfig.for_shape(shape, clf.latent_dim, clf.encoder, clf.hidden,
-                                clf.latent_norm, clf.hidden_norm)
+        OnlineClusterer(n_clusters=k, regulariser=s.regulariser, seed=s.seed, device=s.device,
+                        **params).validate_params(shape)  # type: ignore[arg-type]
     except ValueError as exc:
-        name = next((n for n in MODEL_OPTIONS if str(exc).startswith(n)), "")
-        raise typer.BadParameter(str(exc), param_hint=MODEL_OPTIONS.get(name)) from None
+        raise typer.BadParameter(str(exc), param_hint=model_option(exc)) from None
 
 
 def check_store(url: str, namespace: str, keep: int | None, directory_only: bool = False

@@ -114,16 +114,25 @@ class CollapseGuard:
         n = len(self._labels)
         if self.judging or n < max(self._k, MIN_SHORT):  # too few to tell a collapse from luck
             return True
-        return self.window_entropy() >= min(self.threshold, 0.5 * math.log(n))
+        return self.passes(self.window_entropy(), n)
+
+    def passes(self, entropy: float, n: int) -> bool:
+        """Whether the hard entropy of ``n`` served labels is healthy where fewer than a
+        judged window are at hand: at least min(threshold, ½ log n), since n labels cannot
+        show an entropy above log n."""
+        return entropy >= min(self.threshold, 0.5 * math.log(n))
+
+    def smallest_window(self, n_clusters: int) -> int:
+        """The fewest samples the guard judges: ``10 K``, or ``min_window`` if more."""
+        return max(MIN_PER_CLUSTER * n_clusters, self.min_window)
 
     def window_size(self, n_clusters: int) -> int:
-        """Samples judged: ``window`` (default ``20 K``), at least ``10 K`` and ``min_window``.
+        """Samples judged: ``window`` (default ``20 K``), at least :meth:`smallest_window`.
 
         >>> CollapseGuard(1.0, 1, window=8, min_window=8).window_size(100)  # 8 cannot show K=100
         1000
         """
-        floor = max(MIN_PER_CLUSTER * n_clusters, self.min_window)
-        return max(self.window or PER_CLUSTER * n_clusters, floor)
+        return max(self.window or PER_CLUSTER * n_clusters, self.smallest_window(n_clusters))
 
     def add(self, labels: np.ndarray, n_clusters: int) -> None:
         """Fold served labels into the window (a new K starts a new window)."""
@@ -149,7 +158,7 @@ class CollapseGuard:
     def judging(self) -> bool:
         """The window holds enough samples to be judged."""
         k = self._k
-        return bool(k) and len(self._labels) >= max(MIN_PER_CLUSTER * k, self.min_window)
+        return bool(k) and len(self._labels) >= self.smallest_window(k)
 
     def observe_labels(self, labels: np.ndarray, n_clusters: int) -> bool:
         """Fold in one batch's served labels and judge the window; True when the guard fires."""

@@ -292,9 +292,10 @@ class ModelSettings(_Env):
     @field_validator("input_guide")
     @classmethod
     def _guide_needs_ca(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value and info.data.get("regulariser", "ca") != "ca":
-            raise ValueError("the input guide leans ca's assignment on the inputs; other "
-                             "regularisers assign otherwise: leave it out, or set 0")
+        from oclust.model.validation import check_input_guide  # only when given
+
+        if value is not None:
+            check_input_guide(value, info.data.get("regulariser", "ca"))
         return value
 
     @field_validator("prior_max_kl")

@@ -37,7 +37,6 @@ from oclust.model import metrics as model_metrics
 from oclust.model.snapshot import OffsetState
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.monitor import (
-    MIN_PER_CLUSTER,
     RECOVERY,
     RESERVOIR_REACH,
     RESERVOIR_ROWS,
@@ -199,7 +198,7 @@ class Trainer:
 
     def _judge_floor(self) -> int:
         """Inputs the judge needs: as many as the guard's smallest judged window."""
-        return max(MIN_PER_CLUSTER * self.model.n_clusters, self.guard.min_window)
+        return self.guard.smallest_window(self.model.n_clusters)
 
     def _keep_inputs(self, x: np.ndarray) -> None:
         """Offer the batch's inputs to the reservoir that :meth:`publishable` judges on."""
@@ -255,9 +254,9 @@ class Trainer:
         except Exception as exc:  # it trained on them, so this is unexpected: the guard decides
             log.warning("could not judge the snapshot on the reservoir of older inputs: %s", exc)
             return None
-        entropy = model_metrics.entropy(np.bincount(labels, minlength=k) / len(labels))
+        entropy = model_metrics.entropy(model_metrics.cluster_distribution(labels, k))
         self.metrics.reservoir_hard_entropy.set(entropy)
-        return entropy >= min(self.guard.threshold, 0.5 * math.log(len(x)))
+        return self.guard.passes(entropy, len(x))
 
     def served_kl_star(self) -> float:
         """KL(served-label shares of the guard's window || the model's prior), nats."""
