@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from oclust.model.clusterer import OnlineClusterer
 
 __all__ = ["from_snapshot", "load_tensors", "manifest_of", "to_snapshot"]
+
+log = logging.getLogger(__name__)
 
 
 def manifest_of(
@@ -188,6 +191,21 @@ def _check_adam_state(i: int, p: torch.Tensor, state: dict[str, torch.Tensor]) -
                             f"{tuple(p.shape)}: {shapes}")
 
 
+def _adam_state_usable(state: dict[str, torch.Tensor]) -> bool:
+    """Whether Adam's ``state`` can be stepped on: finite moments, a finite second moment and
+    step count that are not negative (a NaN there turns the parameter NaN at its first step).
+
+    >>> ok = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.ones(2)}
+    >>> _adam_state_usable(ok), _adam_state_usable({**ok, "exp_avg": torch.tensor([0, torch.nan])})
+    (True, False)
+    >>> _adam_state_usable({**ok, "exp_avg_sq": -torch.ones(2)})
+    False
+    """
+    avg, sq, step = (state[k].double() for k in ("exp_avg", "exp_avg_sq", "step"))
+    return bool(avg.isfinite().all() and sq.isfinite().all() and (sq >= 0).all()
+                and step.isfinite().all() and (step >= 0).all())
+
+
 def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor], steps: int = 0) -> None:
     """Load a snapshot's tensors into a built clusterer (``SnapshotError`` if they do not fit);
     ``steps``: the steps the snapshot's model had trained (a model still in its input guide's
@@ -214,10 +232,17 @@ def load_tensors(clf: OnlineClusterer, t: dict[str, torch.Tensor], steps: int = 
             clf.guide_.load(guide, (clf.n_clusters, size), clf.device_)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise SnapshotError(f"weights do not fit the manifest's model: {exc}") from exc
+    dropped = 0
     for i, p in enumerate(clf._parameters()):
         state = part(f"optim.{i}.")
         if state:
             _check_adam_state(i, p, state)
+            if not _adam_state_usable(state):  # its first step would make p NaN: start afresh
+                dropped += 1
+                continue
             state = {k: (v if k == "step" else v.to(clf.device_)) for k, v in state.items()}
             clf.optimizer_.state[p] = state
+    if dropped:
+        log.warning("the snapshot's Adam state of %d parameter(s) holds NaN, infinite or negative "
+                    "values: those parameters train on with fresh moments", dropped)
     clf._centroids_ready = True

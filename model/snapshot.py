@@ -46,12 +46,16 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT",
     "LEGACY_FORMAT",
+    "SAMPLE_HELD",
+    "SAMPLE_INPUTS",
+    "SAMPLE_PREFIX",
     "SQRT_FLOAT32_MAX",
     "Manifest",
     "OffsetState",
     "Snapshot",
     "SnapshotError",
     "check_finite_weights",
+    "pack_arrays",
     "pack_tensors",
     "unpack_arrays",
     "unpack_tensors",
@@ -66,6 +70,11 @@ LEGACY_FORMAT = "oclust-snapshot/1"  # weights checksum only; read, never writte
 # messages in [offset, "until"), all but those in the "waiting" [lo, hi) spans (readings not yet
 # in a trained window). A resumed worker skips what is held.
 OffsetState = dict[str, dict[str, Any]]
+# Tensors a snapshot's writer may store beside the model and no model reads: a training worker's
+# sample of older inputs ("sample.inputs", raw, float32) and how many it held ("sample.held"),
+# which a worker resumed from the snapshot judges its next snapshots on
+SAMPLE_PREFIX = "sample."
+SAMPLE_INPUTS, SAMPLE_HELD = f"{SAMPLE_PREFIX}inputs", f"{SAMPLE_PREFIX}held"
 
 
 class SnapshotError(ValueError):
@@ -89,6 +98,14 @@ def unpack_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise SnapshotError(f"weights are not valid safetensors: {exc}") from exc
 
 
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise named NumPy arrays to safetensors bytes, without torch (:func:`unpack_arrays`
+    reads them back)."""
+    from safetensors.numpy import save as st_save
+
+    return st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+
+
 def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
     """Parse safetensors bytes into NumPy arrays, without torch; :class:`SnapshotError` on garbage.
 
@@ -106,12 +123,12 @@ def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 def check_finite_weights(arrays: dict[str, np.ndarray]) -> None:
-    """:class:`SnapshotError` when a float weight (the optimiser's state aside) is NaN or
-    infinite, or a trained weight is beyond :data:`SQRT_FLOAT32_MAX` (its square, and so every
-    distance, would overflow): such a model answers nothing, so it is neither snapshotted nor
-    served. Statistics (the input scaler's float64 running sums, BatchNorm's running mean and
-    variance) only need to be finite: a sum of squared deviations legitimately grows past that
-    bound on a long stream.
+    """:class:`SnapshotError` when a float weight (the optimiser's state and a stored sample
+    aside: no model reads them) is NaN or infinite, or a trained weight is beyond
+    :data:`SQRT_FLOAT32_MAX` (its square, and so every distance, would overflow): such a model
+    answers nothing, so it is neither snapshotted nor served. Statistics (the input scaler's
+    float64 running sums, BatchNorm's running mean and variance) only need to be finite: a sum
+    of squared deviations legitimately grows past that bound on a long stream.
 
     >>> check_finite_weights({"w": np.ones(2), "optim.0.exp_avg": np.array([np.inf]),
     ...                       "scaler.m2": np.array([1e30])})
@@ -121,7 +138,7 @@ def check_finite_weights(arrays: dict[str, np.ndarray]) -> None:
     oclust.model.snapshot.SnapshotError: weight 'w' holds NaN, infinite or overflowing values
     """
     for name, value in arrays.items():
-        if name.startswith("optim.") or value.dtype.kind != "f" or not value.size:
+        if name.startswith(("optim.", SAMPLE_PREFIX)) or value.dtype.kind != "f" or not value.size:
             continue
         largest = float(np.abs(value).max())
         bound = math.inf if _is_statistic(name) else SQRT_FLOAT32_MAX

@@ -33,6 +33,7 @@ RESERVOIR_ROWS = 1024  # inputs kept to judge a snapshot before it is published
 RESERVOIR_BYTES = 64 << 20  # ... or fewer, when that many would take more memory than this
 RESERVOIR_WINDOWS = 100  # the inputs kept span about this many guard windows of recent samples
 RESERVOIR_REACH = 50_000  # ... and at most about this many samples (K = 100: not 200,000)
+SAMPLE_BYTES = 4 << 20  # the reservoir's inputs stored with a snapshot: at most this many bytes
 
 
 def default_threshold(prior: object, n_clusters: int) -> float:
@@ -261,6 +262,43 @@ class InputReservoir:
         if self._kept is None:
             return np.empty((0,), np.float32)
         return self._kept[: self._n].copy()
+
+    def sample(self, max_bytes: int = SAMPLE_BYTES) -> np.ndarray:
+        """The kept inputs to store with a snapshot: all of them, or a random subset of them
+        that fits ``max_bytes`` (at least one row); :meth:`resume` takes it back."""
+        x = self.inputs()
+        fit = max(max_bytes // max(x[0].nbytes, 1), 1) if len(x) else 0
+        if len(x) <= fit:
+            return x
+        picked = np.random.default_rng(self.seed).choice(len(x), fit, replace=False)
+        return x[np.sort(picked)]
+
+    def resume(self, stored: np.ndarray, held: int) -> None:
+        """Start from a sample stored with a snapshot, where the reservoir held ``held`` inputs
+        (more than ``stored`` when :meth:`sample` subsampled them: the rest are drawn from
+        ``stored`` again). A worker resumed from that snapshot then judges on the stream it
+        trained on, not only on what it reads next: restarted during a burst, it would
+        otherwise fill an empty reservoir with the burst alone and publish the burst's model.
+
+        >>> r = InputReservoir(rows=8, horizon=80)
+        >>> r.resume(np.zeros((2, 3), np.float32), held=5)
+        >>> len(r), r.inputs().shape
+        (5, (5, 3))
+        >>> r.add(np.ones((100, 3), np.float32)); int((r.inputs() == 0).all(axis=1).sum()) > 0
+        True
+        """
+        stored = np.asarray(stored, dtype=np.float32)
+        if not len(stored):
+            return
+        fit = max(RESERVOIR_BYTES // max(stored[0].nbytes, 1), 1)
+        self._kept = np.empty((min(self.rows, fit), *stored.shape[1:]), np.float32)
+        self._rng = np.random.default_rng(self.seed)
+        self._n = min(max(int(held), len(stored)), len(self._kept))
+        rows = stored[: self._n]
+        if len(rows) < self._n:  # subsampled when stored: the rest drawn from it again
+            rows = np.concatenate([rows, stored[self._rng.integers(0, len(stored),
+                                                                   self._n - len(rows))]])
+        self._kept[: self._n] = rows
 
 
 class QualityWindow:

@@ -34,7 +34,13 @@ import numpy as np
 
 from oclust.model import OnlineClusterer, Snapshot, SnapshotError, StepReport
 from oclust.model import metrics as model_metrics
-from oclust.model.snapshot import OffsetState
+from oclust.model.snapshot import (
+    SAMPLE_HELD,
+    SAMPLE_INPUTS,
+    OffsetState,
+    pack_arrays,
+    unpack_arrays,
+)
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.monitor import (
     RECOVERY,
@@ -119,6 +125,7 @@ class Trainer:
     reservoir: InputReservoir | None = field(default=None, init=False)  # sized at the first step
     judged_unhealthy: bool = field(default=False, init=False)  # judged collapsed, not cleared
     judge_owed: int = field(default=0, init=False)  # passing judgements owed since a failed one
+    judged_sha: str | None = field(default=None, init=False)  # the weights judged last
     judge_off_logged: bool = field(default=False, init=False)
     _quality_at: float = field(default=-math.inf, init=False)
 
@@ -202,12 +209,53 @@ class Trainer:
 
     def _keep_inputs(self, x: np.ndarray) -> None:
         """Offer the batch's inputs to the reservoir that :meth:`publishable` judges on."""
+        self._reservoir().add(x)
+
+    def _reservoir(self) -> InputReservoir:
+        """The reservoir of older inputs, made at first use: sized for the model's K and the
+        guard's window, and seeded with the sample stored in the snapshot resumed from."""
         if self.reservoir is None:
             window = self.guard.window_size(self.model.n_clusters)
             reach = min(RESERVOIR_WINDOWS * window, RESERVOIR_REACH)
             rows = max(RESERVOIR_ROWS, self._judge_floor())
             self.reservoir = InputReservoir(rows=rows, horizon=max(reach, rows))
-        self.reservoir.add(x)
+            if self.healthy is not None:
+                self._resume_sample(self.reservoir, self.healthy)
+        return self.reservoir
+
+    def _resume_sample(self, reservoir: InputReservoir, snapshot: Snapshot) -> None:
+        """Seed ``reservoir`` with the older inputs stored in ``snapshot`` (:meth:`with_sample`),
+        if it holds a sample of the model's input shape."""
+        try:
+            arrays = unpack_arrays(snapshot.weights)
+        except SnapshotError:
+            return
+        stored, held = arrays.get(SAMPLE_INPUTS), arrays.get(SAMPLE_HELD)
+        if stored is None or held is None:
+            return  # written by `oclust train`, or by a worker older than the sample
+        shape = tuple(getattr(self.model, "input_shape_", None) or ())
+        if (stored.dtype != np.float32 or stored.shape[1:] != shape or held.size != 1
+                or not np.isfinite(stored).all()):
+            log.warning("the snapshot's stored sample of older inputs does not fit the model "
+                        "(%s %s): judging on the inputs read from now on", stored.dtype,
+                        stored.shape)
+            return
+        reservoir.resume(stored, int(held.reshape(-1)[0]))
+        log.info("snapshots are judged on %d older inputs stored with the snapshot resumed "
+                 "from, and on those read from now on", len(reservoir))
+
+    def with_sample(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with the reservoir's inputs stored in its weights (``sample.inputs``,
+        at most :data:`~oclust.training_worker.monitor.SAMPLE_BYTES`, and ``sample.held``), so
+        a worker that resumes from it judges on the older inputs this one had: restarted during
+        a burst, it would otherwise judge on the burst alone. No model reads them."""
+        reservoir = self._reservoir()
+        if not len(reservoir):
+            return snapshot
+        arrays = unpack_arrays(snapshot.weights)
+        arrays[SAMPLE_INPUTS] = reservoir.sample()
+        arrays[SAMPLE_HELD] = np.array([len(reservoir)], np.int64)
+        return Snapshot.create(pack_arrays(arrays), snapshot.manifest)
 
     def publishable(self, snapshot: Snapshot) -> bool:
         """Whether ``snapshot`` may be published: the labels it serves to the reservoir of older
@@ -220,8 +268,13 @@ class Trainer:
         stream's usual inputs to one cluster, and the reservoir shows it. The rule is the
         guard's: an entropy of at least min(threshold, ½ log n) on the n kept inputs, judged
         once they are at least as many as the guard's smallest window, and after a failed
-        judgement :data:`RECOVERY` passing ones in a row. Runs in the caller's thread (a CPU
-        copy of the snapshot's model), never in the model's own."""
+        judgement :data:`RECOVERY` passing ones in a row, of as many models: the same weights
+        again (an idle stream's next checkpoint) keep the last answer, unjudged. Runs in the
+        caller's thread (a CPU copy of the snapshot's model), never in the model's own."""
+        sha = snapshot.sha256
+        if sha == self.judged_sha:  # the same weights on the same reservoir: no new evidence
+            return not self.judged_unhealthy
+        self.judged_sha = sha
         verdict = self._judge(snapshot)
         if verdict is None:  # cannot judge: the guard decides
             self.judged_unhealthy, self.judge_owed = False, 0
@@ -239,9 +292,10 @@ class Trainer:
         """True when ``snapshot`` serves the reservoir healthy, False when collapsed, None when
         it cannot be judged (too few inputs kept, or the judging failed: logged)."""
         k = self.model.n_clusters
-        x = self.reservoir.inputs() if self.reservoir is not None else None
-        if x is None or len(x) < self._judge_floor():
-            full = self.reservoir is not None and len(self.reservoir) >= self.reservoir.capacity
+        reservoir = self._reservoir()
+        x = reservoir.inputs()
+        if len(x) < self._judge_floor():
+            full = len(reservoir) >= reservoir.capacity
             if full and not self.judge_off_logged:  # full, yet too few: inputs too large
                 self.judge_off_logged = True
                 log.warning("snapshots are not judged on older inputs: %d inputs of this size "

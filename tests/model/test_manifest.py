@@ -183,6 +183,27 @@ def test_weights_that_do_not_fit_are_refused_when_resuming(snap: Snapshot) -> No
     OnlineClusterer.from_snapshot(_with_tensors(snap), device="cpu")  # unchanged: it loads
 
 
+def test_unusable_adam_state_is_dropped_so_the_model_trains_on(
+    snap: Snapshot, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NaN or infinite moments (or a NaN step) used to load, and the first step then raised
+    FloatingPointError, stopping the worker that resumed from the snapshot, again and again."""
+    import torch
+
+    t = unpack_tensors(snap.weights)
+    X = np.random.default_rng(1).normal(size=(32, 5)).astype("float32")
+    for change in ({"optim.0.exp_avg": torch.full_like(t["optim.0.exp_avg"], float("nan"))},
+                   {"optim.1.exp_avg_sq": torch.full_like(t["optim.1.exp_avg_sq"], float("inf"))},
+                   {"optim.0.step": torch.tensor(float("nan"))}):
+        caplog.clear()
+        clf = OnlineClusterer.from_snapshot(_with_tensors(snap, **change), device="cpu")
+        assert "fresh moments" in caplog.text and "1 parameter(s)" in caplog.text
+        kept = [p for p in clf._parameters() if p in clf.optimizer_.state]
+        assert len(kept) == len(list(clf._parameters())) - 1  # only the bad one starts afresh
+        clf.partial_fit(X)  # raised FloatingPointError before
+        assert np.isfinite(clf.centroids_.detach().numpy()).all()
+
+
 def test_the_manifest_records_the_optimiser_that_trains(snap: Snapshot) -> None:
     clf = OnlineClusterer.from_snapshot(snap, device="cpu").set_params(lr=0.05, betas=(0.5, 0.6))
     m = clf.to_snapshot().manifest  # set_params does not move a built model's optimiser

@@ -147,6 +147,60 @@ def test_a_burst_of_outliers_is_not_published(kafka_bootstrap, redis_url, unique
     assert any("learned a burst" in r.getMessage() for r in caplog.records)
 
 
+def test_a_worker_resumed_into_a_burst_judges_on_the_sample_stored_with_its_snapshot(
+    kafka_bootstrap, redis_url, unique_topic, caplog
+):
+    """A worker trains on digits and stops; the next one resumes from its snapshot into a
+    burst of digits 10^4 times the usual (a restart during a burst, or a burst on a stream
+    whose worker was down). It judges on the older digits stored with that snapshot, and
+    publishes nothing the burst taught it. Before, its sample of older inputs started empty,
+    filled with the burst alone, and the burst's model was published."""
+    from oclust.model import metrics as model_metrics
+
+    X, y = datasets.load("digits")
+    n_burst = 1920
+
+    async def clean() -> None:
+        await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
+        count = Counter()
+        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url),
+                                hooks=TrainerHooks(on_step=count))
+        assert await _run_until(worker, lambda: count.samples >= N_DIGITS - N_DIGITS % 64) == 0
+
+    async def burst() -> TrainingWorker:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        for i in range(n_burst):
+            value, headers = encode_sample(X[i % N_DIGITS] * 1e4, label=int(y[i % N_DIGITS]))
+            await producer.send(unique_topic, value, headers=headers)
+        await producer.flush()
+        await producer.stop()
+        count = Counter()
+        worker = TrainingWorker(
+            _settings(kafka_bootstrap, unique_topic, redis_url, snapshot_interval=0),
+            hooks=TrainerHooks(on_step=count))
+        assert await _run_until(worker, lambda: count.samples >= n_burst) == 0
+        return worker
+
+    def served_entropy(model: OnlineClusterer) -> float:
+        labels = model.predict(X)
+        return model_metrics.entropy(np.bincount(labels, minlength=10) / N_DIGITS)
+
+    asyncio.run(clean())
+    before = open_store(redis_url, "t").load()
+    assert before.manifest["samples_seen"] == N_DIGITS
+    with caplog.at_level(logging.INFO, logger="oclust"):
+        worker = asyncio.run(burst())
+    assert any("stored with the snapshot resumed from" in r.getMessage()
+               for r in caplog.records)
+    assert worker.trainer is not None
+    assert served_entropy(worker.trainer.model) < 0.5  # it learned the burst ...
+    kept = open_store(redis_url, "t").load()  # ... and published none of it
+    assert kept.manifest["version"] == before.manifest["version"]
+    assert served_entropy(OnlineClusterer.from_snapshot(kept, device="cpu")) > 2.0
+    assert worker.metrics.registry.get_sample_value("oclust_worker_collapsed") == 1
+
+
 POISON: list[tuple[bytes, list[tuple[str, bytes]], str]] = [
     (b'{"features": [1, NaN, 3]}', [], "non_finite"),
     (b'{"features": [1, 2, 3]}', [], "wrong_length"),

@@ -403,25 +403,127 @@ def test_a_model_that_learned_a_burst_of_outliers_is_not_published():
     assert reg.get_sample_value("oclust_worker_collapsed") == 0
 
 
+def test_a_trainer_resumed_during_a_burst_judges_on_the_sample_stored_with_its_snapshot():
+    # The restart hole: a worker restarted during a burst (say after the judge withheld its
+    # final snapshot) resumes from the last published snapshot and replays the burst. With an
+    # empty reservoir it judged on the burst alone and published the burst's model. The
+    # published snapshot now carries the reservoir's sample, and the resumed trainer judges on it.
+    from oclust.model import datasets
+    from oclust.model import metrics as model_metrics
+    from oclust.model.inference import load
+    from oclust.model.snapshot import SAMPLE_HELD, SAMPLE_INPUTS, Snapshot, unpack_arrays
+
+    X = datasets.load("digits")[0].reshape(-1, 64).astype(np.float32)
+    rng = np.random.default_rng(0)
+
+    def trainer_from(snap: Snapshot | None) -> Trainer:
+        model = (OnlineClusterer(n_clusters=10, seed=0) if snap is None
+                 else OnlineClusterer.from_snapshot(snap, device="cpu"))
+        return Trainer(model, CollapseGuard(default_threshold("uniform", 10), 20, min_window=256),
+                       WorkerMetrics(), healthy=snap)
+
+    def step(trainer: Trainer, gain: float) -> None:
+        trainer.step(Batch(X[rng.choice(len(X), 256)] * gain, np.full(256, -1)))
+
+    first = trainer_from(None)
+    for _ in range(30):
+        step(first, 1.0)
+    plain = first.snapshot({"t:0": 30 * 256})
+    assert first.publishable(plain)
+    published = first.with_sample(plain).with_version(1)
+    arrays = unpack_arrays(published.weights)
+    assert arrays[SAMPLE_INPUTS].shape == (1024, 64) and arrays[SAMPLE_HELD].tolist() == [1024]
+    # stored beside the model, read by no model: what replicas and workers load is unchanged
+    assert (OnlineClusterer.from_snapshot(published).predict(X)
+            == OnlineClusterer.from_snapshot(plain).predict(X)).all()
+    assert load(published)(X).labels.tolist() == load(plain)(X).labels.tolist()
+
+    def publishes_the_burst(resumed_from: Snapshot) -> bool:
+        trainer = trainer_from(resumed_from)
+        verdicts = []
+        for _ in range(10):
+            step(trainer, 1e4)
+            if trainer.guard.healthy:
+                verdicts.append(trainer.publishable(trainer.snapshot({"t:0": 1})))
+        labels = trainer.model.predict(X)  # the burst's model serves the usual digits to one
+        assert model_metrics.entropy(np.bincount(labels, minlength=10) / len(X)) < 0.5
+        return any(verdicts)
+
+    assert not publishes_the_burst(published)
+    assert publishes_the_burst(plain.with_version(1))  # no stored sample: the hole, as before
+
+
+def test_a_stored_sample_that_does_not_fit_the_model_is_not_used(
+    caplog: pytest.LogCaptureFixture,
+):
+    from oclust.model.snapshot import (
+        SAMPLE_HELD,
+        SAMPLE_INPUTS,
+        Snapshot,
+        pack_arrays,
+        unpack_arrays,
+    )
+
+    X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    base = Trainer(OnlineClusterer(n_clusters=2, seed=0, hidden=(8,), latent_dim=4),
+                   CollapseGuard(0.0, 5), WorkerMetrics())
+    base.step(Batch(X, np.full(64, -1)))
+    snap = base.with_sample(base.snapshot({"t:0": 64}))
+    assert unpack_arrays(snap.weights)[SAMPLE_INPUTS].shape == (64, 4)
+    for bad in (np.zeros((3, 5), np.float32), np.full((3, 4), np.nan, np.float32),
+                np.zeros((3, 4), np.float64)):
+        arrays = unpack_arrays(snap.weights) | {SAMPLE_INPUTS: bad}
+        other = Snapshot.create(pack_arrays(arrays), snap.manifest)
+        caplog.clear()
+        resumed = Trainer(OnlineClusterer.from_snapshot(other), CollapseGuard(0.0, 5),
+                          WorkerMetrics(), healthy=other)
+        resumed.step(Batch(X[:8], np.full(8, -1)))
+        assert resumed.reservoir is not None and len(resumed.reservoir) == 8
+        assert "does not fit the model" in caplog.text
+    arrays = unpack_arrays(snap.weights) | {SAMPLE_HELD: np.array([100], np.int64)}
+    good = Snapshot.create(pack_arrays(arrays), snap.manifest)
+    resumed = Trainer(OnlineClusterer.from_snapshot(good), CollapseGuard(0.0, 5),
+                      WorkerMetrics(), healthy=good)
+    resumed.step(Batch(X[:8], np.full(8, -1)))
+    assert resumed.reservoir is not None and len(resumed.reservoir) == 108  # 64 stored, 36 again
+
+
+def test_the_stored_sample_is_bounded_in_bytes_and_resumed_at_its_size():
+    r = InputReservoir(rows=100, horizon=1000, seed=3)
+    r.add(np.arange(300, dtype=np.float32).reshape(100, 3))
+    small = r.sample(max_bytes=10 * 12)  # ten rows of 3 float32
+    assert small.shape == (10, 3) and len(np.unique(small[:, 0])) == 10
+    assert set(small[:, 0].tolist()) <= set(r.inputs()[:, 0].tolist())
+    back = InputReservoir(rows=100, horizon=1000)
+    back.resume(small, held=100)  # as full as it was: a burst replaces at the same rate
+    assert len(back) == 100 and set(back.inputs()[:, 0].tolist()) == set(small[:, 0].tolist())
+
+
 def test_the_snapshot_judge_needs_passes_in_a_row_after_a_failure_and_sets_the_gauge(
     monkeypatch: pytest.MonkeyPatch,
 ):
     X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
     trainer = Trainer(OnlineClusterer(n_clusters=2, seed=0, hidden=(8,), latent_dim=4),
                       CollapseGuard(0.0, 5), WorkerMetrics())
-    trainer.step(Batch(X, np.full(64, -1)))
-    snap = trainer.snapshot({"t:0": 64})
     verdicts = iter([True, False, True, True, None, False, True, True, True, True])
-    monkeypatch.setattr(trainer, "_judge", lambda _snap: next(verdicts))
+    judged = []
+    monkeypatch.setattr(trainer, "_judge", lambda snap: judged.append(snap) or next(verdicts))
     gauge = trainer.metrics.registry
     got = []
     for _ in range(10):
-        got.append(trainer.publishable(snap))
+        trainer.step(Batch(X, np.full(64, -1)))  # a new model at each checkpoint
+        got.append(trainer.publishable(trainer.snapshot({"t:0": 64})))
         assert gauge.get_sample_value("oclust_worker_collapsed") == (0 if got[-1] else 1)
     # a failure owes RECOVERY passes in a row; a judgement that cannot be made leaves it to the
     # guard
     assert got == [True, False, False, False, True, False, False, False, True, True]
-    assert RECOVERY == 3
+    assert RECOVERY == 3 and len(judged) == 10
+    # the same weights again (an idle stream's checkpoints) are not judged again: passes they
+    # would get pay no debt
+    verdicts = iter([False] + [True] * RECOVERY)
+    trainer.step(Batch(X, np.full(64, -1)))
+    again = [trainer.publishable(trainer.snapshot({"t:0": 64})) for _ in range(RECOVERY + 1)]
+    assert again == [False] * (RECOVERY + 1) and len(judged) == 11
 
 
 def test_the_reservoir_holds_enough_inputs_to_judge_a_large_k():
