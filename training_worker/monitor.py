@@ -21,6 +21,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from oclust.model import metrics as model_metrics
 from oclust.model.priors import resolve_prior
+from oclust.model.snapshot import (
+    SAMPLE_HELD,
+    SAMPLE_INPUTS,
+    Snapshot,
+    pack_arrays,
+    unpack_arrays,
+)
 from oclust.model.validation import check_positive
 
 __all__ = ["CollapseGuard", "InputReservoir", "QualityWindow", "WorkerMetrics", "default_threshold"]
@@ -299,6 +306,41 @@ class InputReservoir:
             rows = np.concatenate([rows, stored[self._rng.integers(0, len(stored),
                                                                    self._n - len(rows))]])
         self._kept[: self._n] = rows
+
+    def store_in(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with :meth:`sample` stored in its weights (``sample.inputs``, and
+        ``sample.held``: how many are kept), for :meth:`resume_from`; unchanged while empty."""
+        if not len(self):
+            return snapshot
+        arrays = unpack_arrays(snapshot.weights)
+        arrays[SAMPLE_INPUTS] = self.sample()
+        arrays[SAMPLE_HELD] = np.array([len(self)], np.int64)
+        return Snapshot.create(pack_arrays(arrays), snapshot.manifest)
+
+    def resume_from(self, snapshot: Snapshot, input_shape: tuple[int, ...]) -> str | None:
+        """:meth:`resume` from the sample :meth:`store_in` stored in ``snapshot``, if it holds
+        one of per-sample shape ``input_shape``. Returns why a stored sample was not used
+        (``None``: used, or there was none).
+
+        >>> r = InputReservoir(rows=8)
+        >>> r.add(np.ones((5, 2), np.float32))
+        >>> snap = r.store_in(Snapshot.create(pack_arrays({"w": np.zeros(1, np.float32)}), {}))
+        >>> back = InputReservoir(rows=8)
+        >>> back.resume_from(snap, (2,)), len(back), back.resume_from(snap, (3,))
+        (None, 5, 'float32 inputs of shape (5, 2) for a model of per-sample shape (3,)')
+        """
+        arrays = unpack_arrays(snapshot.weights)
+        stored, held = arrays.get(SAMPLE_INPUTS), arrays.get(SAMPLE_HELD)
+        if stored is None or held is None:
+            return None
+        if (stored.dtype != np.float32 or stored.shape[1:] != tuple(input_shape)
+                or held.size != 1):
+            return (f"{stored.dtype} inputs of shape {stored.shape} for a model of per-sample "
+                    f"shape {tuple(input_shape)}")
+        if not np.isfinite(stored).all():
+            return "NaN or infinite inputs"
+        self.resume(stored, int(held.reshape(-1)[0]))
+        return None
 
 
 class QualityWindow:

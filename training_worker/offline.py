@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from oclust.model import OnlineClusterer, StepReport, datasets
 from oclust.model import metrics as model_metrics
+from oclust.training_worker.monitor import MIN_PER_CLUSTER, RESERVOIR_ROWS, InputReservoir
 from oclust.training_worker.settings import MAX_ABS_FEATURE
 from oclust.training_worker.store import SnapshotStore
 
@@ -137,6 +138,16 @@ def evaluate(clf: OnlineClusterer, X: np.ndarray, y: np.ndarray | None) -> dict[
     return out
 
 
-def publish_model(store: SnapshotStore, clf: OnlineClusterer, metrics: dict[str, float]) -> int:
-    """Publish ``clf`` (no Kafka offsets) and return its version."""
-    return store.publish(clf.to_snapshot(offsets={}, metrics=metrics))
+def publish_model(store: SnapshotStore, clf: OnlineClusterer, metrics: dict[str, float],
+                  inputs: np.ndarray | None = None) -> int:
+    """Publish ``clf`` (no Kafka offsets) and return its version. With ``inputs`` (what it
+    trained on), a random sample of them is stored with it, as a worker stores its own: a worker
+    resuming from the snapshot judges its snapshots on them (a burst on the stream is then not
+    all it judges on)."""
+    snap = clf.to_snapshot(offsets={}, metrics=metrics)
+    if inputs is not None:
+        rows = max(RESERVOIR_ROWS, MIN_PER_CLUSTER * clf.n_clusters)  # as a worker keeps
+        sample = InputReservoir(rows=rows)
+        sample.add(np.asarray(inputs)[np.random.default_rng(0).permutation(len(inputs))[:rows]])
+        snap = sample.store_in(snap)
+    return store.publish(snap)

@@ -34,13 +34,7 @@ import numpy as np
 
 from oclust.model import OnlineClusterer, Snapshot, SnapshotError, StepReport
 from oclust.model import metrics as model_metrics
-from oclust.model.snapshot import (
-    SAMPLE_HELD,
-    SAMPLE_INPUTS,
-    OffsetState,
-    pack_arrays,
-    unpack_arrays,
-)
+from oclust.model.snapshot import OffsetState
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.monitor import (
     RECOVERY,
@@ -226,36 +220,24 @@ class Trainer:
     def _resume_sample(self, reservoir: InputReservoir, snapshot: Snapshot) -> None:
         """Seed ``reservoir`` with the older inputs stored in ``snapshot`` (:meth:`with_sample`),
         if it holds a sample of the model's input shape."""
+        shape = tuple(getattr(self.model, "input_shape_", None) or ())
         try:
-            arrays = unpack_arrays(snapshot.weights)
+            why = reservoir.resume_from(snapshot, shape)
         except SnapshotError:
             return
-        stored, held = arrays.get(SAMPLE_INPUTS), arrays.get(SAMPLE_HELD)
-        if stored is None or held is None:
-            return  # written by `oclust train`, or by a worker older than the sample
-        shape = tuple(getattr(self.model, "input_shape_", None) or ())
-        if (stored.dtype != np.float32 or stored.shape[1:] != shape or held.size != 1
-                or not np.isfinite(stored).all()):
+        if why is not None:
             log.warning("the snapshot's stored sample of older inputs does not fit the model "
-                        "(%s %s): judging on the inputs read from now on", stored.dtype,
-                        stored.shape)
-            return
-        reservoir.resume(stored, int(held.reshape(-1)[0]))
-        log.info("snapshots are judged on %d older inputs stored with the snapshot resumed "
-                 "from, and on those read from now on", len(reservoir))
+                        "(%s): judging on the inputs read from now on", why)
+        elif len(reservoir):
+            log.info("snapshots are judged on %d older inputs stored with the snapshot resumed "
+                     "from, and on those read from now on", len(reservoir))
 
     def with_sample(self, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` with the reservoir's inputs stored in its weights (``sample.inputs``,
         at most :data:`~oclust.training_worker.monitor.SAMPLE_BYTES`, and ``sample.held``), so
         a worker that resumes from it judges on the older inputs this one had: restarted during
         a burst, it would otherwise judge on the burst alone. No model reads them."""
-        reservoir = self._reservoir()
-        if not len(reservoir):
-            return snapshot
-        arrays = unpack_arrays(snapshot.weights)
-        arrays[SAMPLE_INPUTS] = reservoir.sample()
-        arrays[SAMPLE_HELD] = np.array([len(reservoir)], np.int64)
-        return Snapshot.create(pack_arrays(arrays), snapshot.manifest)
+        return self._reservoir().store_in(snapshot)
 
     def publishable(self, snapshot: Snapshot) -> bool:
         """Whether ``snapshot`` may be published: the labels it serves to the reservoir of older

@@ -12,7 +12,9 @@ from aiokafka import AIOKafkaConsumer
 from typer.testing import CliRunner
 
 from oclust.model import OnlineClusterer, datasets
+from oclust.model.snapshot import SAMPLE_INPUTS, unpack_arrays
 from oclust.service.cli import app
+from oclust.training_worker.monitor import InputReservoir
 from oclust.training_worker.store import open_store
 
 runner = CliRunner()
@@ -54,6 +56,13 @@ def test_train_dataset_publishes_a_servable_snapshot(tmp_path):
     assert snap.manifest["metrics"]["acc"] > 0.3  # far better than chance (0.1)
     X, _ = datasets.load("digits")
     assert OnlineClusterer.from_snapshot(snap, device="cpu").predict(X).shape == (1797,)
+    # a random sample of the digits is stored with it for a resumed worker's snapshot judge
+    stored = unpack_arrays(snap.weights)[SAMPLE_INPUTS]
+    assert stored.shape == (1024, 64)
+    rows = {r.tobytes() for r in X.reshape(len(X), -1).astype(np.float32)}
+    assert all(r.tobytes() in rows for r in stored) and len(np.unique(stored, axis=0)) > 900
+    reservoir = InputReservoir(rows=1024)
+    assert reservoir.resume_from(snap, (64,)) is None and len(reservoir) == 1024
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".csv"])
