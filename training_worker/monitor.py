@@ -40,7 +40,7 @@ RESERVOIR_ROWS = 1024  # inputs kept to judge a snapshot before it is published
 RESERVOIR_BYTES = 64 << 20  # ... or fewer, when that many would take more memory than this
 RESERVOIR_WINDOWS = 100  # the inputs kept span about this many guard windows of recent samples
 RESERVOIR_REACH = 50_000  # ... and at most about this many samples (K = 100: not 200,000)
-SAMPLE_BYTES = 4 << 20  # the reservoir's inputs stored with a snapshot: at most this many bytes
+SAMPLE_BYTES = 1 << 20  # the reservoir's inputs stored with a snapshot: at most this many bytes
 
 
 def default_threshold(prior: object, n_clusters: int) -> float:
