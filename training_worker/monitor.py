@@ -233,6 +233,8 @@ class InputReservoir:
         self._kept: np.ndarray | None = None
         self._n = 0
         self._rng: np.random.Generator | None = None
+        self.offered = 0  # inputs offered to :meth:`add` so far
+        self._stands_for = 0  # inputs a resumed subset stands for (what the stored sample held)
 
     def __len__(self) -> int:
         return self._n
@@ -248,10 +250,11 @@ class InputReservoir:
         x = np.asarray(x, dtype=np.float32)
         if not len(x):
             return
+        self.offered += len(x)
         if self._kept is None or self._kept.shape[1:] != x.shape[1:]:
             fit = max(RESERVOIR_BYTES // max(x[0].nbytes, 1), 1)
             self._kept = np.empty((min(self.rows, fit), *x.shape[1:]), np.float32)
-            self._n = 0
+            self._n = self._stands_for = 0
             self._rng = np.random.default_rng(self.seed)
         room = min(len(self._kept) - self._n, len(x))
         self._kept[self._n : self._n + room] = x[:room]
@@ -281,40 +284,45 @@ class InputReservoir:
         return x[np.sort(picked)]
 
     def resume(self, stored: np.ndarray, held: int) -> None:
-        """Start from a sample stored with a snapshot, where the reservoir held ``held`` inputs
-        (more than ``stored`` when :meth:`sample` subsampled them: the rest are drawn from
-        ``stored`` again). A worker resumed from that snapshot then judges on the stream it
-        trained on, not only on what it reads next: restarted during a burst, it would
-        otherwise fill an empty reservoir with the burst alone and publish the burst's model.
+        """Start from a sample stored with a snapshot, where the reservoir held ``held`` inputs.
+        A worker resumed from that snapshot then judges on the stream it trained on, not only
+        on what it reads next: restarted during a burst, it would otherwise fill an empty
+        reservoir with the burst alone and publish the burst's model.
+
+        Where :meth:`sample` kept a subset (large inputs), the reservoir becomes that subset,
+        full: no row twice (repeated rows would read as a collapse, and compound over
+        restarts), and a burst replaces the same share of it as of the larger one.
 
         >>> r = InputReservoir(rows=8, horizon=80)
-        >>> r.resume(np.zeros((2, 3), np.float32), held=5)
-        >>> len(r), r.inputs().shape
-        (5, (5, 3))
-        >>> r.add(np.ones((100, 3), np.float32)); int((r.inputs() == 0).all(axis=1).sum()) > 0
-        True
+        >>> r.resume(np.zeros((5, 3), np.float32), held=5)
+        >>> len(r), r.capacity
+        (5, 8)
+        >>> r.resume(np.zeros((2, 3), np.float32), held=5)  # a subset of the 5 it held
+        >>> len(r), r.capacity
+        (2, 2)
         """
         stored = np.asarray(stored, dtype=np.float32)
         if not len(stored):
             return
         fit = max(RESERVOIR_BYTES // max(stored[0].nbytes, 1), 1)
-        self._kept = np.empty((min(self.rows, fit), *stored.shape[1:]), np.float32)
+        subset = int(held) > len(stored)
+        rows = len(stored) if subset else min(self.rows, fit)
+        self._kept = np.empty((rows, *stored.shape[1:]), np.float32)
         self._rng = np.random.default_rng(self.seed)
-        self._n = min(max(int(held), len(stored)), len(self._kept))
-        rows = stored[: self._n]
-        if len(rows) < self._n:  # subsampled when stored: the rest drawn from it again
-            rows = np.concatenate([rows, stored[self._rng.integers(0, len(stored),
-                                                                   self._n - len(rows))]])
-        self._kept[: self._n] = rows
+        self._n = min(len(stored), rows)
+        self._kept[: self._n] = stored[: self._n]
+        self._stands_for = int(held) if subset else 0
 
-    def store_in(self, snapshot: Snapshot) -> Snapshot:
+    def store_in(self, snapshot: Snapshot, min_rows: int = 1) -> Snapshot:
         """``snapshot`` with :meth:`sample` stored in its weights (``sample.inputs``, and
-        ``sample.held``: how many are kept), for :meth:`resume_from`; unchanged while empty."""
-        if not len(self):
+        ``sample.held``: how many are kept), for :meth:`resume_from`; unchanged while empty, or
+        when fewer than ``min_rows`` fit :data:`SAMPLE_BYTES` (too few to judge on)."""
+        stored = self.sample()
+        if not len(stored) or len(stored) < min_rows:
             return snapshot
         arrays = unpack_arrays(snapshot.weights)
-        arrays[SAMPLE_INPUTS] = self.sample()
-        arrays[SAMPLE_HELD] = np.array([len(self)], np.int64)
+        arrays[SAMPLE_INPUTS] = stored
+        arrays[SAMPLE_HELD] = np.array([max(len(self), self._stands_for)], np.int64)
         return Snapshot.create(pack_arrays(arrays), snapshot.manifest)
 
     def resume_from(self, snapshot: Snapshot, input_shape: tuple[int, ...]) -> str | None:

@@ -149,5 +149,5 @@ def publish_model(store: SnapshotStore, clf: OnlineClusterer, metrics: dict[str,
         rows = max(RESERVOIR_ROWS, MIN_PER_CLUSTER * clf.n_clusters)  # as a worker keeps
         sample = InputReservoir(rows=rows)
         sample.add(np.asarray(inputs)[np.random.default_rng(0).permutation(len(inputs))[:rows]])
-        snap = sample.store_in(snap)
+        snap = sample.store_in(snap, min_rows=MIN_PER_CLUSTER * clf.n_clusters)
     return store.publish(snap)

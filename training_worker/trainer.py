@@ -119,7 +119,7 @@ class Trainer:
     reservoir: InputReservoir | None = field(default=None, init=False)  # sized at the first step
     judged_unhealthy: bool = field(default=False, init=False)  # judged collapsed, not cleared
     judge_owed: int = field(default=0, init=False)  # passing judgements owed since a failed one
-    judged_sha: str | None = field(default=None, init=False)  # the weights judged last
+    judged_last: tuple[str, int] | None = field(default=None, init=False)  # weights, inputs
     judge_off_logged: bool = field(default=False, init=False)
     _quality_at: float = field(default=-math.inf, init=False)
 
@@ -237,7 +237,7 @@ class Trainer:
         at most :data:`~oclust.training_worker.monitor.SAMPLE_BYTES`, and ``sample.held``), so
         a worker that resumes from it judges on the older inputs this one had: restarted during
         a burst, it would otherwise judge on the burst alone. No model reads them."""
-        return self._reservoir().store_in(snapshot)
+        return self._reservoir().store_in(snapshot, min_rows=self._judge_floor())
 
     def publishable(self, snapshot: Snapshot) -> bool:
         """Whether ``snapshot`` may be published: the labels it serves to the reservoir of older
@@ -253,10 +253,10 @@ class Trainer:
         judgement :data:`RECOVERY` passing ones in a row, of as many models: the same weights
         again (an idle stream's next checkpoint) keep the last answer, unjudged. Runs in the
         caller's thread (a CPU copy of the snapshot's model), never in the model's own."""
-        sha = snapshot.sha256
-        if sha == self.judged_sha:  # the same weights on the same reservoir: no new evidence
+        judged = (snapshot.sha256, self._reservoir().offered)
+        if judged == self.judged_last:  # the same weights on the same inputs: no new evidence
             return not self.judged_unhealthy
-        self.judged_sha = sha
+        self.judged_last = judged
         verdict = self._judge(snapshot)
         if verdict is None:  # cannot judge: the guard decides
             self.judged_unhealthy, self.judge_owed = False, 0
@@ -281,7 +281,8 @@ class Trainer:
             if full and not self.judge_off_logged:  # full, yet too few: inputs too large
                 self.judge_off_logged = True
                 log.warning("snapshots are not judged on older inputs: %d inputs of this size "
-                            "fit the reservoir's memory, the judge needs %d",
+                            "are kept (the reservoir's memory, or the sample stored with the "
+                            "snapshot resumed from), the judge needs %d",
                             len(x), self._judge_floor())
             return None
         try:

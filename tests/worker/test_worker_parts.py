@@ -481,11 +481,12 @@ def test_a_stored_sample_that_does_not_fit_the_model_is_not_used(
         assert resumed.reservoir is not None and len(resumed.reservoir) == 8
         assert "does not fit the model" in caplog.text
     arrays = unpack_arrays(snap.weights) | {SAMPLE_HELD: np.array([100], np.int64)}
-    good = Snapshot.create(pack_arrays(arrays), snap.manifest)
-    resumed = Trainer(OnlineClusterer.from_snapshot(good), CollapseGuard(0.0, 5),
-                      WorkerMetrics(), healthy=good)
-    resumed.step(Batch(X[:8], np.full(8, -1)))
-    assert resumed.reservoir is not None and len(resumed.reservoir) == 108  # 64 stored, 36 again
+    subset = Snapshot.create(pack_arrays(arrays), snap.manifest)  # 64 of the 100 it held
+    resumed = Trainer(OnlineClusterer.from_snapshot(subset), CollapseGuard(0.0, 5),
+                      WorkerMetrics(), healthy=subset)
+    resumed.step(Batch(X[:8], np.full(8, -1)))  # a full sample of 64: the 8 replace, or not
+    assert resumed.reservoir is not None
+    assert len(resumed.reservoir) == resumed.reservoir.capacity == 64
 
 
 def test_the_stored_sample_is_bounded_in_bytes_and_resumed_at_its_size():
@@ -495,8 +496,30 @@ def test_the_stored_sample_is_bounded_in_bytes_and_resumed_at_its_size():
     assert small.shape == (10, 3) and len(np.unique(small[:, 0])) == 10
     assert set(small[:, 0].tolist()) <= set(r.inputs()[:, 0].tolist())
     back = InputReservoir(rows=100, horizon=1000)
-    back.resume(small, held=100)  # as full as it was: a burst replaces at the same rate
-    assert len(back) == 100 and set(back.inputs()[:, 0].tolist()) == set(small[:, 0].tolist())
+    back.resume(small, held=100)  # full at the subset's size: a burst replaces the same share
+    assert len(back) == back.capacity == 10
+    assert set(back.inputs()[:, 0].tolist()) == set(small[:, 0].tolist())
+
+
+def test_a_subsampled_sample_keeps_its_rows_distinct_over_restarts():
+    # 784-feature rows: 1 MiB holds 334 of the 1,024. Padded back with repeats, a healthy
+    # model's labels on them read as collapsed, and each restart stored fewer distinct rows
+    # (334, 227, 171, ... 29 after a review's eight restarts).
+    from oclust.model.snapshot import SAMPLE_HELD, Snapshot, pack_arrays, unpack_arrays
+
+    rng = np.random.default_rng(0)
+    r = InputReservoir(rows=1024, horizon=10_000)
+    r.add(rng.normal(size=(1024, 784)).astype(np.float32))
+    snap = Snapshot.create(pack_arrays({"w": np.zeros(1, np.float32)}), {})
+    for _ in range(4):  # restart after restart, each with a batch between
+        snap = r.store_in(snap)
+        assert unpack_arrays(snap.weights)[SAMPLE_HELD].tolist() == [1024]
+        r = InputReservoir(rows=1024, horizon=10_000)
+        assert r.resume_from(snap, (784,)) is None
+        assert len(r) == r.capacity == 334 == len(np.unique(r.inputs(), axis=0))
+        r.add(rng.normal(size=(256, 784)).astype(np.float32))
+    # fewer rows fit than the judge needs: nothing is stored, a resumed worker starts empty
+    assert r.store_in(snap, min_rows=335).weights == snap.weights
 
 
 def test_the_snapshot_judge_needs_passes_in_a_row_after_a_failure_and_sets_the_gauge(
