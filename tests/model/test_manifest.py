@@ -194,7 +194,8 @@ def test_unusable_adam_state_is_dropped_so_the_model_trains_on(
     X = np.random.default_rng(1).normal(size=(32, 5)).astype("float32")
     for change in ({"optim.0.exp_avg": torch.full_like(t["optim.0.exp_avg"], float("nan"))},
                    {"optim.1.exp_avg_sq": torch.full_like(t["optim.1.exp_avg_sq"], float("inf"))},
-                   {"optim.0.step": torch.tensor(float("nan"))}):
+                   {"optim.0.step": torch.tensor(float("nan"))},
+                   {"optim.1.step": torch.tensor(-3.0)}):
         caplog.clear()
         clf = OnlineClusterer.from_snapshot(_with_tensors(snap, **change), device="cpu")
         assert "fresh moments" in caplog.text and "1 parameter(s)" in caplog.text
