@@ -179,7 +179,7 @@ class OnlineClusterer(
             CA, else 10; :func:`resolve_sigma`).
         latent_dim: size of the latent space (at least 3 with LayerNorm latents, which map
             every latent of 1 or 2 dimensions onto 1 or 2 points).
-        lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset: (0.9, 0.999)).
+        lr, betas: Adam's learning rate and (beta1, beta2) (the ``paper`` preset too: (0.9, 0.99)).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda[:i]"``.
         random_state: an int (or a ``numpy`` random generator to draw one from) that makes CPU
             training deterministic: network initialisation, centroid seeding and ``fit``'s

@@ -10,7 +10,7 @@ standardised data are the reference.
 
 ``protocol="default"`` trains the shipped configuration; ``protocol="paper"`` the CA paper's
 (:func:`oclust.model.presets.paper`: LeNet-style encoders, raw latents, N(0, 1) centroids, sigma 50
-in our parametrisation, Adam betas (0.9, 0.999), images fed in [0, 1] without standardisation).
+in our parametrisation, Adam betas (0.9, 0.99), images fed in [0, 1] without standardisation).
 The authors' code scores every epoch and reports the one of best NMI (chosen with the labels);
 this harness reports the final epoch under both protocols. ``probes=True`` adds linear and KNN
 (k=10) probe accuracies of the latents (fit on a seeded 80% of the points, scored on the other

@@ -74,7 +74,7 @@ def test_paper_preset_builds_the_lenet_encoder_with_raw_latents_and_normal_centr
     assert clf.encoder_.head.in_features == 256 and clf.encoder_.head.out_features == 128
     assert clf.encoder_config_.latent_norm == "none"
     assert clf.sigma == presets.PAPER_SIGMA == 50.0
-    assert clf.optimizer_.param_groups[0]["betas"] == (0.9, 0.999)  # their optim.Adam's default
+    assert clf.optimizer_.param_groups[0]["betas"] == (0.9, 0.99)  # the paper's text
     assert clf.scaler_.count.item() == 0  # images go in as given: no running standardisation
     fresh = OnlineClusterer(**presets.paper(X.shape[1:], 10), seed=0)
     fresh._build(X.shape[1:])
