@@ -65,19 +65,20 @@ class Counter:
         self.batches.append(batch)
 
 
+async def _train_digits(bootstrap: str, topic: str, store: str) -> TrainingWorker:
+    """Replay the digits into ``topic`` and run a worker until it trained them all: all but
+    the last partial batch (5 samples) by size, the rest on stop (the final snapshot)."""
+    await replay(bootstrap, topic, "digits", progress=False)
+    count = Counter()
+    worker = TrainingWorker(_settings(bootstrap, topic, store), hooks=TrainerHooks(on_step=count))
+    assert await _run_until(worker, lambda: count.samples >= N_DIGITS - N_DIGITS % 64) == 0
+    return worker
+
+
 def test_digits_stream_to_redis_snapshot(kafka_bootstrap, redis_url, unique_topic):
     X, _y = datasets.load("digits")
 
-    async def main() -> TrainingWorker:
-        await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
-        count = Counter()
-        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url),
-                                hooks=TrainerHooks(on_step=count))
-        # everything but the last partial batch (5 samples) trains by size; the rest on stop
-        assert await _run_until(worker, lambda: count.samples >= N_DIGITS - N_DIGITS % 64) == 0
-        return worker
-
-    worker = asyncio.run(main())
+    worker = asyncio.run(_train_digits(kafka_bootstrap, unique_topic, redis_url))
     snap = open_store(redis_url, "t").load()
     m = snap.manifest
     assert m["version"] == 1
@@ -105,6 +106,20 @@ def test_digits_stream_to_redis_snapshot(kafka_bootstrap, redis_url, unique_topi
     assert reg.get_sample_value("oclust_worker_snapshot_version") == 1
 
 
+async def _send_burst(bootstrap: str, topic: str, n: int) -> None:
+    """Send ``n`` digits 10^4 times the usual (a sensor fault inside the feature bound)."""
+    X, y = datasets.load("digits")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for i in range(n):
+            value, headers = encode_sample(X[i % len(X)] * 1e4, label=int(y[i % len(X)]))
+            await producer.send(topic, value, headers=headers)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
 def test_a_burst_of_outliers_is_not_published(kafka_bootstrap, redis_url, unique_topic, caplog):
     """Digits, then 640 of them 10^4 times the usual (inside the feature bound): the model that
     learned them serves the burst well spread, so the guard's window passes it, and the usual
@@ -112,19 +127,13 @@ def test_a_burst_of_outliers_is_not_published(kafka_bootstrap, redis_url, unique
     and keeps the one from before the burst in the store."""
     from oclust.model import metrics as model_metrics
 
-    X, y = datasets.load("digits")
+    X, _y = datasets.load("digits")
     n_burst = 640
     total = N_DIGITS + n_burst
 
     async def main() -> TrainingWorker:
         await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
-        for i in range(n_burst):
-            value, headers = encode_sample(X[i] * 1e4, label=int(y[i]))
-            await producer.send(unique_topic, value, headers=headers)
-        await producer.flush()
-        await producer.stop()
+        await _send_burst(kafka_bootstrap, unique_topic, n_burst)
         count = Counter()
         worker = TrainingWorker(
             _settings(kafka_bootstrap, unique_topic, redis_url, snapshot_interval=0),
@@ -157,24 +166,11 @@ def test_a_worker_resumed_into_a_burst_judges_on_the_sample_stored_with_its_snap
     filled with the burst alone, and the burst's model was published."""
     from oclust.model import metrics as model_metrics
 
-    X, y = datasets.load("digits")
+    X, _y = datasets.load("digits")
     n_burst = 1920
 
-    async def clean() -> None:
-        await replay(kafka_bootstrap, unique_topic, "digits", progress=False)
-        count = Counter()
-        worker = TrainingWorker(_settings(kafka_bootstrap, unique_topic, redis_url),
-                                hooks=TrainerHooks(on_step=count))
-        assert await _run_until(worker, lambda: count.samples >= N_DIGITS - N_DIGITS % 64) == 0
-
     async def burst() -> TrainingWorker:
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-        await producer.start()
-        for i in range(n_burst):
-            value, headers = encode_sample(X[i % N_DIGITS] * 1e4, label=int(y[i % N_DIGITS]))
-            await producer.send(unique_topic, value, headers=headers)
-        await producer.flush()
-        await producer.stop()
+        await _send_burst(kafka_bootstrap, unique_topic, n_burst)
         count = Counter()
         worker = TrainingWorker(
             _settings(kafka_bootstrap, unique_topic, redis_url, snapshot_interval=0),
@@ -186,7 +182,7 @@ def test_a_worker_resumed_into_a_burst_judges_on_the_sample_stored_with_its_snap
         labels = model.predict(X)
         return model_metrics.entropy(np.bincount(labels, minlength=10) / N_DIGITS)
 
-    asyncio.run(clean())
+    asyncio.run(_train_digits(kafka_bootstrap, unique_topic, redis_url))
     before = open_store(redis_url, "t").load()
     assert before.manifest["samples_seen"] == N_DIGITS
     with caplog.at_level(logging.INFO, logger="oclust"):
