@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 
@@ -181,7 +182,6 @@ def test_a_resumed_worker_judges_against_its_configured_prior(tmp_path, prior):
 
 
 def test_a_resumed_snapshot_keeps_its_prior_and_says_so(tmp_path, caplog):
-    import logging
 
     from oclust.training_worker.resume import FaultMetrics, load_trainer
     from oclust.training_worker.trainer import TrainerHooks
@@ -212,7 +212,6 @@ def test_a_resumed_snapshot_keeps_its_prior_and_says_so(tmp_path, caplog):
 
 
 def test_a_resumed_snapshot_keeps_its_input_clip_and_views_and_says_so(tmp_path, caplog):
-    import logging
 
     from oclust.training_worker.resume import FaultMetrics, load_trainer
     from oclust.training_worker.trainer import TrainerHooks
@@ -464,6 +463,7 @@ def test_a_stored_sample_that_does_not_fit_the_model_is_not_used(
         unpack_arrays,
     )
 
+    caplog.set_level(logging.WARNING, logger="oclust.training_worker.trainer")
     X = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
     base = Trainer(OnlineClusterer(n_clusters=2, seed=0, hidden=(8,), latent_dim=4),
                    CollapseGuard(0.0, 5), WorkerMetrics())
@@ -680,7 +680,6 @@ def test_file_lease_is_exclusive_until_released(tmp_path):
 def test_init_reaches_a_fresh_model_not_a_resumed_one_and_unknown_seedings_are_refused(
     tmp_path, caplog
 ):
-    import logging
 
     from pydantic import ValidationError
 
