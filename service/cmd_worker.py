@@ -192,7 +192,7 @@ def train_command(settings: TrainSettings) -> None:
     metrics = evaluate(clf, X, y)
     try:
         with open_store(s.store, namespace=s.namespace, keep=s.keep) as st:
-            version = publish_model(st, clf, metrics, inputs=X)
+            version = publish_model(st, clf, metrics, inputs=X if s.store_sample else None)
             url = st.url
     except (StoreError, SnapshotError) as exc:  # SnapshotError: a model that answers NaN
         raise fail(str(exc)) from None

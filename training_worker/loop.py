@@ -333,7 +333,8 @@ class TrainingLoop:
                         "looks healthy: it learned a burst)", "final" if final else "periodic",
                         trainer.guard.threshold)
             return
-        snap = await asyncio.to_thread(trainer.with_sample, snap)  # judged on it after a restart
+        if self.settings.store_sample:  # a worker resumed from it judges on the sample too
+            snap = await asyncio.to_thread(trainer.with_sample, snap)
         if not await asyncio.to_thread(self.lease.renew):
             self.lease_lost.set()
             log.error("lease lost before publishing: snapshot dropped")

@@ -214,6 +214,10 @@ class StoreSettings(StoreLocation):
     """A store that is written to."""
 
     keep: int = Field(5, ge=1, description="snapshot versions kept in the store")
+    store_sample: bool = Field(
+        True, description="store a sample of the inputs (raw, at most 1 MiB) with each snapshot: "
+        "a worker resumed from it judges its snapshots on them too"
+    )
 
 
 class ModelSettings(_Env):

@@ -63,6 +63,10 @@ def test_train_dataset_publishes_a_servable_snapshot(tmp_path):
     assert all(r.tobytes() in rows for r in stored) and len(np.unique(stored, axis=0)) > 900
     reservoir = InputReservoir(rows=1024)
     assert reservoir.resume_from(snap, (64,)) is None and len(reservoir) == 1024
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--store", store, "--namespace",
+                                 "d", "--epochs", "1", "--latent-dim", "8", "--no-store-sample"])
+    assert result.exit_code == 0, result.output
+    assert SAMPLE_INPUTS not in unpack_arrays(open_store(store, "d").load().weights)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".csv"])

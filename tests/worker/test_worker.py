@@ -15,6 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from oclust.model import OnlineClusterer, Snapshot, StepReport, datasets
+from oclust.model.snapshot import SAMPLE_HELD, SAMPLE_INPUTS, SAMPLE_PREFIX, unpack_arrays
 from oclust.training_worker.batching import Batch
 from oclust.training_worker.codec import encode_sample
 from oclust.training_worker.kafka import committed_offsets, ensure_topic
@@ -65,12 +66,13 @@ class Counter:
         self.batches.append(batch)
 
 
-async def _train_digits(bootstrap: str, topic: str, store: str) -> TrainingWorker:
-    """Replay the digits into ``topic`` and run a worker until it trained them all: all but
-    the last partial batch (5 samples) by size, the rest on stop (the final snapshot)."""
+async def _train_digits(bootstrap: str, topic: str, store: str, **kw: Any) -> TrainingWorker:
+    """Replay the digits into ``topic`` and run a worker (settings ``kw``) until it trained them
+    all: all but the last partial batch (5 samples) by size, the rest on stop (final snapshot)."""
     await replay(bootstrap, topic, "digits", progress=False)
     count = Counter()
-    worker = TrainingWorker(_settings(bootstrap, topic, store), hooks=TrainerHooks(on_step=count))
+    worker = TrainingWorker(_settings(bootstrap, topic, store, **kw),
+                            hooks=TrainerHooks(on_step=count))
     assert await _run_until(worker, lambda: count.samples >= N_DIGITS - N_DIGITS % 64) == 0
     return worker
 
@@ -104,6 +106,16 @@ def test_digits_stream_to_redis_snapshot(kafka_bootstrap, redis_url, unique_topi
     assert reg.get_sample_value("oclust_worker_consumer_lag", {"partition": "0"}) == 0
     assert reg.get_sample_value("oclust_worker_snapshots_published_total") == 1
     assert reg.get_sample_value("oclust_worker_snapshot_version") == 1
+    # the snapshot judge's sample of older digits is stored with it, for a resumed worker
+    stored = unpack_arrays(snap.weights)
+    assert stored[SAMPLE_INPUTS].shape == (1024, 64) and stored[SAMPLE_HELD].tolist() == [1024]
+
+
+def test_a_worker_can_keep_the_inputs_out_of_the_store(kafka_bootstrap, redis_url, unique_topic):
+    asyncio.run(_train_digits(kafka_bootstrap, unique_topic, redis_url, store_sample=False))
+    snap = open_store(redis_url, "t").load()
+    assert snap.manifest["samples_seen"] == N_DIGITS
+    assert not [name for name in unpack_arrays(snap.weights) if name.startswith(SAMPLE_PREFIX)]
 
 
 async def _send_burst(bootstrap: str, topic: str, n: int) -> None:
