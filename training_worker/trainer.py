@@ -223,8 +223,8 @@ class Trainer:
         shape = tuple(getattr(self.model, "input_shape_", None) or ())
         try:
             why = reservoir.resume_from(snapshot, shape)
-        except SnapshotError:
-            return
+        except SnapshotError as exc:  # the model loaded from these weights: not expected
+            why = str(exc)
         if why is not None:
             log.warning("the snapshot's stored sample of older inputs does not fit the model "
                         "(%s): judging on the inputs read from now on", why)
