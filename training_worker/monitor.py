@@ -315,20 +315,23 @@ class InputReservoir:
 
     def store_in(self, snapshot: Snapshot, min_rows: int = 1) -> Snapshot:
         """``snapshot`` with :meth:`sample` stored in its weights (``sample.inputs``, and
-        ``sample.held``: how many are kept), for :meth:`resume_from`; unchanged while empty, or
-        when fewer than ``min_rows`` fit :data:`SAMPLE_BYTES` (too few to judge on)."""
+        ``sample.held``: how many inputs it stands for), for :meth:`resume_from`; unchanged while
+        empty, or when fewer than ``min_rows`` fit :data:`SAMPLE_BYTES` (too few to judge on)."""
         stored = self.sample()
-        if not len(stored) or len(stored) < min_rows:
+        if len(stored) < max(min_rows, 1):
             return snapshot
         arrays = unpack_arrays(snapshot.weights)
         arrays[SAMPLE_INPUTS] = stored
         arrays[SAMPLE_HELD] = np.array([max(len(self), self._stands_for)], np.int64)
         return Snapshot.create(pack_arrays(arrays), snapshot.manifest)
 
-    def resume_from(self, snapshot: Snapshot, input_shape: tuple[int, ...]) -> str | None:
+    def resume_from(self, snapshot: Snapshot, input_shape: tuple[int, ...],
+                    min_rows: int = 1) -> str | None:
         """:meth:`resume` from the sample :meth:`store_in` stored in ``snapshot``, if it holds
-        one of per-sample shape ``input_shape``. Returns why a stored sample was not used
-        (``None``: used, or there was none).
+        one of per-sample shape ``input_shape``, and, where it is a subset (:meth:`resume` then
+        keeps it as the whole sample), at least ``min_rows`` rows: a smaller one would leave
+        too few to judge on for good. Returns why a stored sample was not used (``None``: used,
+        or there was none).
 
         >>> r = InputReservoir(rows=8)
         >>> r.add(np.ones((5, 2), np.float32))
@@ -341,13 +344,17 @@ class InputReservoir:
         stored, held = arrays.get(SAMPLE_INPUTS), arrays.get(SAMPLE_HELD)
         if stored is None or held is None:
             return None
-        if (stored.dtype != np.float32 or stored.shape[1:] != tuple(input_shape)
-                or held.size != 1):
+        if stored.dtype != np.float32 or stored.ndim < 1 or stored.shape[1:] != tuple(input_shape):
             return (f"{stored.dtype} inputs of shape {stored.shape} for a model of per-sample "
                     f"shape {tuple(input_shape)}")
+        if held.dtype.kind not in "iu" or held.size != 1 or int(held.reshape(-1)[0]) < 0:
+            return f"a held count of {held.dtype} {held.reshape(-1)[:2].tolist()}"
         if not np.isfinite(stored).all():
             return "NaN or infinite inputs"
-        self.resume(stored, int(held.reshape(-1)[0]))
+        count = int(held.reshape(-1)[0])
+        if count > len(stored) and len(stored) < min_rows:
+            return f"{len(stored)} rows stored, {min_rows} needed to judge on"
+        self.resume(stored, count)
         return None
 
 

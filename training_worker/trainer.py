@@ -222,7 +222,7 @@ class Trainer:
         if it holds a sample of the model's input shape."""
         shape = tuple(getattr(self.model, "input_shape_", None) or ())
         try:
-            why = reservoir.resume_from(snapshot, shape)
+            why = reservoir.resume_from(snapshot, shape, min_rows=self._judge_floor())
         except SnapshotError as exc:  # the model loaded from these weights: not expected
             why = str(exc)
         if why is not None:

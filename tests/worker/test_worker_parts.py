@@ -470,23 +470,30 @@ def test_a_stored_sample_that_does_not_fit_the_model_is_not_used(
     base.step(Batch(X, np.full(64, -1)))
     snap = base.with_sample(base.snapshot({"t:0": 64}))
     assert unpack_arrays(snap.weights)[SAMPLE_INPUTS].shape == (64, 4)
-    for bad in (np.zeros((3, 5), np.float32), np.full((3, 4), np.nan, np.float32),
-                np.zeros((3, 4), np.float64)):
-        arrays = unpack_arrays(snap.weights) | {SAMPLE_INPUTS: bad}
+    def resumed_from(changes: dict, guard: CollapseGuard | None = None) -> Trainer:
+        arrays = unpack_arrays(snap.weights) | changes
         other = Snapshot.create(pack_arrays(arrays), snap.manifest)
         caplog.clear()
-        resumed = Trainer(OnlineClusterer.from_snapshot(other), CollapseGuard(0.0, 5),
+        resumed = Trainer(OnlineClusterer.from_snapshot(other), guard or CollapseGuard(0.0, 5),
                           WorkerMetrics(), healthy=other)
-        resumed.step(Batch(X[:8], np.full(8, -1)))
+        resumed.step(Batch(X[:8], np.full(8, -1)))  # raised ValueError on a NaN held count
+        return resumed
+
+    for bad in ({SAMPLE_INPUTS: np.zeros((3, 5), np.float32)},
+                {SAMPLE_INPUTS: np.full((3, 4), np.nan, np.float32)},
+                {SAMPLE_INPUTS: np.zeros((3, 4), np.float64)},
+                {SAMPLE_HELD: np.array([np.nan])}, {SAMPLE_HELD: np.array([-5], np.int64)}):
+        resumed = resumed_from(bad)
         assert resumed.reservoir is not None and len(resumed.reservoir) == 8
         assert "does not fit the model" in caplog.text
-    arrays = unpack_arrays(snap.weights) | {SAMPLE_HELD: np.array([100], np.int64)}
-    subset = Snapshot.create(pack_arrays(arrays), snap.manifest)  # 64 of the 100 it held
-    resumed = Trainer(OnlineClusterer.from_snapshot(subset), CollapseGuard(0.0, 5),
-                      WorkerMetrics(), healthy=subset)
-    resumed.step(Batch(X[:8], np.full(8, -1)))  # a full sample of 64: the 8 replace, or not
+    subset = {SAMPLE_HELD: np.array([100], np.int64)}  # 64 stored of the 100 it held
+    resumed = resumed_from(subset)  # a full sample of 64: the 8 replace, or not
     assert resumed.reservoir is not None
     assert len(resumed.reservoir) == resumed.reservoir.capacity == 64
+    # ... but a judge that needs 128 (a larger batch) could never judge on it: not used
+    resumed = resumed_from(subset, CollapseGuard(0.0, 5, min_window=128))
+    assert resumed.reservoir is not None and len(resumed.reservoir) == 8
+    assert resumed.reservoir.capacity == 1024 and "64 rows stored, 128 needed" in caplog.text
 
 
 def test_the_stored_sample_is_bounded_in_bytes_and_resumed_at_its_size():
