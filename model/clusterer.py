@@ -516,11 +516,11 @@ class OnlineClusterer(
         )
         self._centroids_ready = True
 
-    def _start_guide(self, x: torch.Tensor, z: torch.Tensor) -> None:
-        """Seed the input guide: the mean input of each centroid's nearest latents."""
+    def _start_guide(self, x: torch.Tensor, z: torch.Tensor, distances: torch.Tensor) -> None:
+        """Seed the input guide: the mean input of each centroid's nearest latents (by the
+        batch's latent-to-centroid ``distances``)."""
         assert self.guide_ is not None
-        nearest = sq_distances(z.detach(), self.centroids_.detach()).argmin(1)
-        self.guide_.start(x, z, nearest, self.n_clusters)
+        self.guide_.start(x, z, distances.detach().argmin(1), self.n_clusters)
 
     # ----------------------------------------------------------------- training
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
@@ -580,7 +580,7 @@ class OnlineClusterer(
                 if self.steps_ < g.steps and (g.means is None or (not g.started and len(x) > 1)):
                     # at the first batch, and again at the first larger one after a first
                     # batch of one row, whose inputs have no spread to scale by
-                    self._start_guide(x, z)
+                    self._start_guide(x, z, batch.distances)
                 batch.guide = self.guide_.costs(x, self.steps_)
             out = self.reg_(batch)  # first, so a lazily built serving head (cm) exists
             if z_served is None:  # before the step moves anything

@@ -201,6 +201,11 @@ class CollapseGuard:
         self._labels.clear()
 
 
+def _rows_within(max_bytes: int, row: np.ndarray) -> int:
+    """How many rows the size of ``row`` fit in ``max_bytes`` (at least one)."""
+    return max(max_bytes // max(row.nbytes, 1), 1)
+
+
 class InputReservoir:
     """A random sample of the recent inputs, reaching further back than the guard's window.
 
@@ -252,10 +257,7 @@ class InputReservoir:
             return
         self.offered += len(x)
         if self._kept is None or self._kept.shape[1:] != x.shape[1:]:
-            fit = max(RESERVOIR_BYTES // max(x[0].nbytes, 1), 1)
-            self._kept = np.empty((min(self.rows, fit), *x.shape[1:]), np.float32)
-            self._n = self._stands_for = 0
-            self._rng = np.random.default_rng(self.seed)
+            self._start(x.shape[1:], min(self.rows, _rows_within(RESERVOIR_BYTES, x[0])))
         room = min(len(self._kept) - self._n, len(x))
         self._kept[self._n : self._n + room] = x[:room]
         self._n += room
@@ -267,6 +269,12 @@ class InputReservoir:
         taken = rest[self._rng.random(len(rest)) < chance]
         self._kept[self._rng.integers(0, len(self._kept), len(taken))] = taken
 
+    def _start(self, row_shape: tuple[int, ...], rows: int) -> None:
+        """Start an empty sample of ``rows`` inputs of ``row_shape``, drawing from ``seed``."""
+        self._kept = np.empty((rows, *row_shape), np.float32)
+        self._n = self._stands_for = 0
+        self._rng = np.random.default_rng(self.seed)
+
     def inputs(self) -> np.ndarray:
         """The kept inputs (a copy), (n, ...)."""
         if self._kept is None:
@@ -277,7 +285,7 @@ class InputReservoir:
         """The kept inputs to store with a snapshot: all of them, or a random subset of them
         that fits ``max_bytes`` (at least one row); :meth:`resume` takes it back."""
         x = self.inputs()
-        fit = max(max_bytes // max(x[0].nbytes, 1), 1) if len(x) else 0
+        fit = _rows_within(max_bytes, x[0]) if len(x) else 0
         if len(x) <= fit:
             return x
         picked = np.random.default_rng(self.seed).choice(len(x), fit, replace=False)
@@ -304,11 +312,9 @@ class InputReservoir:
         stored = np.asarray(stored, dtype=np.float32)
         if not len(stored):
             return
-        fit = max(RESERVOIR_BYTES // max(stored[0].nbytes, 1), 1)
         subset = int(held) > len(stored)
-        rows = len(stored) if subset else min(self.rows, fit)
-        self._kept = np.empty((rows, *stored.shape[1:]), np.float32)
-        self._rng = np.random.default_rng(self.seed)
+        rows = len(stored) if subset else min(self.rows, _rows_within(RESERVOIR_BYTES, stored[0]))
+        self._start(stored.shape[1:], rows)
         self._n = min(len(stored), rows)
         self._kept[: self._n] = stored[: self._n]
         self._stands_for = int(held) if subset else 0

@@ -253,7 +253,7 @@ class Trainer:
         judgement :data:`RECOVERY` passing ones in a row, of as many models: the same weights
         again (an idle stream's next checkpoint) keep the last answer, unjudged. Runs in the
         caller's thread (a CPU copy of the snapshot's model), never in the model's own."""
-        judged = (snapshot.sha256, self._reservoir().offered)
+        judged = (snapshot.manifest["sha256"], self._reservoir().offered)  # hashed at create
         if judged == self.judged_last:  # the same weights on the same inputs: no new evidence
             return not self.judged_unhealthy
         self.judged_last = judged
